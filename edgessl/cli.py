@@ -1,0 +1,145 @@
+"""The `edgessl` command line. Each command parses options and calls the Python API, nothing else."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from edgessl.errors import TrainingDiverged, UserError
+
+app = typer.Typer(
+    name="edgessl",
+    help="Single-branch self-supervised pretraining of small timm encoders for edge devices.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly(fn):
+    """Run a command: user errors become one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except TrainingDiverged as e:
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("Interrupted. Completed epochs are checkpointed: continue with --resume <run dir>.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+PRETRAIN_HELP = """Pretrain an encoder on a folder of unlabeled images (single crop, one network branch).
+
+**Examples**
+
+    edgessl pretrain --backbone mobilenetv3_small                      # bundled demo images, ~1 min on 2 CPU cores
+    edgessl pretrain --backbone mobilenetv3_small --data ./my_images --epochs 50
+    edgessl pretrain --recipe resnet18_cifar --data ./cifar_train --val ./cifar_test
+    edgessl pretrain --resume runs/mobilenetv3_small-20261123-120000
+
+Writes config.yaml, metrics.jsonl, checkpoint.pt, encoder.safetensors + encoder.json and curves.png to the run
+directory (--out, default runs/<backbone>-<time>).
+"""
+
+
+@app.command(help=PRETRAIN_HELP)
+@friendly
+def pretrain(
+    backbone: Optional[str] = typer.Option(None, help="timm model name or alias (mobilenetv3_small, mobilenetv3_large, resnet18, ...). [default: mobilenetv3_small]"),
+    data: Optional[Path] = typer.Option(None, help="Folder of images, searched recursively. [default: the bundled demo images]"),
+    out: Optional[Path] = typer.Option(None, help="Run directory. [default: runs/<backbone>-<time>]"),
+    recipe: Optional[str] = typer.Option(None, help="Recipe name (recipes/*.yaml) or YAML path; flags override it."),
+    config: Optional[Path] = typer.Option(None, help="A resolved config.yaml to reload; flags override it."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs. [default: 20]"),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step. [default: 128]"),
+    image_size: Optional[int] = typer.Option(None, help="Training resolution in pixels. [default: 64]"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate per 256 images (scaled by batch-size/256). [default: 0.2]"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd | adamw | lars. [default: sgd]"),
+    weight_decay: Optional[float] = typer.Option(None, help="[default: 5e-4]"),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warm-up before the cosine decay. [default: 1]"),
+    seed: Optional[int] = typer.Option(None, help="[default: 0]"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda. [default: auto]"),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on GPU, fp32 on CPU)."),
+    method: Optional[str] = typer.Option(None, help="edgessl (the full method) | npid (random init, momentum update, tau 0.1, no L_sd)."),
+    bank_init: Optional[str] = typer.Option(None, help="forward (one pass of the untrained network) | random. [default: forward]"),
+    bank_update: Optional[str] = typer.Option(None, help="grad (every column in use moves) | momentum (NPID). [default: grad]"),
+    bank_lr: Optional[float] = typer.Option(None, help="eta of the gradient bank update. [default: 1.0]"),
+    bank_momentum: Optional[float] = typer.Option(None, help="m of the momentum bank update. [default: 0.5]"),
+    sd_weight: Optional[float] = typer.Option(None, help="lambda of the self-distillation loss; 0 turns it off. [default: 20]"),
+    sd_temperature: Optional[float] = typer.Option(None, help="tau_sd of the self-distillation loss. [default: 1.0]"),
+    temperature: Optional[float] = typer.Option(None, help="tau of the instance loss. [default: 0.2]"),
+    negatives: Optional[int] = typer.Option(None, help="Whole bank up to this many rows, else batch rows + this many sampled. [default: 16384]"),
+    cutmix: Optional[float] = typer.Option(None, help="CutMix Beta(alpha, alpha) inside the batch; 0 = off. [default: 0]"),
+    blur: Optional[float] = typer.Option(None, help="Probability of a Gaussian blur. [default: 0]"),
+    head: Optional[str] = typer.Option(None, help="Projection head: mlp | linear. [default: mlp]"),
+    head_hidden: Optional[int] = typer.Option(None, help="Hidden units of the MLP head. [default: 2048]"),
+    feature_dim: Optional[int] = typer.Option(None, help="Output dimension d of the head (bank width). [default: 128]"),
+    small_input: Optional[str] = typer.Option(None, help="auto | on | off: stride-1 stem for small images (auto: on at <= 32 px)."),
+    val: Optional[Path] = typer.Option(None, help="Labelled folder (one subfolder per class) for the online kNN monitor."),
+    labels_from_folders: Optional[bool] = typer.Option(None, "--labels-from-folders", help="Use --data's subfolders as labels for the kNN monitor."),
+    eval_every: Optional[int] = typer.Option(None, help="kNN monitor every N epochs (0 = off). [default: 1]"),
+    cache_mb: Optional[float] = typer.Option(None, help="Decoded-image cache bound in MiB; above it images stream from disk. [default: 4096]"),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads. [default: 2]"),
+    resume: Optional[Path] = typer.Option(None, help="Continue a run directory after its last completed epoch."),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms (bit-exact resume on CPU)."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet", help="No progress bar; log lines only."),
+):
+    from edgessl import api
+
+    options = {k: v for k, v in locals().items() if k not in ("recipe", "config", "resume", "api")}
+    for key in ("data", "out", "val"):
+        if options[key] is not None:
+            options[key] = str(options[key])
+    result = api.pretrain(recipe=recipe, config=config, resume=resume, console=console, **options)
+    if not quiet:
+        console.print(f"Run directory: {result.run_dir}", highlight=False)
+
+
+@app.command("recipes")
+@friendly
+def recipes_cmd():
+    """List the bundled recipes.
+
+    **Example**: `edgessl recipes`"""
+    from edgessl.config import list_recipes, load_recipe, recipes_dir
+
+    for name in list_recipes():
+        import yaml
+
+        desc = (yaml.safe_load((recipes_dir() / f"{name}.yaml").read_text()) or {}).get("description", "")
+        load_recipe(name)
+        console.print(f"[bold]{name}[/bold]  {desc}", highlight=False)
+
+
+from edgessl.commands import deploy as _deploy_commands  # noqa: E402
+from edgessl.commands import evaluate as _evaluate_commands  # noqa: E402
+
+_evaluate_commands.register(app)
+_deploy_commands.register(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

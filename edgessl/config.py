@@ -1,0 +1,177 @@
+"""Every pretraining option in one dataclass; recipes (YAML), reloadable resolved configs and CLI overrides.
+
+Precedence, lowest first: defaults < --recipe < --config < the --method preset < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgessl.errors import UserError
+
+
+@dataclass
+class PretrainConfig:
+    # data
+    data: str | None = None  # None: the bundled demo images
+    image_size: int = 64
+    val: str | None = None
+    labels_from_folders: bool = False
+    cache_mb: float = 4096.0
+    workers: int = 2
+    # model
+    backbone: str = "mobilenetv3_small"
+    small_input: str = "auto"
+    head: str = "mlp"
+    head_hidden: int = 2048
+    feature_dim: int = 128
+    # method
+    method: str = "edgessl"
+    temperature: float = 0.2
+    negatives: int = 16384
+    bank_init: str = "forward"
+    bank_update: str = "grad"
+    bank_lr: float = 1.0
+    bank_momentum: float = 0.5
+    sd_weight: float = 20.0
+    sd_temperature: float = 1.0
+    sd_alpha: float = 0.5
+    cutmix: float = 0.0
+    blur: float = 0.0
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.2  # per 256 images: the optimiser's lr is lr * batch_size / 256
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    # run
+    out: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    deterministic: bool = False
+    eval_every: int = 1
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# What --method npid sets (unless a flag on the command line says otherwise).
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "edgessl": {},
+    "npid": {"bank_init": "random", "bank_update": "momentum", "temperature": 0.1, "sd_weight": 0.0},
+}
+
+CHOICES = {
+    "method": tuple(METHOD_PRESETS),
+    "bank_init": ("forward", "random"),
+    "bank_update": ("grad", "momentum"),
+    "head": ("mlp", "linear"),
+    "optimizer": ("sgd", "adamw", "lars"),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "small_input": ("auto", "on", "off"),
+}
+
+FIELD_NAMES = {f.name for f in fields(PretrainConfig)}
+
+
+def recipes_dir() -> Path:
+    """The recipes shipped with the package (the repository's recipes/ folder)."""
+    import edgessl.recipes
+
+    return Path(edgessl.recipes.__path__[0])
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' not found.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} '{path}' is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} '{path}' must be a mapping of option: value.")
+    data = {k.replace("-", "_"): v for k, v in data.items() if k not in ("description", "resolved_by")}
+    unknown = sorted(set(data) - FIELD_NAMES)
+    if unknown:
+        raise UserError(f"{what} '{path}' has unknown options: {', '.join(unknown)}.")
+    return data
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe by name (recipes/<name>.yaml) or by path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        candidate = recipes_dir() / f"{name_or_path.removesuffix('.yaml')}.yaml"
+        if not candidate.is_file():
+            raise UserError(f"Recipe '{name_or_path}' not found. Known recipes: {', '.join(list_recipes())}.")
+        path = candidate
+    return read_yaml(path, "Recipe")
+
+
+def resolve(
+    overrides: dict[str, Any] | None = None, recipe: str | None = None, config: str | None = None
+) -> PretrainConfig:
+    """Build the final config. overrides: options given explicitly (CLI flags or API keyword arguments)."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - FIELD_NAMES)
+    if unknown:
+        raise UserError(f"Unknown options: {', '.join(unknown)}.")
+    values: dict[str, Any] = {}
+    if recipe:
+        values.update(load_recipe(recipe))
+    if config:
+        values.update(read_yaml(config, "Config"))
+    method = overrides.get("method", values.get("method", PretrainConfig.method))
+    if method not in METHOD_PRESETS:
+        raise UserError(f"--method must be one of {', '.join(METHOD_PRESETS)}, not '{method}'.")
+    values.update(METHOD_PRESETS[method])
+    values.update(overrides)
+    cfg = PretrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PretrainConfig) -> None:
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be one of {', '.join(allowed)}, not '{value}'.")
+    positive = ["epochs", "batch_size", "image_size", "temperature", "negatives", "feature_dim", "sd_temperature"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}.")
+    for name in ("bank_lr", "sd_weight", "cutmix", "lr", "weight_decay", "warmup_epochs", "blur"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be zero or positive, not {getattr(cfg, name)}.")
+    if not 0 <= cfg.bank_momentum < 1:
+        raise UserError(f"--bank-momentum must be in [0, 1), not {cfg.bank_momentum}.")
+    if cfg.eval_every < 0:
+        raise UserError("--eval-every must be zero (off) or positive.")
+
+
+def save_config(cfg: PretrainConfig, path: str | Path) -> None:
+    """config.yaml: every option, reloadable with --config."""
+    from edgessl import __version__
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    Path(path).write_text(f"# resolved by edgessl {__version__}; reload with: edgessl pretrain --config {path}\n{text}")
+
+
+def replace(cfg: PretrainConfig, **changes: Any) -> PretrainConfig:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,211 @@
+"""Image folders: scan, decode once into a uint8 cache (or stream when it would not fit), report bad files.
+
+Decoding rules (the same for training, evaluation and export checks):
+EXIF orientation applied; palette and alpha images composited onto a fixed white background; grayscale, CMYK,
+16-bit and float images converted to 8-bit RGB; then resized so the shorter side is `size` (bicubic) and
+center-cropped to size x size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from edgessl.errors import UserError
+
+BACKGROUND = (255, 255, 255)
+# Images above this many pixels are refused as decompression bombs (Pillow's own default limit).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def image_extensions() -> set[str]:
+    """Lower-case file extensions Pillow can open (e.g. '.jpg', '.png', '.webp')."""
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def check_folder(root: str | Path, what: str = "--data") -> Path:
+    """A folder that exists, or UserError saying what is wrong."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise UserError(f"{what} '{root}' does not exist. Pass a folder of images.")
+    if not path.is_dir():
+        raise UserError(f"{what} '{root}' is a file, not a folder. Pass the folder that contains the images.")
+    return path
+
+
+def scan_images(root: str | Path, what: str = "--data") -> list[Path]:
+    """All files below `root` (recursively, hidden files and folders skipped) whose extension Pillow knows,
+    sorted by path so that row i of the memory bank is always the same image."""
+    root = check_folder(root, what)
+    exts = image_extensions()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        elif arr.max() > 255:
+            arr = arr / 257.0  # 16-bit range -> 8-bit
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(canvas, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def decode_image(path: str | Path, size: int) -> np.ndarray:
+    """Decode one file to a (size, size, 3) uint8 RGB array by the rules in this module's docstring.
+
+    Raises OSError/ValueError (unreadable, truncated, not an image), PermissionError, or
+    Image.DecompressionBombError (more than MAX_PIXELS pixels)."""
+    with Image.open(path) as img:
+        if img.width * img.height > MAX_PIXELS:
+            raise Image.DecompressionBombError(
+                f"{img.width}x{img.height} pixels exceeds the limit of {MAX_PIXELS} (decompression bomb?)"
+            )
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+        return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _try_decode(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return decode_image(path, size), None
+    except Image.DecompressionBombError as e:
+        return None, f"decompression bomb: {e}"
+    except PermissionError:
+        return None, "permission denied"
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+        if os.path.getsize(path) == 0:
+            return None, "empty file (0 bytes)"
+        return None, f"unreadable: {str(e) or type(e).__name__}"
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one folder. images: (N, 3, S, S) uint8 cache, or None when streaming from disk."""
+
+    root: Path
+    paths: list[Path]
+    size: int
+    images: torch.Tensor | None
+    labels: torch.Tensor | None = None
+    classes: list[str] | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    workers: int = 2
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def streaming(self) -> bool:
+        return self.images is None
+
+    def get(self, index: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """uint8 (B, 3, S, S) images of rows `index`."""
+        if self.images is not None:
+            return self.images[torch.as_tensor(index, dtype=torch.long)]
+        idx = [int(i) for i in index]
+        with ThreadPoolExecutor(self.workers) as pool:
+            arrays = list(pool.map(lambda i: decode_image(self.paths[i], self.size), idx))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def folder_labels(root: Path, paths: Sequence[Path]) -> tuple[torch.Tensor, list[str]]:
+    """Class label of each image = its first-level subfolder under root (ImageFolder layout)."""
+    names = []
+    for p in paths:
+        rel = p.relative_to(root)
+        if len(rel.parts) < 2:
+            raise UserError(
+                f"Labels need one subfolder per class under '{root}', but '{rel}' lies directly in it. "
+                "Move images into class folders, or drop --labels-from-folders."
+            )
+        names.append(rel.parts[0])
+    classes = sorted(set(names))
+    lookup = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([lookup[n] for n in names], dtype=torch.long), classes
+
+
+def load_image_folder(
+    root: str | Path,
+    size: int,
+    labels: bool = False,
+    cache_mb: float = 4096,
+    workers: int = 2,
+    min_images: int = 2,
+    what: str = "--data",
+    progress=None,
+) -> ImageSet:
+    """Scan `root`, decode every image once (skipping unreadable files) and cache them as uint8.
+
+    When N * 3 * size^2 bytes exceed cache_mb MiB, images are checked once and then streamed from disk.
+    Raises UserError when the folder is missing, is a file, or holds fewer than `min_images` readable images.
+    progress: optional callable(done, total) for a progress display.
+    """
+    root = check_folder(root, what)
+    paths = scan_images(root, what)
+    if not paths:
+        raise UserError(
+            f"No image files found in {what} '{root}' (searched recursively for "
+            "jpg/png/webp/bmp/... files). Point it at the folder that contains your images."
+        )
+    stream = len(paths) * 3 * size * size > cache_mb * 2**20
+    good: list[Path] = []
+    arrays: list[np.ndarray] = []
+    skipped: list[tuple[Path, str]] = []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for i, (path, (arr, why)) in enumerate(zip(paths, pool.map(lambda p: _try_decode(p, size), paths))):
+            if arr is None:
+                skipped.append((path, why))
+            else:
+                good.append(path)
+                if not stream:
+                    arrays.append(arr)
+            if progress is not None:
+                progress(i + 1, len(paths))
+    if len(good) < min_images:
+        found = f"{len(good)} readable image{'s' if len(good) != 1 else ''}"
+        extra = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
+        raise UserError(
+            f"{what} '{root}' has {found}{extra}; at least {min_images} are needed. "
+            "Add images or point it at another folder."
+        )
+    images = None if stream else torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    label_tensor, classes = folder_labels(root, good) if labels else (None, None)
+    return ImageSet(root, good, size, images, label_tensor, classes, skipped, max(1, workers))
+
+
+def write_skipped(skipped: Sequence[tuple[Path, str]], path: str | Path) -> None:
+    """One line per skipped file: '<path>\\t<reason>'."""
+    Path(path).write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
+
+
+# Truncated files must fail loudly (they are reported and skipped), never be half-decoded.
+ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -1,0 +1,93 @@
+"""The single-branch instance-discrimination method: a thin module around the pure losses and bank rules.
+
+forward(z, index) computes the loss of one step and returns what the bank update needs; the training loop
+calls `update_bank` after the optimiser step, with detached tensors, outside autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from edgessl.method.bank import MemoryBank, select_columns
+from edgessl.method.losses import cutmix_targets, instance_ce, similarities, sqrt_self_distillation
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar, L_ce + lambda L_sd
+    ce: Tensor  # scalar, detached
+    sd: Tensor  # scalar, detached
+    index: Tensor  # (B,) rows of the batch
+    cols: Tensor | None  # (K,) rows in use, None = whole bank
+    targets: Tensor  # (B,) long or (B, K) soft
+    p: Tensor  # (B, K) softmax(s / tau), detached
+    z: Tensor  # (B, d) detached unit features
+
+
+class InstanceDiscrimination(nn.Module):
+    """Memory bank + losses of the method (see README "The method" for the equations)."""
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        temperature: float = 0.2,
+        negatives: int = 16384,
+        bank_update: str = "grad",
+        bank_lr: float = 1.0,
+        bank_momentum: float = 0.5,
+        sd_weight: float = 20.0,
+        sd_temperature: float = 1.0,
+        sd_alpha: float = 0.5,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if bank_update not in ("grad", "momentum"):
+            raise ValueError(f"bank_update must be 'grad' or 'momentum', not {bank_update!r}")
+        self.bank = MemoryBank(num_rows, dim, generator=generator)
+        self.temperature = temperature
+        self.negatives = negatives
+        self.bank_update = bank_update
+        self.bank_lr = bank_lr
+        self.bank_momentum = bank_momentum
+        self.sd_weight = sd_weight
+        self.sd_temperature = sd_temperature
+        self.sd_alpha = sd_alpha
+
+    def forward(
+        self,
+        z: Tensor,
+        index: Tensor,
+        generator: torch.Generator | None = None,
+        mix: tuple[Tensor, float] | None = None,
+    ) -> StepOutput:
+        """z: (B, d) unit features of the batch's crops; index: (B,) their bank rows;
+        mix: (perm (B,), lam) when the crops were CutMixed with partners perm."""
+        z = z.float()
+        cols, targets = select_columns(index, self.bank.num_rows, self.negatives, generator)
+        bank_cols = self.bank.columns(cols)
+        sim = similarities(z, bank_cols)
+        if mix is not None:
+            perm, lam = mix
+            lam_t = torch.full((z.shape[0],), float(lam), device=z.device)
+            targets = cutmix_targets(targets, perm, lam_t, bank_cols.shape[0])
+        ce = instance_ce(sim, targets, self.temperature)
+        loss = ce
+        sd = torch.zeros((), device=z.device)
+        if self.sd_weight > 0:
+            sd = sqrt_self_distillation(sim, self.sd_temperature, self.sd_alpha)
+            loss = ce + self.sd_weight * sd
+        with torch.no_grad():
+            p = torch.softmax(sim.detach() / self.temperature, dim=1)
+        return StepOutput(loss, ce.detach(), sd.detach(), index, cols, targets, p, z.detach())
+
+    @torch.no_grad()
+    def update_bank(self, out: StepOutput) -> None:
+        """Apply this step's bank update (gradient rule over all columns in use, or NPID's momentum rule)."""
+        if self.bank_update == "grad":
+            self.bank.update_grad(out.cols, out.z, out.p, out.targets, self.bank_lr)
+        else:
+            self.bank.update_momentum(out.index, out.z, self.bank_momentum)

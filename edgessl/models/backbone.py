@@ -1,0 +1,157 @@
+"""timm backbones: name aliases, small-input stems, and saving/loading an encoder from its own files.
+
+An encoder is `encoder.safetensors` (weights) + `encoder.json` (what rebuilds the architecture and how to feed it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgessl.errors import UserError
+
+ALIASES = {
+    "mobilenetv3_small": "mobilenetv3_small_100",
+    "mobilenetv3_large": "mobilenetv3_large_100",
+    "mobilenetv2": "mobilenetv2_100",
+    "efficientnet": "efficientnet_b0",
+}
+
+ENCODER_WEIGHTS = "encoder.safetensors"
+ENCODER_META = "encoder.json"
+
+
+def resolve_name(name: str) -> str:
+    """Alias -> timm name; an unknown name raises UserError listing the closest timm names."""
+    import timm
+
+    name = ALIASES.get(name, name)
+    known = timm.list_models()
+    if name in known:
+        return name
+    close = difflib.get_close_matches(name, known + list(ALIASES), n=5, cutoff=0.5)
+    hint = f" Closest timm names: {', '.join(close)}." if close else " See `timm.list_models()` for names."
+    raise UserError(f"Unknown backbone '{name}'.{hint}")
+
+
+def stem_kind(model: nn.Module) -> str | None:
+    """Which small-input stem change applies to this timm model: 'resnet' (3x3 stride-1 conv1, no max-pool),
+    'stride1' (MobileNet/EfficientNet conv_stem at stride 1), or None when no rule is known."""
+    if isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
+        return "resnet"
+    if isinstance(getattr(model, "conv_stem", None), nn.Conv2d):
+        return "stride1"
+    return None
+
+
+def apply_small_input_stem(model: nn.Module, kind: str) -> None:
+    """Change the stem in place so that small images are not reduced to 1x1 feature maps."""
+    if kind == "resnet":
+        old = model.conv1
+        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=old.bias is not None)
+        model.maxpool = nn.Identity()
+    elif kind == "stride1":
+        model.conv_stem.stride = (1, 1)
+    else:
+        raise ValueError(f"unknown stem change {kind!r}")
+
+
+def want_small_input(option: str, image_size: int) -> bool:
+    """--small-input auto|on|off -> bool; auto is on for training resolutions of at most 32 px."""
+    if option not in ("auto", "on", "off"):
+        raise UserError(f"--small-input must be auto, on or off, not '{option}'.")
+    return option == "on" or (option == "auto" and image_size <= 32)
+
+
+def create_backbone(name: str, small_input: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Create a randomly initialised timm model without classifier (pooled features), optionally with a
+    small-input stem. Returns (model, arch) where arch = {"timm_name", "stem"} rebuilds it exactly."""
+    import timm
+
+    timm_name = resolve_name(name)
+    model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    stem = None
+    if small_input:
+        stem = stem_kind(model)
+        if stem is None:
+            raise UserError(
+                f"--small-input on: no small-input stem rule for '{timm_name}' (known: ResNet conv1+maxpool, "
+                "MobileNet/EfficientNet conv_stem). Use --small-input off or a larger --image-size."
+            )
+        apply_small_input_stem(model, stem)
+    return model, {"timm_name": timm_name, "stem": stem}
+
+
+def build_from_arch(arch: dict[str, Any]) -> nn.Module:
+    """Rebuild the architecture described by encoder.json (weights not loaded)."""
+    import timm
+
+    model = timm.create_model(arch["timm_name"], pretrained=False, num_classes=0)
+    if arch.get("stem"):
+        apply_small_input_stem(model, arch["stem"])
+    return model
+
+
+@torch.no_grad()
+def output_dim(model: nn.Module, image_size: int, in_chans: int = 3) -> int:
+    """Feature dimension found by a dummy forward pass (eval mode, batch of 2), not from timm attributes."""
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    out = model(torch.zeros(2, in_chans, image_size, image_size, device=param.device, dtype=param.dtype))
+    model.train(was_training)
+    return int(out.shape[1])
+
+
+def save_encoder(model: nn.Module, folder: str | Path, meta: dict[str, Any]) -> Path:
+    """Write encoder.safetensors + encoder.json into `folder`. meta must hold timm_name, stem, input_size,
+    mean, std, feature_dim. Returns the json path."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / (ENCODER_WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(folder / ENCODER_WEIGHTS)
+    meta_path = folder / ENCODER_META
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta_path
+
+
+def _encoder_folder(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not (path / ENCODER_META).is_file() or not (path / ENCODER_WEIGHTS).is_file():
+        raise UserError(
+            f"No encoder in '{path}': expected {ENCODER_WEIGHTS} and {ENCODER_META} "
+            "(a run directory of `edgessl pretrain`)."
+        )
+    return path
+
+
+def read_encoder_meta(path: str | Path) -> dict[str, Any]:
+    """encoder.json of a run directory (or of the folder holding the files)."""
+    return json.loads((_encoder_folder(path) / ENCODER_META).read_text())
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a saved encoder from its own files into the same timm architecture, in eval mode.
+
+    path: a run directory, or the folder/file of encoder.safetensors. The returned module carries the
+    metadata as `model.edgessl_meta` (input size, mean/std, feature dim, ...).
+    """
+    from safetensors.torch import load_file
+
+    folder = _encoder_folder(path)
+    meta = read_encoder_meta(folder)
+    model = build_from_arch(meta)
+    model.load_state_dict(load_file(str(folder / ENCODER_WEIGHTS)))
+    model.edgessl_meta = meta
+    return model.to(device).eval()

@@ -1,0 +1,410 @@
+"""The one training loop: data -> single-crop augmentation -> encoder -> method -> optimiser step -> bank update."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from edgessl.config import PretrainConfig, save_config
+from edgessl.data.augment import AugmentConfig, augment_batch, cutmix, keyed_uniform, test_transform
+from edgessl.data.folder import ImageSet, load_image_folder, write_skipped
+from edgessl.errors import TrainingDiverged, UserError
+from edgessl.evaluate.features import extract_features
+from edgessl.evaluate.knn import knn_top1
+from edgessl.method.instance import InstanceDiscrimination
+from edgessl.models.backbone import create_backbone, output_dim, save_encoder, want_small_input
+from edgessl.models.head import Encoder, ProjectionHead
+from edgessl.report.plots import plot_curves
+from edgessl.train.checkpoint import CHECKPOINT, atomic_save, load_checkpoint, rng_state, set_rng_state
+from edgessl.train.optim import build_optimizer, warmup_cosine
+
+MAX_NONFINITE = 10
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def encoder(self) -> Path:
+        return self.run_dir / "encoder.json"
+
+
+# ---------------------------------------------------------------- small helpers
+def stable_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (seed, epoch, step, ...), the same on every machine."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+def keyed_generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(stable_seed(*parts))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The order images are visited in an epoch, a function of (seed, epoch) only."""
+    return torch.randperm(n, generator=keyed_generator(seed, epoch, 0x5EED))
+
+
+def pick_device(option: str) -> torch.device:
+    if option == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch. Use --device cpu or auto.")
+    if option == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(option)
+
+
+def pick_precision(option: str, device: torch.device) -> str:
+    if option == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if option == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU (it uses a gradient scaler). Use fp32 or bf16 on CPU.")
+    return option
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def demo_folder() -> Path:
+    from edgessl.demo import demo_images
+
+    return demo_images()
+
+
+def default_run_dir(cfg: PretrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.backbone}-{stamp}"
+
+
+@torch.no_grad()
+def forward_init_bank(model, method, images: ImageSet, device, precision, mean, std, batch_size: int) -> None:
+    """Fill every bank row with the untrained network's feature of its image.
+
+    Transform: the test transform (the cached resize, no augmentation). BatchNorm: train mode, i.e. batch
+    statistics as in the training forward pass, with the running statistics restored afterwards, so the
+    initialisation leaves the network exactly as it was."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    n = len(images)
+    for idx in torch.arange(n).tensor_split(max(1, math.ceil(n / batch_size))):
+        x = test_transform(images.get(idx).to(device), mean, std)
+        with autocast(device, precision):
+            z = model(x)
+        method.bank.fill(idx.to(device), F.normalize(z.float(), dim=1))
+    model.load_state_dict(saved)
+
+
+class Monitor:
+    """Online kNN (k = 20 and 200, t = 0.1) on backbone features when labels are available."""
+
+    def __init__(self, train: ImageSet | None, val: ImageSet | None):
+        self.memory = None
+        if train is None:
+            return
+        if val is not None and train.labels is not None:
+            missing = sorted(set(val.classes) - set(train.classes))
+            if missing:
+                raise UserError(f"--val has classes that the training folders lack: {', '.join(missing[:5])}.")
+            self.memory, self.query, self.loo = train, val, False
+            remap = torch.tensor([train.classes.index(c) for c in val.classes])
+            self.query_labels = remap[val.labels]
+        elif val is not None:
+            self.memory, self.query, self.loo = val, val, True
+            self.query_labels = val.labels
+        elif train.labels is not None:
+            self.memory, self.query, self.loo = train, train, True
+            self.query_labels = train.labels
+        if self.memory is not None:
+            self.num_classes = len(self.memory.classes)
+
+    @property
+    def active(self) -> bool:
+        return self.memory is not None
+
+    def describe(self) -> str:
+        if self.memory is None:
+            return "off (no labels)"
+        if self.loo:
+            return f"leave-one-out on {len(self.query)} labelled images"
+        return f"{len(self.query)} --val images against {len(self.memory)} training images"
+
+    def __call__(self, backbone, device, mean, std) -> dict[str, float]:
+        mem = extract_features(backbone, self.memory, mean, std, device)
+        qry = mem if self.loo else extract_features(backbone, self.query, mean, std, device)
+        out = {}
+        for k, key in ((20, "knn_top1"), (200, "knn_top1_k200")):
+            out[key] = knn_top1(qry, self.query_labels, mem, self.memory.labels, self.num_classes, k, 0.1, self.loo)
+        return out
+
+
+# ---------------------------------------------------------------- the loop
+def pretrain(
+    cfg: PretrainConfig,
+    resume: str | Path | None = None,
+    console: Console | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> PretrainResult:
+    """Pretrain an encoder with the single-branch method. See README for every option.
+
+    resume: a run directory to continue after its last completed epoch (cfg should be its config.yaml).
+    on_step(epoch, step): called after every optimiser step (progress hooks, tests).
+    """
+    console = console or Console()
+    quiet = cfg.quiet
+    say = console.print
+    warn = lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)  # noqa: E731
+
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+
+    # ---- data
+    data_root = cfg.data
+    labels = cfg.labels_from_folders
+    if data_root is None:
+        data_root, labels = str(demo_folder()), True
+        if not quiet:
+            say(f"No --data given: training on the bundled demo images ({data_root}).")
+    images = load_image_folder(data_root, cfg.image_size, labels=labels, cache_mb=cfg.cache_mb, workers=cfg.workers)
+    val = None
+    if cfg.val:
+        val = load_image_folder(cfg.val, cfg.image_size, labels=True, cache_mb=cfg.cache_mb, workers=cfg.workers,
+                                what="--val")
+    n = len(images)
+    batch = cfg.batch_size
+    if n < batch:
+        warn(f"only {n} images, fewer than --batch-size {batch}: the batch shrinks to {n}.")
+        batch = n
+    steps_per_epoch = n // batch
+
+    run_dir = Path(resume) if resume else Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if images.skipped:
+        first = ", ".join(str(p) for p, _ in images.skipped[:3])
+        warn(f"skipped {len(images.skipped)} unreadable file(s) (first: {first}); "
+             f"all are listed in {run_dir / 'skipped_files.txt'}.")
+        write_skipped(images.skipped, run_dir / "skipped_files.txt")
+    save_config(cfg, run_dir / "config.yaml")
+
+    # ---- model and method
+    torch.manual_seed(cfg.seed)
+    small = want_small_input(cfg.small_input, cfg.image_size)
+    backbone, arch = create_backbone(cfg.backbone, small_input=small)
+    feat_dim = output_dim(backbone, cfg.image_size)
+    head = ProjectionHead(feat_dim, cfg.feature_dim, cfg.head_hidden, cfg.head)
+    model = Encoder(backbone, head).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    method = InstanceDiscrimination(
+        n, cfg.feature_dim, cfg.temperature, cfg.negatives, cfg.bank_update, cfg.bank_lr, cfg.bank_momentum,
+        cfg.sd_weight, cfg.sd_temperature, cfg.sd_alpha, generator=keyed_generator(cfg.seed, 0xBA4C),
+    ).to(device)
+    lr = cfg.lr * batch / 256
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr, cfg.momentum, cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = warmup_cosine(optimizer, round(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    aug = AugmentConfig(blur_p=cfg.blur)
+    monitor = Monitor(images if cfg.eval_every > 0 else None, val if cfg.eval_every > 0 else None)
+    meta = {
+        **arch,
+        "input_size": [3, cfg.image_size, cfg.image_size],
+        "image_size": cfg.image_size,
+        "resize": "shorter side to image_size (bicubic), center crop; RGBA/P composited on white",
+        "mean": list(mean),
+        "std": list(std),
+        "feature_dim": feat_dim,
+        "method": cfg.method,
+    }
+
+    history: list[dict[str, Any]] = []
+    start_epoch, nonfinite = 0, 0
+    if resume:
+        ckpt = load_checkpoint(run_dir, map_location=device)
+        if ckpt["num_images"] != n:
+            raise UserError(
+                f"Cannot resume '{run_dir}': it was trained on {ckpt['num_images']} images, the data now has {n}."
+            )
+        model.load_state_dict(ckpt["model"])
+        method.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, history, nonfinite = ckpt["epoch"], ckpt["history"], ckpt["nonfinite"]
+        if not quiet:
+            say(f"Resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}.")
+    elif cfg.bank_init == "forward":
+        t0 = time.time()
+        forward_init_bank(model, method, images, device, precision, mean, std, 256)
+        if not quiet:
+            say(f"Memory bank: {n} rows filled by a forward pass of the untrained network ({time.time() - t0:.1f} s).")
+    _write_history(run_dir, history)
+
+    if not quiet:
+        say(
+            f"[bold]edgessl pretrain[/bold] {arch['timm_name']}{' (small-input stem)' if arch['stem'] else ''} | "
+            f"{n} images at {cfg.image_size}px | batch {batch} | {cfg.epochs} epochs | {device.type} {precision} | "
+            f"kNN monitor: {monitor.describe()} | run dir {run_dir}",
+            highlight=False,
+        )
+
+    progress = None if quiet else _progress(console)
+    task = None
+    if progress is not None:
+        progress.start()
+        task = progress.add_task("training", total=total_steps, completed=start_epoch * steps_per_epoch, info="")
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            order = epoch_order(cfg.seed, epoch, n)
+            sums = {"loss": 0.0, "ce": 0.0, "sd": 0.0}
+            done = 0
+            t0 = time.time()
+            for step in range(steps_per_epoch):
+                idx = order[step * batch : (step + 1) * batch]
+                x = augment_batch(images.get(idx).to(device, non_blocking=True), idx, epoch, cfg.seed, aug, mean, std)
+                mix = None
+                if cfg.cutmix > 0:
+                    u = keyed_uniform(cfg.seed, epoch, [n + step], 3)[0]
+                    g = keyed_generator(cfg.seed, epoch, step, 0xC07)
+                    lam = _beta(g, cfg.cutmix)
+                    perm = torch.randperm(len(idx), generator=g).to(device)
+                    x, lam = cutmix(x, lam, (float(u[0]), float(u[1])), perm)
+                    mix = (perm, lam)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                idx_dev = idx.to(device)
+                with autocast(device, precision):
+                    z = model(x)
+                out = method(F.normalize(z.float(), dim=1), idx_dev, keyed_generator(cfg.seed, epoch, step), mix)
+                optimizer.zero_grad(set_to_none=True)
+                if not torch.isfinite(out.loss):
+                    nonfinite += 1
+                    scheduler.step()
+                    if nonfinite >= MAX_NONFINITE:
+                        raise TrainingDiverged(
+                            f"Training diverged: {MAX_NONFINITE} non-finite losses in a row (epoch {epoch + 1}, "
+                            f"step {step + 1}). The last good checkpoint is kept in {run_dir}. "
+                            "Lower --lr or --bank-lr, or use --precision fp32."
+                        )
+                    continue
+                nonfinite = 0
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                method.update_bank(out)
+                done += len(idx)
+                sums["loss"] += float(out.loss.detach()) * len(idx)
+                sums["ce"] += float(out.ce) * len(idx)
+                sums["sd"] += float(out.sd) * len(idx)
+                if progress is not None:
+                    rate = done / max(time.time() - t0, 1e-9)
+                    progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {float(out.loss.detach()):.3f} {rate:.0f} img/s")
+                if on_step is not None:
+                    on_step(epoch, step)
+            seconds = time.time() - t0
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise TrainingDiverged(
+                    f"Training diverged: non-finite weights after epoch {epoch + 1}. The last good checkpoint is "
+                    f"kept in {run_dir}. Lower --lr or --bank-lr."
+                )
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "loss": sums["loss"] / max(done, 1),
+                "loss_ce": sums["ce"] / max(done, 1),
+                "loss_sd": sums["sd"] / max(done, 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": done / max(seconds, 1e-9),
+                "seconds": seconds,
+                "bank_feature_std": float(method.bank.weight.std(dim=0).mean()),
+            }
+            if monitor.active and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                row.update(monitor(model.backbone, device, mean, std))
+            history.append(row)
+            atomic_save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": rng_state(),
+                    "nonfinite": nonfinite,
+                    "history": history,
+                    "num_images": n,
+                    "config": cfg.to_dict(),
+                },
+                run_dir / CHECKPOINT,
+            )
+            save_encoder(model.backbone, run_dir, {**meta, "epochs_trained": epoch + 1})
+            _write_history(run_dir, history)
+            plot_curves(history, run_dir / "curves.png", title=f"{arch['timm_name']} - {run_dir.name}")
+            _log_epoch(console, row, cfg.epochs, progress)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if not quiet:
+        say(f"Done. Encoder: {run_dir / 'encoder.safetensors'} (+ encoder.json). Curves: {run_dir / 'curves.png'}")
+    return PretrainResult(run_dir, history)
+
+
+def _beta(g: torch.Generator, alpha: float) -> float:
+    """Beta(alpha, alpha) from a seeded generator via two Gamma draws (Marsaglia-Tsang through torch._standard_gamma)."""
+    a = torch._standard_gamma(torch.full((2,), float(alpha)), generator=g)
+    return float(a[0] / a.sum())
+
+
+def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    tmp = run_dir / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    tmp.replace(run_dir / "metrics.jsonl")
+
+
+def _log_epoch(console: Console, row: dict[str, Any], epochs: int, progress) -> None:
+    knn = f"  kNN@20 {row['knn_top1']:.3f}  kNN@200 {row['knn_top1_k200']:.3f}" if "knn_top1" in row else ""
+    line = (
+        f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f} (ce {row['loss_ce']:.3f}, sd {row['loss_sd']:.4f})"
+        f"  lr {row['lr']:.4f}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f} s{knn}"
+    )
+    (progress.console if progress is not None else console).print(line, highlight=False)
+
+
+def _progress(console: Console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )

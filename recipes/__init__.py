@@ -1,0 +1,1 @@
+"""Bundled pretraining recipes (YAML), installed as the package edgessl.recipes."""
