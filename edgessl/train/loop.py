@@ -35,6 +35,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
+class StepInfo:
+    """What an `on_step` callback sees after each optimiser step."""
+
+    epoch: int
+    step: int
+    loss: float
+    model: torch.nn.Module
+    method: InstanceDiscrimination
+
+
+@dataclass
 class PretrainResult:
     run_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -162,12 +173,12 @@ def pretrain(
     cfg: PretrainConfig,
     resume: str | Path | None = None,
     console: Console | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
 ) -> PretrainResult:
     """Pretrain an encoder with the single-branch method. See README for every option.
 
     resume: a run directory to continue after its last completed epoch (cfg should be its config.yaml).
-    on_step(epoch, step): called after every optimiser step (progress hooks, tests).
+    on_step(StepInfo): called after every optimiser step (custom logging, tests).
     """
     console = console or Console()
     quiet = cfg.quiet
@@ -179,6 +190,16 @@ def pretrain(
         torch.backends.cudnn.benchmark = False
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
+
+    # ---- model (first: a wrong backbone name fails before any data is read)
+    torch.manual_seed(cfg.seed)
+    small = want_small_input(cfg.small_input, cfg.image_size)
+    backbone, arch = create_backbone(cfg.backbone, small_input=small)
+    feat_dim = output_dim(backbone, cfg.image_size)
+    head = ProjectionHead(feat_dim, cfg.feature_dim, cfg.head_hidden, cfg.head)
+    model = Encoder(backbone, head).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
 
     # ---- data
     data_root = cfg.data
@@ -208,15 +229,7 @@ def pretrain(
         write_skipped(images.skipped, run_dir / "skipped_files.txt")
     save_config(cfg, run_dir / "config.yaml")
 
-    # ---- model and method
-    torch.manual_seed(cfg.seed)
-    small = want_small_input(cfg.small_input, cfg.image_size)
-    backbone, arch = create_backbone(cfg.backbone, small_input=small)
-    feat_dim = output_dim(backbone, cfg.image_size)
-    head = ProjectionHead(feat_dim, cfg.feature_dim, cfg.head_hidden, cfg.head)
-    model = Encoder(backbone, head).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # ---- method
     method = InstanceDiscrimination(
         n, cfg.feature_dim, cfg.temperature, cfg.negatives, cfg.bank_update, cfg.bank_lr, cfg.bank_momentum,
         cfg.sd_weight, cfg.sd_temperature, cfg.sd_alpha, generator=keyed_generator(cfg.seed, 0xBA4C),
@@ -326,7 +339,7 @@ def pretrain(
                     rate = done / max(time.time() - t0, 1e-9)
                     progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {float(out.loss.detach()):.3f} {rate:.0f} img/s")
                 if on_step is not None:
-                    on_step(epoch, step)
+                    on_step(StepInfo(epoch, step, float(out.loss.detach()), model, method))
             seconds = time.time() - t0
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise TrainingDiverged(

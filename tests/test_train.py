@@ -1,0 +1,205 @@
+"""The training loop end to end on tiny data: outputs, bank initialisation, resume equivalence, divergence."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import edgessl
+from edgessl.cli import app
+from edgessl.config import resolve
+from edgessl.data.folder import load_image_folder
+from edgessl.demo import demo_images
+from edgessl.errors import TrainingDiverged
+from edgessl.method.instance import InstanceDiscrimination
+from edgessl.models.backbone import create_backbone, output_dim
+from edgessl.models.head import Encoder, ProjectionHead
+from edgessl.train.checkpoint import load_checkpoint
+from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD, forward_init_bank
+
+TINY = dict(image_size=32, batch_size=8, epochs=2, head_hidden=64, feature_dim=16, quiet=True, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """24 demo emoji, 4 of each of 6 categories."""
+    root = tmp_path_factory.mktemp("tiny")
+    for cls in sorted(p for p in demo_images().iterdir() if p.is_dir())[:6]:
+        (root / cls.name).mkdir()
+        for f in sorted(cls.glob("*.png"))[:4]:
+            shutil.copy(f, root / cls.name / f.name)
+    return root
+
+
+def test_outputs_metrics_and_reloadable_config(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = edgessl.pretrain(data=str(tiny_data), out=str(out), labels_from_folders=True, **TINY)
+    assert result.run_dir == out
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "encoder.safetensors", "encoder.json", "curves.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("epoch", "loss", "lr", "images_per_s", "seconds", "knn_top1"):
+        assert all(key in r for r in rows), key
+    assert all(0 <= r["knn_top1"] <= 1 for r in rows)
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["timm_name"] == "mobilenetv3_small_100" and meta["stem"] == "stride1"  # auto: on at 32 px
+    assert meta["input_size"] == [3, 32, 32] and len(meta["mean"]) == 3 and meta["feature_dim"] == 1024
+    # config.yaml is complete and reloads to the same options
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolve(config=str(out / "config.yaml")).to_dict() == cfg
+    # the encoder file equals the checkpoint's backbone
+    enc = edgessl.load_encoder(out)
+    ckpt = load_checkpoint(out)
+    backbone_state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, backbone_state[k]), k
+    assert ckpt["epoch"] == 2 and ckpt["method"]["bank.weight"].shape == (24, 16)
+
+
+def test_forward_pass_bank_initialisation_fills_every_row(tiny_data):
+    torch.manual_seed(0)
+    images = load_image_folder(tiny_data, 32)
+    backbone, _ = create_backbone("mobilenetv3_small", small_input=True)
+    model = Encoder(backbone, ProjectionHead(output_dim(backbone, 32), 16, 64))
+    method = InstanceDiscrimination(len(images), 16, generator=torch.Generator().manual_seed(0))
+    random_rows = method.bank.weight.clone()
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    forward_init_bank(model, method, images, torch.device("cpu"), "fp32", IMAGENET_MEAN, IMAGENET_STD, batch_size=10)
+    bank = method.bank.weight
+    assert torch.allclose(bank.norm(dim=1), torch.ones(len(images)))
+    assert ((bank - random_rows).norm(dim=1) > 1e-3).all()  # no row left at its random value
+    # rows are the network's own features: train-mode BN over the same chunks (24 rows -> chunks of 8)
+    x = (images.images[:8].float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.train()(x), dim=1)
+    model.load_state_dict(state_before)
+    assert torch.allclose(bank[:8], expected, atol=1e-5)
+    for k, v in model.state_dict().items():  # BN running statistics are untouched
+        assert torch.equal(v, state_before[k]), k
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    opts = dict(TINY, epochs=3, deterministic=True, seed=3, eval_every=0, negatives=10)  # 10 < 24: sampled columns
+    full = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "full"), **opts)
+
+    def kill(info):
+        if info.epoch == 1 and info.step == 1:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "cut"), on_step=kill, **opts)
+    assert load_checkpoint(tmp_path / "cut")["epoch"] == 1
+    resumed = edgessl.pretrain(resume=str(tmp_path / "cut"), quiet=True)
+    a, b = load_checkpoint(full.run_dir), load_checkpoint(resumed.run_dir)
+    assert a["epoch"] == b["epoch"] == 3
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-5), k
+    assert torch.allclose(a["method"]["bank.weight"], b["method"]["bank.weight"], atol=1e-5)
+    assert [r["loss"] for r in full.history] == pytest.approx([r["loss"] for r in resumed.history], abs=1e-5)
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tiny_data, tmp_path):
+    def poison(info):
+        if info.epoch == 1 and info.step == 0:
+            with torch.no_grad():
+                next(info.model.parameters()).fill_(float("nan"))
+
+    opts = dict(TINY, batch_size=2, epochs=3, eval_every=0)  # 12 steps per epoch
+    with pytest.raises(TrainingDiverged, match="10 non-finite losses in a row") as err:
+        edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "nan"), on_step=poison, **opts)
+    assert "last good checkpoint is kept" in str(err.value)
+    ckpt = load_checkpoint(tmp_path / "nan")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_npid_preset_and_explicit_flags_win():
+    cfg = resolve({"method": "npid"})
+    assert (cfg.bank_init, cfg.bank_update, cfg.temperature, cfg.sd_weight) == ("random", "momentum", 0.1, 0.0)
+    assert resolve({"method": "npid", "temperature": 0.07}).temperature == 0.07
+    full = resolve({})
+    assert (full.bank_init, full.bank_update, full.temperature, full.sd_weight) == ("forward", "grad", 0.2, 20.0)
+
+
+def test_npid_and_cutmix_runs_train(tiny_data, tmp_path):
+    r = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "npid"), method="npid", **dict(TINY, epochs=1))
+    assert r.history[0]["loss_sd"] == 0.0
+    r = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "cm"), cutmix=0.5, **dict(TINY, epochs=1))
+    assert torch.isfinite(torch.tensor(r.history[0]["loss"]))
+
+
+runner = CliRunner()
+
+
+def test_cli_bad_input_exit_code_2_one_line(tmp_path, tiny_data):
+    cases = {
+        "missing": (["--data", str(tmp_path / "missing")], "does not exist"),
+        "file": (["--data", str(next(tiny_data.rglob("*.png")))], "is a file, not a folder"),
+        "empty": (["--data", str(tmp_path)], "No image files found"),
+        "backbone": (["--data", str(tiny_data), "--backbone", "mobilenet_v3_smal"], "Unknown backbone"),
+        "choice": (["--data", str(tiny_data), "--bank-update", "sideways"], "--bank-update must be one of grad, momentum"),
+    }
+    for name, (args, msg) in cases.items():
+        res = runner.invoke(app, ["pretrain", *args, "--out", str(tmp_path / name)])
+        assert res.exit_code == 2, (name, res.output)
+        lines = [line for line in res.output.strip().splitlines() if line]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (name, res.output)
+        assert "Traceback" not in res.output
+
+
+def test_cli_small_data_shrinks_batch_with_warning(tmp_path):
+    data = tmp_path / "three"
+    data.mkdir()
+    for f in sorted(demo_images().rglob("*.png"))[:3]:
+        shutil.copy(f, data / f.name)
+    res = runner.invoke(app, ["pretrain", "--data", str(data), "--epochs", "1", "--image-size", "32",
+                              "--out", str(tmp_path / "r"), "--head-hidden", "32"])
+    assert res.exit_code == 0, res.output
+    assert "only 3 images, fewer than --batch-size 128: the batch shrinks to 3." in " ".join(res.output.split())
+
+
+def test_cli_skipped_files_are_warned_and_listed(tmp_path, tiny_data):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "broken.jpg").write_bytes(b"")
+    (data / "junk.png").write_text("no")
+    res = runner.invoke(app, ["pretrain", "--data", str(data), "--epochs", "1", "--image-size", "32",
+                              "--out", str(tmp_path / "r"), "--batch-size", "8", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "skipped 2 unreadable file(s)" in " ".join(res.output.split())
+    listed = (tmp_path / "r" / "skipped_files.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in listed) == ["broken.jpg", "junk.png"]
+
+
+def test_demo_command_and_help():
+    res = runner.invoke(app, ["pretrain", "--help"])
+    assert res.exit_code == 0 and "Examples" in res.output
+    flags = ["--backbone", "--data", "--out", "--recipe", "--config", "--epochs", "--batch-size", "--image-size",
+             "--lr", "--seed", "--device", "--precision", "--method", "--bank-init", "--bank-update", "--bank-lr",
+             "--sd-weight", "--temperature", "--negatives", "--cutmix", "--small-input", "--val",
+             "--labels-from-folders", "--eval-every", "--resume", "--deterministic", "--quiet"]
+    for flag in flags:
+        assert flag in res.output, flag
+
+
+def test_demo_run_on_bundled_images(tmp_path):
+    res = runner.invoke(app, ["pretrain", "--backbone", "mobilenetv3_small", "--epochs", "1", "--image-size", "32",
+                              "--out", str(tmp_path / "demo"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "knn_top1" in row  # the demo images carry category folders: the kNN monitor runs
+
+
+def test_recipes_load_and_flags_override():
+    cfg = resolve({"epochs": 3}, recipe="resnet18_cifar")
+    assert (cfg.backbone, cfg.image_size, cfg.small_input, cfg.epochs) == ("resnet18", 32, "on", 3)
+    for name in ("mobilenetv3_small_64px", "mobilenetv3_small_224px"):
+        assert resolve(recipe=name).image_size in (64, 224)
