@@ -1,0 +1,1 @@
+"""edgessl benchmarks: `python -m benchmarks.run <suite>` (see benchmarks/README.md)."""

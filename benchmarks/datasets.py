@@ -1,0 +1,60 @@
+"""Benchmark data: the shared CIFAR-10 and emoji archives, extracted once into benchmarks/.cache (git-ignored).
+
+Subsets are folders of symbolic links, stratified and seeded, so nothing is copied twice.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+CACHE = REPO / "benchmarks" / ".cache"
+
+
+def extract(archive: str) -> Path:
+    """Extract ../shared/data/<archive> into the cache once; returns the cache folder."""
+    src = SHARED / archive
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} not found: the benchmarks need the shared data sets next to the repo.")
+    marker = CACHE / f".{archive}.done"
+    if not marker.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(src) as tar:
+            tar.extractall(CACHE, filter="data")
+        marker.touch()
+    return CACHE
+
+
+def stratified_subset(split_dir: Path, per_class: int, seed: int, name: str) -> Path:
+    """A folder <cache>/subsets/<name> with `per_class` randomly chosen images of each class (symlinks)."""
+    out = CACHE / "subsets" / name
+    if out.exists():
+        return out
+    rng = random.Random(seed)
+    tmp = out.with_name(out.name + ".tmp")
+    for cls in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        files = sorted(cls.iterdir())
+        pick = sorted(rng.sample(files, min(per_class, len(files))))
+        (tmp / cls.name).mkdir(parents=True, exist_ok=True)
+        for f in pick:
+            os.symlink(f, tmp / cls.name / f.name)
+    tmp.rename(out)
+    return out
+
+
+def cifar10(per_class: int | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """(train folder, test folder) of CIFAR-10; train limited to per_class images of each class."""
+    root = extract("cifar10.tar.gz") / "cifar10"
+    train = root / "train"
+    if per_class is not None:
+        train = stratified_subset(train, per_class, seed, f"cifar10-train-{per_class}pc-s{seed}")
+    return train, root / "test"
+
+
+def emoji() -> tuple[Path, Path]:
+    root = extract("emoji-google.tar.gz") / "emoji-google"
+    return root / "train", root / "test"
