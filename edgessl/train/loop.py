@@ -30,6 +30,7 @@ from edgessl.train.checkpoint import CHECKPOINT, atomic_save, load_checkpoint, r
 from edgessl.train.optim import build_optimizer, warmup_cosine
 
 MAX_NONFINITE = 10
+COLLAPSE_FRACTION = 0.25  # warn when the bank's per-dimension std falls below this fraction of 1/sqrt(d)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -358,6 +359,12 @@ def pretrain(
             }
             if monitor.active and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 row.update(monitor(model.backbone, device, mean, std))
+            healthy = 1 / math.sqrt(cfg.feature_dim)
+            if row["bank_feature_std"] < COLLAPSE_FRACTION * healthy:
+                warn(
+                    f"the memory bank is collapsing: feature std {row['bank_feature_std']:.4f}, well below "
+                    f"{healthy:.4f} (1/sqrt(d)) for well-spread features. Lower --bank-lr or --lr."
+                )
             history.append(row)
             atomic_save(
                 {
