@@ -3,10 +3,14 @@
 Python API (mirrors the CLI):
     edgessl.pretrain(backbone="mobilenetv3_small", data="./my_images", epochs=20) -> PretrainResult
     edgessl.load_encoder("runs/<name>") -> torch.nn.Module (eval mode, `.edgessl_meta` holds input size, mean/std)
+    edgessl.export("runs/<name>", int8=True) -> ExportResult (ONNX files + manifest.json in runs/<name>/export)
+    edgessl.evaluate_encoder("runs/<name>", train="./labeled/train", test="./labeled/test", baseline="random")
+    edgessl.finetune("runs/<name>", train="./labeled/train", test="./labeled/test", labels_per_class=10)
+    edgessl.load_classifier("runs/<name>/finetune-lpc10") -> torch.nn.Module (logits; `.edgessl_meta["classes"]`)
 """
 
 __version__ = "0.1.0"
 
-from edgessl.api import load_encoder, pretrain  # noqa: E402
+from edgessl.api import evaluate_encoder, export, finetune, load_classifier, load_encoder, pretrain  # noqa: E402
 
-__all__ = ["__version__", "pretrain", "load_encoder"]
+__all__ = ["__version__", "pretrain", "load_encoder", "evaluate_encoder", "finetune", "load_classifier", "export"]

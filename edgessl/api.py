@@ -9,7 +9,7 @@ from edgessl.config import resolve
 from edgessl.errors import UserError
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 
-__all__ = ["pretrain", "load_encoder", "read_encoder_meta"]
+__all__ = ["pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export"]
 
 
 def pretrain(
@@ -35,3 +35,82 @@ def pretrain(
         options.pop("out", None)
     cfg = resolve(options, recipe=recipe, config=str(config) if config else None)
     return run(cfg, resume=resume, console=console, on_step=on_step)
+
+
+def evaluate_encoder(
+    run_dir: str | Path,
+    train: str | Path,
+    test: str | Path | None = None,
+    test_fraction: float | None = None,
+    labels_per_class=None,
+    seeds: int = 3,
+    baseline: str | None = None,
+    console=None,
+    **options: Any,
+):
+    """Few-label evaluation of a run's frozen encoder: weighted kNN (k = 20, 200) and a cross-validated linear
+    probe at each labels-per-class value ("1,5,all", a list, or None: 1,5,10,all without the values no class
+    reaches) and seed, optionally next to a random-init baseline (baseline="random"). Writes eval.json and
+    eval.png into run_dir.
+
+    options: split_seed, device, cache (feature cache on/off), workers, cache_mb, quiet.
+    Returns an EvalResult (results: the eval.json rows, summary: mean/std over seeds).
+    Named evaluate_encoder, not evaluate: `edgessl.evaluate` is the subpackage."""
+    from edgessl.evaluate.protocol import evaluate_run
+
+    return evaluate_run(run_dir, train, test, test_fraction, labels_per_class, seeds, baseline,
+                        console=console, **options)
+
+
+def finetune(
+    run_dir: str | Path,
+    train: str | Path,
+    test: str | Path | None = None,
+    test_fraction: float | None = None,
+    labels_per_class=10,
+    epochs: int = 30,
+    freeze_backbone: bool = False,
+    console=None,
+    **options: Any,
+):
+    """Fine-tune a run's encoder plus a new linear layer on `labels_per_class` labels per class (or "all").
+
+    options: batch_size, lr, backbone_lr_scale, weight_decay, label_smoothing, val_fraction, patience, seed,
+    split_seed, device, out, workers, cache_mb, quiet. Writes <run_dir>/finetune-<tag>/ (classifier.safetensors +
+    classifier.json, metrics.json, confusion.png). Returns a FinetuneResult (out_dir, metrics, model)."""
+    from edgessl.evaluate.finetune import finetune_run
+
+    return finetune_run(run_dir, train, test, test_fraction, labels_per_class, epochs, freeze_backbone,
+                        console=console, **options)
+
+
+def load_classifier(path: str | Path, device: str = "cpu"):
+    """A fine-tuned classifier folder (classifier.safetensors + classifier.json) -> nn.Module in eval mode;
+    `.edgessl_meta` holds classes (logit order), input size, mean/std and train_data."""
+    from edgessl.models.classifier import load_classifier as load
+
+    return load(path, device=device)
+
+
+def export(
+    run: str | Path,
+    classifier: str | Path | None = None,
+    opset: int = 18,
+    int8: bool = False,
+    calib: str | Path | None = None,
+    fp16: bool = False,
+    images: str | Path | None = None,
+    out: str | Path | None = None,
+    name: str | None = None,
+    calib_method: str = "minmax",
+    console=None,
+):
+    """Export a run's encoder (features) or a fine-tuned classifier (logits) to ONNX in <run>/export, check it
+    against PyTorch, optionally add int8 (calibrated on `calib`) and fp16 copies, and write manifest.json.
+
+    Returns an ExportResult (export_dir, manifest, models: the manifest entries written). Raises UserError on bad
+    input and edgessl.deploy.onnx.ValidationFailed (exit code 3 in the CLI) when a file misses its parity bounds."""
+    from edgessl.deploy.export import export as run_export
+
+    return run_export(run, classifier=classifier, opset=opset, int8=int8, calib=calib, fp16=fp16, images=images,
+                      out=out, name=name, calib_method=calib_method, console=console)

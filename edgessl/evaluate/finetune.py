@@ -1,0 +1,325 @@
+"""`edgessl finetune`: train a classifier (the run's encoder + a new linear layer) on a few labels per class.
+
+Recipe
+- Labels: a stratified subset of --train (labels per class, seeded). A stratified part of that subset
+  (--val-fraction, default 0.2: round(0.2 n) images of a class of n, at least 1, at most n - 1) is held out for
+  early stopping, so the label budget includes the validation images. Classes with a single labelled image
+  keep it for training; when no class has two, nothing is held out and training runs all epochs.
+- Model: Classifier(backbone, feature_dim, classes). Full fine-tuning: AdamW, the new layer at --lr, the backbone
+  at --lr x --backbone-lr-scale (default 0.1). --freeze-backbone: the backbone stays in eval mode (BatchNorm
+  statistics included) and only the layer trains.
+- Training: the pretraining augmentation, milder (FINETUNE_AUGMENT), label smoothing, linear warm-up then cosine
+  decay per step. Every epoch the held-out images are scored (test transform); the best epoch (lowest held-out
+  cross-entropy, ties to the higher held-out top-1) is kept; training stops after --patience epochs without a
+  better one. The loss, not the top-1, ranks epochs: with a few held-out images the top-1 moves in coarse steps
+  and stalls early while the loss still improves.
+- Output (<run dir>/finetune-<tag>/): classifier.safetensors + classifier.json, metrics.json (test top-1,
+  balanced accuracy, macro F1, per-class precision/recall/F1, confusion matrix, history), confusion.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import Tensor
+
+from edgessl.data.augment import AugmentConfig, augment_batch, test_transform
+from edgessl.data.folder import ImageSet, scan_images
+from edgessl.errors import TrainingDiverged, UserError
+from edgessl.evaluate.labelled import (
+    check_labels_per_class,
+    check_split_options,
+    class_folders,
+    load_labelled_folder,
+    lpc_name,
+    map_test_labels,
+    parse_labels_per_class,
+    split_folder,
+)
+from edgessl.evaluate.metrics import classification_metrics, confusion_matrix, per_class_scores
+from edgessl.evaluate.subsets import keyed_generator, stratified_split, stratified_subset
+from edgessl.models.backbone import load_encoder, read_encoder_meta
+from edgessl.models.classifier import Classifier, save_classifier
+
+# Milder than pretraining (scale (0.2, 1), jitter 0.4/0.4/0.4/0.1 at p 0.8, grayscale 0.2).
+FINETUNE_AUGMENT = AugmentConfig(scale=(0.5, 1.0), jitter=(0.2, 0.2, 0.2, 0.05), jitter_p=0.5, grayscale_p=0.0)
+
+
+def finetune_tag(per_class: int | None, freeze_backbone: bool) -> str:
+    """Output folder suffix: 'lpc10', 'all', plus '-frozen'."""
+    return ("all" if per_class is None else f"lpc{per_class}") + ("-frozen" if freeze_backbone else "")
+
+
+def param_groups(model: Classifier, lr: float, backbone_lr_scale: float, freeze_backbone: bool) -> list[dict]:
+    """Optimizer groups: the new layer at lr, the backbone at lr * backbone_lr_scale (absent when frozen)."""
+    groups = [{"params": list(model.fc.parameters()), "lr": lr, "name": "head"}]
+    if not freeze_backbone:
+        groups.append({"params": [p for p in model.backbone.parameters() if p.requires_grad],
+                       "lr": lr * backbone_lr_scale, "name": "backbone"})
+    return groups
+
+
+class EarlyStopping:
+    """Tracks the best epoch by a score tuple (higher is better) and says when `patience` epochs have passed
+    without a better one."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best: tuple | None = None
+        self.best_epoch = 0
+        self.waited = 0
+
+    def update(self, epoch: int, score: tuple) -> bool:
+        """Record an epoch's score; True when it is the best so far."""
+        if self.best is None or score > self.best:
+            self.best, self.best_epoch, self.waited = score, epoch, 0
+            return True
+        self.waited += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.waited >= self.patience
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module, images: ImageSet, idx: Tensor, mean, std, device, batch_size: int = 256
+) -> Tensor:
+    """Eval-mode logits of rows idx (M,) of an ImageSet with the test transform -> (M, C) float32 on CPU."""
+    was_training = model.training
+    model.eval()
+    out = [torch.zeros(0, model.fc.out_features)]
+    for chunk in idx.split(batch_size):
+        out.append(model(test_transform(images.get(chunk).to(device), mean, std)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    metrics: dict[str, Any]
+    model: Classifier  # the saved classifier (best epoch), eval mode, on CPU
+
+
+def finetune_run(
+    run_dir: str | Path,
+    train: str | Path,
+    test: str | Path | None = None,
+    test_fraction: float | None = None,
+    labels_per_class: str | int = 10,
+    epochs: int = 30,
+    freeze_backbone: bool = False,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    backbone_lr_scale: float = 0.1,
+    weight_decay: float = 1e-4,
+    label_smoothing: float = 0.1,
+    val_fraction: float = 0.2,
+    patience: int = 10,
+    seed: int = 0,
+    split_seed: int = 0,
+    device: str = "auto",
+    out: str | Path | None = None,
+    workers: int = 2,
+    cache_mb: float = 4096,
+    console: Console | None = None,
+    quiet: bool = False,
+) -> FinetuneResult:
+    """Fine-tune the run's encoder into a classifier by the recipe of this module's docstring."""
+    from edgessl.report.eval_plots import plot_confusion
+    from edgessl.train.loop import pick_device
+
+    console = console or Console()
+    say = (lambda msg: None) if quiet else (lambda msg: console.print(msg, highlight=False))
+    t_start = time.time()
+
+    # ---- checks that need no decoding
+    run_dir = Path(run_dir)
+    meta = read_encoder_meta(run_dir)
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    values = parse_labels_per_class(labels_per_class)
+    if len(values) != 1:
+        raise UserError(f"finetune takes one --labels-per-class value (a number or 'all'), not '{labels_per_class}'.")
+    per_class = values[0]
+    for name, value, ok, rule in (
+        ("--epochs", epochs, epochs >= 1, "at least 1"),
+        ("--batch-size", batch_size, batch_size >= 2, "at least 2"),
+        ("--lr", lr, lr > 0, "positive"),
+        ("--backbone-lr-scale", backbone_lr_scale, backbone_lr_scale >= 0, "0 or more"),
+        ("--label-smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+        ("--val-fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"),
+        ("--patience", patience, patience >= 1, "at least 1"),
+    ):
+        if not ok:
+            raise UserError(f"{name} must be {rule}, not {value}.")
+    check_split_options(test, test_fraction)
+    train_root, train_classes = class_folders(train, "--train")
+    test_root = None
+    if test is not None:
+        test_root, test_classes = class_folders(test, "--test")
+        map_test_labels(train_classes, test_classes)
+    file_counts = torch.tensor([len(scan_images(train_root / c)) for c in train_classes])
+    check_labels_per_class(values, torch.arange(len(train_classes)).repeat_interleave(file_counts), train_classes)
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not '{device}'.")
+    dev = pick_device(device)
+
+    # ---- data
+    size = int(meta["image_size"])
+    mean, std = meta["mean"], meta["std"]
+    images = load_labelled_folder(train_root, size, "--train", cache_mb=cache_mb, workers=workers)
+    classes = list(images.classes)
+    labels = images.labels
+    split = None
+    if test_root is not None:
+        test_images = load_labelled_folder(test_root, size, "--test", cache_mb=cache_mb, workers=workers)
+        test_idx = torch.arange(len(test_images))
+        test_labels = map_test_labels(classes, test_images.classes)[test_images.labels]
+        pool = torch.arange(len(images))
+    else:
+        split = split_folder(labels, float(test_fraction), split_seed)
+        test_images, test_idx, test_labels = images, split.test_idx, labels[split.test_idx]
+        pool = split.train_idx
+    short = check_labels_per_class(values, labels[pool], classes)
+    labelled = pool[stratified_subset(labels[pool], per_class, seed)]
+    fit_pos, val_pos = stratified_split(labels[labelled], val_fraction, seed)
+    fit_idx, val_idx = labelled[fit_pos], labelled[val_pos]
+    num_classes = len(classes)
+
+    # ---- model and optimiser
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Classifier(load_encoder(run_dir), int(meta["feature_dim"]), num_classes)
+    if freeze_backbone:
+        model.backbone.requires_grad_(False)
+    model = model.to(dev)
+    optimizer = torch.optim.AdamW(param_groups(model, lr, backbone_lr_scale, freeze_backbone), lr=lr,
+                                  weight_decay=weight_decay)
+    batch = min(batch_size, len(fit_idx))
+    steps_per_epoch = max(1, math.ceil(len(fit_idx) / batch))
+    total = epochs * steps_per_epoch
+    from edgessl.train.optim import warmup_cosine
+
+    scheduler = warmup_cosine(optimizer, max(1, min(steps_per_epoch, total // 5)), total)
+    stopper = EarlyStopping(patience)
+    best_state = copy.deepcopy(model.state_dict())
+    say(
+        f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {num_classes} classes | {len(fit_idx)} training + "
+        f"{len(val_idx)} held-out labelled images ({lpc_name(per_class)} per class) | {len(test_idx)} test images | "
+        f"{'frozen backbone' if freeze_backbone else 'full fine-tuning'} | {epochs} epochs | {dev.type}"
+    )
+
+    # ---- training
+    history: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        t0 = time.time()
+        model.train()
+        if freeze_backbone:
+            model.backbone.eval()
+        order = fit_idx[torch.randperm(len(fit_idx), generator=keyed_generator(seed, epoch, 0xF17E))]
+        loss_sum, correct = 0.0, 0
+        for chunk in order.tensor_split(steps_per_epoch):
+            x = augment_batch(images.get(chunk).to(dev), chunk, epoch, seed, FINETUNE_AUGMENT, mean, std)
+            y = labels[chunk].to(dev)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"Fine-tuning diverged: non-finite loss in epoch {epoch + 1}. Lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach()) * len(chunk)
+            correct += int((logits.detach().argmax(dim=1) == y).sum())
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / len(fit_idx),
+                               "train_top1": correct / len(fit_idx), "lr": optimizer.param_groups[0]["lr"]}
+        if len(val_idx):
+            val_logits = predict_logits(model, images, val_idx, mean, std, dev)
+            val_y = labels[val_idx]
+            row["val_top1"] = float((val_logits.argmax(dim=1) == val_y).float().mean())
+            row["val_loss"] = float(F.cross_entropy(val_logits, val_y))
+            if stopper.update(epoch + 1, (-row["val_loss"], row["val_top1"])):
+                best_state = copy.deepcopy(model.state_dict())
+        row["seconds"] = time.time() - t0
+        history.append(row)
+        val_text = f"  held-out top-1 {row['val_top1']:.3f} loss {row['val_loss']:.3f}" if "val_top1" in row else ""
+        say(f"epoch {epoch + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  train top-1 {row['train_top1']:.3f}"
+            f"{val_text}  {row['seconds']:.1f} s")
+        if len(val_idx) and stopper.stop:
+            say(f"Early stop: no lower held-out loss for {patience} epochs; keeping epoch {stopper.best_epoch}.")
+            break
+    if len(val_idx):
+        model.load_state_dict(best_state)
+    best_epoch = stopper.best_epoch if len(val_idx) else len(history)
+
+    # ---- test, outputs
+    model = model.cpu().eval()
+    test_logits = predict_logits(model, test_images, test_idx, mean, std, "cpu")
+    pred = test_logits.argmax(dim=1)
+    cm = confusion_matrix(test_labels, pred, num_classes)
+    scores = per_class_scores(cm)
+    tag = finetune_tag(per_class, freeze_backbone)
+    out_dir = Path(out) if out else run_dir / f"finetune-{tag}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_data = str(train_root.resolve())
+    cls_meta = {
+        **meta,
+        "classes": classes,
+        "train_data": train_data,
+        "finetune": {"labels_per_class": lpc_name(per_class), "freeze_backbone": freeze_backbone, "seed": seed,
+                     "best_epoch": best_epoch, "encoder_run": str(run_dir.resolve())},
+    }
+    save_classifier(model, out_dir, cls_meta)
+    metrics = {
+        **classification_metrics(test_labels, pred, num_classes),
+        "per_class": {
+            c: {"precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
+                "f1": float(scores["f1"][i]), "support": int(scores["support"][i])}
+            for i, c in enumerate(classes)
+        },
+        "confusion": cm.tolist(),
+        "classes": classes,
+        "n_train": len(fit_idx),
+        "n_val": len(val_idx),
+        "n_test": len(test_idx),
+        "labels_per_class": lpc_name(per_class),
+        "short_classes": short.get(per_class, {}) if per_class is not None else {},
+        "freeze_backbone": freeze_backbone,
+        "early_stopping": bool(len(val_idx)),
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "train_data": train_data,
+        "test_data": str(test_root.resolve()) if test_root is not None else None,
+        "split": split.describe() if split is not None else None,
+        "options": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+                    "weight_decay": weight_decay, "label_smoothing": label_smoothing, "val_fraction": val_fraction,
+                    "patience": patience, "seed": seed, "split_seed": split_seed,
+                    "augment": {k: getattr(FINETUNE_AUGMENT, k) for k in FINETUNE_AUGMENT.__dataclass_fields__}},
+        "device": str(dev),
+        "seconds": round(time.time() - t_start, 2),
+        "history": history,
+    }
+    tmp = out_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, out_dir / "metrics.json")
+    plot_confusion(cm, classes, out_dir / "confusion.png",
+                   title=f"{meta['timm_name']} {tag}: test top-1 {100 * metrics['top1']:.1f}%")
+    if short.get(per_class):
+        lacking = short[per_class]
+        say(f"note: {len(lacking)} class(es) have fewer than {per_class} images and use all they have: "
+            + ", ".join(f"{n} ({k})" for n, k in lacking.items()))
+    say(f"Test top-1 {100 * metrics['top1']:.1f}%  balanced accuracy {100 * metrics['balanced_accuracy']:.1f}%  "
+        f"macro F1 {100 * metrics['macro_f1']:.1f}%  (best epoch {best_epoch}/{len(history)}). Wrote {out_dir}.")
+    return FinetuneResult(out_dir, metrics, model)

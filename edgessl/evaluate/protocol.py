@@ -1,0 +1,453 @@
+"""`edgessl eval`: frozen-feature kNN and linear-probe accuracy of a run's encoder at a few labels per class.
+
+Protocol
+- Features: the backbone's pooled features (before the projection head) in eval mode, test transform only (the
+  cached shorter-side resize + center crop, normalisation); computed once per (folder, image size, encoder) and
+  cached in <run dir>/features/<hash>.pt.
+- Few labels: for every labels-per-class value and seed, a stratified subset of the training images
+  (evaluate.subsets); a class with fewer images uses all it has (reported).
+- kNN: weighted kNN on cosine similarity, k = 20 and 200 (clipped to the subset size), temperature 0.1.
+- Linear: logistic regression on features standardised with the subset's statistics, L2 strength by
+  cross-validation on the subset (evaluate.linear).
+- Baseline: `baseline="random"` runs the same grid on a randomly initialised encoder of the same architecture
+  (seeded), so the gain from pretraining is measured, not guessed.
+Results: one row per (encoder, protocol, k, labels per class, seed) in eval.json, mean and std (sample std over
+seeds, 0 for one seed) in its "summary", a table on the terminal and eval.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from edgessl.data.folder import scan_images
+from edgessl.errors import UserError
+from edgessl.evaluate.features import extract_features
+from edgessl.evaluate.knn import knn_predict
+from edgessl.evaluate.labelled import (
+    check_labels_per_class,
+    check_split_options,
+    class_folders,
+    load_labelled_folder,
+    lpc_name,
+    map_test_labels,
+    parse_labels_per_class,
+    split_folder,
+)
+from edgessl.evaluate.linear import L2_GRID, MAX_FOLDS, linear_probe
+from edgessl.evaluate.metrics import classification_metrics
+from edgessl.evaluate.subsets import stratified_subset
+from edgessl.models.backbone import ENCODER_WEIGHTS, build_from_arch, load_encoder, read_encoder_meta
+
+KNN_K = (20, 200)
+KNN_T = 0.1
+RANDOM_INIT_SEED = 0
+CV_FOLD_SEED = 0  # the probe's CV folds depend on the labelled subset only
+CACHE_VERSION = 1
+METRICS = ("top1", "balanced_accuracy", "macro_f1")
+DEFAULT_LABELS_PER_CLASS = "1,5,10,all"  # values above the largest class are dropped (explicit ones are refused)
+
+
+# ---------------------------------------------------------------- features, cached per run
+@dataclass
+class FeatureSet:
+    """Frozen features of one labelled folder under one encoder."""
+
+    features: Tensor  # (N, D) float32
+    labels: Tensor  # (N,) long, indices into classes
+    classes: list[str]
+    paths: list[str]  # relative to the folder, row order
+    skipped: int = 0
+
+    def subset(self, idx: Tensor) -> FeatureSet:
+        return FeatureSet(self.features[idx], self.labels[idx], self.classes, [self.paths[i] for i in idx.tolist()],
+                          self.skipped)
+
+
+def folder_signature(root: Path, size: int) -> str:
+    """Hash of the folder's resolved path, the image size and every image file's (relative path, bytes, mtime)."""
+    h = hashlib.sha256(f"{root.resolve()}|{size}|v{CACHE_VERSION}".encode())
+    for p in scan_images(root):
+        st = p.stat()
+        h.update(f"\n{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def random_encoder(meta: dict[str, Any], seed: int = RANDOM_INIT_SEED) -> nn.Module:
+    """The run's architecture with a seeded random initialisation (global RNG state left untouched), eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_from_arch(meta)
+    return model.eval()
+
+
+@dataclass
+class EncoderSpec:
+    name: str  # "pretrained" | "random"
+    identity: str  # what the feature cache keys on
+    build: Any  # () -> nn.Module
+
+
+def encoder_specs(run_dir: Path, meta: dict[str, Any], baseline: str | None) -> list[EncoderSpec]:
+    specs = [EncoderSpec("pretrained", "weights:" + file_digest(run_dir / ENCODER_WEIGHTS),
+                         lambda: load_encoder(run_dir))]
+    if baseline == "random":
+        import timm
+
+        ident = (f"random:{meta['timm_name']}:{meta.get('stem')}:seed{RANDOM_INIT_SEED}"
+                 f":timm{timm.__version__}:torch{torch.__version__}")
+        specs.append(EncoderSpec("random", ident, lambda: random_encoder(meta)))
+    return specs
+
+
+def folder_features(
+    root: Path,
+    what: str,
+    specs: Sequence[EncoderSpec],
+    meta: dict[str, Any],
+    device: torch.device,
+    cache_dir: Path | None,
+    workers: int = 2,
+    cache_mb: float = 4096,
+    say=None,
+) -> dict[str, FeatureSet]:
+    """Features of a labelled folder under every encoder spec; the folder is decoded at most once, and not at all
+    when every encoder's features are cached."""
+    size = int(meta["image_size"])
+    signature = folder_signature(root, size) if cache_dir is not None else ""
+    out: dict[str, FeatureSet] = {}
+    images = None
+    for spec in specs:
+        path = None
+        if cache_dir is not None:
+            key = hashlib.sha256(f"{signature}|{spec.identity}".encode()).hexdigest()[:20]
+            path = cache_dir / f"{key}.pt"
+            cached = _read_cache(path)
+            if cached is not None:
+                out[spec.name] = cached
+                if say:
+                    say(f"{what}: {spec.name} features of {len(cached.paths)} images (cached).")
+                continue
+        if images is None:
+            images = load_labelled_folder(root, size, what, cache_mb=cache_mb, workers=workers)
+            if images.skipped and say:
+                say(f"[yellow]warning:[/yellow] {what}: skipped {len(images.skipped)} unreadable file(s), "
+                    f"first: {images.skipped[0][0]} ({images.skipped[0][1]}).")
+        t0 = time.time()
+        model = spec.build().to(device)
+        feats = extract_features(model, images, meta["mean"], meta["std"], device)
+        fs = FeatureSet(feats, images.labels.clone(), list(images.classes),
+                        [str(p.relative_to(images.root)) for p in images.paths], len(images.skipped))
+        if say:
+            say(f"{what}: {spec.name} features of {len(fs.paths)} images ({time.time() - t0:.1f} s).")
+        if path is not None:
+            _write_cache(path, fs, spec.identity, root)
+        out[spec.name] = fs
+    return out
+
+
+def _read_cache(path: Path) -> FeatureSet | None:
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return FeatureSet(d["features"], d["labels"], list(d["classes"]), list(d["paths"]), int(d["skipped"]))
+    except Exception:  # a damaged or foreign cache file is recomputed, never fatal
+        return None
+
+
+def _write_cache(path: Path, fs: FeatureSet, identity: str, root: Path) -> None:
+    from edgessl.train.checkpoint import atomic_save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"features": fs.features, "labels": fs.labels, "classes": fs.classes, "paths": fs.paths,
+                 "skipped": fs.skipped, "encoder": identity, "folder": str(root.resolve()),
+                 "version": CACHE_VERSION}, path)
+
+
+# ---------------------------------------------------------------- the grid
+def evaluate_features(
+    train: FeatureSet,
+    test_x: Tensor,
+    test_y: Tensor,
+    per_class_values: Sequence[int | None],
+    seeds: Sequence[int],
+    encoder: str,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """kNN (k in KNN_K) and linear-probe rows for every labels-per-class value and seed.
+
+    train: training features (N, D) with labels (N,); test_x: (M, D), test_y: (M,) in the training classes.
+    Every result is a function of the labelled subset alone (the probe's CV folds are keyed by the subset, not
+    the seed), so a subset drawn again (e.g. 'all' under every seed) is scored once and its rows repeated."""
+    num_classes = len(train.classes)
+    x_all = train.features.to(device)
+    y_all = train.labels.to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    rows: list[dict[str, Any]] = []
+    scored: dict[bytes, list[dict[str, Any]]] = {}
+    for per_class in per_class_values:
+        for seed in seeds:
+            idx = stratified_subset(train.labels, per_class, seed)
+            key = idx.numpy().tobytes()
+            if key in scored:
+                rows += [{**r, "labels_per_class": lpc_name(per_class), "seed": seed} for r in scored[key]]
+                continue
+            idx = idx.to(device)
+            x, y = x_all[idx], y_all[idx]
+            base = {"encoder": encoder, "labels_per_class": lpc_name(per_class), "seed": seed,
+                    "n_train": len(idx), "n_test": len(test_y)}
+            new = []
+            for k in KNN_K:
+                pred = knn_predict(test_x, x, y, num_classes, k, KNN_T).argmax(dim=1)
+                new.append({**base, "protocol": "knn", "k": k, **classification_metrics(test_y, pred, num_classes),
+                            "k_used": min(k, len(idx))})
+            probe = linear_probe(x, y, test_x, num_classes, seed=CV_FOLD_SEED)
+            pred = probe.logits.argmax(dim=1)
+            new.append({**base, "protocol": "linear", "k": None, **classification_metrics(test_y, pred, num_classes),
+                        "l2": probe.choice.l2, "l2_cross_validated": probe.choice.cross_validated,
+                        "cv_folds": probe.choice.folds})
+            scored[key] = new
+            rows += new
+    return [_ordered(r) for r in rows]
+
+
+_KEY_ORDER = ("encoder", "protocol", "k", "labels_per_class", "seed", "top1", "balanced_accuracy", "macro_f1",
+              "n_train", "n_test")
+
+
+def _ordered(row: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: row[k] for k in _KEY_ORDER}, **{k: v for k, v in row.items() if k not in _KEY_ORDER}}
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds of every metric per (encoder, protocol, k, labels_per_class)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["encoder"], r["protocol"], r["k"], r["labels_per_class"]), []).append(r)
+    out = []
+    for (enc, proto, k, lpc), rs in groups.items():
+        s: dict[str, Any] = {"encoder": enc, "protocol": proto, "k": k, "labels_per_class": lpc,
+                             "seeds": len(rs), "n_train": rs[0]["n_train"], "n_test": rs[0]["n_test"]}
+        for m in METRICS:
+            vals = [r[m] for r in rs]
+            s[f"{m}_mean"] = statistics.fmean(vals)
+            s[f"{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------- the command
+def fit_budgets(
+    values: Sequence[int | None], labels: Tensor, classes: Sequence[str], explicit: bool
+) -> tuple[list[int | None], dict[int, dict[str, int]], list[int]]:
+    """Labels-per-class values against the training labels (N,): explicit values above every class are refused
+    (UserError); default ones are dropped. Returns (values kept, classes short of each value, values dropped)."""
+    dropped: list[int] = []
+    if not explicit:
+        largest = int(torch.bincount(labels, minlength=len(classes)).max())
+        dropped = [v for v in values if v is not None and v > largest]
+        values = [v for v in values if v is None or v <= largest]
+    return list(values), check_labels_per_class(values, labels, classes), dropped
+
+
+@dataclass
+class EvalResult:
+    run_dir: Path
+    results: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    short_classes: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def json_path(self) -> Path:
+        return self.run_dir / "eval.json"
+
+    @property
+    def plot_path(self) -> Path:
+        return self.run_dir / "eval.png"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    train: str | Path,
+    test: str | Path | None = None,
+    test_fraction: float | None = None,
+    labels_per_class: str | Sequence | None = None,
+    seeds: int = 3,
+    baseline: str | None = None,
+    split_seed: int = 0,
+    device: str = "auto",
+    cache: bool = True,
+    workers: int = 2,
+    cache_mb: float = 4096,
+    console: Console | None = None,
+    quiet: bool = False,
+) -> EvalResult:
+    """Run the protocol of this module's docstring; write eval.json and eval.png into run_dir."""
+    from edgessl.report.eval_plots import plot_eval
+    from edgessl.train.loop import pick_device
+
+    console = console or Console()
+    say = None if quiet else (lambda msg: console.print(msg, highlight=False))
+    t_start = time.time()
+
+    # ---- every check that needs no decoding first, so bad input fails fast
+    run_dir = Path(run_dir)
+    meta = read_encoder_meta(run_dir)
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    explicit = labels_per_class is not None
+    per_class_values = parse_labels_per_class(labels_per_class if explicit else DEFAULT_LABELS_PER_CLASS)
+    if int(seeds) < 1:
+        raise UserError(f"--seeds must be at least 1, not {seeds}.")
+    seed_list = list(range(int(seeds)))
+    baseline = None if baseline in (None, "", "none") else baseline
+    if baseline not in (None, "random"):
+        raise UserError(f"--baseline must be 'random' or 'none', not '{baseline}'.")
+    check_split_options(test, test_fraction)
+    train_root, train_classes = class_folders(train, "--train")
+    test_root = None
+    if test is not None:
+        test_root, test_classes = class_folders(test, "--test")
+        map_test_labels(train_classes, test_classes)
+    file_counts = torch.tensor([len(scan_images(train_root / c)) for c in train_classes])
+    per_class_values, _, dropped = fit_budgets(
+        per_class_values, torch.arange(len(train_classes)).repeat_interleave(file_counts), train_classes, explicit)
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not '{device}'.")
+    dev = pick_device(device)
+
+    # ---- features (cached)
+    specs = encoder_specs(run_dir, meta, baseline)
+    cache_dir = run_dir / "features" if cache else None
+    train_feats = folder_features(train_root, "--train", specs, meta, dev, cache_dir, workers, cache_mb, say)
+    if test_root is not None:
+        test_feats = folder_features(test_root, "--test", specs, meta, dev, cache_dir, workers, cache_mb, say)
+        remap = map_test_labels(train_feats["pretrained"].classes, test_feats["pretrained"].classes)
+        split = None
+    else:
+        labels = train_feats["pretrained"].labels
+        split = split_folder(labels, float(test_fraction), split_seed)
+        test_feats = {name: fs.subset(split.test_idx) for name, fs in train_feats.items()}
+        train_feats = {name: fs.subset(split.train_idx) for name, fs in train_feats.items()}
+        remap = torch.arange(len(train_classes))
+    classes = train_feats["pretrained"].classes
+    per_class_values, short, dropped_now = fit_budgets(per_class_values, train_feats["pretrained"].labels, classes,
+                                                       explicit)
+    dropped = sorted(set(dropped) | set(dropped_now))
+    if dropped and say:
+        say(f"note: default labels per class {', '.join(map(str, dropped))} dropped: no class of --train has that "
+            "many images.")
+
+    # ---- the grid
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        t0 = time.time()
+        tr, te = train_feats[spec.name], test_feats[spec.name]
+        rows += evaluate_features(tr, te.features, remap[te.labels], per_class_values, seed_list, spec.name, dev)
+        if say:
+            say(f"{spec.name}: kNN and linear probe at {len(per_class_values)} label budget(s) x {len(seed_list)} "
+                f"seed(s) ({time.time() - t0:.1f} s).")
+    summary = summarize(rows)
+    result = EvalResult(run_dir, rows, summary, short)
+
+    report = {
+        "run_dir": str(run_dir),
+        "encoder": {k: meta.get(k) for k in ("timm_name", "stem", "image_size", "feature_dim", "epochs_trained")},
+        "train": str(train_root.resolve()),
+        "test": str(test_root.resolve()) if test_root is not None else None,
+        "split": split.describe() if split is not None else None,
+        "classes": classes,
+        "n_train": len(train_feats["pretrained"].labels),
+        "n_test": len(test_feats["pretrained"].labels),
+        "skipped_files": {"train": train_feats["pretrained"].skipped,
+                          "test": test_feats["pretrained"].skipped if split is None else 0},
+        "labels_per_class": [lpc_name(v) for v in per_class_values],
+        "labels_per_class_dropped": dropped,
+        "seeds": seed_list,
+        "baseline": baseline,
+        "random_init_seed": RANDOM_INIT_SEED if baseline == "random" else None,
+        "knn": {"k": list(KNN_K), "temperature": KNN_T, "similarity": "cosine", "k_clipped_to_subset_size": True},
+        "linear": {"l2_grid": list(L2_GRID), "max_folds": MAX_FOLDS, "standardise": "labelled subset statistics",
+                   "fallback_l2": "1/N when a class has a single labelled image (no cross-validation)"},
+        "short_classes": {str(k): v for k, v in short.items()},
+        "device": str(dev),
+        "seconds": round(time.time() - t_start, 2),
+        "results": rows,
+        "summary": summary,
+    }
+    tmp = run_dir / ".eval.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, result.json_path)
+    plot_eval(summary, result.plot_path, title=f"{meta['timm_name']} - {run_dir.name}")
+    if not quiet:
+        console.print(results_table(summary))
+        for line in short_notes(short):
+            console.print(line, highlight=False)
+        console.print(f"Wrote {result.json_path} and {result.plot_path}.", highlight=False)
+    return result
+
+
+def short_notes(short: dict[int, dict[str, int]]) -> list[str]:
+    """One line per labels-per-class value that some class could not fill."""
+    return [
+        f"note: at {v} labels per class, {len(lacking)} class(es) used all they have: "
+        + ", ".join(f"{name} ({n})" for name, n in lacking.items())
+        for v, lacking in sorted(short.items())
+    ]
+
+
+def _pct(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def results_table(summary: Sequence[dict[str, Any]]):
+    """A rich Table: one line per (protocol, labels per class) with the training images used, top-1 % (mean ± std
+    over seeds) of the pretrained encoder, of the random-init one and the gain, and the pretrained balanced accuracy."""
+    from rich import box
+    from rich.table import Table
+
+    by = {(s["encoder"], s["protocol"], s["k"], s["labels_per_class"]): s for s in summary}
+    has_random = any(s["encoder"] == "random" for s in summary)
+    seeds = max((s["seeds"] for s in summary), default=0)
+    table = Table(title=f"Test top-1 (%), mean ± std over {seeds} seed(s)", box=box.SIMPLE_HEAD)
+    columns = ["protocol", "labels", "n", "pretrained", *(["random init", "gain"] if has_random else []), "bal. acc."]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "protocol" else "right", no_wrap=True)
+    protocols = [("knn", k) for k in KNN_K] + [("linear", None)]
+    lpcs = list(dict.fromkeys(s["labels_per_class"] for s in summary))
+    for proto, k in protocols:
+        for lpc in lpcs:
+            p = by.get(("pretrained", proto, k, lpc))
+            if p is None:
+                continue
+            name = f"kNN k={k}" if proto == "knn" else "linear"
+            cells = [name, str(lpc), str(p["n_train"]), _pct(p["top1_mean"], p["top1_std"])]
+            if has_random:
+                r = by.get(("random", proto, k, lpc))
+                cells += [_pct(r["top1_mean"], r["top1_std"]), f"{100 * (p['top1_mean'] - r['top1_mean']):+.1f}"]
+            cells.append(_pct(p["balanced_accuracy_mean"], p["balanced_accuracy_std"]))
+            table.add_row(*cells)
+        if (proto, k) != protocols[-1]:
+            table.add_section()
+    table.caption = ("labels: per class; n: labelled training images; bal. acc.: pretrained balanced accuracy"
+                     + ("; gain: pretrained - random init" if has_random else ""))
+    return table

@@ -1,0 +1,40 @@
+"""Shared, generic test fixtures. Any test module may use them; keep this file to fixtures only.
+
+- labelled_demo (session): a tiny labelled split of the bundled demo emoji in the ImageFolder layout:
+  train/<class>/ with 6, 6 and 3 images of 3 classes (one class smaller on purpose) and test/<class>/ with 3 each.
+  Read-only: copy it before changing it.
+- demo_run (session): a run directory of a 1-epoch pretraining at 32 px on labelled_demo/train (encoder files,
+  config.yaml, ...). Read-only: copy it (shutil.copytree) before writing into it.
+"""
+
+import shutil
+
+import pytest
+
+from edgessl.demo import demo_images
+
+DEMO_CLASSES = ("activities", "animals_and_nature", "flags")
+DEMO_TRAIN = (6, 6, 3)
+DEMO_TEST = 3
+
+
+@pytest.fixture(scope="session")
+def labelled_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labelled_demo")
+    for name, n_train in zip(DEMO_CLASSES, DEMO_TRAIN):
+        files = sorted((demo_images() / name).glob("*.png"))
+        for split, chosen in (("train", files[:n_train]), ("test", files[n_train : n_train + DEMO_TEST])):
+            (root / split / name).mkdir(parents=True)
+            for f in chosen:
+                shutil.copy(f, root / split / name / f.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_run(labelled_demo, tmp_path_factory):
+    import edgessl
+
+    out = tmp_path_factory.mktemp("demo_run") / "run"
+    edgessl.pretrain(data=str(labelled_demo / "train"), out=str(out), epochs=1, image_size=32, batch_size=8,
+                     head_hidden=64, feature_dim=16, eval_every=0, quiet=True, workers=1)
+    return out

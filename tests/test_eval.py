@@ -1,0 +1,282 @@
+"""`edgessl eval`: kNN, metrics, linear probe and subsets against closed forms; eval.json; bad input via the CLI."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import edgessl
+from edgessl.cli import app
+from edgessl.errors import UserError
+from edgessl.evaluate.knn import knn_predict
+from edgessl.evaluate.labelled import parse_labels_per_class
+from edgessl.evaluate.linear import choose_l2, fit_logistic, linear_probe, standardize, stratified_folds
+from edgessl.evaluate.metrics import balanced_accuracy, confusion_matrix, macro_f1, per_class_scores, top1
+from edgessl.evaluate.subsets import held_out_count, short_classes, stratified_split, stratified_subset
+
+runner = CliRunner()
+RESULT_KEYS = ["encoder", "protocol", "k", "labels_per_class", "seed", "top1", "balanced_accuracy", "macro_f1",
+               "n_train", "n_test"]
+
+
+# ---------------------------------------------------------------- kNN
+def test_knn_matches_hand_computation():
+    memory = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    query = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    e = math.exp
+    # k = 2, t = 0.5: query 0 meets item 0 (cos 1, class 0) and item 2 (cos 1/sqrt 2, class 1)
+    got = knn_predict(query, memory, labels, 2, k=2, t=0.5)
+    want = torch.tensor([[e(2.0), e(math.sqrt(2))], [0.0, e(2.0) + e(math.sqrt(2))]])
+    assert torch.allclose(got, want, rtol=1e-5)
+    # k = 200 is clipped to the 4 items: every item votes
+    got = knn_predict(query, memory, labels, 2, k=200, t=0.5)
+    want = torch.tensor([[e(2.0) + e(-2.0), e(0.0) + e(math.sqrt(2))], [e(0.0) + e(0.0), e(2.0) + e(math.sqrt(2))]])
+    assert torch.allclose(got, want, rtol=1e-5)
+    # leave-one-out: item 0's nearest other item is item 2 (class 1)
+    got = knn_predict(memory, memory, labels, 2, k=1, t=0.5, exclude_self=True)
+    assert torch.allclose(got[0], torch.tensor([0.0, e(math.sqrt(2))]), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- metrics
+def test_metrics_match_hand_computation():
+    y_true = torch.tensor([0, 0, 0, 1, 1, 2])
+    y_pred = torch.tensor([0, 0, 1, 1, 2, 2])
+    cm = confusion_matrix(y_true, y_pred, 4)
+    assert cm.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    s = per_class_scores(cm)
+    assert torch.allclose(s["precision"], torch.tensor([1.0, 0.5, 0.5, 0.0], dtype=torch.float64))
+    assert torch.allclose(s["recall"], torch.tensor([2 / 3, 0.5, 1.0, 0.0], dtype=torch.float64))
+    assert top1(y_true, y_pred) == pytest.approx(4 / 6)
+    assert balanced_accuracy(y_true, y_pred, 4) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)  # class 3 absent
+    assert macro_f1(y_true, y_pred, 4) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    # a class that is only predicted counts in macro F1 (F1 0), not in balanced accuracy
+    y_true, y_pred = torch.tensor([0, 0]), torch.tensor([0, 3])
+    assert balanced_accuracy(y_true, y_pred, 4) == pytest.approx(0.5)
+    assert macro_f1(y_true, y_pred, 4) == pytest.approx((2 / 3 + 0.0) / 2)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_metrics_agree_with_scikit_learn():
+    sk = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    y_true = torch.randint(0, 6, (300,), generator=g)
+    y_pred = torch.where(torch.rand(300, generator=g) < 0.6, y_true, torch.randint(0, 7, (300,), generator=g))
+    assert balanced_accuracy(y_true, y_pred, 7) == pytest.approx(sk.balanced_accuracy_score(y_true, y_pred))
+    assert macro_f1(y_true, y_pred, 7) == pytest.approx(sk.f1_score(y_true, y_pred, average="macro"))
+
+
+# ---------------------------------------------------------------- linear probe
+def _blobs(n_per_class, seed, dim=6, classes=3, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    x = 4.0 * torch.eye(classes, dim)[y] + spread * torch.randn(len(y), dim, generator=g) + 7.0
+    return x, y
+
+
+def test_linear_probe_separates_separable_features():
+    x, y = _blobs(20, seed=0)
+    xt, yt = _blobs(100, seed=1)
+    result = linear_probe(x, y, xt, 3, seed=0)
+    assert result.logits.shape == (300, 3)
+    assert (result.logits.argmax(dim=1) == yt).float().mean() >= 0.99
+    assert result.choice.cross_validated and result.choice.folds == 5 and len(result.choice.cv_top1) == 6
+
+
+def test_fit_logistic_reaches_the_stationary_point():
+    """At the minimiser of mean CE + l2/2 ||W||^2: X^T (P - Y) / N + l2 W = 0 and mean(P - Y) = 0."""
+    x, y = _blobs(10, seed=2, spread=2.0)
+    x = standardize(x.double())[0]
+    l2 = 0.05
+    w, b = fit_logistic(x, y, 3, l2, max_iter=500)
+    residual = torch.softmax(x @ w + b, dim=1) - torch.nn.functional.one_hot(y, 3).double()
+    assert (x.t() @ residual / len(y) + l2 * w).abs().max() < 1e-4
+    assert residual.mean(dim=0).abs().max() < 1e-4
+
+
+def test_probe_standardises_with_the_labelled_features_only():
+    """Any per-feature affine change of the features (applied to train and test alike) is undone by the
+    standardisation with the labelled set's own statistics: the logits do not move."""
+    x, y = _blobs(6, seed=3, spread=2.0)
+    x, xt = x.double(), _blobs(10, seed=4, spread=2.0)[0].double()
+    scale, shift = torch.linspace(0.01, 100, 6, dtype=torch.float64), torch.linspace(-50, 50, 6, dtype=torch.float64)
+    a = linear_probe(x, y, xt, 3, seed=0)
+    b = linear_probe(x * scale + shift, y, xt * scale + shift, 3, seed=0)
+    assert a.choice.l2 == b.choice.l2
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+def test_one_label_per_class_falls_back_to_fixed_strength():
+    x, y = _blobs(1, seed=5)
+    choice = choose_l2(x, y, 3, seed=0)
+    assert not choice.cross_validated and choice.l2 == pytest.approx(1 / 3) and choice.folds == 0
+    # two labels in every class: 2-fold CV
+    x, y = _blobs(2, seed=5)
+    choice = choose_l2(x, y, 3, seed=0)
+    assert choice.cross_validated and choice.folds == 2
+
+
+def test_stratified_folds_balance_every_class():
+    y = torch.tensor([0] * 7 + [1] * 5 + [2] * 3)
+    folds = stratified_folds(y, 3, seed=1)
+    for c, n in ((0, 7), (1, 5), (2, 3)):
+        per_fold = torch.bincount(folds[y == c], minlength=3)
+        assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == n
+    sizes = torch.bincount(folds, minlength=3)
+    assert sizes.max() - sizes.min() <= 1
+    assert torch.equal(folds, stratified_folds(y, 3, seed=1))
+
+
+# ---------------------------------------------------------------- subsets
+def test_stratified_subsets_exact_counts_reproducible_nested():
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)[torch.randperm(20, generator=torch.Generator().manual_seed(0))]
+    sub = stratified_subset(labels, 5, seed=0)
+    assert torch.bincount(labels[sub], minlength=3).tolist() == [5, 3, 5]  # class 1 has only 3
+    assert len(set(sub.tolist())) == 13 and torch.equal(sub, sub.sort().values)
+    assert torch.equal(sub, stratified_subset(labels, 5, seed=0))
+    assert any(not torch.equal(sub, stratified_subset(labels, 5, seed=s)) for s in (1, 2, 3))
+    one = set(stratified_subset(labels, 1, seed=0).tolist())
+    assert torch.bincount(labels[sorted(one)], minlength=3).tolist() == [1, 1, 1]
+    assert one <= set(sub.tolist())  # nested within a seed
+    assert torch.equal(stratified_subset(labels, None, seed=7), torch.arange(20))
+    assert short_classes(labels, 5, 3) == {1: 3} and short_classes(labels, None, 3) == {}
+    with pytest.raises(ValueError):
+        stratified_subset(labels, 0, seed=0)
+
+
+def test_stratified_split_counts_and_disjointness():
+    assert [held_out_count(n, f) for n, f in ((10, 0.2), (3, 0.2), (2, 0.9), (1, 0.5), (5, 0.5), (7, 0.0))] == \
+        [2, 1, 1, 0, 3, 0]
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 1)
+    kept, held = stratified_split(labels, 0.2, seed=4)
+    assert torch.bincount(labels[held], minlength=3).tolist() == [2, 1, 0]
+    assert sorted(kept.tolist() + held.tolist()) == list(range(14))
+    k2, h2 = stratified_split(labels, 0.2, seed=4)
+    assert torch.equal(kept, k2) and torch.equal(held, h2)
+
+
+def test_parse_labels_per_class():
+    assert parse_labels_per_class("1,5,10,all") == [1, 5, 10, None]
+    assert parse_labels_per_class(" 10, 5,5 ,ALL") == [5, 10, None]
+    assert parse_labels_per_class(3) == [3]
+    for bad, msg in (("0", "must be at least 1 (or 'all'), not 0."), ("five", "not 'five'"), (",", "is empty")):
+        with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            parse_labels_per_class(bad)
+
+
+# ---------------------------------------------------------------- the command
+@pytest.fixture()
+def run_copy(demo_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(demo_run, dst)
+    return dst
+
+
+def test_eval_json_table_plot_and_feature_cache(run_copy, labelled_demo):
+    args = ["eval", str(run_copy), "--train", str(labelled_demo / "train"), "--test", str(labelled_demo / "test"),
+            "--labels-per-class", "1,5,all", "--seeds", "2", "--baseline", "random"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "random init" in out and "gain" in out and "kNN k=200" in out
+    assert "note: at 5 labels per class, 1 class(es) used all they have: flags (3)" in out
+    report = json.loads((run_copy / "eval.json").read_text())
+    rows = report["results"]
+    # 2 encoders x 3 budgets x 2 seeds x (kNN k=20, kNN k=200, linear)
+    assert len(rows) == 36
+    for r in rows:
+        assert list(r)[: len(RESULT_KEYS)] == RESULT_KEYS
+        assert all(0.0 <= r[m] <= 1.0 for m in ("top1", "balanced_accuracy", "macro_f1"))
+        assert r["n_test"] == 9 and r["k"] in (20, 200, None) and (r["k"] is None) == (r["protocol"] == "linear")
+    assert {(r["encoder"], r["labels_per_class"], r["n_train"]) for r in rows} == {
+        (e, lpc, n) for e in ("pretrained", "random") for lpc, n in ((1, 3), (5, 13), ("all", 15))}
+    assert {r["seed"] for r in rows} == {0, 1}
+    assert all(r["k_used"] == min(r["k"], r["n_train"]) for r in rows if r["protocol"] == "knn")
+    assert all(not r["l2_cross_validated"] for r in rows if r["protocol"] == "linear" and r["labels_per_class"] == 1)
+    # 'all' is one subset: the seeds agree exactly
+    alls = {(r["encoder"], r["protocol"], r["k"], r["seed"]): r["top1"] for r in rows if r["labels_per_class"] == "all"}
+    assert all(alls[(e, p, k, 0)] == alls[(e, p, k, 1)] for e, p, k, _ in alls)
+    assert report["short_classes"] == {"5": {"flags": 3}}
+    assert len(report["summary"]) == 18 and report["split"] is None and report["n_train"] == 15
+    assert (run_copy / "eval.png").stat().st_size > 0
+    assert len(list((run_copy / "features").glob("*.pt"))) == 4  # 2 folders x 2 encoders
+    # second run: every feature from the cache, the same numbers
+    res = runner.invoke(app, args[:7] + ["all", "--seeds", "1", "--baseline", "random"])
+    assert res.exit_code == 0 and res.output.count("(cached)") == 4, res.output
+    again = json.loads((run_copy / "eval.json").read_text())["results"]
+    first = [r for r in rows if r["labels_per_class"] == "all" and r["seed"] == 0]
+    assert len(again) == 6 and [r["top1"] for r in again] == [r["top1"] for r in first]
+
+
+def test_eval_test_fraction_split_is_recorded(run_copy, labelled_demo):
+    result = edgessl.evaluate_encoder(run_copy, labelled_demo / "train", test_fraction=0.34, seeds=1, split_seed=3,
+                                      quiet=True)
+    report = json.loads(result.json_path.read_text())
+    # per class round(0.34 n) held out: 6 -> 2, 6 -> 2, 3 -> 1
+    assert report["split"]["test_fraction"] == 0.34 and report["split"]["seed"] == 3
+    assert (report["n_train"], report["n_test"]) == (10, 5) and report["test"] is None
+    assert {r["n_test"] for r in report["results"]} == {5}
+    # the default budgets 1,5,10,all lose 5 and 10: no class has more than 4 training images after the split
+    assert report["labels_per_class"] == [1, "all"] and report["labels_per_class_dropped"] == [5, 10]
+    assert {(r["labels_per_class"], r["n_train"]) for r in report["results"]} == {(1, 3), ("all", 10)}
+
+
+def _one_line_error(res, message):
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert lines == [f"error: {message}"], res.output
+    assert "Traceback" not in res.output
+
+
+def test_eval_bad_input_is_one_line_exit_2(run_copy, labelled_demo, tmp_path):
+    train, test = labelled_demo / "train", labelled_demo / "test"
+    extra_test = tmp_path / "extra_test"
+    shutil.copytree(test, extra_test)
+    (extra_test / "zebras").mkdir()
+    shutil.copy(next((test / "flags").glob("*.png")), extra_test / "zebras" / "z.png")
+    broken = tmp_path / "broken_train"
+    shutil.copytree(train, broken)
+    (broken / "broken").mkdir()
+    (broken / "broken" / "a.png").write_bytes(b"not a png")
+    empty = tmp_path / "empty_train"
+    shutil.copytree(train, empty)
+    (empty / "nothing").mkdir()
+    no_encoder = tmp_path / "not_a_run"
+    no_encoder.mkdir()
+    cases = [
+        ([str(run_copy), "--train", str(train), "--test", str(extra_test)],
+         "--test has class folder(s) that --train lacks: 'zebras'. Both need the same class names."),
+        ([str(run_copy), "--train", str(broken), "--test", str(test)],
+         "--train class folder 'broken' has no readable image; 1 unreadable file(s), e.g. a.png: "
+         "unreadable: cannot identify image file"),
+        ([str(run_copy), "--train", str(empty), "--test", str(test)],
+         "--train class folder 'nothing' has no readable image (it holds no image files)."),
+        ([str(run_copy), "--train", str(train), "--test", str(test), "--labels-per-class", "0"],
+         "--labels-per-class must be at least 1 (or 'all'), not 0."),
+        ([str(run_copy), "--train", str(train), "--test", str(test), "--labels-per-class", "1,7"],
+         "--labels-per-class 7: no class of --train has that many images (the largest has 6). "
+         "Use a smaller value or 'all'."),
+        ([str(no_encoder), "--train", str(train), "--test", str(test)],
+         f"No encoder in '{no_encoder}': expected encoder.safetensors and encoder.json "
+         "(a run directory of `edgessl pretrain`)."),
+        ([str(run_copy), "--train", str(train)],
+         "No test data: give --test <folder> (one subfolder per class) or --test-fraction 0.2."),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, ["eval", *args, "--quiet"])
+        if "unreadable" in message:  # Pillow's own wording follows: compare the start
+            assert res.exit_code == 2 and res.output.startswith(f"error: {message}"), res.output
+            assert len(res.output.strip().splitlines()) == 1
+        else:
+            _one_line_error(res, message)
+    assert not (run_copy / "eval.json").exists()
+
+
+def test_eval_help_has_examples():
+    res = runner.invoke(app, ["eval", "--help"])
+    assert res.exit_code == 0 and "Examples" in res.output
+    for flag in ("--train", "--test", "--test-fraction", "--labels-per-class", "--seeds", "--baseline"):
+        assert flag in res.output, flag

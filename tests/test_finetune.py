@@ -1,0 +1,132 @@
+"""`edgessl finetune`: outputs, reloadable classifier with the same logits, frozen backbone, early stopping, errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import edgessl
+from edgessl.cli import app
+from edgessl.data import augment
+from edgessl.data.folder import load_image_folder
+from edgessl.evaluate.finetune import EarlyStopping, finetune_tag, param_groups
+from edgessl.models.classifier import Classifier
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def run_copy(demo_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(demo_run, dst)
+    return dst
+
+
+def _test_batch(folder, meta):
+    images = load_image_folder(folder, meta["image_size"], labels=True)
+    return augment.test_transform(images.images, meta["mean"], meta["std"]), images
+
+
+def test_finetune_outputs_and_classifier_reproduces_logits(run_copy, labelled_demo):
+    train, test = labelled_demo / "train", labelled_demo / "test"
+    result = edgessl.finetune(run_copy, train, test, labels_per_class=3, epochs=3, batch_size=4, patience=5,
+                              quiet=True)
+    out = run_copy / "finetune-lpc3"
+    assert result.out_dir == out
+    for name in ("classifier.safetensors", "classifier.json", "metrics.json", "confusion.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    meta = json.loads((out / "classifier.json").read_text())
+    assert meta["classes"] == ["activities", "animals_and_nature", "flags"] and meta["num_classes"] == 3
+    assert meta["train_data"] == str(train.resolve())
+    assert meta["input_size"] == [3, 32, 32] and len(meta["mean"]) == 3 and len(meta["std"]) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("top1", "balanced_accuracy", "macro_f1"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert set(metrics["per_class"]) == set(meta["classes"])
+    assert all({"precision", "recall", "f1", "support"} <= set(v) for v in metrics["per_class"].values())
+    # 3 labels of each class, round(0.2 * 3) = 1 of each held out for early stopping
+    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (6, 3, 9)
+    assert sum(map(sum, metrics["confusion"])) == 9 and metrics["early_stopping"] is True
+    # the kept epoch is the best held-out (lowest loss, then higher top-1, then earliest) of the history
+    hist = metrics["history"]
+    best = max(range(len(hist)), key=lambda i: (-hist[i]["val_loss"], hist[i]["val_top1"], -i))
+    assert metrics["best_epoch"] == best + 1 and metrics["epochs_run"] == len(hist) == 3
+
+    loaded = edgessl.load_classifier(out)
+    assert loaded.edgessl_meta["classes"] == meta["classes"] and not loaded.training
+    x, images = _test_batch(test, meta)
+    with torch.no_grad():
+        logits = loaded(x)
+        assert torch.allclose(logits, result.model(x), atol=1e-5)
+    top1 = float((logits.argmax(dim=1) == images.labels).float().mean())
+    assert top1 == pytest.approx(metrics["top1"])
+
+
+def test_frozen_finetune_via_cli_leaves_the_encoder_untouched(run_copy, labelled_demo):
+    res = runner.invoke(app, ["finetune", str(run_copy), "--train", str(labelled_demo / "train"),
+                              "--test-fraction", "0.34", "--labels-per-class", "all", "--epochs", "2",
+                              "--freeze-backbone", "--quiet"])
+    assert res.exit_code == 0, res.output
+    out = run_copy / "finetune-all-frozen"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["freeze_backbone"] is True and metrics["split"]["test_fraction"] == 0.34
+    assert metrics["n_test"] == 5 and metrics["n_train"] + metrics["n_val"] == 10
+    encoder = load_file(str(run_copy / "encoder.safetensors"))
+    classifier = load_file(str(out / "classifier.safetensors"))
+    for k, v in encoder.items():  # weights and BatchNorm running statistics alike
+        assert torch.equal(classifier[f"backbone.{k}"], v), k
+    assert set(classifier) == {f"backbone.{k}" for k in encoder} | {"fc.weight", "fc.bias"}
+
+
+def test_early_stopping_keeps_best_and_waits_patience():
+    stop = EarlyStopping(patience=2)
+    seen = []
+    for epoch, score in enumerate([(0.5, -1.0), (0.6, -1.0), (0.6, -0.9), (0.6, -0.95), (0.55, 0.0)], start=1):
+        seen.append((stop.update(epoch, score), stop.stop))
+    assert seen == [(True, False), (True, False), (True, False), (False, False), (False, True)]
+    assert stop.best_epoch == 3 and stop.best == (0.6, -0.9)
+
+
+def test_param_groups_scale_the_backbone_lr():
+    model = Classifier(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5)), 5, 3)
+    groups = param_groups(model, 1e-3, 0.1, freeze_backbone=False)
+    assert [(g["name"], g["lr"]) for g in groups] == [("head", 1e-3), ("backbone", pytest.approx(1e-4))]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert [g["name"] for g in param_groups(model, 1e-3, 0.1, freeze_backbone=True)] == ["head"]
+    tags = [finetune_tag(10, False), finetune_tag(None, False), finetune_tag(1, True)]
+    assert tags == ["lpc10", "all", "lpc1-frozen"]
+
+
+def test_finetune_bad_input_is_one_line_exit_2(run_copy, labelled_demo, tmp_path):
+    train, test = str(labelled_demo / "train"), str(labelled_demo / "test")
+    no_encoder = tmp_path / "not_a_run"
+    no_encoder.mkdir()
+    cases = [
+        ([str(run_copy), "--train", train, "--test", test, "--labels-per-class", "0"],
+         "--labels-per-class must be at least 1 (or 'all'), not 0."),
+        ([str(run_copy), "--train", train, "--test", test, "--labels-per-class", "5,10"],
+         "finetune takes one --labels-per-class value (a number or 'all'), not '5,10'."),
+        ([str(run_copy), "--train", train, "--test", test, "--labels-per-class", "40"],
+         "--labels-per-class 40: no class of --train has that many images (the largest has 6). "
+         "Use a smaller value or 'all'."),
+        ([str(no_encoder), "--train", train, "--test", test],
+         f"No encoder in '{no_encoder}': expected encoder.safetensors and encoder.json "
+         "(a run directory of `edgessl pretrain`)."),
+        ([str(run_copy), "--train", train, "--test", test, "--test-fraction", "0.2"],
+         "Give either --test (a folder) or --test-fraction (split --train), not both."),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, ["finetune", *args, "--quiet"])
+        assert res.exit_code == 2, res.output
+        assert [line for line in res.output.splitlines() if line.strip()] == [f"error: {message}"], res.output
+    assert not list(run_copy.glob("finetune-*"))
+
+
+def test_finetune_help_has_examples():
+    res = runner.invoke(app, ["finetune", "--help"])
+    assert res.exit_code == 0 and "Examples" in res.output
+    for flag in ("--train", "--test", "--labels-per-class", "--epochs", "--freeze-backbone"):
+        assert flag in res.output, flag
