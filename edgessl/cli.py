@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -32,16 +34,27 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            _error(f"[red]error:[/red] {e}")
             raise typer.Exit(e.exit_code) from None
         except TrainingDiverged as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            _error(f"[red]error:[/red] {e}")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print("Interrupted. Completed epochs are checkpointed: continue with --resume <run dir>.")
+            _error("Interrupted. Completed epochs are checkpointed: continue with --resume <run dir>.")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _error(message: str) -> None:
+    """One line on stderr. Under torchrun every process usually fails alike: the first process of each node prints at
+    once; the others wait 3 s (torchrun normally stops them in between, so the line shows once per node) and
+    then print theirs too, tagged with the rank, so an error of one process alone is never lost."""
+    rank, local_rank = os.environ.get("RANK", "0") or "0", os.environ.get("LOCAL_RANK", "0") or "0"
+    if local_rank != "0":
+        time.sleep(3.0)
+    tag = "" if rank == "0" else rf"\[rank {rank}] "
+    err_console.print(f"{tag}{message}", highlight=False, soft_wrap=True)
 
 
 PRETRAIN_HELP = """Pretrain an encoder on a folder of unlabeled images (single crop, one network branch).
@@ -52,6 +65,7 @@ PRETRAIN_HELP = """Pretrain an encoder on a folder of unlabeled images (single c
     edgessl pretrain --backbone mobilenetv3_small --data ./my_images --epochs 50
     edgessl pretrain --recipe resnet18_cifar --data ./cifar_train --val ./cifar_test
     edgessl pretrain --resume runs/mobilenetv3_small-20261123-120000
+    torchrun --nproc-per-node 4 -m edgessl pretrain --data ./my_images --batch-size 512 --sync-bn   # 4 GPUs, DDP
 
 Writes config.yaml, metrics.jsonl, checkpoint.pt, encoder.safetensors + encoder.json and curves.png to the run
 directory (--out, default runs/<backbone>-<time>).
@@ -67,7 +81,7 @@ def pretrain(
     recipe: Optional[str] = typer.Option(None, help="Recipe name (recipes/*.yaml) or YAML path; flags override it."),
     config: Optional[Path] = typer.Option(None, help="A resolved config.yaml to reload; flags override it."),
     epochs: Optional[int] = typer.Option(None, help="Epochs. [default: 20]"),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step. [default: 128]"),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step; under torchrun the global batch over all processes. [default: 128]"),
     image_size: Optional[int] = typer.Option(None, help="Training resolution in pixels. [default: 64]"),
     lr: Optional[float] = typer.Option(None, help="Learning rate per 256 images (scaled by batch-size/256). [default: 0.2]"),
     optimizer: Optional[str] = typer.Option(None, help="sgd | adamw | lars. [default: sgd]"),
@@ -98,6 +112,7 @@ def pretrain(
     workers: Optional[int] = typer.Option(None, help="Decoding threads. [default: 2]"),
     resume: Optional[Path] = typer.Option(None, help="Continue a run directory after its last completed epoch."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms (bit-exact resume on CPU)."),
+    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn", help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm). No effect on one process."),
     quiet: Optional[bool] = typer.Option(None, "--quiet", help="No progress bar; log lines only."),
 ):
     from edgessl import api
@@ -107,7 +122,7 @@ def pretrain(
         if options[key] is not None:
             options[key] = str(options[key])
     result = api.pretrain(recipe=recipe, config=config, resume=resume, console=console, **options)
-    if not quiet:
+    if not quiet and os.environ.get("RANK", "0") in ("", "0"):
         console.print(f"Run directory: {result.run_dir}", highlight=False)
 
 

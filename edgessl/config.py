@@ -57,6 +57,7 @@ class PretrainConfig:
     device: str = "auto"
     precision: str = "auto"
     deterministic: bool = False
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (no effect on one process)
     eval_every: int = 1
     quiet: bool = False
 

@@ -20,11 +20,11 @@ class StepOutput:
     loss: Tensor  # scalar, L_ce + lambda L_sd
     ce: Tensor  # scalar, detached
     sd: Tensor  # scalar, detached
-    index: Tensor  # (B,) rows of the batch
+    index: Tensor  # (B,) rows of the batch (the global batch in data-parallel training)
     cols: Tensor | None  # (K,) rows in use, None = whole bank
-    targets: Tensor  # (B,) long or (B, K) soft
-    p: Tensor  # (B, K) softmax(s / tau), detached
-    z: Tensor  # (B, d) detached unit features
+    targets: Tensor  # (B,) long or (B, K) soft, for the whole (global) batch
+    p: Tensor  # (B_r, K) softmax(s / tau) of this process's rows (B_r = B with one process), detached
+    z: Tensor  # (B_r, d) detached unit features of this process's rows
 
 
 class InstanceDiscrimination(nn.Module):
@@ -63,18 +63,24 @@ class InstanceDiscrimination(nn.Module):
         index: Tensor,
         generator: torch.Generator | None = None,
         mix: tuple[Tensor, float] | None = None,
+        local: slice | None = None,
     ) -> StepOutput:
         """z: (B, d) unit features of the batch's crops; index: (B,) their bank rows;
-        mix: (perm (B,), lam) when the crops were CutMixed with partners perm."""
+        mix: (perm (B,), lam) when the crops were CutMixed with partners perm.
+
+        local: data-parallel training. z is then (B_r, d), the rows `local` of the global batch whose bank rows
+        are `index` (B,). Columns and (CutMix) targets are those of the global batch, so they match one process;
+        the loss is the mean over the local rows (DDP's gradient average over equal slices makes it the global
+        mean); out.z and out.p cover the local rows, and `update_bank` takes the gathered global z."""
         z = z.float()
         cols, targets = select_columns(index, self.bank.num_rows, self.negatives, generator)
         bank_cols = self.bank.columns(cols)
         sim = similarities(z, bank_cols)
         if mix is not None:
             perm, lam = mix
-            lam_t = torch.full((z.shape[0],), float(lam), device=z.device)
+            lam_t = torch.full((index.shape[0],), float(lam), device=z.device)
             targets = cutmix_targets(targets, perm, lam_t, bank_cols.shape[0])
-        ce = instance_ce(sim, targets, self.temperature)
+        ce = instance_ce(sim, targets if local is None else targets[local], self.temperature)
         loss = ce
         sd = torch.zeros((), device=z.device)
         if self.sd_weight > 0:
@@ -85,9 +91,18 @@ class InstanceDiscrimination(nn.Module):
         return StepOutput(loss, ce.detach(), sd.detach(), index, cols, targets, p, z.detach())
 
     @torch.no_grad()
-    def update_bank(self, out: StepOutput) -> None:
-        """Apply this step's bank update (gradient rule over all columns in use, or NPID's momentum rule)."""
+    def update_bank(self, out: StepOutput, z: Tensor | None = None) -> None:
+        """Apply this step's bank update (gradient rule over all columns in use, or NPID's momentum rule).
+
+        z: (B, d) features of the whole global batch (every process's out.z gathered in rank order) when `out`
+        covers one process's rows; p is then recomputed against the same columns of the not-yet-updated bank, so
+        every process applies the update of one process with the global batch. None: out.z, out.p (one process)."""
+        p = out.p
+        if z is None:
+            z = out.z
+        elif self.bank_update == "grad":
+            p = torch.softmax(similarities(z.float(), self.bank.columns(out.cols)) / self.temperature, dim=1)
         if self.bank_update == "grad":
-            self.bank.update_grad(out.cols, out.z, out.p, out.targets, self.bank_lr)
+            self.bank.update_grad(out.cols, z, p, out.targets, self.bank_lr)
         else:
-            self.bank.update_momentum(out.index, out.z, self.bank_momentum)
+            self.bank.update_momentum(out.index, z, self.bank_momentum)

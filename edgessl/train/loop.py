@@ -26,6 +26,7 @@ from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.backbone import create_backbone, output_dim, save_encoder, want_small_input
 from edgessl.models.head import Encoder, ProjectionHead
 from edgessl.report.plots import plot_curves
+from edgessl.train import distributed
 from edgessl.train.checkpoint import CHECKPOINT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from edgessl.train.optim import build_optimizer, warmup_cosine
 
@@ -42,8 +43,9 @@ class StepInfo:
     epoch: int
     step: int
     loss: float
-    model: torch.nn.Module
+    model: torch.nn.Module  # the unwrapped model (never the DDP wrapper)
     method: InstanceDiscrimination
+    rank: int = 0  # this process's rank under torchrun, 0 otherwise
 
 
 @dataclass
@@ -109,20 +111,27 @@ def default_run_dir(cfg: PretrainConfig) -> Path:
 
 
 @torch.no_grad()
-def forward_init_bank(model, method, images: ImageSet, device, precision, mean, std, batch_size: int) -> None:
+def forward_init_bank(
+    model, method, images: ImageSet, device, precision, mean, std, batch_size: int, d: distributed.Dist | None = None
+) -> None:
     """Fill every bank row with the untrained network's feature of its image.
 
     Transform: the test transform (the cached resize, no augmentation). BatchNorm: train mode, i.e. batch
     statistics as in the training forward pass, with the running statistics restored afterwards, so the
-    initialisation leaves the network exactly as it was."""
+    initialisation leaves the network exactly as it was.
+    d: under torchrun, each chunk of `batch_size` rows is split over the processes and the features are gathered,
+    so every process fills the same bank (with SyncBatchNorm the rows equal one process's)."""
+    d = d or distributed.Dist()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     n = len(images)
     for idx in torch.arange(n).tensor_split(max(1, math.ceil(n / batch_size))):
-        x = test_transform(images.get(idx).to(device), mean, std)
+        mine = idx.tensor_split(d.world)[d.rank]
+        x = test_transform(images.get(mine).to(device), mean, std)
         with autocast(device, precision):
             z = model(x)
-        method.bank.fill(idx.to(device), F.normalize(z.float(), dim=1))
+        z = distributed.all_gather_cat(F.normalize(z.float(), dim=1), d, distributed.split_sizes(len(idx), d.world))
+        method.bank.fill(idx.to(device), z)
     model.load_state_dict(saved)
 
 
@@ -179,17 +188,41 @@ def pretrain(
     """Pretrain an encoder with the single-branch method. See README for every option.
 
     resume: a run directory to continue after its last completed epoch (cfg should be its config.yaml).
-    on_step(StepInfo): called after every optimiser step (custom logging, tests).
+    on_step(StepInfo): called after every optimiser step (custom logging, tests), on every process.
+
+    Under torchrun (WORLD_SIZE > 1) each process trains on its slice of every global batch with DDP and the same
+    memory bank; only rank 0 prints and writes files (see docs/README_distributed.md). Without torchrun no
+    process group is created.
     """
-    console = console or Console()
-    quiet = cfg.quiet
+    distributed.check_global_batch(cfg.batch_size, distributed.env_world())
+    d, device = distributed.setup(pick_device(cfg.device))
+    finished = False
+    try:
+        result = _pretrain(cfg, resume, console or Console(), on_step, d, device)
+        finished = True
+        return result
+    finally:
+        distributed.teardown(d, clean=finished)
+
+
+def _pretrain(
+    cfg: PretrainConfig,
+    resume: str | Path | None,
+    console: Console,
+    on_step: Callable[[StepInfo], None] | None,
+    d: distributed.Dist,
+    device: torch.device,
+) -> PretrainResult:
+    quiet = cfg.quiet or not d.main
     say = console.print
-    warn = lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)  # noqa: E731
+
+    def warn(msg: str) -> None:
+        if d.main:
+            console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
 
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
 
     # ---- model (first: a wrong backbone name fails before any data is read)
@@ -198,11 +231,14 @@ def pretrain(
     backbone, arch = create_backbone(cfg.backbone, small_input=small)
     feat_dim = output_dim(backbone, cfg.image_size)
     head = ProjectionHead(feat_dim, cfg.feature_dim, cfg.head_hidden, cfg.head)
-    model = Encoder(backbone, head).to(device)
+    model = Encoder(backbone, head)
+    if cfg.sync_bn and d.active:
+        model = distributed.convert_sync_batchnorm(model, device)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
-    # ---- data
+    # ---- data (every process caches every image: the global batch's rows change owner every epoch)
     data_root = cfg.data
     labels = cfg.labels_from_folders
     if data_root is None:
@@ -211,24 +247,30 @@ def pretrain(
             say(f"No --data given: training on the bundled demo images ({data_root}).")
     images = load_image_folder(data_root, cfg.image_size, labels=labels, cache_mb=cfg.cache_mb, workers=cfg.workers)
     val = None
-    if cfg.val:
+    if cfg.val and d.main:  # the kNN monitor runs on rank 0 only
         val = load_image_folder(cfg.val, cfg.image_size, labels=True, cache_mb=cfg.cache_mb, workers=cfg.workers,
                                 what="--val")
     n = len(images)
     batch = cfg.batch_size
     if n < batch:
-        warn(f"only {n} images, fewer than --batch-size {batch}: the batch shrinks to {n}.")
-        batch = n
+        batch = n - n % d.world
+        if batch == 0:
+            raise UserError(f"only {n} images for {d.world} processes: every process needs at least one per step.")
+        warn(f"only {n} images, fewer than --batch-size {cfg.batch_size}: the batch shrinks to {batch}.")
     steps_per_epoch = n // batch
+    rows = distributed.local_rows(batch, d.rank, d.world)  # this process's rows of every global batch
+    local = rows if d.active else None
 
     run_dir = Path(resume) if resume else Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if images.skipped:
-        first = ", ".join(str(p) for p, _ in images.skipped[:3])
-        warn(f"skipped {len(images.skipped)} unreadable file(s) (first: {first}); "
-             f"all are listed in {run_dir / 'skipped_files.txt'}.")
-        write_skipped(images.skipped, run_dir / "skipped_files.txt")
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = Path(distributed.broadcast_object(str(run_dir), d))  # rank 0's time stamp
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if images.skipped:
+            first = ", ".join(str(p) for p, _ in images.skipped[:3])
+            warn(f"skipped {len(images.skipped)} unreadable file(s) (first: {first}); "
+                 f"all are listed in {run_dir / 'skipped_files.txt'}.")
+            write_skipped(images.skipped, run_dir / "skipped_files.txt")
+        save_config(cfg, run_dir / "config.yaml")
 
     # ---- method
     method = InstanceDiscrimination(
@@ -242,7 +284,7 @@ def pretrain(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     aug = AugmentConfig(blur_p=cfg.blur)
-    monitor = Monitor(images if cfg.eval_every > 0 else None, val if cfg.eval_every > 0 else None)
+    monitor = Monitor(images if cfg.eval_every > 0 and d.main else None, val)
     meta = {
         **arch,
         "input_size": [3, cfg.image_size, cfg.image_size],
@@ -257,6 +299,8 @@ def pretrain(
     history: list[dict[str, Any]] = []
     start_epoch, nonfinite = 0, 0
     if resume:
+        # Every process reads the checkpoint (the run directory must be reachable on every node). It holds the
+        # unwrapped model's state, so any number of processes continues any run.
         ckpt = load_checkpoint(run_dir, map_location=device)
         if ckpt["num_images"] != n:
             raise UserError(
@@ -273,16 +317,19 @@ def pretrain(
             say(f"Resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}.")
     elif cfg.bank_init == "forward":
         t0 = time.time()
-        forward_init_bank(model, method, images, device, precision, mean, std, 256)
+        forward_init_bank(model, method, images, device, precision, mean, std, 256, d)
         if not quiet:
             say(f"Memory bank: {n} rows filled by a forward pass of the untrained network ({time.time() - t0:.1f} s).")
-    _write_history(run_dir, history)
+    if d.main:
+        _write_history(run_dir, history)
+    net = distributed.wrap_model(model, d, device)  # DDP; `model` stays the unwrapped module everything else uses
 
     if not quiet:
+        procs = f" | {d.world} processes x {batch // d.world} images{' (SyncBatchNorm)' if cfg.sync_bn else ''}"
         say(
             f"[bold]edgessl pretrain[/bold] {arch['timm_name']}{' (small-input stem)' if arch['stem'] else ''} | "
-            f"{n} images at {cfg.image_size}px | batch {batch} | {cfg.epochs} epochs | {device.type} {precision} | "
-            f"kNN monitor: {monitor.describe()} | run dir {run_dir}",
+            f"{n} images at {cfg.image_size}px | batch {batch}{procs if d.active else ''} | {cfg.epochs} epochs | "
+            f"{device.type} {precision} | kNN monitor: {monitor.describe()} | run dir {run_dir}",
             highlight=False,
         )
 
@@ -299,24 +346,34 @@ def pretrain(
             done = 0
             t0 = time.time()
             for step in range(steps_per_epoch):
-                idx = order[step * batch : (step + 1) * batch]
-                x = augment_batch(images.get(idx).to(device, non_blocking=True), idx, epoch, cfg.seed, aug, mean, std)
+                idx = order[step * batch : (step + 1) * batch]  # (B,) the global batch, the same on every process
+                mine = idx[rows]  # (B_r,) this process's rows of it (all of it with one process)
+
+                def crops(index: torch.Tensor) -> torch.Tensor:
+                    return augment_batch(images.get(index).to(device, non_blocking=True), index, epoch, cfg.seed,
+                                         aug, mean, std)
+
+                x = crops(mine)
                 mix = None
                 if cfg.cutmix > 0:
                     u = keyed_uniform(cfg.seed, epoch, [n + step], 3)[0]
                     g = keyed_generator(cfg.seed, epoch, step, 0xC07)
                     lam = _beta(g, cfg.cutmix)
-                    perm = torch.randperm(len(idx), generator=g).to(device)
-                    x, lam = cutmix(x, lam, (float(u[0]), float(u[1])), perm)
-                    mix = (perm, lam)
+                    perm = torch.randperm(len(idx), generator=g)
+                    x, lam = _cutmix_rows(x, idx, rows, perm, lam, (float(u[0]), float(u[1])), crops)
+                    mix = (perm.to(device), lam)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 idx_dev = idx.to(device)
                 with autocast(device, precision):
-                    z = model(x)
-                out = method(F.normalize(z.float(), dim=1), idx_dev, keyed_generator(cfg.seed, epoch, step), mix)
+                    z = net(x)
+                out = method(F.normalize(z.float(), dim=1), idx_dev, keyed_generator(cfg.seed, epoch, step), mix, local)
+                # the global batch's mean loss (mean of equal-sized slices' means), identical on every process
+                step_loss, step_ce, step_sd = distributed.mean_over_ranks(
+                    torch.stack([out.loss.detach().float(), out.ce.float(), out.sd.float()]), d
+                ).tolist()
                 optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(out.loss):
+                if not math.isfinite(step_loss):
                     nonfinite += 1
                     scheduler.step()
                     if nonfinite >= MAX_NONFINITE:
@@ -327,26 +384,29 @@ def pretrain(
                         )
                     continue
                 nonfinite = 0
-                scaler.scale(out.loss).backward()
+                scaler.scale(out.loss).backward()  # DDP averages the gradients over processes
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                method.update_bank(out)
+                method.update_bank(out, distributed.all_gather_cat(out.z, d) if d.active else None)
                 done += len(idx)
-                sums["loss"] += float(out.loss.detach()) * len(idx)
-                sums["ce"] += float(out.ce) * len(idx)
-                sums["sd"] += float(out.sd) * len(idx)
+                sums["loss"] += step_loss * len(idx)
+                sums["ce"] += step_ce * len(idx)
+                sums["sd"] += step_sd * len(idx)
                 if progress is not None:
                     rate = done / max(time.time() - t0, 1e-9)
-                    progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {float(out.loss.detach()):.3f} {rate:.0f} img/s")
+                    progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {step_loss:.3f} {rate:.0f} img/s")
                 if on_step is not None:
-                    on_step(StepInfo(epoch, step, float(out.loss.detach()), model, method))
+                    on_step(StepInfo(epoch, step, step_loss, model, method, d.rank))
             seconds = time.time() - t0
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise TrainingDiverged(
                     f"Training diverged: non-finite weights after epoch {epoch + 1}. The last good checkpoint is "
                     f"kept in {run_dir}. Lower --lr or --bank-lr."
                 )
+            # Every process computed the same bank; rank 0's copy (the one checkpointed) is made exact everywhere so
+            # no rounding difference between machines can accumulate.
+            distributed.broadcast_(method.bank.weight, d)
             row: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "loss": sums["loss"] / max(done, 1),
@@ -366,32 +426,59 @@ def pretrain(
                     f"{healthy:.4f} (1/sqrt(d)) for well-spread features. Lower --bank-lr or --lr."
                 )
             history.append(row)
-            atomic_save(
-                {
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng_state(),
-                    "nonfinite": nonfinite,
-                    "history": history,
-                    "num_images": n,
-                    "config": cfg.to_dict(),
-                },
-                run_dir / CHECKPOINT,
-            )
-            save_encoder(model.backbone, run_dir, {**meta, "epochs_trained": epoch + 1})
-            _write_history(run_dir, history)
-            plot_curves(history, run_dir / "curves.png", title=f"{arch['timm_name']} - {run_dir.name}")
-            _log_epoch(console, row, cfg.epochs, progress)
+            if d.main:
+                atomic_save(
+                    {
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "method": method.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": rng_state(),
+                        "nonfinite": nonfinite,
+                        "history": history,
+                        "num_images": n,
+                        "config": cfg.to_dict(),
+                        "world_size": d.world,
+                    },
+                    run_dir / CHECKPOINT,
+                )
+                save_encoder(model.backbone, run_dir, {**meta, "epochs_trained": epoch + 1})
+                _write_history(run_dir, history)
+                plot_curves(history, run_dir / "curves.png", title=f"{arch['timm_name']} - {run_dir.name}")
+                _log_epoch(console, row, cfg.epochs, progress)
+            distributed.barrier(d)  # the others wait for rank 0's checkpoint and monitor
     finally:
         if progress is not None:
             progress.stop()
     if not quiet:
         say(f"Done. Encoder: {run_dir / 'encoder.safetensors'} (+ encoder.json). Curves: {run_dir / 'curves.png'}")
     return PretrainResult(run_dir, history)
+
+
+def _cutmix_rows(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    rows: slice,
+    perm: torch.Tensor,
+    lam: float,
+    box_u: tuple[float, float],
+    crops: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, float]:
+    """CutMix within the global batch, computed for this process's rows only.
+
+    x: (B_r, 3, S, S) crops of the global batch's rows `rows`; idx: (B,) the global batch; perm: (B,) CPU partner
+    of each global row; crops(index (k,)) -> (k, 3, S, S) the crops of those images (keyed by image index, so a
+    partner's crop equals the one its own process makes). Returns (mixed (B_r, 3, S, S), corrected lam), the
+    rows `rows` of what one process CutMixing the whole batch gets."""
+    b = x.shape[0]
+    if b == idx.shape[0]:
+        return cutmix(x, lam, box_u, perm.to(x.device))
+    partners = crops(idx[perm[rows]])
+    swap = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(x.device)
+    mixed, lam = cutmix(torch.cat([x, partners]), lam, box_u, swap)
+    return mixed[:b], lam
 
 
 def _beta(g: torch.Generator, alpha: float) -> float:
