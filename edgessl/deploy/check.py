@@ -1,0 +1,57 @@
+"""`edgessl check`: run the on-device check script (the repository's export/device_check.py).
+
+There is one source of truth, export/device_check.py. An installed wheel ships it as the package data module
+`edgessl.devicecheck.device_check` (pyproject maps that package to the export/ folder); an editable or source
+checkout finds it beside the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+from edgessl.errors import UserError
+
+SCRIPT = "device_check.py"
+
+
+def script_path() -> Path:
+    """Where device_check.py is: the installed `edgessl.devicecheck` package, else the repository's export/."""
+    try:
+        spec = importlib.util.find_spec("edgessl.devicecheck")
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / SCRIPT).is_file():
+            return Path(folder) / SCRIPT
+    repo = Path(__file__).resolve().parents[2] / "export" / SCRIPT
+    if repo.is_file():
+        return repo
+    raise UserError(
+        f"{SCRIPT} is missing from this installation; reinstall edgessl or copy export/{SCRIPT} from its repository."
+    )
+
+
+def load_script() -> ModuleType:
+    """The device-check script as a module (its functions: decode, normalize, preprocess, main, ...)."""
+    path = script_path()
+    spec = importlib.util.spec_from_file_location("edgessl_device_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_device_check(argv: list[str]) -> int:
+    """Run the script with these arguments in a fresh interpreter (so that its peak-memory figure is the script's,
+    not this process's with torch loaded); its output goes to this terminal. Returns its exit code."""
+    import subprocess
+    import sys
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "`edgessl check` needs onnxruntime: pip install onnxruntime (part of the `export` extra)."
+        ) from None
+    return subprocess.run([sys.executable, str(script_path()), *argv], check=False).returncode

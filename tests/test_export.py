@@ -1,0 +1,370 @@
+"""`edgessl export`: parity of the exported encoder and classifier, int8/fp16 bounds, the manifest, the exporter
+fallback and the bad-input errors. One short pretraining run and one export of each model serve every test here
+and in test_device_check.py (see `exports`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from edgessl.deploy import manifest as mf  # noqa: E402
+from edgessl.deploy import onnx as ox  # noqa: E402
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # what pretraining writes into encoder.json
+PER_CLASS = 8  # 9 demo classes x 8 = 72 images: >= 64 for the parity check, 1 epoch in a few seconds
+_CACHE: dict[str, dict] = {}
+
+
+def _subset(dst: Path) -> Path:
+    from edgessl.demo import demo_images
+
+    for folder in sorted(p for p in demo_images().iterdir() if p.is_dir()):
+        (dst / folder.name).mkdir(parents=True)
+        for png in sorted(folder.glob("*.png"))[:PER_CLASS]:
+            shutil.copy(png, dst / folder.name / png.name)
+    return dst
+
+
+def _classifier(run: Path, data: Path) -> Path:
+    from edgessl.models.backbone import load_encoder
+    from edgessl.models.classifier import Classifier, save_classifier
+
+    encoder = load_encoder(run)
+    meta = encoder.edgessl_meta
+    classes = sorted(p.name for p in data.iterdir())
+    torch.manual_seed(0)
+    model = Classifier(encoder, meta["feature_dim"], len(classes)).eval()
+    folder = run / "finetune-test"
+    save_classifier(model, folder, {**meta, "classes": classes, "train_data": str(data)})
+    return folder
+
+
+def build_exports(root: Path) -> dict:
+    """Pretrain 1 epoch at 32 px on 72 demo images, export the encoder (fp32 + int8 + fp16) and a classifier
+    (fp32 + int8) into the same export folder. Cached for the whole session (both test files)."""
+    if "exports" in _CACHE:
+        return _CACHE["exports"]
+    with one_torch_thread():
+        _CACHE["exports"] = _build(root)
+    return _CACHE["exports"]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """PyTorch on one thread, restored afterwards: on a CPU shared with other jobs, two OpenMP threads waiting for
+    each other made these small forward passes up to 60x slower; on an idle machine one thread costs little here."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_torch_thread():
+        yield
+
+
+def _build(root: Path) -> dict:
+    import edgessl
+
+    data = _subset(root / "data")
+    run = root / "run"
+    edgessl.pretrain(data=str(data), epochs=1, image_size=32, batch_size=32, out=str(run), quiet=True, eval_every=0,
+                     backbone="mobilenetv3_small")
+    clf = _classifier(run, data)
+    enc_result = edgessl.export(run, int8=True, fp16=True)
+    clf_result = edgessl.export(run, classifier=clf, int8=True)
+    return {"data": data, "run": run, "classifier": clf, "export": run / "export", "encoder_result": enc_result,
+            "classifier_result": clf_result}
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    return build_exports(tmp_path_factory.mktemp("export"))
+
+
+def _images(folder: Path, size: int = 32) -> np.ndarray:
+    """Real images preprocessed by edgessl itself (decode_image + test_transform)."""
+    from edgessl.data.augment import test_transform
+    from edgessl.data.folder import decode_image, scan_images
+
+    arrays = np.stack([decode_image(p, size) for p in scan_images(folder)])
+    return test_transform(torch.from_numpy(arrays).permute(0, 3, 1, 2), MEAN, STD).numpy()
+
+
+def _entry(export: Path, file: str) -> dict:
+    manifest = mf.read_manifest(export / "manifest.json")
+    entry = mf.find_entry(manifest, file)
+    assert entry is not None, f"{file} not in manifest"
+    return entry
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    return ox.run(ox.session(path), x)
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+def test_encoder_fp32_parity(exports):
+    from edgessl.models.backbone import load_encoder
+
+    entry = _entry(exports["export"], "encoder.onnx")
+    assert entry["precision"] == "fp32" and entry["kind"] == "encoder"
+    assert entry["parity"]["images"] >= 64
+    assert entry["parity"]["rel_max_abs_diff"] <= 1e-4 and entry["parity"]["min_cosine"] >= 0.99999
+    assert entry["exporter"] in (ox.DYNAMO, ox.TORCHSCRIPT)
+    # independent re-check on the real images, with two batch sizes (dynamic batch axis)
+    x = _images(exports["data"])
+    with torch.no_grad():
+        ref = load_encoder(exports["run"])(torch.from_numpy(x)).numpy()
+    sess = ox.session(exports["export"] / "encoder.onnx")
+    name = sess.get_inputs()[0].name
+    assert name == entry["input"]["name"] and sess.get_outputs()[0].name == entry["output"]["name"] == "features"
+    out = np.concatenate([sess.run(None, {name: x[:1]})[0], sess.run(None, {name: x[1:]})[0]])
+    fig = ox.compare(ref, out)
+    assert fig["rel_max_abs_diff"] <= 1e-4 and fig["min_cosine"] >= 0.99999
+    assert out.shape == (len(x), entry["output"]["shape"][1])
+
+
+def test_classifier_fp32_parity_and_top1(exports):
+    from edgessl.models.classifier import load_classifier
+
+    entry = _entry(exports["export"], "classifier.onnx")
+    assert entry["kind"] == "classifier" and entry["output"]["name"] == "logits"
+    assert entry["classes"] == sorted(p.name for p in exports["data"].iterdir())
+    assert entry["parity"]["top1_agreement"] == 1.0
+    x = _images(exports["data"])
+    with torch.no_grad():
+        ref = load_classifier(exports["classifier"])(torch.from_numpy(x)).numpy()
+    out = _run_onnx(exports["export"] / "classifier.onnx", x)
+    fig = ox.compare(ref, out, logits=True)
+    assert fig["rel_max_abs_diff"] <= 1e-4 and fig["min_cosine"] >= 0.99999 and fig["top1_agreement"] == 1.0
+    assert "accuracy" in entry["comparison"]  # folders are named like the classes
+
+
+def test_int8_runs_within_bound(exports):
+    from edgessl.models.backbone import load_encoder
+
+    entry = _entry(exports["export"], "encoder.int8.onnx")
+    bound = ox.BOUNDS["int8"]
+    assert entry["precision"] == "int8" and entry["bounds"] == bound
+    assert entry["parity"]["min_cosine"] >= bound["min_cosine"]
+    x = _images(exports["data"])
+    with torch.no_grad():
+        ref = load_encoder(exports["run"])(torch.from_numpy(x)).numpy()
+    out = _run_onnx(exports["export"] / "encoder.int8.onnx", x)
+    cos = ox.cosines(ref, out)
+    assert cos.min() >= bound["min_cosine"] and cos.mean() >= bound["mean_cosine"]
+    comp = entry["comparison"]
+    assert comp["size_ratio"] < 0.5 and comp["latency_ratio"] > 0
+    assert set(comp["knn_top1"]) >= {"fp32", "int8", "fp16"}  # the data has class folders
+    assert entry["conversion"]["format"] == "QDQ" and entry["conversion"]["per_channel"] is True
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(exports["export"] / "encoder.int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    clf = _entry(exports["export"], "classifier.int8.onnx")
+    assert clf["parity"]["min_cosine"] >= bound["min_cosine"] and "top1_agreement" in clf["parity"]
+
+
+def test_fp16_within_bound(exports):
+    entry = _entry(exports["export"], "encoder.fp16.onnx")
+    assert entry["precision"] == "fp16"
+    assert entry["parity"]["rel_max_abs_diff"] <= ox.BOUNDS["fp16"]["rel_max_abs_diff"]
+    assert entry["parity"]["min_cosine"] >= ox.BOUNDS["fp16"]["min_cosine"]
+    sess = ox.session(exports["export"] / "encoder.fp16.onnx")
+    assert sess.get_inputs()[0].type == "tensor(float)"  # float32 input kept
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def test_manifest_round_trip(exports):
+    export = exports["export"]
+    raw = json.loads((export / "manifest.json").read_text())
+    manifest = mf.read_manifest(export / "manifest.json")
+    assert manifest == raw
+    import edgessl
+
+    assert manifest["edgessl_version"] == edgessl.__version__
+    files = {m["file"] for m in manifest["models"]}
+    # the classifier export kept the encoder's entries in the same manifest
+    assert files == {"encoder.onnx", "encoder.int8.onnx", "encoder.fp16.onnx", "classifier.onnx", "classifier.int8.onnx"}
+    for entry in manifest["models"]:
+        assert entry["precision"] in ("fp32", "int8", "fp16")
+        assert entry["sha256"] == mf.sha256(export / entry["file"])
+        assert isinstance(entry["parity"]["max_abs_diff"], float) and isinstance(entry["parity"]["min_cosine"], float)
+        assert entry["input"] == {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW",
+                                  "channels": "RGB"}
+        pre = entry["preprocess"]
+        assert pre["mean"] == MEAN and pre["std"] == STD and pre["background"] == [255, 255, 255]
+        assert pre["resize_policy"] == mf.RESIZE_POLICY and pre["image_size"] == 32
+        assert entry["exporter"] in (ox.DYNAMO, ox.TORCHSCRIPT) and entry["output"]["meaning"]
+        assert (export / entry["reference"]).is_file()
+    with np.load(export / "encoder.reference.npz") as ref:
+        assert ref["images"].dtype == np.uint8 and ref["images"].shape[1:] == (32, 32, 3)
+        assert ref["outputs"].shape[0] == ref["images"].shape[0] == len(ref["paths"]) >= 24
+    # rewriting keeps unchanged entries and drops entries whose file changed since
+    copy = export.parent / "manifest-copy"
+    shutil.copytree(export, copy)
+    entry = mf.find_entry(manifest, "classifier.onnx")
+    (copy / "encoder.fp16.onnx").write_bytes(b"changed")
+    mf.write_manifest(copy, [entry], manifest["source"])
+    again = mf.read_manifest(copy / "manifest.json")
+    assert {m["file"] for m in again["models"]} == files - {"encoder.fp16.onnx"}
+    shutil.rmtree(copy)
+
+
+def test_read_manifest_rejects_non_manifest(tmp_path):
+    from edgessl.errors import UserError
+
+    (tmp_path / "m.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        mf.read_manifest(tmp_path / "m.json")
+    (tmp_path / "m.json").write_text(json.dumps({"models": [{"file": "x.onnx"}]}))
+    with pytest.raises(UserError, match="lacks precision, sha256, parity"):
+        mf.read_manifest(tmp_path / "m.json")
+
+
+# ------------------------------------------------------------------------------------------------ exporter
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+
+
+def test_torchscript_fallback_is_used_and_recorded(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("torch.export cannot trace this")
+
+    monkeypatch.setattr(ox, "_export_dynamo", broken)
+    path = tmp_path / "tiny.onnx"
+    assert ox.export_model(_tiny(), path, 8, 17) == ox.TORCHSCRIPT
+    ox.check_model(path)
+    assert ox.model_opset(path) == 17
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = _tiny()(torch.from_numpy(x)).numpy()
+    assert ox.compare(ref, _run_onnx(path, x))["rel_max_abs_diff"] <= 1e-4
+
+
+def test_both_exporters_failing_is_one_line(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no\nmore lines")
+
+    monkeypatch.setattr(ox, "_export_dynamo", broken)
+    monkeypatch.setattr(ox, "_export_torchscript", broken)
+    with pytest.raises(ox.ValidationFailed) as err:
+        ox.export_model(_tiny(), tmp_path / "t.onnx", 8, 18)
+    assert "\n" not in str(err.value) and "both exporters" in str(err.value)
+    assert not (tmp_path / "t.onnx").exists()
+
+
+def test_parity_bounds_fail_with_exit_code_3():
+    ref = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    fig = ox.compare(ref, ref + 1e-3)
+    assert ox.failed_bounds(fig, "fp32") and not ox.failed_bounds(fig, "fp16")
+    with pytest.raises(ox.ValidationFailed, match="does not match PyTorch") as err:
+        ox.assert_within_bounds(fig, "fp32", "encoder.onnx")
+    assert err.value.exit_code == 3
+    flipped = ref.copy()
+    flipped[0] = -flipped[0]
+    assert ox.compare(ref, flipped, logits=True)["top1_agreement"] == 7 / 8
+    tie = np.array([[1.0, 1.0 - 1e-7, 0.0]], dtype=np.float32)  # a numerical near-tie may flip
+    assert ox.compare(tie, tie[:, [1, 0, 2]], logits=True)["top1_real_disagreements"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _cli(*args: str):
+    from edgessl.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _one_line_error(result, code: int, *needles: str) -> None:
+    err = result.stderr if hasattr(result, "stderr") else result.output
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_error_run_without_encoder(tmp_path):
+    _one_line_error(_cli("export", str(tmp_path)), 2, "No encoder in")
+
+
+def test_error_opset_onnx_cannot_write(exports):
+    _one_line_error(_cli("export", str(exports["run"]), "--opset", str(ox.max_opset() + 1)), 2,
+                    "cannot be written by the installed onnx")
+    _one_line_error(_cli("export", str(exports["run"]), "--opset", "3"), 2, "--opset 3")
+
+
+def test_error_calibration_folder_without_readable_image(exports, tmp_path):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "broken.png").write_bytes(b"not a png at all")
+    (calib / "empty.jpg").write_bytes(b"")
+    _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib", str(calib), "--out", str(tmp_path / "x")),
+                    2, "--calib", "no readable image")
+    _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib", str(tmp_path / "missing")), 2, "does not exist")
+    (tmp_path / "nothing").mkdir()
+    _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib", str(tmp_path / "nothing")), 2,
+                    "holds no image files")
+
+
+def test_error_bad_classifier_folder(exports, tmp_path):
+    _one_line_error(_cli("export", str(exports["run"]), "--classifier", str(tmp_path)), 2, "No classifier in")
+
+
+def test_error_training_folder_gone(exports, tmp_path):
+    run = tmp_path / "moved"
+    run.mkdir()
+    for name in ("encoder.safetensors", "encoder.json"):
+        shutil.copy(exports["run"] / name, run / name)
+    (run / "config.yaml").write_text(f"data: {tmp_path / 'gone'}\n")
+    _one_line_error(_cli("export", str(run)), 2, "no longer exists", "--images")
+
+
+def test_error_unknown_calibration_method(exports, tmp_path):
+    _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib-method", "median", "--out", str(tmp_path)), 2,
+                    "--calib-method must be one of")
+
+
+def test_torchscript_fallback_end_to_end(exports, tmp_path, monkeypatch):
+    """When torch.export fails the TorchScript exporter writes the file, the manifest says so, and a file that
+    misses its parity bounds is removed with exit code 3."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("torch.export cannot trace this")
+
+    monkeypatch.setattr(ox, "_export_dynamo", broken)
+    out = tmp_path / "ts"
+    result = _cli("export", str(exports["run"]), "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    entry = _entry(out, "encoder.onnx")
+    assert entry["exporter"] == ox.TORCHSCRIPT and entry["parity"]["min_cosine"] >= 0.99999
+    monkeypatch.setitem(ox.BOUNDS, "fp32", {"rel_max_abs_diff": 1e-4, "min_cosine": 1.5})
+    failing = tmp_path / "fail"
+    _one_line_error(_cli("export", str(exports["run"]), "--out", str(failing)), 3, "does not match PyTorch", "min_cosine")
+    assert not (failing / "encoder.onnx").exists()
