@@ -1,0 +1,250 @@
+"""Benchmark runner: `python -m benchmarks.run <suite> [--tiny] [--epochs E] [--results DIR]`.
+
+Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regenerated from every JSON present):
+  cost      step time, images/s and peak RSS per method and backbone (each in its own process); the supervised
+            cross-entropy floor; end-to-end vs model-only images/s
+  accuracy  kNN (k=200, t=0.1, last and best epoch) and linear probe after the same epochs, emoji (64 px) and a
+            10,000-image CIFAR-10 subset (32 px), edgessl vs NPID vs lightly MoCo v2 and SimCLR
+  ablation  each component of the method off (and CutMix on), kNN after the same epochs, 3 seeds, emoji
+  data      10/25/50/100 % of the CIFAR-10 subset, edgessl vs MoCo v2
+  all       every suite above
+--tiny runs a suite in seconds (a few images, one epoch, two steps) so the runner cannot rot (tests/test_benchmarks.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SUITES = ("cost", "accuracy", "ablation", "data")
+
+
+def machine() -> dict[str, Any]:
+    import edgessl
+
+    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "edgessl": edgessl.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    try:
+        import lightly
+
+        info["lightly"] = lightly.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------- data
+def datasets(tiny: bool) -> dict[str, tuple[Path, Path, str, int]]:
+    """name -> (train folder, test folder, backbone, image size)."""
+    from benchmarks.datasets import cifar10, emoji, stratified_subset
+
+    etrain, etest = emoji()
+    ctrain, ctest = cifar10(per_class=1000)
+    if tiny:
+        etrain = stratified_subset(etrain, 4, 0, "emoji-train-tiny")
+        etest = stratified_subset(etest, 2, 0, "emoji-test-tiny")
+        ctrain = stratified_subset(ctrain, 4, 0, "cifar10-train-tiny")
+        ctest = stratified_subset(ctest, 2, 0, "cifar10-test-tiny")
+    return {"emoji": (etrain, etest, "mobilenetv3_small", 64), "cifar10k": (ctrain, ctest, "mobilenetv3_small", 32)}
+
+
+# ---------------------------------------------------------------- evaluation shared by every method
+def final_eval(backbone, train_set, test_set, name: str, seeds: int) -> dict[str, Any]:
+    """kNN k=200 and linear probe at 10 and all labels per class (mean/std over seeds), the eval command's protocol."""
+    from benchmarks.peers import backbone_features
+    from edgessl.evaluate.protocol import FeatureSet, evaluate_features
+
+    train_x = backbone_features(backbone, train_set)
+    test_x = backbone_features(backbone, test_set)
+    fs = FeatureSet(train_x, train_set.labels, train_set.classes, [str(p) for p in train_set.paths])
+    test_y = torch.tensor([train_set.classes.index(test_set.classes[i]) for i in test_set.labels])
+    rows = evaluate_features(fs, test_x, test_y, [10, None], list(range(seeds)), name)
+    out = {}
+    for r in rows:
+        if r["protocol"] == "knn" and r["k"] != 200:
+            continue
+        key = f"{'knn' if r['protocol'] == 'knn' else 'linear'}@{r['labels_per_class']}"
+        out.setdefault(key, []).append(r["top1"])
+    return {k: {"mean": sum(v) / len(v), "std": float(torch.tensor(v).std()) if len(v) > 1 else 0.0} for k, v in out.items()}
+
+
+def knn_monitor(train_set, test_set):
+    from benchmarks.peers import backbone_features
+    from edgessl.evaluate.knn import knn_top1
+
+    test_y = torch.tensor([train_set.classes.index(test_set.classes[i]) for i in test_set.labels])
+
+    def fn(backbone):
+        mem, qry = backbone_features(backbone, train_set), backbone_features(backbone, test_set)
+        return {"knn_top1_k200": knn_top1(qry, test_y, mem, train_set.labels, len(train_set.classes), 200, 0.1)}
+
+    return fn
+
+
+def train_and_eval(method: str, train: Path, test: Path, backbone: str, size: int, epochs: int, seed: int,
+                   seeds: int, tiny: bool, overrides: dict[str, Any] | None = None, workdir: Path | None = None) -> dict:
+    """Train one method on `train`, evaluate on `test`; returns history (kNN per epoch), final eval and timings."""
+    import edgessl
+    from benchmarks.peers import train_peer
+    from edgessl.data.folder import load_image_folder
+
+    train_set = load_image_folder(train, size, labels=True)
+    test_set = load_image_folder(test, size, labels=True)
+    batch = 8 if tiny else 128
+    t0 = time.time()
+    if method in ("edgessl", "npid"):
+        run = edgessl.pretrain(
+            data=str(train), val=str(test), labels_from_folders=True, backbone=backbone, image_size=size,
+            epochs=epochs, batch_size=batch, seed=seed, method=method, quiet=True,
+            out=str((workdir or Path("/tmp/edgessl-bench")) / f"{method}-{train.name}-{seed}-{time.time_ns()}"),
+            **(overrides or {}),
+        )
+        history, encoder = run.history, edgessl.load_encoder(run.run_dir)
+    else:
+        peer = train_peer(method, train_set, backbone, epochs, batch, seed=seed, max_steps=2 if tiny else None,
+                          eval_fn=knn_monitor(train_set, test_set))
+        history, encoder = peer.history, peer.model.backbone
+    wall = time.time() - t0
+    knn = [h.get("knn_top1_k200") for h in history if h.get("knn_top1_k200") is not None]
+    return {
+        "method": method, "data": train.name, "backbone": backbone, "image_size": size, "epochs": epochs,
+        "seed": seed, "overrides": overrides or {}, "n_train": len(train_set), "n_test": len(test_set),
+        "wall_s": wall, "s_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
+        "knn_last": knn[-1] if knn else None, "knn_best": max(knn) if knn else None,
+        "history": [{k: h.get(k) for k in ("epoch", "loss", "seconds", "knn_top1_k200")} for h in history],
+        "final": final_eval(encoder, train_set, test_set, method, seeds),
+    }
+
+
+# ---------------------------------------------------------------- suites
+def suite_cost(args) -> list[dict]:
+    rows = []
+    for backbone, size in (("mobilenetv3_small", 64), ("resnet18", 32)):
+        for method in ("edgessl", "npid", "mocov2", "simclr", "supervised"):
+            cmd = [sys.executable, "-m", "benchmarks.run", "cost-one", "--method", method, "--backbone", backbone,
+                   "--image-size", str(size)] + (["--tiny"] if args.tiny else [])
+            out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"cost {backbone} {method}: {rows[-1]['images_per_s']:.0f} img/s", flush=True)
+    floor = {(r["backbone"]): r["step_s"] for r in rows if r["method"] == "supervised"}
+    for r in rows:
+        r["step_over_supervised"] = r["step_s"] / floor[r["backbone"]]
+    if not args.tiny:
+        from benchmarks.throughput import measure
+
+        for backbone, size in (("mobilenetv3_small", 64), ("resnet18", 32)):
+            rows.append({"kind": "throughput", **measure(backbone, size, 128, 10, None)})
+    return rows
+
+
+def cost_one(args) -> None:
+    """One method's step cost in this (fresh) process; prints one JSON line."""
+    from benchmarks.datasets import emoji, stratified_subset
+    from benchmarks.peers import train_peer
+    from edgessl.data.folder import load_image_folder
+
+    train, _ = emoji()
+    if args.tiny:
+        train = stratified_subset(train, 4, 0, "emoji-train-tiny")
+    images = load_image_folder(train, args.image_size, labels=True)
+    batch = 8 if args.tiny else 128
+    warm, timed = (1, 1) if args.tiny else (2, 10)
+    train_peer(args.method, images, args.backbone, 1, batch, max_steps=warm)  # warm-up (allocations, caches)
+    t0 = time.time()
+    train_peer(args.method, images, args.backbone, 1, batch, max_steps=timed)
+    step = (time.time() - t0) / timed
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"method": args.method, "backbone": args.backbone, "image_size": args.image_size,
+                      "batch_size": batch, "step_s": step, "images_per_s": batch / step,
+                      "s_per_epoch_5k": step * 5000 / batch, "peak_rss_bytes": rss}))
+
+
+def suite_accuracy(args) -> list[dict]:
+    rows = []
+    for name, (train, test, backbone, size) in datasets(args.tiny).items():
+        for method in ("edgessl", "npid", "mocov2", "simclr"):
+            rows.append(train_and_eval(method, train, test, backbone, size, args.epochs, 0, args.seeds, args.tiny))
+            print(f"accuracy {name} {method}: kNN last {rows[-1]['knn_last']}", flush=True)
+    return rows
+
+
+ABLATIONS = {
+    "full": {},
+    "random bank init": {"bank_init": "random"},
+    "momentum bank update": {"bank_update": "momentum"},
+    "no self-distillation": {"sd_weight": 0.0},
+    "with CutMix 0.5": {"cutmix": 0.5},
+}
+
+
+def suite_ablation(args) -> list[dict]:
+    train, test, backbone, size = datasets(args.tiny)["emoji"]
+    rows = []
+    for label, overrides in ABLATIONS.items():
+        for seed in range(1 if args.tiny else 3):
+            r = train_and_eval("edgessl", train, test, backbone, size, args.epochs, seed, 1, args.tiny, overrides)
+            rows.append({"ablation": label, **r})
+            print(f"ablation {label} seed {seed}: kNN {r['knn_last']}", flush=True)
+    return rows
+
+
+def suite_data(args) -> list[dict]:
+    from benchmarks.datasets import stratified_subset
+
+    train, test, backbone, size = datasets(args.tiny)["cifar10k"]
+    per_class = 4 if args.tiny else 1000
+    rows = []
+    for frac in (0.1, 0.25, 0.5, 1.0):
+        sub = train if frac == 1.0 else stratified_subset(train, max(2, int(per_class * frac)), 0, f"{train.name}-{frac}")
+        for method in ("edgessl", "mocov2"):
+            r = train_and_eval(method, sub, test, backbone, size, args.epochs, 0, 1, args.tiny)
+            rows.append({"fraction": frac, **r})
+            print(f"data {frac} {method}: kNN {r['knn_last']}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="edgessl benchmarks")
+    ap.add_argument("suite", choices=(*SUITES, "all", "cost-one", "report"))
+    ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; 1 with --tiny)")
+    ap.add_argument("--seeds", type=int, default=3, help="label-subset seeds of the final evaluation")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md")
+    ap.add_argument("--method", default="edgessl")
+    ap.add_argument("--backbone", default="mobilenetv3_small")
+    ap.add_argument("--image-size", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.suite == "cost-one":
+        return cost_one(args)
+    args.epochs = args.epochs or (1 if args.tiny else 15)
+    if args.tiny:
+        args.seeds = 1
+    suites = SUITES if args.suite == "all" else () if args.suite == "report" else (args.suite,)
+    args.results.mkdir(parents=True, exist_ok=True)
+    for suite in suites:
+        t0 = time.time()
+        rows = globals()[f"suite_{suite}"](args)
+        record = {"suite": suite, "machine": machine(), "command": "python -m benchmarks.run " + " ".join(argv or sys.argv[1:]),
+                  "epochs": args.epochs, "tiny": args.tiny, "seconds": time.time() - t0, "rows": rows}
+        (args.results / f"{suite}.json").write_text(json.dumps(record, indent=1) + "\n")
+    from benchmarks.report import write_readme
+
+    write_readme(args.results, args.readme)
+    print(f"wrote {args.readme}")
+
+
+if __name__ == "__main__":
+    main()

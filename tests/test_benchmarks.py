@@ -1,0 +1,55 @@
+"""Every benchmark suite runs in tiny mode (one epoch, a few images) so the runner cannot rot.
+
+Needs the shared data sets (../shared/data) and the `bench` extra (lightly); skips cleanly without them.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not (SHARED / "cifar10.tar.gz").is_file(), reason="../shared/data not present")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    pytest.importorskip("lightly")
+    from benchmarks.run import main
+
+    out = tmp_path_factory.mktemp("bench")
+
+    def run(suite):
+        main([suite, "--tiny", "--results", str(out), "--readme", str(out / "README.md")])
+        return json.loads((out / f"{suite}.json").read_text()), (out / "README.md").read_text()
+
+    return run
+
+
+def test_cost_suite(bench):
+    rec, readme = bench("cost")
+    methods = {(r["backbone"], r["method"]) for r in rec["rows"]}
+    assert {m for _, m in methods} == {"edgessl", "npid", "mocov2", "simclr", "supervised"}
+    assert all(r["step_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rec["rows"])
+    assert all(r["step_over_supervised"] == pytest.approx(r["step_s"] / next(
+        s["step_s"] for s in rec["rows"] if s["method"] == "supervised" and s["backbone"] == r["backbone"])) for r in rec["rows"])
+    assert "## Cost per step" in readme and "tiny smoke run" in readme
+
+
+def test_accuracy_suite(bench):
+    rec, readme = bench("accuracy")
+    assert {(r["data"].split("-")[0], r["method"]) for r in rec["rows"]} == {
+        (d, m) for d in ("emoji", "cifar10") for m in ("edgessl", "npid", "mocov2", "simclr")}
+    for r in rec["rows"]:
+        assert 0 <= r["knn_last"] <= 1 and set(r["final"]) == {"knn@10", "linear@10", "knn@all", "linear@all"}
+    assert "## Accuracy at equal epochs" in readme and "convergence_" in readme
+
+
+def test_ablation_and_data_suites(bench):
+    rec, readme = bench("ablation")
+    assert [r["ablation"] for r in rec["rows"]] == ["full", "random bank init", "momentum bank update",
+                                                    "no self-distillation", "with CutMix 0.5"]
+    assert rec["rows"][2]["overrides"] == {"bank_update": "momentum"}
+    rec, readme = bench("data")
+    assert sorted({r["fraction"] for r in rec["rows"]}) == [0.1, 0.25, 0.5, 1.0]
+    assert "## Ablation (emoji)" in readme and "## Data efficiency" in readme
