@@ -18,7 +18,7 @@ from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.backbone import create_backbone, output_dim
 from edgessl.models.head import Encoder, ProjectionHead
 from edgessl.train.checkpoint import load_checkpoint
-from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD, forward_init_bank
+from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD, bank_batch_cap, forward_init_bank
 
 TINY = dict(image_size=32, batch_size=8, epochs=2, head_hidden=64, feature_dim=16, quiet=True, workers=1)
 
@@ -194,8 +194,15 @@ def test_demo_run_on_bundled_images(tmp_path):
     res = runner.invoke(app, ["pretrain", "--backbone", "mobilenetv3_small", "--epochs", "1", "--image-size", "32",
                               "--out", str(tmp_path / "demo"), "--quiet"])
     assert res.exit_code == 0, res.output
+    assert "--batch-size 128 would cover 36% of the 360 images per step; the batch shrinks to 32" in " ".join(res.output.split())
     row = json.loads((tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()[0])
     assert "knn_top1" in row  # the demo images carry category folders: the kNN monitor runs
+    assert yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())["batch_size"] == 128  # as asked; the run used 32
+
+
+def test_bank_batch_cap():
+    assert [bank_batch_cap(n) for n in (3, 24, 360, 1529, 5000)] == [8, 8, 32, 152, 496]
+    assert bank_batch_cap(360, multiple=16) == 32 and bank_batch_cap(100, multiple=16) == 16
 
 
 def test_recipes_load_and_flags_override():
