@@ -27,18 +27,18 @@ class PretrainConfig:
     # model
     backbone: str = "mobilenetv3_small"
     small_input: str = "auto"
-    head: str = "mlp"
+    head: str = "linear"
     head_hidden: int = 2048
     feature_dim: int = 128
     # method
     method: str = "edgessl"
-    temperature: float = 0.2
+    temperature: float = 0.1
     negatives: int = 16384
     bank_init: str = "forward"
     bank_update: str = "grad"
     bank_lr: float = 1.0
     bank_momentum: float = 0.5
-    sd_weight: float = 20.0
+    sd_weight: float = 5.0
     sd_temperature: float = 1.0
     sd_alpha: float = 0.5
     cutmix: float = 0.0
