@@ -124,10 +124,38 @@ def data_section(rec) -> str:
 def sweep_section(path: Path) -> str:
     rows = json.loads(path.read_text())
     out = [f"## Sweep `{path.stem}`\n", "CIFAR-10 5,000-image subset (500/class), 32 px, mobilenetv3_small_100 with the stride-1 stem, batch 128, "
-           "kNN k=20 / 200 (t = 0.1) of the online monitor against the shared test split; `python -m benchmarks.sweep`.\n",
+           "kNN k=20 / 200 (t = 0.1) of the online monitor against the shared test split, one seed; `python -m benchmarks.sweep`. "
+           "Runs shared the 2-core machine with other jobs (1 thread each): compare the accuracy, not the s/epoch.\n",
            "| configuration | epochs | kNN@20 | kNN@200 | s/epoch |", "|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| `{r['config']}` | {r['options']['epochs']} | {_f(r['knn_top1'])} | {_f(r['knn_top1_k200'])} | {r['s_per_epoch']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def export_section(rec) -> str:
+    m = rec["machine"]
+    out = ["## Export: ONNX Runtime vs PyTorch eager, batch 1\n",
+           f"Machine: {m.get('cpu')} ({m.get('cores')} cores), {rec['threads']} thread(s); torch {rec['torch']}, onnxruntime "
+           f"{rec['onnxruntime']}; {rec['date']}; `python -m benchmarks.export_latency`; {rec['protocol']}.\n",
+           "| backbone | px | PyTorch eager p50 (ms) | ORT fp32 p50 | ORT int8 p50 | int8 vs fp32 | size fp32 / int8 (MiB) | int8 min cosine |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rec["results"]:
+        lat = r["latency_ms"]
+        out.append(f"| {r['backbone']} | {r['image_size']} | {lat['pytorch_eager']['p50']:.2f} | {lat['ort_fp32']['p50']:.2f} | "
+                   f"{lat['ort_int8']['p50']:.2f} | {r['speedup_int8_vs_fp32']:.2f}x | {r['bytes']['fp32'] / 2**20:.1f} / "
+                   f"{r['bytes']['int8'] / 2**20:.1f} | {r['int8_min_cosine']:.4f} |")
+    return "\n".join(out) + "\n"
+
+
+def distributed_section(recs) -> str:
+    out = ["## Data-parallel pretraining (torchrun, gloo on CPU)\n"]
+    for rec in recs:
+        out += [f"{rec['backbone']}, {rec['image_size']} px, global batch {rec['global_batch']}, {rec['data']}, {rec['epochs']} epochs, "
+                f"{rec['device']} ({rec['cpu_count']} cores, load average {rec['load_average_before'][0]:.1f} before); torch "
+                f"{rec['torch']}; {rec['date']}; `python -m benchmarks.distributed`.\n",
+                "| processes | threads each | SyncBatchNorm | images/s (last epoch) |", "|---|---|---|---|"]
+        out += [f"| {r['processes']} | {r['threads_per_process']} | {'yes' if r['sync_bn'] else 'no'} | {r['images_per_s']:.0f} |"
+                for r in rec["results"]]
     return "\n".join(out) + "\n"
 
 
@@ -141,4 +169,8 @@ def write_readme(results: Path, readme: Path) -> None:
             parts.append(accuracy_section(rec, results) if suite == "accuracy" else sections[suite](rec))
     for path in sorted(results.glob("sweep_*.json")):
         parts.append(sweep_section(path))
+    if (results / "export.json").exists():
+        parts.append(export_section(json.loads((results / "export.json").read_text())))
+    if (results / "distributed.json").exists():
+        parts.append(distributed_section(json.loads((results / "distributed.json").read_text())))
     readme.write_text("\n".join(parts))

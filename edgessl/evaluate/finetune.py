@@ -47,7 +47,8 @@ from edgessl.evaluate.labelled import (
     split_folder,
 )
 from edgessl.evaluate.metrics import classification_metrics, confusion_matrix, per_class_scores
-from edgessl.evaluate.subsets import keyed_generator, stratified_split, stratified_subset
+from edgessl.evaluate.subsets import stratified_split, stratified_subset
+from edgessl.seeding import keyed_generator
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.classifier import Classifier, save_classifier
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edgessl.evaluate.subsets import keyed_generator
+from edgessl.seeding import keyed_generator
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 MAX_FOLDS = 5

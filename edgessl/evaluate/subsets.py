@@ -7,19 +7,14 @@ per class drawn under seed s contain the 1 image drawn under seed s, and so on.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 from torch import Tensor
 
+from edgessl.seeding import keyed_generator
+
 _SUBSET, _SPLIT = 0x5B5E7, 0x5B117
-
-
-def keyed_generator(*parts: int) -> torch.Generator:
-    """A torch.Generator seeded by a 63-bit hash of integers, identical on every machine."""
-    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def class_counts(labels: Tensor, num_classes: int) -> Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -27,6 +26,7 @@ from edgessl.models.backbone import create_backbone, output_dim, save_encoder, w
 from edgessl.models.head import Encoder, ProjectionHead
 from edgessl.report.plots import plot_curves
 from edgessl.train import distributed
+from edgessl.seeding import keyed_generator
 from edgessl.train.checkpoint import CHECKPOINT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from edgessl.train.optim import build_optimizer, warmup_cosine
 
@@ -60,21 +60,11 @@ class PretrainResult:
 
 
 # ---------------------------------------------------------------- small helpers
-def stable_seed(*parts: int) -> int:
-    """A 63-bit seed derived from integers (seed, epoch, step, ...), the same on every machine."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & (2**63 - 1)
-
-
 def bank_batch_cap(n: int, multiple: int = 8) -> int:
     """Largest batch for a bank of n rows: n / BANK_BATCH_DIVISOR rounded down to a multiple of `multiple`, and never
     below `multiple`. Measured on the bundled demo (360 images): at batch 128 (36% of the bank per step) L_ce climbs
     above log N and kNN falls below the untrained network's; at batch 32 (9%) both improve every epoch."""
     return max(multiple, n // BANK_BATCH_DIVISOR // multiple * multiple)
-
-
-def keyed_generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(stable_seed(*parts))
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
