@@ -68,7 +68,7 @@ PRETRAIN_HELP = """Pretrain an encoder on a folder of unlabeled images (single c
     torchrun --nproc-per-node 4 -m edgessl pretrain --data ./my_images --batch-size 512 --sync-bn   # 4 GPUs, DDP
 
 Writes config.yaml, metrics.jsonl, checkpoint.pt, encoder.safetensors + encoder.json and curves.png to the run
-directory (--out, default runs/<backbone>-<time>).
+directory (--out, default runs/BACKBONE-TIME).
 """
 
 
@@ -77,7 +77,7 @@ directory (--out, default runs/<backbone>-<time>).
 def pretrain(
     backbone: Optional[str] = typer.Option(None, help="timm model name or alias (mobilenetv3_small, mobilenetv3_large, resnet18, ...). [default: mobilenetv3_small]"),
     data: Optional[Path] = typer.Option(None, help="Folder of images, searched recursively. [default: the bundled demo images]"),
-    out: Optional[Path] = typer.Option(None, help="Run directory. [default: runs/<backbone>-<time>]"),
+    out: Optional[Path] = typer.Option(None, help="Run directory. [default: runs/BACKBONE-TIME]"),
     recipe: Optional[str] = typer.Option(None, help="Recipe name (recipes/*.yaml) or YAML path; flags override it."),
     config: Optional[Path] = typer.Option(None, help="A resolved config.yaml to reload; flags override it."),
     epochs: Optional[int] = typer.Option(None, help="Epochs. [default: 20]"),
