@@ -174,8 +174,11 @@ def cost_one(args) -> None:
 def suite_accuracy(args) -> list[dict]:
     rows = []
     for name, (train, test, backbone, size) in datasets(args.tiny).items():
+        if args.datasets and name not in args.datasets:
+            continue
         for method in ("edgessl", "npid", "mocov2", "simclr"):
-            rows.append(train_and_eval(method, train, test, backbone, size, args.epochs, 0, args.seeds, args.tiny))
+            rows.append({**train_and_eval(method, train, test, backbone, size, args.epochs, 0, args.seeds, args.tiny),
+                         "data": name})
             print(f"accuracy {name} {method}: kNN last {rows[-1]['knn_last']}", flush=True)
     return rows
 
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; 1 with --tiny)")
     ap.add_argument("--seeds", type=int, default=3, help="label-subset seeds of the final evaluation")
+    ap.add_argument("--datasets", nargs="*", default=None, help="accuracy suite: only these (emoji, cifar10k)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md")
     ap.add_argument("--method", default="edgessl")
