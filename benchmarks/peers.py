@@ -166,6 +166,7 @@ def train_peer(
     seed: int = 0,
     max_steps: int | None = None,
     eval_fn=None,
+    eval_every: int = 1,
 ) -> PeerRun:
     """Train a peer on `images` (labels needed only for 'supervised'). eval_fn(backbone) -> dict, called each epoch."""
     model, _ = build(name, backbone, images.size, len(images.classes or [0]), len(images))
@@ -201,7 +202,7 @@ def train_peer(
                 break
         row = {"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": time.time() - t0,
                "images_per_s": count / max(time.time() - t0, 1e-9)}
-        if eval_fn is not None:
+        if eval_fn is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             row.update(eval_fn(model.backbone))
         history.append(row)
         if max_steps is not None and done_steps >= max_steps:

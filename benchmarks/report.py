@@ -121,6 +121,18 @@ def data_section(rec) -> str:
     return "\n".join(out) + "\n"
 
 
+def budget_section(rec) -> str:
+    out = ["## Accuracy at equal wall-clock\n", _machine(rec),
+           "Each method trains for the seconds SimCLR needed for its epochs in the accuracy suite (as many epochs as "
+           "its own s/epoch there allows; cosine schedule over those epochs); SimCLR's row is the accuracy suite's.\n"]
+    for data in sorted({r["data"] for r in rec["rows"]}):
+        rows = [r for r in rec["rows"] if r["data"] == data]
+        out += [f"### {data}: budget {rows[0]['budget_s']:.0f} s\n"]
+        out += _eval_table(rows, [("method", "method"), ("epochs", "epochs")])
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def sweep_section(path: Path) -> str:
     rows = json.loads(path.read_text())
     out = [f"## Sweep `{path.stem}`\n", "CIFAR-10 5,000-image subset (500/class), 32 px, mobilenetv3_small_100 with the stride-1 stem, batch 128, "
@@ -161,8 +173,8 @@ def distributed_section(recs) -> str:
 
 def write_readme(results: Path, readme: Path) -> None:
     parts = [HEADER]
-    sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section}
-    for suite in ("cost", "accuracy", "ablation", "data"):
+    sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section}
+    for suite in ("cost", "accuracy", "budget", "ablation", "data"):
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())

@@ -6,7 +6,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   accuracy  kNN (k=200, t=0.1, last and best epoch) and linear probe after the same epochs, emoji (64 px) and a
             10,000-image CIFAR-10 subset (32 px), edgessl vs NPID vs lightly MoCo v2 and SimCLR
   ablation  each component of the method off (and CutMix on), kNN after the same epochs, 3 seeds, emoji
-  data      10/25/50/100 % of the CIFAR-10 subset, edgessl vs MoCo v2
+  data      10/25/50/100 % of the CIFAR-10 subset, edgessl vs MoCo v2 (100 %: the accuracy suite's runs)
+  budget    equal wall-clock: each method trains for the time SimCLR's `--epochs` took in the accuracy suite
   all       every suite above
 --tiny runs a suite in seconds (a few images, one epoch, two steps) so the runner cannot rot (tests/test_benchmarks.py).
 """
@@ -27,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SUITES = ("cost", "accuracy", "ablation", "data")
+SUITES = ("cost", "accuracy", "ablation", "data", "budget")
 
 
 def machine() -> dict[str, Any]:
@@ -94,7 +95,8 @@ def knn_monitor(train_set, test_set):
 
 
 def train_and_eval(method: str, train: Path, test: Path, backbone: str, size: int, epochs: int, seed: int,
-                   seeds: int, tiny: bool, overrides: dict[str, Any] | None = None, workdir: Path | None = None) -> dict:
+                   seeds: int, tiny: bool, overrides: dict[str, Any] | None = None, workdir: Path | None = None,
+                   eval_every: int = 1) -> dict:
     """Train one method on `train`, evaluate on `test`; returns history (kNN per epoch), final eval and timings."""
     import edgessl
     from benchmarks.peers import train_peer
@@ -107,21 +109,21 @@ def train_and_eval(method: str, train: Path, test: Path, backbone: str, size: in
     if method in ("edgessl", "npid"):
         run = edgessl.pretrain(
             data=str(train), val=str(test), labels_from_folders=True, backbone=backbone, image_size=size,
-            epochs=epochs, batch_size=batch, seed=seed, method=method, quiet=True,
+            epochs=epochs, batch_size=batch, seed=seed, method=method, quiet=True, eval_every=eval_every,
             out=str((workdir or Path("/tmp/edgessl-bench")) / f"{method}-{train.name}-{seed}-{time.time_ns()}"),
             **(overrides or {}),
         )
         history, encoder = run.history, edgessl.load_encoder(run.run_dir)
     else:
         peer = train_peer(method, train_set, backbone, epochs, batch, seed=seed, max_steps=2 if tiny else None,
-                          eval_fn=knn_monitor(train_set, test_set))
+                          eval_fn=knn_monitor(train_set, test_set), eval_every=eval_every)
         history, encoder = peer.history, peer.model.backbone
     wall = time.time() - t0
     knn = [h.get("knn_top1_k200") for h in history if h.get("knn_top1_k200") is not None]
     return {
         "method": method, "data": train.name, "backbone": backbone, "image_size": size, "epochs": epochs,
         "seed": seed, "overrides": overrides or {}, "n_train": len(train_set), "n_test": len(test_set),
-        "wall_s": wall, "s_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
+        "threads": torch.get_num_threads(), "wall_s": wall, "s_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
         "knn_last": knn[-1] if knn else None, "knn_best": max(knn) if knn else None,
         "history": [{k: h.get(k) for k in ("epoch", "loss", "seconds", "knn_top1_k200")} for h in history],
         "final": final_eval(encoder, train_set, test_set, method, seeds),
@@ -177,8 +179,8 @@ def suite_accuracy(args) -> list[dict]:
         if args.datasets and name not in args.datasets:
             continue
         for method in ("edgessl", "npid", "mocov2", "simclr"):
-            rows.append({**train_and_eval(method, train, test, backbone, size, args.epochs, 0, args.seeds, args.tiny),
-                         "data": name})
+            rows.append({**train_and_eval(method, train, test, backbone, size, args.epochs, 0, args.seeds, args.tiny,
+                                          eval_every=args.eval_every), "data": name})
             print(f"accuracy {name} {method}: kNN last {rows[-1]['knn_last']}", flush=True)
     return rows
 
@@ -197,7 +199,8 @@ def suite_ablation(args) -> list[dict]:
     rows = []
     for label, overrides in ABLATIONS.items():
         for seed in range(1 if args.tiny else 3):
-            r = train_and_eval("edgessl", train, test, backbone, size, args.epochs, seed, 1, args.tiny, overrides)
+            r = train_and_eval("edgessl", train, test, backbone, size, args.epochs, seed, 1, args.tiny, overrides,
+                               eval_every=args.eval_every)
             rows.append({"ablation": label, **r})
             print(f"ablation {label} seed {seed}: kNN {r['knn_last']}", flush=True)
     return rows
@@ -209,12 +212,49 @@ def suite_data(args) -> list[dict]:
     train, test, backbone, size = datasets(args.tiny)["cifar10k"]
     per_class = 4 if args.tiny else 1000
     rows = []
+    # the 100 % point is the accuracy suite's run when it exists (same data, epochs and protocol): reuse it
+    done = {}
+    acc = args.results / "accuracy.json"
+    if acc.exists() and not args.tiny:
+        rec = json.loads(acc.read_text())
+        done = {r["method"]: r for r in rec["rows"] if r["data"] == "cifar10k" and rec["epochs"] == args.epochs}
     for frac in (0.1, 0.25, 0.5, 1.0):
         sub = train if frac == 1.0 else stratified_subset(train, max(2, int(per_class * frac)), 0, f"{train.name}-{frac}")
         for method in ("edgessl", "mocov2"):
-            r = train_and_eval(method, sub, test, backbone, size, args.epochs, 0, 1, args.tiny)
+            if frac == 1.0 and method in done:
+                rows.append({"fraction": frac, **done[method], "reused_from": "accuracy"})
+                continue
+            r = train_and_eval(method, sub, test, backbone, size, args.epochs, 0, 1, args.tiny,
+                               eval_every=args.eval_every)
             rows.append({"fraction": frac, **r})
             print(f"data {frac} {method}: kNN {r['knn_last']}", flush=True)
+    return rows
+
+
+def suite_budget(args) -> list[dict]:
+    """Equal wall-clock: every method gets the time SimCLR needed for `epochs` epochs in the accuracy suite, i.e.
+    as many epochs as its own s/epoch there allows (same machine state); SimCLR's row is reused."""
+    acc = args.results / "accuracy.json"
+    if not acc.exists():
+        raise SystemExit("the budget suite needs benchmarks/results/accuracy.json: run the accuracy suite first")
+    rec = json.loads(acc.read_text())
+    rows = []
+    for name, (train, test, backbone, size) in datasets(args.tiny).items():
+        if args.datasets and name not in args.datasets:
+            continue
+        by = {r["method"]: r for r in rec["rows"] if r["data"] == name}
+        if "simclr" not in by:
+            continue
+        budget = by["simclr"]["s_per_epoch"] * by["simclr"]["epochs"]
+        rows.append({**by["simclr"], "budget_s": budget, "reused_from": "accuracy"})
+        for method in ("edgessl", "npid", "mocov2"):
+            if method not in by:
+                continue
+            epochs = max(1, int(budget // by[method]["s_per_epoch"]))
+            r = train_and_eval(method, train, test, backbone, size, epochs, 0, args.seeds, args.tiny,
+                               eval_every=max(1, epochs // 5))
+            rows.append({**r, "data": name, "budget_s": budget})
+            print(f"budget {name} {method}: {epochs} epochs, kNN last {r['knn_last']}", flush=True)
     return rows
 
 
@@ -224,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; 1 with --tiny)")
     ap.add_argument("--seeds", type=int, default=3, help="label-subset seeds of the final evaluation")
+    ap.add_argument("--eval-every", type=int, default=1, help="kNN monitor every N epochs (and after the last)")
     ap.add_argument("--datasets", nargs="*", default=None, help="accuracy suite: only these (emoji, cifar10k)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md")
@@ -241,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     for suite in suites:
         t0 = time.time()
         rows = globals()[f"suite_{suite}"](args)
+        old = args.results / f"{suite}.json"
+        if args.datasets and old.exists():  # a partial rerun keeps the other data sets' rows
+            rows = [r for r in json.loads(old.read_text())["rows"] if r.get("data") not in args.datasets] + rows
         record = {"suite": suite, "machine": machine(), "command": "python -m benchmarks.run " + " ".join(argv or sys.argv[1:]),
                   "epochs": args.epochs, "tiny": args.tiny, "seconds": time.time() - t0, "rows": rows}
         (args.results / f"{suite}.json").write_text(json.dumps(record, indent=1) + "\n")

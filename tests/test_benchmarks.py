@@ -53,3 +53,14 @@ def test_ablation_and_data_suites(bench):
     rec, readme = bench("data")
     assert sorted({r["fraction"] for r in rec["rows"]}) == [0.1, 0.25, 0.5, 1.0]
     assert "## Ablation (emoji)" in readme and "## Data efficiency" in readme
+
+
+def test_budget_suite(bench, tmp_path):
+    rec, readme = bench("accuracy")
+    simclr = {r["data"]: r["s_per_epoch"] * r["epochs"] for r in rec["rows"] if r["method"] == "simclr"}
+    rec, readme = bench("budget")
+    assert {(r["data"], r["method"]) for r in rec["rows"]} == {
+        (d, m) for d in ("emoji", "cifar10k") for m in ("edgessl", "npid", "mocov2", "simclr")}
+    for r in rec["rows"]:
+        assert r["budget_s"] == pytest.approx(simclr[r["data"]])
+    assert "## Accuracy at equal wall-clock" in readme
