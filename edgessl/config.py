@@ -30,6 +30,11 @@ class PretrainConfig:
     head: str = "linear"
     head_hidden: int = 2048
     feature_dim: int = 128
+    # several widths of one network (SlimCLR): None = one width
+    widths: str | None = None  # e.g. "1.0,0.75,0.5,0.25"
+    slow_start: float = 0.5  # fraction of the epochs before the sub-widths join
+    width_distill: float = 0.5  # weight of the distillation from the full width in each sub-width's loss; 0 = off
+    width_reweight: bool = True  # full width weighs 1 + sum of sub-widths
     # method
     method: str = "edgessl"
     temperature: float = 0.1
@@ -162,6 +167,14 @@ def validate(cfg: PretrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be zero or positive, not {getattr(cfg, name)}.")
     if not 0 <= cfg.bank_momentum < 1:
         raise UserError(f"--bank-momentum must be in [0, 1), not {cfg.bank_momentum}.")
+    if cfg.widths is not None:
+        from edgessl.slim.channels import parse_widths
+
+        cfg.widths = ",".join(f"{w:g}" for w in parse_widths(cfg.widths))
+    if not 0 <= cfg.slow_start < 1:
+        raise UserError(f"--slow-start must be in [0, 1) (a fraction of the epochs), not {cfg.slow_start}.")
+    if not 0 <= cfg.width_distill <= 1:
+        raise UserError(f"--width-distill must be in [0, 1], not {cfg.width_distill}.")
     if cfg.eval_every < 0:
         raise UserError("--eval-every must be zero (off) or positive.")
 

@@ -25,6 +25,7 @@ class StepOutput:
     targets: Tensor  # (B,) long or (B, K) soft, for the whole (global) batch
     p: Tensor  # (B_r, K) softmax(s / tau) of this process's rows (B_r = B with one process), detached
     z: Tensor  # (B_r, d) detached unit features of this process's rows
+    sim: Tensor  # (B_r, K) similarities to the columns in use, with gradient (distillation between widths)
 
 
 class InstanceDiscrimination(nn.Module):
@@ -88,7 +89,7 @@ class InstanceDiscrimination(nn.Module):
             loss = ce + self.sd_weight * sd
         with torch.no_grad():
             p = torch.softmax(sim.detach() / self.temperature, dim=1)
-        return StepOutput(loss, ce.detach(), sd.detach(), index, cols, targets, p, z.detach())
+        return StepOutput(loss, ce.detach(), sd.detach(), index, cols, targets, p, z.detach(), sim)
 
     @torch.no_grad()
     def update_bank(self, out: StepOutput, z: Tensor | None = None) -> None:

@@ -67,3 +67,45 @@ def feature_std(z: Tensor) -> Tensor:
     z: (N, d) unit rows -> scalar. About 1/sqrt(d) for well-spread features, 0 when all rows are equal.
     """
     return z.float().std(dim=0).mean()
+
+
+# ---------------------------------------------------------------- several widths of one network (SlimCLR)
+def soft_cross_entropy(logits: Tensor, target_p: Tensor) -> Tensor:
+    """Distillation toward a teacher's distribution: -(1/B) sum_b sum_k q_bk log softmax(logits_b)_k.
+
+    logits: (B, K) the student's s / tau; target_p: (B, K) the teacher's probabilities (rows sum to 1), a constant.
+    Its gradient w.r.t. the logits is (softmax(logits) - q) / B; it equals KL(q || p) + H(q).
+    """
+    return -(target_p.detach() * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def width_loss_weights(widths: list[float], reweight: bool = True) -> list[float]:
+    """Weight of each width's loss, widths in descending order (full width first).
+
+    reweight (SlimCLR's loss re-weighting): the full width weighs 1 + the sum of the sub-widths, each sub-width 1,
+    e.g. [1.0, 0.75, 0.5, 0.25] -> [2.5, 1, 1, 1]; without it every width weighs 1.
+    """
+    if reweight:
+        return [1.0 + sum(widths[1:])] + [1.0] * (len(widths) - 1)
+    return [1.0] * len(widths)
+
+
+def slimmable_loss(full: Tensor, subs: list[Tensor], sub_logits: list[Tensor], teacher_p: Tensor,
+                   weights: list[float], distill: float = 0.5) -> Tensor:
+    """L = w_1 L_full + sum_i w_i [(1 - a) L_i + a CE(p_full, p_i)] (SlimCLR's online distillation, a = distill).
+
+    full: scalar loss of the full width; subs: [scalar] each sub-width's own loss (against the same bank columns);
+    sub_logits: [(B, K)] each sub-width's s / tau; teacher_p: (B, K) the full width's detached probabilities;
+    weights: width_loss_weights(...). distill = 0 turns the distillation off.
+    """
+    total = weights[0] * full
+    for w, own, logits in zip(weights[1:], subs, sub_logits):
+        term = own if distill == 0 else (1 - distill) * own + distill * soft_cross_entropy(logits, teacher_p)
+        total = total + w * term
+    return total
+
+
+def active_widths(widths: list[float], epoch: int, epochs: int, slow_start: float) -> list[float]:
+    """Widths trained in `epoch` (0-based): only the full width before round(slow_start * epochs), then all
+    (SlimCLR's slow start; slow_start = 0 trains every width from the first epoch)."""
+    return list(widths) if epoch >= round(slow_start * epochs) else [widths[0]]

@@ -182,12 +182,13 @@ def broadcast_object(obj: Any, d: Dist, src: int = 0) -> Any:
 
 
 # ---------------------------------------------------------------- model wrapping
-def wrap_model(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around `model` (which keeps the un-prefixed state_dict), or `model` itself."""
+def wrap_model(model: nn.Module, d: Dist, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """DistributedDataParallel around `model` (which keeps the un-prefixed state_dict), or `model` itself.
+    find_unused: some parameters sit out some steps (the sub-widths' BatchNorm before the slow start)."""
     if not d.active:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

@@ -22,6 +22,7 @@ from edgessl.errors import TrainingDiverged, UserError
 from edgessl.evaluate.features import extract_features
 from edgessl.evaluate.knn import knn_top1
 from edgessl.method.instance import InstanceDiscrimination
+from edgessl.method.losses import active_widths, slimmable_loss, soft_cross_entropy, width_loss_weights
 from edgessl.models.backbone import create_backbone, output_dim, save_encoder, want_small_input
 from edgessl.models.head import Encoder, ProjectionHead
 from edgessl.report.plots import plot_curves
@@ -47,6 +48,22 @@ class StepInfo:
     model: torch.nn.Module  # the unwrapped model (never the DDP wrapper)
     method: InstanceDiscrimination
     rank: int = 0  # this process's rank under torchrun, 0 otherwise
+
+
+@dataclass
+class WarmStart:
+    """Start from given weights instead of a fresh network (`edgessl prune`'s recovery pretraining).
+
+    encoder: an Encoder (backbone + head), e.g. physically pruned; meta: extra encoder.json keys (how to rebuild
+    it); teacher: a frozen Encoder whose distribution over the bank columns the student also matches (soft
+    cross-entropy, weight `distill`, own loss weight 1 - distill); bank: (N, d) initial bank rows (None: forward
+    pass of `encoder`)."""
+
+    encoder: torch.nn.Module
+    meta: dict[str, Any] = field(default_factory=dict)
+    teacher: torch.nn.Module | None = None
+    bank: torch.Tensor | None = None
+    distill: float = 0.5
 
 
 @dataclass
@@ -182,8 +199,12 @@ def pretrain(
     resume: str | Path | None = None,
     console: Console | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    warm: WarmStart | None = None,
 ) -> PretrainResult:
     """Pretrain an encoder with the single-branch method. See README for every option.
+
+    With cfg.widths the encoder is a SlimmableEncoder trained at every width (slow start, online distillation,
+    loss re-weighting); the bank follows the full width. warm: start from given weights (see WarmStart).
 
     resume: a run directory to continue after its last completed epoch (cfg should be its config.yaml).
     on_step(StepInfo): called after every optimiser step (custom logging, tests), on every process.
@@ -196,7 +217,7 @@ def pretrain(
     d, device = distributed.setup(pick_device(cfg.device))
     finished = False
     try:
-        result = _pretrain(cfg, resume, console or Console(), on_step, d, device)
+        result = _pretrain(cfg, resume, console or Console(), on_step, d, device, warm)
         finished = True
         return result
     finally:
@@ -210,6 +231,7 @@ def _pretrain(
     on_step: Callable[[StepInfo], None] | None,
     d: distributed.Dist,
     device: torch.device,
+    warm: WarmStart | None = None,
 ) -> PretrainResult:
     quiet = cfg.quiet or not d.main
     say = console.print
@@ -230,11 +252,26 @@ def _pretrain(
     feat_dim = output_dim(backbone, cfg.image_size)
     head = ProjectionHead(feat_dim, cfg.feature_dim, cfg.head_hidden, cfg.head)
     model = Encoder(backbone, head)
+    if warm is not None:
+        model = warm.encoder
+        feat_dim = output_dim(model.backbone, cfg.image_size)
+    widths = [1.0]
+    if cfg.widths:
+        from edgessl.slim.channels import parse_widths
+        from edgessl.slim.slimmable import SlimmableEncoder
+
+        widths = parse_widths(cfg.widths)
+        model = SlimmableEncoder(model, widths, torch.zeros(2, 3, cfg.image_size, cfg.image_size))
+    slim = len(widths) > 1
+    teacher = None
+    if warm is not None and warm.teacher is not None:
+        teacher = warm.teacher.to(device).eval().requires_grad_(False)
     if cfg.sync_bn and d.active:
         model = distributed.convert_sync_batchnorm(model, device)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    encoder = model.encoder if slim else model  # the full-width Encoder
 
     # ---- data (every process caches every image: the global batch's rows change owner every epoch)
     data_root = cfg.data
@@ -299,7 +336,11 @@ def _pretrain(
         "std": list(std),
         "feature_dim": feat_dim,
         "method": cfg.method,
+        **(warm.meta if warm is not None else {}),
     }
+    if slim:
+        meta["widths"] = widths
+    loss_weights = width_loss_weights(widths, cfg.width_reweight)
 
     history: list[dict[str, Any]] = []
     start_epoch, nonfinite = 0, 0
@@ -320,14 +361,16 @@ def _pretrain(
         start_epoch, history, nonfinite = ckpt["epoch"], ckpt["history"], ckpt["nonfinite"]
         if not quiet:
             say(f"Resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}.")
+    elif warm is not None and warm.bank is not None:
+        method.bank.fill(torch.arange(n, device=device), warm.bank.to(device))
     elif cfg.bank_init == "forward":
         t0 = time.time()
-        forward_init_bank(model, method, images, device, precision, mean, std, 256, d)
+        forward_init_bank(encoder, method, images, device, precision, mean, std, 256, d)
         if not quiet:
             say(f"Memory bank: {n} rows filled by a forward pass of the untrained network ({time.time() - t0:.1f} s).")
     if d.main:
         _write_history(run_dir, history)
-    net = distributed.wrap_model(model, d, device)  # DDP; `model` stays the unwrapped module everything else uses
+    net = distributed.wrap_model(model, d, device, find_unused=slim)  # DDP; `model` stays the unwrapped module everything else uses
 
     if not quiet:
         procs = f" | {d.world} processes x {batch // d.world} images{' (SyncBatchNorm)' if cfg.sync_bn else ''}"
@@ -370,12 +413,25 @@ def _pretrain(
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 idx_dev = idx.to(device)
+                trained = active_widths(widths, epoch, cfg.epochs, cfg.slow_start)
                 with autocast(device, precision):
-                    z = net(x)
-                out = method(F.normalize(z.float(), dim=1), idx_dev, keyed_generator(cfg.seed, epoch, step), mix, local)
+                    zs = net(x, trained) if slim else [net(x)]
+                # every width meets the same bank columns (same generator key)
+                outs = [method(F.normalize(z.float(), dim=1), idx_dev, keyed_generator(cfg.seed, epoch, step), mix, local)
+                        for z in zs]
+                out = outs[0]
+                loss = out.loss
+                if len(outs) > 1:
+                    loss = slimmable_loss(out.loss, [o.loss for o in outs[1:]], [o.sim / cfg.temperature for o in outs[1:]],
+                                          out.p, loss_weights[: len(outs)], cfg.width_distill)
+                if teacher is not None:
+                    with torch.no_grad(), autocast(device, precision):
+                        zt = F.normalize(teacher(x).float(), dim=1)
+                    pt = torch.softmax(zt @ method.bank.columns(out.cols).t() / cfg.temperature, dim=1)
+                    loss = (1 - warm.distill) * loss + warm.distill * soft_cross_entropy(out.sim / cfg.temperature, pt)
                 # the global batch's mean loss (mean of equal-sized slices' means), identical on every process
                 step_loss, step_ce, step_sd = distributed.mean_over_ranks(
-                    torch.stack([out.loss.detach().float(), out.ce.float(), out.sd.float()]), d
+                    torch.stack([loss.detach().float(), out.ce.float(), out.sd.float()]), d
                 ).tolist()
                 optimizer.zero_grad(set_to_none=True)
                 if not math.isfinite(step_loss):
@@ -389,7 +445,7 @@ def _pretrain(
                         )
                     continue
                 nonfinite = 0
-                scaler.scale(out.loss).backward()  # DDP averages the gradients over processes
+                scaler.scale(loss).backward()  # DDP averages the gradients over processes
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -450,6 +506,8 @@ def _pretrain(
                     run_dir / CHECKPOINT,
                 )
                 save_encoder(model.backbone, run_dir, {**meta, "epochs_trained": epoch + 1})
+                if slim:
+                    save_private_bn(model, run_dir)
                 _write_history(run_dir, history)
                 plot_curves(history, run_dir / "curves.png", title=f"{arch['timm_name']} - {run_dir.name}")
                 _log_epoch(console, row, cfg.epochs, progress)
@@ -460,6 +518,15 @@ def _pretrain(
     if not quiet:
         say(f"Done. Encoder: {run_dir / 'encoder.safetensors'} (+ encoder.json). Curves: {run_dir / 'curves.png'}")
     return PretrainResult(run_dir, history)
+
+
+def save_private_bn(model, run_dir: Path) -> None:
+    """widths.safetensors: every sub-width's private BatchNorm of the backbone (`edgessl slim` reads it)."""
+    from safetensors.torch import save_file
+
+    tmp = run_dir / "widths.safetensors.tmp"
+    save_file(model.private_bn_state(), str(tmp))
+    tmp.replace(run_dir / "widths.safetensors")
 
 
 def _cutmix_rows(
