@@ -22,6 +22,15 @@ from edgessl.errors import UserError
 SLICEABLE = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
+def torch_pruning():
+    """The torch_pruning module, or a UserError saying how to install it (it is the `slim` extra)."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise UserError("--widths, `edgessl slim` and `edgessl prune` need torch-pruning: pip install 'edgessl[slim]'.") from None
+    return tp
+
+
 def width_channels(channels: int, width: float) -> int:
     """Channels kept at `width` of a group of `channels`: round(w·C), rounded to a multiple of 8 when the group
     is a multiple of 8 and keeps at least 8; never fewer than 1, never more than C.
@@ -77,7 +86,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, keep_outputs: list[n
     follow the group that feeds them. The image's 3 input channels belong to no group and so never change.
     Raises UserError when torch-pruning cannot trace the model or a group holds a layer that cannot be sliced.
     """
-    import torch_pruning as tp
+    tp = torch_pruning()
 
     was_training = model.training
     model.eval()

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from edgessl.errors import UserError
-from edgessl.slim.channels import channel_groups
+from edgessl.slim.channels import channel_groups, torch_pruning
 
 
 def prune_to_counts(model: nn.Module, example: torch.Tensor, counts: dict[str, int],
                     keep_outputs: list[nn.Module] = ()) -> nn.Module:
     """Remove channels k.. of every group whose root is in `counts` ({root layer name: k}), in place.
     Returns the model. Raises UserError when a stored count names a layer this architecture lacks."""
-    import torch_pruning as tp
+    tp = torch_pruning()
 
     groups = {g.root: g for g in channel_groups(model, example, keep_outputs)}
     unknown = sorted(set(counts) - set(groups))
@@ -49,7 +49,7 @@ def prune_by_importance(model: nn.Module, example: torch.Tensor, ratio: float, c
     """Remove `ratio` of the channels of every group (rounded to multiples of 8 where possible), keeping the most
     important ones: 'magnitude' (L2 norm of the group's weights) or 'taylor' (|w·∂L/∂w|; `taylor_batch()` must run
     a forward + backward of the training loss first). Returns {group root: kept channels}, in place."""
-    import torch_pruning as tp
+    tp = torch_pruning()
 
     if not 0 < ratio < 1:
         raise UserError(f"--ratio must be in (0, 1) (the fraction of channels removed), not {ratio:g}.")
@@ -76,7 +76,7 @@ def prune_by_importance(model: nn.Module, example: torch.Tensor, ratio: float, c
 
 def count_params_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     """(parameters, multiply-accumulates of one forward pass of `example`), torch-pruning's counter."""
-    import torch_pruning as tp
+    tp = torch_pruning()
 
     was_training = model.training
     model.eval()
