@@ -273,3 +273,18 @@ def test_two_processes_match_one_and_one_process_resumes_a_two_process_run(tiny_
     _assert_same_state(r, a)
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in a["history"]], abs=ATOL)
     print(f"two-process test: {time.time() - t0:.1f} s")
+
+
+def test_widths_two_processes_match_one(tiny_data, tmp_path):
+    """--widths under torchrun: every width's sliced forward, private BatchNorm (synchronised) and the shared bank
+    give the one-process result."""
+    pytest.importorskip("torch_pruning")
+    opts = dict(TINY, sync_bn=True, widths="1.0,0.5", slow_start=0.5, cutmix=0.0)
+    run_a = tmp_path / "two"
+    proc = _torchrun(["-m", "edgessl", "pretrain", "--data", str(tiny_data), "--out", str(run_a), *_cli_args(opts)], tmp_path)
+    one = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "one"), quiet=True, **opts)
+    _finish(proc)
+    a, s = load_checkpoint(run_a), load_checkpoint(one.run_dir)
+    assert any(k.startswith("bn.w0500.") for k in a["model"])  # the width-0.5 private BatchNorm is checkpointed
+    _assert_same_state(a, s)
+    assert (run_a / "widths.safetensors").is_file()

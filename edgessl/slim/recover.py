@@ -1,0 +1,85 @@
+"""`edgessl prune`: prune a single-width encoder, then recover with a short pretraining distilled from the original.
+
+Route 2 to a smaller model (route 1: `--widths` + `edgessl slim`). The pruned network keeps the run's bank and
+head output; the recovery runs the same training loop with the same single-branch loss, plus a soft
+cross-entropy toward the unpruned encoder's distribution over the same bank columns (weight `distill`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgessl.config import replace, resolve
+from edgessl.errors import UserError
+from edgessl.models.backbone import create_backbone, output_dim, want_small_input
+from edgessl.models.head import Encoder, ProjectionHead
+from edgessl.slim.prune import prune_by_importance
+from edgessl.slim.slimmable import last_layer
+
+
+def load_run_encoder(run_dir: Path):
+    """(config, Encoder with the run's last weights, checkpoint) of a pretraining run directory."""
+    from edgessl.train.checkpoint import load_checkpoint
+
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint.pt").is_file():
+        raise UserError(f"'{run_dir}' is not a pretraining run directory (config.yaml and checkpoint.pt are needed).")
+    cfg = resolve(config=str(run_dir / "config.yaml"))
+    ckpt = load_checkpoint(run_dir)
+    backbone, _ = create_backbone(cfg.backbone, small_input=want_small_input(cfg.small_input, cfg.image_size))
+    head = ProjectionHead(output_dim(backbone, cfg.image_size), cfg.feature_dim, cfg.head_hidden, cfg.head)
+    encoder = Encoder(backbone, head)
+    state = ckpt["model"]
+    if any(k.startswith("encoder.") for k in state):  # a --widths run: its full width
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    encoder.load_state_dict(state)
+    return cfg, encoder, ckpt
+
+
+def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", epochs: int | None = None,
+              distill: float = 0.5, out: str | Path | None = None, quiet: bool = False, console=None,
+              seed: int | None = None):
+    """Prune `ratio` of every channel group of the run's encoder (projection output kept), recover for `epochs`
+    (default a quarter of the run's epochs, at least 1) and save it as a run directory (default
+    <run>/pruned-<ratio>/) whose encoder.json rebuilds the pruned architecture. Returns the PretrainResult."""
+    from edgessl.method.instance import InstanceDiscrimination
+    from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD, WarmStart, pretrain
+
+    run_dir = Path(run_dir)
+    if not 0 < ratio < 1:
+        raise UserError(f"--ratio must be in (0, 1) (the fraction of channels removed), not {ratio:g}.")
+    if not 0 <= distill <= 1:
+        raise UserError(f"--distill must be in [0, 1], not {distill:g}.")
+    cfg, teacher, ckpt = load_run_encoder(run_dir)
+    size = cfg.image_size
+    example = torch.zeros(2, 3, size, size)
+    student = copy.deepcopy(teacher)
+    bank = ckpt["method"]["bank.weight"]
+
+    def taylor_batch() -> None:  # one batch of the training loss, for the Taylor importance
+        from edgessl.data.augment import AugmentConfig, augment_batch
+        from edgessl.data.folder import load_image_folder
+        from edgessl.train.loop import demo_folder
+
+        images = load_image_folder(cfg.data or str(demo_folder()), size, labels=False)
+        idx = torch.arange(min(len(images), cfg.batch_size))
+        x = augment_batch(images.get(idx), idx, 0, cfg.seed, AugmentConfig(), IMAGENET_MEAN, IMAGENET_STD)
+        method = InstanceDiscrimination(len(bank), bank.shape[1], cfg.temperature, cfg.negatives, sd_weight=cfg.sd_weight)
+        method.bank.weight.copy_(bank)
+        student.train()
+        method(F.normalize(student(x), dim=1), idx).loss.backward()
+
+    counts = prune_by_importance(student, example, ratio, criterion, keep_outputs=[last_layer(student.head)],
+                                 taylor_batch=taylor_batch)
+    backbone_counts = {k[len("backbone."):]: v for k, v in counts.items() if k.startswith("backbone.")}
+    rcfg = replace(cfg, epochs=epochs or max(1, round(cfg.epochs / 4)), widths=None,
+                   out=str(out or run_dir / f"pruned-{ratio:g}"), quiet=quiet or cfg.quiet,
+                   seed=cfg.seed if seed is None else seed)
+    if rcfg.epochs <= 0:
+        raise UserError(f"--epochs must be positive, not {rcfg.epochs}.")
+    meta = {"pruned": backbone_counts, "prune_ratio": ratio, "criterion": criterion, "source_run": str(run_dir)}
+    warm = WarmStart(student, meta=meta, teacher=teacher, bank=bank, distill=distill)
+    return pretrain(rcfg, console=console, warm=warm)
