@@ -107,7 +107,7 @@ def pretrain(
     widths: Optional[str] = typer.Option(None, help="Train one weight-sharing network at several widths, e.g. 1.0,0.75,0.5,0.25 (SlimCLR); pick one later with `edgessl slim`."),
     slow_start: Optional[float] = typer.Option(None, help="With --widths: fraction of the epochs trained at full width only before the sub-widths join. [default: 0.5]"),
     width_distill: Optional[float] = typer.Option(None, help="With --widths: weight of each sub-width's distillation from the full width (0 = off). [default: 0.5]"),
-    width_reweight: Optional[bool] = typer.Option(None, "--width-reweight/--no-width-reweight", help="With --widths: the full width's loss weighs 1 + sum of the sub-widths. [default: on]"),
+    no_width_reweight: Optional[bool] = typer.Option(None, "--no-width-reweight", help="With --widths: every width's loss weighs 1 (default: the full width weighs 1 + sum of the sub-widths)."),
     small_input: Optional[str] = typer.Option(None, help="auto | on | off: stride-1 stem for small images (auto: on at <= 32 px)."),
     val: Optional[Path] = typer.Option(None, help="Labelled folder (one subfolder per class) for the online kNN monitor."),
     labels_from_folders: Optional[bool] = typer.Option(None, "--labels-from-folders", help="Use --data's subfolders as labels for the kNN monitor."),
@@ -122,6 +122,7 @@ def pretrain(
     from edgessl import api
 
     options = {k: v for k, v in locals().items() if k not in ("recipe", "config", "resume", "api")}
+    options["width_reweight"] = False if options.pop("no_width_reweight") else None
     for key in ("data", "out", "val"):
         if options[key] is not None:
             options[key] = str(options[key])
@@ -148,9 +149,13 @@ def recipes_cmd():
 
 from edgessl.commands import deploy as _deploy_commands  # noqa: E402
 from edgessl.commands import evaluate as _evaluate_commands  # noqa: E402
+from edgessl.commands import prune as _prune_commands  # noqa: E402
+from edgessl.commands import slim as _slim_commands  # noqa: E402
 
 _evaluate_commands.register(app)
 _deploy_commands.register(app)
+_slim_commands.register(app)
+_prune_commands.register(app)
 
 
 def main() -> None:

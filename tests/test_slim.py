@@ -202,3 +202,35 @@ def test_untraceable_or_unsliceable_models_are_refused():
         channel_groups(grouped, torch.zeros(1, 3, 16, 16))
     with pytest.raises(UserError, match="a width must be in"):
         encoder_at(widths=(1.0, 1.5))
+
+
+def test_training_loop_slow_start_and_flags(labelled_demo, tmp_path):
+    """Before the slow start only the full width trains (the sub-width's private BN does not move), after it every
+    width does; --no-width-reweight reaches the config."""
+    import edgessl
+    from typer.testing import CliRunner
+
+    from edgessl.cli import app
+
+    seen = []
+
+    def on_step(info):
+        bn = info.model.bn["w0500"]["backbone__bn1"]
+        seen.append((info.epoch, bn.weight.detach().clone(), bn.running_mean.detach().clone()))
+
+    edgessl.pretrain(data=str(labelled_demo / "train"), out=str(tmp_path / "r"), epochs=4, image_size=32,
+                     batch_size=8, feature_dim=16, eval_every=0, quiet=True, workers=1, widths="1.0,0.5",
+                     slow_start=0.5, on_step=on_step)
+    first = [s for s in seen if s[0] < 2]  # round(0.5 * 4) = 2 epochs at full width only
+    second = [s for s in seen if s[0] >= 2]
+    assert len(first) > 1 and len(second) > 1
+    assert all(torch.equal(s[1], first[0][1]) and torch.equal(s[2], first[0][2]) for s in first)
+    assert not torch.equal(second[-1][1], first[-1][1]) and not torch.equal(second[-1][2], first[-1][2])
+    res = CliRunner().invoke(app, ["pretrain", "--data", str(labelled_demo / "train"), "--widths", "0.5",
+                                   "--no-width-reweight", "--slow-start", "0", "--epochs", "1", "--image-size", "32",
+                                   "--batch-size", "8", "--eval-every", "0", "--out", str(tmp_path / "c"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "c" / "config.yaml").read_text()
+    assert "widths: 1,0.5" in text and "width_reweight: false" in text and "slow_start: 0.0" in text
+    res = CliRunner().invoke(app, ["pretrain", "--widths", "1.0,2", "--epochs", "1"])
+    assert res.exit_code == 2 and res.output.strip() == "error: a width must be in (0, 1], not 2."

@@ -16,6 +16,7 @@ ONNX, and check the file against PyTorch on real images.
     edgessl export runs/<name> --int8 --calib ./my_images --fp16
     edgessl export runs/<name> --classifier runs/<name>/finetune-pets --int8
     edgessl export runs/<name> --opset 17 --images ./val_images
+    edgessl export runs/<name> --width 0.5                # one width of a --widths run (see `edgessl slim`)
 
 Writes RUN/export/MODEL.onnx (+ MODEL.int8.onnx, MODEL.fp16.onnx), MODEL.reference.npz and manifest.json. Every file is
 checked with onnx.checker (full_check) and against PyTorch with ONNX Runtime (fp32: max abs diff <= 1e-4 of the output
@@ -57,10 +58,18 @@ def register(app) -> None:
         images: Optional[Path] = typer.Option(None, help="Images for the parity check (up to 256 used). [default: the classifier's or the run's training folder]"),
         out: Optional[Path] = typer.Option(None, help="Export folder. [default: RUN/export]"),
         name: Optional[str] = typer.Option(None, help="Base name of the model files. [default: encoder or classifier]"),
+        width: Optional[float] = typer.Option(None, help="Export this width of a `--widths` run: slimmed into RUN/width-W/ first (reused when up to date), exported to RUN/width-W/export."),
         quiet: bool = typer.Option(False, "--quiet", help="Print only the summary table."),
     ):
         from edgessl import api
 
+        if width is not None:
+            from edgessl.slim.api import ensure_slimmed
+
+            run, reused = ensure_slimmed(run, width)
+            if not quiet:
+                console.print(f"Width {width:g}: {'using the slimmed encoder in' if reused else 'slimmed into'} {run}",
+                              highlight=False, soft_wrap=True)
         result = api.export(run, classifier=classifier, opset=opset, int8=int8, calib=calib, fp16=fp16, images=images,
                             out=out, name=name, calib_method=calib_method, console=None if quiet else console)
         _print_summary(console, result)

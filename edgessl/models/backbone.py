@@ -94,6 +94,11 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     model = timm.create_model(arch["timm_name"], pretrained=False, num_classes=0)
     if arch.get("stem"):
         apply_small_input_stem(model, arch["stem"])
+    if arch.get("pruned"):  # a physically smaller model (`edgessl slim`, `edgessl prune`): remove the same channels
+        from edgessl.slim.prune import prune_to_counts
+
+        size = int(arch.get("image_size") or arch["input_size"][-1])
+        prune_to_counts(model, torch.zeros(2, 3, size, size), arch["pruned"])
     return model
 
 

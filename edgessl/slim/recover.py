@@ -82,4 +82,15 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
         raise UserError(f"--epochs must be positive, not {rcfg.epochs}.")
     meta = {"pruned": backbone_counts, "prune_ratio": ratio, "criterion": criterion, "source_run": str(run_dir)}
     warm = WarmStart(student, meta=meta, teacher=teacher, bank=bank, distill=distill)
-    return pretrain(rcfg, console=console, warm=warm)
+    result = pretrain(rcfg, console=console, warm=warm)
+    # the report of a --widths run, for the original (width 1.0) and the pruned encoder (width = kept fraction)
+    from edgessl.slim.api import encoders_report, report_table
+    from edgessl.train.loop import demo_folder
+
+    labelled = (cfg.data or str(demo_folder())) if (cfg.labels_from_folders or cfg.data is None) else None
+    report = encoders_report(result.run_dir, [(1.0, run_dir), (1 - ratio, result.run_dir)], labelled=labelled,
+                             test=cfg.val, console=None if rcfg.quiet else console)
+    if console is not None and not rcfg.quiet:
+        console.print(report_table(report))
+    result.report = report
+    return result

@@ -70,6 +70,7 @@ class WarmStart:
 class PretrainResult:
     run_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    report: list[dict[str, Any]] | None = None  # widths.json entries (`edgessl prune`)
 
     @property
     def encoder(self) -> Path:
@@ -515,6 +516,13 @@ def _pretrain(
     finally:
         if progress is not None:
             progress.stop()
+    if slim and d.main:  # per-width params, MACs, latency, accuracy -> widths.json + widths.png (slimmed: width-<w>/)
+        from edgessl.slim.api import report_table, width_report
+
+        report = width_report(run_dir, widths, labelled=images if images.labels is not None else None, test=val,
+                              device=device, console=None if quiet else console)
+        if not quiet:
+            say(report_table(report))
     if not quiet:
         say(f"Done. Encoder: {run_dir / 'encoder.safetensors'} (+ encoder.json). Curves: {run_dir / 'curves.png'}")
     return PretrainResult(run_dir, history)
