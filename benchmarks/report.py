@@ -133,6 +133,31 @@ def budget_section(rec) -> str:
     return "\n".join(out) + "\n"
 
 
+def slim_section(rec) -> str:
+    out = ["## Slimmable widths vs separate training vs prune-then-recover (emoji)\n", _machine(rec),
+           "Routes to a width-1.0 and a width-0.5 encoder (`benchmarks/slim.py`): one `--widths 1.0,0.5` run sliced by "
+           "`edgessl slim`; each width trained on its own for the same epochs; the separate width-1.0 encoder pruned by "
+           "half (`edgessl prune --ratio 0.5`, magnitude) and recovered. Latency: PyTorch eager, batch 1, p50.\n",
+           "| route | width | epochs | params | MACs | latency (ms) | kNN@10 | linear@10 | kNN@all | linear@all |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        f = r["final"]
+        out.append(f"| {r['route']} | {r['width']:g} | {r['epochs']} | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | "
+                   f"{r['latency_ms_pytorch']:.2f} | {_ms(f.get('knn@10'))} | {_ms(f.get('linear@10'))} | "
+                   f"{_ms(f.get('knn@all'))} | {_ms(f.get('linear@all'))} |")
+    by = {(r["route"], r["width"]): r for r in rec["rows"]}
+    totals = []
+    if ("slimmable", 1.0) in by:
+        totals.append(("slimmable (both widths from one run)", by[("slimmable", 1.0)]["train_seconds"]))
+    if ("separate", 1.0) in by and ("separate", 0.5) in by:
+        totals.append(("separate (two runs)", by[("separate", 1.0)]["train_seconds"] + by[("separate", 0.5)]["train_seconds"]))
+    if ("prune+recover", 0.5) in by:
+        totals.append(("prune+recover (width-1.0 run + recovery)", by[("prune+recover", 0.5)]["train_seconds"]))
+    out += ["", "Training budget per route (seconds, including the online kNN monitor):", "",
+            "| route | seconds |", "|---|---|"] + [f"| {name} | {sec:.0f} |" for name, sec in totals]
+    return "\n".join(out) + "\n"
+
+
 def sweep_section(path: Path) -> str:
     rows = json.loads(path.read_text())
     out = [f"## Sweep `{path.stem}`\n", "CIFAR-10 5,000-image subset (500/class), 32 px, mobilenetv3_small_100 with the stride-1 stem, batch 128, "
@@ -173,8 +198,9 @@ def distributed_section(recs) -> str:
 
 def write_readme(results: Path, readme: Path) -> None:
     parts = [HEADER]
-    sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section}
-    for suite in ("cost", "accuracy", "budget", "ablation", "data"):
+    sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section,
+                "slim": slim_section}
+    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim"):
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())

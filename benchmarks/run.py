@@ -7,6 +7,7 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
             10,000-image CIFAR-10 subset (32 px), edgessl vs NPID vs lightly MoCo v2 and SimCLR
   ablation  each component of the method off (and CutMix on), kNN after the same epochs, 3 seeds, emoji
   data      10/25/50/100 % of the CIFAR-10 subset, edgessl vs MoCo v2 (100 %: the accuracy suite's runs)
+  slim      one --widths 1.0,0.5 run vs separately trained widths vs prune-then-recover (emoji), benchmarks/slim.py
   budget    equal wall-clock: each method trains for the time SimCLR's `--epochs` took in the accuracy suite
   all       every suite above
 --tiny runs a suite in seconds (a few images, one epoch, two steps) so the runner cannot rot (tests/test_benchmarks.py).
@@ -28,7 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SUITES = ("cost", "accuracy", "ablation", "data", "budget")
+SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim")
 
 
 def machine() -> dict[str, Any]:
@@ -256,6 +257,12 @@ def suite_budget(args) -> list[dict]:
             rows.append({**r, "data": name, "budget_s": budget})
             print(f"budget {name} {method}: {epochs} epochs, kNN last {r['knn_last']}", flush=True)
     return rows
+
+
+def suite_slim(args) -> list[dict]:
+    from benchmarks.slim import suite_slim as run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> None:

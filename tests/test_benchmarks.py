@@ -64,3 +64,14 @@ def test_budget_suite(bench, tmp_path):
     for r in rec["rows"]:
         assert r["budget_s"] == pytest.approx(simclr[r["data"]])
     assert "## Accuracy at equal wall-clock" in readme
+
+
+def test_slim_suite(bench):
+    pytest.importorskip("torch_pruning")
+    rec, readme = bench("slim")
+    assert [(r["route"], r["width"]) for r in rec["rows"]] == [
+        ("slimmable", 1.0), ("slimmable", 0.5), ("separate", 1.0), ("separate", 0.5), ("prune+recover", 0.5)]
+    half = [r for r in rec["rows"] if r["width"] == 0.5]
+    full = [r for r in rec["rows"] if r["width"] == 1.0]
+    assert max(r["params"] for r in half) < min(r["params"] for r in full)
+    assert "## Slimmable widths vs separate training" in readme
