@@ -455,6 +455,10 @@ def _pretrain(
                 sums["loss"] += step_loss * len(idx)
                 sums["ce"] += step_ce * len(idx)
                 sums["sd"] += step_sd * len(idx)
+                if len(outs) > 1:  # each sub-width's own L_ce (the full width's is loss_ce)
+                    sub_ce = distributed.mean_over_ranks(torch.stack([o.ce.float() for o in outs[1:]]), d).tolist()
+                    for w, value in zip(trained[1:], sub_ce):
+                        sums[f"ce_w{w:g}"] = sums.get(f"ce_w{w:g}", 0.0) + value * len(idx)
                 if progress is not None:
                     rate = done / max(time.time() - t0, 1e-9)
                     progress.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {step_loss:.3f} {rate:.0f} img/s")
@@ -474,6 +478,7 @@ def _pretrain(
                 "loss": sums["loss"] / max(done, 1),
                 "loss_ce": sums["ce"] / max(done, 1),
                 "loss_sd": sums["sd"] / max(done, 1),
+                **{f"loss_{k}": v / max(done, 1) for k, v in sums.items() if k.startswith("ce_w")},
                 "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": done / max(seconds, 1e-9),
                 "seconds": seconds,
@@ -575,8 +580,9 @@ def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 def _log_epoch(console: Console, row: dict[str, Any], epochs: int, progress) -> None:
     knn = f"  kNN@20 {row['knn_top1']:.3f}  kNN@200 {row['knn_top1_k200']:.3f}" if "knn_top1" in row else ""
+    widths = "".join(f", ce@{k[len('loss_ce_w'):]} {v:.3f}" for k, v in row.items() if k.startswith("loss_ce_w"))
     line = (
-        f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f} (ce {row['loss_ce']:.3f}, sd {row['loss_sd']:.4f})"
+        f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f} (ce {row['loss_ce']:.3f}{widths}, sd {row['loss_sd']:.4f})"
         f"  lr {row['lr']:.4f}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f} s{knn}"
     )
     (progress.console if progress is not None else console).print(line, highlight=False)
