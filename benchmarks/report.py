@@ -115,9 +115,15 @@ def ablation_section(rec) -> str:
     return "\n".join(out) + "\n"
 
 
-def data_section(rec) -> str:
+def data_section(rec, accuracy: dict | None = None) -> str:
     out = ["## Data efficiency (CIFAR-10 subset)\n", _machine(rec)]
-    out += _eval_table(rec["rows"], [("fraction", "fraction"), ("method", "method"), ("train images", "n_train")])
+    rows = list(rec["rows"])
+    full = [r for r in (accuracy or {}).get("rows", []) if r.get("data") == "cifar10k" and r["method"] in ("edgessl", "mocov2")
+            and r["epochs"] == rec["epochs"]]
+    if full:
+        out.append("The 100 % rows are the accuracy suite's cifar10k runs (same data, epochs and protocol).\n")
+        rows += [{**r, "fraction": 1.0} for r in full]
+    out += _eval_table(rows, [("fraction", "fraction"), ("method", "method"), ("train images", "n_train")])
     return "\n".join(out) + "\n"
 
 
@@ -204,7 +210,13 @@ def write_readme(results: Path, readme: Path) -> None:
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())
-            parts.append(accuracy_section(rec, results) if suite == "accuracy" else sections[suite](rec))
+            if suite == "accuracy":
+                parts.append(accuracy_section(rec, results))
+            elif suite == "data":
+                acc = results / "accuracy.json"
+                parts.append(data_section(rec, json.loads(acc.read_text()) if acc.exists() else None))
+            else:
+                parts.append(sections[suite](rec))
     for path in sorted(results.glob("sweep_*.json")):
         parts.append(sweep_section(path))
     if (results / "export.json").exists():

@@ -6,7 +6,7 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   accuracy  kNN (k=200, t=0.1, last and best epoch) and linear probe after the same epochs, emoji (64 px) and a
             10,000-image CIFAR-10 subset (32 px), edgessl vs NPID vs lightly MoCo v2 and SimCLR
   ablation  each component of the method off (and CutMix on), kNN after the same epochs, 3 seeds, emoji
-  data      10/25/50/100 % of the CIFAR-10 subset, edgessl vs MoCo v2 (100 %: the accuracy suite's runs)
+  data      10/25/50 % of the CIFAR-10 subset, edgessl vs MoCo v2 (100 %: the accuracy suite's runs, added by the report)
   slim      one --widths 1.0,0.5 run vs separately trained widths vs prune-then-recover (emoji), benchmarks/slim.py
   budget    equal wall-clock: each method trains for the time SimCLR's `--epochs` took in the accuracy suite
   all       every suite above
@@ -213,18 +213,10 @@ def suite_data(args) -> list[dict]:
     train, test, backbone, size = datasets(args.tiny)["cifar10k"]
     per_class = 4 if args.tiny else 1000
     rows = []
-    # the 100 % point is the accuracy suite's run when it exists (same data, epochs and protocol): reuse it
-    done = {}
-    acc = args.results / "accuracy.json"
-    if acc.exists() and not args.tiny:
-        rec = json.loads(acc.read_text())
-        done = {r["method"]: r for r in rec["rows"] if r["data"] == "cifar10k" and rec["epochs"] == args.epochs}
-    for frac in (0.1, 0.25, 0.5, 1.0):
-        sub = train if frac == 1.0 else stratified_subset(train, max(2, int(per_class * frac)), 0, f"{train.name}-{frac}")
+    # the 100 % point is the accuracy suite's cifar10k run (same data, epochs and protocol): the report adds it
+    for frac in (0.1, 0.25, 0.5):
+        sub = stratified_subset(train, max(2, int(per_class * frac)), 0, f"{train.name}-{frac}")
         for method in ("edgessl", "mocov2"):
-            if frac == 1.0 and method in done:
-                rows.append({"fraction": frac, **done[method], "reused_from": "accuracy"})
-                continue
             r = train_and_eval(method, sub, test, backbone, size, args.epochs, 0, 1, args.tiny,
                                eval_every=args.eval_every)
             rows.append({"fraction": frac, **r})
