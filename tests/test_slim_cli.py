@@ -254,3 +254,21 @@ def test_prune_taylor_and_bad_options(demo_run, tmp_path):
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.5", "--criterion", "random"]),
                     "--criterion must be magnitude or taylor")
     _one_line_error(runner.invoke(app, ["prune", str(tmp_path), "--ratio", "0.5"]), f"'{tmp_path}' is not a pretraining run")
+
+
+def test_resnet18_widths_export_with_parity(labelled_demo, tmp_path):
+    """The issue's second backbone: a resnet18 --widths run (CIFAR stem at 32 px), every sub-width exported."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from edgessl.deploy import manifest as mf
+
+    run = tmp_path / "r18"
+    edgessl.pretrain(data=str(labelled_demo / "train"), out=str(run), backbone="resnet18", epochs=1, image_size=SIZE,
+                     batch_size=8, feature_dim=16, eval_every=0, quiet=True, workers=1, widths="1.0,0.5,0.25",
+                     slow_start=0)
+    for w in ("0.5", "0.25"):
+        res = runner.invoke(app, ["export", str(run), "--width", w])
+        assert res.exit_code == 0, res.output
+        entry = mf.find_entry(mf.read_manifest(run / f"width-{w}" / "export" / "manifest.json"), "encoder.onnx")
+        assert entry["parity"]["rel_max_abs_diff"] <= 1e-4 and entry["parity"]["min_cosine"] >= 0.99999
+        assert read_encoder_meta(run / f"width-{w}")["feature_dim"] == {"0.5": 256, "0.25": 128}[w]
