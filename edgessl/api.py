@@ -114,3 +114,20 @@ def export(
 
     return run_export(run, classifier=classifier, opset=opset, int8=int8, calib=calib, fp16=fp16, images=images,
                       out=out, name=name, calib_method=calib_method, console=console)
+
+
+def slim(run_dir: str | Path, width: float, out: str | Path | None = None) -> Path:
+    """One width of a `--widths` run as a standalone, physically smaller encoder (default <run_dir>/width-<w>/).
+    Returns the folder; `load_encoder(folder)` rebuilds it. See `edgessl slim --help`."""
+    from edgessl.slim.api import slim_encoder
+
+    return slim_encoder(run_dir, width, out)
+
+
+def prune(run_dir: str | Path, ratio: float, criterion: str = "magnitude", epochs: int | None = None,
+          distill: float = 0.5, out: str | Path | None = None, quiet: bool = False):
+    """Prune `ratio` of every channel group of a run's encoder and recover it (see `edgessl prune --help`).
+    Returns the recovery's PretrainResult (`.run_dir`, `.history`, `.report` = its widths.json entries)."""
+    from edgessl.slim.recover import prune_run
+
+    return prune_run(run_dir, ratio, criterion, epochs, distill, out, quiet=quiet)
