@@ -7,15 +7,15 @@ Python API (mirrors the CLI):
     edgessl.evaluate_encoder("runs/<name>", train="./labeled/train", test="./labeled/test", baseline="random")
     edgessl.finetune("runs/<name>", train="./labeled/train", test="./labeled/test", labels_per_class=10)
     edgessl.load_classifier("runs/<name>/finetune-lpc10") -> torch.nn.Module (logits; `.edgessl_meta["classes"]`)
-    edgessl.pretrain(..., widths="1.0,0.5,0.25"); edgessl.slim("runs/<name>", 0.5) -> Path (a smaller encoder)
-    edgessl.prune("runs/<name>", ratio=0.5) -> PretrainResult (pruned + recovered encoder, widths.json report)
+    edgessl.pretrain(..., widths="1.0,0.5,0.25"); edgessl.slim_encoder("runs/<name>", 0.5) -> Path (a smaller encoder)
+    edgessl.prune_encoder("runs/<name>", ratio=0.5) -> PretrainResult (pruned + recovered encoder, widths.json report)
 """
 
 __version__ = "0.1.0"
 
 from edgessl.api import (  # noqa: E402
-    evaluate_encoder, export, finetune, load_classifier, load_encoder, pretrain, prune, slim,
+    evaluate_encoder, export, finetune, load_classifier, load_encoder, pretrain, prune_encoder, slim_encoder,
 )
 
 __all__ = ["__version__", "pretrain", "load_encoder", "evaluate_encoder", "finetune", "load_classifier", "export",
-           "slim", "prune"]
+           "slim_encoder", "prune_encoder"]

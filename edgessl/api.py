@@ -116,15 +116,15 @@ def export(
                       out=out, name=name, calib_method=calib_method, console=console)
 
 
-def slim(run_dir: str | Path, width: float, out: str | Path | None = None) -> Path:
+def slim_encoder(run_dir: str | Path, width: float, out: str | Path | None = None) -> Path:
     """One width of a `--widths` run as a standalone, physically smaller encoder (default <run_dir>/width-<w>/).
     Returns the folder; `load_encoder(folder)` rebuilds it. See `edgessl slim --help`."""
-    from edgessl.slim.api import slim_encoder
+    from edgessl.slim.api import slim_encoder as run
 
-    return slim_encoder(run_dir, width, out)
+    return run(run_dir, width, out)
 
 
-def prune(run_dir: str | Path, ratio: float, criterion: str = "magnitude", epochs: int | None = None,
+def prune_encoder(run_dir: str | Path, ratio: float, criterion: str = "magnitude", epochs: int | None = None,
           distill: float = 0.5, out: str | Path | None = None, quiet: bool = False):
     """Prune `ratio` of every channel group of a run's encoder and recover it (see `edgessl prune --help`).
     Returns the recovery's PretrainResult (`.run_dir`, `.history`, `.report` = its widths.json entries)."""

@@ -188,7 +188,7 @@ def test_eval_accepts_the_slimmed_folder(slim_run, labelled_demo, tmp_path):
 
 
 def _slim(run: Path, folder: Path) -> Path:
-    return edgessl.slim(run, 0.5, folder)  # the Python API
+    return edgessl.slim_encoder(run, 0.5, folder)  # the Python API
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -244,7 +244,7 @@ def test_prune_then_recover_writes_a_smaller_encoder_and_the_same_report(demo_ru
 
 def test_prune_taylor_and_bad_options(demo_run, tmp_path):
     pytest.importorskip("torch_pruning")
-    result = edgessl.prune(demo_run, 0.25, "taylor", epochs=1, out=tmp_path / "taylor", quiet=True)
+    result = edgessl.prune_encoder(demo_run, 0.25, "taylor", epochs=1, out=tmp_path / "taylor", quiet=True)
     assert result.report[1]["params"] < result.report[0]["params"]
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "1.0"]), "--ratio must be in (0, 1)")
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.5", "--criterion", "random"]),
