@@ -143,13 +143,15 @@ def slim_section(rec) -> str:
     out = ["## Slimmable widths vs separate training vs prune-then-recover (emoji)\n", _machine(rec),
            "Routes to a width-1.0 and a width-0.5 encoder (`benchmarks/slim.py`): one `--widths 1.0,0.5` run sliced by "
            "`edgessl slim`; each width trained on its own for the same epochs; the separate width-1.0 encoder pruned by "
-           "half (`edgessl prune --ratio 0.5`, magnitude) and recovered. Latency: PyTorch eager, batch 1, p50.\n",
+           "half (`edgessl prune --ratio 0.5`, magnitude) and recovered. Latency: batch 1, one thread, median "
+           f"({rec['rows'][0].get('latency_runtime', 'PyTorch eager') if rec['rows'] else ''}"
+           f"{'; re-measured by `' + rec['cost_command'] + '`' if rec.get('cost_command') else ''}).\n",
            "| route | width | epochs | params | MACs | latency (ms) | kNN@10 | linear@10 | kNN@all | linear@all |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         f = r["final"]
         out.append(f"| {r['route']} | {r['width']:g} | {r['epochs']} | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | "
-                   f"{r['latency_ms_pytorch']:.2f} | {_ms(f.get('knn@10'))} | {_ms(f.get('linear@10'))} | "
+                   f"{r.get('latency_ms', r.get('latency_ms_pytorch', float('nan'))):.2f} | {_ms(f.get('knn@10'))} | {_ms(f.get('linear@10'))} | "
                    f"{_ms(f.get('knn@all'))} | {_ms(f.get('linear@all'))} |")
     by = {(r["route"], r["width"]): r for r in rec["rows"]}
     totals = []

@@ -259,7 +259,7 @@ def suite_slim(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="edgessl benchmarks")
-    ap.add_argument("suite", choices=(*SUITES, "all", "cost-one", "report"))
+    ap.add_argument("suite", choices=(*SUITES, "all", "cost-one", "report", "slim-cost"))
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; 1 with --tiny)")
     ap.add_argument("--seeds", type=int, default=3, help="label-subset seeds of the final evaluation")
@@ -273,6 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.suite == "cost-one":
         return cost_one(args)
+    if args.suite == "slim-cost":  # re-measure the slim suite's encoders, then regenerate the README
+        from benchmarks.report import write_readme
+        from benchmarks.slim import recost
+
+        recost(args.results)
+        return write_readme(args.results, args.readme)
     args.epochs = args.epochs or (1 if args.tiny else 15)
     if args.tiny:
         args.seeds = 1

@@ -19,21 +19,31 @@ import torch
 
 
 def encoder_cost(folder: Path, size: int) -> dict[str, Any]:
+    """Parameters, MACs and batch-1 latency (ONNX Runtime fp32 when installed, else PyTorch eager; median over at
+    least 30 runs and 0.5 s, one thread) of a saved encoder: the numbers of a --widths run's widths.json."""
     import edgessl
+    from edgessl.slim.api import batch1_latency
     from edgessl.slim.prune import count_params_macs
 
     model = edgessl.load_encoder(folder)
-    x = torch.zeros(1, 3, size, size)
-    params, macs = count_params_macs(model, x)
-    with torch.no_grad():
-        for _ in range(5):
-            model(x)
-        times = []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return {"params": params, "macs": macs, "latency_ms_pytorch": 1000 * sorted(times)[len(times) // 2]}
+    params, macs = count_params_macs(model, torch.zeros(1, 3, size, size))
+    latency, runtime = batch1_latency(model, size, threads=1)
+    return {"params": params, "macs": macs, "latency_ms": latency, "latency_runtime": runtime}
+
+
+def recost(results: Path) -> None:
+    """Re-measure params/MACs/latency of the encoders slim.json names (their folders must still exist), e.g. on an
+    idle machine after a run that shared the CPU: `python -m benchmarks.run slim-cost`."""
+    import json
+
+    path = results / "slim.json"
+    rec = json.loads(path.read_text())
+    size = 8 if rec.get("tiny") else 64
+    for r in rec["rows"]:
+        r.pop("latency_ms_pytorch", None)
+        r.update(encoder_cost(Path(r["folder"]), r.get("image_size", size)))
+    rec["cost_command"] = "python -m benchmarks.run slim-cost"
+    path.write_text(json.dumps(rec, indent=1) + "\n")
 
 
 def suite_slim(args) -> list[dict]:
@@ -64,7 +74,7 @@ def suite_slim(args) -> list[dict]:
     def record(route: str, width: float, folder: Path, seconds: float, epochs_run: int) -> None:
         enc = edgessl.load_encoder(folder)
         rows.append({"route": route, "width": width, "folder": str(folder), "train_seconds": seconds,
-                     "epochs": epochs_run, **encoder_cost(folder, size),
+                     "epochs": epochs_run, "image_size": size, **encoder_cost(folder, size),
                      "final": final_eval(enc, train_set, test_set, f"{route}-{width}", args.seeds)})
         print(f"slim {route} {width}: kNN@all {rows[-1]['final']['knn@all']['mean']:.3f}", flush=True)
 

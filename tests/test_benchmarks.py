@@ -79,4 +79,11 @@ def test_slim_suite(bench):
     half = [r for r in rec["rows"] if r["width"] == 0.5]
     full = [r for r in rec["rows"] if r["width"] == 1.0]
     assert max(r["params"] for r in half) < min(r["params"] for r in full)
+    assert all(r["latency_ms"] > 0 and r["latency_runtime"] for r in rec["rows"])
     assert "## Slimmable widths vs separate training" in readme
+    from benchmarks.run import main
+
+    main(["slim-cost", "--results", str(bench.out), "--readme", str(bench.out / "README.md")])
+    again = json.loads((bench.out / "slim.json").read_text())
+    assert again["cost_command"] == "python -m benchmarks.run slim-cost"
+    assert [r["params"] for r in again["rows"]] == [r["params"] for r in rec["rows"]]
