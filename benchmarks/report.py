@@ -88,11 +88,15 @@ def convergence_plot(rows, path: Path, title: str) -> None:
 def accuracy_section(rec, results: Path) -> str:
     out = ["## Accuracy at equal epochs\n", _machine(rec),
            "kNN: k = 200, t = 0.1 on backbone features (lightly's protocol), last and best epoch; @10 / @all: kNN and "
-           "logistic-regression probe with 10 labels per class (mean ± std over label-subset seeds) or all labels.\n"]
+           "logistic-regression probe with 10 labels per class (mean ± std over label-subset seeds) or all labels. "
+           "A run with `--datasets` replaces only those data sets' rows: the others come from an earlier run of the suite "
+           "(`git log benchmarks/results/accuracy.json`). s/epoch depends on what else shared the machine; the cost "
+           "suite measures time on an idle machine.\n"]
     for data in sorted({r["data"] for r in rec["rows"]}):
         rows = [r for r in rec["rows"] if r["data"] == data]
+        threads = f"; {rows[0]['threads']} thread(s) per process" if rows[0].get("threads") else ""
         out += [f"### {data} ({rows[0]['n_train']} train / {rows[0]['n_test']} test images, {rows[0]['backbone']}, "
-                f"{rows[0]['image_size']} px, {rows[0]['epochs']} epochs)\n"]
+                f"{rows[0]['image_size']} px, {rows[0]['epochs']} epochs; {sum(r['wall_s'] for r in rows) / 60:.0f} min{threads})\n"]
         out += _eval_table(rows, [("method", "method")])
         png = results / f"convergence_{data}.png"
         convergence_plot(rows, png, f"{data}: kNN vs epoch and vs time")
