@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from edgessl.slim.channels import Plan, channel_groups, check_width, group_counts, strip_prefix, width_plan
+from edgessl.slim.channels import Plan, channel_groups, check_width, strip_prefix, width_plan
 from edgessl.slim.slicing import BN, WidthView
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -90,23 +90,6 @@ class SlimmableEncoder(nn.Module):
             return self.backbone(x)
         plan = strip_prefix(self.plans[width], "backbone")
         return WidthView(self.backbone, plan)(x, self.bn_overrides(width, "backbone"))
-
-    def backbone_counts(self, width: float) -> dict[str, int]:
-        """{group root in the backbone: kept channels} at `width` (rebuilds the pruned backbone)."""
-        return {k[len("backbone."):]: v for k, v in group_counts(self.groups, width).items() if k.startswith("backbone.")}
-
-    @torch.no_grad()
-    def backbone_state(self, width: float) -> dict[str, Tensor]:
-        """The width's backbone as a state_dict of the physically pruned backbone (sliced weights, private BN)."""
-        if width == 1.0:
-            return {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
-        from edgessl.slim.slicing import sliced_tensors
-
-        plan = strip_prefix(self.plans[width], "backbone")
-        state = dict(self.backbone.state_dict())
-        state.update(sliced_tensors(self.backbone, plan))
-        state.update(self.bn_overrides(width, "backbone"))
-        return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
     def private_bn_state(self) -> dict[str, Tensor]:
         """Every sub-width's private BN of the backbone, keyed '<width>/<layer>.<tensor>' (widths.safetensors)."""
