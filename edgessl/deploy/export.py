@@ -192,7 +192,7 @@ def export(
     calib_method: str = "minmax",
     console=None,
 ) -> ExportResult:
-    """Export, validate and describe one model. See the module docstring and docs/README_export.md.
+    """Export, validate and describe one model. See the module docstring and docs/export.md.
 
     run: a pretraining run directory; classifier: a fine-tuned classifier folder (exports logits instead of
     features); images: folder for the parity check (default: the classifier's labelled folder or the run's training

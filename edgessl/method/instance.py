@@ -29,7 +29,7 @@ class StepOutput:
 
 
 class InstanceDiscrimination(nn.Module):
-    """Memory bank + losses of the method (see README "The method" for the equations)."""
+    """Memory bank + losses of the method (see docs/method.md for the equations)."""
 
     def __init__(
         self,
