@@ -21,12 +21,47 @@ def unit(*shape, seed=0):
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
 
 
-@pytest.mark.parametrize("k", [2, 7, 360])
-def test_instance_ce_all_features_equal_is_log_k(k):
-    z = unit(1, 16).repeat(5, 1)
-    bank = z[:1].repeat(k, 1)  # every column equals every feature: all similarities are 1
-    loss = instance_ce(similarities(z, bank), torch.tensor([0, 1, 1, 0, k - 1]), tau=0.2)
-    assert loss.item() == pytest.approx(math.log(k), abs=1e-12)
+SIM = [[0.9, 0.1, -0.3], [0.2, 0.7, -0.8]]  # (B=2, K=3) non-uniform similarities
+SOFT = [[0.6, 0.0, 0.4], [0.0, 0.3, 0.7]]  # CutMix-style soft targets, rows sum to 1
+
+
+def softmax_by_hand(sim, tau):
+    out = []
+    for row in sim:
+        e = [math.exp(x / tau) for x in row]
+        out.append([x / sum(e) for x in e])
+    return out
+
+
+def test_instance_ce_soft_targets_match_hand_computation():
+    """L = -(1/B) sum_b sum_k y_bk log p_bk on non-uniform similarities, p by hand with math.exp."""
+    tau = 0.25
+    p = softmax_by_hand(SIM, tau)
+    expected = -sum(SOFT[b][k] * math.log(p[b][k]) for b in range(2) for k in range(3) if SOFT[b][k]) / 2
+    got = instance_ce(torch.tensor(SIM, dtype=torch.float64), torch.tensor(SOFT, dtype=torch.float64), tau)
+    assert got.item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_instance_ce_gradient_closed_form(soft):
+    """dL_ce/ds_bk = (p_bk - y_bk) / (tau B), p by hand."""
+    tau, b = 0.25, 2
+    y = SOFT if soft else [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    targets = torch.tensor(SOFT, dtype=torch.float64) if soft else torch.tensor([0, 2])
+    sim = torch.tensor(SIM, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(instance_ce(sim, targets, tau), sim)
+    p = softmax_by_hand(SIM, tau)
+    expected = [[(p[i][k] - y[i][k]) / (tau * b) for k in range(3)] for i in range(b)]
+    assert torch.allclose(grad, torch.tensor(expected, dtype=torch.float64), atol=1e-14)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_instance_ce_gradcheck(soft):
+    sim = similarities(unit(4, 8, seed=7), unit(6, 8, seed=8)).requires_grad_(True)
+    targets = torch.tensor([0, 5, 2, 2])
+    if soft:
+        targets = cutmix_targets(targets, torch.tensor([1, 2, 3, 0]), torch.tensor([0.6, 0.8, 0.5, 1.0]), 6).double()
+    assert torch.autograd.gradcheck(lambda s: instance_ce(s, targets, 0.3), (sim,))
 
 
 def test_instance_ce_matches_hand_computation():
@@ -63,6 +98,36 @@ def test_sd_gradient_equals_scaled_negative_entropy_gradient(alpha, tau_sd):
     neg_entropy = (q * torch.log_softmax(sim2 / tau_sd, dim=1)).sum(dim=1).mean()
     (g_h,) = torch.autograd.grad((1 - alpha) * neg_entropy, sim2)
     assert torch.allclose(g_sd, g_h, atol=1e-12)
+
+
+def kl_to_frozen_target(sim, log_u0, tau_sd):
+    """(1/B) sum_b KL(q_b(s) || u0_b) with u0 held fixed: the function whose derivative L_sd's gradient is."""
+    log_q = torch.log_softmax(sim / tau_sd, dim=1)
+    return (log_q.exp() * (log_q - log_u0)).sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("alpha,tau_sd", [(0.5, 1.0), (0.25, 0.3)])
+def test_sd_gradient_is_the_derivative_with_the_target_frozen(alpha, tau_sd):
+    """Central differences of KL(q(s) || u(s0)) and the closed form (1 - alpha) q (log q - sum q log q) / (tau_sd B)
+    match L_sd's autograd gradient; the full derivative (u moving with s) does not: the stop-gradient is in place."""
+    sim0 = similarities(unit(3, 8, seed=9), unit(5, 8, seed=10))
+    sim = sim0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(sqrt_self_distillation(sim, tau_sd, alpha), sim)
+    log_q0 = torch.log_softmax(sim0 / tau_sd, dim=1)
+    log_u0 = torch.log_softmax(alpha * log_q0, dim=1)
+    eps, numeric = 1e-6, torch.zeros_like(sim0)
+    for i in range(3):
+        for k in range(5):
+            step = torch.zeros_like(sim0)
+            step[i, k] = eps
+            hi, lo = kl_to_frozen_target(sim0 + step, log_u0, tau_sd), kl_to_frozen_target(sim0 - step, log_u0, tau_sd)
+            numeric[i, k] = (hi - lo) / (2 * eps)
+    assert torch.allclose(grad, numeric, atol=1e-8)
+    q = log_q0.exp()
+    closed = (1 - alpha) * q * (log_q0 - (q * log_q0).sum(dim=1, keepdim=True)) / (tau_sd * 3)
+    assert torch.allclose(grad, closed, atol=1e-14)
+    full = torch.autograd.gradcheck(lambda s: sqrt_self_distillation(s, tau_sd, alpha), (sim,), raise_exception=False)
+    assert not full
 
 
 def test_sd_is_zero_for_uniform_distribution_and_positive_otherwise():

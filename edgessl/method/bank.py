@@ -35,20 +35,54 @@ def momentum_bank_update(rows: Tensor, z: Tensor, momentum: float) -> Tensor:
     return F.normalize(momentum * rows + (1 - momentum) * z.to(rows.dtype), dim=1)
 
 
+def in_sorted(x: Tensor, values: Tensor) -> Tensor:
+    """x: (n,) long; values: (E,) sorted unique long -> (n,) bool, x_i in values (O(n log E), unlike torch.isin)."""
+    if values.numel() == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    pos = torch.searchsorted(values, x).clamp_(max=values.numel() - 1)
+    return values[pos] == x
+
+
+def draw_without_replacement(
+    num_rows: int, count: int, exclude: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """`count` distinct rows of [0, num_rows) outside `exclude`, a uniform draw without replacement, on CPU.
+
+    exclude: (E,) sorted unique long rows, count <= num_rows - E -> (count,) long, in no particular order.
+    Small share of the bank (2 (count + E) <= num_rows): the distinct values of i.i.d. uniform draws, redrawn until
+    `count` are outside `exclude`, then a random `count` of them (given its size, that set is a uniform subset),
+    O(count log count). Otherwise the first `count` rows outside `exclude` of a random permutation, O(num_rows).
+    """
+    if 2 * (count + exclude.numel()) > num_rows:
+        drawn = torch.randperm(num_rows, generator=generator, device="cpu")[: count + exclude.numel()]
+        return drawn[~in_sorted(drawn, exclude)][:count]
+    drawn = rows = torch.empty(0, dtype=torch.long)
+    while rows.numel() < count:
+        more = torch.randint(num_rows, (count + count // 2 + 16,), generator=generator, device="cpu")
+        drawn = torch.cat([drawn, more])
+        rows = torch.unique(drawn)
+        rows = rows[~in_sorted(rows, exclude)]
+    return rows[torch.randperm(rows.numel(), generator=generator, device="cpu")[:count]]
+
+
 def select_columns(
     index: Tensor, num_rows: int, negatives: int, generator: torch.Generator | None = None
 ) -> tuple[Tensor | None, Tensor]:
     """Which bank rows a step uses, and where each sample's own row sits among them.
 
-    index: (B,) rows of the batch's images. When num_rows <= negatives the whole bank is used:
-    returns (None, index). Otherwise the batch's rows plus `negatives` rows drawn uniformly (with
-    replacement, duplicates merged): returns (cols (K,) sorted unique row ids, targets (B,) positions in cols).
+    index: (B,) rows of the batch's images, B_u of them distinct. When num_rows <= B_u + negatives the whole bank
+    is used: returns (None, index). Otherwise the batch's B_u rows plus `negatives` distinct other rows drawn
+    uniformly without replacement: returns (cols (K,) sorted unique long row ids, K = B_u + negatives exactly;
+    targets (B,) positions of index in cols). So K = min(num_rows, B_u + negatives), continuous in num_rows.
+    Drawn on CPU from `generator` only: a pure function of (index, num_rows, negatives, generator state), the same
+    columns on every data-parallel process with the same generator key.
     """
-    if num_rows <= negatives:
+    own = torch.unique(index.cpu())
+    if num_rows <= own.numel() + negatives:
         return None, index
-    drawn = torch.randint(num_rows, (negatives,), generator=generator, device="cpu").to(index.device)
-    cols, inverse = torch.unique(torch.cat([index, drawn]), return_inverse=True)
-    return cols, inverse[: index.shape[0]]
+    others = draw_without_replacement(num_rows, negatives, own, generator)
+    cols = torch.cat([own, others]).sort().values.to(index.device)
+    return cols, torch.searchsorted(cols, index)
 
 
 # ---------------------------------------------------------------- state

@@ -35,12 +35,12 @@ class InstanceDiscrimination(nn.Module):
         self,
         num_rows: int,
         dim: int,
-        temperature: float = 0.2,
+        temperature: float = 0.1,
         negatives: int = 16384,
         bank_update: str = "grad",
         bank_lr: float = 1.0,
         bank_momentum: float = 0.5,
-        sd_weight: float = 20.0,
+        sd_weight: float = 5.0,
         sd_temperature: float = 1.0,
         sd_alpha: float = 0.5,
         generator: torch.Generator | None = None,
@@ -72,8 +72,14 @@ class InstanceDiscrimination(nn.Module):
         local: data-parallel training. z is then (B_r, d), the rows `local` of the global batch whose bank rows
         are `index` (B,). Columns and (CutMix) targets are those of the global batch, so they match one process;
         the loss is the mean over the local rows (DDP's gradient average over equal slices makes it the global
-        mean); out.z and out.p cover the local rows, and `update_bank` takes the gathered global z."""
-        z = z.float()
+        mean); out.z and out.p cover the local rows, and `update_bank` takes the gathered global z.
+        Autocast is off inside: sim (B_r, K), p (B_r, K) and the losses are float32 whatever the caller's autocast."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._step(z.float(), index, generator, mix, local)
+
+    def _step(self, z: Tensor, index: Tensor, generator: torch.Generator | None,
+              mix: tuple[Tensor, float] | None, local: slice | None) -> StepOutput:
+        """forward's body in float32; z: (B_r, d) float32 unit features."""
         cols, targets = select_columns(index, self.bank.num_rows, self.negatives, generator)
         bank_cols = self.bank.columns(cols)
         sim = similarities(z, bank_cols)
@@ -97,13 +103,15 @@ class InstanceDiscrimination(nn.Module):
 
         z: (B, d) features of the whole global batch (every process's out.z gathered in rank order) when `out`
         covers one process's rows; p is then recomputed against the same columns of the not-yet-updated bank, so
-        every process applies the update of one process with the global batch. None: out.z, out.p (one process)."""
-        p = out.p
-        if z is None:
-            z = out.z
-        elif self.bank_update == "grad":
-            p = torch.softmax(similarities(z.float(), self.bank.columns(out.cols)) / self.temperature, dim=1)
-        if self.bank_update == "grad":
-            self.bank.update_grad(out.cols, z, p, out.targets, self.bank_lr)
-        else:
-            self.bank.update_momentum(out.index, z, self.bank_momentum)
+        every process applies the update of one process with the global batch. None: out.z, out.p (one process).
+        Autocast is off inside: the update is computed in the bank's float32."""
+        with torch.autocast(device_type=out.z.device.type, enabled=False):
+            p = out.p
+            if z is None:
+                z = out.z
+            elif self.bank_update == "grad":
+                p = torch.softmax(similarities(z.float(), self.bank.columns(out.cols)) / self.temperature, dim=1)
+            if self.bank_update == "grad":
+                self.bank.update_grad(out.cols, z, p, out.targets, self.bank_lr)
+            else:
+                self.bank.update_momentum(out.index, z, self.bank_momentum)
