@@ -5,8 +5,9 @@ Settings: float rounding differs between one process and two (batch-norm statist
 another order), and tiny-data training amplifies it. At 32 px on 24 images the default mobilenetv3_small is chaotic:
 two single-process runs that differ only in the number of threads drift from 1e-7 to 1e-1 within five steps, so no
 implementation could match it to 1e-5. timm's `test_resnet` (0.4 M parameters, small-input stem off) with
---lr 0.05 stays within ~3e-6 of the one-process run over 6 steps (at --lr 0.2 some seeds reach 1e-4 by step 6, as
-1- vs 2-thread runs of one process do). A wrong gradient average or bank update shows as >= 1e-3.
+--lr 0.05 stays within ~2e-5 of the one-process run over 6 steps (the bank of seed 3 grows 8.6e-7, 1.5e-6, 2.1e-6,
+9.2e-6, 1.3e-5, 1.7e-5 step by step since negatives are drawn without replacement; at --lr 0.2 some seeds reach 1e-4
+by step 6, as 1- vs 2-thread runs of one process do). A wrong gradient average or bank update shows as >= 1e-3.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from edgessl.train.distributed import check_global_batch, local_rows, shard, spl
 
 TINY = dict(image_size=32, batch_size=8, epochs=2, head_hidden=64, feature_dim=16, workers=1, eval_every=0,
             backbone="test_resnet", small_input="off", negatives=10, cutmix=0.5, seed=3, deterministic=True, lr=0.05)
-ATOL = 1e-5
+ATOL = 5e-5
 
 
 def _cli_args(opts: dict) -> list[str]:
