@@ -208,11 +208,38 @@ def distributed_section(recs) -> str:
     return "\n".join(out) + "\n"
 
 
+def shared_cpu_section(rec) -> str:
+    m = rec["machine"]
+    rows = rec["rows"]
+    out = ["## Shared CPU: the thread policy beside another job\n",
+           f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; `{rec['command']}`; "
+           f"load average before the suite {_f(rec.get('load_average_before', [None])[0], 2)}. Workloads: the demo "
+           "pretraining (360 images, mean images/s of epochs 2+) and `edgessl eval` on the demo images (--test-fraction 0.2, "
+           "10 and all labels per class; images/s = images featurised / wall seconds). Competitor: one 2-thread PyTorch "
+           "training loop (mobilenetv3_small, 64 px, batch 64, OpenMP default waiting). Settings: **old** = "
+           "all cores with OpenMP's default waiting (before this policy), **passive** = the same with `OMP_WAIT_POLICY=PASSIVE`, **new** = the "
+           "default `--threads auto`.\n",
+           "| workload | setting | threads | idle images/s | with competitor images/s | ratio to old idle | competitor steps/s (alone: %s) |"
+           % _f(next((r["competitor_steps_per_s"] for r in rows if r["workload"] == "competitor alone"), None), 2),
+           "|---|---|---|---|---|---|---|"]
+    for work in ("pretrain", "eval"):
+        by = {(r["load"], r["setting"]): r for r in rows if r["workload"] == work}
+        old_idle = by.get(("idle", "old"), {}).get("images_per_s")
+        for setting in ("old", "passive", "new"):
+            idle, busy = by.get(("idle", setting)), by.get(("competitor", setting))
+            if not idle or not busy:
+                continue
+            ratio = f"{idle['images_per_s'] / old_idle:.2f} / {busy['images_per_s'] / old_idle:.2f}" if old_idle else "-"
+            out.append(f"| {work} | {setting} | {idle['threads']} / {busy['threads']} | {idle['images_per_s']:.0f} | "
+                       f"{busy['images_per_s']:.0f} | {ratio} | {_f(busy['competitor_steps_per_s'], 2)} |")
+    return "\n".join(out) + "\n"
+
+
 def write_readme(results: Path, readme: Path) -> None:
     parts = [HEADER]
     sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section,
-                "slim": slim_section}
-    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim"):
+                "slim": slim_section, "shared-cpu": shared_cpu_section}
+    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu"):
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())

@@ -9,6 +9,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   data      10/25/50 % of the CIFAR-10 subset, edgessl vs MoCo v2 (100 %: the accuracy suite's runs, added by the report)
   slim      one --widths 1.0,0.5 run vs separately trained widths vs prune-then-recover (emoji), benchmarks/slim.py
   budget    equal wall-clock: each method trains for the time SimCLR's `--epochs` took in the accuracy suite
+  shared-cpu  demo pretrain images/s and eval seconds, idle and beside a competing 2-thread PyTorch job, with the
+            thread policy vs the old behaviour (benchmarks/shared_cpu.py); run it on an otherwise idle machine
   all       every suite above
 --tiny runs a suite in seconds (a few images, one epoch, two steps) so the runner cannot rot (tests/test_benchmarks.py).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -29,7 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim")
+SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu")
 
 
 def machine() -> dict[str, Any]:
@@ -251,6 +254,12 @@ def suite_budget(args) -> list[dict]:
     return rows
 
 
+def suite_shared_cpu(args) -> list[dict]:
+    from benchmarks.shared_cpu import suite_shared_cpu as run
+
+    return run(args)
+
+
 def suite_slim(args) -> list[dict]:
     from benchmarks.slim import suite_slim as run
 
@@ -286,11 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     for suite in suites:
         t0 = time.time()
-        rows = globals()[f"suite_{suite}"](args)
+        load_before = list(os.getloadavg())
+        rows = globals()[f"suite_{suite.replace('-', '_')}"](args)
         old = args.results / f"{suite}.json"
         if args.datasets and old.exists():  # a partial rerun keeps the other data sets' rows
             rows = [r for r in json.loads(old.read_text())["rows"] if r.get("data") not in args.datasets] + rows
-        record = {"suite": suite, "machine": machine(), "command": "python -m benchmarks.run " + " ".join(argv or sys.argv[1:]),
+        record = {"suite": suite, "machine": machine(), "load_average_before": load_before, "command": "python -m benchmarks.run " + " ".join(argv or sys.argv[1:]),
                   "epochs": args.epochs, "tiny": args.tiny, "seconds": time.time() - t0, "rows": rows}
         (args.results / f"{suite}.json").write_text(json.dumps(record, indent=1) + "\n")
     from benchmarks.report import write_readme

@@ -87,3 +87,14 @@ def test_slim_suite(bench):
     again = json.loads((bench.out / "slim.json").read_text())
     assert again["cost_command"] == "python -m benchmarks.run slim-cost"
     assert [r["params"] for r in again["rows"]] == [r["params"] for r in rec["rows"]]
+
+
+@pytest.mark.slow
+def test_shared_cpu_suite(bench):
+    rec, readme = bench("shared-cpu")
+    rows = {(r["workload"], r["setting"]): r for r in rec["rows"]}
+    assert rows[("competitor alone", "-")]["competitor_steps_per_s"] > 0
+    for work in ("pretrain", "eval"):
+        r = rows[(work, "new")]
+        assert r["images_per_s"] > 0 and r["threads"] >= 1 and r["competitor_steps_per_s"] > 0
+    assert "## Shared CPU: the thread policy beside another job" in readme and "load average" in readme
