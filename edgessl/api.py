@@ -7,6 +7,7 @@ from typing import Any
 
 from edgessl.config import resolve
 from edgessl.errors import UserError
+from edgessl.rundir import resume_problem
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 
 __all__ = ["pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export"]
@@ -18,23 +19,28 @@ def pretrain(
     resume: str | Path | None = None,
     console=None,
     on_step=None,
+    overwrite: bool = False,
     **options: Any,
 ):
     """Pretrain an encoder. Options are PretrainConfig fields (backbone, data, epochs, bank_lr, ...).
 
-    resume: a run directory; its config.yaml is reloaded and `options` override it.
-    Returns a PretrainResult (run_dir, history)."""
+    resume: a run directory; its config.yaml is reloaded and `options` override it. A different data folder
+    (other files than the run recorded) is refused; a moved copy of the same files is accepted.
+    overwrite: a non-empty `out` is moved aside to <out>.old-<time> (otherwise it is refused).
+    Nothing is written before every check has passed. Returns a PretrainResult (run_dir, history)."""
     from edgessl.train.loop import pretrain as run
 
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise UserError(f"Cannot resume '{run_dir}': no checkpoint.pt in it (no epoch has completed yet?).")
+        problem = resume_problem(resume)
+        if problem:
+            raise UserError(problem)
+        if overwrite:
+            raise UserError("--resume continues a run and --overwrite starts a new one: pass one of them.")
         if config is None:
-            config = run_dir / "config.yaml"
+            config = Path(resume) / "config.yaml"
         options.pop("out", None)
     cfg = resolve(options, recipe=recipe, config=str(config) if config else None)
-    return run(cfg, resume=resume, console=console, on_step=on_step)
+    return run(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite)
 
 
 def evaluate_encoder(

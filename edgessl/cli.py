@@ -4,15 +4,40 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 from rich.console import Console
 
-from edgessl.errors import TrainingDiverged, UserError
+from edgessl import __version__
+from edgessl.errors import Interrupted, TrainingDiverged, UserError
+
+
+def _flag_type(original):
+    """typer >= 0.2x prints `<bool>` after flags that take no value (--quiet <bool>); show nothing there."""
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and not self.metavar else original(self, ctx)
+
+    return display_type_rich
+
+
+typer.core.TyperOption.display_type_rich = _flag_type(typer.core.TyperOption.display_type_rich)
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console; when the output is not a terminal (a log file, a pipe) lines are not wrapped at 80
+    columns, so grep finds whole lines."""
+    con = Console(stderr=stderr)
+    if con.is_terminal or os.environ.get("COLUMNS"):
+        return con
+    return Console(stderr=stderr, soft_wrap=True, width=max(con.width, 200))
+
 
 app = typer.Typer(
     name="edgessl",
@@ -22,8 +47,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edgessl {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit."),
+):
+    """Single-branch self-supervised pretraining of small timm encoders for edge devices."""
 
 
 def friendly(fn):
@@ -39,8 +78,11 @@ def friendly(fn):
         except TrainingDiverged as e:
             _error(f"[red]error:[/red] {e}")
             raise typer.Exit(e.exit_code) from None
+        except Interrupted as e:
+            _error(str(e))
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            _error("Interrupted. Completed epochs are checkpointed: continue with --resume <run dir>.")
+            _error("Interrupted.")
             raise typer.Exit(130) from None
 
     return wrapper
@@ -98,7 +140,7 @@ def pretrain(
     sd_weight: Optional[float] = typer.Option(None, help="lambda of the self-distillation loss; 0 turns it off. [default: 5]"),
     sd_temperature: Optional[float] = typer.Option(None, help="tau_sd of the self-distillation loss. [default: 1.0]"),
     temperature: Optional[float] = typer.Option(None, help="tau of the instance loss. [default: 0.1]"),
-    negatives: Optional[int] = typer.Option(None, help="Whole bank up to this many rows, else batch rows + this many sampled. [default: 16384]"),
+    negatives: Optional[int] = typer.Option(None, help="Whole bank up to batch rows + this many rows, else batch rows + this many distinct sampled rows. [default: 16384]"),
     cutmix: Optional[float] = typer.Option(None, help="CutMix Beta(alpha, alpha) inside the batch; 0 = off. [default: 0]"),
     blur: Optional[float] = typer.Option(None, help="Probability of a Gaussian blur. [default: 0]"),
     head: Optional[str] = typer.Option(None, help="Projection head: linear | mlp. [default: linear]"),
@@ -114,21 +156,38 @@ def pretrain(
     eval_every: Optional[int] = typer.Option(None, help="kNN monitor every N epochs (0 = off). [default: 1]"),
     cache_mb: Optional[float] = typer.Option(None, help="Decoded-image cache bound in MiB; above it images stream from disk. [default: 4096]"),
     workers: Optional[int] = typer.Option(None, help="Decoding threads. [default: 2]"),
-    resume: Optional[Path] = typer.Option(None, help="Continue a run directory after its last completed epoch."),
+    threads: Optional[str] = typer.Option(None, help="CPU threads for the network: auto (all cores when the machine is idle, fewer when other jobs keep them busy) or a number. [default: auto]"),
+    resume: Optional[Path] = typer.Option(None, help="Continue a run directory after its last completed epoch (on the same files; --data may point at a moved copy)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start a new run in a non-empty --out: the old contents are moved aside to OUT.old-TIME (nothing is deleted)."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms (bit-exact resume on CPU)."),
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn", help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm). No effect on one process."),
     quiet: Optional[bool] = typer.Option(None, "--quiet", help="No progress bar; log lines only."),
 ):
     from edgessl import api
 
-    options = {k: v for k, v in locals().items() if k not in ("recipe", "config", "resume", "api")}
+    options = {k: v for k, v in locals().items() if k not in ("recipe", "config", "resume", "api", "overwrite")}
     options["width_reweight"] = False if options.pop("no_width_reweight") else None
     for key in ("data", "out", "val"):
         if options[key] is not None:
             options[key] = str(options[key])
-    result = api.pretrain(recipe=recipe, config=config, resume=resume, console=console, **options)
+    result = api.pretrain(recipe=recipe, config=config, resume=resume, console=console, overwrite=bool(overwrite),
+                          **options)
     if not quiet and os.environ.get("RANK", "0") in ("", "0"):
         console.print(f"Run directory: {result.run_dir}", highlight=False)
+        for line in next_commands(result):
+            console.print(line, highlight=False, markup=False)
+
+
+def next_commands(result) -> list[str]:
+    """What to run after a pretraining, with the real run path (and data folder when it has class folders)."""
+    run = shlex.quote(str(result.run_dir))
+    train = shlex.quote(str(result.data)) if result.labelled and result.data else "LABELLED_TRAIN --test LABELLED_TEST"
+    split = " --test-fraction 0.2" if result.labelled and result.data else ""
+    return [
+        "Next:",
+        f"  edgessl eval {run} --train {train}{split}   # few-label kNN + linear probe",
+        f"  edgessl export {run}   # ONNX + parity check; then edgessl check {run}/export/encoder.onnx",
+    ]
 
 
 @app.command("recipes")

@@ -24,6 +24,7 @@ class PretrainConfig:
     labels_from_folders: bool = False
     cache_mb: float = 4096.0
     workers: int = 2
+    threads: str = "auto"  # CPU threads: auto (edgessl.runtime's policy) or a number
     # model
     backbone: str = "mobilenetv3_small"
     small_input: str = "auto"
@@ -177,14 +178,18 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError(f"--width-distill must be in [0, 1], not {cfg.width_distill}.")
     if cfg.eval_every < 0:
         raise UserError("--eval-every must be zero (off) or positive.")
+    cfg.threads = str(cfg.threads)
+    if cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
+        raise UserError(f"--threads must be auto or a positive number, not '{cfg.threads}'.")
 
 
-def save_config(cfg: PretrainConfig, path: str | Path) -> None:
-    """config.yaml: every option, reloadable with --config."""
+def save_config(cfg: PretrainConfig, path: str | Path) -> Path:
+    """config.yaml: every option, reloadable with --config (written atomically). Returns the path."""
     from edgessl import __version__
+    from edgessl.fileio import atomic_write_text
 
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    Path(path).write_text(f"# resolved by edgessl {__version__}; reload with: edgessl pretrain --config {path}\n{text}")
+    return atomic_write_text(path, f"# resolved by edgessl {__version__}; reload with: edgessl pretrain --config {path}\n{text}")
 
 
 def replace(cfg: PretrainConfig, **changes: Any) -> PretrainConfig:

@@ -11,3 +11,9 @@ class TrainingDiverged(Exception):
     """Training stopped after repeated non-finite losses; the last good checkpoint was kept."""
 
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the message says what was kept (checkpointed epochs) and how to continue."""
+
+    exit_code = 130

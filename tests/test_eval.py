@@ -1,6 +1,7 @@
 """`edgessl eval`: kNN, metrics, linear probe and subsets against closed forms; eval.json; bad input via the CLI."""
 
 import json
+import re
 import math
 import shutil
 
@@ -185,6 +186,12 @@ def test_eval_json_table_plot_and_feature_cache(run_copy, labelled_demo):
     assert "note: at 5 labels per class, 1 class(es) used all they have: flags (3)" in out
     report = json.loads((run_copy / "eval.json").read_text())
     rows = report["results"]
+    # a progress line per scored subset ('all' is scored once, its second seed reuses it), never a silent grid
+    progress = [line for line in res.output.splitlines() if line.startswith("  pretrained | ")]
+    assert len(progress) == 5 and progress[0].startswith("  pretrained | 1 labels/class, seed 0: kNN@20 ")
+    assert re.fullmatch(r"  pretrained \| all labels/class, seed 0: kNN@20 [0-9.]+, linear [0-9.]+ \([0-9.]+ s\)",
+                        progress[-1])
+    assert "CPU: " in res.output and report["threads"] >= 1
     # 2 encoders x 3 budgets x 2 seeds x (kNN k=20, kNN k=200, linear)
     assert len(rows) == 36
     for r in rows:

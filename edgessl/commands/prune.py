@@ -37,9 +37,11 @@ def register(app) -> None:
         epochs: Optional[int] = typer.Option(None, help="Recovery epochs. [default: a quarter of the run's, at least 1]"),
         distill: float = typer.Option(0.5, help="Weight of the distillation from the unpruned encoder (0 = plain recovery)."),
         out: Optional[Path] = typer.Option(None, help="Output run directory. [default: RUN/pruned-RATIO]"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Move a non-empty --out aside (to OUT.old-TIME) instead of refusing it."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar; log lines only."),
     ):
         from edgessl.slim.recover import prune_run
 
-        result = prune_run(run_dir, ratio, criterion, epochs, distill, out, quiet=quiet, console=console)
+        result = prune_run(run_dir, ratio, criterion, epochs, distill, out, quiet=quiet, console=console,
+                           overwrite=overwrite)
         console.print(f"Pruned encoder: {result.run_dir}", highlight=False)

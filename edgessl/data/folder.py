@@ -162,15 +162,17 @@ def load_image_folder(
     min_images: int = 2,
     what: str = "--data",
     progress=None,
+    paths: Sequence[Path] | None = None,
 ) -> ImageSet:
     """Scan `root`, decode every image once (skipping unreadable files) and cache them as uint8.
 
     When N * 3 * size^2 bytes exceed cache_mb MiB, images are checked once and then streamed from disk.
     Raises UserError when the folder is missing, is a file, or holds fewer than `min_images` readable images.
     progress: optional callable(done, total) for a progress display.
+    paths: the folder's scan_images(root) when the caller has it already.
     """
     root = check_folder(root, what)
-    paths = scan_images(root, what)
+    paths = list(paths) if paths is not None else scan_images(root, what)
     if not paths:
         raise UserError(
             f"No image files found in {what} '{root}' (searched recursively for "
@@ -202,9 +204,11 @@ def load_image_folder(
     return ImageSet(root, good, size, images, label_tensor, classes, skipped, max(1, workers))
 
 
-def write_skipped(skipped: Sequence[tuple[Path, str]], path: str | Path) -> None:
-    """One line per skipped file: '<path>\\t<reason>'."""
-    Path(path).write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
+def write_skipped(skipped: Sequence[tuple[Path, str]], path: str | Path) -> Path:
+    """One line per skipped file: '<path>\\t<reason>'. Returns the path."""
+    from edgessl.fileio import atomic_write_text
+
+    return atomic_write_text(path, "".join(f"{p}\t{why}\n" for p, why in skipped))
 
 
 # Truncated files must fail loudly (they are reported and skipped), never be half-decoded.

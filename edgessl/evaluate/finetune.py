@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor
 
+from edgessl.runtime import pick_device, use_threads
 from edgessl.data.augment import AugmentConfig, augment_batch, test_transform
 from edgessl.data.folder import ImageSet, scan_images
 from edgessl.errors import TrainingDiverged, UserError
@@ -137,14 +138,15 @@ def finetune_run(
     cache_mb: float = 4096,
     console: Console | None = None,
     quiet: bool = False,
+    threads: str | int = "auto",
 ) -> FinetuneResult:
     """Fine-tune the run's encoder into a classifier by the recipe of this module's docstring."""
     from edgessl.report.eval_plots import plot_confusion
-    from edgessl.train.loop import pick_device
 
     console = console or Console()
     say = (lambda msg: None) if quiet else (lambda msg: console.print(msg, highlight=False))
     t_start = time.time()
+    say(f"CPU: {use_threads(threads).describe()}")
 
     # ---- checks that need no decoding
     run_dir = Path(run_dir)

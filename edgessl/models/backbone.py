@@ -116,17 +116,13 @@ def output_dim(model: nn.Module, image_size: int, in_chans: int = 3) -> int:
 def save_encoder(model: nn.Module, folder: str | Path, meta: dict[str, Any]) -> Path:
     """Write encoder.safetensors + encoder.json into `folder`. meta must hold timm_name, stem, input_size,
     mean, std, feature_dim. Returns the json path."""
-    from safetensors.torch import save_file
+    from edgessl.fileio import atomic_save_tensors, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / (ENCODER_WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(folder / ENCODER_WEIGHTS)
-    meta_path = folder / ENCODER_META
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return meta_path
+    atomic_save_tensors(state, folder / ENCODER_WEIGHTS)
+    return atomic_write_text(folder / ENCODER_META, json.dumps(meta, indent=2) + "\n")
 
 
 def _encoder_folder(path: str | Path) -> Path:

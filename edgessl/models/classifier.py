@@ -34,18 +34,16 @@ class Classifier(nn.Module):
 
 def save_classifier(model: Classifier, folder: str | Path, meta: dict[str, Any]) -> Path:
     """meta: encoder metadata + "classes". Returns the json path."""
-    from safetensors.torch import save_file
+    from edgessl.fileio import atomic_save_tensors, atomic_write_text
 
     if "classes" not in meta:
         raise ValueError("classifier metadata needs 'classes'")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / CLASSIFIER_WEIGHTS))
+    atomic_save_tensors(state, folder / CLASSIFIER_WEIGHTS)
     meta = {**meta, "num_classes": len(meta["classes"])}
-    path = folder / CLASSIFIER_META
-    path.write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    return atomic_write_text(folder / CLASSIFIER_META, json.dumps(meta, indent=2) + "\n")
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgessl.report.plots import _plt
+from edgessl.report.plots import _plt, fit_title
 
 _PANELS = (("knn", 20, "kNN (k=20)"), ("knn", 200, "kNN (k=200)"), ("linear", None, "linear probe"))
 _STYLE = {"pretrained": dict(color="tab:blue", marker="o"), "random": dict(color="tab:gray", marker="s", ls="--")}
@@ -36,7 +36,7 @@ def plot_eval(summary: Sequence[dict[str, Any]], path: str | Path, title: str = 
     axes[0, 0].set_ylabel("test top-1 (%)")
     axes[0, 0].legend()
     if title:
-        fig.suptitle(title)
+        fit_title(fig, title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

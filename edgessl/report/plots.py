@@ -15,8 +15,24 @@ def _plt():
     return plt
 
 
+def fit_title(fig, title: str, size: float = 12.0) -> None:
+    """A suptitle that fits the figure's width: the font shrinks (down to 6 pt) until the widest line fits."""
+    text = fig.suptitle(title, fontsize=size)
+    renderer = fig.canvas.get_renderer()
+    width = fig.get_window_extent(renderer).width * 0.96
+    extent = text.get_window_extent(renderer).width
+    if extent > width:
+        text.set_fontsize(max(6.0, size * width / extent))
+
+
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """curves.png: training loss per epoch (left) and kNN top-1 per epoch when measured (right)."""
+    fig = curves_figure(history, title)
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
+def curves_figure(history: list[dict[str, Any]], title: str = ""):
     plt = _plt()
     knn = [h for h in history if h.get("knn_top1") is not None]
     fig, axes = plt.subplots(1, 2 if knn else 1, figsize=(10 if knn else 5, 3.6), squeeze=False)
@@ -39,7 +55,6 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
         ax.legend()
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title)
+        fit_title(fig, title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from edgessl.config import replace, resolve
 from edgessl.errors import UserError
+from edgessl.rundir import check_out
 from edgessl.models.backbone import create_backbone, output_dim, want_small_input
 from edgessl.models.head import Encoder, ProjectionHead
 from edgessl.slim.prune import prune_by_importance
@@ -41,7 +42,7 @@ def load_run_encoder(run_dir: Path):
 
 def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", epochs: int | None = None,
               distill: float = 0.5, out: str | Path | None = None, quiet: bool = False, console=None,
-              seed: int | None = None):
+              seed: int | None = None, overwrite: bool = False):
     """Prune `ratio` of every channel group of the run's encoder (projection output kept), recover for `epochs`
     (default a quarter of the run's epochs, at least 1) and save it as a run directory (default
     <run>/pruned-<ratio>/) whose encoder.json rebuilds the pruned architecture. Returns the PretrainResult."""
@@ -54,6 +55,8 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
     if not 0 <= distill <= 1:
         raise UserError(f"--distill must be in [0, 1], not {distill:g}.")
     cfg, teacher, ckpt = load_run_encoder(run_dir)
+    out = Path(out or run_dir / f"pruned-{ratio:g}")
+    check_out(out, overwrite)  # before the pruning, not after it
     size = cfg.image_size
     example = torch.zeros(2, 3, size, size)
     student = copy.deepcopy(teacher)
@@ -76,13 +79,13 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
                                  taylor_batch=taylor_batch)
     backbone_counts = {k[len("backbone."):]: v for k, v in counts.items() if k.startswith("backbone.")}
     rcfg = replace(cfg, epochs=epochs or max(1, round(cfg.epochs / 4)), widths=None,
-                   out=str(out or run_dir / f"pruned-{ratio:g}"), quiet=quiet or cfg.quiet,
+                   out=str(out), quiet=quiet or cfg.quiet,
                    seed=cfg.seed if seed is None else seed)
     if rcfg.epochs <= 0:
         raise UserError(f"--epochs must be positive, not {rcfg.epochs}.")
     meta = {"pruned": backbone_counts, "prune_ratio": ratio, "criterion": criterion, "source_run": str(run_dir)}
     warm = WarmStart(student, meta=meta, teacher=teacher, bank=bank, distill=distill)
-    result = pretrain(rcfg, console=console, warm=warm)
+    result = pretrain(rcfg, console=console, warm=warm, overwrite=overwrite)
     # the report of a --widths run, for the original (width 1.0) and the pruned encoder (width = kept fraction)
     from edgessl.slim.api import encoders_report, report_table
     from edgessl.train.loop import demo_folder

@@ -1,0 +1,56 @@
+"""The identity of an image folder: its file list with sizes and modification times, and a hash of that list.
+
+A run records the signature of the folder it trained on (data.json in the run directory); `--resume` compares it
+with the folder it is given, so a different folder is refused even when it holds the same number of images, and a
+moved copy of the same files (same relative paths, sizes and modification times, e.g. `mv`, `cp -a`, `rsync -a`)
+is accepted. The decoded-image cache can key on the same hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SIGNATURE_VERSION = 1
+
+
+def folder_signature(root: str | Path, paths: Sequence[Path]) -> dict[str, Any]:
+    """{"root", "files": [[relative path, size in bytes, mtime in whole seconds], ...], "sha256", "version"}.
+
+    root: the folder; paths: the image files found in it (scan_images), in bank-row order. Whole seconds, because
+    copies between file systems keep seconds but not always nanoseconds."""
+    root = Path(os.path.abspath(os.path.expanduser(str(root))))  # links kept: a linked file is named as listed
+    files = []
+    for p in paths:
+        st = os.stat(p)  # the linked file's size and time
+        files.append([Path(os.path.relpath(os.path.abspath(p), root)).as_posix(), st.st_size, int(st.st_mtime)])
+    return {"version": SIGNATURE_VERSION, "root": str(root), "files": files, "sha256": files_hash(files)}
+
+
+def files_hash(files: Sequence[Sequence[Any]]) -> str:
+    """sha256 of the file list (paths, sizes and mtimes; not the root, so a moved copy hashes the same)."""
+    return hashlib.sha256(json.dumps([list(f) for f in files], separators=(",", ":")).encode()).hexdigest()
+
+
+def describe_difference(old: dict[str, Any], new: dict[str, Any], limit: int = 2) -> str:
+    """One phrase saying how two signatures differ, e.g. "2 files added (a.jpg, b.jpg), 1 changed (c.jpg)";
+    "" when they are the same."""
+    if old["sha256"] == new["sha256"]:
+        return ""
+    before = {f[0]: tuple(f[1:]) for f in old["files"]}
+    after = {f[0]: tuple(f[1:]) for f in new["files"]}
+    groups = (
+        ("added", sorted(set(after) - set(before))),
+        ("removed", sorted(set(before) - set(after))),
+        ("changed", sorted(k for k in set(before) & set(after) if before[k] != after[k])),
+    )
+    parts = []
+    for what, names in groups:
+        if names:
+            shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+            parts.append(f"{len(names)} file{'s' if len(names) != 1 else ''} {what} ({shown})")
+    return ", ".join(parts) or "the files are the same but in another order"

@@ -1,0 +1,128 @@
+"""Run directories that are never overwritten or mixed.
+
+- A new run goes to `--out` only when that folder is absent or empty; otherwise it is refused (exit 2) unless
+  `--overwrite` is given, which moves the old folder aside to `<out>.old-<time>` (nothing is deleted).
+- The default name runs/<backbone>-<time> gets a -2, -3, ... suffix when it exists already.
+- Nothing is written until every check of the command has passed: `check_out` only looks, `claim` writes.
+- A run interrupted before its first checkpoint removes what it wrote (`RunDir.abandon`), so the same command can
+  simply be run again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgessl.errors import UserError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def default_run_dir(backbone: str, root: str | Path = "runs", stamp: str | None = None) -> Path:
+    """runs/<backbone>-<YYYYmmdd-HHMMSS>, with -2, -3, ... appended when that folder exists already."""
+    base = Path(root) / f"{backbone}-{stamp or time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def check_out(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse (UserError) a new run in `out` when it is a file, or a non-empty folder and overwrite is off."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; pass a folder for the run.")
+    if overwrite or not out.exists() or _is_empty_dir(out):
+        return
+    what = "a run" if (out / "config.yaml").is_file() or (out / CHECKPOINT).is_file() else "files"
+    raise UserError(
+        f"--out '{out}' already holds {what}: continue it with --resume {out}, or pass --overwrite to move it "
+        f"aside (to {out.name}.old-<time>) and start a new run there."
+    )
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to a unique sibling <name>.old-<YYYYmmdd-HHMMSS>[-k]; returns the new path."""
+    target = default_run_dir(f"{path.name}.old", path.parent)
+    path.rename(target)
+    return target
+
+
+@dataclass
+class RunDir:
+    """A claimed run directory. created: this command made the folder; written: files this command wrote before
+    the first checkpoint (removed again by `abandon`); moved_to: where --overwrite put the old run."""
+
+    path: Path
+    created: bool = False
+    moved_to: Path | None = None
+    written: list[Path] = field(default_factory=list)
+
+    def write_text(self, name: str, text: str) -> Path:
+        from edgessl.fileio import atomic_write_text
+
+        target = atomic_write_text(self.path / name, text)
+        self.written.append(target)
+        return target
+
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).is_file()
+
+    def abandon(self) -> None:
+        """Remove what this command wrote when no epoch was checkpointed (and the folder, if it made it)."""
+        if self.has_checkpoint():
+            return
+        for f in self.written:
+            f.unlink(missing_ok=True)
+        if self.created and self.path.is_dir():
+            leftovers = [p for p in self.path.iterdir() if not p.name.startswith(".")]
+            if not leftovers:
+                shutil.rmtree(self.path, ignore_errors=True)
+
+
+def claim(out: str | Path, overwrite: bool = False) -> RunDir:
+    """Create the folder of a new run (after check_out and every other check has passed). With overwrite, a
+    non-empty folder is first moved aside."""
+    out = Path(out)
+    check_out(out, overwrite)
+    moved = None
+    if out.exists() and not _is_empty_dir(out):
+        moved = move_aside(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    return RunDir(out, created=created, moved_to=moved)
+
+
+def resume_problem(run_dir: str | Path) -> str | None:
+    """Why `run_dir` cannot be resumed (one line), or None."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return f"Cannot resume '{run_dir}': it does not exist."
+    if not run_dir.is_dir():
+        return f"Cannot resume '{run_dir}': it is a file, not a run directory."
+    if not (run_dir / CHECKPOINT).is_file():
+        if (run_dir / "config.yaml").is_file():
+            return (f"Cannot resume '{run_dir}': no epoch of it has completed (no {CHECKPOINT}). Start it again with "
+                    f"--config {run_dir / 'config.yaml'} --out {run_dir} --overwrite.")
+        return f"Cannot resume '{run_dir}': it is not an edgessl run directory (no {CHECKPOINT}, no config.yaml)."
+    if not (run_dir / "config.yaml").is_file():
+        return f"Cannot resume '{run_dir}': its config.yaml is missing."
+    return None
+
+
+def plural(n: int, word: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def absolute(path: str | Path | None) -> str | None:
+    """An absolute, user-expanded path (symlinks kept) for config.yaml, or None."""
+    return None if path is None else os.path.abspath(os.path.expanduser(str(path)))

@@ -1,0 +1,115 @@
+"""Where and how the work runs: device, precision, and the number of CPU threads.
+
+Thread policy (measured in benchmarks/README.md, "shared-cpu"): `--threads auto` uses the cores that other
+processes leave free, measured over 0.2 s from /proc/stat when the command starts: all of them on an idle machine,
+one when another job keeps the cores busy (two threads then fight the other job for the cores, and each OpenMP
+barrier waits for a thread that is not running). `--threads N` or OMP_NUM_THREADS override it. OpenMP's wait policy
+is left at its default: passive waiting cost 23 % of the demo's images/s and doubled `eval` on an idle machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from edgessl.errors import UserError
+
+_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before anything here changes it
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    threads: int
+    reason: str  # e.g. "auto: machine idle", "--threads 1", "OMP_NUM_THREADS=1"
+
+    def describe(self) -> str:
+        return f"{self.threads} thread{'s' if self.threads != 1 else ''} ({self.reason})"
+
+
+def _cpu_times(cpus: set[int] | None) -> tuple[float, float] | None:
+    """(busy, total) jiffies summed over `cpus` from /proc/stat, or None where there is no /proc/stat."""
+    try:
+        lines = open("/proc/stat").read().splitlines()
+    except OSError:
+        return None
+    busy = total = 0.0
+    for line in lines:
+        name, *values = line.split()
+        if not name.startswith("cpu") or name == "cpu" or (cpus is not None and int(name[3:]) not in cpus):
+            continue
+        v = [float(x) for x in values[:8]]
+        idle = v[3] + v[4]  # idle + iowait
+        total += sum(v)
+        busy += sum(v) - idle
+    return (busy, total) if total > 0 else None
+
+
+def busy_cores(interval: float = 0.2) -> float | None:
+    """Cores kept busy by all processes over the next `interval` seconds (this one sleeps meanwhile), among
+    the cores this process may use; None when it cannot be measured (no /proc/stat)."""
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    a = _cpu_times(cpus)
+    time.sleep(interval)
+    b = _cpu_times(cpus)
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    n = len(cpus) if cpus else os.cpu_count() or 1
+    return n * (b[0] - a[0]) / (b[1] - a[1])
+
+
+def choose_threads(option: int | str | None = "auto", busy: float | None = None) -> ThreadChoice:
+    """The thread count for `option` ("auto"/None/0 or a positive number); busy: measured busy cores (tests)."""
+    if option not in (None, "auto", 0, "0"):
+        n = int(option)
+        if n < 1:
+            raise UserError(f"--threads must be a positive number or auto, not {option}.")
+        return ThreadChoice(n, f"--threads {n}")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return ThreadChoice(int(os.environ[var]), f"{var}={os.environ[var]}")
+    base = max(1, _DEFAULT_THREADS)
+    if busy is None:
+        busy = busy_cores()
+    if busy is None:
+        return ThreadChoice(base, "auto: load not measurable")
+    free = base - busy
+    if free >= base - 0.5:
+        return ThreadChoice(base, "auto: machine idle")
+    n = max(1, min(base, round(free)))
+    return ThreadChoice(n, f"auto: {busy:.1f} of {base} cores busy with other work")
+
+
+def use_threads(option: int | str | None = "auto") -> ThreadChoice:
+    """Choose (see choose_threads) and apply the intra-op thread count of this process."""
+    choice = choose_threads(option)
+    torch.set_num_threads(choice.threads)
+    return choice
+
+
+def pick_device(option: str) -> torch.device:
+    if option == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch. Use --device cpu or auto.")
+    if option == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(option)
+
+
+def pick_precision(option: str, device: torch.device) -> str:
+    if option == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if option == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU (it uses a gradient scaler). Use fp32 or bf16 on CPU.")
+    return option
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

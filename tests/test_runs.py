@@ -1,0 +1,327 @@
+"""Nothing lost: run directories are never overwritten or mixed, a refused resume changes no byte, data identity,
+honest messages (issue: safe run directories)."""
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import edgessl
+from edgessl.cli import app
+from edgessl.data.signature import describe_difference, folder_signature
+from edgessl.data.folder import scan_images
+from edgessl.demo import demo_images
+from edgessl.errors import Interrupted, UserError
+from edgessl.rundir import default_run_dir
+from edgessl.train.checkpoint import load_checkpoint
+
+TINY = dict(image_size=32, batch_size=8, head_hidden=32, feature_dim=16, quiet=True, workers=1, eval_every=0)
+runner = CliRunner()
+
+
+def folder_hash(root: Path) -> str:
+    """sha256 over every file's relative path, bytes and mode below root."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+            h.update(oct(p.stat().st_mode).encode())
+    return h.hexdigest()
+
+
+def copy_images(dst: Path, start: int, count: int) -> Path:
+    dst.mkdir(parents=True)
+    for f in sorted(demo_images().rglob("*.png"))[start : start + count]:
+        shutil.copy2(f, dst / f.name)
+    return dst
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(epoch: int, step: int = 0, exc=Stop):
+    def on_step(info):
+        if info.epoch == epoch and info.step == step:
+            raise exc()
+
+    return on_step
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return copy_images(tmp_path_factory.mktemp("data") / "images", 0, 24)
+
+
+@pytest.fixture(scope="module")
+def finished(images, tmp_path_factory):
+    """A finished 1-epoch run (read-only: copy it before changing it)."""
+    return edgessl.pretrain(data=str(images), out=str(tmp_path_factory.mktemp("finished") / "run"), epochs=1,
+                            **TINY).run_dir
+
+
+@pytest.fixture(scope="module")
+def cut(images, tmp_path_factory):
+    """A 2-epoch run killed during its second epoch: epoch 1 is checkpointed (read-only)."""
+    out = tmp_path_factory.mktemp("cut") / "run"
+    with pytest.raises(Stop):
+        edgessl.pretrain(data=str(images), out=str(out), epochs=2, on_step=stop_at(1), **TINY)
+    return out
+
+
+def one_line_error(res, code=2) -> str:
+    assert res.exit_code == code, res.output
+    lines = [line for line in res.output.strip().splitlines() if line]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+# ---------------------------------------------------------------- 1. --out on an existing run
+def test_out_on_an_existing_run_is_refused_and_changes_nothing(finished, images, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "copy")
+    (run / "eval.json").write_text("{}")
+    before = folder_hash(run)
+    res = runner.invoke(app, ["pretrain", "--data", str(images), "--epochs", "1", "--out", str(run)])
+    line = one_line_error(res)
+    assert line == (f"error: --out '{run}' already holds a run: continue it with --resume {run}, or pass --overwrite "
+                    f"to move it aside (to copy.old-<time>) and start a new run there.")
+    assert folder_hash(run) == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    line = one_line_error(runner.invoke(app, ["pretrain", "--data", str(images), "--out", str(other)]))
+    assert line.startswith(f"error: --out '{other}' already holds files: continue it with --resume")
+    assert (other / "todo.txt").read_text() == "mine"
+
+
+def test_overwrite_moves_the_old_run_aside_and_never_mixes(finished, images, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "copy")
+    (run / "eval.json").write_text("{}")
+    before = folder_hash(run)
+    res = runner.invoke(app, ["pretrain", "--data", str(images), "--epochs", "2", "--out", str(run), "--overwrite",
+                              "--image-size", "32", "--batch-size", "8", "--head-hidden", "32", "--feature-dim", "16",
+                              "--eval-every", "0", "--quiet", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("copy.old-")]
+    assert len(aside) == 1 and folder_hash(aside[0]) == before  # the old run, byte for byte
+    assert "now in" in " ".join(res.output.split()) and aside[0].name in res.output
+    assert not (run / "eval.json").exists()  # nothing of the old run is left in the new one
+    assert json.loads((run / "encoder.json").read_text())["epochs_trained"] == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_default_run_name_stays_unique(tmp_path):
+    first = default_run_dir("resnet18", tmp_path, stamp="20261130-120000")
+    assert first == tmp_path / "resnet18-20261130-120000"
+    first.mkdir()
+    second = default_run_dir("resnet18", tmp_path, stamp="20261130-120000")
+    assert second == tmp_path / "resnet18-20261130-120000-2"
+    second.mkdir()
+    assert default_run_dir("resnet18", tmp_path, stamp="20261130-120000").name == "resnet18-20261130-120000-3"
+
+
+# ---------------------------------------------------------------- 2. a refused resume changes no byte
+def test_refused_resume_changes_no_byte_and_a_plain_resume_still_works(cut, tmp_path):
+    run = shutil.copytree(cut, tmp_path / "run")
+    other = copy_images(tmp_path / "corrupt", 100, 10)
+    before = folder_hash(run)
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--data", str(other)]))
+    assert line.startswith(f"error: Cannot resume '{run}': '{other}' does not hold the images it was trained on")
+    assert folder_hash(run) == before  # config.yaml untouched, no skipped_files.txt
+    # a model option that does not fit the checkpoint: refused before any write too
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--feature-dim", "32"]))
+    assert "its checkpoint does not fit the model these options build" in line
+    assert folder_hash(run) == before
+    res = runner.invoke(app, ["pretrain", "--resume", str(run), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(run)["epoch"] == 2
+
+
+# ---------------------------------------------------------------- 3. paths and data identity
+def test_resume_refuses_a_different_folder_with_the_same_image_count(cut, images, tmp_path):
+    run = shutil.copytree(cut, tmp_path / "run")
+    twin = tmp_path / "twin"
+    shutil.copytree(images, twin)
+    victim = sorted(twin.glob("*.png"))[3]
+    victim.unlink()
+    shutil.copy2(sorted(demo_images().rglob("*.png"))[200], twin / "zzz_new.png")
+    assert len(scan_images(twin)) == len(scan_images(images))
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--data", str(twin)]))
+    assert line == (f"error: Cannot resume '{run}': '{twin}' does not hold the images it was trained on (from "
+                    f"'{images}'): 1 file added (zzz_new.png), 1 file removed ({victim.name}). Pass --data with the "
+                    "original files, or start a new run.")
+
+
+def test_signature_names_changed_files():
+    old = {"sha256": "a", "files": [["a.png", 10, 1], ["b.png", 10, 1], ["c.png", 10, 1]]}
+    new = {"sha256": "b", "files": [["a.png", 11, 1], ["b.png", 10, 2], ["c.png", 10, 1]]}
+    assert describe_difference(old, new) == "2 files changed (a.png, b.png)"
+    assert describe_difference(old, dict(old)) == ""
+
+
+def test_config_stores_absolute_paths_and_resume_works_from_another_directory(tmp_path, monkeypatch):
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    copy_images(home / "my_images", 0, 24)
+    copy_images(elsewhere / "my_images", 40, 24)  # a different folder of the same name and size
+    monkeypatch.chdir(home)
+    with pytest.raises(Stop):
+        edgessl.pretrain(data="my_images", out="run", epochs=2, on_step=stop_at(1), **TINY)
+    cfg = yaml.safe_load((home / "run" / "config.yaml").read_text())
+    assert cfg["data"] == str(home / "my_images") and cfg["out"] == str(home / "run")
+    monkeypatch.chdir(elsewhere)
+    result = edgessl.pretrain(resume=str(home / "run"), quiet=True)
+    assert result.data == home / "my_images" and load_checkpoint(home / "run")["epoch"] == 2
+
+
+def test_resume_accepts_a_moved_copy_of_the_same_files(tmp_path):
+    data = copy_images(tmp_path / "before", 0, 24)
+    with pytest.raises(Stop):
+        edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), epochs=2, on_step=stop_at(1), **TINY)
+    moved = tmp_path / "after"
+    data.rename(moved)
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(tmp_path / "run")]))
+    assert line == (f"error: Cannot resume '{tmp_path / 'run'}': its data folder '{data}' does not exist any more. If "
+                    "it moved, pass --data with its new location (the files are checked against the run's record).")
+    res = runner.invoke(app, ["pretrain", "--resume", str(tmp_path / "run"), "--data", str(moved), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"] == str(moved)
+
+
+def test_signature_ignores_the_root_but_not_the_files(tmp_path):
+    a = copy_images(tmp_path / "a", 0, 5)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)  # copy2: same sizes and mtimes
+    sa, sb = folder_signature(a, scan_images(a)), folder_signature(b, scan_images(b))
+    assert sa["sha256"] == sb["sha256"] and sa["root"] != sb["root"]
+    os.utime(next(b.iterdir()), (1, 1))
+    assert folder_signature(b, scan_images(b))["sha256"] != sa["sha256"]
+
+
+# ---------------------------------------------------------------- 4. honest messages
+def test_interrupt_before_the_first_epoch_leaves_nothing(images, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as err:
+        edgessl.pretrain(data=str(images), out=str(out), epochs=2, on_step=stop_at(0, 1, KeyboardInterrupt), **TINY)
+    assert str(err.value) == f"Interrupted before the first epoch completed: there is nothing to resume ({out} was removed)."
+    assert not out.exists()
+
+
+def test_interrupt_after_an_epoch_names_the_resume_command(images, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as err:
+        edgessl.pretrain(data=str(images), out=str(out), epochs=3, on_step=stop_at(2, 0, KeyboardInterrupt), **TINY)
+    assert str(err.value) == (f"Interrupted. 2 completed epochs checkpointed in {out}: continue with "
+                              f"edgessl pretrain --resume {out}")
+
+
+def test_cli_interrupt_exit_code_130(monkeypatch):
+    def interrupted(**kwargs):
+        raise Interrupted("Interrupted. 1 completed epoch checkpointed in runs/x: continue with edgessl pretrain --resume runs/x")
+
+    monkeypatch.setattr(edgessl.api, "pretrain", interrupted)
+    res = runner.invoke(app, ["pretrain"])
+    assert res.exit_code == 130
+    assert res.output.strip() == ("Interrupted. 1 completed epoch checkpointed in runs/x: continue with edgessl "
+                                  "pretrain --resume runs/x")
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "no-checkpoint", "not-a-run"])
+def test_resume_of_something_that_is_not_a_run(case, tmp_path):
+    target = tmp_path / "target"
+    expected = {
+        "missing": f"error: Cannot resume '{target}': it does not exist.",
+        "file": f"error: Cannot resume '{target}': it is a file, not a run directory.",
+        "no-checkpoint": (f"error: Cannot resume '{target}': no epoch of it has completed (no checkpoint.pt). Start "
+                          f"it again with --config {target / 'config.yaml'} --out {target} --overwrite."),
+        "not-a-run": f"error: Cannot resume '{target}': it is not an edgessl run directory (no checkpoint.pt, no config.yaml).",
+    }[case]
+    if case == "file":
+        target.write_text("x")
+    elif case != "missing":
+        target.mkdir()
+        (target / ("config.yaml" if case == "no-checkpoint" else "notes.txt")).write_text("epochs: 1\n")
+    assert one_line_error(runner.invoke(app, ["pretrain", "--resume", str(target)])) == expected
+
+
+def test_resume_of_a_finished_run_says_so(finished, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "done")
+    before = folder_hash(run)
+    res = runner.invoke(app, ["pretrain", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    assert (f"Nothing to resume: {run} has completed all 1 epoch (encoder: {run / 'encoder.safetensors'})."
+            in res.output)
+    assert folder_hash(run) == before
+    with pytest.raises(UserError, match="--resume continues a run and --overwrite starts a new one"):
+        edgessl.pretrain(resume=str(run), overwrite=True)
+
+
+# ---------------------------------------------------------------- 6. smaller friction
+def test_run_files_are_0644_and_classifier_too(finished, tmp_path):
+    from edgessl.models.classifier import Classifier, save_classifier
+
+    old = os.umask(0o022)
+    try:
+        for name in ("encoder.safetensors", "encoder.json", "config.yaml", "metrics.jsonl", "data.json",
+                     "checkpoint.pt", "curves.png"):
+            assert stat.S_IMODE((finished / name).stat().st_mode) == 0o644, name
+        model = Classifier(edgessl.load_encoder(finished), 1024, 3)
+        save_classifier(model, tmp_path / "clf", {"classes": ["a", "b", "c"]})
+        assert stat.S_IMODE((tmp_path / "clf" / "classifier.safetensors").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_version_and_flag_help():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"edgessl {edgessl.__version__}"
+    res = runner.invoke(app, ["pretrain", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "<bool>" not in res.output
+    assert "--overwrite" in res.output and "--threads" in res.output
+
+
+def test_banner_singular_epoch_threads_and_next_commands(tmp_path):
+    images = tmp_path / "labelled"
+    for k, name in enumerate(("a", "b")):
+        copy_images(images / name, 50 * k, 8)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain", "--data", str(images), "--epochs", "1", "--image-size", "32", "--batch-size",
+                              "8", "--head-hidden", "32", "--feature-dim", "16", "--out", str(out), "--threads", "1",
+                              "--labels-from-folders"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    banner = next(line for line in lines if line.startswith("edgessl pretrain "))
+    assert "| 1 epoch |" in banner and "| 1 thread (--threads 1) |" in banner
+    assert json.loads((out / "metrics.jsonl").read_text())["threads"] == 1
+    # not a terminal: long lines are not wrapped at 80 columns
+    assert len(banner) > 80 and f"run dir {out}" in banner
+    assert f"  edgessl eval {out} --train {images} --test-fraction 0.2   # few-label kNN + linear probe" in lines
+    assert any(line.startswith(f"  edgessl export {out}   #") for line in lines)
+
+
+def test_curve_title_fits_the_figure():
+    from edgessl.report.plots import curves_figure
+
+    fig = curves_figure([{"epoch": 1, "loss": 1.0}], "mobilenetv3_small_100 - mobilenetv3_small-20261130-120000-2")
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    box = fig.get_window_extent(renderer)
+    assert box.x0 <= title.x0 and title.x1 <= box.x1
+
+
+def test_signature_of_a_folder_of_links(tmp_path):
+    """Benchmarks build subsets as folders of symbolic links: files are named as listed, sized as their targets."""
+    src = copy_images(tmp_path / "src", 0, 3)
+    links = tmp_path / "links" / "cls"
+    links.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        (links / f.name).symlink_to(f)
+    sig = folder_signature(tmp_path / "links", scan_images(tmp_path / "links"))
+    assert [f[0] for f in sig["files"]] == [f"cls/{p.name}" for p in sorted(src.iterdir())]
+    assert [f[1] for f in sig["files"]] == [p.stat().st_size for p in sorted(src.iterdir())]

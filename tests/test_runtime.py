@@ -1,0 +1,69 @@
+"""Thread policy, the smoothed ETA and console wrapping (edgessl.runtime, edgessl.report.progress)."""
+
+import os
+
+import pytest
+import torch
+
+from edgessl import runtime
+from edgessl.errors import UserError
+from edgessl.report.progress import smoothed_rate
+from edgessl.runtime import ThreadChoice, choose_threads
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    monkeypatch.setattr(runtime, "_DEFAULT_THREADS", 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+
+
+@pytest.mark.parametrize("busy, threads", [(0.0, 2), (0.4, 2), (0.9, 1), (1.6, 1), (2.0, 1), (3.5, 1)])
+def test_auto_threads_use_the_cores_other_work_leaves(two_cores, busy, threads):
+    choice = choose_threads("auto", busy=busy)
+    assert choice.threads == threads
+    assert choice.reason == ("auto: machine idle" if threads == 2 else f"auto: {busy:.1f} of 2 cores busy with other work")
+
+
+def test_explicit_threads_and_environment_win(two_cores, monkeypatch):
+    assert choose_threads("3", busy=2.0) == ThreadChoice(3, "--threads 3")
+    assert choose_threads(1, busy=0.0) == ThreadChoice(1, "--threads 1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert choose_threads("auto", busy=0.0) == ThreadChoice(1, "OMP_NUM_THREADS=1")
+    assert choose_threads(None, busy=None).threads == 1
+    with pytest.raises(UserError, match="--threads must be a positive number or auto, not -1"):
+        choose_threads(-1)
+
+
+def test_busy_cores_is_measured_from_proc_stat(two_cores):
+    busy = runtime.busy_cores(0.05)
+    if not os.path.exists("/proc/stat"):
+        assert busy is None
+    else:
+        assert 0.0 <= busy <= len(os.sched_getaffinity(0)) + 1e-6
+
+
+def test_use_threads_applies_the_choice(two_cores):
+    before = torch.get_num_threads()
+    try:
+        assert runtime.use_threads("1") == ThreadChoice(1, "--threads 1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_config_validates_threads():
+    from edgessl.config import resolve
+
+    assert resolve({"threads": 2}).threads == "2"
+    assert resolve({}).threads == "auto"
+    with pytest.raises(UserError, match="--threads must be auto or a positive number, not 'many'"):
+        resolve({"threads": "many"})
+
+
+def test_smoothed_rate_is_an_exponential_moving_average():
+    assert smoothed_rate(None, 10, 2.0) == 5.0
+    assert smoothed_rate(5.0, 10, 1.0, alpha=0.1) == pytest.approx(0.1 * 10 + 0.9 * 5)
+    assert smoothed_rate(5.0, 0, 1.0) == 5.0 and smoothed_rate(5.0, 3, 0.0) == 5.0
+    # one stretch three times slower moves the estimate by alpha * (1/3 - 1), not threefold
+    assert smoothed_rate(9.0, 3, 1.0, alpha=0.1) == pytest.approx(8.4)
