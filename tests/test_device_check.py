@@ -211,9 +211,10 @@ def test_model_not_listed_or_unloadable(script, copy, capsys):
     assert "does not list other.onnx" in _error_line(capsys)
     broken = copy / "broken.onnx"
     broken.write_bytes(b"this is not an onnx model")
-    from edgessl.deploy.manifest import sha256
+    from edgessl.fileio import sha256_file
 
-    _edit_manifest(copy, lambda d: d["models"].append({**d["models"][0], "file": "broken.onnx", "sha256": sha256(broken)}))
+    entry = {"file": "broken.onnx", "sha256": sha256_file(broken)}
+    _edit_manifest(copy, lambda d: d["models"].append({**d["models"][0], **entry}))
     assert _main(script, broken) == 2
     assert "cannot load broken.onnx" in _error_line(capsys)
     assert _main(script, copy / "missing.onnx") == 2

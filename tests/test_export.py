@@ -21,6 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from edgessl.deploy import manifest as mf  # noqa: E402
 from edgessl.deploy import onnx as ox  # noqa: E402
+from edgessl.fileio import sha256_file  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # what pretraining writes into encoder.json
 PER_CLASS = 8  # 9 demo classes x 8 = 72 images: >= 64 for the parity check, 1 epoch in a few seconds
@@ -208,7 +209,7 @@ def test_manifest_round_trip(exports):
     assert files == {"encoder.onnx", "encoder.int8.onnx", "encoder.fp16.onnx", "classifier.onnx", "classifier.int8.onnx"}
     for entry in manifest["models"]:
         assert entry["precision"] in ("fp32", "int8", "fp16")
-        assert entry["sha256"] == mf.sha256(export / entry["file"])
+        assert entry["sha256"] == sha256_file(export / entry["file"])
         assert isinstance(entry["parity"]["max_abs_diff"], float) and isinstance(entry["parity"]["min_cosine"], float)
         assert entry["input"] == {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW",
                                   "channels": "RGB"}
@@ -290,6 +291,24 @@ def test_parity_bounds_fail_with_exit_code_3():
     assert ox.compare(ref, flipped, logits=True)["top1_agreement"] == 7 / 8
     tie = np.array([[1.0, 1.0 - 1e-7, 0.0]], dtype=np.float32)  # a numerical near-tie may flip
     assert ox.compare(tie, tie[:, [1, 0, 2]], logits=True)["top1_real_disagreements"] == 0
+
+
+def test_parity_figures_match_device_check():
+    """ox.cosines is export/device_check.py's; ox.compare (which adds output_scale and top1_real_disagreements)
+    agrees with the script's compare on every figure both report."""
+    from edgessl.deploy.check import device_check_module
+
+    dc = device_check_module()
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((8, 5)).astype(np.float32)
+    out = ref + 1e-3 * rng.standard_normal(ref.shape).astype(np.float32)
+    ref[0] = out[0] = 0.0  # two all-zero rows count as identical
+    cos = ox.cosines(ref, out)
+    np.testing.assert_array_equal(cos, dc.cosines(ref, out))
+    assert cos[0] == 1.0 and cos.dtype == np.float64
+    for logits in (False, True):
+        mine, theirs = ox.compare(ref, out, logits=logits), dc.compare(ref, out, logits)
+        assert {k: mine[k] for k in theirs} == theirs
 
 
 # ------------------------------------------------------------------------------------------------ bad input

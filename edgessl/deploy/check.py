@@ -2,11 +2,13 @@
 
 There is one source of truth, export/device_check.py. An installed wheel ships it as the package data module
 `edgessl.devicecheck.device_check` (pyproject maps that package to the export/ folder); an editable or source
-checkout finds it beside the package.
+checkout finds it beside the package. edgessl.deploy.onnx uses its functions too (device_check_module), so that the
+export and the device measure agreement the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +42,19 @@ def load_script() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def device_check_module() -> ModuleType:
+    """export/device_check.py as a module, loaded once per process: the installed `edgessl.devicecheck.device_check`
+    (a wheel), else the file script_path finds (an editable install or a source checkout, where the import fails:
+    setuptools' editable finder cannot import the namespace package edgessl.devicecheck inside the regular package
+    edgessl)."""
+    try:
+        from edgessl.devicecheck import device_check
+    except ImportError:
+        return load_script()
+    return device_check
 
 
 def run_device_check(argv: list[str]) -> int:

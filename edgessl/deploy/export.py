@@ -16,12 +16,13 @@ from edgessl.deploy import onnx as ox
 from edgessl.deploy import quantize as qz
 from edgessl.deploy.images import Sample, sample_folder, spread, to_input
 from edgessl.errors import UserError
+from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1
+from edgessl.fileio import sha256_file
 
 EVAL_IMAGES = 256  # parity is measured on up to this many images (all of them when the folder has fewer)
 CALIB_IMAGES = 256  # int8 calibration images, spread over the calibration folder
 REFERENCE_IMAGES = 48  # preprocessed images + PyTorch outputs shipped in <model>.reference.npz
 LATENCY_RUNS = 30  # batch-1 runs per model for the size/latency ratios reported at export (device_check does more)
-KNN_K = 20
 
 
 @dataclass
@@ -108,10 +109,8 @@ def latency_ms(sess, x1: np.ndarray, runs: int = LATENCY_RUNS, warmup: int = 5) 
 def _knn_top1(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
     import torch
 
-    from edgessl.evaluate.knn import knn_top1
-
     f, y = torch.from_numpy(features), torch.from_numpy(labels)
-    return knn_top1(f, y, f, y, classes, k=min(KNN_K, len(y) - 1), t=0.1, exclude_self=True)
+    return knn_top1(f, y, f, y, classes, k=min(KNN_K[0], len(y) - 1), t=KNN_T, exclude_self=True)
 
 
 def _classifier_targets(sample: Sample, classes: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -130,8 +129,8 @@ def _task_figures(kind: str, sample: Sample, meta: dict[str, Any], outputs: dict
     """kNN (encoder, labelled sample) or accuracy (classifier, folders named like its classes) per precision."""
     if kind == "encoder" and sample.labels is not None and len(sample) > 2:
         res = {p: _knn_top1(o, sample.labels, len(sample.classes)) for p, o in outputs.items()}
-        return {"knn_top1": {**res, "k": min(KNN_K, len(sample) - 1), "images": len(sample),
-                             "protocol": "leave-one-out weighted kNN, cosine, t=0.1, on the checked images"}}
+        return {"knn_top1": {**res, "k": min(KNN_K[0], len(sample) - 1), "images": len(sample),
+                             "protocol": f"leave-one-out weighted kNN, cosine, t={KNN_T:g}, on the checked images"}}
     if kind == "classifier":
         found = _classifier_targets(sample, meta["classes"])
         if found is not None:
@@ -159,7 +158,7 @@ def _write_reference(path: Path, sample: Sample, outputs: np.ndarray) -> None:
 
 def _entry(file: Path, precision: str, base: dict[str, Any], parity: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {
-        "file": file.name, "precision": precision, "sha256": mf.sha256(file), "bytes": file.stat().st_size,
+        "file": file.name, "precision": precision, "sha256": sha256_file(file), "bytes": file.stat().st_size,
         "parity": parity, "bounds": ox.BOUNDS[precision], "opset": ox.model_opset(file), **base, **extra,
     }
 

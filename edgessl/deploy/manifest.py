@@ -12,12 +12,12 @@ and for int8/fp16 the conversion settings and a comparison with fp32.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from edgessl.errors import UserError
+from edgessl.fileio import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "edgessl-onnx/1"
@@ -27,14 +27,6 @@ OUTPUT_MEANING = {
                "cosine similarity (kNN, retrieval) or train a linear layer on them",
     "classifier": "logits (unnormalised class scores) in the order of `classes`; softmax gives probabilities",
 }
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def input_spec(name: str, image_size: int) -> dict[str, Any]:
@@ -94,7 +86,7 @@ def find_entry(manifest: dict[str, Any], file_name: str) -> dict[str, Any] | Non
 
 def _still_valid(folder: Path, entry: dict[str, Any]) -> bool:
     path = folder / entry["file"]
-    return path.is_file() and sha256(path) == entry["sha256"]
+    return path.is_file() and sha256_file(path) == entry["sha256"]
 
 
 def drop_missing(folder: str | Path) -> None:
@@ -109,7 +101,7 @@ def drop_missing(folder: str | Path) -> None:
     kept = [m for m in data["models"] if (Path(folder) / m["file"]).is_file()]
     if len(kept) != len(data["models"]):
         data["models"] = kept
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_manifest(folder: str | Path, entries: list[dict[str, Any]], source: dict[str, Any]) -> Path:
@@ -139,7 +131,4 @@ def write_manifest(folder: str | Path, entries: list[dict[str, Any]], source: di
         "preprocess": entries[0]["preprocess"],
         "models": kept + entries,
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")

@@ -177,11 +177,11 @@ def run(sess, x: np.ndarray, batch: int = 64) -> np.ndarray:
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row cosine similarity in float64 (two all-zero rows count as identical)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    cos = (a * b).sum(axis=1) / np.maximum(na * nb, 1e-30)
-    return np.where((na == 0) & (nb == 0), 1.0, cos)
+    """Per-row cosine similarity in float64 (two all-zero rows count as identical): export/device_check.py's
+    `cosines`, the one the device runs."""
+    from edgessl.deploy.check import device_check_module
+
+    return device_check_module().cosines(a, b)
 
 
 def compare(reference: np.ndarray, output: np.ndarray, logits: bool = False) -> dict[str, Any]:
@@ -189,7 +189,10 @@ def compare(reference: np.ndarray, output: np.ndarray, logits: bool = False) -> 
 
     max_abs_diff, output_scale (max |reference|), rel_max_abs_diff, min/mean cosine, images; for logits also
     top1_agreement and top1_real_disagreements (disagreements where the reference's top-2 margin exceeds twice the
-    max abs diff, i.e. not numerical near-ties)."""
+    max abs diff, i.e. not numerical near-ties).
+
+    Not device_check.compare: the figures are the same, but this one adds output_scale and
+    top1_real_disagreements (failed_bounds needs them) and orders the keys as manifest.json's "parity" has them."""
     diff = np.abs(reference.astype(np.float64) - output.astype(np.float64))
     scale = float(np.abs(reference).max()) or 1.0
     cos = cosines(reference, output)

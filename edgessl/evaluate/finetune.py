@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from edgessl.runtime import pick_device, use_threads
 from edgessl.data.augment import AugmentConfig, augment_batch, test_transform
 from edgessl.data.folder import ImageSet, scan_images
 from edgessl.errors import TrainingDiverged, UserError
+from edgessl.fileio import atomic_write_text
 from edgessl.evaluate.labelled import (
     check_labels_per_class,
     check_split_options,
@@ -314,9 +314,7 @@ def finetune_run(
         "seconds": round(time.time() - t_start, 2),
         "history": history,
     }
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out_dir / "metrics.json")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     plot_confusion(cm, classes, out_dir / "confusion.png",
                    title=f"{meta['timm_name']} {tag}: test top-1 {100 * metrics['top1']:.1f}%")
     if short.get(per_class):

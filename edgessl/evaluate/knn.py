@@ -6,14 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# The kNN settings edgessl reports everywhere (eval.json, the pretraining monitor, widths.json, export's kNN figure):
+# k = 20 and 200 (a single-k figure uses KNN_K[0] = 20), temperature 0.1.
+KNN_K = (20, 200)
+KNN_T = 0.1
+
 
 def knn_predict(
     query: Tensor,
     memory: Tensor,
     memory_labels: Tensor,
     num_classes: int,
-    k: int = 200,
-    t: float = 0.1,
+    k: int = KNN_K[-1],
+    t: float = KNN_T,
     exclude_self: bool = False,
     chunk: int = 1024,
 ) -> Tensor:
@@ -47,8 +52,8 @@ def knn_top1(
     memory: Tensor,
     memory_labels: Tensor,
     num_classes: int,
-    k: int = 200,
-    t: float = 0.1,
+    k: int = KNN_K[-1],
+    t: float = KNN_T,
     exclude_self: bool = False,
 ) -> float:
     """Top-1 accuracy in [0, 1] of knn_predict."""

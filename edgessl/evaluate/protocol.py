@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -34,8 +33,9 @@ from torch import Tensor, nn
 from edgessl.runtime import pick_device, use_threads
 from edgessl.data.folder import scan_images
 from edgessl.errors import UserError
+from edgessl.fileio import atomic_write_text, sha256_file
 from edgessl.evaluate.features import extract_features
-from edgessl.evaluate.knn import knn_predict
+from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict
 from edgessl.evaluate.labelled import (
     check_labels_per_class,
     check_split_options,
@@ -51,8 +51,6 @@ from edgessl.evaluate.metrics import classification_metrics
 from edgessl.evaluate.subsets import stratified_subset
 from edgessl.models.backbone import ENCODER_WEIGHTS, build_from_arch, load_encoder, read_encoder_meta
 
-KNN_K = (20, 200)
-KNN_T = 0.1
 RANDOM_INIT_SEED = 0
 CV_FOLD_SEED = 0  # the probe's CV folds depend on the labelled subset only
 CACHE_VERSION = 1
@@ -85,14 +83,6 @@ def folder_signature(root: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def random_encoder(meta: dict[str, Any], seed: int = RANDOM_INIT_SEED) -> nn.Module:
     """The run's architecture with a seeded random initialisation (global RNG state left untouched), eval mode."""
     with torch.random.fork_rng(devices=[]):
@@ -109,7 +99,7 @@ class EncoderSpec:
 
 
 def encoder_specs(run_dir: Path, meta: dict[str, Any], baseline: str | None) -> list[EncoderSpec]:
-    specs = [EncoderSpec("pretrained", "weights:" + file_digest(run_dir / ENCODER_WEIGHTS),
+    specs = [EncoderSpec("pretrained", "weights:" + sha256_file(run_dir / ENCODER_WEIGHTS),
                          lambda: load_encoder(run_dir))]
     if baseline == "random":
         import timm
@@ -404,9 +394,7 @@ def evaluate_run(
         "results": rows,
         "summary": summary,
     }
-    tmp = run_dir / ".eval.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, result.json_path)
+    atomic_write_text(result.json_path, json.dumps(report, indent=2) + "\n")
     plot_eval(summary, result.plot_path, title=f"{meta['timm_name']} - {run_dir.name}")
     if not quiet:
         console.print(results_table(summary))

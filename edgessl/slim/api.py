@@ -12,7 +12,6 @@ per width when a labelled test split exists) of every width -> widths.json and t
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import shutil
@@ -25,6 +24,8 @@ import torch
 from torch import nn
 
 from edgessl.errors import UserError
+from edgessl.evaluate.knn import KNN_K, KNN_T
+from edgessl.fileio import atomic_write_text, sha256_files
 from edgessl.models.backbone import (ENCODER_META, ENCODER_WEIGHTS, load_encoder, output_dim, read_encoder_meta,
                                      save_encoder)
 from edgessl.slim.channels import channel_groups, check_width, group_counts, width_plan
@@ -33,8 +34,6 @@ from edgessl.slim.slicing import sliced_tensors
 WIDTHS_BN = "widths.safetensors"
 REPORT_JSON = "widths.json"
 REPORT_PLOT = "widths.png"
-KNN_K = 20
-KNN_T = 0.1
 LATENCY_RUNS = 30
 LATENCY_WARMUP = 5
 
@@ -73,13 +72,7 @@ def _match_width(run_dir: Path, meta: dict[str, Any], width: float) -> float:
 def source_digest(run_dir: str | Path, width: float) -> str:
     """sha256 of the files a width's encoder is made of (encoder.safetensors, + widths.safetensors below 1)."""
     run_dir = Path(run_dir)
-    h = hashlib.sha256()
-    files = [run_dir / ENCODER_WEIGHTS] + ([run_dir / WIDTHS_BN] if width < 1 else [])
-    for path in files:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return sha256_files([run_dir / ENCODER_WEIGHTS] + ([run_dir / WIDTHS_BN] if width < 1 else []))
 
 
 def _private_bn(run_dir: Path, width: float) -> dict[str, torch.Tensor]:
@@ -273,7 +266,8 @@ def _images(value, size: int, what: str):
 
 
 class _Accuracy:
-    """kNN top-1 (k = 20, t = 0.1) and optionally a linear probe of one backbone, on the report's labelled data."""
+    """kNN top-1 (k = KNN_K[0] = 20, t = KNN_T = 0.1) and optionally a linear probe of one backbone, on the report's
+    labelled data."""
 
     def __init__(self, labelled, test):
         self.memory, self.query, self.loo, self.query_labels = None, None, True, None
@@ -302,7 +296,7 @@ class _Accuracy:
 
         mem = extract_features(model, self.memory, mean, std, device)
         qry = mem if self.loo else extract_features(model, self.query, mean, std, device)
-        knn = knn_top1(qry, self.query_labels, mem, self.memory.labels, self.num_classes, KNN_K, KNN_T, self.loo)
+        knn = knn_top1(qry, self.query_labels, mem, self.memory.labels, self.num_classes, KNN_K[0], KNN_T, self.loo)
         linear = None
         if not self.loo:
             from edgessl.evaluate.linear import linear_probe
@@ -350,7 +344,7 @@ def width_report(
             model, model_meta = build_slim(run_dir, w)
             folder = save_slim(model, model_meta, run_dir, width_folder(run_dir, w))
         entries.append(_measure(w, model, model_meta, folder, size, accuracy, meta, device, threads, say))
-    (run_dir / REPORT_JSON).write_text(json.dumps(entries, indent=2) + "\n")
+    atomic_write_text(run_dir / REPORT_JSON, json.dumps(entries, indent=2) + "\n")
     plot_widths(entries, run_dir / REPORT_PLOT, title=f"{meta['timm_name']} - {run_dir.name}")
     return entries
 
@@ -384,7 +378,7 @@ def encoders_report(out_dir: str | Path, encoders: list[tuple[float, str | Path]
     say(f"Report ({len(encoders)} encoders): {accuracy.describe()}.", highlight=False)
     entries = [_measure(w, load_encoder(f), m, Path(f), train_size, accuracy, metas[0], device, threads, say)
                for (w, f), m in zip(encoders, metas)]
-    (out_dir / REPORT_JSON).write_text(json.dumps(entries, indent=2) + "\n")
+    atomic_write_text(out_dir / REPORT_JSON, json.dumps(entries, indent=2) + "\n")
     plot_widths(entries, out_dir / REPORT_PLOT, title=f"{metas[0]['timm_name']} - {out_dir.name}")
     return entries
 
@@ -396,7 +390,7 @@ def plot_widths(entries: list[dict[str, Any]], path: str | Path, title: str = ""
 
     plt = _plt()
     key = next((k for k in ("knn_top1", "linear_top1") if all(e.get(k) is not None for e in entries)), None)
-    ylabel = {"knn_top1": f"kNN top-1 (k={KNN_K})", "linear_top1": "linear probe top-1", None: "parameters (M)"}[key]
+    ylabel = {"knn_top1": f"kNN top-1 (k={KNN_K[0]})", "linear_top1": "linear probe top-1", None: "parameters (M)"}[key]
     pts = sorted(((e["latency_ms"], e[key] if key else e["params"] / 1e6, e) for e in entries), key=lambda p: p[0])
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], color="0.7", zorder=1)
