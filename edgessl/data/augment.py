@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of every timm backbone here (encoder.json records it)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _LUMA = (0.299, 0.587, 0.114)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from edgessl.models.backbone import create_backbone, output_dim, want_small_input
+
 
 class ProjectionHead(nn.Module):
     """'mlp': Linear-BN-ReLU-Linear (hidden units `hidden`); 'linear': one Linear. in_dim comes from a dummy
@@ -41,3 +43,12 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
+
+
+def build_encoder(cfg) -> tuple[Encoder, dict, int]:
+    """The backbone + projection head a PretrainConfig describes (backbone, small_input, image_size, feature_dim,
+    head_hidden, head), freshly initialised from torch's global RNG.
+    Returns (Encoder, arch: encoder.json's architecture keys, feature dimension of the backbone)."""
+    backbone, arch = create_backbone(cfg.backbone, small_input=want_small_input(cfg.small_input, cfg.image_size))
+    feat_dim = output_dim(backbone, cfg.image_size)
+    return Encoder(backbone, ProjectionHead(feat_dim, cfg.feature_dim, cfg.head_hidden, cfg.head)), arch, feat_dim

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from edgessl.config import replace, resolve
 from edgessl.errors import UserError
 from edgessl.rundir import check_out
-from edgessl.models.backbone import create_backbone, output_dim, want_small_input
-from edgessl.models.head import Encoder, ProjectionHead
+from edgessl.models.head import build_encoder
 from edgessl.slim.prune import prune_by_importance
 from edgessl.slim.slimmable import last_layer
 
@@ -30,9 +29,7 @@ def load_run_encoder(run_dir: Path):
         raise UserError(f"'{run_dir}' is not a pretraining run directory (config.yaml and checkpoint.pt are needed).")
     cfg = resolve(config=str(run_dir / "config.yaml"))
     ckpt = load_checkpoint(run_dir)
-    backbone, _ = create_backbone(cfg.backbone, small_input=want_small_input(cfg.small_input, cfg.image_size))
-    head = ProjectionHead(output_dim(backbone, cfg.image_size), cfg.feature_dim, cfg.head_hidden, cfg.head)
-    encoder = Encoder(backbone, head)
+    encoder, _, _ = build_encoder(cfg)
     state = ckpt["model"]
     if any(k.startswith("encoder.") for k in state):  # a --widths run: its full width
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}

@@ -1,0 +1,83 @@
+"""The loss of one training step: the method at every trained width, plus distillation from a frozen teacher.
+
+In the spirit of timm's TrainingTask: the loop calls `objective(net, x, index, epoch, step, mix, local)` and gets the
+loss to back-propagate, whatever the composition; no `if` about widths or teachers stays in the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgessl.method.instance import InstanceDiscrimination, StepOutput
+from edgessl.method.losses import active_widths, slimmable_loss, soft_cross_entropy, width_loss_weights
+from edgessl.runtime import autocast
+from edgessl.seeding import keyed_generator
+
+
+@dataclass
+class StepLoss:
+    loss: Tensor  # scalar to back-propagate
+    out: StepOutput  # the full width's method output: the bank update and the logged L_ce, L_sd come from it
+    sub_ce: list[Tensor] = field(default_factory=list)  # each trained sub-width's detached L_ce
+    widths: list[float] = field(default_factory=lambda: [1.0])  # the widths trained this step, full width first
+
+
+@dataclass
+class Teacher:
+    """A frozen encoder whose distribution over the same bank columns the student also matches:
+    loss <- (1 - weight) * loss + weight * soft_ce(s / tau, softmax(t . V^T / tau)), t its unit feature of the crop."""
+
+    model: nn.Module
+    weight: float = 0.5
+
+
+class Objective:
+    """method: the single-branch loss and bank; widths: the widths of a slimmable net (full width first, a plain
+    net when there is one); the sub-widths join after `slow_start` of `epochs`, distil the full width's
+    distribution with weight `width_distill` and are weighted by width_loss_weights(widths, reweight)."""
+
+    def __init__(self, method: InstanceDiscrimination, seed: int, epochs: int, device: torch.device, precision: str,
+                 widths: Sequence[float] = (1.0,), slow_start: float = 0.5, width_distill: float = 0.5,
+                 reweight: bool = True, teacher: Teacher | None = None):
+        self.method, self.seed, self.epochs = method, seed, epochs
+        self.device, self.precision = device, precision
+        self.widths, self.slow_start, self.width_distill = list(widths), slow_start, width_distill
+        self.weights = width_loss_weights(self.widths, reweight)
+        self.teacher = teacher
+
+    @property
+    def slim(self) -> bool:
+        return len(self.widths) > 1
+
+    def __call__(self, net: nn.Module, x: Tensor, index: Tensor, epoch: int, step: int,
+                 mix: tuple[Tensor, float] | None = None, local: slice | None = None) -> StepLoss:
+        """x: (B_r, 3, S, S) crops of this process's rows; index: (B,) the global batch's bank rows."""
+        trained = active_widths(self.widths, epoch, self.epochs, self.slow_start)
+        with autocast(self.device, self.precision):
+            zs = net(x, trained) if self.slim else [net(x)]
+        # every width meets the same bank columns: the same generator key
+        outs = [self.method(F.normalize(z.float(), dim=1), index, keyed_generator(self.seed, epoch, step), mix, local)
+                for z in zs]
+        loss = self._widths_loss(outs)
+        if self.teacher is not None:
+            loss = self._with_teacher(loss, outs[0], x)
+        return StepLoss(loss, outs[0], [o.ce for o in outs[1:]], trained)
+
+    def _widths_loss(self, outs: list[StepOutput]) -> Tensor:
+        if len(outs) == 1:
+            return outs[0].loss
+        tau = self.method.temperature
+        return slimmable_loss(outs[0].loss, [o.loss for o in outs[1:]], [o.sim / tau for o in outs[1:]], outs[0].p,
+                              self.weights[: len(outs)], self.width_distill)
+
+    def _with_teacher(self, loss: Tensor, out: StepOutput, x: Tensor) -> Tensor:
+        tau, w = self.method.temperature, self.teacher.weight
+        with torch.no_grad(), autocast(self.device, self.precision):
+            zt = F.normalize(self.teacher.model(x).float(), dim=1)
+        pt = torch.softmax(zt @ self.method.bank.columns(out.cols).t() / tau, dim=1)
+        return (1 - w) * loss + w * soft_cross_entropy(out.sim / tau, pt)

@@ -1,0 +1,68 @@
+"""Everything a training run carries from step to step, and its checkpoint (save and exact restore)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgessl.errors import UserError
+from edgessl.method.instance import InstanceDiscrimination
+from edgessl.train.checkpoint import CHECKPOINT, atomic_save, rng_state, set_rng_state
+
+PARTS = ("model", "method", "optimizer", "scheduler", "scaler")
+
+
+@dataclass
+class TrainState:
+    """model: the unwrapped module (never the DDP wrapper); epoch: epochs completed; nonfinite: non-finite steps in a
+    row; batch: the global batch, fixed when the run starts and kept by every resume (whatever the process count)."""
+
+    model: nn.Module
+    method: InstanceDiscrimination
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    batch: int
+    epoch: int = 0
+    nonfinite: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def checkpoint(self, num_images: int, config: dict[str, Any], world: int) -> dict[str, Any]:
+        return {
+            **{part: getattr(self, part).state_dict() for part in PARTS},
+            "epoch": self.epoch,
+            "rng": rng_state(),
+            "nonfinite": self.nonfinite,
+            "history": self.history,
+            "num_images": num_images,
+            "batch": self.batch,
+            "config": config,
+            "world_size": world,
+        }
+
+    def save(self, run_dir: Path, num_images: int, config: dict[str, Any], world: int) -> None:
+        """checkpoint.pt, written atomically (a kill at any moment leaves the previous one)."""
+        atomic_save(self.checkpoint(num_images, config, world), Path(run_dir) / CHECKPOINT)
+
+    def restore(self, ckpt: dict[str, Any], run_dir: Path, num_images: int) -> None:
+        """Continue from a checkpoint: weights, bank, optimiser, schedule, scaler, RNG states, epoch, history.
+        UserError when it does not fit (another data size, another model); nothing is changed on disk."""
+        if ckpt["num_images"] != num_images:
+            raise UserError(
+                f"Cannot resume '{run_dir}': it was trained on {ckpt['num_images']} images, the data now has {num_images}."
+            )
+        try:
+            for part in PARTS:
+                getattr(self, part).load_state_dict(ckpt[part])
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"Cannot resume '{run_dir}': its checkpoint does not fit the model these options build ({first[:200]}). "
+                "Resume without changing model options."
+            ) from None
+        set_rng_state(ckpt["rng"])
+        self.epoch, self.history, self.nonfinite = ckpt["epoch"], ckpt["history"], ckpt["nonfinite"]
