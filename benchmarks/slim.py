@@ -23,7 +23,7 @@ def encoder_cost(folder: Path, size: int) -> dict[str, Any]:
     least 30 runs and 0.5 s, one thread) of a saved encoder: the numbers of a --widths run's widths.json."""
     import edgessl
     from edgessl.slim.api import batch1_latency
-    from edgessl.slim.prune import count_params_macs
+    from edgessl.models.prune import count_params_macs
 
     model = edgessl.load_encoder(folder)
     params, macs = count_params_macs(model, torch.zeros(1, 3, size, size))
@@ -54,10 +54,11 @@ def suite_slim(args) -> list[dict]:
     from edgessl.models.backbone import create_backbone, output_dim, want_small_input
     from edgessl.models.head import Encoder, ProjectionHead
     from edgessl.slim.api import slim_encoder
-    from edgessl.slim.channels import channel_groups, group_counts
-    from edgessl.slim.prune import prune_to_counts
+    from edgessl.models.channels import channel_groups, group_counts
+    from edgessl.models.prune import prune_to_counts
     from edgessl.slim.recover import prune_run
-    from edgessl.slim.slimmable import last_layer
+    from edgessl.models.slimmable import last_layer
+    from edgessl.evaluate.monitor import standard_evaluation
     from edgessl.train.loop import WarmStart, pretrain
 
     train, test, backbone, size = datasets(args.tiny)["emoji"]
@@ -100,7 +101,8 @@ def suite_slim(args) -> list[dict]:
     prune_to_counts(half, example, counts, keep_outputs=[last_layer(head)])
     meta = {"pruned": {k[len("backbone."):]: v for k, v in counts.items() if k.startswith("backbone.")}, "width": 0.5}
     t0 = time.time()
-    half_run = pretrain(resolve({**common, "out": str(work / "separate-0.5")}), warm=WarmStart(half, meta=meta))
+    half_run = pretrain(resolve({**common, "out": str(work / "separate-0.5")}), warm=WarmStart(half, meta=meta),
+                        evaluation=standard_evaluation())
     record("separate", 0.5, half_run.run_dir, time.time() - t0, epochs)
 
     # route 3: prune the separate width-1.0 encoder by half, recover

@@ -11,7 +11,7 @@ Python API (mirrors the CLI):
     edgessl.prune_encoder("runs/<name>", ratio=0.5) -> PretrainResult (pruned + recovered encoder, widths.json report)
 """
 
-__version__ = "0.2.0"
+from edgessl._version import __version__  # noqa: E402
 
 from edgessl.api import (  # noqa: E402
     evaluate_encoder, export, finetune, load_classifier, load_encoder, pretrain, prune_encoder, slim_encoder,

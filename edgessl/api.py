@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgessl.config import resolve
+from edgessl.evaluate.monitor import standard_evaluation
 from edgessl.errors import UserError
 from edgessl.rundir import resume_problem
 from edgessl.models.backbone import load_encoder, read_encoder_meta
@@ -40,7 +41,8 @@ def pretrain(
             config = Path(resume) / "config.yaml"
         options.pop("out", None)
     cfg = resolve(options, recipe=recipe, config=str(config) if config else None)
-    return run(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite)
+    return run(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite,
+               evaluation=standard_evaluation())
 
 
 def evaluate_encoder(

@@ -14,7 +14,7 @@ import typer
 import typer.core
 from rich.console import Console
 
-from edgessl import __version__
+from edgessl._version import __version__
 from edgessl.errors import Interrupted, TrainingDiverged, UserError
 
 

@@ -169,8 +169,6 @@ def validate(cfg: PretrainConfig) -> None:
     if not 0 <= cfg.bank_momentum < 1:
         raise UserError(f"--bank-momentum must be in [0, 1), not {cfg.bank_momentum}.")
     if cfg.widths is not None:
-        from edgessl.slim.channels import parse_widths
-
         cfg.widths = ",".join(f"{w:g}" for w in parse_widths(cfg.widths))
     if not 0 <= cfg.slow_start < 1:
         raise UserError(f"--slow-start must be in [0, 1) (a fraction of the epochs), not {cfg.slow_start}.")
@@ -183,9 +181,27 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError(f"--threads must be auto or a positive number, not '{cfg.threads}'.")
 
 
+def check_width(width: float) -> float:
+    if not (0 < width <= 1):
+        raise UserError(f"a width must be in (0, 1], not {width:g}.")
+    return width
+
+
+def parse_widths(text: str | list | tuple) -> list[float]:
+    """'1.0,0.5,0.25' -> [1.0, 0.5, 0.25] (descending, unique, 1.0 added when missing)."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        widths = [float(str(w).strip()) for w in items if str(w).strip()]
+    except ValueError:
+        raise UserError(f"--widths must be comma-separated numbers in (0, 1], e.g. 1.0,0.75,0.5,0.25; got '{text}'.")
+    for w in widths:
+        check_width(w)
+    return sorted(set(widths) | {1.0}, reverse=True)
+
+
 def save_config(cfg: PretrainConfig, path: str | Path) -> Path:
     """config.yaml: every option, reloadable with --config (written atomically). Returns the path."""
-    from edgessl import __version__
+    from edgessl._version import __version__
     from edgessl.fileio import atomic_write_text
 
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)

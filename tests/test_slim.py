@@ -10,10 +10,10 @@ from edgessl.errors import UserError
 from edgessl.method.losses import active_widths, slimmable_loss, soft_cross_entropy, width_loss_weights
 from edgessl.models.backbone import create_backbone, output_dim
 from edgessl.models.head import Encoder, ProjectionHead
-from edgessl.slim.channels import channel_groups, group_counts, parse_widths, width_channels, width_plan
-from edgessl.slim.prune import count_params_macs, prune_to_counts
-from edgessl.slim.slicing import WidthView
-from edgessl.slim.slimmable import SlimmableEncoder
+from edgessl.models.channels import channel_groups, group_counts, parse_widths, width_channels, width_plan
+from edgessl.models.prune import count_params_macs, prune_to_counts
+from edgessl.models.slicing import WidthView
+from edgessl.models.slimmable import SlimmableEncoder
 
 ARCHS = [("resnet18", True), ("mobilenetv3_small_100", True), ("efficientnet_b0", False)]
 
@@ -204,6 +204,7 @@ def test_untraceable_or_unsliceable_models_are_refused():
         encoder_at(widths=(1.0, 1.5))
 
 
+@pytest.mark.slow
 def test_training_loop_slow_start_and_flags(labelled_demo, tmp_path):
     """Before the slow start only the full width trains (the sub-width's private BN does not move), after it every
     width does; --no-width-reweight reaches the config."""

@@ -54,7 +54,7 @@ def _slimmable(run: Path):
 
     from edgessl.models.backbone import create_backbone, output_dim
     from edgessl.models.head import Encoder, ProjectionHead
-    from edgessl.slim.slimmable import SlimmableEncoder
+    from edgessl.models.slimmable import SlimmableEncoder
     from edgessl.train.checkpoint import load_checkpoint
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -115,7 +115,7 @@ def test_slim_equals_the_width_subnetwork(slim_run, labelled_demo, tmp_path):
 
 
 def test_width_report_json_and_plot(slim_run):
-    from edgessl.slim.prune import count_params_macs
+    from edgessl.models.prune import count_params_macs
 
     entries = json.loads((slim_run / "widths.json").read_text())
     assert [e["width"] for e in entries] == [1.0, 0.5]
@@ -143,6 +143,7 @@ def test_width_report_without_labels_and_without_onnxruntime(slim_run, tmp_path,
     assert (run / "widths.png").stat().st_size > 0 and (run / "width-0.5" / "encoder.json").is_file()
 
 
+@pytest.mark.slow
 def test_export_width_reuses_up_to_date_slim_and_passes_parity(slim_run, tmp_path, labelled_demo):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
@@ -177,6 +178,7 @@ def test_export_width_reuses_up_to_date_slim_and_passes_parity(slim_run, tmp_pat
     assert ensure_slimmed(run, 0.5)[1] is False
 
 
+@pytest.mark.slow
 def test_eval_accepts_the_slimmed_folder(slim_run, labelled_demo, tmp_path):
     folder = tmp_path / "half"
     _slim(slim_run, folder)
@@ -222,6 +224,7 @@ def test_slim_help_has_examples():
 # ------------------------------------------------------------------------------------------------ prune
 
 
+@pytest.mark.slow
 def test_prune_then_recover_writes_a_smaller_encoder_and_the_same_report(demo_run, labelled_demo, tmp_path):
     pytest.importorskip("torch_pruning")
     out = tmp_path / "pruned"
@@ -252,6 +255,7 @@ def test_prune_taylor_and_bad_options(demo_run, tmp_path):
     _one_line_error(runner.invoke(app, ["prune", str(tmp_path), "--ratio", "0.5"]), f"'{tmp_path}' is not a pretraining run")
 
 
+@pytest.mark.slow
 def test_resnet18_widths_export_with_parity(labelled_demo, tmp_path):
     """The issue's second backbone: a resnet18 --widths run (CIFAR stem at 32 px), every sub-width exported."""
     pytest.importorskip("onnxruntime")

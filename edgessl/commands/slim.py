@@ -40,7 +40,7 @@ def register(app) -> None:
 
         from edgessl.models.backbone import load_encoder
         from edgessl.slim.api import build_slim, save_slim, width_folder
-        from edgessl.slim.prune import count_params_macs
+        from edgessl.models.prune import count_params_macs
 
         model, meta = build_slim(run, width)
         folder = save_slim(model, meta, run, out if out is not None else width_folder(run, meta["width"]))

@@ -107,7 +107,7 @@ def drop_missing(folder: str | Path) -> None:
 def write_manifest(folder: str | Path, entries: list[dict[str, Any]], source: dict[str, Any]) -> Path:
     """Write folder/manifest.json listing `entries`, keeping earlier entries for other files that still exist
     unchanged and share the same input and preprocessing (e.g. an encoder exported before a classifier)."""
-    from edgessl import __version__
+    from edgessl._version import __version__
 
     folder = Path(folder)
     path = folder / MANIFEST

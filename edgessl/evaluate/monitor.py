@@ -12,6 +12,23 @@ from edgessl.evaluate.features import extract_features
 from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1
 
 
+def standard_evaluation():
+    """The Evaluation the API hands the training loop: this kNN monitor, and after a --widths run the per-width
+    report (widths.json, widths.png and a table)."""
+    from edgessl.train.loop import Evaluation
+
+    return Evaluation(monitor=Monitor, widths_report=widths_report)
+
+
+def widths_report(run_dir, widths, labelled, val, device, console) -> None:
+    """Per-width params, MACs, latency, accuracy -> widths.json + widths.png (slimmed encoders in width-<w>/)."""
+    from edgessl.slim.api import report_table, width_report
+
+    report = width_report(run_dir, widths, labelled=labelled, test=val, device=device, console=console)
+    if console is not None:
+        console.print(report_table(report))
+
+
 class Monitor:
     """Online kNN (k = 20 and 200, t = 0.1) on backbone features when labels are available."""
 

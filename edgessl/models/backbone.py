@@ -95,7 +95,7 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     if arch.get("stem"):
         apply_small_input_stem(model, arch["stem"])
     if arch.get("pruned"):  # a physically smaller model (`edgessl slim`, `edgessl prune`): remove the same channels
-        from edgessl.slim.prune import prune_to_counts
+        from edgessl.models.prune import prune_to_counts  # torch-pruning: the optional `slim` extra
 
         size = int(arch.get("image_size") or arch["input_size"][-1])
         prune_to_counts(model, torch.zeros(2, 3, size, size), arch["pruned"])

@@ -1,5 +1,7 @@
-"""Several edge sizes from one pretraining: slimmable widths (SlimCLR) and pruning, with torch-pruning.
+"""Several edge sizes from one pretraining: the `edgessl slim` and `edgessl prune` commands' API (api: per-width
+reports and slimmed encoders; recover: pruning + recovery pretraining).
 
-channels (which channels are coupled, how many each width keeps) -> slicing (run a width with sliced weight views)
--> slimmable (the shared encoder + private BatchNorm per width) -> prune (physically smaller models).
+The width maths lives with the models: models.channels (which channels are coupled, how many each width keeps) ->
+models.slicing (run a width with sliced weight views) -> models.slimmable (the shared encoder + private BatchNorm per
+width) -> models.prune (physically smaller models), all with torch-pruning.
 """

@@ -28,8 +28,8 @@ from edgessl.evaluate.knn import KNN_K, KNN_T
 from edgessl.fileio import atomic_write_text, sha256_files
 from edgessl.models.backbone import (ENCODER_META, ENCODER_WEIGHTS, load_encoder, output_dim, read_encoder_meta,
                                      save_encoder)
-from edgessl.slim.channels import channel_groups, check_width, group_counts, width_plan
-from edgessl.slim.slicing import sliced_tensors
+from edgessl.models.channels import channel_groups, check_width, group_counts, width_plan
+from edgessl.models.slicing import sliced_tensors
 
 WIDTHS_BN = "widths.safetensors"
 REPORT_JSON = "widths.json"
@@ -107,7 +107,7 @@ def build_slim(run_dir: str | Path, width: float) -> tuple[nn.Module, dict[str, 
     if width == 1.0:
         model = full
     else:
-        from edgessl.slim.prune import prune_to_counts
+        from edgessl.models.prune import prune_to_counts
 
         groups = channel_groups(full, example)
         counts = group_counts(groups, width)
@@ -352,7 +352,7 @@ def width_report(
 def _measure(w: float, model: nn.Module, model_meta: dict[str, Any], folder: Path, size: int, accuracy, meta,
              device, threads, say) -> dict[str, Any]:
     """One entry of widths.json for an encoder."""
-    from edgessl.slim.prune import count_params_macs
+    from edgessl.models.prune import count_params_macs
 
     t0 = time.time()
     params, macs = count_params_macs(model, torch.zeros(1, 3, size, size))

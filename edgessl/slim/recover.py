@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from edgessl.config import replace, resolve
 from edgessl.errors import UserError
+from edgessl.evaluate.monitor import standard_evaluation
 from edgessl.rundir import check_out
 from edgessl.models.head import build_encoder
-from edgessl.slim.prune import prune_by_importance
-from edgessl.slim.slimmable import last_layer
+from edgessl.models.prune import prune_by_importance
+from edgessl.models.slimmable import last_layer
 
 
 def load_run_encoder(run_dir: Path):
@@ -82,7 +83,7 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
         raise UserError(f"--epochs must be positive, not {rcfg.epochs}.")
     meta = {"pruned": backbone_counts, "prune_ratio": ratio, "criterion": criterion, "source_run": str(run_dir)}
     warm = WarmStart(student, meta=meta, teacher=teacher, bank=bank, distill=distill)
-    result = pretrain(rcfg, console=console, warm=warm, overwrite=overwrite)
+    result = pretrain(rcfg, console=console, warm=warm, overwrite=overwrite, evaluation=standard_evaluation())
     # the report of a --widths run, for the original (width 1.0) and the pruned encoder (width = kept fraction)
     from edgessl.slim.api import encoders_report, report_table
     from edgessl.train.loop import demo_folder

@@ -21,7 +21,6 @@ from edgessl.config import PretrainConfig, replace
 from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch, cutmix, keyed_uniform
 from edgessl.data.folder import ImageSet
 from edgessl.errors import Interrupted, TrainingDiverged
-from edgessl.evaluate.monitor import Monitor
 from edgessl.fileio import atomic_save_tensors
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.backbone import output_dim, save_encoder
@@ -95,6 +94,26 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=keyed_generator(seed, epoch, 0x5EED))
 
 
+class NoMonitor:
+    """No kNN monitor (no labels, or none given): the stand-in the loop asks."""
+
+    active = False
+
+    def describe(self) -> str:
+        return "off"
+
+
+@dataclass
+class Evaluation:
+    """What the loop measures besides training, handed in by the caller (edgessl.api) so that train/ imports no
+    later layer. monitor(train ImageSet or None, --val ImageSet or None) -> a monitor (`active`, `describe()`,
+    `__call__(backbone, device, mean, std) -> metrics`), e.g. edgessl.evaluate.monitor.Monitor;
+    widths_report(run_dir, widths, labelled ImageSet or None, val, device, console) after a --widths run."""
+
+    monitor: Callable[..., Any] | None = None
+    widths_report: Callable[..., Any] | None = None
+
+
 @dataclass
 class Run:
     """What stays fixed while a run trains: its options, processes, device, folder, data, monitor and display."""
@@ -105,7 +124,7 @@ class Run:
     run_dir: Path
     images: ImageSet
     rows: slice  # this process's rows of every global batch (all of them with one process)
-    monitor: Monitor
+    monitor: Any  # see Evaluation
     meta: dict[str, Any]  # encoder.json
     threads: ThreadChoice
     console: Console
@@ -140,6 +159,7 @@ def pretrain(
     on_step: Callable[[StepInfo], None] | None = None,
     warm: WarmStart | None = None,
     overwrite: bool = False,
+    evaluation: Evaluation | None = None,
 ) -> PretrainResult:
     """Pretrain an encoder with the single-branch method. See docs/method.md for every option.
 
@@ -149,6 +169,7 @@ def pretrain(
     resume: a run directory to continue after its last completed epoch (cfg should be its config.yaml).
     overwrite: a non-empty cfg.out is moved aside (edgessl.rundir) instead of refused.
     on_step(StepInfo): called after every optimiser step (custom logging, tests), on every process.
+    evaluation: the kNN monitor and the per-width report (see Evaluation; None: neither).
 
     Every check (options, data, the resumed checkpoint) passes before anything is written into the run directory.
     Under torchrun (WORLD_SIZE > 1) each process trains on its slice of every global batch with DDP and the same
@@ -159,7 +180,8 @@ def pretrain(
     d, device = distributed.setup(pick_device(cfg.device))
     finished = False
     try:
-        result = _pretrain(cfg, resume, console or Console(), on_step, d, device, warm, overwrite)
+        result = _pretrain(cfg, resume, console or Console(), on_step, d, device, warm, overwrite,
+                           evaluation or Evaluation())
         finished = True
         return result
     except KeyboardInterrupt:
@@ -169,7 +191,7 @@ def pretrain(
 
 
 def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, on_step, d: distributed.Dist,
-              device: torch.device, warm: WarmStart | None = None, overwrite: bool = False) -> PretrainResult:
+              device: torch.device, warm: WarmStart | None, overwrite: bool, evaluation: Evaluation) -> PretrainResult:
     threads = use_threads(cfg.threads)
     set_determinism(cfg.deterministic, device)
     precision = pick_precision(cfg.precision, device)
@@ -184,7 +206,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     state = new_state(cfg, model, len(images), batch, device, precision)
     if ckpt is not None:  # every process reads it: any number of processes continues any run
         state.restore(ckpt, run_dir, len(images))
-    monitor = Monitor(images if cfg.eval_every > 0 and d.main else None, val)
+    monitor = NoMonitor() if evaluation.monitor is None else evaluation.monitor(
+        images if cfg.eval_every > 0 and d.main else None, val)
     cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir))
     meta = encoder_meta(cfg, arch, feat_dim, widths, warm)
     run = Run(cfg, d, device, run_dir, images, distributed.local_rows(batch, d.rank, d.world), monitor, meta, threads,
@@ -200,8 +223,9 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         net = distributed.wrap_model(model, d, device, find_unused=objective.slim)  # `model` stays the unwrapped one
         _banner(run, state, precision, arch)
         train_epochs(run, state, objective, net, on_step)
-        if objective.slim and d.main:
-            _widths_report(run, widths, val)
+        if objective.slim and d.main and evaluation.widths_report is not None:
+            evaluation.widths_report(run_dir, widths, images if images.labels is not None else None, val, device,
+                                     None if quiet else console)
         run.say(f"Done. Encoder: {run_dir / 'encoder.safetensors'} (+ encoder.json). Curves: {run_dir / 'curves.png'}")
         return PretrainResult(run_dir, state.history, data=images.root, labelled=images.labels is not None)
     except KeyboardInterrupt:
@@ -372,8 +396,8 @@ def build_model(cfg: PretrainConfig, warm: WarmStart | None, d: distributed.Dist
         feat_dim = output_dim(model.backbone, cfg.image_size)
     widths = [1.0]
     if cfg.widths:
-        from edgessl.slim.channels import parse_widths
-        from edgessl.slim.slimmable import SlimmableEncoder
+        from edgessl.models.channels import parse_widths
+        from edgessl.models.slimmable import SlimmableEncoder
 
         widths = parse_widths(cfg.widths)
         model = SlimmableEncoder(model, widths, torch.zeros(2, 3, cfg.image_size, cfg.image_size))
@@ -462,17 +486,6 @@ def _already_complete(cfg: PretrainConfig, run_dir: Path, ckpt: dict[str, Any], 
     data = Path(cfg.data) if cfg.data else demo_folder()
     return PretrainResult(run_dir, ckpt["history"], data=data, labelled=cfg.labels_from_folders or not cfg.data,
                           already_complete=True)
-
-
-def _widths_report(run: Run, widths: list[float], val: ImageSet | None) -> None:
-    """Per-width params, MACs, latency, accuracy -> widths.json + widths.png (slimmed encoders in width-<w>/)."""
-    from edgessl.slim.api import report_table, width_report
-
-    labelled = run.images if run.images.labels is not None else None
-    report = width_report(run.run_dir, widths, labelled=labelled, test=val, device=run.device,
-                          console=None if run.quiet else run.console)
-    if not run.quiet:
-        run.console.print(report_table(report))
 
 
 def _banner(run: Run, state: TrainState, precision: str, arch: dict[str, Any]) -> None:

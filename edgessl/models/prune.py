@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgessl.errors import UserError
-from edgessl.slim.channels import channel_groups, torch_pruning
+from edgessl.models.channels import channel_groups, torch_pruning
 
 
 def prune_to_counts(model: nn.Module, example: torch.Tensor, counts: dict[str, int],

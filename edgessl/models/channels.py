@@ -6,7 +6,7 @@ the squeeze-excite convs, the head's input. torch-pruning traces the model once 
 nothing here is per-architecture. Width w keeps the first `width_channels(C, w)` channels of every group.
 
 A `Plan` maps each layer name to how many output / input channels it keeps (None = all). Slicing
-(`slim.slicing`) and physical pruning (`slim.prune`) both follow the same plan, so their outputs agree.
+(`models.slicing`) and physical pruning (`models.prune`) both follow the same plan, so their outputs agree.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from edgessl.config import check_width, parse_widths  # noqa: F401 (the option parser lives with the options)
 from edgessl.errors import UserError
 
 # layers whose parameters the plan slices; any other layer with parameters inside a group is refused
@@ -45,24 +46,6 @@ def width_channels(channels: int, width: float) -> int:
     if channels % 8 == 0 and k >= 8:
         k = 8 * round(k / 8)
     return max(1, min(channels, k))
-
-
-def check_width(width: float) -> float:
-    if not (0 < width <= 1):
-        raise UserError(f"a width must be in (0, 1], not {width:g}.")
-    return width
-
-
-def parse_widths(text: str | list | tuple) -> list[float]:
-    """'1.0,0.5,0.25' -> [1.0, 0.5, 0.25] (descending, unique, 1.0 added when missing)."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        widths = [float(str(w).strip()) for w in items if str(w).strip()]
-    except ValueError:
-        raise UserError(f"--widths must be comma-separated numbers in (0, 1], e.g. 1.0,0.75,0.5,0.25; got '{text}'.")
-    for w in widths:
-        check_width(w)
-    return sorted(set(widths) | {1.0}, reverse=True)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Iterator
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from edgessl.slim.channels import Plan
+from edgessl.models.channels import Plan
 
 BN = nn.modules.batchnorm._BatchNorm
 

@@ -2,7 +2,7 @@
 
 State only: the shared Encoder (backbone + projection head), each width's slicing plan, and each sub-width's
 private BatchNorm (affine parameters and running statistics: SlimCLR's switchable BN). The maths of slicing is in
-`slim.slicing`, the grouping in `slim.channels`, the losses in `method.losses`.
+`models.slicing`, the grouping in `models.channels`, the losses in `method.losses`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from edgessl.slim.channels import Plan, channel_groups, check_width, strip_prefix, width_plan
-from edgessl.slim.slicing import BN, WidthView
+from edgessl.models.channels import Plan, channel_groups, check_width, strip_prefix, width_plan
+from edgessl.models.slicing import BN, WidthView
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
