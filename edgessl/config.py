@@ -91,6 +91,73 @@ CHOICES = {
 FIELD_NAMES = {f.name for f in fields(PretrainConfig)}
 
 
+# What each option means (the CLI's --help and docs/method.md); its default comes from PretrainConfig, nowhere else.
+FIELD_HELP: dict[str, str] = {
+    "data": "Folder of images, searched recursively.",
+    "image_size": "Training resolution in pixels.",
+    "val": "Labelled folder (one subfolder per class) for the online kNN monitor.",
+    "labels_from_folders": "Use --data's subfolders as labels for the kNN monitor.",
+    "cache_mb": "Decoded-image cache bound in MiB; above it images stream from disk.",
+    "workers": "Decoding threads.",
+    "threads": "CPU threads for the network: auto (all cores when the machine is idle, fewer when other jobs keep them busy) or a number.",
+    "backbone": "timm model name or alias (mobilenetv3_small, mobilenetv3_large, resnet18, ...).",
+    "small_input": "auto | on | off: stride-1 stem for small images (auto: on at <= 32 px).",
+    "head": "Projection head: linear | mlp.",
+    "head_hidden": "Hidden units of the MLP head.",
+    "feature_dim": "Output dimension d of the head (bank width).",
+    "widths": "Train one weight-sharing network at several widths, e.g. 1.0,0.75,0.5,0.25 (SlimCLR); pick one later with `edgessl slim`.",
+    "slow_start": "With --widths: fraction of the epochs trained at full width only before the sub-widths join.",
+    "width_distill": "With --widths: weight of each sub-width's distillation from the full width (0 = off).",
+    "method": "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no L_sd).",
+    "temperature": "tau of the instance loss.",
+    "negatives": "Whole bank up to batch rows + this many rows, else batch rows + this many distinct sampled rows.",
+    "bank_init": "forward (one pass of the untrained network) | random.",
+    "bank_update": "grad (every column in use moves) | momentum (NPID).",
+    "bank_lr": "eta of the gradient bank update.",
+    "bank_momentum": "m of the momentum bank update.",
+    "sd_weight": "lambda of the self-distillation loss; 0 turns it off.",
+    "sd_temperature": "tau_sd of the self-distillation loss.",
+    "cutmix": "CutMix Beta(alpha, alpha) inside the batch; 0 = off.",
+    "blur": "Probability of a Gaussian blur.",
+    "epochs": "Epochs.",
+    "batch_size": "Images per step; under torchrun the global batch over all processes.",
+    "lr": "Learning rate per 256 images (scaled by batch-size/256).",
+    "optimizer": "sgd | adamw | lars.",
+    "weight_decay": "AdamW/SGD weight decay.",
+    "warmup_epochs": "Linear warm-up before the cosine decay.",
+    "out": "Run directory.",
+    "seed": "Seed of the weights, the epoch order, the crops and the sampled negatives.",
+    "device": "auto | cpu | cuda.",
+    "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on GPU, fp32 on CPU).",
+    "deterministic": "Deterministic algorithms (bit-exact resume on CPU).",
+    "sync_bn": "Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm). No effect on one process.",
+    "eval_every": "kNN monitor every N epochs (0 = off).",
+    "quiet": "No progress bar; log lines only.",
+    "momentum": "SGD/LARS momentum.",
+    "sd_alpha": "alpha of the self-distillation target normalize(p^alpha).",
+    "width_reweight": "With --widths: the full width weighs 1 + sum of the sub-widths (--no-width-reweight: every width weighs 1).",
+}
+DEFAULT_SHOWN = {"data": "the bundled demo images", "out": "runs/BACKBONE-TIME", "val": "none", "widths": "one width"}
+
+
+def default_text(name: str) -> str:
+    """How --help shows a field's default (from PretrainConfig): 'on'/'off' for switches, the value otherwise."""
+    value = {f.name: f.default for f in fields(PretrainConfig)}[name]
+    if name in DEFAULT_SHOWN:
+        return DEFAULT_SHOWN[name]
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def flag_help(name: str) -> str:
+    """--help text of a PretrainConfig field: its meaning and, for options that take a value, its default."""
+    text = FIELD_HELP[name]
+    if isinstance({f.name: f.default for f in fields(PretrainConfig)}[name], bool):
+        return text
+    return f"{text} [default: {default_text(name)}]"
+
+
 def recipes_dir() -> Path:
     """The recipes shipped with the package (the repository's recipes/ folder)."""
     import edgessl.recipes
