@@ -180,3 +180,24 @@ def test_training_learns_knn_above_the_untrained_network(tmp_path):
     base = knn_top1(feats[1], te.labels, feats[0], tr.labels, len(tr.classes), 20, 0.1, False)
     run = edgessl.pretrain(data=str(train), val=str(test), out=str(tmp_path / "learn"), **opts)
     assert run.history[-1]["knn_top1"] > base + 0.015, (run.history[-1]["knn_top1"], base)
+
+
+def test_train_state_step_skips_non_finite_losses_and_stops_after_ten_in_a_row():
+    """The one step rule of pretraining and fine-tuning (TrainState.step)."""
+    from edgessl.train.state import MAX_NONFINITE, TrainState
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = TrainState(model, None, opt, sched, torch.amp.GradScaler("cpu", enabled=False), 4)
+    loss = model(torch.ones(4, 3)).sum()
+    before = model.weight.detach().clone()
+    assert state.step(loss, float(loss), lambda: RuntimeError("never")) is True
+    assert not torch.equal(model.weight, before) and state.nonfinite == 0
+    before = model.weight.detach().clone()
+    for k in range(MAX_NONFINITE - 1):
+        assert state.step(loss, float("nan"), lambda: RuntimeError("stop")) is False
+    assert state.nonfinite == MAX_NONFINITE - 1 and torch.equal(model.weight, before)
+    assert sched.last_epoch == MAX_NONFINITE  # the schedule advanced on every skipped step
+    with pytest.raises(RuntimeError, match="stop"):
+        state.step(loss, float("inf"), lambda: RuntimeError("stop"))

@@ -52,6 +52,10 @@ from edgessl.evaluate.subsets import stratified_split, stratified_subset
 from edgessl.seeding import keyed_generator
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.classifier import Classifier, save_classifier
+from edgessl.report.eval_plots import plot_confusion
+from edgessl.train.loop import EpochMeter
+from edgessl.train.optim import warmup_cosine
+from edgessl.train.state import MAX_NONFINITE, TrainState
 
 # Milder than pretraining (scale (0.2, 1), jitter 0.4/0.4/0.4/0.1 at p 0.8, grayscale 0.2).
 FINETUNE_AUGMENT = AugmentConfig(scale=(0.5, 1.0), jitter=(0.2, 0.2, 0.2, 0.05), jitter_p=0.5, grayscale_p=0.0)
@@ -115,6 +119,58 @@ class FinetuneResult:
     model: Classifier  # the saved classifier (best epoch), eval mode, on CPU
 
 
+@dataclass
+class FinetuneOptions:
+    """The recipe's knobs (see this module's docstring); `check()` says in one line what is out of range."""
+
+    labels_per_class: str | int = 10
+    epochs: int = 30
+    freeze_backbone: bool = False
+    batch_size: int = 64
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    val_fraction: float = 0.2
+    patience: int = 10
+    seed: int = 0
+    split_seed: int = 0
+
+    def check(self) -> int | None:
+        """UserError for a bad value; returns the labels per class (None: all)."""
+        values = parse_labels_per_class(self.labels_per_class)
+        if len(values) != 1:
+            raise UserError(f"finetune takes one --labels-per-class value (a number or 'all'), not '{self.labels_per_class}'.")
+        for name, value, ok, rule in (
+            ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
+            ("--batch-size", self.batch_size, self.batch_size >= 2, "at least 2"),
+            ("--lr", self.lr, self.lr > 0, "positive"),
+            ("--backbone-lr-scale", self.backbone_lr_scale, self.backbone_lr_scale >= 0, "0 or more"),
+            ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("--val-fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
+            ("--patience", self.patience, self.patience >= 1, "at least 1"),
+        ):
+            if not ok:
+                raise UserError(f"{name} must be {rule}, not {value}.")
+        return values[0]
+
+
+@dataclass
+class FinetuneData:
+    """The labelled images and who is what: fit_idx / val_idx / test_idx are rows of `images` / `test_images`."""
+
+    images: ImageSet
+    classes: list[str]
+    labels: Tensor
+    fit_idx: Tensor
+    val_idx: Tensor
+    test_images: ImageSet
+    test_idx: Tensor
+    test_labels: Tensor
+    short: dict
+    split: Any = None
+
+
 def finetune_run(
     run_dir: str | Path,
     train: str | Path,
@@ -141,32 +197,17 @@ def finetune_run(
     threads: str | int = "auto",
 ) -> FinetuneResult:
     """Fine-tune the run's encoder into a classifier by the recipe of this module's docstring."""
-    from edgessl.report.eval_plots import plot_confusion
-
+    opts = FinetuneOptions(labels_per_class, epochs, freeze_backbone, batch_size, lr, backbone_lr_scale, weight_decay,
+                           label_smoothing, val_fraction, patience, seed, split_seed)
     console = console or Console()
     say = (lambda msg: None) if quiet else (lambda msg: console.print(msg, highlight=False))
     t_start = time.time()
     say(f"CPU: {use_threads(threads).describe()}")
-
-    # ---- checks that need no decoding
+    # ---- every check that needs no decoding first
     run_dir = Path(run_dir)
     meta = read_encoder_meta(run_dir)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-    values = parse_labels_per_class(labels_per_class)
-    if len(values) != 1:
-        raise UserError(f"finetune takes one --labels-per-class value (a number or 'all'), not '{labels_per_class}'.")
-    per_class = values[0]
-    for name, value, ok, rule in (
-        ("--epochs", epochs, epochs >= 1, "at least 1"),
-        ("--batch-size", batch_size, batch_size >= 2, "at least 2"),
-        ("--lr", lr, lr > 0, "positive"),
-        ("--backbone-lr-scale", backbone_lr_scale, backbone_lr_scale >= 0, "0 or more"),
-        ("--label-smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
-        ("--val-fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"),
-        ("--patience", patience, patience >= 1, "at least 1"),
-    ):
-        if not ok:
-            raise UserError(f"{name} must be {rule}, not {value}.")
+    per_class = opts.check()
     check_split_options(test, test_fraction)
     train_root, train_classes = class_folders(train, "--train")
     test_root = None
@@ -174,114 +215,138 @@ def finetune_run(
         test_root, test_classes = class_folders(test, "--test")
         map_test_labels(train_classes, test_classes)
     file_counts = torch.tensor([len(scan_images(train_root / c)) for c in train_classes])
-    check_labels_per_class(values, torch.arange(len(train_classes)).repeat_interleave(file_counts), train_classes)
+    check_labels_per_class([per_class], torch.arange(len(train_classes)).repeat_interleave(file_counts), train_classes)
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, not '{device}'.")
     dev = pick_device(device)
+    data = finetune_data(train_root, test_root, test_fraction, per_class, opts, int(meta["image_size"]), cache_mb,
+                         workers)
+    model = build_classifier(run_dir, meta, len(data.classes), opts, dev)
+    say(
+        f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {len(data.classes)} classes | {len(data.fit_idx)} training"
+        f" + {len(data.val_idx)} held-out labelled images ({lpc_name(per_class)} per class) | {len(data.test_idx)} test "
+        f"images | {'frozen backbone' if freeze_backbone else 'full fine-tuning'} | {epochs} epochs | {dev.type}"
+    )
+    history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say)
+    out_dir = Path(out) if out else run_dir / f"finetune-{finetune_tag(per_class, freeze_backbone)}"
+    metrics = write_finetune(model.cpu().eval(), data, opts, per_class, meta, run_dir, train_root, test_root, out_dir,
+                             history, best_epoch, dev, t_start)
+    if data.short.get(per_class):
+        lacking = data.short[per_class]
+        say(f"note: {len(lacking)} class(es) have fewer than {per_class} images and use all they have: "
+            + ", ".join(f"{n} ({k})" for n, k in lacking.items()))
+    say(f"Test top-1 {100 * metrics['top1']:.1f}%  balanced accuracy {100 * metrics['balanced_accuracy']:.1f}%  "
+        f"macro F1 {100 * metrics['macro_f1']:.1f}%  (best epoch {best_epoch}/{len(history)}). Wrote {out_dir}.")
+    return FinetuneResult(out_dir, metrics, model)
 
-    # ---- data
-    size = int(meta["image_size"])
-    mean, std = meta["mean"], meta["std"]
+
+def finetune_data(train_root: Path, test_root: Path | None, test_fraction: float | None, per_class: int | None,
+                  opts: FinetuneOptions, size: int, cache_mb: float, workers: int) -> FinetuneData:
+    """Decode the labelled folders; draw the labelled subset (seeded) and its held-out part for early stopping."""
     images = load_labelled_folder(train_root, size, "--train", cache_mb=cache_mb, workers=workers)
-    classes = list(images.classes)
-    labels = images.labels
-    split = None
+    classes, labels, split = list(images.classes), images.labels, None
     if test_root is not None:
         test_images = load_labelled_folder(test_root, size, "--test", cache_mb=cache_mb, workers=workers)
         test_idx = torch.arange(len(test_images))
         test_labels = map_test_labels(classes, test_images.classes)[test_images.labels]
         pool = torch.arange(len(images))
     else:
-        split = split_folder(labels, float(test_fraction), split_seed)
+        split = split_folder(labels, float(test_fraction), opts.split_seed)
         test_images, test_idx, test_labels = images, split.test_idx, labels[split.test_idx]
         pool = split.train_idx
-    short = check_labels_per_class(values, labels[pool], classes)
-    labelled = pool[stratified_subset(labels[pool], per_class, seed)]
-    fit_pos, val_pos = stratified_split(labels[labelled], val_fraction, seed)
-    fit_idx, val_idx = labelled[fit_pos], labelled[val_pos]
-    num_classes = len(classes)
+    short = check_labels_per_class([per_class], labels[pool], classes)
+    labelled = pool[stratified_subset(labels[pool], per_class, opts.seed)]
+    fit_pos, val_pos = stratified_split(labels[labelled], opts.val_fraction, opts.seed)
+    return FinetuneData(images, classes, labels, labelled[fit_pos], labelled[val_pos], test_images, test_idx,
+                        test_labels, short, split)
 
-    # ---- model and optimiser
+
+def build_classifier(run_dir: Path, meta: dict[str, Any], num_classes: int, opts: FinetuneOptions,
+                     dev: torch.device) -> Classifier:
+    """The run's encoder + a new linear layer seeded by opts.seed (the global RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(opts.seed)
         model = Classifier(load_encoder(run_dir), int(meta["feature_dim"]), num_classes)
-    if freeze_backbone:
+    if opts.freeze_backbone:
         model.backbone.requires_grad_(False)
-    model = model.to(dev)
-    optimizer = torch.optim.AdamW(param_groups(model, lr, backbone_lr_scale, freeze_backbone), lr=lr,
-                                  weight_decay=weight_decay)
-    batch = min(batch_size, len(fit_idx))
-    steps_per_epoch = max(1, math.ceil(len(fit_idx) / batch))
-    total = epochs * steps_per_epoch
-    from edgessl.train.optim import warmup_cosine
+    return model.to(dev)
 
-    scheduler = warmup_cosine(optimizer, max(1, min(steps_per_epoch, total // 5)), total)
-    stopper = EarlyStopping(patience)
-    best_state = copy.deepcopy(model.state_dict())
-    say(
-        f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {num_classes} classes | {len(fit_idx)} training + "
-        f"{len(val_idx)} held-out labelled images ({lpc_name(per_class)} per class) | {len(test_idx)} test images | "
-        f"{'frozen backbone' if freeze_backbone else 'full fine-tuning'} | {epochs} epochs | {dev.type}"
-    )
 
-    # ---- training
-    history: list[dict[str, Any]] = []
-    for epoch in range(epochs):
-        t0 = time.time()
-        model.train()
-        if freeze_backbone:
-            model.backbone.eval()
-        order = fit_idx[torch.randperm(len(fit_idx), generator=keyed_generator(seed, epoch, 0xF17E))]
-        loss_sum, correct = 0.0, 0
-        for chunk in order.tensor_split(steps_per_epoch):
-            x = augment_batch(images.get(chunk).to(dev), chunk, epoch, seed, FINETUNE_AUGMENT, mean, std)
-            y = labels[chunk].to(dev)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"Fine-tuning diverged: non-finite loss in epoch {epoch + 1}. Lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += float(loss.detach()) * len(chunk)
-            correct += int((logits.detach().argmax(dim=1) == y).sum())
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / len(fit_idx),
-                               "train_top1": correct / len(fit_idx), "lr": optimizer.param_groups[0]["lr"]}
-        if len(val_idx):
-            val_logits = predict_logits(model, images, val_idx, mean, std, dev)
-            val_y = labels[val_idx]
+def train_classifier(model: Classifier, data: FinetuneData, opts: FinetuneOptions, mean, std, dev: torch.device,
+                     say) -> tuple[list[dict[str, Any]], int]:
+    """The recipe's training with the pretraining loop's step (TrainState.step: the same skip-and-stop rule for
+    non-finite losses) and EpochMeter; early stopping on the held-out images. Leaves the best epoch's weights in
+    `model`. Returns (history, best epoch)."""
+    optimizer = torch.optim.AdamW(param_groups(model, opts.lr, opts.backbone_lr_scale, opts.freeze_backbone),
+                                  lr=opts.lr, weight_decay=opts.weight_decay)
+    batch = min(opts.batch_size, len(data.fit_idx))
+    steps = max(1, math.ceil(len(data.fit_idx) / batch))
+    total = opts.epochs * steps
+    scheduler = warmup_cosine(optimizer, max(1, min(steps, total // 5)), total)
+    state = TrainState(model, None, optimizer, scheduler, torch.amp.GradScaler(dev.type, enabled=False), batch)
+    stopper, best_state, history = EarlyStopping(opts.patience), copy.deepcopy(model.state_dict()), []
+    for epoch in range(opts.epochs):
+        row = _finetune_epoch(state, data, opts, epoch, steps, mean, std, dev)
+        if len(data.val_idx):
+            val_logits = predict_logits(model, data.images, data.val_idx, mean, std, dev)
+            val_y = data.labels[data.val_idx]
             row["val_top1"] = float((val_logits.argmax(dim=1) == val_y).float().mean())
             row["val_loss"] = float(F.cross_entropy(val_logits, val_y))
             if stopper.update(epoch + 1, (-row["val_loss"], row["val_top1"])):
                 best_state = copy.deepcopy(model.state_dict())
-        row["seconds"] = time.time() - t0
         history.append(row)
         val_text = f"  held-out top-1 {row['val_top1']:.3f} loss {row['val_loss']:.3f}" if "val_top1" in row else ""
-        say(f"epoch {epoch + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  train top-1 {row['train_top1']:.3f}"
+        say(f"epoch {epoch + 1:>3}/{opts.epochs}  loss {row['train_loss']:.4f}  train top-1 {row['train_top1']:.3f}"
             f"{val_text}  {row['seconds']:.1f} s")
-        if len(val_idx) and stopper.stop:
-            say(f"Early stop: no lower held-out loss for {patience} epochs; keeping epoch {stopper.best_epoch}.")
+        if len(data.val_idx) and stopper.stop:
+            say(f"Early stop: no lower held-out loss for {opts.patience} epochs; keeping epoch {stopper.best_epoch}.")
             break
-    if len(val_idx):
+    if len(data.val_idx):
         model.load_state_dict(best_state)
-    best_epoch = stopper.best_epoch if len(val_idx) else len(history)
+    return history, stopper.best_epoch if len(data.val_idx) else len(history)
 
-    # ---- test, outputs
-    model = model.cpu().eval()
-    test_logits = predict_logits(model, test_images, test_idx, mean, std, "cpu")
+
+def _finetune_epoch(state: TrainState, data: FinetuneData, opts: FinetuneOptions, epoch: int, steps: int, mean, std,
+                    dev: torch.device) -> dict[str, Any]:
+    """One epoch over the labelled training images in a seeded order; returns its history row."""
+    model = state.model
+    model.train()
+    if opts.freeze_backbone:
+        model.backbone.eval()
+    order = data.fit_idx[torch.randperm(len(data.fit_idx), generator=keyed_generator(opts.seed, epoch, 0xF17E))]
+    meter, correct = EpochMeter(), 0
+    diverged = lambda: TrainingDiverged(  # noqa: E731
+        f"Fine-tuning diverged: {MAX_NONFINITE} non-finite losses in a row (epoch {epoch + 1}). Lower --lr.")
+    for chunk in order.tensor_split(steps):
+        x = augment_batch(data.images.get(chunk).to(dev), chunk, epoch, opts.seed, FINETUNE_AUGMENT, mean, std)
+        y = data.labels[chunk].to(dev)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=opts.label_smoothing)
+        value = float(loss.detach())
+        if state.step(loss, value, diverged):
+            meter.add({"loss": value}, len(chunk))
+            correct += int((logits.detach().argmax(dim=1) == y).sum())
+    return {"epoch": epoch + 1, "train_loss": meter.means()["loss"], "train_top1": correct / max(meter.images, 1),
+            "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.time() - meter.t0}
+
+
+def write_finetune(model: Classifier, data: FinetuneData, opts: FinetuneOptions, per_class: int | None,
+                   meta: dict[str, Any], run_dir: Path, train_root: Path, test_root: Path | None, out_dir: Path,
+                   history: list[dict[str, Any]], best_epoch: int, dev: torch.device, t_start: float) -> dict[str, Any]:
+    """Score the test images (CPU) and write classifier.safetensors + .json, metrics.json and confusion.png."""
+    test_labels, num_classes, classes = data.test_labels, len(data.classes), data.classes
+    test_logits = predict_logits(model, data.test_images, data.test_idx, meta["mean"], meta["std"], "cpu")
     pred = test_logits.argmax(dim=1)
     cm = confusion_matrix(test_labels, pred, num_classes)
     scores = per_class_scores(cm)
-    tag = finetune_tag(per_class, freeze_backbone)
-    out_dir = Path(out) if out else run_dir / f"finetune-{tag}"
+    tag = finetune_tag(per_class, opts.freeze_backbone)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_data = str(train_root.resolve())
     cls_meta = {
         **meta,
         "classes": classes,
         "train_data": train_data,
-        "finetune": {"labels_per_class": lpc_name(per_class), "freeze_backbone": freeze_backbone, "seed": seed,
+        "finetune": {"labels_per_class": lpc_name(per_class), "freeze_backbone": opts.freeze_backbone, "seed": opts.seed,
                      "best_epoch": best_epoch, "encoder_run": str(run_dir.resolve())},
     }
     save_classifier(model, out_dir, cls_meta)
@@ -294,21 +359,22 @@ def finetune_run(
         },
         "confusion": cm.tolist(),
         "classes": classes,
-        "n_train": len(fit_idx),
-        "n_val": len(val_idx),
-        "n_test": len(test_idx),
+        "n_train": len(data.fit_idx),
+        "n_val": len(data.val_idx),
+        "n_test": len(data.test_idx),
         "labels_per_class": lpc_name(per_class),
-        "short_classes": short.get(per_class, {}) if per_class is not None else {},
-        "freeze_backbone": freeze_backbone,
-        "early_stopping": bool(len(val_idx)),
+        "short_classes": data.short.get(per_class, {}) if per_class is not None else {},
+        "freeze_backbone": opts.freeze_backbone,
+        "early_stopping": bool(len(data.val_idx)),
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "train_data": train_data,
         "test_data": str(test_root.resolve()) if test_root is not None else None,
-        "split": split.describe() if split is not None else None,
-        "options": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
-                    "weight_decay": weight_decay, "label_smoothing": label_smoothing, "val_fraction": val_fraction,
-                    "patience": patience, "seed": seed, "split_seed": split_seed,
+        "split": data.split.describe() if data.split is not None else None,
+        "options": {"epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,
+                    "backbone_lr_scale": opts.backbone_lr_scale, "weight_decay": opts.weight_decay,
+                    "label_smoothing": opts.label_smoothing, "val_fraction": opts.val_fraction,
+                    "patience": opts.patience, "seed": opts.seed, "split_seed": opts.split_seed,
                     "augment": {k: getattr(FINETUNE_AUGMENT, k) for k in FINETUNE_AUGMENT.__dataclass_fields__}},
         "device": str(dev),
         "seconds": round(time.time() - t_start, 2),
@@ -317,10 +383,4 @@ def finetune_run(
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     plot_confusion(cm, classes, out_dir / "confusion.png",
                    title=f"{meta['timm_name']} {tag}: test top-1 {100 * metrics['top1']:.1f}%")
-    if short.get(per_class):
-        lacking = short[per_class]
-        say(f"note: {len(lacking)} class(es) have fewer than {per_class} images and use all they have: "
-            + ", ".join(f"{n} ({k})" for n, k in lacking.items()))
-    say(f"Test top-1 {100 * metrics['top1']:.1f}%  balanced accuracy {100 * metrics['balanced_accuracy']:.1f}%  "
-        f"macro F1 {100 * metrics['macro_f1']:.1f}%  (best epoch {best_epoch}/{len(history)}). Wrote {out_dir}.")
-    return FinetuneResult(out_dir, metrics, model)
+    return metrics

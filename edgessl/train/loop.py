@@ -37,12 +37,11 @@ from edgessl.train.prepare import (
     bank_batch_cap, demo_folder, forward_init_bank, interrupted, load_data, resolve_batch, target_dir, write_history,
     write_run_files,
 )
-from edgessl.train.state import TrainState
+from edgessl.train.state import MAX_NONFINITE, TrainState
 
 __all__ = ["pretrain", "PretrainResult", "WarmStart", "StepInfo", "epoch_order", "bank_batch_cap",
            "forward_init_bank", "demo_folder", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-MAX_NONFINITE = 10
 COLLAPSE_FRACTION = 0.25  # warn when the bank's per-dimension std falls below this fraction of 1/sqrt(d)
 
 
@@ -272,23 +271,10 @@ def train_step(run: Run, state: TrainState, objective: Objective, net: torch.nn.
     # the global batch's mean (mean of equal-sized slices' means), identical on every process
     stacked = torch.stack([res.loss.detach().float(), res.out.ce.float(), res.out.sd.float(), *res.sub_ce])
     values = dict(zip(names, distributed.mean_over_ranks(stacked.float(), run.d).tolist()))
-    state.optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(values["loss"]):
-        state.nonfinite += 1
-        state.scheduler.step()
-        if state.nonfinite >= MAX_NONFINITE:
-            raise TrainingDiverged(
-                f"Training diverged: {MAX_NONFINITE} non-finite losses in a row (epoch {epoch + 1}, step {step + 1}). "
-                f"The last good checkpoint is kept in {run.run_dir}. Lower --lr or --bank-lr, or use --precision fp32."
-            )
-        return None
-    state.nonfinite = 0
-    scale = state.scaler.get_scale() if state.scaler.is_enabled() else None
-    state.scaler.scale(res.loss).backward()  # DDP averages the gradients over processes
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    state.scheduler.step()
-    if scale is not None and state.scaler.get_scale() < scale:  # the scaler found inf/NaN gradients: step skipped
+    diverged = lambda: TrainingDiverged(  # noqa: E731
+        f"Training diverged: {MAX_NONFINITE} non-finite losses in a row (epoch {epoch + 1}, step {step + 1}). "
+        f"The last good checkpoint is kept in {run.run_dir}. Lower --lr or --bank-lr, or use --precision fp32.")
+    if not state.step(res.loss, values["loss"], diverged):
         return None
     state.method.update_bank(res.out, distributed.all_gather_cat(res.out.z, run.d) if run.d.active else None)
     return values

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,15 +16,17 @@ from edgessl.method.instance import InstanceDiscrimination
 from edgessl.train.checkpoint import CHECKPOINT, atomic_save, rng_state, set_rng_state
 
 PARTS = ("model", "method", "optimizer", "scheduler", "scaler")
+MAX_NONFINITE = 10  # non-finite losses in a row before a run stops (pretraining and fine-tuning alike)
 
 
 @dataclass
 class TrainState:
-    """model: the unwrapped module (never the DDP wrapper); epoch: epochs completed; nonfinite: non-finite steps in a
-    row; batch: the global batch, fixed when the run starts and kept by every resume (whatever the process count)."""
+    """model: the unwrapped module (never the DDP wrapper); method: the memory bank and losses (None when fine-tuning
+    a classifier); epoch: epochs completed; nonfinite: non-finite steps in a row; batch: the global batch, fixed when
+    the run starts and kept by every resume (whatever the process count)."""
 
     model: nn.Module
-    method: InstanceDiscrimination
+    method: InstanceDiscrimination | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
@@ -31,9 +35,29 @@ class TrainState:
     nonfinite: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def step(self, loss: torch.Tensor, value: float, diverged: Callable[[], Exception]) -> bool:
+        """One optimiser step on `loss` (value: its float, averaged over processes). A non-finite value skips the
+        step (the schedule still advances) and the MAX_NONFINITE-th in a row raises diverged(). Otherwise backward
+        through the gradient scaler, optimiser and scheduler step. Returns whether the weights moved: False for a
+        skipped step, also when the fp16 scaler found overflowing gradients and skipped it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(value):
+            self.nonfinite += 1
+            self.scheduler.step()
+            if self.nonfinite >= MAX_NONFINITE:
+                raise diverged()
+            return False
+        self.nonfinite = 0
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.scale(loss).backward()  # DDP averages the gradients over processes
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return scale is None or self.scaler.get_scale() >= scale  # a lower scale: inf/NaN gradients, step skipped
+
     def checkpoint(self, num_images: int, config: dict[str, Any], world: int) -> dict[str, Any]:
         return {
-            **{part: getattr(self, part).state_dict() for part in PARTS},
+            **{part: getattr(self, part).state_dict() for part in PARTS if getattr(self, part) is not None},
             "epoch": self.epoch,
             "rng": rng_state(),
             "nonfinite": self.nonfinite,
