@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -50,7 +52,7 @@ def device_check_module() -> ModuleType:
     (a wheel), else the file script_path finds (an editable install or a source checkout, where the import fails:
     setuptools' editable finder cannot import the namespace package edgessl.devicecheck inside the regular package
     edgessl)."""
-    try:
+    try:  # inside the function: only a wheel has this package-data module, and its import runs the script
         from edgessl.devicecheck import device_check
     except ImportError:
         return load_script()
@@ -60,9 +62,6 @@ def device_check_module() -> ModuleType:
 def run_device_check(argv: list[str]) -> int:
     """Run the script with these arguments in a fresh interpreter (so that its peak-memory figure is the script's,
     not this process's with torch loaded); its output goes to this terminal. Returns its exit code."""
-    import subprocess
-    import sys
-
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import yaml
+from rich.markup import escape
 
+from edgessl.demo import demo_images
 from edgessl.deploy import manifest as mf
 from edgessl.deploy import onnx as ox
 from edgessl.deploy import quantize as qz
@@ -18,6 +22,8 @@ from edgessl.deploy.images import Sample, sample_folder, spread, to_input
 from edgessl.errors import UserError
 from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1
 from edgessl.fileio import sha256_file
+from edgessl.models.backbone import load_encoder, read_encoder_meta
+from edgessl.models.classifier import load_classifier
 
 EVAL_IMAGES = 256  # parity is measured on up to this many images (all of them when the folder has fewer)
 CALIB_IMAGES = 256  # int8 calibration images, spread over the calibration folder
@@ -34,23 +40,17 @@ class ExportResult:
 
 def _say(console, msg: str) -> None:
     if console is not None:
-        from rich.markup import escape
-
         console.print(escape(msg), highlight=False, soft_wrap=True)
 
 
 def training_folder(run_dir: Path) -> Path | None:
     """The folder a run was trained on (config.yaml `data`; null = the bundled demo images), None without config."""
-    import yaml
-
     cfg = run_dir / "config.yaml"
     if not cfg.is_file():
         return None
     data = (yaml.safe_load(cfg.read_text()) or {}).get("data")
     if data:
         return Path(data)
-    from edgessl.demo import demo_images
-
     return demo_images()
 
 
@@ -73,21 +73,16 @@ def _resolve_folder(explicit, default: Path | None, run_dir: Path, option: str, 
 
 def _load_model(run_dir: Path, classifier):
     """(model, meta, kind); UserError when the run has no encoder or the classifier folder is not one."""
-    from edgessl.models.backbone import load_encoder, read_encoder_meta
-
     read_encoder_meta(run_dir)  # the run must hold an encoder, whatever is exported
     if classifier is None:
         model = load_encoder(run_dir)
         return model, model.edgessl_meta, "encoder"
-    from edgessl.models.classifier import load_classifier
-
     model = load_classifier(classifier)
     return model, model.edgessl_meta, "classifier"
 
 
 def torch_outputs(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    import torch
-
+    """PyTorch outputs (N, D) float32 of model for x (N, 3, S, S) float32, in chunks of `batch`."""
     with torch.no_grad():
         outs = [model(torch.from_numpy(x[i : i + batch])).float().numpy() for i in range(0, len(x), batch)]
     return np.concatenate(outs)
@@ -107,8 +102,6 @@ def latency_ms(sess, x1: np.ndarray, runs: int = LATENCY_RUNS, warmup: int = 5) 
 
 
 def _knn_top1(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
-    import torch
-
     f, y = torch.from_numpy(features), torch.from_numpy(labels)
     return knn_top1(f, y, f, y, classes, k=min(KNN_K[0], len(y) - 1), t=KNN_T, exclude_self=True)
 
@@ -199,6 +192,60 @@ def export(
     <run>/export); name: model file base name (default encoder / classifier); calib_method: minmax | moving-average |
     percentile | entropy (int8 activation ranges).
     Raises UserError (bad input, exit 2) or ValidationFailed (a file misses its check, exit 3)."""
+    src = _prepare(run, classifier, opset, int8, calib, images, calib_method)
+    out_dir = Path(out) if out else src.run_dir / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_name = name or src.kind
+    _remove_previous(out_dir, base_name)
+    x = to_input(src.sample.images, src.meta["mean"], src.meta["std"])
+    ref = torch_outputs(src.model, x)
+    fp32 = _export_fp32(src, out_dir / f"{base_name}.onnx", int(opset), x, ref, console)
+    reference = out_dir / f"{base_name}.reference.npz"
+    _write_reference(reference, src.sample, ref)
+    common = _common_keys(src, fp32, reference.name, ref.shape[1])
+    entries = [_entry(fp32.path, "fp32", common, fp32.figures)]
+    failures: list[str] = []
+    outputs = {"fp32": fp32.outputs}
+    fp32.latency = latency_ms(fp32.session, x[:1])
+    for precision, wanted in (("int8", int8), ("fp16", fp16)):
+        if not wanted:
+            continue
+        path = out_dir / f"{base_name}.{precision}.onnx"
+        try:
+            entry, outputs[precision] = _reduced_copy(precision, path, fp32, src, x, ref, common, calib_method,
+                                                      console)
+        except ox.ValidationFailed as e:
+            failures.append(str(e))
+            _say(console, f"  failed: {e}")
+            continue
+        entries.append(entry)
+    _add_task_figures(src, outputs, entries, console)
+    manifest = mf.write_manifest(out_dir, entries, _source(src, classifier))
+    if failures:
+        raise ox.ValidationFailed(" ".join(failures) + f" The other files are listed in {manifest}.")
+    return ExportResult(out_dir, manifest, entries)
+
+
+@dataclass
+class _Source:
+    """What export reads before it writes anything: the model, its meta and the decoded image samples."""
+
+    run_dir: Path
+    model: Any  # eval-mode module: (B, 3, S, S) float32 -> (B, D) features or logits
+    meta: dict[str, Any]  # the model's edgessl_meta
+    kind: str  # "encoder" | "classifier"
+    size: int  # input side S in pixels
+    sample: Sample  # the parity-check images
+    calib: Sample | None  # the int8 calibration images (None without int8)
+
+    @property
+    def logits(self) -> bool:
+        return self.kind == "classifier"
+
+
+def _prepare(run, classifier, opset, int8: bool, calib, images, calib_method: str) -> _Source:
+    """Every check and decode that comes before a file is written: the export extra, the opset, the calibration
+    method, the model, the parity sample and (int8) the calibration sample. UserError on bad input."""
     ox.require_export_deps()
     ox.check_opset(int(opset))
     qz.check_calibration_method(calib_method)
@@ -214,65 +261,85 @@ def export(
         calib_default = default if usable or images is None else eval_root  # else: the --images folder
         calib_root = _resolve_folder(calib, calib_default, run_dir, "--calib", "to calibrate int8")
         calib_sample = sample_folder(calib_root, size, CALIB_IMAGES, "--calib")
+    return _Source(run_dir, model, meta, kind, size, sample, calib_sample)
 
-    out_dir = Path(out) if out else run_dir / "export"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base_name = name or kind
-    _remove_previous(out_dir, base_name)
-    x = to_input(sample.images, meta["mean"], meta["std"])
-    ref = torch_outputs(model, x)
-    logits = kind == "classifier"
-    output_name = "logits" if logits else "features"
 
-    fp32 = out_dir / f"{base_name}.onnx"
-    _say(console, f"Exporting the {kind} ({meta['timm_name']}, {size} px) to {fp32} ...")
-    exporter = ox.export_model(model, fp32, size, int(opset), "input", output_name)
-    sess32, out32, fig32 = _validated(fp32, "fp32", x, ref, logits)
-    in_name, out_name = sess32.get_inputs()[0].name, sess32.get_outputs()[0].name
-    _say(console, f"  written by {exporter}; parity on {len(sample)} images: max abs diff {fig32['max_abs_diff']:.3g}, "
-                  f"min cosine {fig32['min_cosine']:.7f}")
-    reference = out_dir / f"{base_name}.reference.npz"
-    _write_reference(reference, sample, ref)
-    common = {
-        "kind": kind, "exporter": exporter, "input": mf.input_spec(in_name, size),
-        "preprocess": mf.preprocess_spec(meta),
-        "output": mf.output_spec(kind, out_name, ref.shape[1]), "reference": reference.name,
-        **({"classes": list(meta["classes"])} if logits else {}),
+@dataclass
+class _Fp32:
+    """The exported and validated fp32 file."""
+
+    path: Path
+    exporter: str  # which exporter wrote it (ox.DYNAMO | ox.TORCHSCRIPT)
+    session: Any  # its ONNX Runtime session
+    outputs: np.ndarray  # (N, D) on the parity images
+    figures: dict[str, Any]  # parity against PyTorch (ox.compare)
+    latency: float = 0.0  # median batch-1 ms, measured once the reference file is written
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name
+
+    @property
+    def output_name(self) -> str:
+        return self.session.get_outputs()[0].name
+
+
+def _export_fp32(src: _Source, path: Path, opset: int, x: np.ndarray, ref: np.ndarray, console) -> _Fp32:
+    """Export src.model to path and check it against PyTorch: ref (N, D) are its outputs for x (N, 3, S, S).
+    ValidationFailed (the file removed) when it misses the fp32 bounds."""
+    _say(console, f"Exporting the {src.kind} ({src.meta['timm_name']}, {src.size} px) to {path} ...")
+    exporter = ox.export_model(src.model, path, src.size, opset, "input", "logits" if src.logits else "features")
+    sess, out, fig = _validated(path, "fp32", x, ref, src.logits)
+    _say(console, f"  written by {exporter}; parity on {len(src.sample)} images: max abs diff {fig['max_abs_diff']:.3g}, "
+                  f"min cosine {fig['min_cosine']:.7f}")
+    return _Fp32(path, exporter, sess, out, fig)
+
+
+def _common_keys(src: _Source, fp32: _Fp32, reference: str, dim: int) -> dict[str, Any]:
+    """The manifest keys every file of one export shares (dim: the output width D)."""
+    return {
+        "kind": src.kind, "exporter": fp32.exporter, "input": mf.input_spec(fp32.input_name, src.size),
+        "preprocess": mf.preprocess_spec(src.meta),
+        "output": mf.output_spec(src.kind, fp32.output_name, dim), "reference": reference,
+        **({"classes": list(src.meta["classes"])} if src.logits else {}),
     }
-    entries = [_entry(fp32, "fp32", common, fig32)]
-    failures: list[str] = []
-    outputs = {"fp32": out32}
-    lat32 = latency_ms(sess32, x[:1])
-    for precision, wanted in (("int8", int8), ("fp16", fp16)):
-        if not wanted:
-            continue
-        path = out_dir / f"{base_name}.{precision}.onnx"
-        _say(console, f"Converting to {precision}: {path} ...")
-        try:
-            if precision == "int8":
-                calib_x = to_input(calib_sample.images, meta["mean"], meta["std"])
-                settings = qz.quantize_int8(fp32, path, calib_x, in_name, calib_method)
-                settings["calibration_folder"] = str(calib_sample.root)
-            else:
-                settings = qz.convert_fp16(fp32, path)
-            sess, outp, fig = _validated(path, precision, x, ref, logits)
-        except ox.ValidationFailed as e:
-            failures.append(str(e))
-            _say(console, f"  failed: {e}")
-            continue
-        outputs[precision] = outp
-        cos = ox.cosines(out32, outp)
-        lat = latency_ms(sess, x[:1])
-        comparison = {
-            "cosine_to_fp32": {"min": float(cos.min()), "mean": float(cos.mean())},
-            "size_ratio": path.stat().st_size / fp32.stat().st_size,
-            "latency_ms_batch1": {"fp32": lat32, precision: lat},
-            "latency_ratio": lat / lat32,
-        }
-        entries.append(_entry(path, precision, common, fig, conversion=settings, comparison=comparison))
-        _say(console, f"  parity: min cosine {fig['min_cosine']:.5f} (mean {fig['mean_cosine']:.5f}); "
-                      f"size x{comparison['size_ratio']:.2f}, batch-1 latency x{comparison['latency_ratio']:.2f} of fp32")
-    task = _task_figures(kind, sample, meta, outputs)
+
+
+def _convert(precision: str, path: Path, fp32: _Fp32, src: _Source, calib_method: str) -> dict[str, Any]:
+    """Write the int8 (calibrated on src.calib) or fp16 copy of the fp32 file; returns the conversion settings.
+    ValidationFailed (nothing written) when the conversion fails."""
+    if precision == "int8":
+        calib_x = to_input(src.calib.images, src.meta["mean"], src.meta["std"])
+        settings = qz.quantize_int8(fp32.path, path, calib_x, fp32.input_name, calib_method)
+        settings["calibration_folder"] = str(src.calib.root)
+        return settings
+    return qz.convert_fp16(fp32.path, path)
+
+
+def _reduced_copy(precision: str, path: Path, fp32: _Fp32, src: _Source, x: np.ndarray, ref: np.ndarray,
+                  common: dict[str, Any], calib_method: str, console) -> tuple[dict[str, Any], np.ndarray]:
+    """Convert, validate and compare one int8 or fp16 copy: (its manifest entry, its outputs (N, D) on x).
+    ValidationFailed when the conversion fails or the copy misses its bounds (the file is then removed)."""
+    _say(console, f"Converting to {precision}: {path} ...")
+    settings = _convert(precision, path, fp32, src, calib_method)
+    sess, outp, fig = _validated(path, precision, x, ref, src.logits)
+    cos = ox.cosines(fp32.outputs, outp)
+    lat = latency_ms(sess, x[:1])
+    comparison = {
+        "cosine_to_fp32": {"min": float(cos.min()), "mean": float(cos.mean())},
+        "size_ratio": path.stat().st_size / fp32.path.stat().st_size,
+        "latency_ms_batch1": {"fp32": fp32.latency, precision: lat},
+        "latency_ratio": lat / fp32.latency,
+    }
+    entry = _entry(path, precision, common, fig, conversion=settings, comparison=comparison)
+    _say(console, f"  parity: min cosine {fig['min_cosine']:.5f} (mean {fig['mean_cosine']:.5f}); "
+                  f"size x{comparison['size_ratio']:.2f}, batch-1 latency x{comparison['latency_ratio']:.2f} of fp32")
+    return entry, outp
+
+
+def _add_task_figures(src: _Source, outputs: dict[str, np.ndarray], entries: list[dict[str, Any]], console) -> None:
+    """Add the task figures (kNN top-1 or accuracy per precision) to every entry's "comparison" and print them."""
+    task = _task_figures(src.kind, src.sample, src.meta, outputs)
     for entry in entries:
         if task:
             entry.setdefault("comparison", {}).update(task)
@@ -280,12 +347,12 @@ def export(
         if key in task:
             values = ", ".join(f"{p} {task[key][p]:.4f}" for p in outputs)
             _say(console, f"{label} on {task[key]['images']} labelled images: {values}")
-    source = {
-        "run": str(run_dir.resolve()), "classifier": str(Path(classifier).resolve()) if classifier else None,
-        "images": str(sample.root.resolve()), "timm_name": meta["timm_name"], "stem": meta.get("stem"),
-        "epochs_trained": meta.get("epochs_trained"), "method": meta.get("method"),
+
+
+def _source(src: _Source, classifier) -> dict[str, Any]:
+    """manifest.json's "source": what was exported and which images checked it."""
+    return {
+        "run": str(src.run_dir.resolve()), "classifier": str(Path(classifier).resolve()) if classifier else None,
+        "images": str(src.sample.root.resolve()), "timm_name": src.meta["timm_name"], "stem": src.meta.get("stem"),
+        "epochs_trained": src.meta.get("epochs_trained"), "method": src.meta.get("method"),
     }
-    manifest = mf.write_manifest(out_dir, entries, source)
-    if failures:
-        raise ox.ValidationFailed(" ".join(failures) + f" The other files are listed in {manifest}.")
-    return ExportResult(out_dir, manifest, entries)

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from edgessl.data.augment import test_transform
+from edgessl.data.folder import _try_decode, check_folder, scan_images
 from edgessl.errors import UserError
 
 
@@ -47,8 +50,6 @@ def sample_folder(root: str | Path, size: int, limit: int, what: str) -> Sample:
     """Decode up to `limit` images spread over the sorted files of `root` (by edgessl's decoding rules).
 
     UserError when the folder is missing, holds no image files, or none of the chosen files can be read."""
-    from edgessl.data.folder import _try_decode, check_folder, scan_images
-
     root = check_folder(root, what)
     paths = scan_images(root, what)
     if not paths:
@@ -75,9 +76,5 @@ def sample_folder(root: str | Path, size: int, limit: int, what: str) -> Sample:
 
 def to_input(images: np.ndarray, mean, std) -> np.ndarray:
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 model input, by edgessl's own test transform."""
-    import torch
-
-    from edgessl.data.augment import test_transform
-
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     return test_transform(x, mean, std).contiguous().numpy()

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgessl._version import __version__
+from edgessl.data.folder import BACKGROUND
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text, sha256_file
 
@@ -36,8 +38,6 @@ def input_spec(name: str, image_size: int) -> dict[str, Any]:
 
 def preprocess_spec(meta: dict[str, Any]) -> dict[str, Any]:
     """How a file becomes the model input: edgessl.data.folder.decode_image + edgessl.data.augment.test_transform."""
-    from edgessl.data.folder import BACKGROUND
-
     size = int(meta.get("image_size") or meta["input_size"][-1])
     return {
         "image_size": size,
@@ -107,8 +107,6 @@ def drop_missing(folder: str | Path) -> None:
 def write_manifest(folder: str | Path, entries: list[dict[str, Any]], source: dict[str, Any]) -> Path:
     """Write folder/manifest.json listing `entries`, keeping earlier entries for other files that still exist
     unchanged and share the same input and preprocessing (e.g. an encoder exported before a classifier)."""
-    from edgessl._version import __version__
-
     folder = Path(folder)
     path = folder / MANIFEST
     new_files = {e["file"] for e in entries}

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from edgessl.deploy.check import device_check_module
 from edgessl.errors import UserError
 
 DYNAMO = "torch.export (torch.onnx.export dynamo=True)"
@@ -98,8 +100,6 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 
 def _export_dynamo(model, example, path: Path, opset: int, input_name: str, output_name: str) -> None:
-    import torch
-
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
         model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[input_name],
@@ -111,8 +111,6 @@ def _export_dynamo(model, example, path: Path, opset: int, input_name: str, outp
 
 
 def _export_torchscript(model, example, path: Path, opset: int, input_name: str, output_name: str) -> None:
-    import torch
-
     torch.onnx.export(
         model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[input_name],
         output_names=[output_name], dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
@@ -125,8 +123,6 @@ def export_model(model, path: str | Path, image_size: int, opset: int, input_nam
     """Export an eval-mode module taking (B, 3, S, S) float32 to one self-contained .onnx file with a dynamic
     batch axis. Tries the torch.export-based exporter, falls back to TorchScript; returns which one wrote it.
     Raises ValidationFailed when both fail."""
-    import torch
-
     path = Path(path)
     model = model.eval()
     example = torch.zeros(2, 3, image_size, image_size)
@@ -179,8 +175,6 @@ def run(sess, x: np.ndarray, batch: int = 64) -> np.ndarray:
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-row cosine similarity in float64 (two all-zero rows count as identical): export/device_check.py's
     `cosines`, the one the device runs."""
-    from edgessl.deploy.check import device_check_module
-
     return device_check_module().cosines(a, b)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from edgessl.deploy.onnx import ValidationFailed, _first_line, _quiet
+from edgessl.errors import UserError
 
 INT8_SETTINGS = {
     "format": "QDQ",
@@ -27,8 +28,6 @@ CALIBRATION_METHODS = {
 
 
 def check_calibration_method(method: str) -> None:
-    from edgessl.errors import UserError
-
     if method not in CALIBRATION_METHODS:
         raise UserError(f"--calib-method must be one of {', '.join(CALIBRATION_METHODS)}, not '{method}'.")
 

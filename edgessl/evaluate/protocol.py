@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from rich import box
 from rich.console import Console
+from rich.table import Table
 from torch import Tensor, nn
 
 from edgessl.runtime import pick_device, use_threads
@@ -42,6 +45,7 @@ from edgessl.evaluate.labelled import (
     class_folders,
     load_labelled_folder,
     lpc_name,
+    Split,
     map_test_labels,
     parse_labels_per_class,
     split_folder,
@@ -50,6 +54,8 @@ from edgessl.evaluate.linear import L2_GRID, MAX_FOLDS, linear_probe
 from edgessl.evaluate.metrics import classification_metrics
 from edgessl.evaluate.subsets import stratified_subset
 from edgessl.models.backbone import ENCODER_WEIGHTS, build_from_arch, load_encoder, read_encoder_meta
+from edgessl.report.eval_plots import plot_eval
+from edgessl.train.checkpoint import atomic_save
 
 RANDOM_INIT_SEED = 0
 CV_FOLD_SEED = 0  # the probe's CV folds depend on the labelled subset only
@@ -102,8 +108,6 @@ def encoder_specs(run_dir: Path, meta: dict[str, Any], baseline: str | None) -> 
     specs = [EncoderSpec("pretrained", "weights:" + sha256_file(run_dir / ENCODER_WEIGHTS),
                          lambda: load_encoder(run_dir))]
     if baseline == "random":
-        import timm
-
         ident = (f"random:{meta['timm_name']}:{meta.get('stem')}:seed{RANDOM_INIT_SEED}"
                  f":timm{timm.__version__}:torch{torch.__version__}")
         specs.append(EncoderSpec("random", ident, lambda: random_encoder(meta)))
@@ -167,8 +171,6 @@ def _read_cache(path: Path) -> FeatureSet | None:
 
 
 def _write_cache(path: Path, fs: FeatureSet, identity: str, root: Path) -> None:
-    from edgessl.train.checkpoint import atomic_save
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"features": fs.features, "labels": fs.labels, "classes": fs.classes, "paths": fs.paths,
                  "skipped": fs.skipped, "encoder": identity, "folder": str(root.resolve()),
@@ -299,16 +301,47 @@ def evaluate_run(
     threads: str | int = "auto",
 ) -> EvalResult:
     """Run the protocol of this module's docstring; write eval.json and eval.png into run_dir."""
-    from edgessl.report.eval_plots import plot_eval
-
     console = console or Console()
     say = None if quiet else (lambda msg: console.print(msg, highlight=False))
     t_start = time.time()
     cpu = use_threads(threads)
     if say:
         say(f"CPU: {cpu.describe()}")
+    args = _check_arguments(run_dir, train, test, test_fraction, labels_per_class, seeds, baseline, device)
+    specs = encoder_specs(args.run_dir, args.meta, args.baseline)
+    cache_dir = args.run_dir / "features" if cache else None
+    data = _train_test_features(args, specs, test_fraction, split_seed, cache_dir, workers, cache_mb, say)
+    per_class_values, short, dropped = _fit_to_features(args, data, say)
+    rows = _grid(specs, data, per_class_values, args.seeds, args.device, say)
+    summary = summarize(rows)
+    result = EvalResult(args.run_dir, rows, summary, short)
+    report = _report(args, data, per_class_values, dropped, short, cpu.threads, t_start, rows, summary)
+    atomic_write_text(result.json_path, json.dumps(report, indent=2) + "\n")
+    plot_eval(summary, result.plot_path, title=f"{args.meta['timm_name']} - {args.run_dir.name}")
+    if not quiet:
+        _print_results(console, result)
+    return result
 
-    # ---- every check that needs no decoding first, so bad input fails fast
+
+@dataclass
+class _Arguments:
+    """evaluate_run's arguments once every check that needs no decoding has passed."""
+
+    run_dir: Path  # the folder holding the encoder
+    meta: dict[str, Any]  # encoder.json
+    train_root: Path
+    test_root: Path | None  # None: the test images are split off --train (--test-fraction)
+    train_classes: list[str]  # the class folders of --train
+    per_class_values: list[int | None]  # fitted to the image files of --train (None = all)
+    explicit: bool  # labels per class given by the user: values above every class are refused, not dropped
+    dropped: list[int]  # default values dropped: no class folder holds that many files
+    seeds: list[int]
+    baseline: str | None  # None | "random"
+    device: torch.device
+
+
+def _check_arguments(run_dir, train, test, test_fraction, labels_per_class, seeds, baseline, device) -> _Arguments:
+    """Every check that needs no decoding, in evaluate_run's order, so bad input fails fast (UserError)."""
     run_dir = Path(run_dir)
     meta = read_encoder_meta(run_dir)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
@@ -331,77 +364,106 @@ def evaluate_run(
         per_class_values, torch.arange(len(train_classes)).repeat_interleave(file_counts), train_classes, explicit)
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, not '{device}'.")
-    dev = pick_device(device)
+    return _Arguments(run_dir, meta, train_root, test_root, train_classes, per_class_values, explicit, dropped,
+                      seed_list, baseline, pick_device(device))
 
-    # ---- features (cached)
-    specs = encoder_specs(run_dir, meta, baseline)
-    cache_dir = run_dir / "features" if cache else None
-    train_feats = folder_features(train_root, "--train", specs, meta, dev, cache_dir, workers, cache_mb, say)
-    if test_root is not None:
-        test_feats = folder_features(test_root, "--test", specs, meta, dev, cache_dir, workers, cache_mb, say)
+
+@dataclass
+class _TrainTest:
+    """Training and test features under every encoder spec ({spec name: FeatureSet})."""
+
+    train: dict[str, FeatureSet]
+    test: dict[str, FeatureSet]
+    remap: Tensor  # (C_test,) test class index -> training class index
+    split: Split | None  # the --test-fraction split of --train; None when --test was given
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train["pretrained"].classes
+
+
+def _train_test_features(args: _Arguments, specs: Sequence[EncoderSpec], test_fraction: float | None,
+                         split_seed: int, cache_dir: Path | None, workers: int, cache_mb: float, say) -> _TrainTest:
+    """Features of --train and --test, or of the two parts of --train split by --test-fraction (cached)."""
+    train_feats = folder_features(args.train_root, "--train", specs, args.meta, args.device, cache_dir, workers,
+                                  cache_mb, say)
+    if args.test_root is not None:
+        test_feats = folder_features(args.test_root, "--test", specs, args.meta, args.device, cache_dir, workers,
+                                     cache_mb, say)
         remap = map_test_labels(train_feats["pretrained"].classes, test_feats["pretrained"].classes)
-        split = None
-    else:
-        labels = train_feats["pretrained"].labels
-        split = split_folder(labels, float(test_fraction), split_seed)
-        test_feats = {name: fs.subset(split.test_idx) for name, fs in train_feats.items()}
-        train_feats = {name: fs.subset(split.train_idx) for name, fs in train_feats.items()}
-        remap = torch.arange(len(train_classes))
-    classes = train_feats["pretrained"].classes
-    per_class_values, short, dropped_now = fit_budgets(per_class_values, train_feats["pretrained"].labels, classes,
-                                                       explicit)
-    dropped = sorted(set(dropped) | set(dropped_now))
+        return _TrainTest(train_feats, test_feats, remap, None)
+    split = split_folder(train_feats["pretrained"].labels, float(test_fraction), split_seed)
+    test_feats = {name: fs.subset(split.test_idx) for name, fs in train_feats.items()}
+    train_feats = {name: fs.subset(split.train_idx) for name, fs in train_feats.items()}
+    return _TrainTest(train_feats, test_feats, torch.arange(len(args.train_classes)), split)
+
+
+def _fit_to_features(args: _Arguments, data: _TrainTest, say) -> tuple[list[int | None], dict[int, dict[str, int]],
+                                                                        list[int]]:
+    """fit_budgets against the images actually read (and kept for training): (values, short classes, dropped),
+    dropped including those fitted to the file counts; a note names the dropped default values."""
+    per_class_values, short, dropped_now = fit_budgets(args.per_class_values, data.train["pretrained"].labels,
+                                                       data.classes, args.explicit)
+    dropped = sorted(set(args.dropped) | set(dropped_now))
     if dropped and say:
         say(f"note: default labels per class {', '.join(map(str, dropped))} dropped: no class of --train has that "
             "many images.")
+    return per_class_values, short, dropped
 
-    # ---- the grid
+
+def _grid(specs: Sequence[EncoderSpec], data: _TrainTest, per_class_values: Sequence[int | None],
+          seeds: Sequence[int], device: torch.device, say) -> list[dict[str, Any]]:
+    """evaluate_features rows of every encoder spec in turn, with progress lines when `say` is given."""
     rows: list[dict[str, Any]] = []
     for spec in specs:
         t0 = time.time()
-        tr, te = train_feats[spec.name], test_feats[spec.name]
-        rows += evaluate_features(tr, te.features, remap[te.labels], per_class_values, seed_list, spec.name, dev,
+        tr, te = data.train[spec.name], data.test[spec.name]
+        rows += evaluate_features(tr, te.features, data.remap[te.labels], per_class_values, seeds, spec.name, device,
                                   on_subset=_subset_line(say, spec.name, t0) if say else None)
         if say:
-            say(f"{spec.name}: kNN and linear probe at {len(per_class_values)} label budget(s) x {len(seed_list)} "
+            say(f"{spec.name}: kNN and linear probe at {len(per_class_values)} label budget(s) x {len(seeds)} "
                 f"seed(s) ({time.time() - t0:.1f} s).")
-    summary = summarize(rows)
-    result = EvalResult(run_dir, rows, summary, short)
+    return rows
 
-    report = {
-        "run_dir": str(run_dir),
-        "encoder": {k: meta.get(k) for k in ("timm_name", "stem", "image_size", "feature_dim", "epochs_trained")},
-        "train": str(train_root.resolve()),
-        "test": str(test_root.resolve()) if test_root is not None else None,
-        "split": split.describe() if split is not None else None,
-        "classes": classes,
-        "n_train": len(train_feats["pretrained"].labels),
-        "n_test": len(test_feats["pretrained"].labels),
-        "skipped_files": {"train": train_feats["pretrained"].skipped,
-                          "test": test_feats["pretrained"].skipped if split is None else 0},
+
+def _report(args: _Arguments, data: _TrainTest, per_class_values: Sequence[int | None], dropped: list[int],
+            short: dict[int, dict[str, int]], threads: int, t_start: float, rows: list[dict[str, Any]],
+            summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """The content of eval.json (key order is part of the format)."""
+    return {
+        "run_dir": str(args.run_dir),
+        "encoder": {k: args.meta.get(k) for k in ("timm_name", "stem", "image_size", "feature_dim", "epochs_trained")},
+        "train": str(args.train_root.resolve()),
+        "test": str(args.test_root.resolve()) if args.test_root is not None else None,
+        "split": data.split.describe() if data.split is not None else None,
+        "classes": data.classes,
+        "n_train": len(data.train["pretrained"].labels),
+        "n_test": len(data.test["pretrained"].labels),
+        "skipped_files": {"train": data.train["pretrained"].skipped,
+                          "test": data.test["pretrained"].skipped if data.split is None else 0},
         "labels_per_class": [lpc_name(v) for v in per_class_values],
         "labels_per_class_dropped": dropped,
-        "seeds": seed_list,
-        "baseline": baseline,
-        "random_init_seed": RANDOM_INIT_SEED if baseline == "random" else None,
+        "seeds": args.seeds,
+        "baseline": args.baseline,
+        "random_init_seed": RANDOM_INIT_SEED if args.baseline == "random" else None,
         "knn": {"k": list(KNN_K), "temperature": KNN_T, "similarity": "cosine", "k_clipped_to_subset_size": True},
         "linear": {"l2_grid": list(L2_GRID), "max_folds": MAX_FOLDS, "standardise": "labelled subset statistics",
                    "fallback_l2": "1/N when a class has a single labelled image (no cross-validation)"},
         "short_classes": {str(k): v for k, v in short.items()},
-        "device": str(dev),
-        "threads": cpu.threads,
+        "device": str(args.device),
+        "threads": threads,
         "seconds": round(time.time() - t_start, 2),
         "results": rows,
         "summary": summary,
     }
-    atomic_write_text(result.json_path, json.dumps(report, indent=2) + "\n")
-    plot_eval(summary, result.plot_path, title=f"{meta['timm_name']} - {run_dir.name}")
-    if not quiet:
-        console.print(results_table(summary))
-        for line in short_notes(short):
-            console.print(line, highlight=False)
-        console.print(f"Wrote {result.json_path} and {result.plot_path}.", highlight=False)
-    return result
+
+
+def _print_results(console: Console, result: EvalResult) -> None:
+    """The results table, the notes on classes short of a labels-per-class value and the files written."""
+    console.print(results_table(result.summary))
+    for line in short_notes(result.short_classes):
+        console.print(line, highlight=False)
+    console.print(f"Wrote {result.json_path} and {result.plot_path}.", highlight=False)
 
 
 def _subset_line(say, name: str, t0: float):
@@ -432,9 +494,6 @@ def _pct(mean: float, std: float) -> str:
 def results_table(summary: Sequence[dict[str, Any]]):
     """A rich Table: one line per (protocol, labels per class) with the training images used, top-1 % (mean ± std
     over seeds) of the pretrained encoder, of the random-init one and the gain, and the pretrained balanced accuracy."""
-    from rich import box
-    from rich.table import Table
-
     by = {(s["encoder"], s["protocol"], s["k"], s["labels_per_class"]): s for s in summary}
     has_random = any(s["encoder"] == "random" for s in summary)
     seeds = max((s["seeds"] for s in summary), default=0)

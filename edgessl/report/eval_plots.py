@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgessl.report.plots import _plt, fit_title
 
 _PANELS = (("knn", 20, "kNN (k=20)"), ("knn", 200, "kNN (k=200)"), ("linear", None, "linear probe"))
@@ -46,8 +48,6 @@ def plot_confusion(cm, classes: Sequence[str], path: str | Path, title: str = ""
     """Row-normalised confusion matrix (true class per row) with the raw counts written in each cell.
 
     cm: (C, C) counts (tensor, array or nested lists)."""
-    import numpy as np
-
     plt = _plt()
     cm = np.asarray(cm.tolist() if hasattr(cm, "tolist") else cm, dtype=float)
     rows = cm.sum(axis=1, keepdims=True)

@@ -21,15 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
+from safetensors.torch import load_file
 from torch import nn
 
+from edgessl.deploy import onnx as ox
 from edgessl.errors import UserError
-from edgessl.evaluate.knn import KNN_K, KNN_T
+from edgessl.evaluate.features import extract_features
+from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1
+from edgessl.evaluate.labelled import load_labelled_folder, map_test_labels
+from edgessl.evaluate.linear import linear_probe
 from edgessl.fileio import atomic_write_text, sha256_files
 from edgessl.models.backbone import (ENCODER_META, ENCODER_WEIGHTS, load_encoder, output_dim, read_encoder_meta,
                                      save_encoder)
 from edgessl.models.channels import channel_groups, check_width, group_counts, width_plan
+from edgessl.models.prune import count_params_macs, prune_to_counts
 from edgessl.models.slicing import sliced_tensors
+from edgessl.report.plots import _plt
 
 WIDTHS_BN = "widths.safetensors"
 REPORT_JSON = "widths.json"
@@ -77,8 +85,6 @@ def source_digest(run_dir: str | Path, width: float) -> str:
 
 def _private_bn(run_dir: Path, width: float) -> dict[str, torch.Tensor]:
     """{backbone tensor name: the width's private BatchNorm tensor} from widths.safetensors."""
-    from safetensors.torch import load_file
-
     path = run_dir / WIDTHS_BN
     if not path.is_file():
         raise UserError(f"'{run_dir}' has no {WIDTHS_BN} (each width's private BatchNorm, written by "
@@ -107,8 +113,6 @@ def build_slim(run_dir: str | Path, width: float) -> tuple[nn.Module, dict[str, 
     if width == 1.0:
         model = full
     else:
-        from edgessl.models.prune import prune_to_counts
-
         groups = channel_groups(full, example)
         counts = group_counts(groups, width)
         state = dict(full.state_dict())
@@ -214,8 +218,6 @@ def _timed(fn, runs: int, min_seconds: float = 0.5, max_runs: int = 2000) -> flo
 def _onnx_file(model: nn.Module, path: Path, image_size: int) -> None:
     """Export for timing: the TorchScript exporter first (a fraction of a second; the graph runs the same operators
     as `edgessl export`'s), torch.export as the fallback."""
-    from edgessl.deploy import onnx as ox
-
     try:
         with ox._quiet(), torch.no_grad():
             ox._export_torchscript(model, torch.zeros(2, 3, image_size, image_size), path, 18, "input", "features")
@@ -232,8 +234,6 @@ def batch1_latency(model: nn.Module, image_size: int, threads: int | None = None
     model = model.cpu().eval()
     if _runtime_available():
         import onnxruntime as ort
-
-        from edgessl.deploy import onnx as ox
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
@@ -259,8 +259,6 @@ def _images(value, size: int, what: str):
     if value is None:
         return None
     if isinstance(value, (str, Path)):
-        from edgessl.evaluate.labelled import load_labelled_folder
-
         return load_labelled_folder(value, size, what)
     return value if getattr(value, "labels", None) is not None else None
 
@@ -272,8 +270,6 @@ class _Accuracy:
     def __init__(self, labelled, test):
         self.memory, self.query, self.loo, self.query_labels = None, None, True, None
         if labelled is not None and test is not None:
-            from edgessl.evaluate.labelled import map_test_labels
-
             self.memory, self.query, self.loo = labelled, test, False
             self.query_labels = map_test_labels(labelled.classes, test.classes, "the labelled test images")[test.labels]
         elif labelled is not None or test is not None:
@@ -291,16 +287,11 @@ class _Accuracy:
     def __call__(self, model: nn.Module, mean, std, device) -> tuple[float | None, float | None]:
         if self.memory is None:
             return None, None
-        from edgessl.evaluate.features import extract_features
-        from edgessl.evaluate.knn import knn_top1
-
         mem = extract_features(model, self.memory, mean, std, device)
         qry = mem if self.loo else extract_features(model, self.query, mean, std, device)
         knn = knn_top1(qry, self.query_labels, mem, self.memory.labels, self.num_classes, KNN_K[0], KNN_T, self.loo)
         linear = None
         if not self.loo:
-            from edgessl.evaluate.linear import linear_probe
-
             probe = linear_probe(mem, self.memory.labels, qry, self.num_classes, seed=0)
             linear = float((probe.logits.argmax(1).cpu() == self.query_labels).float().mean())
         return float(knn), linear
@@ -352,8 +343,6 @@ def width_report(
 def _measure(w: float, model: nn.Module, model_meta: dict[str, Any], folder: Path, size: int, accuracy, meta,
              device, threads, say) -> dict[str, Any]:
     """One entry of widths.json for an encoder."""
-    from edgessl.models.prune import count_params_macs
-
     t0 = time.time()
     params, macs = count_params_macs(model, torch.zeros(1, 3, size, size))
     latency, runtime = batch1_latency(model, size, threads)
@@ -386,8 +375,6 @@ def encoders_report(out_dir: str | Path, encoders: list[tuple[float, str | Path]
 def plot_widths(entries: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """widths.png: accuracy (kNN top-1, else linear probe) against batch-1 latency, one labelled point per width;
     parameters against latency when no accuracy was measured."""
-    from edgessl.report.plots import _plt
-
     plt = _plt()
     key = next((k for k in ("knn_top1", "linear_top1") if all(e.get(k) is not None for e in entries)), None)
     ylabel = {"knn_top1": f"kNN top-1 (k={KNN_K[0]})", "linear_top1": "linear probe top-1", None: "parameters (M)"}[key]
@@ -412,8 +399,6 @@ def plot_widths(entries: list[dict[str, Any]], path: str | Path, title: str = ""
 
 def report_table(entries: list[dict[str, Any]]):
     """A rich Table of width_report's entries."""
-    from rich.table import Table
-
     table = Table(title="Widths (widths.json, widths.png)", title_justify="left")
     for col in ("width", "params", "MACs", "latency ms", "kNN top-1", "linear top-1"):
         table.add_column(col, justify="right")
