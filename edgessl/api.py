@@ -6,10 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from edgessl.config import resolve
-from edgessl.evaluate.monitor import standard_evaluation
+from edgessl.deploy.export import export as _export
 from edgessl.errors import UserError
-from edgessl.rundir import resume_problem
+from edgessl.evaluate.finetune import finetune_run
+from edgessl.evaluate.monitor import standard_evaluation
+from edgessl.evaluate.protocol import evaluate_run
 from edgessl.models.backbone import load_encoder, read_encoder_meta
+from edgessl.models.classifier import load_classifier as _load_classifier
+from edgessl.rundir import resume_problem
+from edgessl.slim.api import slim_encoder as _slim_encoder
+from edgessl.slim.recover import prune_run
+from edgessl.train.loop import pretrain as _pretrain
 
 __all__ = ["pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export"]
 
@@ -29,8 +36,6 @@ def pretrain(
     (other files than the run recorded) is refused; a moved copy of the same files is accepted.
     overwrite: a non-empty `out` is moved aside to <out>.old-<time> (otherwise it is refused).
     Nothing is written before every check has passed. Returns a PretrainResult (run_dir, history)."""
-    from edgessl.train.loop import pretrain as run
-
     if resume is not None:
         problem = resume_problem(resume)
         if problem:
@@ -41,7 +46,7 @@ def pretrain(
             config = Path(resume) / "config.yaml"
         options.pop("out", None)
     cfg = resolve(options, recipe=recipe, config=str(config) if config else None)
-    return run(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite,
+    return _pretrain(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite,
                evaluation=standard_evaluation())
 
 
@@ -64,8 +69,6 @@ def evaluate_encoder(
     options: split_seed, device, cache (feature cache on/off), workers, cache_mb, quiet.
     Returns an EvalResult (results: the eval.json rows, summary: mean/std over seeds).
     Named evaluate_encoder, not evaluate: `edgessl.evaluate` is the subpackage."""
-    from edgessl.evaluate.protocol import evaluate_run
-
     return evaluate_run(run_dir, train, test, test_fraction, labels_per_class, seeds, baseline,
                         console=console, **options)
 
@@ -86,8 +89,6 @@ def finetune(
     options: batch_size, lr, backbone_lr_scale, weight_decay, label_smoothing, val_fraction, patience, seed,
     split_seed, device, out, workers, cache_mb, quiet. Writes <run_dir>/finetune-<tag>/ (classifier.safetensors +
     classifier.json, metrics.json, confusion.png). Returns a FinetuneResult (out_dir, metrics, model)."""
-    from edgessl.evaluate.finetune import finetune_run
-
     return finetune_run(run_dir, train, test, test_fraction, labels_per_class, epochs, freeze_backbone,
                         console=console, **options)
 
@@ -95,9 +96,7 @@ def finetune(
 def load_classifier(path: str | Path, device: str = "cpu"):
     """A fine-tuned classifier folder (classifier.safetensors + classifier.json) -> nn.Module in eval mode;
     `.edgessl_meta` holds classes (logit order), input size, mean/std and train_data."""
-    from edgessl.models.classifier import load_classifier as load
-
-    return load(path, device=device)
+    return _load_classifier(path, device=device)
 
 
 def export(
@@ -118,24 +117,18 @@ def export(
 
     Returns an ExportResult (export_dir, manifest, models: the manifest entries written). Raises UserError on bad
     input and edgessl.deploy.onnx.ValidationFailed (exit code 3 in the CLI) when a file misses its parity bounds."""
-    from edgessl.deploy.export import export as run_export
-
-    return run_export(run, classifier=classifier, opset=opset, int8=int8, calib=calib, fp16=fp16, images=images,
-                      out=out, name=name, calib_method=calib_method, console=console)
+    return _export(run, classifier=classifier, opset=opset, int8=int8, calib=calib, fp16=fp16, images=images,
+                   out=out, name=name, calib_method=calib_method, console=console)
 
 
 def slim_encoder(run_dir: str | Path, width: float, out: str | Path | None = None) -> Path:
     """One width of a `--widths` run as a standalone, physically smaller encoder (default <run_dir>/width-<w>/).
     Returns the folder; `load_encoder(folder)` rebuilds it. See `edgessl slim --help`."""
-    from edgessl.slim.api import slim_encoder as run
-
-    return run(run_dir, width, out)
+    return _slim_encoder(run_dir, width, out)
 
 
 def prune_encoder(run_dir: str | Path, ratio: float, criterion: str = "magnitude", epochs: int | None = None,
           distill: float = 0.5, out: str | Path | None = None, quiet: bool = False):
     """Prune `ratio` of every channel group of a run's encoder and recover it (see `edgessl prune --help`).
     Returns the recovery's PretrainResult (`.run_dir`, `.history`, `.report` = its widths.json entries)."""
-    from edgessl.slim.recover import prune_run
-
     return prune_run(run_dir, ratio, criterion, epochs, distill, out, quiet=quiet)

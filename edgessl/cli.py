@@ -2,42 +2,23 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
-import typer.core
-from rich.console import Console
+import yaml
 
+from edgessl import api
 from edgessl._version import __version__
-from edgessl.config import flag_help
-from edgessl.errors import Interrupted, TrainingDiverged, UserError
-
-
-def _flag_type(original):
-    """typer >= 0.2x prints `<bool>` after flags that take no value (--quiet <bool>); show nothing there."""
-
-    def display_type_rich(self, ctx):
-        return None if getattr(self, "is_flag", False) and not self.metavar else original(self, ctx)
-
-    return display_type_rich
-
-
-typer.core.TyperOption.display_type_rich = _flag_type(typer.core.TyperOption.display_type_rich)
-
-
-def make_console(stderr: bool = False) -> Console:
-    """A rich console; when the output is not a terminal (a log file, a pipe) lines are not wrapped at 80
-    columns, so grep finds whole lines."""
-    con = Console(stderr=stderr)
-    if con.is_terminal or os.environ.get("COLUMNS"):
-        return con
-    return Console(stderr=stderr, soft_wrap=True, width=max(con.width, 200))
+from edgessl.commands import deploy as _deploy_commands
+from edgessl.commands import evaluate as _evaluate_commands
+from edgessl.commands import prune as _prune_commands
+from edgessl.commands import slim as _slim_commands
+from edgessl.commands.common import console, err_console, friendly, make_console  # noqa: F401 (re-exported)
+from edgessl.config import flag_help, list_recipes, load_recipe, recipes_dir
 
 
 app = typer.Typer(
@@ -48,8 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-console = make_console()
-err_console = make_console(stderr=True)
 
 
 def _version(value: bool) -> None:
@@ -64,40 +43,6 @@ def _main(
                                            help="Print the version and exit."),
 ):
     """Single-branch self-supervised pretraining of small timm encoders for edge devices."""
-
-
-def friendly(fn):
-    """Run a command: user errors become one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            _error(f"[red]error:[/red] {e}")
-            raise typer.Exit(e.exit_code) from None
-        except TrainingDiverged as e:
-            _error(f"[red]error:[/red] {e}")
-            raise typer.Exit(e.exit_code) from None
-        except Interrupted as e:
-            _error(str(e))
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            _error("Interrupted.")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _error(message: str) -> None:
-    """One line on stderr. Under torchrun every process usually fails alike: the first process of each node prints at
-    once; the others wait 3 s (torchrun normally stops them in between, so the line shows once per node) and
-    then print theirs too, tagged with the rank, so an error of one process alone is never lost."""
-    rank, local_rank = os.environ.get("RANK", "0") or "0", os.environ.get("LOCAL_RANK", "0") or "0"
-    if local_rank != "0":
-        time.sleep(3.0)
-    tag = "" if rank == "0" else rf"\[rank {rank}] "
-    err_console.print(f"{tag}{message}", highlight=False, soft_wrap=True)
 
 
 PRETRAIN_HELP = """Pretrain an encoder on a folder of unlabeled images (single crop, one network branch).
@@ -164,8 +109,6 @@ def pretrain(
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn", help=flag_help("sync_bn")),
     quiet: Optional[bool] = typer.Option(None, "--quiet", help=flag_help("quiet")),
 ):
-    from edgessl import api
-
     options = {k: v for k, v in locals().items() if k not in ("recipe", "config", "resume", "api", "overwrite")}
     options["width_reweight"] = False if options.pop("no_width_reweight") else None
     for key in ("data", "out", "val"):
@@ -197,20 +140,11 @@ def recipes_cmd():
     """List the bundled recipes.
 
     **Example**: `edgessl recipes`"""
-    from edgessl.config import list_recipes, load_recipe, recipes_dir
-
     for name in list_recipes():
-        import yaml
-
         desc = (yaml.safe_load((recipes_dir() / f"{name}.yaml").read_text()) or {}).get("description", "")
         load_recipe(name)
         console.print(f"[bold]{name}[/bold]  {desc}", highlight=False)
 
-
-from edgessl.commands import deploy as _deploy_commands  # noqa: E402
-from edgessl.commands import evaluate as _evaluate_commands  # noqa: E402
-from edgessl.commands import prune as _prune_commands  # noqa: E402
-from edgessl.commands import slim as _slim_commands  # noqa: E402
 
 _evaluate_commands.register(app)
 _deploy_commands.register(app)

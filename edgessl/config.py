@@ -12,7 +12,10 @@ from typing import Any
 
 import yaml
 
+import edgessl.recipes
+from edgessl._version import __version__
 from edgessl.errors import UserError
+from edgessl.fileio import atomic_write_text
 
 
 @dataclass
@@ -160,8 +163,6 @@ def flag_help(name: str) -> str:
 
 def recipes_dir() -> Path:
     """The recipes shipped with the package (the repository's recipes/ folder)."""
-    import edgessl.recipes
-
     return Path(edgessl.recipes.__path__[0])
 
 
@@ -268,9 +269,6 @@ def parse_widths(text: str | list | tuple) -> list[float]:
 
 def save_config(cfg: PretrainConfig, path: str | Path) -> Path:
     """config.yaml: every option, reloadable with --config (written atomically). Returns the path."""
-    from edgessl._version import __version__
-    from edgessl.fileio import atomic_write_text
-
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     return atomic_write_text(path, f"# resolved by edgessl {__version__}; reload with: edgessl pretrain --config {path}\n{text}")
 

@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 
 def default_mode() -> int:
     """0666 minus the process umask (0644 under umask 022)."""
@@ -41,8 +43,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """safetensors.torch.save_file through a temporary file (mode 0644, not safetensors' 0600)."""
-    from safetensors.torch import save_file
-
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 

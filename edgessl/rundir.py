@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgessl.errors import UserError
+from edgessl.fileio import atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -60,15 +61,12 @@ def move_aside(path: Path) -> Path:
 class RunDir:
     """A claimed run directory. created: this command made the folder; written: files this command wrote before
     the first checkpoint (removed again by `abandon`); moved_to: where --overwrite put the old run."""
-
     path: Path
     created: bool = False
     moved_to: Path | None = None
     written: list[Path] = field(default_factory=list)
 
     def write_text(self, name: str, text: str) -> Path:
-        from edgessl.fileio import atomic_write_text
-
         target = atomic_write_text(self.path / name, text)
         self.written.append(target)
         return target

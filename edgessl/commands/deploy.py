@@ -6,6 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
+
+from edgessl import api
+from edgessl.commands.common import console, friendly
+from edgessl.deploy.check import run_device_check
+from edgessl.slim.api import ensure_slimmed
 
 EXPORT_HELP = """Export a pretrained encoder (features before the projection head) or a fine-tuned classifier (logits) to
 ONNX, and check the file against PyTorch on real images.
@@ -43,8 +49,6 @@ or a manifest that does not match the model.
 
 def register(app) -> None:
     """Add `export` and `check` to the typer app."""
-    from edgessl.cli import console, friendly
-
     @app.command("export", help=EXPORT_HELP)
     @friendly
     def export_cmd(
@@ -61,11 +65,7 @@ def register(app) -> None:
         width: Optional[float] = typer.Option(None, help="Export this width of a `--widths` run: slimmed into RUN/width-W/ first (reused when up to date), exported to RUN/width-W/export."),
         quiet: bool = typer.Option(False, "--quiet", help="Print only the summary table."),
     ):
-        from edgessl import api
-
         if width is not None:
-            from edgessl.slim.api import ensure_slimmed
-
             run, reused = ensure_slimmed(run, width)
             if not quiet:
                 console.print(f"Width {width:g}: {'using the slimmed encoder in' if reused else 'slimmed into'} {run}",
@@ -86,8 +86,6 @@ def register(app) -> None:
         batch: int = typer.Option(32, help="Batch size of the throughput measurement."),
         max_images: Optional[int] = typer.Option(None, help="Use at most this many images of --images."),
     ):
-        from edgessl.deploy.check import run_device_check
-
         argv = [str(model), "--runs", str(runs), "--batch", str(batch)]
         for flag, value in (("--manifest", manifest), ("--images", images), ("--threads", threads),
                             ("--json", json_out), ("--max-images", max_images)):
@@ -99,8 +97,6 @@ def register(app) -> None:
 
 
 def _print_summary(console, result) -> None:
-    from rich.table import Table
-
     table = Table(title=f"{result.export_dir} (exported by {result.models[0]['exporter']})", title_justify="left")
     for col in ("file", "precision", "MiB", "max abs diff", "min cosine", "mean cosine"):
         table.add_column(col, no_wrap=col == "file")

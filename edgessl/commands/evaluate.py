@@ -9,6 +9,9 @@ from typing import Optional
 
 import typer
 
+from edgessl import api
+from edgessl.commands.common import console, friendly
+
 EVAL_HELP = """Few-label evaluation of a run's frozen encoder: weighted kNN and a linear probe at a few labels per class.
 
 Labelled data: one subfolder per class (ImageFolder layout), as --train and --test folders, or one --train folder
@@ -45,8 +48,6 @@ metrics.json, confusion.png. Load it with `edgessl.load_classifier(folder)`.
 
 def register(app) -> None:
     """Add `eval` and `finetune` to the typer app."""
-    from edgessl.cli import console, friendly
-
     @app.command("eval", help=EVAL_HELP)
     @friendly
     def eval_cmd(
@@ -64,8 +65,6 @@ def register(app) -> None:
         threads: str = typer.Option("auto", help="CPU threads: auto (all cores when the machine is idle, fewer when other jobs keep them busy) or a number."),
         quiet: bool = typer.Option(False, "--quiet", help="No table or log lines (eval.json and eval.png are still written)."),
     ):
-        from edgessl import api
-
         api.evaluate_encoder(
             run_dir, train, test, test_fraction, labels_per_class, seeds, baseline, console=console,
             split_seed=split_seed, device=device, cache=cache, workers=workers, quiet=quiet, threads=threads,
@@ -96,8 +95,6 @@ def register(app) -> None:
         threads: str = typer.Option("auto", help="CPU threads: auto or a number (see `edgessl pretrain --help`)."),
         quiet: bool = typer.Option(False, "--quiet", help="No log lines."),
     ):
-        from edgessl import api
-
         api.finetune(
             run_dir, train, test, test_fraction, labels_per_class, epochs, freeze_backbone, console=console,
             batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,

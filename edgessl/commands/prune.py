@@ -7,6 +7,9 @@ from typing import Optional
 
 import typer
 
+from edgessl.commands.common import console, friendly
+from edgessl.slim.recover import prune_run
+
 PRUNE_HELP = """Make a single-width encoder smaller: torch-pruning removes --ratio of the channels of every coupled
 channel group (magnitude or Taylor importance; the projection output is kept), then a short recovery pretraining
 with the same single-branch loss plus distillation from the unpruned encoder (soft cross-entropy over the same
@@ -26,8 +29,6 @@ run, so both routes to a smaller model compare directly.
 
 def register(app) -> None:
     """Add `prune` to the typer app."""
-    from edgessl.cli import console, friendly
-
     @app.command("prune", help=PRUNE_HELP)
     @friendly
     def prune_cmd(
@@ -40,8 +41,6 @@ def register(app) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Move a non-empty --out aside (to OUT.old-TIME) instead of refusing it."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar; log lines only."),
     ):
-        from edgessl.slim.recover import prune_run
-
         result = prune_run(run_dir, ratio, criterion, epochs, distill, out, quiet=quiet, console=console,
                            overwrite=overwrite)
         console.print(f"Pruned encoder: {result.run_dir}", highlight=False)

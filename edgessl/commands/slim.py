@@ -6,6 +6,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import torch
+from rich.markup import escape
+from rich.table import Table
+
+from edgessl.commands.common import console, friendly
+from edgessl.models.backbone import load_encoder
+from edgessl.models.prune import count_params_macs
+from edgessl.slim.api import build_slim, save_slim, width_folder
 
 SLIM_HELP = """Cut one width out of a `--widths` run: a standalone, physically smaller timm model (torch-pruning removes
 the channels beyond the width's share of every channel group), whose outputs equal that width's sub-network.
@@ -27,7 +35,6 @@ Exit codes: 2 bad input (a width the run was not trained at, a run without --wid
 
 def register(app) -> None:
     """Add `slim` to the typer app."""
-    from edgessl.cli import console, friendly
 
     @app.command("slim", help=SLIM_HELP)
     @friendly
@@ -36,12 +43,6 @@ def register(app) -> None:
         width: float = typer.Option(..., help="One of the run's trained widths, e.g. 0.5."),
         out: Optional[Path] = typer.Option(None, help="Output folder. [default: RUN/width-W]"),
     ):
-        import torch
-
-        from edgessl.models.backbone import load_encoder
-        from edgessl.slim.api import build_slim, save_slim, width_folder
-        from edgessl.models.prune import count_params_macs
-
         model, meta = build_slim(run, width)
         folder = save_slim(model, meta, run, out if out is not None else width_folder(run, meta["width"]))
         size = int(meta["image_size"])
@@ -54,9 +55,6 @@ def register(app) -> None:
 
 
 def _print_summary(console, run: Path, folder: Path, size: int, rows) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     table = Table(title=f"{escape(rows[-1][0])} of {escape(str(run))} (MACs at {size} px)", title_justify="left")
     for col in ("model", "params", "MACs", "features"):
         table.add_column(col, justify="left" if col == "model" else "right")

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from edgessl.errors import UserError
+from edgessl.fileio import atomic_write_text
 
 BACKGROUND = (255, 255, 255)
 # Images above this many pixels are refused as decompression bombs (Pillow's own default limit).
@@ -110,7 +111,6 @@ def _try_decode(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
 @dataclass
 class ImageSet:
     """Decoded images of one folder. images: (N, 3, S, S) uint8 cache, or None when streaming from disk."""
-
     root: Path
     paths: list[Path]
     size: int
@@ -206,8 +206,6 @@ def load_image_folder(
 
 def write_skipped(skipped: Sequence[tuple[Path, str]], path: str | Path) -> Path:
     """One line per skipped file: '<path>\\t<reason>'. Returns the path."""
-    from edgessl.fileio import atomic_write_text
-
     return atomic_write_text(path, "".join(f"{p}\t{why}\n" for p, why in skipped))
 
 

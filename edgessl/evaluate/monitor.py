@@ -10,20 +10,18 @@ from edgessl.data.folder import ImageSet
 from edgessl.errors import UserError
 from edgessl.evaluate.features import extract_features
 from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1
+from edgessl.slim.api import report_table, width_report
+from edgessl.train.loop import Evaluation
 
 
 def standard_evaluation():
     """The Evaluation the API hands the training loop: this kNN monitor, and after a --widths run the per-width
     report (widths.json, widths.png and a table)."""
-    from edgessl.train.loop import Evaluation
-
     return Evaluation(monitor=Monitor, widths_report=widths_report)
 
 
 def widths_report(run_dir, widths, labelled, val, device, console) -> None:
     """Per-width params, MACs, latency, accuracy -> widths.json + widths.png (slimmed encoders in width-<w>/)."""
-    from edgessl.slim.api import report_table, width_report
-
     report = width_report(run_dir, widths, labelled=labelled, test=val, device=device, console=console)
     if console is not None:
         console.print(report_table(report))
@@ -31,7 +29,6 @@ def widths_report(run_dir, widths, labelled, val, device, console) -> None:
 
 class Monitor:
     """Online kNN (k = 20 and 200, t = 0.1) on backbone features when labels are available."""
-
     def __init__(self, train: ImageSet | None, val: ImageSet | None):
         self.memory = None
         if train is None:

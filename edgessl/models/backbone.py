@@ -10,10 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from edgessl.errors import UserError
+from edgessl.fileio import atomic_save_tensors, atomic_write_text
+from edgessl.models.prune import prune_to_counts
 
 ALIASES = {
     "mobilenetv3_small": "mobilenetv3_small_100",
@@ -28,8 +32,6 @@ ENCODER_META = "encoder.json"
 
 def resolve_name(name: str) -> str:
     """Alias -> timm name; an unknown name raises UserError listing the closest timm names."""
-    import timm
-
     name = ALIASES.get(name, name)
     known = timm.list_models()
     if name in known:
@@ -71,8 +73,6 @@ def want_small_input(option: str, image_size: int) -> bool:
 def create_backbone(name: str, small_input: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Create a randomly initialised timm model without classifier (pooled features), optionally with a
     small-input stem. Returns (model, arch) where arch = {"timm_name", "stem"} rebuilds it exactly."""
-    import timm
-
     timm_name = resolve_name(name)
     model = timm.create_model(timm_name, pretrained=False, num_classes=0)
     stem = None
@@ -89,13 +89,10 @@ def create_backbone(name: str, small_input: bool = False) -> tuple[nn.Module, di
 
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     """Rebuild the architecture described by encoder.json (weights not loaded)."""
-    import timm
-
     model = timm.create_model(arch["timm_name"], pretrained=False, num_classes=0)
     if arch.get("stem"):
         apply_small_input_stem(model, arch["stem"])
     if arch.get("pruned"):  # a physically smaller model (`edgessl slim`, `edgessl prune`): remove the same channels
-        from edgessl.models.prune import prune_to_counts  # torch-pruning: the optional `slim` extra
 
         size = int(arch.get("image_size") or arch["input_size"][-1])
         prune_to_counts(model, torch.zeros(2, 3, size, size), arch["pruned"])
@@ -116,8 +113,6 @@ def output_dim(model: nn.Module, image_size: int, in_chans: int = 3) -> int:
 def save_encoder(model: nn.Module, folder: str | Path, meta: dict[str, Any]) -> Path:
     """Write encoder.safetensors + encoder.json into `folder`. meta must hold timm_name, stem, input_size,
     mean, std, feature_dim. Returns the json path."""
-    from edgessl.fileio import atomic_save_tensors, atomic_write_text
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -148,8 +143,6 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     path: a run directory, or the folder/file of encoder.safetensors. The returned module carries the
     metadata as `model.edgessl_meta` (input size, mean/std, feature dim, ...).
     """
-    from safetensors.torch import load_file
-
     folder = _encoder_folder(path)
     meta = read_encoder_meta(folder)
     model = build_from_arch(meta)

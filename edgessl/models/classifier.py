@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from edgessl.errors import UserError
+from edgessl.fileio import atomic_save_tensors, atomic_write_text
 from edgessl.models.backbone import build_from_arch
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -22,7 +24,6 @@ CLASSIFIER_META = "classifier.json"
 
 class Classifier(nn.Module):
     """backbone (pooled features, (B, D)) -> fc -> logits (B, C)."""
-
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
         super().__init__()
         self.backbone = backbone
@@ -34,8 +35,6 @@ class Classifier(nn.Module):
 
 def save_classifier(model: Classifier, folder: str | Path, meta: dict[str, Any]) -> Path:
     """meta: encoder metadata + "classes". Returns the json path."""
-    from edgessl.fileio import atomic_save_tensors, atomic_write_text
-
     if "classes" not in meta:
         raise ValueError("classifier metadata needs 'classes'")
     folder = Path(folder)
@@ -48,8 +47,6 @@ def save_classifier(model: Classifier, folder: str | Path, meta: dict[str, Any])
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """Load a classifier folder (or its json/safetensors file) in eval mode; `.edgessl_meta` holds its metadata."""
-    from safetensors.torch import load_file
-
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent

@@ -14,18 +14,28 @@ import torch
 import torch.nn.functional as F
 
 from edgessl.config import replace, resolve
+from edgessl.data.augment import AugmentConfig, augment_batch
+from edgessl.data.folder import load_image_folder
 from edgessl.errors import UserError
 from edgessl.evaluate.monitor import standard_evaluation
-from edgessl.rundir import check_out
+from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.head import build_encoder
 from edgessl.models.prune import prune_by_importance
 from edgessl.models.slimmable import last_layer
+from edgessl.rundir import check_out
+from edgessl.slim.api import encoders_report, report_table
+from edgessl.train.checkpoint import load_checkpoint
+from edgessl.train.loop import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WarmStart,
+    demo_folder,
+    pretrain,
+)
 
 
 def load_run_encoder(run_dir: Path):
     """(config, Encoder with the run's last weights, checkpoint) of a pretraining run directory."""
-    from edgessl.train.checkpoint import load_checkpoint
-
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint.pt").is_file():
         raise UserError(f"'{run_dir}' is not a pretraining run directory (config.yaml and checkpoint.pt are needed).")
     cfg = resolve(config=str(run_dir / "config.yaml"))
@@ -44,9 +54,6 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
     """Prune `ratio` of every channel group of the run's encoder (projection output kept), recover for `epochs`
     (default a quarter of the run's epochs, at least 1) and save it as a run directory (default
     <run>/pruned-<ratio>/) whose encoder.json rebuilds the pruned architecture. Returns the PretrainResult."""
-    from edgessl.method.instance import InstanceDiscrimination
-    from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD, WarmStart, pretrain
-
     run_dir = Path(run_dir)
     if not 0 < ratio < 1:
         raise UserError(f"--ratio must be in (0, 1) (the fraction of channels removed), not {ratio:g}.")
@@ -61,9 +68,6 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
     bank = ckpt["method"]["bank.weight"]
 
     def taylor_batch() -> None:  # one batch of the training loss, for the Taylor importance
-        from edgessl.data.augment import AugmentConfig, augment_batch
-        from edgessl.data.folder import load_image_folder
-        from edgessl.train.loop import demo_folder
 
         images = load_image_folder(cfg.data or str(demo_folder()), size, labels=False)
         idx = torch.arange(min(len(images), cfg.batch_size))
@@ -85,8 +89,6 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
     warm = WarmStart(student, meta=meta, teacher=teacher, bank=bank, distill=distill)
     result = pretrain(rcfg, console=console, warm=warm, overwrite=overwrite, evaluation=standard_evaluation())
     # the report of a --widths run, for the original (width 1.0) and the pruned encoder (width = kept fraction)
-    from edgessl.slim.api import encoders_report, report_table
-    from edgessl.train.loop import demo_folder
 
     labelled = (cfg.data or str(demo_folder())) if (cfg.labels_from_folders or cfg.data is None) else None
     report = encoders_report(result.run_dir, [(1.0, run_dir), (1 - ratio, result.run_dir)], labelled=labelled,

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from timm.layers import convert_sync_batchnorm as timm_convert
+from timm.layers.norm_act import BatchNormAct2d
 from torch import Tensor, nn
 
 from edgessl.errors import UserError
@@ -28,7 +30,6 @@ TIMEOUT = timedelta(minutes=30)  # rank 0's end-of-epoch work (checkpoint, kNN m
 class Dist:
     """Where this process stands. rank/world: global; local_rank: on its node; owned: this module created the
     process group and destroys it in `teardown` (False when a caller initialised it, or for one process)."""
-
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -200,8 +201,6 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     torch's SyncBatchNorm runs on accelerators only (and DDP refuses it on CPU modules), so each layer becomes its
     `GLOO_SYNC` subclass instead: the same maths with two differentiable all-reduces (`sync_batch_norm`)."""
     if device.type == "cuda":
-        from timm.layers import convert_sync_batchnorm as timm_convert
-
         return timm_convert(model)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _GlooSync):
@@ -213,7 +212,6 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the backward sums the incoming gradients over ranks (each rank's loss depends on the sum)."""
-
     @staticmethod
     def forward(ctx, t: Tensor) -> Tensor:
         t = t.clone()
@@ -259,7 +257,6 @@ def sync_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
 class _GlooSync:
     """Mixin: training-mode forward with global-batch statistics when a process group of more than one rank is up;
     otherwise (eval mode, one process) the layer's own forward."""
-
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
@@ -280,8 +277,6 @@ class GlooSyncBatchNorm3d(_GlooSync, nn.BatchNorm3d):
 
 
 def _timm_norm_act():
-    from timm.layers.norm_act import BatchNormAct2d
-
     class GlooSyncBatchNormAct2d(_GlooSync, BatchNormAct2d):
         """timm's BatchNorm + dropout + activation layer, with synchronised statistics."""
 

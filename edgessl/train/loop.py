@@ -18,13 +18,22 @@ import torch
 from rich.console import Console
 
 from edgessl.config import PretrainConfig, replace
-from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch, cutmix, keyed_uniform
+from edgessl.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    augment_batch,
+    cutmix,
+    keyed_uniform,
+)
 from edgessl.data.folder import ImageSet
 from edgessl.errors import Interrupted, TrainingDiverged
 from edgessl.fileio import atomic_save_tensors
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.backbone import output_dim, save_encoder
+from edgessl.models.channels import parse_widths
 from edgessl.models.head import build_encoder
+from edgessl.models.slimmable import SlimmableEncoder
 from edgessl.report.plots import plot_curves
 from edgessl.report.progress import training_progress
 from edgessl.rundir import absolute, plural
@@ -34,7 +43,14 @@ from edgessl.train import distributed
 from edgessl.train.objective import Objective, Teacher
 from edgessl.train.optim import build_optimizer, warmup_cosine
 from edgessl.train.prepare import (
-    bank_batch_cap, demo_folder, forward_init_bank, interrupted, load_data, resolve_batch, target_dir, write_history,
+    bank_batch_cap,
+    demo_folder,
+    forward_init_bank,
+    interrupted,
+    load_data,
+    resolve_batch,
+    target_dir,
+    write_history,
     write_run_files,
 )
 from edgessl.train.state import MAX_NONFINITE, TrainState
@@ -48,7 +64,6 @@ COLLAPSE_FRACTION = 0.25  # warn when the bank's per-dimension std falls below t
 @dataclass
 class StepInfo:
     """What an `on_step` callback sees after each optimiser step."""
-
     epoch: int
     step: int
     loss: float
@@ -65,7 +80,6 @@ class WarmStart:
     it); teacher: a frozen Encoder whose distribution over the bank columns the student also matches (soft
     cross-entropy, weight `distill`, own loss weight 1 - distill); bank: (N, d) initial bank rows (None: forward
     pass of `encoder`)."""
-
     encoder: torch.nn.Module
     meta: dict[str, Any] = field(default_factory=dict)
     teacher: torch.nn.Module | None = None
@@ -95,7 +109,6 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 class NoMonitor:
     """No kNN monitor (no labels, or none given): the stand-in the loop asks."""
-
     active = False
 
     def describe(self) -> str:
@@ -108,7 +121,6 @@ class Evaluation:
     later layer. monitor(train ImageSet or None, --val ImageSet or None) -> a monitor (`active`, `describe()`,
     `__call__(backbone, device, mean, std) -> metrics`), e.g. edgessl.evaluate.monitor.Monitor;
     widths_report(run_dir, widths, labelled ImageSet or None, val, device, console) after a --widths run."""
-
     monitor: Callable[..., Any] | None = None
     widths_report: Callable[..., Any] | None = None
 
@@ -116,7 +128,6 @@ class Evaluation:
 @dataclass
 class Run:
     """What stays fixed while a run trains: its options, processes, device, folder, data, monitor and display."""
-
     cfg: PretrainConfig
     d: distributed.Dist
     device: torch.device
@@ -142,7 +153,6 @@ class Run:
 
 def _warner(console: Console, d: distributed.Dist) -> Callable[[str], None]:
     """A warning line on rank 0 (the others stay silent)."""
-
     def warn(msg: str) -> None:
         if d.main:
             console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
@@ -317,7 +327,6 @@ def end_epoch(run: Run, state: TrainState, epoch: int, meter: EpochMeter) -> dic
 
 class EpochMeter:
     """Image-weighted means of the step losses over an epoch, and its images and start time."""
-
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.images = 0
@@ -382,8 +391,6 @@ def build_model(cfg: PretrainConfig, warm: WarmStart | None, d: distributed.Dist
         feat_dim = output_dim(model.backbone, cfg.image_size)
     widths = [1.0]
     if cfg.widths:
-        from edgessl.models.channels import parse_widths
-        from edgessl.models.slimmable import SlimmableEncoder
 
         widths = parse_widths(cfg.widths)
         model = SlimmableEncoder(model, widths, torch.zeros(2, 3, cfg.image_size, cfg.image_size))

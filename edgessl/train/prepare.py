@@ -16,9 +16,17 @@ from edgessl.config import PretrainConfig, save_config
 from edgessl.data.augment import test_transform
 from edgessl.data.folder import ImageSet, load_image_folder, scan_images, write_skipped
 from edgessl.data.signature import describe_difference, folder_signature
+from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, UserError
 from edgessl.fileio import atomic_write_text
-from edgessl.rundir import RunDir, check_out, claim, default_run_dir, plural, resume_problem
+from edgessl.rundir import (
+    RunDir,
+    check_out,
+    claim,
+    default_run_dir,
+    plural,
+    resume_problem,
+)
 from edgessl.runtime import autocast
 from edgessl.train import distributed
 from edgessl.train.checkpoint import load_checkpoint
@@ -35,8 +43,6 @@ def bank_batch_cap(n: int, multiple: int = 8) -> int:
 
 
 def demo_folder() -> Path:
-    from edgessl.demo import demo_images
-
     return demo_images()
 
 
