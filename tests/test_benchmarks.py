@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (SHARED / "cifar10.tar.gz").is_file(), reason="../shared/data not present")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (SHARED / "cifar10.tar.gz").is_file(), reason="../shared/data not present")]
 
 
 @pytest.fixture(scope="module")

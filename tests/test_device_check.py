@@ -118,6 +118,7 @@ def _no_torch_env(tmp_path: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(fake)}
 
 
+@pytest.mark.slow
 def test_script_runs_without_torch(exports, tmp_path):
     env = _no_torch_env(tmp_path)
     blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
@@ -143,6 +144,7 @@ def test_script_runs_without_torch(exports, tmp_path):
     assert report["reference_files"]["matched"] >= 24 and report["reference_files"]["min_cosine"] >= 0.99999
 
 
+@pytest.mark.slow
 def test_classifier_accuracy_equals_pytorch(script, exports, tmp_path):
     from edgessl.data.augment import test_transform
     from edgessl.data.folder import load_image_folder
@@ -162,6 +164,7 @@ def test_classifier_accuracy_equals_pytorch(script, exports, tmp_path):
     assert report["reference"]["top1_agreement"] == 1.0 and report["kind"] == "classifier"
 
 
+@pytest.mark.slow
 def test_int8_model_on_device(script, exports, tmp_path):
     out = tmp_path / "int8.json"
     assert _main(script, exports["export"] / "encoder.int8.onnx", "--json", out, "--quiet", "--batch", "4") == 0
@@ -187,6 +190,7 @@ def _edit_manifest(folder: Path, fn) -> None:
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 def test_sha256_mismatch(script, copy, capsys):
     with open(copy / "encoder.onnx", "ab") as f:
         f.write(b"\0")
@@ -194,6 +198,7 @@ def test_sha256_mismatch(script, copy, capsys):
     assert "does not match manifest" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_input_shape_mismatch(script, copy, capsys):
     def change(data):
         for entry in data["models"]:
@@ -205,6 +210,7 @@ def test_input_shape_mismatch(script, copy, capsys):
     assert "does not match the manifest: input" in line and "48" in line
 
 
+@pytest.mark.slow
 def test_model_not_listed_or_unloadable(script, copy, capsys):
     shutil.copy(copy / "encoder.onnx", copy / "other.onnx")
     assert _main(script, copy / "other.onnx") == 2
@@ -221,6 +227,7 @@ def test_model_not_listed_or_unloadable(script, copy, capsys):
     assert "not found" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_bad_manifest_and_images(script, copy, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{oops")
     assert _main(script, copy / "encoder.onnx", "--manifest", tmp_path / "bad.json") == 2
@@ -232,6 +239,7 @@ def test_bad_manifest_and_images(script, copy, tmp_path, capsys):
     assert "no readable image" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_edgessl_check_command(exports, copy, tmp_path, capfd):
     from typer.testing import CliRunner
 

@@ -202,6 +202,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_one_process_resumes_a_two_process_run(tiny_data, tmp_path):
     t0 = time.time()
     opts = dict(TINY, sync_bn=True)
@@ -276,6 +277,7 @@ def test_two_processes_match_one_and_one_process_resumes_a_two_process_run(tiny_
     print(f"two-process test: {time.time() - t0:.1f} s")
 
 
+@pytest.mark.slow
 def test_widths_two_processes_match_one(tiny_data, tmp_path):
     """--widths under torchrun: every width's sliced forward, private BatchNorm (synchronised) and the shared bank
     give the one-process result."""

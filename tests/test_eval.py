@@ -176,6 +176,7 @@ def run_copy(demo_run, tmp_path):
     return dst
 
 
+@pytest.mark.slow
 def test_eval_json_table_plot_and_feature_cache(run_copy, labelled_demo):
     args = ["eval", str(run_copy), "--train", str(labelled_demo / "train"), "--test", str(labelled_demo / "test"),
             "--labels-per-class", "1,5,all", "--seeds", "2", "--baseline", "random"]

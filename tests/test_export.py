@@ -122,6 +122,7 @@ def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ parity
 
 
+@pytest.mark.slow
 def test_encoder_fp32_parity(exports):
     from edgessl.models.backbone import load_encoder
 
@@ -143,6 +144,7 @@ def test_encoder_fp32_parity(exports):
     assert out.shape == (len(x), entry["output"]["shape"][1])
 
 
+@pytest.mark.slow
 def test_classifier_fp32_parity_and_top1(exports):
     from edgessl.models.classifier import load_classifier
 
@@ -159,6 +161,7 @@ def test_classifier_fp32_parity_and_top1(exports):
     assert "accuracy" in entry["comparison"]  # folders are named like the classes
 
 
+@pytest.mark.slow
 def test_int8_runs_within_bound(exports):
     from edgessl.models.backbone import load_encoder
 
@@ -184,6 +187,7 @@ def test_int8_runs_within_bound(exports):
     assert clf["parity"]["min_cosine"] >= bound["min_cosine"] and "top1_agreement" in clf["parity"]
 
 
+@pytest.mark.slow
 def test_fp16_within_bound(exports):
     entry = _entry(exports["export"], "encoder.fp16.onnx")
     assert entry["precision"] == "fp16"
@@ -196,6 +200,7 @@ def test_fp16_within_bound(exports):
 # ------------------------------------------------------------------------------------------------ manifest
 
 
+@pytest.mark.slow
 def test_manifest_round_trip(exports):
     export = exports["export"]
     raw = json.loads((export / "manifest.json").read_text())
@@ -334,12 +339,14 @@ def test_error_run_without_encoder(tmp_path):
     _one_line_error(_cli("export", str(tmp_path)), 2, "No encoder in")
 
 
+@pytest.mark.slow
 def test_error_opset_onnx_cannot_write(exports):
     _one_line_error(_cli("export", str(exports["run"]), "--opset", str(ox.max_opset() + 1)), 2,
                     "cannot be written by the installed onnx")
     _one_line_error(_cli("export", str(exports["run"]), "--opset", "3"), 2, "--opset 3")
 
 
+@pytest.mark.slow
 def test_error_calibration_folder_without_readable_image(exports, tmp_path):
     calib = tmp_path / "calib"
     calib.mkdir()
@@ -353,10 +360,12 @@ def test_error_calibration_folder_without_readable_image(exports, tmp_path):
                     "holds no image files")
 
 
+@pytest.mark.slow
 def test_error_bad_classifier_folder(exports, tmp_path):
     _one_line_error(_cli("export", str(exports["run"]), "--classifier", str(tmp_path)), 2, "No classifier in")
 
 
+@pytest.mark.slow
 def test_error_training_folder_gone(exports, tmp_path):
     run = tmp_path / "moved"
     run.mkdir()
@@ -366,11 +375,13 @@ def test_error_training_folder_gone(exports, tmp_path):
     _one_line_error(_cli("export", str(run)), 2, "no longer exists", "--images")
 
 
+@pytest.mark.slow
 def test_error_unknown_calibration_method(exports, tmp_path):
     _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib-method", "median", "--out", str(tmp_path)), 2,
                     "--calib-method must be one of")
 
 
+@pytest.mark.slow
 def test_torchscript_fallback_end_to_end(exports, tmp_path, monkeypatch):
     """When torch.export fails the TorchScript exporter writes the file, the manifest says so, and a file that
     misses its parity bounds is removed with exit code 3."""

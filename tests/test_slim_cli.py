@@ -85,6 +85,7 @@ def _one_line_error(res, start: str):
 # ------------------------------------------------------------------------------------------------ slim
 
 
+@pytest.mark.slow
 def test_slim_equals_the_width_subnetwork(slim_run, labelled_demo, tmp_path):
     out = tmp_path / "half"
     res = runner.invoke(app, ["slim", str(slim_run), "--width", "0.5", "--out", str(out)])
@@ -114,6 +115,7 @@ def test_slim_equals_the_width_subnetwork(slim_run, labelled_demo, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), model.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_width_report_json_and_plot(slim_run):
     from edgessl.models.prune import count_params_macs
 
@@ -130,6 +132,7 @@ def test_width_report_json_and_plot(slim_run):
     assert (slim_run / "widths.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_width_report_without_labels_and_without_onnxruntime(slim_run, tmp_path, monkeypatch):
     from edgessl.slim import api as slim_api
 
@@ -196,6 +199,7 @@ def _slim(run: Path, folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ errors
 
 
+@pytest.mark.slow
 def test_slim_and_export_bad_widths_are_one_line_exit_2(slim_run, demo_run, tmp_path):
     cases = [
         (["slim", str(slim_run), "--width", "0.3"],
