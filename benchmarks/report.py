@@ -26,7 +26,8 @@ def _machine(rec: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "lightly", "edgessl") if k in m)
     tiny = " **(tiny smoke run: numbers are meaningless)**" if rec.get("tiny") else ""
     return (f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}; {versions}; {m['date']}; "
-            f"`{rec['command']}`; {rec['seconds'] / 60:.1f} min.{tiny}\n")
+            f"`{rec['command']}`; {rec['seconds'] / 60:.1f} min.{tiny}"
+            + (f" Note: {m['note']}." if m.get("note") else "") + "\n")
 
 
 def cost_section(rec) -> str:

@@ -194,7 +194,8 @@ ABLATIONS = {
     "random bank init": {"bank_init": "random"},
     "momentum bank update": {"bank_update": "momentum"},
     "no self-distillation": {"sd_weight": 0.0},
-    "with CutMix 0.5": {"cutmix": 0.5},
+    "with CutMix 0.5": {"cutmix": 0.5, "cutmix_lam": "beta"},
+    "with CutMix 0.5, max(lam, 1-lam)": {"cutmix": 0.5, "cutmix_lam": "max"},
 }
 
 
@@ -202,6 +203,8 @@ def suite_ablation(args) -> list[dict]:
     train, test, backbone, size = datasets(args.tiny)["emoji"]
     rows = []
     for label, overrides in ABLATIONS.items():
+        if args.ablations and label not in args.ablations:
+            continue
         for seed in range(1 if args.tiny else 3):
             r = train_and_eval("edgessl", train, test, backbone, size, args.epochs, seed, 1, args.tiny, overrides,
                                eval_every=args.eval_every)
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3, help="label-subset seeds of the final evaluation")
     ap.add_argument("--eval-every", type=int, default=1, help="kNN monitor every N epochs (and after the last)")
     ap.add_argument("--datasets", nargs="*", default=None, help="accuracy suite: only these (emoji, cifar10k)")
+    ap.add_argument("--ablations", nargs="*", default=None, help="ablation suite: only these rows (labels of ABLATIONS)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md")
     ap.add_argument("--method", default="edgessl")
@@ -300,8 +304,15 @@ def main(argv: list[str] | None = None) -> None:
         old = args.results / f"{suite}.json"
         if args.datasets and old.exists():  # a partial rerun keeps the other data sets' rows
             rows = [r for r in json.loads(old.read_text())["rows"] if r.get("data") not in args.datasets] + rows
-        record = {"suite": suite, "machine": machine(), "load_average_before": load_before, "command": "python -m benchmarks.run " + " ".join(argv or sys.argv[1:]),
-                  "epochs": args.epochs, "tiny": args.tiny, "seconds": time.time() - t0, "rows": rows}
+        if suite == "ablation" and args.ablations and old.exists():  # ... and the other ablations' rows
+            rows = [r for r in json.loads(old.read_text())["rows"] if r.get("ablation") not in args.ablations] + rows
+        command = "python -m benchmarks.run " + " ".join(argv or sys.argv[1:])
+        seconds = time.time() - t0
+        if (args.datasets or (suite == "ablation" and args.ablations)) and old.exists():
+            earlier = json.loads(old.read_text())
+            command, seconds = f"{earlier['command']}; then {command}", earlier["seconds"] + seconds
+        record = {"suite": suite, "machine": machine(), "load_average_before": load_before, "command": command,
+                  "epochs": args.epochs, "tiny": args.tiny, "seconds": seconds, "rows": rows}
         (args.results / f"{suite}.json").write_text(json.dumps(record, indent=1) + "\n")
     from benchmarks.report import write_readme
 

@@ -88,6 +88,7 @@ def pretrain(
     temperature: Optional[float] = typer.Option(None, help=flag_help("temperature")),
     negatives: Optional[int] = typer.Option(None, help=flag_help("negatives")),
     cutmix: Optional[float] = typer.Option(None, help=flag_help("cutmix")),
+    cutmix_lam: Optional[str] = typer.Option(None, help=flag_help("cutmix_lam")),
     blur: Optional[float] = typer.Option(None, help=flag_help("blur")),
     head: Optional[str] = typer.Option(None, help=flag_help("head")),
     head_hidden: Optional[int] = typer.Option(None, help=flag_help("head_hidden")),

@@ -51,6 +51,7 @@ class PretrainConfig:
     sd_temperature: float = 1.0
     sd_alpha: float = 0.5
     cutmix: float = 0.0
+    cutmix_lam: str = "max"  # max: max(lambda, 1 - lambda), the authors' rule (measured better); beta: lambda
     blur: float = 0.0
     # optimisation
     epochs: int = 20
@@ -89,6 +90,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "small_input": ("auto", "on", "off"),
+    "cutmix_lam": ("beta", "max"),
 }
 
 FIELD_NAMES = {f.name for f in fields(PretrainConfig)}
@@ -121,6 +123,7 @@ FIELD_HELP: dict[str, str] = {
     "sd_weight": "lambda of the self-distillation loss; 0 turns it off.",
     "sd_temperature": "tau_sd of the self-distillation loss.",
     "cutmix": "CutMix Beta(alpha, alpha) inside the batch; 0 = off.",
+    "cutmix_lam": "beta: the kept area lambda ~ Beta(alpha, alpha) | max: max(lambda, 1 - lambda) (the image keeps the larger part, as the authors' code).",
     "blur": "Probability of a Gaussian blur.",
     "epochs": "Epochs.",
     "batch_size": "Images per step; under torchrun the global batch over all processes.",

@@ -361,6 +361,7 @@ def make_crops(run: Run, idx: torch.Tensor, epoch: int, step: int) -> tuple[torc
         u = keyed_uniform(cfg.seed, epoch, [len(run.images) + step], 3)[0]
         g = keyed_generator(cfg.seed, epoch, step, 0xC07)
         lam = _beta(g, cfg.cutmix)
+        lam = max(lam, 1 - lam) if cfg.cutmix_lam == "max" else lam
         perm = torch.randperm(len(idx), generator=g)
         x, lam = _cutmix_rows(x, idx, run.rows, perm, lam, (float(u[0]), float(u[1])), crops)
         mix = (perm.to(run.device), lam)
