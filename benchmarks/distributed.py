@@ -69,7 +69,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64, help="global batch, the same for every configuration")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of the multi-thread 1-process run")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads of the multi-thread 1-process run")
     ap.add_argument("--data", default=None, help="image folder (default: the bundled demo images)")
     args = ap.parse_args()
     load = os.getloadavg()

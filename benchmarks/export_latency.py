@@ -115,14 +115,18 @@ STEMS = {"stride1": "stride-1 stem", "resnet": "CIFAR stem", None: "timm stem"}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| backbone | input | PyTorch eager p50 | ORT fp32 p50 | ORT int8 p50 | fp32 vs eager | int8 vs fp32 | size fp32 / int8 |",
+    lines = ["| backbone | input | PyTorch eager p50 | ORT fp32 p50 | ORT int8 p50 | fp32 vs eager | int8 vs fp32 "
+             "| size fp32 / int8 |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lat = r["latency_ms"]
         lines.append(
-            f"| {r['backbone']} | {r['image_size']} px, {STEMS.get(r['stem'], r['stem'])} | {lat['pytorch_eager']['p50']:.2f} ms | "
-            f"{lat['ort_fp32']['p50']:.2f} ms | {lat['ort_int8']['p50']:.2f} ms | x{r['speedup_ort_fp32_vs_pytorch']:.2f} | "
-            f"x{r['speedup_int8_vs_fp32']:.2f} | {r['bytes']['fp32'] / 2**20:.1f} / {r['bytes']['int8'] / 2**20:.1f} MiB |"
+            f"| {r['backbone']} | {r['image_size']} px, {STEMS.get(r['stem'], r['stem'])} "
+            f"| {lat['pytorch_eager']['p50']:.2f} ms | "
+            f"{lat['ort_fp32']['p50']:.2f} ms | {lat['ort_int8']['p50']:.2f} ms "
+            f"| x{r['speedup_ort_fp32_vs_pytorch']:.2f} | "
+            f"x{r['speedup_int8_vs_fp32']:.2f} "
+            f"| {r['bytes']['fp32'] / 2**20:.1f} / {r['bytes']['int8'] / 2**20:.1f} MiB |"
         )
     return "\n".join(lines)
 
@@ -162,7 +166,8 @@ def main() -> None:
 
 
 def print_table(path: Path = RESULTS) -> None:
-    """The markdown table of a results file (python -c 'from benchmarks.export_latency import print_table; print_table()')."""
+    """The markdown table of a results file
+    (python -c 'from benchmarks.export_latency import print_table; print_table()')."""
     print(table(json.loads(Path(path).read_text())["results"]))
 
 

@@ -187,7 +187,8 @@ def train_peer(
             idx = order[step * batch : (step + 1) * batch]
             raw = images.get(idx)
             x1 = augment_batch(raw, idx, epoch, seed, aug, IMAGENET_MEAN, IMAGENET_STD)
-            x2 = None if name in ("supervised", "edgessl", "npid") else augment_batch(raw, idx, epoch, seed + VIEW2, aug, IMAGENET_MEAN, IMAGENET_STD)
+            x2 = (None if name in ("supervised", "edgessl", "npid")
+                  else augment_batch(raw, idx, epoch, seed + VIEW2, aug, IMAGENET_MEAN, IMAGENET_STD))
             labels = images.labels[idx] if images.labels is not None else None
             progress = (epoch * steps + step) / max(1, epochs * steps)
             loss = model.loss(x1, x2, labels, idx, progress)

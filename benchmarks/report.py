@@ -70,7 +70,7 @@ def convergence_plot(rows, path: Path, title: str) -> None:
         pts = [(h["epoch"], h.get("knn_top1_k200"), h["seconds"]) for h in r["history"] if h.get("knn_top1_k200") is not None]
         if not pts:
             continue
-        ep, acc, sec = zip(*pts)
+        ep, acc, sec = zip(*pts, strict=True)
         cum = [sum(s for *_, s in pts[: i + 1]) for i in range(len(pts))]
         axes[0].plot(ep, acc, marker="o", label=r["method"])
         axes[1].plot(cum, acc, marker="o", label=r["method"])
@@ -212,6 +212,7 @@ def distributed_section(recs) -> str:
 def shared_cpu_section(rec) -> str:
     m = rec["machine"]
     rows = rec["rows"]
+    alone = _f(next((r["competitor_steps_per_s"] for r in rows if r["workload"] == "competitor alone"), None), 2)
     out = ["## Shared CPU: the thread policy beside another job\n",
            f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; `{rec['command']}`; "
            f"load average before the suite {_f(rec.get('load_average_before', [None])[0], 2)}. Workloads: the demo "
@@ -220,8 +221,7 @@ def shared_cpu_section(rec) -> str:
            "training loop (mobilenetv3_small, 64 px, batch 64, OpenMP default waiting). Settings: **old** = "
            "all cores with OpenMP's default waiting (before this policy), **passive** = the same with `OMP_WAIT_POLICY=PASSIVE`, **new** = the "
            "default `--threads auto`.\n",
-           "| workload | setting | threads | idle images/s | with competitor images/s | ratio to old idle | competitor steps/s (alone: %s) |"
-           % _f(next((r["competitor_steps_per_s"] for r in rows if r["workload"] == "competitor alone"), None), 2),
+           f"| workload | setting | threads | idle images/s | with competitor images/s | ratio to old idle | competitor steps/s (alone: {alone}) |",
            "|---|---|---|---|---|---|---|"]
     for work in ("pretrain", "eval"):
         by = {(r["load"], r["setting"]): r for r in rows if r["workload"] == work}

@@ -6,7 +6,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   accuracy  kNN (k=200, t=0.1, last and best epoch) and linear probe after the same epochs, emoji (64 px) and a
             10,000-image CIFAR-10 subset (32 px), edgessl vs NPID vs lightly MoCo v2 and SimCLR
   ablation  each component of the method off (and CutMix on), kNN after the same epochs, 3 seeds, emoji
-  data      10/25/50 % of the CIFAR-10 subset, edgessl vs MoCo v2 (100 %: the accuracy suite's runs, added by the report)
+  data      10/25/50 % of the CIFAR-10 subset, edgessl vs MoCo v2 (100 %: the accuracy suite's runs, added by
+            the report)
   slim      one --widths 1.0,0.5 run vs separately trained widths vs prune-then-recover (emoji), benchmarks/slim.py
   budget    equal wall-clock: each method trains for the time SimCLR's `--epochs` took in the accuracy suite
   shared-cpu  demo pretrain images/s and eval seconds, idle and beside a competing 2-thread PyTorch job, with the
@@ -82,7 +83,8 @@ def final_eval(backbone, train_set, test_set, name: str, seeds: int) -> dict[str
             continue
         key = f"{'knn' if r['protocol'] == 'knn' else 'linear'}@{r['labels_per_class']}"
         out.setdefault(key, []).append(r["top1"])
-    return {k: {"mean": sum(v) / len(v), "std": float(torch.tensor(v).std()) if len(v) > 1 else 0.0} for k, v in out.items()}
+    return {k: {"mean": sum(v) / len(v), "std": float(torch.tensor(v).std()) if len(v) > 1 else 0.0}
+            for k, v in out.items()}
 
 
 def knn_monitor(train_set, test_set):
@@ -127,7 +129,8 @@ def train_and_eval(method: str, train: Path, test: Path, backbone: str, size: in
     return {
         "method": method, "data": train.name, "backbone": backbone, "image_size": size, "epochs": epochs,
         "seed": seed, "overrides": overrides or {}, "n_train": len(train_set), "n_test": len(test_set),
-        "threads": torch.get_num_threads(), "wall_s": wall, "s_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
+        "threads": torch.get_num_threads(), "wall_s": wall,
+        "s_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
         "knn_last": knn[-1] if knn else None, "knn_best": max(knn) if knn else None,
         "history": [{k: h.get(k) for k in ("epoch", "loss", "seconds", "knn_top1_k200")} for h in history],
         "final": final_eval(encoder, train_set, test_set, method, seeds),
@@ -277,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3, help="label-subset seeds of the final evaluation")
     ap.add_argument("--eval-every", type=int, default=1, help="kNN monitor every N epochs (and after the last)")
     ap.add_argument("--datasets", nargs="*", default=None, help="accuracy suite: only these (emoji, cifar10k)")
-    ap.add_argument("--ablations", nargs="*", default=None, help="ablation suite: only these rows (labels of ABLATIONS)")
+    ap.add_argument("--ablations", nargs="*", default=None,
+                    help="ablation suite: only these rows (labels of ABLATIONS)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md")
     ap.add_argument("--method", default="edgessl")

@@ -22,8 +22,8 @@ def encoder_cost(folder: Path, size: int) -> dict[str, Any]:
     """Parameters, MACs and batch-1 latency (ONNX Runtime fp32 when installed, else PyTorch eager; median over at
     least 30 runs and 0.5 s, one thread) of a saved encoder: the numbers of a --widths run's widths.json."""
     import edgessl
-    from edgessl.slim.api import batch1_latency
     from edgessl.models.prune import count_params_macs
+    from edgessl.slim.api import batch1_latency
 
     model = edgessl.load_encoder(folder)
     params, macs = count_params_macs(model, torch.zeros(1, 3, size, size))
@@ -51,14 +51,14 @@ def suite_slim(args) -> list[dict]:
     from benchmarks.run import datasets, final_eval
     from edgessl.config import resolve
     from edgessl.data.folder import load_image_folder
-    from edgessl.models.backbone import create_backbone, output_dim, want_small_input
-    from edgessl.models.head import Encoder, ProjectionHead
-    from edgessl.slim.api import slim_encoder
-    from edgessl.models.channels import channel_groups, group_counts
-    from edgessl.models.prune import prune_to_counts
-    from edgessl.slim.recover import prune_run
-    from edgessl.models.slimmable import last_layer
     from edgessl.evaluate.monitor import standard_evaluation
+    from edgessl.models.backbone import create_backbone, output_dim, want_small_input
+    from edgessl.models.channels import channel_groups, group_counts
+    from edgessl.models.head import Encoder, ProjectionHead
+    from edgessl.models.prune import prune_to_counts
+    from edgessl.models.slimmable import last_layer
+    from edgessl.slim.api import slim_encoder
+    from edgessl.slim.recover import prune_run
     from edgessl.train.loop import WarmStart, pretrain
 
     train, test, backbone, size = datasets(args.tiny)["emoji"]

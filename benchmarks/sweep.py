@@ -38,12 +38,14 @@ def main() -> None:
         t0 = time.time()
         run = edgessl.pretrain(data=str(train), val=str(test), out=f"/tmp/sweep/{args.name}/{len(results)}", **opts)
         last = run.history[-1]
-        row = {"config": spec, "options": opts, "knn_top1": last.get("knn_top1"), "knn_top1_k200": last.get("knn_top1_k200"),
+        row = {"config": spec, "options": opts,
+               "knn_top1": last.get("knn_top1"), "knn_top1_k200": last.get("knn_top1_k200"),
                "s_per_epoch": sum(h["seconds"] for h in run.history) / len(run.history),
                "wall_s": time.time() - t0, "history": run.history}
         results.append(row)
         out_file.write_text(json.dumps(results, indent=1))
-        print(f"{spec:60s} kNN@20 {row['knn_top1']:.3f} kNN@200 {row['knn_top1_k200']:.3f} {row['s_per_epoch']:.1f} s/epoch", flush=True)
+        print(f"{spec:60s} kNN@20 {row['knn_top1']:.3f} kNN@200 {row['knn_top1_k200']:.3f} "
+              f"{row['s_per_epoch']:.1f} s/epoch", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,15 @@ Python API (mirrors the CLI):
 """
 
 from edgessl._version import __version__  # noqa: E402
-
 from edgessl.api import (  # noqa: E402
-    evaluate_encoder, export, finetune, load_classifier, load_encoder, pretrain, prune_encoder, slim_encoder,
+    evaluate_encoder,
+    export,
+    finetune,
+    load_classifier,
+    load_encoder,
+    pretrain,
+    prune_encoder,
+    slim_encoder,
 )
 
 __all__ = ["__version__", "pretrain", "load_encoder", "evaluate_encoder", "finetune", "load_classifier", "export",

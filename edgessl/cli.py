@@ -20,7 +20,6 @@ from edgessl.commands import slim as _slim_commands
 from edgessl.commands.common import console, err_console, friendly, make_console  # noqa: F401 (re-exported)
 from edgessl.config import flag_help, list_recipes, load_recipe, recipes_dir
 
-
 app = typer.Typer(
     name="edgessl",
     help="Single-branch self-supervised pretraining of small timm encoders for edge devices.",

@@ -104,13 +104,15 @@ FIELD_HELP: dict[str, str] = {
     "labels_from_folders": "Use --data's subfolders as labels for the kNN monitor.",
     "cache_mb": "Decoded-image cache bound in MiB; above it images stream from disk.",
     "workers": "Decoding threads.",
-    "threads": "CPU threads for the network: auto (all cores when the machine is idle, fewer when other jobs keep them busy) or a number.",
+    "threads": "CPU threads for the network: auto (all cores when the machine is idle, fewer when other jobs keep them "
+               "busy) or a number.",
     "backbone": "timm model name or alias (mobilenetv3_small, mobilenetv3_large, resnet18, ...).",
     "small_input": "auto | on | off: stride-1 stem for small images (auto: on at <= 32 px).",
     "head": "Projection head: linear | mlp.",
     "head_hidden": "Hidden units of the MLP head.",
     "feature_dim": "Output dimension d of the head (bank width).",
-    "widths": "Train one weight-sharing network at several widths, e.g. 1.0,0.75,0.5,0.25 (SlimCLR); pick one later with `edgessl slim`.",
+    "widths": "Train one weight-sharing network at several widths, e.g. 1.0,0.75,0.5,0.25 (SlimCLR); pick one later "
+              "with `edgessl slim`.",
     "slow_start": "With --widths: fraction of the epochs trained at full width only before the sub-widths join.",
     "width_distill": "With --widths: weight of each sub-width's distillation from the full width (0 = off).",
     "method": "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no L_sd).",
@@ -123,7 +125,8 @@ FIELD_HELP: dict[str, str] = {
     "sd_weight": "lambda of the self-distillation loss; 0 turns it off.",
     "sd_temperature": "tau_sd of the self-distillation loss.",
     "cutmix": "CutMix Beta(alpha, alpha) inside the batch; 0 = off.",
-    "cutmix_lam": "beta: the kept area lambda ~ Beta(alpha, alpha) | max: max(lambda, 1 - lambda) (the image keeps the larger part, as the authors' code).",
+    "cutmix_lam": "beta: the kept area lambda ~ Beta(alpha, alpha) | max: max(lambda, 1 - lambda) (the image keeps "
+                  "the larger part, as the authors' code).",
     "blur": "Probability of a Gaussian blur.",
     "epochs": "Epochs.",
     "batch_size": "Images per step; under torchrun the global batch over all processes.",
@@ -141,7 +144,8 @@ FIELD_HELP: dict[str, str] = {
     "quiet": "No progress bar; log lines only.",
     "momentum": "SGD/LARS momentum.",
     "sd_alpha": "alpha of the self-distillation target normalize(p^alpha).",
-    "width_reweight": "With --widths: the full width weighs 1 + sum of the sub-widths (--no-width-reweight: every width weighs 1).",
+    "width_reweight": "With --widths: the full width weighs 1 + sum of the sub-widths (--no-width-reweight: every "
+                      "width weighs 1).",
 }
 DEFAULT_SHOWN = {"data": "the bundled demo images", "out": "runs/BACKBONE-TIME", "val": "none", "widths": "one width"}
 
@@ -264,7 +268,9 @@ def parse_widths(text: str | list | tuple) -> list[float]:
     try:
         widths = [float(str(w).strip()) for w in items if str(w).strip()]
     except ValueError:
-        raise UserError(f"--widths must be comma-separated numbers in (0, 1], e.g. 1.0,0.75,0.5,0.25; got '{text}'.")
+        raise UserError(
+            f"--widths must be comma-separated numbers in (0, 1], e.g. 1.0,0.75,0.5,0.25; got '{text}'."
+        ) from None
     for w in widths:
         check_width(w)
     return sorted(set(widths) | {1.0}, reverse=True)
@@ -273,7 +279,8 @@ def parse_widths(text: str | list | tuple) -> list[float]:
 def save_config(cfg: PretrainConfig, path: str | Path) -> Path:
     """config.yaml: every option, reloadable with --config (written atomically). Returns the path."""
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    return atomic_write_text(path, f"# resolved by edgessl {__version__}; reload with: edgessl pretrain --config {path}\n{text}")
+    header = f"# resolved by edgessl {__version__}; reload with: edgessl pretrain --config {path}\n"
+    return atomic_write_text(path, f"{header}{text}")
 
 
 def replace(cfg: PretrainConfig, **changes: Any) -> PretrainConfig:

@@ -13,9 +13,9 @@ What it measures
     model's outputs on the shipped reference images against the PyTorch outputs recorded at export.
     With --images: images are decoded and normalised exactly as the manifest says (the same rules as edgessl's
     decode_image + test_transform); images that decode to the same pixels as a shipped reference image are compared
-    with its recorded output ("reference_files"). With class subfolders: "accuracy" for a classifier (folder names = classes);
-    "agreement" for an encoder (kNN vote over the shipped reference embeddings agrees with the folder label) plus the
-    leave-one-out kNN accuracy of the images among themselves.
+    with its recorded output ("reference_files"). With class subfolders: "accuracy" for a classifier (folder names =
+    classes); "agreement" for an encoder (kNN vote over the shipped reference embeddings agrees with the folder
+    label) plus the leave-one-out kNN accuracy of the images among themselves.
 
 Exit codes
     0 done; 1 the outputs on the reference images are outside the bounds the manifest states;
@@ -110,7 +110,8 @@ def scan(root: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]
+        found += [Path(dirpath) / f for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]
     return sorted(found)
 
 
@@ -169,7 +170,8 @@ def manifest_entry(model: Path, manifest: dict, manifest_path: Path) -> dict:
     digest = sha256(model)
     if digest != entry.get("sha256"):
         raise CheckError(
-            f"{model.name} does not match manifest '{manifest_path}': sha256 {digest[:12]}... != {str(entry.get('sha256'))[:12]}... "
+            f"{model.name} does not match manifest '{manifest_path}': "
+            f"sha256 {digest[:12]}... != {str(entry.get('sha256'))[:12]}... "
             "(a different export of this file?)."
         )
     for key in ("input", "preprocess"):
@@ -216,7 +218,8 @@ def check_input(sess, entry: dict, model: Path) -> list[int]:
 
 def run_batches(sess, x: np.ndarray, batch: int = 32) -> np.ndarray:
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]).astype(np.float32)
+    outputs = [sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    return np.concatenate(outputs).astype(np.float32)
 
 
 def latency(sess, x1: np.ndarray, runs: int, warmup: int) -> dict:
@@ -264,8 +267,9 @@ def compare(reference: np.ndarray, output: np.ndarray, logits: bool) -> dict:
     diff = np.abs(reference.astype(np.float64) - output)
     scale = float(np.abs(reference).max()) or 1.0
     cos = cosines(reference, output)
-    fig = {"images": int(len(reference)), "max_abs_diff": float(diff.max()), "rel_max_abs_diff": float(diff.max() / scale),
-           "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+    fig = {"images": int(len(reference)), "max_abs_diff": float(diff.max()),
+           "rel_max_abs_diff": float(diff.max() / scale), "min_cosine": float(cos.min()),
+           "mean_cosine": float(cos.mean())}
     if logits:
         fig["top1_agreement"] = float((reference.argmax(1) == output.argmax(1)).mean())
     return fig
@@ -315,7 +319,8 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
         if rows:
             mine, theirs = zip(*rows)
             cos = cosines(reference["outputs"][list(theirs)], outputs[list(mine)])
-            res["reference_files"] = {"matched": len(rows), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+            res["reference_files"] = {"matched": len(rows), "min_cosine": float(cos.min()),
+                                      "mean_cosine": float(cos.mean())}
     names = data["labels"]
     if names is None:
         return res
@@ -323,8 +328,8 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
         lookup = {c: i for i, c in enumerate(entry.get("classes") or [])}
         rows = [r for r, n in enumerate(names) if n in lookup]
         if not rows:
-            raise CheckError(f"None of the class folders in --images ({', '.join(sorted(set(names))[:5])}, ...) is a class "
-                             f"of this classifier ({', '.join(list(lookup)[:5])}, ...).")
+            raise CheckError(f"None of the class folders in --images ({', '.join(sorted(set(names))[:5])}, ...) "
+                             f"is a class of this classifier ({', '.join(list(lookup)[:5])}, ...).")
         target = np.array([lookup[names[r]] for r in rows])
         res["accuracy"] = float((outputs[rows].argmax(1) == target).mean())
         res["accuracy_images"] = len(rows)
@@ -370,7 +375,8 @@ def print_table(report: dict) -> None:
         ("model", f"{report['model']} ({report.get('precision') or '?'}, {report.get('kind') or '?'})"),
         ("input", " x ".join(str(d) for d in report["input_shape"])),
         ("onnxruntime", f"{report['onnxruntime']} (threads: {report['threads'] or 'runtime default'})"),
-        ("latency batch 1", f"p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms  ({lat['runs']} runs)"),
+        ("latency batch 1",
+         f"p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms  ({lat['runs']} runs)"),
         (f"throughput batch {report['throughput_batch']}", f"{report['throughput_per_s']:.1f} images/s"),
         ("model size", _fmt_bytes(report["model_bytes"])),
         ("peak RSS", _fmt_bytes(report["peak_rss_bytes"])),
@@ -381,7 +387,8 @@ def print_table(report: dict) -> None:
                      f"{ref['max_abs_diff']:.3g} ({'within' if ref['within_bounds'] else 'OUTSIDE'} bounds)"))
     if "images" in report:
         img = report["images"]
-        rows.append(("images", f"{img['count']} from {img['folder']}" + (f" ({img['skipped']} unreadable)" if img["skipped"] else "")))
+        skipped = f" ({img['skipped']} unreadable)" if img["skipped"] else ""
+        rows.append(("images", f"{img['count']} from {img['folder']}" + skipped))
     if "accuracy" in report:
         rows.append(("accuracy", f"{report['accuracy']:.4f} on {report['accuracy_images']} labelled images"))
     if "agreement" in report:
@@ -391,7 +398,8 @@ def print_table(report: dict) -> None:
         rows.append(("kNN leave-one-out", f"{report['knn_loo_accuracy']:.4f}"))
     if "reference_files" in report:
         rf = report["reference_files"]
-        rows.append(("reference images found", f"{rf['matched']}: min cosine {rf['min_cosine']:.6f} to their recorded outputs"))
+        rows.append(("reference images found",
+                     f"{rf['matched']}: min cosine {rf['min_cosine']:.6f} to their recorded outputs"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
 
@@ -406,7 +414,8 @@ def parse_args(argv):
     p.add_argument("--runs", type=int, default=100, help="timed batch-1 runs (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed batch-1 runs first (default 10)")
     p.add_argument("--batch", type=int, default=32, help="batch size of the throughput measurement (default 32)")
-    p.add_argument("--max-images", type=int, default=None, help="use at most this many images of --images, spread evenly")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use at most this many images of --images, spread evenly")
     p.add_argument("--quiet", action="store_true", help="no table; only --json and the exit code")
     return p.parse_args(argv)
 
@@ -443,9 +452,11 @@ def check(args) -> tuple[dict, int]:
     else:
         sample = np.random.default_rng(0).standard_normal((1, *chw)).astype(np.float32)
     report: dict = {
-        "model": str(model), "precision": entry.get("precision") if entry else None, "kind": entry.get("kind") if entry else None,
+        "model": str(model), "precision": entry.get("precision") if entry else None,
+        "kind": entry.get("kind") if entry else None,
         "manifest": str(manifest_path) if entry else None, "input_shape": [1, *chw], "threads": args.threads,
-        "onnxruntime": ort.__version__, "numpy": np.__version__, "platform": platform.platform(), "machine": platform.machine(),
+        "onnxruntime": ort.__version__, "numpy": np.__version__, "platform": platform.platform(),
+        "machine": platform.machine(),
         "model_bytes": model.stat().st_size,
     }
     report["latency_ms"] = latency(sess, sample, args.runs, args.warmup)

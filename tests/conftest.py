@@ -21,7 +21,7 @@ DEMO_TEST = 3
 @pytest.fixture(scope="session")
 def labelled_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("labelled_demo")
-    for name, n_train in zip(DEMO_CLASSES, DEMO_TRAIN):
+    for name, n_train in zip(DEMO_CLASSES, DEMO_TRAIN, strict=True):
         files = sorted((demo_images() / name).glob("*.png"))
         for split, chosen in (("train", files[:n_train]), ("test", files[n_train : n_train + DEMO_TEST])):
             (root / split / name).mkdir(parents=True)

@@ -49,7 +49,7 @@ def softmax_rows(sim, tau):
 
 def grad_update_by_hand(v, z, y, tau, lr):
     """p, and v_k <- normalize(v_k + lr sum_b (y_bk - p_bk) z_b) with explicit loops; v (K, d), z (B, d), y (B, K)."""
-    sim = [[sum(a * c for a, c in zip(zb, vk)) for vk in v] for zb in z]
+    sim = [[sum(a * c for a, c in zip(zb, vk, strict=True)) for vk in v] for zb in z]
     p = softmax_rows(sim, tau)
     new = []
     for k, vk in enumerate(v):
@@ -77,8 +77,8 @@ def test_momentum_update_matches_explicit_loops():
     """normalize(m v + (1 - m) z) with m = 0.8 (m = 0.5 cannot tell m from 1 - m); other bank rows untouched."""
     m, v, z = 0.8, [[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [-0.6, 0.8]]
     expected = []
-    for vb, zb in zip(v, z):
-        u = [m * a + (1 - m) * c for a, c in zip(vb, zb)]
+    for vb, zb in zip(v, z, strict=True):
+        u = [m * a + (1 - m) * c for a, c in zip(vb, zb, strict=True)]
         expected.append([x / math.sqrt(sum(w * w for w in u)) for x in u])
     got = momentum_bank_update(torch.tensor(v, dtype=torch.float64), torch.tensor(z, dtype=torch.float64), m)
     assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-14)
@@ -193,7 +193,8 @@ def test_bank_is_in_state_dict_and_updates_only_after_step():
 
 
 def test_npid_momentum_bank_moves_only_own_rows():
-    method = InstanceDiscrimination(8, 4, bank_update="momentum", sd_weight=0.0, generator=torch.Generator().manual_seed(0))
+    method = InstanceDiscrimination(8, 4, bank_update="momentum", sd_weight=0.0,
+                                    generator=torch.Generator().manual_seed(0))
     before = method.bank.weight.clone()
     out = method(F.normalize(torch.randn(2, 4), dim=1), torch.tensor([1, 6]))
     method.update_bank(out)

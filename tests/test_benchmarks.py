@@ -34,7 +34,8 @@ def test_cost_suite(bench):
     assert {m for _, m in methods} == {"edgessl", "npid", "mocov2", "simclr", "supervised"}
     assert all(r["step_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rec["rows"])
     assert all(r["step_over_supervised"] == pytest.approx(r["step_s"] / next(
-        s["step_s"] for s in rec["rows"] if s["method"] == "supervised" and s["backbone"] == r["backbone"])) for r in rec["rows"])
+        s["step_s"] for s in rec["rows"] if s["method"] == "supervised" and s["backbone"] == r["backbone"]))
+        for r in rec["rows"])
     assert "## Cost per step" in readme and "tiny smoke run" in readme
 
 

@@ -2,7 +2,6 @@
 the flags table in docs/method.md agree with it."""
 
 import inspect
-import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def test_docs_flags_table_matches_the_config():
         values = [v for v in cells[1].split(",")]
         if len(flags) != len(values):
             continue
-        for flag, value in zip(flags, values):
+        for flag, value in zip(flags, values, strict=True):
             if flag not in DEFAULTS or DEFAULTS[flag] is None:
                 continue
             assert _doc_value(value) == DEFAULTS[flag], (flag, value, DEFAULTS[flag])

@@ -246,7 +246,8 @@ def test_edgessl_check_command(exports, copy, tmp_path, capfd):
     from edgessl.cli import app
 
     out = tmp_path / "check.json"
-    result = CliRunner().invoke(app, ["check", str(exports["export"] / "encoder.onnx"), "--json", str(out), "--batch", "4"])
+    result = CliRunner().invoke(app, ["check", str(exports["export"] / "encoder.onnx"), "--json", str(out),
+                                      "--batch", "4"])
     assert result.exit_code == 0, capfd.readouterr().err
     assert "p50" in json.loads(out.read_text())["latency_ms"]
     assert "latency batch 1" in capfd.readouterr().out

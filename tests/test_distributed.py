@@ -113,7 +113,8 @@ def test_batch_not_divisible_by_world_is_one_line_error(tiny_data, tmp_path, mon
     res = CliRunner().invoke(app, ["pretrain", "--data", str(tiny_data), "--batch-size", "7", "--out", str(tmp_path)])
     assert res.exit_code == 2, res.output
     lines = [line for line in res.output.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("error: --batch-size 7 is not divisible by the number of processes (2)")
+    assert len(lines) == 1
+    assert lines[0].startswith("error: --batch-size 7 is not divisible by the number of processes (2)")
     assert not torch.distributed.is_initialized()
 
 
@@ -261,7 +262,7 @@ def test_two_processes_match_one_and_one_process_resumes_a_two_process_run(tiny_
     steps = [torch.load(steps_file.format(rank=r)) for r in range(2)]
     assert len(steps[0]) == len(steps[1]) == 4  # 3 steps of epoch 1, killed after the first of epoch 2
     assert [s["rank"] for s in steps[1]] == [1] * 4
-    for s0, s1 in zip(*steps):
+    for s0, s1 in zip(*steps, strict=True):
         assert torch.equal(s0["bank"], s1["bank"]) and torch.equal(s0["params"], s1["params"])
     b = load_checkpoint(run_b)
     assert b["epoch"] == 1
@@ -284,7 +285,8 @@ def test_widths_two_processes_match_one(tiny_data, tmp_path):
     pytest.importorskip("torch_pruning")
     opts = dict(TINY, sync_bn=True, widths="1.0,0.5", slow_start=0.5, cutmix=0.0)
     run_a = tmp_path / "two"
-    proc = _torchrun(["-m", "edgessl", "pretrain", "--data", str(tiny_data), "--out", str(run_a), *_cli_args(opts)], tmp_path)
+    proc = _torchrun(["-m", "edgessl", "pretrain", "--data", str(tiny_data), "--out", str(run_a), *_cli_args(opts)],
+                     tmp_path)
     one = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "one"), quiet=True, **opts)
     _finish(proc)
     a, s = load_checkpoint(run_a), load_checkpoint(one.run_dir)

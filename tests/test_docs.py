@@ -48,7 +48,8 @@ def prose_lines(text: str) -> list[str]:
 
 
 def github_slug(heading: str) -> str:
-    """GitHub's anchor for a heading: markup dropped, lower-case, punctuation except '-' and '_' dropped, spaces to '-'."""
+    """GitHub's anchor for a heading: markup dropped, lower-case, punctuation except '-' and '_' dropped,
+    spaces to '-'."""
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link in a heading keeps its text
     text = text.replace("`", "").replace("*", "")
     text = text.strip().lower()
@@ -92,7 +93,9 @@ def test_github_slug_rules():
 
 def test_readme_is_a_short_front_door():
     size = README.stat().st_size
-    assert size <= README_MAX_BYTES, f"README.md is {size} bytes; move reference material to docs/ (limit {README_MAX_BYTES})"
+    assert size <= README_MAX_BYTES, (
+        f"README.md is {size} bytes; move reference material to docs/ (limit {README_MAX_BYTES})"
+    )
 
 
 def test_readme_keeps_the_two_setup_commands():

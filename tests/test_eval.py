@@ -1,8 +1,8 @@
 """`edgessl eval`: kNN, metrics, linear probe and subsets against closed forms; eval.json; bad input via the CLI."""
 
 import json
-import re
 import math
+import re
 import shutil
 
 import pytest

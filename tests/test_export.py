@@ -211,7 +211,8 @@ def test_manifest_round_trip(exports):
     assert manifest["edgessl_version"] == edgessl.__version__
     files = {m["file"] for m in manifest["models"]}
     # the classifier export kept the encoder's entries in the same manifest
-    assert files == {"encoder.onnx", "encoder.int8.onnx", "encoder.fp16.onnx", "classifier.onnx", "classifier.int8.onnx"}
+    assert files == {"encoder.onnx", "encoder.int8.onnx", "encoder.fp16.onnx",
+                     "classifier.onnx", "classifier.int8.onnx"}
     for entry in manifest["models"]:
         assert entry["precision"] in ("fp32", "int8", "fp16")
         assert entry["sha256"] == sha256_file(export / entry["file"])
@@ -354,7 +355,8 @@ def test_error_calibration_folder_without_readable_image(exports, tmp_path):
     (calib / "empty.jpg").write_bytes(b"")
     _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib", str(calib), "--out", str(tmp_path / "x")),
                     2, "--calib", "no readable image")
-    _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib", str(tmp_path / "missing")), 2, "does not exist")
+    _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib", str(tmp_path / "missing")),
+                    2, "does not exist")
     (tmp_path / "nothing").mkdir()
     _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib", str(tmp_path / "nothing")), 2,
                     "holds no image files")
@@ -377,8 +379,8 @@ def test_error_training_folder_gone(exports, tmp_path):
 
 @pytest.mark.slow
 def test_error_unknown_calibration_method(exports, tmp_path):
-    _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib-method", "median", "--out", str(tmp_path)), 2,
-                    "--calib-method must be one of")
+    _one_line_error(_cli("export", str(exports["run"]), "--int8", "--calib-method", "median", "--out", str(tmp_path)),
+                    2, "--calib-method must be one of")
 
 
 @pytest.mark.slow
@@ -396,5 +398,6 @@ def test_torchscript_fallback_end_to_end(exports, tmp_path, monkeypatch):
     assert entry["exporter"] == ox.TORCHSCRIPT and entry["parity"]["min_cosine"] >= 0.99999
     monkeypatch.setitem(ox.BOUNDS, "fp32", {"rel_max_abs_diff": 1e-4, "min_cosine": 1.5})
     failing = tmp_path / "fail"
-    _one_line_error(_cli("export", str(exports["run"]), "--out", str(failing)), 3, "does not match PyTorch", "min_cosine")
+    _one_line_error(_cli("export", str(exports["run"]), "--out", str(failing)),
+                    3, "does not match PyTorch", "min_cosine")
     assert not (failing / "encoder.onnx").exists()

@@ -37,7 +37,8 @@ def imports(path: Path):
 
 
 def test_every_package_module_has_a_layer():
-    top = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    top = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+           if p.suffix == ".py" or (p / "__init__.py").exists()}
     assert top - {"__init__"} <= set(LAYERS), top - set(LAYERS)
 
 

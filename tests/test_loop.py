@@ -195,7 +195,7 @@ def test_train_state_step_skips_non_finite_losses_and_stops_after_ten_in_a_row()
     assert state.step(loss, float(loss), lambda: RuntimeError("never")) is True
     assert not torch.equal(model.weight, before) and state.nonfinite == 0
     before = model.weight.detach().clone()
-    for k in range(MAX_NONFINITE - 1):
+    for _ in range(MAX_NONFINITE - 1):
         assert state.step(loss, float("nan"), lambda: RuntimeError("stop")) is False
     assert state.nonfinite == MAX_NONFINITE - 1 and torch.equal(model.weight, before)
     assert sched.last_epoch == MAX_NONFINITE  # the schedule advanced on every skipped step

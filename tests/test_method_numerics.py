@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from edgessl.config import PretrainConfig
 from edgessl.method.instance import InstanceDiscrimination
 
-
 Z = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), dim=1)
 IDX = torch.tensor([3, 17, 25, 0, 39, 8])  # 6 + 10 negatives < 40 rows: sampled columns
 PERM = torch.tensor([1, 2, 3, 4, 5, 0])
@@ -29,7 +28,8 @@ def forward(method, mix, autocast):
 def test_forward_is_float32_inside_the_callers_autocast(sd_weight, mix):
     """Under torch.autocast(bf16): sim, p, loss, ce, sd are float32 and equal the values without autocast."""
     def make():
-        return InstanceDiscrimination(40, 8, negatives=10, sd_weight=sd_weight, generator=torch.Generator().manual_seed(0))
+        return InstanceDiscrimination(40, 8, negatives=10, sd_weight=sd_weight,
+                                      generator=torch.Generator().manual_seed(0))
 
     ref, ref_grad = forward(make(), mix, False)
     out, grad = forward(make(), mix, True)
@@ -45,7 +45,8 @@ def test_update_bank_is_float32_inside_the_callers_autocast(rule, mix, gathered)
     """update_bank under torch.autocast(bf16) gives the bank of the call without autocast (gathered: z passed)."""
     banks = []
     for autocast in (False, True):
-        method = InstanceDiscrimination(40, 8, negatives=10, bank_update=rule, generator=torch.Generator().manual_seed(0))
+        method = InstanceDiscrimination(40, 8, negatives=10, bank_update=rule,
+                                        generator=torch.Generator().manual_seed(0))
         out, _ = forward(method, mix, False)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             method.update_bank(out, out.z if gathered else None)
@@ -54,7 +55,8 @@ def test_update_bank_is_float32_inside_the_callers_autocast(rule, mix, gathered)
 
 
 def test_defaults_equal_pretrain_config_defaults():
-    """PretrainConfig is the single source of defaults; edgessl.method may not import it, so its literals are checked."""
+    """PretrainConfig is the single source of defaults; edgessl.method may not import it, so its literals are
+    checked."""
     config = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     params = inspect.signature(InstanceDiscrimination.__init__).parameters
     shared = [name for name, p in params.items() if p.default is not inspect.Parameter.empty and name in config]

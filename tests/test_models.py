@@ -72,7 +72,8 @@ def test_encoder_round_trip_from_files_alone(tmp_path, name, stem):
     with torch.no_grad():  # non-trivial BN statistics
         model.train()(torch.randn(4, 3, 32, 32))
     dim = output_dim(model, 32)
-    meta = {**arch, "input_size": [3, 32, 32], "image_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3, "feature_dim": dim}
+    meta = {**arch, "input_size": [3, 32, 32], "image_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3,
+            "feature_dim": dim}
     save_encoder(model, tmp_path, meta)
     assert json.loads((tmp_path / "encoder.json").read_text())["feature_dim"] == dim
     loaded = load_encoder(tmp_path)

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 import edgessl
 from edgessl.cli import app
-from edgessl.data.signature import describe_difference, folder_signature
 from edgessl.data.folder import scan_images
+from edgessl.data.signature import describe_difference, folder_signature
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, UserError
 from edgessl.rundir import default_run_dir
@@ -209,7 +209,9 @@ def test_interrupt_before_the_first_epoch_leaves_nothing(images, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as err:
         edgessl.pretrain(data=str(images), out=str(out), epochs=2, on_step=stop_at(0, 1, KeyboardInterrupt), **TINY)
-    assert str(err.value) == f"Interrupted before the first epoch completed: there is nothing to resume ({out} was removed)."
+    assert str(err.value) == (
+        f"Interrupted before the first epoch completed: there is nothing to resume ({out} was removed)."
+    )
     assert not out.exists()
 
 
@@ -223,7 +225,9 @@ def test_interrupt_after_an_epoch_names_the_resume_command(images, tmp_path):
 
 def test_cli_interrupt_exit_code_130(monkeypatch):
     def interrupted(**kwargs):
-        raise Interrupted("Interrupted. 1 completed epoch checkpointed in runs/x: continue with edgessl pretrain --resume runs/x")
+        raise Interrupted(
+            "Interrupted. 1 completed epoch checkpointed in runs/x: continue with edgessl pretrain --resume runs/x"
+        )
 
     monkeypatch.setattr(edgessl.api, "pretrain", interrupted)
     res = runner.invoke(app, ["pretrain"])
@@ -240,7 +244,8 @@ def test_resume_of_something_that_is_not_a_run(case, tmp_path):
         "file": f"error: Cannot resume '{target}': it is a file, not a run directory.",
         "no-checkpoint": (f"error: Cannot resume '{target}': no epoch of it has completed (no checkpoint.pt). Start "
                           f"it again with --config {target / 'config.yaml'} --out {target} --overwrite."),
-        "not-a-run": f"error: Cannot resume '{target}': it is not an edgessl run directory (no checkpoint.pt, no config.yaml).",
+        "not-a-run": (f"error: Cannot resume '{target}': it is not an edgessl run directory "
+                      "(no checkpoint.pt, no config.yaml)."),
     }[case]
     if case == "file":
         target.write_text("x")

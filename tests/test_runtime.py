@@ -22,7 +22,9 @@ def two_cores(monkeypatch):
 def test_auto_threads_use_the_cores_other_work_leaves(two_cores, busy, threads):
     choice = choose_threads("auto", busy=busy)
     assert choice.threads == threads
-    assert choice.reason == ("auto: machine idle" if threads == 2 else f"auto: {busy:.1f} of 2 cores busy with other work")
+    assert choice.reason == (
+        "auto: machine idle" if threads == 2 else f"auto: {busy:.1f} of 2 cores busy with other work"
+    )
 
 
 def test_explicit_threads_and_environment_win(two_cores, monkeypatch):

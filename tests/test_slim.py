@@ -9,8 +9,8 @@ from torch import nn
 from edgessl.errors import UserError
 from edgessl.method.losses import active_widths, slimmable_loss, soft_cross_entropy, width_loss_weights
 from edgessl.models.backbone import create_backbone, output_dim
-from edgessl.models.head import Encoder, ProjectionHead
 from edgessl.models.channels import channel_groups, group_counts, parse_widths, width_channels, width_plan
+from edgessl.models.head import Encoder, ProjectionHead
 from edgessl.models.prune import count_params_macs, prune_to_counts
 from edgessl.models.slicing import WidthView
 from edgessl.models.slimmable import SlimmableEncoder
@@ -183,7 +183,8 @@ def test_slimmable_loss_closed_form():
     ce = torch.log(torch.tensor(4.0))
     total = slimmable_loss(full, own, logits, teacher, [2.5, 1.0, 1.0], distill=0.5)
     torch.testing.assert_close(total, 2.5 * 2 + (0.5 * 3 + 0.5 * ce) + (0.5 * 5 + 0.5 * ce))
-    torch.testing.assert_close(slimmable_loss(full, own, logits, teacher, [1.0, 1.0, 1.0], distill=0.0), torch.tensor(10.0))
+    torch.testing.assert_close(slimmable_loss(full, own, logits, teacher, [1.0, 1.0, 1.0], distill=0.0),
+                               torch.tensor(10.0))
 
 
 def test_untraceable_or_unsliceable_models_are_refused():
@@ -208,9 +209,9 @@ def test_untraceable_or_unsliceable_models_are_refused():
 def test_training_loop_slow_start_and_flags(labelled_demo, tmp_path):
     """Before the slow start only the full width trains (the sub-width's private BN does not move), after it every
     width does; --no-width-reweight reaches the config."""
-    import edgessl
     from typer.testing import CliRunner
 
+    import edgessl
     from edgessl.cli import app
 
     seen = []

@@ -112,7 +112,8 @@ def test_slim_equals_the_width_subnetwork(slim_run, labelled_demo, tmp_path):
     assert sum(c.out_channels for c in convs) < sum(c.out_channels for c in full_convs)
     # the report wrote the default folder during training, made from the same weights
     default = edgessl.load_encoder(slim_run / "width-0.5")
-    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(default.state_dict().values(), model.state_dict().values(), strict=True))
 
 
 @pytest.mark.slow
@@ -256,7 +257,8 @@ def test_prune_taylor_and_bad_options(demo_run, tmp_path):
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "1.0"]), "--ratio must be in (0, 1)")
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.5", "--criterion", "random"]),
                     "--criterion must be magnitude or taylor")
-    _one_line_error(runner.invoke(app, ["prune", str(tmp_path), "--ratio", "0.5"]), f"'{tmp_path}' is not a pretraining run")
+    _one_line_error(runner.invoke(app, ["prune", str(tmp_path), "--ratio", "0.5"]),
+                    f"'{tmp_path}' is not a pretraining run")
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ def _print_summary(console, result) -> None:
         table.add_column(col, no_wrap=col == "file")
     for entry in result.models:
         parity = entry["parity"]
-        table.add_row(entry["file"], entry["precision"], f"{entry['bytes'] / 2**20:.2f}", f"{parity['max_abs_diff']:.2g}",
-                      f"{parity['min_cosine']:.6f}", f"{parity['mean_cosine']:.6f}")
+        table.add_row(entry["file"], entry["precision"], f"{entry['bytes'] / 2**20:.2f}",
+                      f"{parity['max_abs_diff']:.2g}", f"{parity['min_cosine']:.6f}", f"{parity['mean_cosine']:.6f}")
     console.print(table)
     console.print(f"Manifest: {result.manifest}", highlight=False, soft_wrap=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import typer
 import torch
+import typer
 from rich.markup import escape
 from rich.table import Table
 

@@ -35,7 +35,8 @@ def keyed_uniform(seed: int, epoch: int, index, n: int) -> np.ndarray:
     """(B, n) float64 uniforms in [0, 1), a pure function of (seed, epoch, index[b], column)."""
     with np.errstate(over="ignore"):
         idx = np.asarray(index, dtype=np.int64).astype(np.uint64).reshape(-1, 1)
-        key = _mix(np.array([seed], dtype=np.int64).astype(np.uint64) * _GOLDEN + _mix(np.array([epoch + 1], dtype=np.uint64)))
+        key = _mix(np.array([seed], dtype=np.int64).astype(np.uint64) * _GOLDEN
+                   + _mix(np.array([epoch + 1], dtype=np.uint64)))
         cols = np.arange(n, dtype=np.uint64).reshape(1, -1)
         x = _mix(key ^ _mix(idx * np.uint64(1024) + cols + _GOLDEN))
         return (x >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
@@ -87,7 +88,8 @@ def color_jitter(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Te
     g = _gray(x)
     x = ((x - g) * v(saturation) + g).clamp(0, 1)
     # hue: rotate the chroma plane of YIQ by 2*pi*hue
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=x.dtype, device=x.device)
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          dtype=x.dtype, device=x.device)
     from_yiq = torch.linalg.inv(to_yiq)
     ang = 2 * math.pi * hue.to(x.dtype)
     c, s = torch.cos(ang), torch.sin(ang)

@@ -183,7 +183,8 @@ def load_image_folder(
     arrays: list[np.ndarray] = []
     skipped: list[tuple[Path, str]] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, (path, (arr, why)) in enumerate(zip(paths, pool.map(lambda p: _try_decode(p, size), paths))):
+        decoded = pool.map(lambda p: _try_decode(p, size), paths)
+        for i, (path, (arr, why)) in enumerate(zip(paths, decoded, strict=True)):
             if arr is None:
                 skipped.append((path, why))
             else:

@@ -111,10 +111,10 @@ def _classifier_targets(sample: Sample, classes: list[str]) -> tuple[np.ndarray,
     if sample.labels is None:
         return None
     lookup = {c: i for i, c in enumerate(classes)}
-    pairs = [(r, lookup[sample.classes[l]]) for r, l in enumerate(sample.labels) if sample.classes[l] in lookup]
+    pairs = [(r, lookup[sample.classes[c]]) for r, c in enumerate(sample.labels) if sample.classes[c] in lookup]
     if not pairs:
         return None
-    rows, targets = zip(*pairs)
+    rows, targets = zip(*pairs, strict=True)
     return np.array(rows), np.array(targets)
 
 
@@ -290,8 +290,8 @@ def _export_fp32(src: _Source, path: Path, opset: int, x: np.ndarray, ref: np.nd
     _say(console, f"Exporting the {src.kind} ({src.meta['timm_name']}, {src.size} px) to {path} ...")
     exporter = ox.export_model(src.model, path, src.size, opset, "input", "logits" if src.logits else "features")
     sess, out, fig = _validated(path, "fp32", x, ref, src.logits)
-    _say(console, f"  written by {exporter}; parity on {len(src.sample)} images: max abs diff {fig['max_abs_diff']:.3g}, "
-                  f"min cosine {fig['min_cosine']:.7f}")
+    _say(console, f"  written by {exporter}; parity on {len(src.sample)} images: "
+                  f"max abs diff {fig['max_abs_diff']:.3g}, min cosine {fig['min_cosine']:.7f}")
     return _Fp32(path, exporter, sess, out, fig)
 
 

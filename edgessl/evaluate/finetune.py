@@ -32,11 +32,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor
 
-from edgessl.runtime import pick_device, use_threads
 from edgessl.data.augment import AugmentConfig, augment_batch, test_transform
 from edgessl.data.folder import ImageSet, scan_images
 from edgessl.errors import TrainingDiverged, UserError
-from edgessl.fileio import atomic_write_text
 from edgessl.evaluate.labelled import (
     check_labels_per_class,
     check_split_options,
@@ -49,10 +47,12 @@ from edgessl.evaluate.labelled import (
 )
 from edgessl.evaluate.metrics import classification_metrics, confusion_matrix, per_class_scores
 from edgessl.evaluate.subsets import stratified_split, stratified_subset
-from edgessl.seeding import keyed_generator
+from edgessl.fileio import atomic_write_text
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.classifier import Classifier, save_classifier
 from edgessl.report.eval_plots import plot_confusion
+from edgessl.runtime import pick_device, use_threads
+from edgessl.seeding import keyed_generator
 from edgessl.train.loop import EpochMeter
 from edgessl.train.optim import warmup_cosine
 from edgessl.train.state import MAX_NONFINITE, TrainState
@@ -140,7 +140,9 @@ class FinetuneOptions:
         """UserError for a bad value; returns the labels per class (None: all)."""
         values = parse_labels_per_class(self.labels_per_class)
         if len(values) != 1:
-            raise UserError(f"finetune takes one --labels-per-class value (a number or 'all'), not '{self.labels_per_class}'.")
+            raise UserError(
+                f"finetune takes one --labels-per-class value (a number or 'all'), not '{self.labels_per_class}'."
+            )
         for name, value, ok, rule in (
             ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
             ("--batch-size", self.batch_size, self.batch_size >= 2, "at least 2"),
@@ -223,9 +225,10 @@ def finetune_run(
                          workers)
     model = build_classifier(run_dir, meta, len(data.classes), opts, dev)
     say(
-        f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {len(data.classes)} classes | {len(data.fit_idx)} training"
-        f" + {len(data.val_idx)} held-out labelled images ({lpc_name(per_class)} per class) | {len(data.test_idx)} test "
-        f"images | {'frozen backbone' if freeze_backbone else 'full fine-tuning'} | {epochs} epochs | {dev.type}"
+        f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {len(data.classes)} classes | "
+        f"{len(data.fit_idx)} training + {len(data.val_idx)} held-out labelled images "
+        f"({lpc_name(per_class)} per class) | {len(data.test_idx)} test images "
+        f"| {'frozen backbone' if freeze_backbone else 'full fine-tuning'} | {epochs} epochs | {dev.type}"
     )
     history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say)
     out_dir = Path(out) if out else run_dir / f"finetune-{finetune_tag(per_class, freeze_backbone)}"
@@ -346,8 +349,8 @@ def write_finetune(model: Classifier, data: FinetuneData, opts: FinetuneOptions,
         **meta,
         "classes": classes,
         "train_data": train_data,
-        "finetune": {"labels_per_class": lpc_name(per_class), "freeze_backbone": opts.freeze_backbone, "seed": opts.seed,
-                     "best_epoch": best_epoch, "encoder_run": str(run_dir.resolve())},
+        "finetune": {"labels_per_class": lpc_name(per_class), "freeze_backbone": opts.freeze_backbone,
+                     "seed": opts.seed, "best_epoch": best_epoch, "encoder_run": str(run_dir.resolve())},
     }
     save_classifier(model, out_dir, cls_meta)
     metrics = {

@@ -64,6 +64,6 @@ class Monitor:
         mem = extract_features(backbone, self.memory, mean, std, device)
         qry = mem if self.loo else extract_features(backbone, self.query, mean, std, device)
         out = {}
-        for k, key in zip(KNN_K, ("knn_top1", "knn_top1_k200")):
+        for k, key in zip(KNN_K, ("knn_top1", "knn_top1_k200"), strict=True):
             out[key] = knn_top1(qry, self.query_labels, mem, self.memory.labels, self.num_classes, k, KNN_T, self.loo)
         return out

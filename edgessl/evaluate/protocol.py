@@ -33,19 +33,17 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from edgessl.runtime import pick_device, use_threads
 from edgessl.data.folder import scan_images
 from edgessl.errors import UserError
-from edgessl.fileio import atomic_write_text, sha256_file
 from edgessl.evaluate.features import extract_features
 from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict
 from edgessl.evaluate.labelled import (
+    Split,
     check_labels_per_class,
     check_split_options,
     class_folders,
     load_labelled_folder,
     lpc_name,
-    Split,
     map_test_labels,
     parse_labels_per_class,
     split_folder,
@@ -53,8 +51,10 @@ from edgessl.evaluate.labelled import (
 from edgessl.evaluate.linear import L2_GRID, MAX_FOLDS, linear_probe
 from edgessl.evaluate.metrics import classification_metrics
 from edgessl.evaluate.subsets import stratified_subset
+from edgessl.fileio import atomic_write_text, sha256_file
 from edgessl.models.backbone import ENCODER_WEIGHTS, build_from_arch, load_encoder, read_encoder_meta
 from edgessl.report.eval_plots import plot_eval
+from edgessl.runtime import pick_device, use_threads
 from edgessl.train.checkpoint import atomic_save
 
 RANDOM_INIT_SEED = 0
@@ -467,7 +467,8 @@ def _print_results(console: Console, result: EvalResult) -> None:
 
 
 def _subset_line(say, name: str, t0: float):
-    """A progress line per scored subset: '  pretrained | 10 labels/class, seed 1: kNN@20 0.412, linear 0.455 (3.1 s)'."""
+    """A progress line per scored subset:
+    '  pretrained | 10 labels/class, seed 1: kNN@20 0.412, linear 0.455 (3.1 s)'."""
 
     def line(rows: list[dict[str, Any]]) -> None:
         knn = next(r for r in rows if r["protocol"] == "knn")

@@ -99,7 +99,7 @@ def slimmable_loss(full: Tensor, subs: list[Tensor], sub_logits: list[Tensor], t
     weights: width_loss_weights(...). distill = 0 turns the distillation off.
     """
     total = weights[0] * full
-    for w, own, logits in zip(weights[1:], subs, sub_logits):
+    for w, own, logits in zip(weights[1:], subs, sub_logits, strict=True):
         term = own if distill == 0 else (1 - distill) * own + distill * soft_cross_entropy(logits, teacher_p)
         total = total + w * term
     return total

@@ -28,7 +28,9 @@ def torch_pruning():
     try:
         import torch_pruning as tp
     except ImportError:
-        raise UserError("--widths, `edgessl slim` and `edgessl prune` need torch-pruning: pip install 'edgessl[slim]'.") from None
+        raise UserError(
+            "--widths, `edgessl slim` and `edgessl prune` need torch-pruning: pip install 'edgessl[slim]'."
+        ) from None
     return tp
 
 
@@ -79,7 +81,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, keep_outputs: list[n
         raw = list(graph.get_all_groups(ignored_layers=list(keep_outputs)))
     except Exception as exc:  # torch-pruning raises many kinds of errors on untraceable models
         raise UserError(
-            f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            f"torch-pruning cannot trace {type(model).__name__} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
             "--widths, slim and prune need a model its DependencyGraph understands (timm CNNs such as ResNet, "
             "MobileNetV2/V3, EfficientNet)."
         ) from exc
@@ -101,11 +104,11 @@ def channel_groups(model: nn.Module, example: torch.Tensor, keep_outputs: list[n
             seen.add((names[module], dim))
             has_params = any(True for _ in module.parameters(recurse=False))
             if has_params and not isinstance(module, SLICEABLE):
-                raise UserError(f"layer '{names[module]}' ({type(module).__name__}) has channels in a prunable group but "
-                                "cannot be sliced by width (supported: Conv, Linear, BatchNorm).")
+                raise UserError(f"layer '{names[module]}' ({type(module).__name__}) has channels in a prunable group "
+                                "but cannot be sliced by width (supported: Conv, Linear, BatchNorm).")
             if isinstance(module, nn.modules.conv._ConvNd) and module.groups not in (1, module.in_channels):
-                raise UserError(f"layer '{names[module]}' is a grouped convolution ({module.groups} groups): only plain and "
-                                "depthwise convolutions can be sliced by width.")
+                raise UserError(f"layer '{names[module]}' is a grouped convolution ({module.groups} groups): "
+                                "only plain and depthwise convolutions can be sliced by width.")
             group.members.append(Member(names[module], dim, [int(i) for i in item.idxs]))
         groups.append(group)
     return groups
@@ -132,8 +135,8 @@ def counts_plan(groups: list[ChannelGroup], counts: dict[str, int]) -> Plan:
         for m in g.members:
             kept = sorted(m.index[:k])
             if kept != list(range(len(kept))):
-                raise UserError(f"layer '{m.layer}' would keep channels that are not its first {k}: width slicing needs "
-                                "groups whose channels map one to one (no concatenations).")
+                raise UserError(f"layer '{m.layer}' would keep channels that are not its first {k}: "
+                                "width slicing needs groups whose channels map one to one (no concatenations).")
             plan.setdefault(m.layer, {"out": None, "in": None})[m.dim] = len(kept)
     return plan
 

@@ -24,7 +24,9 @@ def prune_to_counts(model: nn.Module, example: torch.Tensor, counts: dict[str, i
     groups = {g.root: g for g in channel_groups(model, example, keep_outputs)}
     unknown = sorted(set(counts) - set(groups))
     if unknown:
-        raise UserError(f"pruned channel counts name layers this architecture has no group for: {', '.join(unknown[:3])}.")
+        raise UserError(
+            f"pruned channel counts name layers this architecture has no group for: {', '.join(unknown[:3])}."
+        )
     was_training = model.training
     model.eval()
     with torch.enable_grad():  # torch-pruning traces through autograd

@@ -7,8 +7,8 @@ them, setting each depthwise conv's `groups` to its kept channels for the durati
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from torch import Tensor, nn
 from torch.func import functional_call

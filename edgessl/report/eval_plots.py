@@ -22,7 +22,7 @@ def plot_eval(summary: Sequence[dict[str, Any]], path: str | Path, title: str = 
     lpcs = list(dict.fromkeys(s["labels_per_class"] for s in summary))
     pos = {v: i for i, v in enumerate(lpcs)}
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.6), sharey=True, squeeze=False)
-    for ax, (proto, k, label) in zip(axes[0], _PANELS):
+    for ax, (proto, k, label) in zip(axes[0], _PANELS, strict=True):
         for enc in ("pretrained", "random"):
             rows = [s for s in summary if s["encoder"] == enc and s["protocol"] == proto and s["k"] == k]
             if not rows:

@@ -49,7 +49,7 @@ def curves_figure(history: list[dict[str, Any]], title: str = ""):
         for key, label in (("knn_top1", "kNN top-1 (k=20)"), ("knn_top1_k200", "kNN top-1 (k=200)")):
             pts = [(h["epoch"], h[key]) for h in knn if h.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy")
         ax.legend()

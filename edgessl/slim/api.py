@@ -32,8 +32,14 @@ from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1
 from edgessl.evaluate.labelled import load_labelled_folder, map_test_labels
 from edgessl.evaluate.linear import linear_probe
 from edgessl.fileio import atomic_write_text, sha256_files
-from edgessl.models.backbone import (ENCODER_META, ENCODER_WEIGHTS, load_encoder, output_dim, read_encoder_meta,
-                                     save_encoder)
+from edgessl.models.backbone import (
+    ENCODER_META,
+    ENCODER_WEIGHTS,
+    load_encoder,
+    output_dim,
+    read_encoder_meta,
+    save_encoder,
+)
 from edgessl.models.channels import channel_groups, check_width, group_counts, width_plan
 from edgessl.models.prune import count_params_macs, prune_to_counts
 from edgessl.models.slicing import sliced_tensors
@@ -356,17 +362,19 @@ def _measure(w: float, model: nn.Module, model_meta: dict[str, Any], folder: Pat
 
 
 def encoders_report(out_dir: str | Path, encoders: list[tuple[float, str | Path]], labelled=None, test=None,
-                    device: str | torch.device = "cpu", threads: int | None = None, console=None) -> list[dict[str, Any]]:
+                    device: str | torch.device = "cpu", threads: int | None = None,
+                    console=None) -> list[dict[str, Any]]:
     """widths.json + widths.png in out_dir for given encoder folders [(width, folder)], e.g. `edgessl prune`'s
     original (1.0) and pruned (1 - ratio) encoders: the same entries and plot as a `--widths` run's report."""
     out_dir = Path(out_dir)
     metas = [read_encoder_meta(f) for _, f in encoders]
     train_size = int(metas[0]["image_size"])
-    accuracy = _Accuracy(_images(labelled, train_size, "the labelled images"), _images(test, train_size, "the test images"))
+    accuracy = _Accuracy(_images(labelled, train_size, "the labelled images"),
+                         _images(test, train_size, "the test images"))
     say = console.print if console is not None else (lambda *a, **k: None)
     say(f"Report ({len(encoders)} encoders): {accuracy.describe()}.", highlight=False)
     entries = [_measure(w, load_encoder(f), m, Path(f), train_size, accuracy, metas[0], device, threads, say)
-               for (w, f), m in zip(encoders, metas)]
+               for (w, f), m in zip(encoders, metas, strict=True)]
     atomic_write_text(out_dir / REPORT_JSON, json.dumps(entries, indent=2) + "\n")
     plot_widths(entries, out_dir / REPORT_PLOT, title=f"{metas[0]['timm_name']} - {out_dir.name}")
     return entries

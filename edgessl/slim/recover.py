@@ -72,7 +72,8 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
         images = load_image_folder(cfg.data or str(demo_folder()), size, labels=False)
         idx = torch.arange(min(len(images), cfg.batch_size))
         x = augment_batch(images.get(idx), idx, 0, cfg.seed, AugmentConfig(), IMAGENET_MEAN, IMAGENET_STD)
-        method = InstanceDiscrimination(len(bank), bank.shape[1], cfg.temperature, cfg.negatives, sd_weight=cfg.sd_weight)
+        method = InstanceDiscrimination(len(bank), bank.shape[1], cfg.temperature, cfg.negatives,
+                                        sd_weight=cfg.sd_weight)
         method.bank.weight.copy_(bank)
         student.train()
         method(F.normalize(student(x), dim=1), idx).loss.backward()

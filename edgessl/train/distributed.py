@@ -146,7 +146,7 @@ def all_gather_cat(t: Tensor, d: Dist, sizes: list[int] | None = None) -> Tensor
     parts = [torch.empty_like(t) for _ in range(d.world)]
     dist.all_gather(parts, t)
     if sizes is not None:
-        parts = [p[:s] for p, s in zip(parts, sizes)]
+        parts = [p[:s] for p, s in zip(parts, sizes, strict=True)]
     return torch.cat(parts)
 
 

@@ -204,7 +204,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     threads = use_threads(cfg.threads)
     set_determinism(cfg.deterministic, device)
     precision = pick_precision(cfg.precision, device)
-    model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device)  # a wrong backbone fails before any data is read
+    # a wrong backbone fails before any data is read
+    model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device)
     run_dir, ckpt = target_dir(cfg, resume, overwrite, d)  # checks only
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
         return _already_complete(cfg, run_dir, ckpt, console, d)
@@ -280,7 +281,7 @@ def train_step(run: Run, state: TrainState, objective: Objective, net: torch.nn.
     names = ["loss", "ce", "sd", *[f"ce_w{w:g}" for w in res.widths[1:]]]
     # the global batch's mean (mean of equal-sized slices' means), identical on every process
     stacked = torch.stack([res.loss.detach().float(), res.out.ce.float(), res.out.sd.float(), *res.sub_ce])
-    values = dict(zip(names, distributed.mean_over_ranks(stacked.float(), run.d).tolist()))
+    values = dict(zip(names, distributed.mean_over_ranks(stacked.float(), run.d).tolist(), strict=True))
     diverged = lambda: TrainingDiverged(  # noqa: E731
         f"Training diverged: {MAX_NONFINITE} non-finite losses in a row (epoch {epoch + 1}, step {step + 1}). "
         f"The last good checkpoint is kept in {run.run_dir}. Lower --lr or --bank-lr, or use --precision fp32.")
@@ -526,7 +527,8 @@ def _cutmix_rows(
 
 
 def _beta(g: torch.Generator, alpha: float) -> float:
-    """Beta(alpha, alpha) from a seeded generator via two Gamma draws (Marsaglia-Tsang through torch._standard_gamma)."""
+    """Beta(alpha, alpha) from a seeded generator via two Gamma draws
+    (Marsaglia-Tsang through torch._standard_gamma)."""
     a = torch._standard_gamma(torch.full((2,), float(alpha)), generator=g)
     return float(a[0] / a.sum())
 
@@ -535,7 +537,8 @@ def _log_epoch(console: Console, row: dict[str, Any], epochs: int, progress) -> 
     knn = f"  kNN@20 {row['knn_top1']:.3f}  kNN@200 {row['knn_top1_k200']:.3f}" if "knn_top1" in row else ""
     widths = "".join(f", ce@{k[len('loss_ce_w'):]} {v:.3f}" for k, v in row.items() if k.startswith("loss_ce_w"))
     line = (
-        f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f} (ce {row['loss_ce']:.3f}{widths}, sd {row['loss_sd']:.4f})"
+        f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f} "
+        f"(ce {row['loss_ce']:.3f}{widths}, sd {row['loss_sd']:.4f})"
         f"  lr {row['lr']:.4f}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f} s{knn}"
     )
     (progress.console if progress is not None else console).print(line, highlight=False)

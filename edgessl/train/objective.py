@@ -6,8 +6,8 @@ loss to back-propagate, whatever the composition; no `if` about widths or teache
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

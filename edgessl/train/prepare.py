@@ -147,7 +147,8 @@ def resolve_batch(cfg: PretrainConfig, n: int, d: distributed.Dist, warn: Callab
     if batch > cap:
         warn(
             f"--batch-size {batch} would cover {batch / n:.0%} of the {n} images per step; the batch shrinks to {cap} "
-            f"(at most 1/{BANK_BATCH_DIVISOR} of the data set: larger batches destabilise the memory bank on small data)."
+            f"(at most 1/{BANK_BATCH_DIVISOR} of the data set: "
+            "larger batches destabilise the memory bank on small data)."
         )
         batch = cap
     return batch

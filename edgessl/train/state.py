@@ -77,7 +77,8 @@ class TrainState:
         UserError when it does not fit (another data size, another model); nothing is changed on disk."""
         if ckpt["num_images"] != num_images:
             raise UserError(
-                f"Cannot resume '{run_dir}': it was trained on {ckpt['num_images']} images, the data now has {num_images}."
+                f"Cannot resume '{run_dir}': it was trained on {ckpt['num_images']} images, "
+                f"the data now has {num_images}."
             )
         try:
             for part in PARTS:
@@ -85,7 +86,8 @@ class TrainState:
         except (RuntimeError, KeyError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
-                f"Cannot resume '{run_dir}': its checkpoint does not fit the model these options build ({first[:200]}). "
+                f"Cannot resume '{run_dir}': its checkpoint does not fit the model these options build "
+                f"({first[:200]}). "
                 "Resume without changing model options."
             ) from None
         set_rng_state(ckpt["rng"])
