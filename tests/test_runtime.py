@@ -69,3 +69,21 @@ def test_smoothed_rate_is_an_exponential_moving_average():
     assert smoothed_rate(5.0, 0, 1.0) == 5.0 and smoothed_rate(5.0, 3, 0.0) == 5.0
     # one stretch three times slower moves the estimate by alpha * (1/3 - 1), not threefold
     assert smoothed_rate(9.0, 3, 1.0, alpha=0.1) == pytest.approx(8.4)
+
+
+def test_deterministic_sets_the_cublas_workspace_on_cuda_only(monkeypatch):
+    from edgessl.train.loop import set_determinism
+
+    calls = []
+    record = lambda on, warn_only=False: calls.append((on, warn_only))  # noqa: E731
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", record)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    set_determinism(False, torch.device("cuda"))
+    assert calls == [] and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    set_determinism(True, torch.device("cpu"))
+    assert calls == [(True, True)] and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    set_determinism(True, torch.device("cuda"))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    set_determinism(True, torch.device("cuda"))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the user's choice stays
