@@ -12,6 +12,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   budget    equal wall-clock: each method trains for the time SimCLR's `--epochs` took in the accuracy suite
   shared-cpu  demo pretrain images/s and eval seconds, idle and beside a competing 2-thread PyTorch job, with the
             thread policy vs the old behaviour (benchmarks/shared_cpu.py); run it on an otherwise idle machine
+  eval      seconds of `edgessl eval` (CIFAR-10 5k/5k, 10 and all labels, 3 seeds, random baseline) with the probe
+            before and after its speed-ups, and every top-1 difference (benchmarks/eval_speed.py)
   all       every suite above
 --tiny runs a suite in seconds (a few images, one epoch, two steps) so the runner cannot rot (tests/test_benchmarks.py).
 """
@@ -33,7 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu")
+SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval")
 
 
 def machine() -> dict[str, Any]:
@@ -258,6 +260,12 @@ def suite_budget(args) -> list[dict]:
             rows.append({**r, "data": name, "budget_s": budget})
             print(f"budget {name} {method}: {epochs} epochs, kNN last {r['knn_last']}", flush=True)
     return rows
+
+
+def suite_eval(args) -> list[dict]:
+    from benchmarks.eval_speed import suite_eval as run
+
+    return run(args)
 
 
 def suite_shared_cpu(args) -> list[dict]:

@@ -51,7 +51,9 @@ def test_accuracy_suite(bench):
 def test_ablation_and_data_suites(bench):
     rec, readme = bench("ablation")
     assert [r["ablation"] for r in rec["rows"]] == ["full", "random bank init", "momentum bank update",
-                                                    "no self-distillation", "with CutMix 0.5"]
+                                                    "no self-distillation", "with CutMix 0.5",
+                                                    "with CutMix 0.5, max(lam, 1-lam)"]
+    assert rec["rows"][-1]["overrides"] == {"cutmix": 0.5, "cutmix_lam": "max"}
     assert rec["rows"][2]["overrides"] == {"bank_update": "momentum"}
     if not (bench.out / "accuracy.json").exists():
         bench("accuracy")
@@ -100,3 +102,12 @@ def test_shared_cpu_suite(bench):
         r = rows[(work, "new")]
         assert r["images_per_s"] > 0 and r["threads"] >= 1 and r["competitor_steps_per_s"] > 0
     assert "## Shared CPU: the thread policy beside another job" in readme and "load average" in readme
+
+
+def test_eval_suite(bench):
+    rec, readme = bench("eval")
+    before, after = rec["rows"]
+    assert (before["probe"], after["probe"]) == ("before", "after") and before["seconds"] > 0
+    assert before["settings"]["dtype"] == "torch.float64" and after["settings"]["dtype"] == "torch.float32"
+    assert len(before["results"]) == len(after["results"]) > 0
+    assert "## Eval: the linear probe's speed-ups" in readme

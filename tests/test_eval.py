@@ -84,7 +84,9 @@ def test_linear_probe_separates_separable_features():
     result = linear_probe(x, y, xt, 3, seed=0)
     assert result.logits.shape == (300, 3)
     assert (result.logits.argmax(dim=1) == yt).float().mean() >= 0.99
-    assert result.choice.cross_validated and result.choice.folds == 5 and len(result.choice.cv_top1) == 6
+    assert result.choice.cross_validated and result.choice.folds == 5
+    # every strength separates the blobs: the strongest wins the tie
+    assert result.choice.l2 == 10.0 and set(result.choice.cv_top1.values()) == {1.0}
 
 
 def test_fit_logistic_reaches_the_stationary_point():
@@ -288,3 +290,48 @@ def test_eval_help_has_examples():
     assert res.exit_code == 0 and "Examples" in res.output
     for flag in ("--train", "--test", "--test-fraction", "--labels-per-class", "--seeds", "--baseline"):
         assert flag in res.output, flag
+
+
+@pytest.mark.parametrize("spread, l2", [(0.5, 1e-2), (0.5, 1e-1), (3.0, 1e-2), (3.0, 1.0)])
+def test_probe_equals_scikit_learn_logistic_regression(spread, l2):
+    """Separable (spread 0.5) and overlapping (3.0) blobs: the same minimiser as scikit-learn's multinomial
+    LogisticRegression with C = 1 / (l2 N), i.e. the same probabilities on held-out points."""
+    sk = pytest.importorskip("sklearn.linear_model")
+    x, y = _blobs(40, seed=1, spread=spread)
+    xt, _ = _blobs(20, seed=2, spread=spread)
+    x, xt = standardize(x, xt)
+    w, b = fit_logistic(x, y, 3, l2, max_iter=500)
+    ref = sk.LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-10, max_iter=10_000).fit(x.numpy(), y.numpy())
+    ours = torch.softmax(xt @ w + b, dim=1)
+    theirs = torch.from_numpy(ref.predict_proba(xt.numpy())).float()
+    assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()
+    assert torch.equal(ours.argmax(dim=1), theirs.argmax(dim=1))
+
+
+def test_cv_sweep_stops_past_the_peak_and_subsets_large_sets():
+    from edgessl.evaluate.linear import REFERENCE, ProbeSettings, cv_subset
+
+    x, y = _blobs(30, seed=5, spread=2.0)
+    full = choose_l2(x, y, 3, seed=0, settings=ProbeSettings(patience=99, exact_up_to=0))
+    early = choose_l2(x, y, 3, seed=0, settings=ProbeSettings(patience=2, exact_up_to=0))
+    assert ProbeSettings().for_size(90) == REFERENCE  # a small labelled set: the exact probe
+    assert len(full.cv_top1) == 6 and early.cv_top1.items() <= full.cv_top1.items()  # the same scores, fewer fits
+    strengths = sorted(full.cv_top1, reverse=True)
+    best = strengths.index(early.l2)
+    assert all(full.cv_top1[s] <= full.cv_top1[early.l2] for s in strengths[: best + 3])  # the peak of what it saw
+    keep = cv_subset(y, 45, seed=0)
+    assert len(keep) == 45 and torch.bincount(y[keep]).tolist() == [15, 15, 15]
+    assert torch.equal(keep, cv_subset(y, 45, seed=0)) and not torch.equal(keep, cv_subset(y, 45, seed=1))
+
+
+def test_knn_one_search_serves_every_k():
+    from edgessl.evaluate.knn import knn_predict_many
+
+    g = torch.Generator().manual_seed(0)
+    mem, q = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    many = knn_predict_many(q, mem, labels, 5, (20, 200))
+    for k in (20, 200):
+        assert torch.allclose(many[k], knn_predict(q, mem, labels, 5, k), atol=1e-5)
+    loo = knn_predict_many(mem, mem, labels, 5, (20, 400), exclude_self=True)
+    assert torch.allclose(loo[400], knn_predict(mem, mem, labels, 5, 299, exclude_self=True), atol=1e-5)

@@ -12,6 +12,42 @@ KNN_K = (20, 200)
 KNN_T = 0.1
 
 
+def knn_predict_many(
+    query: Tensor,
+    memory: Tensor,
+    memory_labels: Tensor,
+    num_classes: int,
+    ks: tuple[int, ...] = KNN_K,
+    t: float = KNN_T,
+    exclude_self: bool = False,
+    chunk: int = 1024,
+) -> dict[int, Tensor]:
+    """Class scores of each query by weighted kNN over the memory set, for several k from one top-k search.
+
+    query: (Q, D), memory: (M, D) features (normalised here, cosine similarity); memory_labels: (M,) long.
+    Each of the k most similar memory items votes for its class with weight exp(sim / t). One top-max(ks) search per
+    chunk of queries serves every k (its first k columns are the top k). exclude_self: query i is memory item i
+    (leave-one-out on one set; requires Q == M). Returns {k: (Q, C) scores} for the requested k (each clipped to the
+    memory items available); argmax is the prediction.
+    """
+    query = F.normalize(query.float(), dim=1)
+    memory = F.normalize(memory.float(), dim=1)
+    available = memory.shape[0] - (1 if exclude_self else 0)
+    clipped = {k: max(1, min(k, available)) for k in ks}
+    widest = max(clipped.values())
+    scores: dict[int, list[Tensor]] = {k: [] for k in ks}
+    for start in range(0, query.shape[0], chunk):
+        sim = query[start : start + chunk] @ memory.t()  # (q, M)
+        if exclude_self:
+            rows = torch.arange(sim.shape[0], device=sim.device)
+            sim[rows, rows + start] = -float("inf")
+        top_sim, top_idx = sim.topk(widest, dim=1)  # sorted, most similar first
+        votes = (top_sim / t).exp().unsqueeze(-1) * F.one_hot(memory_labels[top_idx], num_classes).to(top_sim.dtype)
+        for k in ks:
+            scores[k].append(votes[:, : clipped[k]].sum(dim=1))
+    return {k: torch.cat(v) for k, v in scores.items()}
+
+
 def knn_predict(
     query: Tensor,
     memory: Tensor,
@@ -22,28 +58,23 @@ def knn_predict(
     exclude_self: bool = False,
     chunk: int = 1024,
 ) -> Tensor:
-    """Class scores of each query by weighted kNN over the memory set.
+    """(Q, C) scores of knn_predict_many for one k."""
+    return knn_predict_many(query, memory, memory_labels, num_classes, (k,), t, exclude_self, chunk)[k]
 
-    query: (Q, D), memory: (M, D) features (normalised here, cosine similarity); memory_labels: (M,) long.
-    Each of the k most similar memory items votes for its class with weight exp(sim / t).
-    exclude_self: query i is memory item i (leave-one-out on one set; requires Q == M).
-    Returns (Q, C) scores; argmax is the prediction. k is clipped to the memory items available.
-    """
-    query = F.normalize(query.float(), dim=1)
-    memory = F.normalize(memory.float(), dim=1)
-    available = memory.shape[0] - (1 if exclude_self else 0)
-    k = max(1, min(k, available))
-    scores = []
-    for start in range(0, query.shape[0], chunk):
-        sim = query[start : start + chunk] @ memory.t()  # (q, M)
-        if exclude_self:
-            rows = torch.arange(sim.shape[0], device=sim.device)
-            sim[rows, rows + start] = -float("inf")
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / t).exp()
-        onehot = F.one_hot(memory_labels[top_idx], num_classes).to(weights.dtype)  # (q, k, C)
-        scores.append((weights.unsqueeze(-1) * onehot).sum(dim=1))
-    return torch.cat(scores)
+
+def knn_top1s(
+    query: Tensor,
+    query_labels: Tensor,
+    memory: Tensor,
+    memory_labels: Tensor,
+    num_classes: int,
+    ks: tuple[int, ...] = KNN_K,
+    t: float = KNN_T,
+    exclude_self: bool = False,
+) -> dict[int, float]:
+    """{k: top-1 accuracy in [0, 1]} of knn_predict_many (one search for every k)."""
+    scores = knn_predict_many(query, memory, memory_labels, num_classes, ks, t, exclude_self)
+    return {k: float((s.argmax(dim=1) == query_labels).float().mean()) for k, s in scores.items()}
 
 
 def knn_top1(

@@ -4,11 +4,17 @@ Objective, for features x (N, D), labels y (N,), weights W (D, C), bias b (C,):
 
     J(W, b) = 1/N sum_i CE(x_i W + b, y_i) + l2/2 ||W||_F^2          (the bias is not penalised)
 
-minimised by full-batch L-BFGS (strong Wolfe line search) in float64. In scikit-learn terms l2 = 1 / (C * N).
+minimised by full-batch L-BFGS (strong Wolfe line search), in float64 up to 2,500 labelled images and in float32
+above (benchmarks/README.md "eval"). In scikit-learn terms l2 = 1 / (C * N).
 
 The L2 strength is chosen by stratified k-fold cross-validation on the labelled training subset only (never on
 the test set): k = min(5, smallest class count); every fold is standardised with its own training part's
-statistics; the strength with the highest pooled validation top-1 wins, ties going to the stronger one.
+statistics; the strength with the highest pooled validation top-1 wins, ties going to the stronger one. The
+strengths are tried from strong to weak, each fold's fit warm-started from its fit at the previous strength. Above
+2,500 labelled images the sweep stops once `patience` (2) strengths in a row score below the best (the CV curve is
+past its peak); `max_cv_images` can also cross-validate on a stratified subset (off by default: it moved the chosen
+strength in the benchmark). The final fit always uses every labelled image (ProbeSettings; REFERENCE is the probe
+before these speed-ups).
 When a class has a single labelled image (e.g. 1 label per class) no fold can hold out one of its images while
 training on another, so cross-validation is impossible and the fixed fallback l2 = 1 / N is used (scikit-learn's
 default C = 1).
@@ -28,6 +34,28 @@ L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 MAX_FOLDS = 5
 MAX_ITER = 100  # as scikit-learn's lbfgs default
 _FOLDS = 0xF01D5
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the probe computes (not what it minimises): dtype of the fits, how many strengths in a row may score
+    below the best before the CV sweep stops, the largest labelled set cross-validated in full, and the labelled
+    set size up to which none of this applies (float64, the whole grid: such fits are cheap, and on a few labels
+    per class the CV scores of two strengths are often one image apart, so float32 alone can flip the choice)."""
+
+    dtype: torch.dtype = torch.float32
+    patience: int = 2
+    max_cv_images: int = 10**12
+    exact_up_to: int = 2500
+
+    def for_size(self, n: int) -> ProbeSettings:
+        return REFERENCE if n <= self.exact_up_to else self
+
+
+# REFERENCE is the probe before these speed-ups (float64, the whole grid, every labelled image in the CV): the eval
+# benchmark compares the two on the same features. PROBE is what every call uses unless told otherwise.
+REFERENCE = ProbeSettings(torch.float64, patience=len(L2_GRID), max_cv_images=10**12, exact_up_to=0)
+PROBE = ProbeSettings()
 
 
 def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tensor, ...]:
@@ -54,10 +82,10 @@ def fit_logistic(
 ) -> tuple[Tensor, Tensor]:
     """Minimise J(W, b) with L-BFGS. x: (N, D), y: (N,) long in [0, C); init: optional (W, b) warm start.
 
-    Returns (W (D, C), b (C,)) in float64 on x's device. Stops when max |grad| < 1e-5, or after max_iter
+    Returns (W (D, C), b (C,)) in x's floating dtype on x's device. Stops when max |grad| < 1e-5, or after max_iter
     iterations (separable data with a tiny l2 converges slowly, its minimiser running off as l2 -> 0; the cap
     bounds the time and, like scikit-learn's, acts as a little extra regularisation there)."""
-    x = x.double()
+    x = x if x.is_floating_point() else x.to(PROBE.dtype)
     y = y.long().to(x.device)
     if init is None:
         weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device)
@@ -113,30 +141,52 @@ class L2Choice:
 
 
 def choose_l2(
-    x: Tensor, y: Tensor, num_classes: int, seed: int, grid=L2_GRID, max_folds: int = MAX_FOLDS
+    x: Tensor, y: Tensor, num_classes: int, seed: int, grid=L2_GRID, max_folds: int = MAX_FOLDS,
+    settings: ProbeSettings | None = None,
 ) -> L2Choice:
     """Cross-validated L2 strength on labelled features only. x: (N, D) raw (unstandardised), y: (N,) long.
 
-    See the module docstring for the rule and the single-label fallback."""
+    See the module docstring for the rule, the early stop of the sweep, the subset and the single-label fallback."""
     counts = torch.bincount(y.long())
     smallest = int(counts[counts > 0].min()) if len(y) else 0
     if smallest < 2:
         return L2Choice(1.0 / max(1, len(y)), cross_validated=False)
     k = min(max_folds, smallest)
+    settings = (settings or PROBE).for_size(len(y))
+    if len(y) > settings.max_cv_images:
+        keep = cv_subset(y.cpu(), settings.max_cv_images, seed).to(x.device)
+        x, y = x[keep], y[keep]
     folds = stratified_folds(y.cpu(), k, seed).to(x.device)
-    strengths = sorted(grid, reverse=True)  # strong -> weak: each fit warm-starts the next
-    correct = {s: 0 for s in strengths}
-    for f in range(k):
-        tr, va = folds != f, folds == f
-        xtr, xva = standardize(x[tr].double(), x[va].double())
-        init = None
-        for s in strengths:
-            init = fit_logistic(xtr, y[tr], num_classes, s, init=init)
-            pred = (xva @ init[0] + init[1]).argmax(dim=1)
-            correct[s] += int((pred == y[va].to(pred.device)).sum())
-    cv_top1 = {s: correct[s] / len(y) for s in strengths}
-    best = max(strengths, key=lambda s: (cv_top1[s], s))
+    dtype = settings.dtype
+    parts = [(standardize(x[folds != f].to(dtype), x[folds == f].to(dtype)), y[folds != f], y[folds == f])
+             for f in range(k)]
+    inits: list = [None] * k
+    cv_top1: dict[float, float] = {}
+    best, behind = None, 0
+    for s in sorted(grid, reverse=True):  # strong -> weak: each fold's fit warm-starts its next one
+        correct = 0
+        for f, ((xtr, xva), ytr, yva) in enumerate(parts):
+            inits[f] = fit_logistic(xtr, ytr, num_classes, s, init=inits[f])
+            correct += int(((xva @ inits[f][0] + inits[f][1]).argmax(dim=1) == yva.to(xva.device)).sum())
+        cv_top1[s] = correct / len(y)
+        if best is None or cv_top1[s] > cv_top1[best]:  # ties keep the stronger, tried first
+            best, behind = s, 0
+        else:
+            behind += 1
+            if behind >= settings.patience:
+                break
     return L2Choice(best, cross_validated=True, folds=k, cv_top1=cv_top1)
+
+
+def cv_subset(labels: Tensor, size: int, seed: int) -> Tensor:
+    """Indices (size,) of a stratified subset: each class keeps round(size * n_c / N) of its items (at least 2),
+    chosen by a generator keyed by (seed, class)."""
+    out = []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero(as_tuple=True)[0]
+        take = max(2, round(size * len(members) / len(labels)))
+        out.append(members[torch.randperm(len(members), generator=keyed_generator(seed, c, _FOLDS + 1))[:take]])
+    return torch.cat(out).sort().values
 
 
 @dataclass
@@ -153,12 +203,15 @@ def linear_probe(
     seed: int = 0,
     grid=L2_GRID,
     max_folds: int = MAX_FOLDS,
+    settings: ProbeSettings | None = None,
 ) -> ProbeResult:
     """Fit the probe on labelled features and score the test features.
 
     train_x: (N, D), train_y: (N,) long, test_x: (M, D). Both are standardised with train_x's statistics;
     l2 by choose_l2 on (train_x, train_y) alone. Returns the (M, C) test logits and the L2 choice."""
-    choice = choose_l2(train_x, train_y, num_classes, seed, grid, max_folds)
-    xtr, xte = standardize(train_x.double(), test_x.double().to(train_x.device))
+    settings = (settings or PROBE).for_size(len(train_y))
+    choice = choose_l2(train_x, train_y, num_classes, seed, grid, max_folds, settings)
+    dtype = settings.dtype
+    xtr, xte = standardize(train_x.to(dtype), test_x.to(dtype).to(train_x.device))
     weight, bias = fit_logistic(xtr, train_y, num_classes, choice.l2)
     return ProbeResult(xte @ weight + bias, choice)

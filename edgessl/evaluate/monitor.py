@@ -9,7 +9,7 @@ import torch
 from edgessl.data.folder import ImageSet
 from edgessl.errors import UserError
 from edgessl.evaluate.features import extract_features
-from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1
+from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1s
 from edgessl.slim.api import report_table, width_report
 from edgessl.train.loop import Evaluation
 
@@ -63,7 +63,5 @@ class Monitor:
     def __call__(self, backbone, device, mean, std) -> dict[str, float]:
         mem = extract_features(backbone, self.memory, mean, std, device)
         qry = mem if self.loo else extract_features(backbone, self.query, mean, std, device)
-        out = {}
-        for k, key in zip(KNN_K, ("knn_top1", "knn_top1_k200"), strict=True):
-            out[key] = knn_top1(qry, self.query_labels, mem, self.memory.labels, self.num_classes, k, KNN_T, self.loo)
-        return out
+        top1 = knn_top1s(qry, self.query_labels, mem, self.memory.labels, self.num_classes, KNN_K, KNN_T, self.loo)
+        return {key: top1[k] for k, key in zip(KNN_K, ("knn_top1", "knn_top1_k200"), strict=True)}

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from edgessl.data.folder import scan_images
 from edgessl.errors import UserError
 from edgessl.evaluate.features import extract_features
-from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict
+from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict_many
 from edgessl.evaluate.labelled import (
     Split,
     check_labels_per_class,
@@ -212,8 +212,9 @@ def evaluate_features(
             base = {"encoder": encoder, "labels_per_class": lpc_name(per_class), "seed": seed,
                     "n_train": len(idx), "n_test": len(test_y)}
             new = []
+            knn = knn_predict_many(test_x, x, y, num_classes, KNN_K, KNN_T)  # one top-200 search for both k
             for k in KNN_K:
-                pred = knn_predict(test_x, x, y, num_classes, k, KNN_T).argmax(dim=1)
+                pred = knn[k].argmax(dim=1)
                 new.append({**base, "protocol": "knn", "k": k, **classification_metrics(test_y, pred, num_classes),
                             "k_used": min(k, len(idx))})
             probe = linear_probe(x, y, test_x, num_classes, seed=CV_FOLD_SEED)
