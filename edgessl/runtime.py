@@ -4,7 +4,7 @@ Thread policy (measured in benchmarks/README.md, "shared-cpu"): `--threads auto`
 processes leave free, measured over 0.2 s from /proc/stat when the command starts: all of them on an idle machine,
 one when another job keeps the cores busy (two threads then fight the other job for the cores, and each OpenMP
 barrier waits for a thread that is not running). `--threads N` or OMP_NUM_THREADS override it. OpenMP's wait policy
-is left at its default: passive waiting cost 23 % of the demo's images/s and doubled `eval` on an idle machine.
+is left at its default: passive waiting cost 42 % of the demo's images/s and made `eval` 2.5x slower on an idle machine.
 """
 
 from __future__ import annotations
