@@ -3,6 +3,7 @@
 - labelled_demo (session): a tiny labelled split of the bundled demo emoji in the ImageFolder layout:
   train/<class>/ with 6, 6 and 3 images of 3 classes (one class smaller on purpose) and test/<class>/ with 3 each.
   Read-only: copy it before changing it.
+- tiny_data (session): 24 demo emoji, 4 of each of 6 categories, in class subfolders. Read-only.
 - demo_run (session): a run directory of a 1-epoch pretraining at 32 px on labelled_demo/train (encoder files,
   config.yaml, ...). Read-only: copy it (shutil.copytree) before writing into it.
 """
@@ -38,3 +39,13 @@ def demo_run(labelled_demo, tmp_path_factory):
     edgessl.pretrain(data=str(labelled_demo / "train"), out=str(out), epochs=1, image_size=32, batch_size=8,
                      head_hidden=64, feature_dim=16, eval_every=0, quiet=True, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    for cls in sorted(p for p in demo_images().iterdir() if p.is_dir())[:6]:
+        (root / cls.name).mkdir()
+        for f in sorted(cls.glob("*.png"))[:4]:
+            shutil.copy(f, root / cls.name / f.name)
+    return root

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from typer.testing import CliRunner
 
 import edgessl
 from edgessl.cli import app
-from edgessl.demo import demo_images
 from edgessl.errors import UserError
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.train.checkpoint import load_checkpoint
@@ -78,17 +76,6 @@ def _assert_same_state(a: dict, b: dict) -> None:
     assert a["model"].keys() == b["model"].keys()  # no "module." prefix
     for k, v in a["model"].items():
         assert torch.allclose(v.float(), b["model"][k].float(), atol=ATOL), k
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """24 demo emoji, 4 of each of 6 categories."""
-    root = tmp_path_factory.mktemp("tiny_dist")
-    for cls in sorted(p for p in demo_images().iterdir() if p.is_dir())[:6]:
-        (root / cls.name).mkdir()
-        for f in sorted(cls.glob("*.png"))[:4]:
-            shutil.copy(f, root / cls.name / f.name)
-    return root
 
 
 # ---------------------------------------------------------------- no processes

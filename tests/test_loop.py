@@ -2,7 +2,6 @@
 the objective's composition, CutMix geometry, mixed precision on the CPU, and that training learns."""
 
 import copy
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ import edgessl
 from edgessl.config import resolve
 from edgessl.data.augment import cutmix
 from edgessl.data.folder import load_image_folder
-from edgessl.demo import demo_images
 from edgessl.errors import UserError
 from edgessl.evaluate.monitor import Monitor
 from edgessl.method.bank import grad_bank_update
@@ -25,16 +23,6 @@ from edgessl.train.objective import Objective, Teacher
 from edgessl.train.prepare import resolve_batch
 
 TINY = dict(image_size=32, batch_size=8, head_hidden=32, feature_dim=16, quiet=True, workers=1, eval_every=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loop_data")
-    for cls in sorted(p for p in demo_images().iterdir() if p.is_dir())[:3]:
-        (root / cls.name).mkdir()
-        for f in sorted(cls.glob("*.png"))[:8]:
-            shutil.copy(f, root / cls.name / f.name)
-    return root
 
 
 def make_run(data, precision="fp32", **options):

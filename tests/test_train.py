@@ -23,17 +23,6 @@ from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD, bank_batch_cap, forw
 TINY = dict(image_size=32, batch_size=8, epochs=2, head_hidden=64, feature_dim=16, quiet=True, workers=1)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """24 demo emoji, 4 of each of 6 categories."""
-    root = tmp_path_factory.mktemp("tiny")
-    for cls in sorted(p for p in demo_images().iterdir() if p.is_dir())[:6]:
-        (root / cls.name).mkdir()
-        for f in sorted(cls.glob("*.png"))[:4]:
-            shutil.copy(f, root / cls.name / f.name)
-    return root
-
-
 def test_outputs_metrics_and_reloadable_config(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = edgessl.pretrain(data=str(tiny_data), out=str(out), labels_from_folders=True, **TINY)
