@@ -87,6 +87,5 @@ def knn_top1(
     t: float = KNN_T,
     exclude_self: bool = False,
 ) -> float:
-    """Top-1 accuracy in [0, 1] of knn_predict."""
-    pred = knn_predict(query, memory, memory_labels, num_classes, k, t, exclude_self).argmax(dim=1)
-    return float((pred == query_labels).float().mean())
+    """Top-1 accuracy in [0, 1] of knn_predict (knn_top1s for one k)."""
+    return knn_top1s(query, query_labels, memory, memory_labels, num_classes, (k,), t, exclude_self)[k]
