@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgessl.config import resolve
+from edgessl.data.cache import cache_folder, clear_entries, list_entries
 from edgessl.deploy.export import export as _export
 from edgessl.errors import UserError
 from edgessl.evaluate.finetune import finetune_run
@@ -18,7 +19,8 @@ from edgessl.slim.api import slim_encoder as _slim_encoder
 from edgessl.slim.recover import prune_run
 from edgessl.train.loop import pretrain as _pretrain
 
-__all__ = ["pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export"]
+__all__ = ["pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export",
+           "cache_entries", "clear_cache"]
 
 
 def pretrain(
@@ -132,3 +134,22 @@ def prune_encoder(run_dir: str | Path, ratio: float, criterion: str = "magnitude
     """Prune `ratio` of every channel group of a run's encoder and recover it (see `edgessl prune --help`).
     Returns the recovery's PretrainResult (`.run_dir`, `.history`, `.report` = its widths.json entries)."""
     return prune_run(run_dir, ratio, criterion, epochs, distill, out, quiet=quiet)
+
+
+def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dict[str, Any]]]:
+    """(the decoded-image cache folder, one dict per cached folder: name, root, size, images, skipped, bytes,
+    created). cache_dir: "auto" (EDGESSL_CACHE_DIR, else ~/.cache/edgessl) or a folder."""
+    folder = _cache_folder(cache_dir)
+    return folder, list_entries(folder)
+
+
+def clear_cache(cache_dir: str | Path | None = "auto", folder: str | Path | None = None) -> tuple[int, int]:
+    """Delete the decoded images of every folder (or of image folder `folder` only). -> (files, bytes) freed."""
+    return clear_entries(_cache_folder(cache_dir), folder)
+
+
+def _cache_folder(cache_dir: str | Path | None) -> Path:
+    folder = cache_folder(cache_dir)
+    if folder is None:
+        raise UserError("--cache-dir none means no cache: pass a folder, or leave the flag out for the default.")
+    return folder

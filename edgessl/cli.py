@@ -13,6 +13,7 @@ import yaml
 
 from edgessl import api
 from edgessl._version import __version__
+from edgessl.commands import cache as _cache_commands
 from edgessl.commands import deploy as _deploy_commands
 from edgessl.commands import evaluate as _evaluate_commands
 from edgessl.commands import prune as _prune_commands
@@ -101,7 +102,9 @@ def pretrain(
     labels_from_folders: Optional[bool] = typer.Option(None, "--labels-from-folders", help=flag_help("labels_from_folders")),
     eval_every: Optional[int] = typer.Option(None, help=flag_help("eval_every")),
     cache_mb: Optional[float] = typer.Option(None, help=flag_help("cache_mb")),
-    workers: Optional[int] = typer.Option(None, help=flag_help("workers")),
+    cache_dir: Optional[str] = typer.Option(None, help=flag_help("cache_dir")),
+    workers: Optional[str] = typer.Option(None, help=flag_help("workers")),
+    monitor_queries: Optional[int] = typer.Option(None, help=flag_help("monitor_queries")),
     threads: Optional[str] = typer.Option(None, help=flag_help("threads")),
     resume: Optional[Path] = typer.Option(None, help="Continue a run directory after its last completed epoch (on the same files; --data may point at a moved copy)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start a new run in a non-empty --out: the old contents are moved aside to OUT.old-TIME (nothing is deleted)."),
@@ -150,6 +153,7 @@ _evaluate_commands.register(app)
 _deploy_commands.register(app)
 _slim_commands.register(app)
 _prune_commands.register(app)
+_cache_commands.register(app)
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ class PretrainConfig:
     val: str | None = None
     labels_from_folders: bool = False
     cache_mb: float = 4096.0
-    workers: int = 2
+    cache_dir: str = "auto"  # decoded-image cache on disk: auto (EDGESSL_CACHE_DIR or ~/.cache/edgessl), a folder, none
+    workers: str = "auto"  # decoding threads: auto (one per available core, at most 8) or a number
     threads: str = "auto"  # CPU threads: auto (edgessl.runtime's policy) or a number
     # model
     backbone: str = "mobilenetv3_small"
@@ -69,6 +70,7 @@ class PretrainConfig:
     deterministic: bool = False
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (no effect on one process)
     eval_every: int = 1
+    monitor_queries: int = 5000  # the kNN monitor classifies at most this many images (a fixed random subset); 0 = all
     quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,8 +104,11 @@ FIELD_HELP: dict[str, str] = {
     "image_size": "Training resolution in pixels.",
     "val": "Labelled folder (one subfolder per class) for the online kNN monitor.",
     "labels_from_folders": "Use --data's subfolders as labels for the kNN monitor.",
-    "cache_mb": "Decoded-image cache bound in MiB; above it images stream from disk.",
-    "workers": "Decoding threads.",
+    "cache_mb": "RAM for decoded images in MiB; a larger data set is memory-mapped from the disk cache (or, with "
+                "--cache-dir none, decoded again at every step).",
+    "cache_dir": "Decoded-image cache: auto (EDGESSL_CACHE_DIR, else ~/.cache/edgessl), a folder, or none (no disk "
+                 "cache). Each folder is decoded once; `edgessl cache list|clear` shows and frees it.",
+    "workers": "Decoding threads: auto (one per available core, at most 8) or a number.",
     "threads": "CPU threads for the network: auto (all cores when the machine is idle, fewer when other jobs keep them "
                "busy) or a number.",
     "backbone": "timm model name or alias (mobilenetv3_small, mobilenetv3_large, resnet18, ...).",
@@ -141,6 +146,8 @@ FIELD_HELP: dict[str, str] = {
     "deterministic": "Deterministic algorithms (bit-exact resume on CPU).",
     "sync_bn": "Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm). No effect on one process.",
     "eval_every": "kNN monitor every N epochs (0 = off).",
+    "monitor_queries": "The kNN monitor classifies at most this many labelled images (the same random subset every "
+                       "epoch; the kNN memory keeps all of them); 0 = all.",
     "quiet": "No progress bar; log lines only.",
     "momentum": "SGD/LARS momentum.",
     "sd_alpha": "alpha of the self-distillation target normalize(p^alpha).",
@@ -251,6 +258,11 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError(f"--width-distill must be in [0, 1], not {cfg.width_distill}.")
     if cfg.eval_every < 0:
         raise UserError("--eval-every must be zero (off) or positive.")
+    if cfg.monitor_queries < 0:
+        raise UserError("--monitor-queries must be zero (all) or positive.")
+    cfg.workers = str(cfg.workers)
+    if cfg.workers != "auto" and not (cfg.workers.isdigit() and int(cfg.workers) > 0):
+        raise UserError(f"--workers must be auto or a positive number, not '{cfg.workers}'.")
     cfg.threads = str(cfg.threads)
     if cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
         raise UserError(f"--threads must be auto or a positive number, not '{cfg.threads}'.")

@@ -4,10 +4,13 @@
   train/<class>/ with 6, 6 and 3 images of 3 classes (one class smaller on purpose) and test/<class>/ with 3 each.
   Read-only: copy it before changing it.
 - tiny_data (session): 24 demo emoji, 4 of each of 6 categories, in class subfolders. Read-only.
+- isolated_cache (session, automatic): EDGESSL_CACHE_DIR points at a temporary folder for the whole session (and
+  the processes it starts), so tests never read or write the user's ~/.cache/edgessl.
 - demo_run (session): a run directory of a 1-epoch pretraining at 32 px on labelled_demo/train (encoder files,
   config.yaml, ...). Read-only: copy it (shutil.copytree) before writing into it.
 """
 
+import os
 import shutil
 
 import pytest
@@ -17,6 +20,17 @@ from edgessl.demo import demo_images
 DEMO_CLASSES = ("activities", "animals_and_nature", "flags")
 DEMO_TRAIN = (6, 6, 3)
 DEMO_TEST = 3
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    old = os.environ.get("EDGESSL_CACHE_DIR")
+    os.environ["EDGESSL_CACHE_DIR"] = str(tmp_path_factory.mktemp("edgessl-cache"))
+    yield os.environ["EDGESSL_CACHE_DIR"]
+    if old is None:
+        os.environ.pop("EDGESSL_CACHE_DIR", None)
+    else:
+        os.environ["EDGESSL_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -144,8 +144,8 @@ def test_labels_from_first_level_subfolders(tmp_path):
 
 def test_streaming_matches_cache(tmp_path):
     make_folder(tmp_path, n=5)
-    cached = load_image_folder(tmp_path, 12)
-    streamed = load_image_folder(tmp_path, 12, cache_mb=1e-6)
+    cached = load_image_folder(tmp_path, 12, cache_dir="none")
+    streamed = load_image_folder(tmp_path, 12, cache_mb=1e-6, cache_dir="none")  # no disk cache, over the bound
     assert streamed.streaming and not cached.streaming
     idx = torch.tensor([4, 0, 2])
     assert torch.equal(cached.get(idx), streamed.get(idx))

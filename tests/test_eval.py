@@ -335,3 +335,51 @@ def test_knn_one_search_serves_every_k():
         assert torch.allclose(many[k], knn_predict(q, mem, labels, 5, k), atol=1e-5)
     loo = knn_predict_many(mem, mem, labels, 5, (20, 400), exclude_self=True)
     assert torch.allclose(loo[400], knn_predict(mem, mem, labels, 5, 299, exclude_self=True), atol=1e-5)
+
+
+def _exact_loo_top1(feats: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, k: int, t: float = 0.1) -> float:
+    """Leave-one-out weighted kNN by brute force, one query at a time (the definition, no shared search)."""
+    f = torch.nn.functional.normalize(feats, dim=1)
+    right = 0
+    for i in rows.tolist():
+        sim = f @ f[i]
+        sim[i] = -float("inf")
+        top, idx = sim.topk(k)
+        scores = torch.zeros(int(labels.max()) + 1).index_add_(0, labels[idx], (top / t).exp())
+        right += int(scores.argmax() == labels[i])
+    return right / len(rows)
+
+
+class _Images:
+    """An ImageSet stand-in for the monitor: N 'images' whose features are fixed vectors (the backbone is the
+    identity on a flattened row)."""
+    def __init__(self, feats, labels, classes):
+        self.feats, self.labels, self.classes = feats, labels, classes
+
+    def __len__(self):
+        return len(self.feats)
+
+    def get(self, index):
+        return self.feats[index]
+
+
+def test_monitor_knn_equals_the_exact_computation_and_subsamples_queries_above_the_bound(monkeypatch):
+    from edgessl.evaluate import monitor as mon
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=g)
+    feats = torch.randn(400, 8, generator=g) + 2.0 * torch.nn.functional.one_hot(labels, 8)
+    images = _Images(feats, labels, ["a", "b", "c", "d"])
+    monkeypatch.setattr(mon, "extract_features", lambda model, imgs, mean, std, device, keep_on_device=False,
+                        rows=None: imgs.feats if rows is None else imgs.feats[rows])
+    full = mon.Monitor(images, None, max_queries=0)(None, "cpu", None, None)  # no subsampling: every image
+    everyone = torch.arange(400)
+    assert full["knn_top1"] == pytest.approx(_exact_loo_top1(feats, labels, everyone, 20))
+    assert full["knn_top1_k200"] == pytest.approx(_exact_loo_top1(feats, labels, everyone, 200))
+    assert mon.Monitor(images, None, max_queries=400).subset is None  # at the bound: still all of them
+    sub = mon.Monitor(images, None, max_queries=100, seed=3)
+    assert len(sub.subset) == 100 and torch.equal(sub.subset, mon.Monitor(images, None, 100, seed=3).subset)
+    assert "100 of 400" in sub.describe()
+    got = sub(None, "cpu", None, None)  # the subset's queries against all 400 memory images, leaving each out
+    assert got["knn_top1"] == pytest.approx(_exact_loo_top1(feats, labels, sub.subset, 20))
+    assert got["knn_top1_k200"] == pytest.approx(_exact_loo_top1(feats, labels, sub.subset, 200))

@@ -19,6 +19,7 @@ from edgessl.models.backbone import create_backbone, output_dim
 from edgessl.models.head import Encoder, ProjectionHead
 from edgessl.train.checkpoint import load_checkpoint
 from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD, bank_batch_cap, forward_init_bank
+from edgessl.train.prepare import bank_init_order
 
 TINY = dict(image_size=32, batch_size=8, epochs=2, head_hidden=64, feature_dim=16, quiet=True, workers=1)
 
@@ -61,15 +62,26 @@ def test_forward_pass_bank_initialisation_fills_every_row(tiny_data):
     bank = method.bank.weight
     assert torch.allclose(bank.norm(dim=1), torch.ones(len(images)))
     assert ((bank - random_rows).norm(dim=1) > 1e-3).all()  # no row left at its random value
-    # rows are the network's own features: train-mode BN over the same chunks (24 rows -> chunks of 8)
+    # rows are the network's own features: train-mode BN over the same chunks (24 rows in the seeded order
+    # bank_init_order(0, 24) -> 3 chunks of 8)
+    first = bank_init_order(0, len(images))[:8]
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    x = (images.images[:8].float() / 255 - mean) / std
+    x = (images.images[first].float() / 255 - mean) / std
     with torch.no_grad():
         expected = torch.nn.functional.normalize(model.train()(x), dim=1)
     model.load_state_dict(state_before)
-    assert torch.allclose(bank[:8], expected, atol=1e-5)
+    assert torch.allclose(bank[first], expected, atol=1e-5)
     for k, v in model.state_dict().items():  # BN running statistics are untouched
         assert torch.equal(v, state_before[k]), k
+
+
+def test_bank_initialisation_visits_the_images_in_a_seeded_shuffled_order():
+    order = bank_init_order(0, 1000)
+    assert sorted(order.tolist()) == list(range(1000))  # a permutation: every row once
+    assert torch.equal(order, bank_init_order(0, 1000))  # seeded: the same every time
+    assert not torch.equal(order, bank_init_order(1, 1000))  # another seed, another order
+    # shuffled: a chunk of 100 from ten sorted class folders of 100 mixes the classes instead of holding one
+    assert len(set((order[:100] // 100).tolist())) == 10
 
 
 class Killed(Exception):

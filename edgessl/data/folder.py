@@ -1,4 +1,4 @@
-"""Image folders: scan, decode once into a uint8 cache (or stream when it would not fit), report bad files.
+"""Image folders: scan, decode once into uint8 rows (the disk cache of edgessl.data.cache, or RAM), report bad files.
 
 Decoding rules (the same for training, evaluation and export checks):
 EXIF orientation applied; palette and alpha images composited onto a fixed white background; grayscale, CMYK,
@@ -9,6 +9,7 @@ center-cropped to size x size.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,10 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from edgessl.data.cache import cache_folder, load_or_build
+from edgessl.data.signature import folder_signature
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
 
 BACKGROUND = (255, 255, 255)
+MAX_AUTO_WORKERS = 8  # --workers auto: one decoding thread per available core, at most this many
 # Images above this many pixels are refused as decompression bombs (Pillow's own default limit).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
@@ -110,7 +114,8 @@ def _try_decode(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
 
 @dataclass
 class ImageSet:
-    """Decoded images of one folder. images: (N, 3, S, S) uint8 cache, or None when streaming from disk."""
+    """Decoded images of one folder. images: (N, 3, S, S) uint8 rows, in RAM or memory-mapped from the disk cache
+    (edgessl.data.cache), or None when streaming from disk (no disk cache and too large for cache_mb)."""
     root: Path
     paths: list[Path]
     size: int
@@ -158,17 +163,22 @@ def load_image_folder(
     size: int,
     labels: bool = False,
     cache_mb: float = 4096,
-    workers: int = 2,
+    workers: int | str = "auto",
     min_images: int = 2,
     what: str = "--data",
     progress=None,
     paths: Sequence[Path] | None = None,
+    cache_dir: str | Path | None = "auto",
+    warn=None,
 ) -> ImageSet:
-    """Scan `root`, decode every image once (skipping unreadable files) and cache them as uint8.
+    """Scan `root`, decode every image once (skipping unreadable files) and keep them as uint8 rows.
 
-    When N * 3 * size^2 bytes exceed cache_mb MiB, images are checked once and then streamed from disk.
+    cache_dir: the decoded-image cache on disk (edgessl.data.cache; "auto": the default folder, "none": off). With
+    it, a folder decoded before is not decoded again; its rows are read into RAM when N * 3 * size^2 bytes fit in
+    cache_mb MiB, and memory-mapped otherwise. Without it, images are decoded into RAM when they fit, and otherwise
+    checked once and then decoded again at every use (streaming).
     Raises UserError when the folder is missing, is a file, or holds fewer than `min_images` readable images.
-    progress: optional callable(done, total) for a progress display.
+    progress: optional callable(done, total); warn: callable(message) for a damaged cache (default: stderr);
     paths: the folder's scan_images(root) when the caller has it already.
     """
     root = check_folder(root, what)
@@ -178,9 +188,27 @@ def load_image_folder(
             f"No image files found in {what} '{root}' (searched recursively for "
             "jpg/png/webp/bmp/... files). Point it at the folder that contains your images."
         )
+    workers = resolve_workers(workers)
+    store = cache_folder(cache_dir)
+    if store is None:
+        good, images, skipped = _decode_all(paths, size, workers, cache_mb, progress)
+    else:
+        hit = load_or_build(store, root, size, paths, folder_signature(root, paths), lambda p: _try_decode(p, size),
+                            workers, warn or _stderr_warning, progress)
+        good = [root / f[0] for f in hit.files]
+        skipped = [(root / s[0], s[3]) for s in hit.skipped]
+        fits = hit.rows.nbytes <= cache_mb * 2**20
+        images = torch.from_numpy(np.fromfile(hit.data, np.uint8).reshape(hit.rows.shape) if fits else hit.rows)
+    _check_count(good, skipped, min_images, root, what)
+    label_tensor, classes = folder_labels(root, good) if labels else (None, None)
+    return ImageSet(root, good, size, images, label_tensor, classes, skipped, workers)
+
+
+def _decode_all(paths: Sequence[Path], size: int, workers: int, cache_mb: float, progress):
+    """No disk cache: (good paths, (N, 3, S, S) uint8 in RAM or None when it would exceed cache_mb, skipped)."""
     stream = len(paths) * 3 * size * size > cache_mb * 2**20
+    rows = None if stream else np.empty((len(paths), 3, size, size), np.uint8)  # filled in place: no np.stack copy
     good: list[Path] = []
-    arrays: list[np.ndarray] = []
     skipped: list[tuple[Path, str]] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
         decoded = pool.map(lambda p: _try_decode(p, size), paths)
@@ -188,11 +216,15 @@ def load_image_folder(
             if arr is None:
                 skipped.append((path, why))
             else:
+                if rows is not None:
+                    rows[len(good)] = arr.transpose(2, 0, 1)
                 good.append(path)
-                if not stream:
-                    arrays.append(arr)
             if progress is not None:
                 progress(i + 1, len(paths))
+    return good, None if rows is None else torch.from_numpy(rows[: len(good)]), skipped
+
+
+def _check_count(good, skipped, min_images: int, root: Path, what: str) -> None:
     if len(good) < min_images:
         found = f"{len(good)} readable image{'s' if len(good) != 1 else ''}"
         extra = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
@@ -200,9 +232,21 @@ def load_image_folder(
             f"{what} '{root}' has {found}{extra}; at least {min_images} are needed. "
             "Add images or point it at another folder."
         )
-    images = None if stream else torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    label_tensor, classes = folder_labels(root, good) if labels else (None, None)
-    return ImageSet(root, good, size, images, label_tensor, classes, skipped, max(1, workers))
+
+
+def _stderr_warning(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def resolve_workers(option: int | str | None = "auto") -> int:
+    """Decoding threads: a positive number as given; "auto" (or None): the cores this process may use, at most
+    MAX_AUTO_WORKERS."""
+    if option is None or str(option) == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(cores, MAX_AUTO_WORKERS))
+    if not str(option).isdigit() or int(option) < 1:
+        raise UserError(f"--workers must be auto or a positive number, not '{option}'.")
+    return int(option)
 
 
 def write_skipped(skipped: Sequence[tuple[Path, str]], path: str | Path) -> Path:

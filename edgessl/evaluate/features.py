@@ -7,19 +7,25 @@ from torch import Tensor, nn
 
 from edgessl.data.augment import test_transform
 from edgessl.data.folder import ImageSet
+from edgessl.data.loader import Prefetcher, gather
 
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, images: ImageSet, mean, std, device: str | torch.device = "cpu", batch_size: int = 256
+    model: nn.Module, images: ImageSet, mean, std, device: str | torch.device = "cpu", batch_size: int = 256,
+    keep_on_device: bool = False, rows: Tensor | None = None,
 ) -> Tensor:
-    """Eval-mode features of every image (test transform: the cached resize only). -> (N, D) float32 on CPU."""
+    """Eval-mode features of every image, or of rows `rows` (R,) (test transform: the cached resize only).
+    -> (N or R, D) float32, on CPU (keep_on_device: on `device`). Batches are gathered in a background thread."""
     was_training = model.training
     model.eval()
+    device = torch.device(device)
+    order = torch.arange(len(images)) if rows is None else rows.cpu()
+    chunks = order.split(batch_size)
     out = []
-    for start in range(0, len(images), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(images)))
-        x = test_transform(images.get(idx).to(device), mean, std)
-        out.append(model(x).float().cpu())
+    with Prefetcher(lambda i: gather(images, chunks[i], device.type == "cuda"), len(chunks)) as batches:
+        for raw in batches:
+            z = model(test_transform(raw.to(device, non_blocking=True), mean, std)).float()
+            out.append(z if keep_on_device else z.cpu())
     model.train(was_training)
     return torch.cat(out)

@@ -19,7 +19,7 @@ def knn_predict_many(
     num_classes: int,
     ks: tuple[int, ...] = KNN_K,
     t: float = KNN_T,
-    exclude_self: bool = False,
+    exclude_self: bool | Tensor = False,
     chunk: int = 1024,
 ) -> dict[int, Tensor]:
     """Class scores of each query by weighted kNN over the memory set, for several k from one top-k search.
@@ -27,20 +27,25 @@ def knn_predict_many(
     query: (Q, D), memory: (M, D) features (normalised here, cosine similarity); memory_labels: (M,) long.
     Each of the k most similar memory items votes for its class with weight exp(sim / t). One top-max(ks) search per
     chunk of queries serves every k (its first k columns are the top k). exclude_self: query i is memory item i
-    (leave-one-out on one set; requires Q == M). Returns {k: (Q, C) scores} for the requested k (each clipped to the
+    (leave-one-out on one set; requires Q == M), or a (Q,) long tensor: query i is memory item exclude_self[i]
+    (leave-one-out for a subset of the memory). Returns {k: (Q, C) scores} for the requested k (each clipped to the
     memory items available); argmax is the prediction.
     """
     query = F.normalize(query.float(), dim=1)
     memory = F.normalize(memory.float(), dim=1)
-    available = memory.shape[0] - (1 if exclude_self else 0)
+    memory_labels = memory_labels.to(memory.device)
+    if exclude_self is True:
+        exclude_self = torch.arange(query.shape[0], device=query.device)
+    exclude = exclude_self if isinstance(exclude_self, Tensor) else None
+    available = memory.shape[0] - (0 if exclude is None else 1)
     clipped = {k: max(1, min(k, available)) for k in ks}
     widest = max(clipped.values())
     scores: dict[int, list[Tensor]] = {k: [] for k in ks}
     for start in range(0, query.shape[0], chunk):
         sim = query[start : start + chunk] @ memory.t()  # (q, M)
-        if exclude_self:
+        if exclude is not None:
             rows = torch.arange(sim.shape[0], device=sim.device)
-            sim[rows, rows + start] = -float("inf")
+            sim[rows, exclude[start : start + chunk].to(sim.device)] = -float("inf")
         top_sim, top_idx = sim.topk(widest, dim=1)  # sorted, most similar first
         votes = (top_sim / t).exp().unsqueeze(-1) * F.one_hot(memory_labels[top_idx], num_classes).to(top_sim.dtype)
         for k in ks:
@@ -70,10 +75,11 @@ def knn_top1s(
     num_classes: int,
     ks: tuple[int, ...] = KNN_K,
     t: float = KNN_T,
-    exclude_self: bool = False,
+    exclude_self: bool | Tensor = False,
 ) -> dict[int, float]:
     """{k: top-1 accuracy in [0, 1]} of knn_predict_many (one search for every k)."""
     scores = knn_predict_many(query, memory, memory_labels, num_classes, ks, t, exclude_self)
+    query_labels = query_labels.to(query.device)
     return {k: float((s.argmax(dim=1) == query_labels).float().mean()) for k, s in scores.items()}
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 
 from rich.progress import (
     BarColumn,
@@ -58,3 +60,28 @@ def training_progress(console) -> Progress:
         SmoothedETA(),
         console=console,
     )
+
+
+@contextlib.contextmanager
+def file_progress(console, description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient bar for a pass over files: yields progress(done, total) (None without a console). The bar appears
+    on the first call, so a pass that has nothing to do shows nothing."""
+    if console is None:
+        yield None
+        return
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), SmoothedETA(),
+                   console=console, transient=True)
+    task = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done)
+
+    try:
+        yield progress
+    finally:
+        if task is not None:
+            bar.stop()

@@ -27,6 +27,7 @@ from edgessl.data.augment import (
     keyed_uniform,
 )
 from edgessl.data.folder import ImageSet
+from edgessl.data.loader import Prefetcher, gather
 from edgessl.errors import Interrupted, TrainingDiverged
 from edgessl.fileio import atomic_save_tensors
 from edgessl.method.instance import InstanceDiscrimination
@@ -118,8 +119,8 @@ class NoMonitor:
 @dataclass
 class Evaluation:
     """What the loop measures besides training, handed in by the caller (edgessl.api) so that train/ imports no
-    later layer. monitor(train ImageSet or None, --val ImageSet or None) -> a monitor (`active`, `describe()`,
-    `__call__(backbone, device, mean, std) -> metrics`), e.g. edgessl.evaluate.monitor.Monitor;
+    later layer. monitor(train ImageSet or None, --val ImageSet or None, max queries, seed) -> a monitor (`active`,
+    `describe()`, `__call__(backbone, device, mean, std) -> metrics`), e.g. edgessl.evaluate.monitor.Monitor;
     widths_report(run_dir, widths, labelled ImageSet or None, val, device, console) after a --widths run."""
     monitor: Callable[..., Any] | None = None
     widths_report: Callable[..., Any] | None = None
@@ -210,14 +211,14 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
         return _already_complete(cfg, run_dir, ckpt, console, d)
     quiet = cfg.quiet or not d.main
-    images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console.print, d)
     warn = _warner(console, d)
+    images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn)
     batch = resolve_batch(cfg, len(images), d, warn, ckpt.get("batch") if ckpt else None)
     state = new_state(cfg, model, len(images), batch, device, precision)
     if ckpt is not None:  # every process reads it: any number of processes continues any run
         state.restore(ckpt, run_dir, len(images))
     monitor = NoMonitor() if evaluation.monitor is None else evaluation.monitor(
-        images if cfg.eval_every > 0 and d.main else None, val)
+        images if cfg.eval_every > 0 and d.main else None, val, cfg.monitor_queries, cfg.seed)
     cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir))
     meta = encoder_meta(cfg, arch, feat_dim, widths, warm)
     run = Run(cfg, d, device, run_dir, images, distributed.local_rows(batch, d.rank, d.world), monitor, meta, threads,
@@ -256,27 +257,34 @@ def train_epochs(run: Run, state: TrainState, objective: Objective, net: torch.n
             state.model.train()
             order = epoch_order(run.cfg.seed, epoch, n)
             meter = EpochMeter()
-            for step in range(n // batch):
-                idx = order[step * batch : (step + 1) * batch]  # (B,) the global batch, the same on every process
-                values = train_step(run, state, objective, net, idx, epoch, step)
-                meter.add(values, len(idx))
-                _show_step(run, meter, epoch, values)
-                if on_step is not None and values is not None:
-                    on_step(StepInfo(epoch, step, values["loss"], state.model, state.method, run.d.rank))
+            batches = order[: n // batch * batch].view(-1, batch)  # (steps, B): the global batch of each step
+            with Prefetcher(_rows_of(run, batches), len(batches)) as rows:
+                for step, raw in enumerate(rows):  # raw: this process's uint8 rows, assembled in the background
+                    values = train_step(run, state, objective, net, batches[step], epoch, step, raw)
+                    meter.add(values, batch)
+                    _show_step(run, meter, epoch, values)
+                    if on_step is not None and values is not None:
+                        on_step(StepInfo(epoch, step, values["loss"], state.model, state.method, run.d.rank))
             end_epoch(run, state, epoch, meter)
     finally:
         if run.progress is not None:
             run.progress.stop()
 
 
+def _rows_of(run: Run, batches: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """step -> this process's uint8 rows of global batch batches[step] (pinned for the GPU copy on CUDA)."""
+    return lambda step: gather(run.images, batches[step][run.rows], run.device.type == "cuda")
+
+
 def train_step(run: Run, state: TrainState, objective: Objective, net: torch.nn.Module, idx: torch.Tensor,
-               epoch: int, step: int) -> dict[str, float] | None:
-    """One optimiser step on the global batch `idx` (B,): crops, loss, backward, optimiser, then the bank update
+               epoch: int, step: int, raw: torch.Tensor | None = None) -> dict[str, float] | None:
+    """One optimiser step on the global batch `idx` (B,) (raw: this process's uint8 rows of it when already
+    gathered): crops, loss, backward, optimiser, then the bank update
     with the features and bank columns of the forward pass (before the step). Returns the losses averaged over
     processes ({"loss", "ce", "sd", "ce_w<w>" per sub-width}), or None when the step was skipped: a non-finite loss
     (the schedule advances; MAX_NONFINITE in a row stop the run), or an fp16 step whose gradients overflowed (the
     gradient scaler skips it, and the bank does not move either)."""
-    x, mix = make_crops(run, idx, epoch, step)
+    x, mix = make_crops(run, idx, epoch, step, raw)
     res = objective(net, x, idx.to(run.device), epoch, step, mix, run.rows if run.d.active else None)
     names = ["loss", "ce", "sd", *[f"ce_w{w:g}" for w in res.widths[1:]]]
     # the global batch's mean (mean of equal-sized slices' means), identical on every process
@@ -349,15 +357,18 @@ class EpochMeter:
 
 
 # ---------------------------------------------------------------- pieces of the loop
-def make_crops(run: Run, idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, tuple | None]:
-    """(x (B_r, 3, S, S) this process's augmented crops of the global batch idx (B,), CutMix (perm, lam) or None)."""
+def make_crops(run: Run, idx: torch.Tensor, epoch: int, step: int,
+               raw: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
+    """(x (B_r, 3, S, S) this process's augmented crops of the global batch idx (B,), CutMix (perm, lam) or None).
+    raw: the uint8 rows idx[run.rows] when gathered already (the prefetch thread)."""
     cfg = run.cfg
 
-    def crops(index: torch.Tensor) -> torch.Tensor:
-        raw = run.images.get(index).to(run.device, non_blocking=True)
-        return augment_batch(raw, index, epoch, cfg.seed, run.aug, IMAGENET_MEAN, IMAGENET_STD)
+    def crops(index: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        rows = run.images.get(index) if rows is None else rows
+        return augment_batch(rows.to(run.device, non_blocking=True), index, epoch, cfg.seed, run.aug, IMAGENET_MEAN,
+                             IMAGENET_STD)
 
-    x, mix = crops(idx[run.rows]), None
+    x, mix = crops(idx[run.rows], raw), None
     if cfg.cutmix > 0:
         u = keyed_uniform(cfg.seed, epoch, [len(run.images) + step], 3)[0]
         g = keyed_generator(cfg.seed, epoch, step, 0xC07)
@@ -434,7 +445,7 @@ def init_bank(run: Run, state: TrainState, warm: WarmStart | None, resumed: bool
         t0 = time.time()
         encoder = getattr(state.model, "encoder", state.model)  # the full width of a SlimmableEncoder
         forward_init_bank(encoder, state.method, run.images, run.device, precision, IMAGENET_MEAN, IMAGENET_STD, 256,
-                          run.d)
+                          run.d, run.cfg.seed)
         run.say(f"Memory bank: {n} rows filled by a forward pass of the untrained network ({time.time() - t0:.1f} s).")
 
 

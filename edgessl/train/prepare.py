@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from edgessl.config import PretrainConfig, save_config
 from edgessl.data.augment import test_transform
 from edgessl.data.folder import ImageSet, load_image_folder, scan_images, write_skipped
+from edgessl.data.loader import Prefetcher, gather
 from edgessl.data.signature import describe_difference, folder_signature
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, UserError
 from edgessl.fileio import atomic_write_text
+from edgessl.report.progress import file_progress
 from edgessl.rundir import (
     RunDir,
     check_out,
@@ -28,6 +30,7 @@ from edgessl.rundir import (
     resume_problem,
 )
 from edgessl.runtime import autocast
+from edgessl.seeding import keyed_generator
 from edgessl.train import distributed
 from edgessl.train.checkpoint import load_checkpoint
 
@@ -46,12 +49,20 @@ def demo_folder() -> Path:
     return demo_images()
 
 
+def bank_init_order(seed: int, n: int) -> torch.Tensor:
+    """(n,) the order the bank initialisation visits the images: a permutation seeded by `seed` only, so each
+    BatchNorm batch mixes images from the whole folder (class folders sorted by path would give one-class batches)."""
+    return torch.randperm(n, generator=keyed_generator(seed, 0xB1A5))
+
+
 @torch.no_grad()
 def forward_init_bank(
-    model, method, images: ImageSet, device, precision, mean, std, batch_size: int, d: distributed.Dist | None = None
+    model, method, images: ImageSet, device, precision, mean, std, batch_size: int, d: distributed.Dist | None = None,
+    seed: int = 0,
 ) -> None:
     """Fill every bank row with the untrained network's feature of its image.
 
+    Order: bank_init_order(seed, N), in chunks of `batch_size` (gathered ahead in a background thread).
     Transform: the test transform (the cached resize, no augmentation). BatchNorm: train mode, i.e. batch
     statistics as in the training forward pass, with the running statistics restored afterwards, so the
     initialisation leaves the network exactly as it was.
@@ -61,13 +72,15 @@ def forward_init_bank(
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     n = len(images)
-    for idx in torch.arange(n).tensor_split(max(1, math.ceil(n / batch_size))):
-        mine = idx.tensor_split(d.world)[d.rank]
-        x = test_transform(images.get(mine).to(device), mean, std)
-        with autocast(device, precision):
-            z = model(x)
-        z = distributed.all_gather_cat(F.normalize(z.float(), dim=1), d, distributed.split_sizes(len(idx), d.world))
-        method.bank.fill(idx.to(device), z)
+    chunks = bank_init_order(seed, n).tensor_split(max(1, math.ceil(n / batch_size)))
+    mine = lambda i: chunks[i].tensor_split(d.world)[d.rank]  # noqa: E731
+    with Prefetcher(lambda i: gather(images, mine(i), device.type == "cuda"), len(chunks)) as rows:
+        for idx, raw in zip(chunks, rows, strict=True):
+            x = test_transform(raw.to(device, non_blocking=True), mean, std)
+            with autocast(device, precision):
+                z = model(x)
+            z = distributed.all_gather_cat(F.normalize(z.float(), dim=1), d, distributed.split_sizes(len(idx), d.world))
+            method.bank.fill(idx.to(device), z)
     model.load_state_dict(saved)
 
 
@@ -86,14 +99,15 @@ def target_dir(cfg: PretrainConfig, resume: str | Path | None, overwrite: bool, 
     return run_dir, None
 
 
-def load_data(cfg: PretrainConfig, resumed: Path | None, say: Callable[[str], None] | None, d: distributed.Dist):
+def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed.Dist, warn: Callable[[str], None]):
     """(training ImageSet, --val ImageSet or None, the training folder's signature). resumed: the run directory
-    of a resume, whose recorded data must be the same files (refused before any decoding otherwise)."""
+    of a resume, whose recorded data must be the same files (refused before any decoding otherwise). console:
+    a rich Console for messages and the progress bar, or None (quiet); warn: a damaged disk cache is reported here."""
     data_root, labels = cfg.data, cfg.labels_from_folders
     if data_root is None:
         data_root, labels = str(demo_folder()), True
-        if say:
-            say(f"No --data given: training on the bundled demo images ({data_root}).")
+        if console is not None:
+            console.print(f"No --data given: training on the bundled demo images ({data_root}).")
     elif resumed is not None and not Path(data_root).exists():
         raise UserError(
             f"Cannot resume '{resumed}': its data folder '{data_root}' does not exist any more. If it moved, pass "
@@ -103,12 +117,14 @@ def load_data(cfg: PretrainConfig, resumed: Path | None, say: Callable[[str], No
     signature = folder_signature(data_root, paths)
     if resumed is not None:
         check_same_data(resumed, signature)
-    images = load_image_folder(data_root, cfg.image_size, labels=labels, cache_mb=cfg.cache_mb, workers=cfg.workers,
-                               paths=paths)
+    with file_progress(console, "reading images") as progress:
+        images = load_image_folder(data_root, cfg.image_size, labels=labels, cache_mb=cfg.cache_mb,
+                                   workers=cfg.workers, paths=paths, cache_dir=cfg.cache_dir, warn=warn,
+                                   progress=progress)
     val = None
     if cfg.val and d.main:  # the kNN monitor runs on rank 0 only
         val = load_image_folder(cfg.val, cfg.image_size, labels=True, cache_mb=cfg.cache_mb, workers=cfg.workers,
-                                what="--val")
+                                what="--val", cache_dir=cfg.cache_dir, warn=warn)
     return images, val, signature
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ class TrainState:
         self.optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(value):
             self.nonfinite += 1
-            self.scheduler.step()
+            self._advance_schedule()
             if self.nonfinite >= MAX_NONFINITE:
                 raise diverged()
             return False
@@ -52,8 +54,14 @@ class TrainState:
         self.scaler.scale(loss).backward()  # DDP averages the gradients over processes
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        self._advance_schedule()
         return scale is None or self.scaler.get_scale() >= scale  # a lower scale: inf/NaN gradients, step skipped
+
+    def _advance_schedule(self) -> None:
+        """scheduler.step(); after a skipped optimiser step torch warns that the order is wrong: here it is meant."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
 
     def checkpoint(self, num_images: int, config: dict[str, Any], world: int) -> dict[str, Any]:
         return {

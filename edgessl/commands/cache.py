@@ -1,0 +1,70 @@
+"""`edgessl cache list|clear`: the decoded-image cache (edgessl.data.cache), registered by `register(app)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from edgessl import api
+from edgessl.commands.common import console, friendly
+from edgessl.rundir import plural
+
+CACHE_HELP = """The decoded-image cache: every image folder decoded once at each size, reused by every command.
+
+It lives in --cache-dir (default: $EDGESSL_CACHE_DIR, else ~/.cache/edgessl). `list` shows what is there,
+`clear` frees it (everything, or one image folder's entries); the next command that reads a cleared folder decodes
+it again.
+
+**Examples**
+
+    edgessl cache list
+    edgessl cache clear ./my_images     # only this folder's decoded images
+    edgessl cache clear                 # everything
+"""
+
+CACHE_DIR_HELP = "The cache folder (default: $EDGESSL_CACHE_DIR, else ~/.cache/edgessl)."
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def register(app) -> None:
+    cache_app = typer.Typer(help=CACHE_HELP, no_args_is_help=True, rich_markup_mode="markdown")
+
+    @cache_app.command("list")
+    @friendly
+    def list_cmd(cache_dir: str = typer.Option("auto", help=CACHE_DIR_HELP)):
+        """Show every cached image folder: images, size, bytes on disk."""
+        folder, entries = api.cache_entries(cache_dir)
+        if not entries:
+            console.print(f"The cache in {folder} is empty.", highlight=False)
+            return
+        table = Table(title=f"Decoded-image cache: {folder}")
+        for col in ("folder", "size", "images", "skipped", "on disk", "created"):
+            table.add_column(col, justify="right" if col in ("images", "skipped", "on disk") else "left")
+        for e in entries:
+            table.add_row(e["root"], f"{e['size']} px", str(e["images"]), str(e["skipped"]), _size(e["bytes"]),
+                          e["created"])
+        console.print(table)
+        console.print(f"Total: {_size(sum(e['bytes'] for e in entries))} in {plural(len(entries), 'folder')}. "
+                      "Free it with: edgessl cache clear", highlight=False)
+
+    @cache_app.command("clear")
+    @friendly
+    def clear_cmd(
+        folder: Optional[Path] = typer.Argument(None, help="Only this image folder's entries (default: all)."),
+        cache_dir: str = typer.Option("auto", help=CACHE_DIR_HELP),
+    ):
+        """Delete cached decoded images (all, or one image folder's)."""
+        files, freed = api.clear_cache(cache_dir, folder)
+        what = f" of {folder}" if folder is not None else ""
+        console.print(f"Removed {plural(files, 'cache file')}{what} ({_size(freed)}).", highlight=False)
+
+    app.add_typer(cache_app, name="cache")

@@ -1,0 +1,262 @@
+"""The decoded-image cache (edgessl.data.cache) and the prefetching loader (edgessl.data.loader): decode once, reuse,
+invalidate, rebuild, atomic builds, and the same training from RAM, memory map and no cache."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import edgessl
+import edgessl.data.folder as folder_mod
+from edgessl.cli import app
+from edgessl.data.cache import cache_folder, entry_name, list_entries
+from edgessl.data.folder import load_image_folder
+from edgessl.data.loader import Prefetcher
+from edgessl.errors import UserError
+from edgessl.models.backbone import load_encoder
+
+
+@pytest.fixture
+def folder(tiny_data, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """The files decoded from now on (edgessl.data.folder._try_decode calls)."""
+    seen = []
+    original = folder_mod._try_decode
+
+    def counting(path, size):
+        seen.append(Path(path).name)
+        return original(path, size)
+
+    monkeypatch.setattr(folder_mod, "_try_decode", counting)
+    return seen
+
+
+def _load(root, store, **kw):
+    return load_image_folder(root, 32, cache_dir=store, workers=1, **kw)
+
+
+def test_a_second_load_decodes_nothing_and_returns_the_same_rows(folder, store, decodes):
+    first = _load(folder, store)
+    assert len(decodes) == 24
+    second = _load(folder, store)
+    assert len(decodes) == 24  # nothing decoded again
+    assert torch.equal(first.images, second.images) and first.paths == second.paths
+    # the same pixels as decoding without a cache
+    assert torch.equal(load_image_folder(folder, 32, cache_dir="none").images, first.images)
+    index = json.loads(next((store / "images").glob("*.json")).read_text())
+    assert index["size"] == 32 and len(index["files"]) == 24 and index["version"] == 1 and "policy" in index
+    assert {"root", "signature", "data", "skipped"} <= set(index)
+
+
+def test_added_removed_and_changed_files_update_the_cache_decoding_only_those(folder, store, decodes):
+    _load(folder, store)
+    first_class = sorted(p for p in folder.iterdir())[0]
+    files = sorted(first_class.glob("*.png"))
+    shutil.copy(files[0], first_class / "zz_added.png")
+    files[1].unlink()
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(files[2])  # changed content (and size)
+    decodes.clear()
+    got = _load(folder, store)
+    assert sorted(decodes) == sorted(["zz_added.png", files[2].name])  # the unchanged 22 rows were reused
+    assert len(got) == 24 and files[1] not in got.paths
+    red = got.images[got.paths.index(files[2])]
+    assert torch.equal(red, torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32))
+    assert torch.equal(got.images, load_image_folder(folder, 32, cache_dir="none").images)
+    assert len(list((store / "images").glob("*.u8"))) == 1  # the old data file is gone
+
+
+def test_a_truncated_cache_file_is_reported_and_rebuilt(folder, store, decodes):
+    want = _load(folder, store).images.clone()
+    data = next((store / "images").glob("*.u8"))
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size // 2)
+    warnings = []
+    got = _load(folder, store, warn=warnings.append)
+    assert len(warnings) == 1 and "truncated" in warnings[0] and str(data) in warnings[0]
+    assert len(decodes) == 48 and torch.equal(got.images, want)
+    (store / "images" / f"{entry_name(folder, 32)}.json").write_text("{not json")
+    warnings.clear()
+    assert torch.equal(_load(folder, store, warn=warnings.append).images, want)
+    assert len(warnings) == 1 and "unreadable" in warnings[0]
+
+
+def test_skipped_files_are_remembered_with_their_reasons(folder, store, decodes):
+    (folder / sorted(os.listdir(folder))[0] / "broken.png").write_bytes(b"not an image")
+    first = _load(folder, store)
+    decodes.clear()
+    second = _load(folder, store)
+    assert decodes == [] and len(second.skipped) == 1
+    assert second.skipped[0][0].name == "broken.png" and second.skipped == first.skipped
+    assert second.skipped[0][1].startswith("unreadable")
+
+
+def test_memory_map_beyond_the_ram_bound_gives_the_same_rows(folder, store):
+    ram = _load(folder, store)
+    mapped = _load(folder, store, cache_mb=0.01)
+    assert not isinstance(ram.images.numpy(), np.memmap)
+    assert torch.equal(ram.images, mapped.images)
+    assert torch.equal(ram.get(torch.tensor([5, 1, 7])), mapped.get(torch.tensor([5, 1, 7])))
+
+
+def test_not_enough_disk_space_is_one_error_before_any_decoding(folder, store, decodes, monkeypatch):
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError) as err:
+        _load(folder, store)
+    need = 24 * 3 * 32 * 32
+    assert str(err.value).startswith(f"The decoded-image cache needs {need:,} bytes")
+    assert "--cache-dir" in str(err.value) and "1,000 free" in str(err.value)
+    assert decodes == []
+
+
+BUILDER = """
+import sys, time
+import edgessl.data.folder as f
+original = f._try_decode
+def slow(path, size):
+    time.sleep(float(sys.argv[3]))
+    return original(path, size)
+f._try_decode = slow
+images = f.load_image_folder(sys.argv[1], 32, cache_dir=sys.argv[2], workers=1)
+print(len(images))
+"""
+
+
+def _builder(root, store, delay):
+    return subprocess.Popen([sys.executable, "-c", BUILDER, str(root), str(store), str(delay)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_two_concurrent_builders_leave_one_valid_cache(folder, store):
+    procs = [_builder(folder, store, 0.02) for _ in range(2)]
+    assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["24", "24"]
+    images = store / "images"
+    assert len(list(images.glob("*.json"))) == 1 and len(list(images.glob("*.u8"))) == 1
+    assert not list(images.glob(".*.tmp"))
+    assert torch.equal(_load(folder, store).images, load_image_folder(folder, 32, cache_dir="none").images)
+
+
+def test_a_killed_build_leaves_no_cache_and_the_next_one_cleans_up(folder, store, decodes):
+    proc = _builder(folder, store, 0.5)
+    deadline = time.time() + 60
+    while not list((store / "images").glob(".*.tmp")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((store / "images").glob("*.json")) and not list((store / "images").glob("*.u8"))
+    assert list_entries(store / "images") == []
+    got = _load(folder, store)
+    assert len(decodes) == 24 and len(got) == 24
+    assert not list((store / "images").glob(".*.tmp"))  # the killed build's temporary file was removed
+
+
+def test_cache_dir_none_and_the_default_folder(folder, monkeypatch, tmp_path):
+    assert cache_folder("none") is None
+    monkeypatch.setenv("EDGESSL_CACHE_DIR", str(tmp_path / "env"))
+    assert cache_folder("auto") == tmp_path / "env" / "images"
+    monkeypatch.delenv("EDGESSL_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_folder("auto") == tmp_path / "xdg" / "edgessl" / "images"
+    load_image_folder(folder, 32, cache_dir="none")
+    assert not (tmp_path / "xdg").exists()
+
+
+def test_cache_list_and_clear_commands(folder, store, tiny_data):
+    _load(folder, store)
+    _load(tiny_data, store)
+    runner = CliRunner()
+    res = runner.invoke(app, ["cache", "list", "--cache-dir", str(store)], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and str(folder) in res.output and "2 folders" in res.output
+    res = runner.invoke(app, ["cache", "clear", str(folder), "--cache-dir", str(store)])
+    assert res.exit_code == 0 and res.output.startswith("Removed 3 cache files of")  # index, data, lock
+    assert [e["root"] for e in list_entries(store / "images")] == [str(tiny_data)]
+    (store / "images" / "notes.txt").write_text("mine")  # not a cache file: never deleted
+    res = runner.invoke(app, ["cache", "clear", "--cache-dir", str(store)])
+    assert res.exit_code == 0 and list_entries(store / "images") == []
+    assert (store / "images" / "notes.txt").exists()
+    res = runner.invoke(app, ["cache", "list", "--cache-dir", str(store)])
+    assert "is empty" in res.output
+
+
+def test_prefetcher_keeps_order_raises_where_it_failed_and_stops_early():
+    with Prefetcher(lambda i: i * i, 50, depth=2) as items:
+        assert list(items) == [i * i for i in range(50)]
+
+    def failing(i):
+        if i == 3:
+            raise ValueError("boom at 3")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="boom at 3"), Prefetcher(failing, 10) as items:
+        got.extend(items)
+    assert got == [0, 1, 2]
+    made = []
+    with Prefetcher(lambda i: made.append(i) or i, 1000, depth=2) as items:
+        for i in items:
+            if i == 1:
+                break
+    assert len(made) <= 5  # stopped shortly after the consumer left
+
+
+def test_pretraining_from_memory_map_ram_and_no_cache_is_bit_identical(tiny_data, tmp_path):
+    opts = dict(data=str(tiny_data), epochs=2, image_size=32, batch_size=8, head_hidden=64, feature_dim=16,
+                eval_every=0, quiet=True, deterministic=True, workers=1, negatives=10,
+                cache_dir=str(tmp_path / "cache"))
+    runs = {
+        "ram": dict(opts),
+        "mapped": dict(opts, cache_mb=0.01),  # 24 x 3 x 32 x 32 bytes > 10 KiB: memory-mapped
+        "none": dict(opts, cache_dir="none"),
+    }
+    weights = {}
+    for name, extra in runs.items():
+        edgessl.pretrain(out=str(tmp_path / name), **extra)
+        weights[name] = load_encoder(tmp_path / name).state_dict()
+    for name in ("mapped", "none"):
+        for k, v in weights["ram"].items():
+            assert torch.equal(v, weights[name][k]), (name, k)
+
+
+def test_bf16_autocast_runs_real_steps_on_the_cpu(tiny_data, tmp_path):
+    losses = []
+    edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "bf16"), epochs=1, image_size=32, batch_size=8,
+                     head_hidden=64, feature_dim=16, eval_every=0, quiet=True, workers=1, device="cpu",
+                     precision="bf16", on_step=lambda info: losses.append(info.loss))
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    row = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(row["loss"]) and row["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_fp16_with_its_gradient_scaler_runs_real_steps_on_the_cpu(tiny_data, tmp_path):
+    """The GPU's fp16 path on the CPU: the scaler starts at 2^16, skips the steps whose gradients overflow (the
+    weights and the bank stay put, on_step is not called) and halves its scale until steps go through."""
+    steps = []
+    edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "fp16"), epochs=3, image_size=32, batch_size=8,
+                     head_hidden=64, feature_dim=16, eval_every=0, quiet=True, workers=1, device="cpu",
+                     precision="fp16", on_step=lambda info: steps.append((info.epoch, info.step, info.loss)))
+    assert 1 <= len(steps) < 9 and all(np.isfinite([loss for _, _, loss in steps]))
+    scaler = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] < 2.0**16  # it backed off from its initial scale
