@@ -68,7 +68,7 @@ def evaluate_encoder(
     reaches) and seed, optionally next to a random-init baseline (baseline="random"). Writes eval.json and
     eval.png into run_dir.
 
-    options: split_seed, device, cache (feature cache on/off), workers, cache_mb, quiet.
+    options: split_seed, device, cache (feature cache on/off), workers, cache_mb, cache_dir (decoded images), quiet.
     Returns an EvalResult (results: the eval.json rows, summary: mean/std over seeds).
     Named evaluate_encoder, not evaluate: `edgessl.evaluate` is the subpackage."""
     return evaluate_run(run_dir, train, test, test_fraction, labels_per_class, seeds, baseline,
@@ -89,8 +89,9 @@ def finetune(
     """Fine-tune a run's encoder plus a new linear layer on `labels_per_class` labels per class (or "all").
 
     options: batch_size, lr, backbone_lr_scale, weight_decay, label_smoothing, val_fraction, patience, seed,
-    split_seed, device, out, workers, cache_mb, quiet. Writes <run_dir>/finetune-<tag>/ (classifier.safetensors +
-    classifier.json, metrics.json, confusion.png). Returns a FinetuneResult (out_dir, metrics, model)."""
+    split_seed, device, out, workers, cache_mb, cache_dir (decoded images), quiet. Writes <run_dir>/finetune-<tag>/
+    (classifier.safetensors + classifier.json, metrics.json, confusion.png). Returns a FinetuneResult (out_dir,
+    metrics, model)."""
     return finetune_run(run_dir, train, test, test_fraction, labels_per_class, epochs, freeze_backbone,
                         console=console, **options)
 

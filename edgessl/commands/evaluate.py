@@ -61,13 +61,14 @@ def register(app) -> None:
         split_seed: int = typer.Option(0, help="Seed of the --test-fraction split."),
         device: str = typer.Option("auto", help="auto | cpu | cuda."),
         cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse features cached in the run directory's features/ folder."),
-        workers: int = typer.Option(2, help="Decoding threads."),
+        workers: str = typer.Option("auto", help="Decoding threads: auto (one per available core, at most 8) or a number."),
+        cache_dir: str = typer.Option("auto", help="Decoded-image cache: auto (EDGESSL_CACHE_DIR, else ~/.cache/edgessl), a folder, or none."),
         threads: str = typer.Option("auto", help="CPU threads: auto (all cores when the machine is idle, fewer when other jobs keep them busy) or a number."),
         quiet: bool = typer.Option(False, "--quiet", help="No table or log lines (eval.json and eval.png are still written)."),
     ):
         api.evaluate_encoder(
             run_dir, train, test, test_fraction, labels_per_class, seeds, baseline, console=console,
-            split_seed=split_seed, device=device, cache=cache, workers=workers, quiet=quiet, threads=threads,
+            split_seed=split_seed, device=device, cache=cache, workers=workers, cache_dir=cache_dir, quiet=quiet, threads=threads,
         )
 
     @app.command("finetune", help=FINETUNE_HELP)
@@ -91,7 +92,8 @@ def register(app) -> None:
         split_seed: int = typer.Option(0, help="Seed of the --test-fraction split."),
         device: str = typer.Option("auto", help="auto | cpu | cuda."),
         out: Optional[Path] = typer.Option(None, help="Output folder. [default: finetune-TAG in the run directory]"),
-        workers: int = typer.Option(2, help="Decoding threads."),
+        workers: str = typer.Option("auto", help="Decoding threads: auto (one per available core, at most 8) or a number."),
+        cache_dir: str = typer.Option("auto", help="Decoded-image cache: auto (EDGESSL_CACHE_DIR, else ~/.cache/edgessl), a folder, or none."),
         threads: str = typer.Option("auto", help="CPU threads: auto or a number (see `edgessl pretrain --help`)."),
         quiet: bool = typer.Option(False, "--quiet", help="No log lines."),
     ):
@@ -99,5 +101,5 @@ def register(app) -> None:
             run_dir, train, test, test_fraction, labels_per_class, epochs, freeze_backbone, console=console,
             batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
             label_smoothing=label_smoothing, val_fraction=val_fraction, patience=patience, seed=seed,
-            split_seed=split_seed, device=device, out=out, workers=workers, quiet=quiet, threads=threads,
+            split_seed=split_seed, device=device, out=out, workers=workers, cache_dir=cache_dir, quiet=quiet, threads=threads,
         )

@@ -192,7 +192,8 @@ def finetune_run(
     split_seed: int = 0,
     device: str = "auto",
     out: str | Path | None = None,
-    workers: int = 2,
+    workers: int | str = "auto",
+    cache_dir: str | Path | None = "auto",
     cache_mb: float = 4096,
     console: Console | None = None,
     quiet: bool = False,
@@ -222,7 +223,7 @@ def finetune_run(
         raise UserError(f"--device must be auto, cpu or cuda, not '{device}'.")
     dev = pick_device(device)
     data = finetune_data(train_root, test_root, test_fraction, per_class, opts, int(meta["image_size"]), cache_mb,
-                         workers)
+                         workers, cache_dir)
     model = build_classifier(run_dir, meta, len(data.classes), opts, dev)
     say(
         f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {len(data.classes)} classes | "
@@ -244,12 +245,15 @@ def finetune_run(
 
 
 def finetune_data(train_root: Path, test_root: Path | None, test_fraction: float | None, per_class: int | None,
-                  opts: FinetuneOptions, size: int, cache_mb: float, workers: int) -> FinetuneData:
+                  opts: FinetuneOptions, size: int, cache_mb: float, workers: int | str,
+                  cache_dir: str | Path | None = "auto") -> FinetuneData:
     """Decode the labelled folders; draw the labelled subset (seeded) and its held-out part for early stopping."""
-    images = load_labelled_folder(train_root, size, "--train", cache_mb=cache_mb, workers=workers)
+    images = load_labelled_folder(train_root, size, "--train", cache_mb=cache_mb, workers=workers,
+                                  cache_dir=cache_dir)
     classes, labels, split = list(images.classes), images.labels, None
     if test_root is not None:
-        test_images = load_labelled_folder(test_root, size, "--test", cache_mb=cache_mb, workers=workers)
+        test_images = load_labelled_folder(test_root, size, "--test", cache_mb=cache_mb, workers=workers,
+                                           cache_dir=cache_dir)
         test_idx = torch.arange(len(test_images))
         test_labels = map_test_labels(classes, test_images.classes)[test_images.labels]
         pool = torch.arange(len(images))

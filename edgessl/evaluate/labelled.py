@@ -77,10 +77,13 @@ def check_readable_classes(images: ImageSet, expected: Sequence[str], what: str)
         raise UserError(f"{what} class folder '{name}' has no readable image{reason}.")
 
 
-def load_labelled_folder(root: str | Path, size: int, what: str, cache_mb: float = 4096, workers: int = 2) -> ImageSet:
-    """Decode a labelled folder (labels = first-level subfolders) after the class_folders checks."""
+def load_labelled_folder(root: str | Path, size: int, what: str, cache_mb: float = 4096, workers: int | str = "auto",
+                         cache_dir: str | Path | None = "auto") -> ImageSet:
+    """Decode a labelled folder (labels = first-level subfolders) after the class_folders checks (through the
+    decoded-image cache `cache_dir`, see edgessl.data.cache)."""
     root, classes = class_folders(root, what)
-    images = load_image_folder(root, size, labels=True, cache_mb=cache_mb, workers=workers, min_images=1, what=what)
+    images = load_image_folder(root, size, labels=True, cache_mb=cache_mb, workers=workers, min_images=1, what=what,
+                               cache_dir=cache_dir)
     check_readable_classes(images, classes, what)
     return images
 

@@ -120,22 +120,24 @@ def folder_features(
     specs: Sequence[EncoderSpec],
     meta: dict[str, Any],
     device: torch.device,
-    cache_dir: Path | None,
-    workers: int = 2,
+    feature_dir: Path | None,
+    workers: int | str = "auto",
     cache_mb: float = 4096,
     say=None,
+    cache_dir: str | Path | None = "auto",
 ) -> dict[str, FeatureSet]:
     """Features of a labelled folder under every encoder spec; the folder is decoded at most once, and not at all
-    when every encoder's features are cached."""
+    when every encoder's features are cached (in feature_dir; None: no feature cache). cache_dir: the decoded-image
+    cache (edgessl.data.cache)."""
     size = int(meta["image_size"])
-    signature = folder_signature(root, size) if cache_dir is not None else ""
+    signature = folder_signature(root, size) if feature_dir is not None else ""
     out: dict[str, FeatureSet] = {}
     images = None
     for spec in specs:
         path = None
-        if cache_dir is not None:
+        if feature_dir is not None:
             key = hashlib.sha256(f"{signature}|{spec.identity}".encode()).hexdigest()[:20]
-            path = cache_dir / f"{key}.pt"
+            path = feature_dir / f"{key}.pt"
             cached = _read_cache(path)
             if cached is not None:
                 out[spec.name] = cached
@@ -143,7 +145,7 @@ def folder_features(
                     say(f"{what}: {spec.name} features of {len(cached.paths)} images (cached).")
                 continue
         if images is None:
-            images = load_labelled_folder(root, size, what, cache_mb=cache_mb, workers=workers)
+            images = load_labelled_folder(root, size, what, cache_mb=cache_mb, workers=workers, cache_dir=cache_dir)
             if images.skipped and say:
                 say(f"[yellow]warning:[/yellow] {what}: skipped {len(images.skipped)} unreadable file(s), "
                     f"first: {images.skipped[0][0]} ({images.skipped[0][1]}).")
@@ -295,7 +297,8 @@ def evaluate_run(
     split_seed: int = 0,
     device: str = "auto",
     cache: bool = True,
-    workers: int = 2,
+    workers: int | str = "auto",
+    cache_dir: str | Path | None = "auto",
     cache_mb: float = 4096,
     console: Console | None = None,
     quiet: bool = False,
@@ -310,8 +313,9 @@ def evaluate_run(
         say(f"CPU: {cpu.describe()}")
     args = _check_arguments(run_dir, train, test, test_fraction, labels_per_class, seeds, baseline, device)
     specs = encoder_specs(args.run_dir, args.meta, args.baseline)
-    cache_dir = args.run_dir / "features" if cache else None
-    data = _train_test_features(args, specs, test_fraction, split_seed, cache_dir, workers, cache_mb, say)
+    feature_dir = args.run_dir / "features" if cache else None
+    data = _train_test_features(args, specs, test_fraction, split_seed, feature_dir, workers, cache_mb, say,
+                                cache_dir)
     per_class_values, short, dropped = _fit_to_features(args, data, say)
     rows = _grid(specs, data, per_class_values, args.seeds, args.device, say)
     summary = summarize(rows)
@@ -384,13 +388,14 @@ class _TrainTest:
 
 
 def _train_test_features(args: _Arguments, specs: Sequence[EncoderSpec], test_fraction: float | None,
-                         split_seed: int, cache_dir: Path | None, workers: int, cache_mb: float, say) -> _TrainTest:
+                         split_seed: int, feature_dir: Path | None, workers: int | str, cache_mb: float, say,
+                         cache_dir: str | Path | None = "auto") -> _TrainTest:
     """Features of --train and --test, or of the two parts of --train split by --test-fraction (cached)."""
-    train_feats = folder_features(args.train_root, "--train", specs, args.meta, args.device, cache_dir, workers,
-                                  cache_mb, say)
+    train_feats = folder_features(args.train_root, "--train", specs, args.meta, args.device, feature_dir, workers,
+                                  cache_mb, say, cache_dir)
     if args.test_root is not None:
-        test_feats = folder_features(args.test_root, "--test", specs, args.meta, args.device, cache_dir, workers,
-                                     cache_mb, say)
+        test_feats = folder_features(args.test_root, "--test", specs, args.meta, args.device, feature_dir, workers,
+                                     cache_mb, say, cache_dir)
         remap = map_test_labels(train_feats["pretrained"].classes, test_feats["pretrained"].classes)
         return _TrainTest(train_feats, test_feats, remap, None)
     split = split_folder(train_feats["pretrained"].labels, float(test_fraction), split_seed)
