@@ -236,6 +236,12 @@ def shared_cpu_section(rec) -> str:
     return "\n".join(out) + "\n"
 
 
+def loader_section(rec) -> str:
+    from benchmarks.loader import loader_section as section
+
+    return section(rec)
+
+
 def eval_section(rec) -> str:
     from benchmarks.eval_speed import top1_differences
 
@@ -265,8 +271,8 @@ def eval_section(rec) -> str:
 def write_readme(results: Path, readme: Path) -> None:
     parts = [HEADER]
     sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section,
-                "slim": slim_section, "shared-cpu": shared_cpu_section, "eval": eval_section}
-    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "eval"):
+                "slim": slim_section, "shared-cpu": shared_cpu_section, "eval": eval_section, "loader": loader_section}
+    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "eval", "loader"):
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())

@@ -14,6 +14,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
             thread policy vs the old behaviour (benchmarks/shared_cpu.py); run it on an otherwise idle machine
   eval      seconds of `edgessl eval` (CIFAR-10 5k/5k, 10 and all labels, 3 seeds, random baseline) with the probe
             before and after its speed-ups, and every top-1 difference (benchmarks/eval_speed.py)
+  loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
+            model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above
 --tiny runs a suite in seconds (a few images, one epoch, two steps) so the runner cannot rot (tests/test_benchmarks.py).
 """
@@ -35,7 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval")
+SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader")
 
 
 def machine() -> dict[str, Any]:
@@ -270,6 +272,12 @@ def suite_eval(args) -> list[dict]:
 
 def suite_shared_cpu(args) -> list[dict]:
     from benchmarks.shared_cpu import suite_shared_cpu as run
+
+    return run(args)
+
+
+def suite_loader(args) -> list[dict]:
+    from benchmarks.loader import suite_loader as run
 
     return run(args)
 

@@ -111,3 +111,13 @@ def test_eval_suite(bench):
     assert before["settings"]["dtype"] == "torch.float64" and after["settings"]["dtype"] == "torch.float32"
     assert len(before["results"]) == len(after["results"]) > 0
     assert "## Eval: the linear probe's speed-ups" in readme
+
+
+def test_loader_suite(bench):
+    rec, readme = bench("loader")
+    by = {(r["probe"], r.get("mode") or r.get("path") or r.get("monitor_queries")): r for r in rec["rows"]}
+    assert {m for p, m in by if p == "start"} == {"no disk cache", "cold", "warm"}
+    assert all(by[("start", m)]["seconds_to_first_step"] > 0 for m in ("cold", "warm"))
+    assert all(by[("loader", p)]["images_per_s"] > 0 for p in ("ram", "mmap", "stream"))
+    assert by[("e2e", None)]["timed_steps"] >= 1 and by[("cache-rss", None)]["images"] == 48
+    assert "## Loader: decode once, memory-map, prefetch" in readme and "| memory map |" in readme
