@@ -46,7 +46,8 @@ def test_train_step_updates_the_bank_once_from_the_pre_step_features_and_bank(ti
     state.method.update_bank = lambda *a, **k: (calls.append(1), update(*a, **k))[1]
     x, _ = make_crops(run, idx, 0, 0)
     values = train_step(run, state, objective, state.model, idx, 0, 0)
-    assert len(calls) == 1 and values is not None
+    assert len(calls) == 1 and bool(values.moved)
+    values = values.as_floats()
     # closed form with the network and bank as they were before the step (BatchNorm in train mode, like the loop)
     before_model.train()
     z = F.normalize(before_model(x), dim=1).detach()
@@ -65,12 +66,13 @@ def test_an_fp16_step_the_gradient_scaler_skips_leaves_the_bank_alone(tiny_data)
     weights = {k: v.detach().clone() for k, v in state.model.named_parameters()}
     bank = state.method.bank.weight.clone()
     hook = next(state.model.parameters()).register_hook(lambda g: torch.full_like(g, float("inf")))
-    assert train_step(run, state, objective, state.model, torch.arange(8), 0, 0) is None
+    assert not state.on_device  # the scaler decides on the host
+    assert not train_step(run, state, objective, state.model, torch.arange(8), 0, 0).moved
     hook.remove()
     assert state.scaler.get_scale() == 2.0**9  # the scaler saw the overflow and backed off
     assert torch.equal(state.method.bank.weight, bank)
     assert all(torch.equal(v, weights[k]) for k, v in state.model.named_parameters())  # (BN running stats move)
-    assert train_step(run, state, objective, state.model, torch.arange(8), 0, 1) is not None  # the next one trains
+    assert train_step(run, state, objective, state.model, torch.arange(8), 0, 1).moved  # the next one trains
     assert not torch.equal(state.method.bank.weight, bank)
 
 
@@ -79,7 +81,9 @@ def test_non_finite_loss_skips_the_step_and_counts(tiny_data):
     with torch.no_grad():
         next(state.model.parameters()).fill_(float("nan"))
     bank = state.method.bank.weight.clone()
-    assert train_step(run, state, objective, state.model, torch.arange(8), 0, 0) is None
+    assert state.on_device  # SGD without a scaler: decided on the device, nothing read back
+    assert not train_step(run, state, objective, state.model, torch.arange(8), 0, 0).moved
+    state.check_nonfinite(lambda: RuntimeError("not yet"))
     assert state.nonfinite == 1 and torch.equal(state.method.bank.weight, bank)
     meter = EpochMeter()
     meter.add(None, 8)
@@ -180,7 +184,7 @@ def test_train_state_step_skips_non_finite_losses_and_stops_after_ten_in_a_row()
     state = TrainState(model, None, opt, sched, torch.amp.GradScaler("cpu", enabled=False), 4)
     loss = model(torch.ones(4, 3)).sum()
     before = model.weight.detach().clone()
-    assert state.step(loss, float(loss), lambda: RuntimeError("never")) is True
+    assert state.step(loss, float(loss.detach()), lambda: RuntimeError("never")) is True
     assert not torch.equal(model.weight, before) and state.nonfinite == 0
     before = model.weight.detach().clone()
     for _ in range(MAX_NONFINITE - 1):
@@ -189,3 +193,41 @@ def test_train_state_step_skips_non_finite_losses_and_stops_after_ten_in_a_row()
     assert sched.last_epoch == MAX_NONFINITE  # the schedule advanced on every skipped step
     with pytest.raises(RuntimeError, match="stop"):
         state.step(loss, float("inf"), lambda: RuntimeError("stop"))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_step_decided_on_the_device_equals_the_host_rule_bit_for_bit(name):
+    """TrainState.step_on_device (no host sync) against TrainState.step on the same losses, including a skipped
+    first step (the momentum buffer must not be born from it) and skips in the middle."""
+    from edgessl.train.optim import build_optimizer
+    from edgessl.train.state import MAX_NONFINITE, TrainState
+
+    def run(on_device: bool, pattern: str):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+        opt = build_optimizer(name, model.parameters(), 0.1, 0.9, 5e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        state = TrainState(model, None, opt, sched, torch.amp.GradScaler("cpu", enabled=False), 4)
+        for i, c in enumerate(pattern):  # "." a finite step, "x" a non-finite loss
+            loss = model(torch.randn(4, 5, generator=torch.Generator().manual_seed(i))).square().mean()
+            if c == "x":
+                loss = loss * float("nan")
+            if on_device:
+                assert state.on_device
+                moved = state.step_on_device(loss, loss.detach())
+                assert bool(moved) == (c == ".")
+            else:
+                assert state.step(loss, float(loss), lambda: RuntimeError("never")) == (c == ".")
+        return model, state
+
+    for pattern in ("x...", "..xx.x.."):
+        (a, _), (b, _) = run(False, pattern), run(True, pattern)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb), pattern
+    _, state = run(True, "." + "x" * (MAX_NONFINITE - 1))
+    state.check_nonfinite(lambda: RuntimeError("not yet"))
+    assert state.nonfinite == MAX_NONFINITE - 1
+    _, state = run(True, "." + "x" * MAX_NONFINITE + "..")  # recovered since, but ten in a row happened
+    with pytest.raises(RuntimeError, match="stop"):
+        state.check_nonfinite(lambda: RuntimeError("stop"))
+    assert state.nonfinite == 0

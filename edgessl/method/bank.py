@@ -108,13 +108,21 @@ class MemoryBank(nn.Module):
         self.weight[index] = F.normalize(z.to(self.weight.dtype), dim=1)
 
     @torch.no_grad()
-    def update_grad(self, cols: Tensor | None, z: Tensor, p: Tensor, targets: Tensor, lr: float) -> None:
-        new = grad_bank_update(self.columns(cols), z, p, targets, lr)
+    def update_grad(self, cols: Tensor | None, z: Tensor, p: Tensor, targets: Tensor, lr: float,
+                    keep: Tensor | None = None) -> None:
+        """keep: () bool on the device; False leaves the bank as it is (a skipped step), without a host sync."""
+        old = self.columns(cols)
+        new = grad_bank_update(old, z, p, targets, lr)
+        if keep is not None:
+            new = torch.where(keep, new, old)
         if cols is None:
             self.weight.copy_(new)
         else:
             self.weight[cols] = new
 
     @torch.no_grad()
-    def update_momentum(self, index: Tensor, z: Tensor, momentum: float) -> None:
-        self.weight[index] = momentum_bank_update(self.weight[index], z, momentum)
+    def update_momentum(self, index: Tensor, z: Tensor, momentum: float, keep: Tensor | None = None) -> None:
+        """keep: as in update_grad."""
+        old = self.weight[index]
+        new = momentum_bank_update(old, z, momentum)
+        self.weight[index] = new if keep is None else torch.where(keep, new, old)

@@ -98,12 +98,13 @@ class InstanceDiscrimination(nn.Module):
         return StepOutput(loss, ce.detach(), sd.detach(), index, cols, targets, p, z.detach(), sim)
 
     @torch.no_grad()
-    def update_bank(self, out: StepOutput, z: Tensor | None = None) -> None:
+    def update_bank(self, out: StepOutput, z: Tensor | None = None, keep: Tensor | None = None) -> None:
         """Apply this step's bank update (gradient rule over all columns in use, or NPID's momentum rule).
 
         z: (B, d) features of the whole global batch (every process's out.z gathered in rank order) when `out`
         covers one process's rows; p is then recomputed against the same columns of the not-yet-updated bank, so
         every process applies the update of one process with the global batch. None: out.z, out.p (one process).
+        keep: () bool on the device; False leaves the bank untouched (the step was skipped), decided on the device.
         Autocast is off inside: the update is computed in the bank's float32."""
         with torch.autocast(device_type=out.z.device.type, enabled=False):
             p = out.p
@@ -112,6 +113,6 @@ class InstanceDiscrimination(nn.Module):
             elif self.bank_update == "grad":
                 p = torch.softmax(similarities(z.float(), self.bank.columns(out.cols)) / self.temperature, dim=1)
             if self.bank_update == "grad":
-                self.bank.update_grad(out.cols, z, p, out.targets, self.bank_lr)
+                self.bank.update_grad(out.cols, z, p, out.targets, self.bank_lr, keep)
             else:
-                self.bank.update_momentum(out.index, z, self.bank_momentum)
+                self.bank.update_momentum(out.index, z, self.bank_momentum, keep)

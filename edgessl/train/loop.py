@@ -143,6 +143,7 @@ class Run:
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     progress: Any = None
     task: Any = None
+    last_read: float = 0.0  # when the loop last read values back from the device (see _show_step)
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -261,10 +262,10 @@ def train_epochs(run: Run, state: TrainState, objective: Objective, net: torch.n
             with Prefetcher(_rows_of(run, batches), len(batches)) as rows:
                 for step, raw in enumerate(rows):  # raw: this process's uint8 rows, assembled in the background
                     values = train_step(run, state, objective, net, batches[step], epoch, step, raw)
-                    meter.add(values, batch)
-                    _show_step(run, meter, epoch, values)
-                    if on_step is not None and values is not None:
-                        on_step(StepInfo(epoch, step, values["loss"], state.model, state.method, run.d.rank))
+                    meter.add(values.named(), batch, values.moved)
+                    _show_step(run, state, meter, epoch, step, values, on_step is not None)
+                    if on_step is not None and bool(values.moved):  # a callback reads the loss: one sync per step
+                        on_step(StepInfo(epoch, step, values.loss(), state.model, state.method, run.d.rank))
             end_epoch(run, state, epoch, meter)
     finally:
         if run.progress is not None:
@@ -276,33 +277,64 @@ def _rows_of(run: Run, batches: torch.Tensor) -> Callable[[int], torch.Tensor]:
     return lambda step: gather(run.images, batches[step][run.rows], run.device.type == "cuda")
 
 
+@dataclass
+class StepValues:
+    """A step's losses averaged over processes, left on the training device (reading them is a host sync).
+    names: "loss", "ce", "sd", "ce_w<w>" per sub-width; values: (K,) in that order; moved: () bool, whether the
+    weights and the bank moved (False: a non-finite loss, or an fp16 step the gradient scaler skipped)."""
+    names: list[str]
+    values: torch.Tensor
+    moved: torch.Tensor
+
+    def named(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.values, strict=True))
+
+    def loss(self) -> float:
+        return float(self.values[0])
+
+    def as_floats(self) -> dict[str, float]:
+        return dict(zip(self.names, self.values.tolist(), strict=True))
+
+
 def train_step(run: Run, state: TrainState, objective: Objective, net: torch.nn.Module, idx: torch.Tensor,
-               epoch: int, step: int, raw: torch.Tensor | None = None) -> dict[str, float] | None:
+               epoch: int, step: int, raw: torch.Tensor | None = None) -> StepValues:
     """One optimiser step on the global batch `idx` (B,) (raw: this process's uint8 rows of it when already
-    gathered): crops, loss, backward, optimiser, then the bank update
-    with the features and bank columns of the forward pass (before the step). Returns the losses averaged over
-    processes ({"loss", "ce", "sd", "ce_w<w>" per sub-width}), or None when the step was skipped: a non-finite loss
-    (the schedule advances; MAX_NONFINITE in a row stop the run), or an fp16 step whose gradients overflowed (the
-    gradient scaler skips it, and the bank does not move either)."""
+    gathered): crops, loss, backward, optimiser, then the bank update with the features and bank columns of the
+    forward pass (before the step). A non-finite loss skips the step (the schedule advances; MAX_NONFINITE in a row
+    stop the run, see TrainState.check_nonfinite); so does an fp16 step whose gradients overflowed (the gradient
+    scaler skips it), and the bank does not move either.
+
+    With SGD/AdamW and no gradient scaler the decision stays on the device (TrainState.step_on_device, a masked
+    bank update): nothing is read back to the host, so a GPU never waits for the CPU between steps. Otherwise
+    (fp16's scaler, LARS) the loss is read back and decided on the host (TrainState.step)."""
     x, mix = make_crops(run, idx, epoch, step, raw)
     res = objective(net, x, idx.to(run.device), epoch, step, mix, run.rows if run.d.active else None)
     names = ["loss", "ce", "sd", *[f"ce_w{w:g}" for w in res.widths[1:]]]
     # the global batch's mean (mean of equal-sized slices' means), identical on every process
     stacked = torch.stack([res.loss.detach().float(), res.out.ce.float(), res.out.sd.float(), *res.sub_ce])
-    values = dict(zip(names, distributed.mean_over_ranks(stacked.float(), run.d).tolist(), strict=True))
-    diverged = lambda: TrainingDiverged(  # noqa: E731
-        f"Training diverged: {MAX_NONFINITE} non-finite losses in a row (epoch {epoch + 1}, step {step + 1}). "
+    values = distributed.mean_over_ranks(stacked.float(), run.d)
+    gathered = (lambda: distributed.all_gather_cat(res.out.z, run.d)) if run.d.active else (lambda: None)
+    if state.on_device:
+        moved = state.step_on_device(res.loss, values[0])
+        state.method.update_bank(res.out, gathered(), keep=moved)
+        return StepValues(names, values, moved)
+    moved = state.step(res.loss, float(values[0]), _diverged(run, epoch, step))
+    if moved:
+        state.method.update_bank(res.out, gathered())
+    return StepValues(names, values, torch.tensor(moved))
+
+
+def _diverged(run: Run, epoch: int, step: int) -> Callable[[], TrainingDiverged]:
+    return lambda: TrainingDiverged(
+        f"Training diverged: {MAX_NONFINITE} non-finite losses in a row (epoch {epoch + 1}, by step {step + 1}). "
         f"The last good checkpoint is kept in {run.run_dir}. Lower --lr or --bank-lr, or use --precision fp32.")
-    if not state.step(res.loss, values["loss"], diverged):
-        return None
-    state.method.update_bank(res.out, distributed.all_gather_cat(res.out.z, run.d) if run.d.active else None)
-    return values
 
 
 def end_epoch(run: Run, state: TrainState, epoch: int, meter: EpochMeter) -> dict[str, Any]:
     """Check the weights, make the bank exact on every process, log a metrics row (kNN monitor when due), and on
     rank 0 write the checkpoint, encoder, metrics.jsonl and curves.png. Returns the row."""
     seconds = time.time() - meter.t0
+    state.check_nonfinite(_diverged(run, epoch, len(run.images) // state.batch - 1))
     if not all(torch.isfinite(p).all() for p in state.model.parameters()):
         raise TrainingDiverged(f"Training diverged: non-finite weights after epoch {epoch + 1}. The last good "
                                f"checkpoint is kept in {run.run_dir}. Lower --lr or --bank-lr.")
@@ -313,7 +345,7 @@ def end_epoch(run: Run, state: TrainState, epoch: int, meter: EpochMeter) -> dic
         "epoch": epoch + 1,
         **meter.means(),
         "lr": state.optimizer.param_groups[0]["lr"],
-        "images_per_s": meter.images / max(seconds, 1e-9),
+        "images_per_s": meter.seen / max(seconds, 1e-9),
         "seconds": seconds,
         "bank_feature_std": float(state.method.bank.weight.std(dim=0).mean()),
         "threads": run.threads.threads,
@@ -335,24 +367,36 @@ def end_epoch(run: Run, state: TrainState, epoch: int, meter: EpochMeter) -> dic
 
 
 class EpochMeter:
-    """Image-weighted means of the step losses over an epoch, and its images and start time."""
+    """Image-weighted means of the step losses over an epoch, and its images and start time. Values may be floats
+    or 0-d tensors on the training device, summed there (no host sync until means()); `moved` (a () bool tensor)
+    says whether a step counts. images: images of the steps that counted (known after means() for tensors);
+    seen: every image processed (the rate)."""
     def __init__(self):
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Any] = {}
         self.images = 0
+        self.seen = 0
+        self.counted: Any = 0
         self.t0 = time.time()
 
-    def add(self, values: dict[str, float] | None, images: int) -> None:
+    def add(self, values: dict[str, Any] | None, images: int, moved: torch.Tensor | None = None) -> None:
         if values is None:
             return
-        self.images += images
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v * images
+        self.seen += images
+        if moved is None:
+            self.counted += images
+            weighted = {k: v * images for k, v in values.items()}
+        else:
+            self.counted = self.counted + moved.float() * images
+            weighted = {k: torch.where(moved, v, torch.zeros_like(v)) * images for k, v in values.items()}
+        for k, v in weighted.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
 
     def means(self) -> dict[str, float]:
         """{"loss", "loss_ce", "loss_sd", "loss_ce_w<w>"...}: the metrics.jsonl keys."""
+        self.images = int(round(float(self.counted)))
         n = max(self.images, 1)
         out = {"loss": 0.0, "loss_ce": 0.0, "loss_sd": 0.0}
-        out.update({("loss" if k == "loss" else f"loss_{k}"): v / n for k, v in self.sums.items()})
+        out.update({("loss" if k == "loss" else f"loss_{k}"): float(v) / n for k, v in self.sums.items()})
         return out
 
 
@@ -505,11 +549,24 @@ def _banner(run: Run, state: TrainState, precision: str, arch: dict[str, Any]) -
     )
 
 
-def _show_step(run: Run, meter: EpochMeter, epoch: int, values: dict[str, float] | None) -> None:
+DISPLAY_SECONDS = 0.5  # the progress line's loss (and the non-finite count) is read back at most this often
+
+
+def _show_step(run: Run, state: TrainState, meter: EpochMeter, epoch: int, step: int, values: StepValues,
+               synced: bool) -> None:
+    """Advance the progress bar; at most every DISPLAY_SECONDS (or every step when `synced`: a callback reads the
+    loss anyway) read the loss back and check the non-finite count: the loop's only host syncs besides end_epoch."""
+    now = time.time()
+    if not synced and now - run.last_read < DISPLAY_SECONDS:
+        if run.progress is not None:
+            run.progress.update(run.task, advance=1)
+        return
+    run.last_read = now
+    state.check_nonfinite(_diverged(run, epoch, step))
     if run.progress is None:
         return
-    rate = meter.images / max(time.time() - meter.t0, 1e-9)
-    loss = f"{values['loss']:.3f}" if values is not None else "skipped"
+    rate = meter.seen / max(now - meter.t0, 1e-9)
+    loss = f"{values.loss():.3f}" if bool(values.moved) else "skipped"
     run.progress.update(run.task, advance=1, info=f"epoch {epoch + 1}/{run.cfg.epochs} loss {loss} {rate:.0f} img/s")
 
 

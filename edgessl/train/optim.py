@@ -36,12 +36,24 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float):
-    """sgd (momentum, no nesterov), adamw, or lars."""
+    """sgd (momentum, no nesterov), adamw, or lars.
+
+    SGD and AdamW are torch's fused implementations (one kernel per step on CPU and CUDA), which can skip an update
+    on the device when told the step is bad (`found_inf`, as torch's own gradient scaler uses it): pretraining
+    decides its non-finite steps without a host sync (TrainState.step_on_device). SGD's momentum buffers start as
+    zeros, which gives the same first step as torch's lazily created ones (buf = 0 * m + g = g) and keeps a skipped
+    first step a true no-op."""
     params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False,
+                              fused=fused or None)
+        if momentum:
+            for p in params:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return opt
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "lars":
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")

@@ -36,6 +36,46 @@ class TrainState:
     epoch: int = 0
     nonfinite: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    _streak: torch.Tensor | None = None  # step_on_device: non-finite losses in a row, on the device
+    _worst: torch.Tensor | None = None  # ... and the longest such run since the last check_nonfinite
+
+    @property
+    def on_device(self) -> bool:
+        """Whether steps can be decided on the device (step_on_device): no gradient scaler, and an optimiser whose
+        fused kernel can skip an update itself (torch's fused SGD and AdamW: see edgessl.train.optim)."""
+        return not self.scaler.is_enabled() and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def step_on_device(self, loss: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """TrainState.step without reading anything back to the host (no CUDA sync): `value` () is the loss
+        averaged over processes, on the device. A non-finite value makes the fused optimiser skip its update
+        (found_inf), so the weights and its state stay as they were; the schedule advances either way. Returns
+        () bool on the device: whether the weights moved. The in-a-row count stays on the device too:
+        check_nonfinite() reads it and raises after MAX_NONFINITE in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = ~torch.isfinite(value.detach())
+        if self._streak is None:
+            self._streak = torch.tensor(float(self.nonfinite), device=value.device)
+            self._worst = self._streak.clone()
+        self._streak = torch.where(bad, self._streak + 1, torch.zeros_like(self._streak))
+        self._worst = torch.maximum(self._worst, self._streak)
+        loss.backward()  # DDP averages the gradients over processes
+        self.optimizer.found_inf, self.optimizer.grad_scale = bad.float(), None
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf, self.optimizer.grad_scale
+        self._advance_schedule()
+        return ~bad
+
+    def check_nonfinite(self, diverged: Callable[[], Exception]) -> None:
+        """Read step_on_device's counters (one host sync): raise diverged() when MAX_NONFINITE or more losses in a
+        row were non-finite since the last check; `nonfinite` gets the current count."""
+        if self._streak is None:
+            return
+        self.nonfinite, worst = int(self._streak), int(self._worst)
+        self._worst = self._streak.clone()
+        if worst >= MAX_NONFINITE:
+            raise diverged()
 
     def step(self, loss: torch.Tensor, value: float, diverged: Callable[[], Exception]) -> bool:
         """One optimiser step on `loss` (value: its float, averaged over processes). A non-finite value skips the
@@ -64,6 +104,8 @@ class TrainState:
             self.scheduler.step()
 
     def checkpoint(self, num_images: int, config: dict[str, Any], world: int) -> dict[str, Any]:
+        if self._streak is not None:
+            self.nonfinite = int(self._streak)
         return {
             **{part: getattr(self, part).state_dict() for part in PARTS if getattr(self, part) is not None},
             "epoch": self.epoch,
@@ -100,3 +142,4 @@ class TrainState:
             ) from None
         set_rng_state(ckpt["rng"])
         self.epoch, self.history, self.nonfinite = ckpt["epoch"], ckpt["history"], ckpt["nonfinite"]
+        self._streak = self._worst = None
