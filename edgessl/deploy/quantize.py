@@ -3,6 +3,7 @@ calibrated on the user's own images) and fp16 weights (float32 inputs and output
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,32 +59,59 @@ def _pre_process(src: Path, dst: Path) -> bool:
         return False
 
 
+def prepare_source(fp32_path: str | Path, dst: str | Path) -> bool:
+    """Write the model that int8 candidates are quantised from to dst: fp32_path after quant_pre_process (when that
+    works), every node named (nodes_to_exclude selects nodes by name; the exporters leave some unnamed). Returns
+    whether pre-processing was applied."""
+    import onnx
+
+    fp32_path, dst = Path(fp32_path), Path(dst)
+    pre_processed = _pre_process(fp32_path, dst)
+    model = onnx.load(str(dst if pre_processed else fp32_path))
+    taken = {n.name for n in model.graph.node}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    onnx.save(model, str(dst))
+    return pre_processed
+
+
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, input_name: str,
-                  method: str = "minmax") -> dict[str, Any]:
+                  method: str = "minmax", exclude: Sequence[str] = (), source: str | Path | None = None,
+                  pre_processed: bool | None = None) -> dict[str, Any]:
     """Static int8 quantisation of fp32_path into out_path, calibrated on `calib` (preprocessed float32 images)
-    with a CALIBRATION_METHODS method. Returns the settings for the manifest."""
+    with a CALIBRATION_METHODS method; the nodes named in `exclude` stay in float. `source`: the model to quantise,
+    written by prepare_source (with `pre_processed` its return value); by default prepared here from fp32_path.
+    Returns the settings for the manifest. ValidationFailed (nothing written) when quantisation fails."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     check_calibration_method(method)
     calibrate, extra = CALIBRATION_METHODS[method]
-
     fp32_path, out_path = Path(fp32_path), Path(out_path)
-    pre = out_path.with_name(out_path.stem + ".pre.onnx")
-    source = pre if _pre_process(fp32_path, pre) else fp32_path
+    own = source is None
+    if own:
+        source = out_path.with_name(out_path.stem + ".pre.onnx")
+        pre_processed = prepare_source(fp32_path, source)
     try:
         with _quiet():
             quantize_static(
                 str(source), str(out_path), _Batches(calib, input_name), quant_format=QuantFormat.QDQ,
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=getattr(CalibrationMethod, calibrate), extra_options=dict(extra),
+                nodes_to_exclude=list(exclude), calibrate_method=getattr(CalibrationMethod, calibrate),
+                extra_options=dict(extra),
             )
     except Exception as e:  # noqa: BLE001
         out_path.unlink(missing_ok=True)
         raise ValidationFailed(f"int8 quantisation of {fp32_path.name} failed: {_first_line(e)}") from None
     finally:
-        pre.unlink(missing_ok=True)
-    return {**INT8_SETTINGS, "calibration": method, "pre_processed": source == pre,
-            "calibration_images": int(len(calib))}
+        if own:
+            Path(source).unlink(missing_ok=True)
+    return {**INT8_SETTINGS, "calibration": method, "pre_processed": bool(pre_processed),
+            "calibration_images": int(len(calib)), "nodes_in_float": list(exclude)}
 
 
 def topological_sort(graph) -> None:
