@@ -20,15 +20,19 @@ ONNX, and check the file against PyTorch on real images.
 
     edgessl export runs/mobilenetv3_small-20261123-120000
     edgessl export runs/<name> --int8 --calib ./my_images --fp16
+    edgessl export runs/<name> --int8-mode strict --calib-method percentile   # one int8 config
     edgessl export runs/<name> --classifier runs/<name>/finetune-pets --int8
     edgessl export runs/<name> --opset 17 --images ./val_images
     edgessl export runs/<name> --width 0.5                # one width of a --widths run (see `edgessl slim`)
 
 Writes RUN/export/MODEL.onnx (+ MODEL.int8.onnx, MODEL.fp16.onnx), MODEL.reference.npz and manifest.json. Every file is
 checked with onnx.checker (full_check) and against PyTorch with ONNX Runtime (fp32: max abs diff <= 1e-4 of the output
-scale and cosine >= 0.99999 per image). Then run `edgessl check` or export/device_check.py on the device.
+scale and cosine >= 0.99999 per image). --int8 searches calibration methods and float tails until the int8 bound
+holds (mean cosine >= 0.93, min >= 0.75) and keeps fp32 with a one-line reason when none passes or int8 is not faster
+on this machine; manifest.json lists every candidate. Then run `edgessl check` or export/device_check.py on the device.
 
-Exit codes: 2 bad input; 3 an exported file fails its check or its parity bounds (the file is removed).
+Exit codes: 2 bad input; 3 an exported file fails its check or its parity bounds (the file is removed; int8 only
+with --int8-mode strict).
 """
 
 CHECK_HELP = """Measure an exported ONNX model the way export/device_check.py does on a device: batch-1 latency
@@ -55,9 +59,10 @@ def register(app) -> None:
         run: Path = typer.Argument(..., help="Run directory of `edgessl pretrain` (holds encoder.safetensors)."),
         classifier: Optional[Path] = typer.Option(None, help="Fine-tuned classifier folder (runs/NAME/finetune-TAG): export logits instead of features."),
         opset: int = typer.Option(18, help="ONNX opset to write."),
-        int8: bool = typer.Option(False, "--int8", help="Also write a static int8 model (QDQ, per-channel weights), calibrated on --calib."),
+        int8: bool = typer.Option(False, "--int8", help="Also write a static int8 model (QDQ, per-channel weights), calibrated on --calib: searched until it meets the int8 bound, kept only when faster than fp32 here (see --int8-mode)."),
+        int8_mode: Optional[str] = typer.Option(None, "--int8-mode", help="search (the default: try calibration methods, then keep the most sensitive tail of the network in float; write int8 only when it passes and is faster than fp32 on this machine) | keep-slow (search, write it even when slower) | strict (only --calib-method, exit 3 when it misses the bound). Implies --int8."),
         calib: Optional[Path] = typer.Option(None, help="Unlabeled images for int8 calibration (up to 256 used). [default: the training folder]"),
-        calib_method: str = typer.Option("minmax", help="int8 activation ranges: minmax | moving-average | percentile | entropy."),
+        calib_method: str = typer.Option("minmax", help="int8 activation ranges: minmax | moving-average | percentile | entropy (the search tries it first)."),
         fp16: bool = typer.Option(False, "--fp16", help="Also write a model with float16 weights (float32 input and output)."),
         images: Optional[Path] = typer.Option(None, help="Images for the parity check (up to 256 used). [default: the classifier's or the run's training folder]"),
         out: Optional[Path] = typer.Option(None, help="Export folder. [default: RUN/export]"),
@@ -70,9 +75,10 @@ def register(app) -> None:
             if not quiet:
                 console.print(f"Width {width:g}: {'using the slimmed encoder in' if reused else 'slimmed into'} {run}",
                               highlight=False, soft_wrap=True)
-        result = api.export(run, classifier=classifier, opset=opset, int8=int8, calib=calib, fp16=fp16, images=images,
+        wanted = int8_mode if int8_mode is not None else int8  # --int8 alone: "search"
+        result = api.export(run, classifier=classifier, opset=opset, int8=wanted, calib=calib, fp16=fp16, images=images,
                             out=out, name=name, calib_method=calib_method, console=None if quiet else console)
-        _print_summary(console, result)
+        _print_summary(console, result, notes=quiet)  # without --quiet export printed them
 
     @app.command("check", help=CHECK_HELP)
     @friendly
@@ -96,13 +102,20 @@ def register(app) -> None:
             raise typer.Exit(code)
 
 
-def _print_summary(console, result) -> None:
+def _print_summary(console, result, notes: bool = True) -> None:
     table = Table(title=f"{result.export_dir} (exported by {result.models[0]['exporter']})", title_justify="left")
-    for col in ("file", "precision", "MiB", "max abs diff", "min cosine", "mean cosine"):
+    for col in ("file", "precision", "MiB", "max abs diff", "min cosine", "mean cosine", "p50 ms", "p90 ms",
+                "img/s b32", "kNN agree"):
         table.add_column(col, no_wrap=col == "file")
     for entry in result.models:
-        parity = entry["parity"]
+        parity, speed = entry["parity"], entry.get("speed")
+        agree = entry.get("comparison", {}).get("knn_agreement", {}).get(entry["precision"])
+        timing = ([f"{speed['batch1_ms']['p50']:.3g}", f"{speed['batch1_ms']['p90']:.3g}",
+                   f"{speed['throughput']['images_per_s']:.0f}"] if speed else ["", "", ""])
         table.add_row(entry["file"], entry["precision"], f"{entry['bytes'] / 2**20:.2f}",
-                      f"{parity['max_abs_diff']:.2g}", f"{parity['min_cosine']:.6f}", f"{parity['mean_cosine']:.6f}")
+                      f"{parity['max_abs_diff']:.2g}", f"{parity['min_cosine']:.6f}", f"{parity['mean_cosine']:.6f}",
+                      *timing, "" if agree is None else f"{agree:.4f}")
     console.print(table)
+    for note in result.notes if notes else []:
+        console.print(note, highlight=False, soft_wrap=True, markup=False)
     console.print(f"Manifest: {result.manifest}", highlight=False, soft_wrap=True)

@@ -1,10 +1,13 @@
 """`edgessl export`: encoder (features) or fine-tuned classifier (logits) -> ONNX, checked against PyTorch on real
-images, optionally with int8 (static, calibrated on the user's images) and fp16 copies, plus manifest.json and
-reference outputs for the on-device check."""
+images, optionally with int8 (static, calibrated on the user's images, searched until it meets its bound: see
+int8search.py) and fp16 copies, plus manifest.json, reference outputs for the on-device check and each file's speed
+on this machine."""
 
 from __future__ import annotations
 
-import time
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +18,15 @@ import yaml
 from rich.markup import escape
 
 from edgessl.demo import demo_images
+from edgessl.deploy import int8search as i8
 from edgessl.deploy import manifest as mf
 from edgessl.deploy import onnx as ox
 from edgessl.deploy import quantize as qz
+from edgessl.deploy import sensitivity as sn
+from edgessl.deploy import speed as sp
 from edgessl.deploy.images import Sample, sample_folder, spread, to_input
 from edgessl.errors import UserError
-from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1
+from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict, knn_top1
 from edgessl.fileio import sha256_file
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.classifier import load_classifier
@@ -28,7 +34,7 @@ from edgessl.models.classifier import load_classifier
 EVAL_IMAGES = 256  # parity is measured on up to this many images (all of them when the folder has fewer)
 CALIB_IMAGES = 256  # int8 calibration images, spread over the calibration folder
 REFERENCE_IMAGES = 48  # preprocessed images + PyTorch outputs shipped in <model>.reference.npz
-LATENCY_RUNS = 30  # batch-1 runs per model for the size/latency ratios reported at export (device_check does more)
+SCRATCH: str | None = None  # parent folder of the int8 search's temporary files (None: the system's temp folder)
 
 
 @dataclass
@@ -36,6 +42,7 @@ class ExportResult:
     export_dir: Path
     manifest: Path
     models: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each, e.g. why int8 was not written
 
 
 def _say(console, msg: str) -> None:
@@ -88,22 +95,16 @@ def torch_outputs(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def latency_ms(sess, x1: np.ndarray, runs: int = LATENCY_RUNS, warmup: int = 5) -> float:
-    """Median batch-1 latency in ms."""
-    name = sess.get_inputs()[0].name
-    for _ in range(warmup):
-        sess.run(None, {name: x1})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, {name: x1})
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
-
-
 def _knn_top1(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
     f, y = torch.from_numpy(features), torch.from_numpy(labels)
     return knn_top1(f, y, f, y, classes, k=min(KNN_K[0], len(y) - 1), t=KNN_T, exclude_self=True)
+
+
+def _knn_labels(features: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
+    """Leave-one-out weighted kNN predictions (the protocol of _knn_top1) for every image."""
+    f, y = torch.from_numpy(features), torch.from_numpy(labels)
+    scores = knn_predict(f, f, y, classes, k=min(KNN_K[0], len(y) - 1), t=KNN_T, exclude_self=True)
+    return scores.argmax(1).numpy()
 
 
 def _classifier_targets(sample: Sample, classes: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -118,12 +119,22 @@ def _classifier_targets(sample: Sample, classes: list[str]) -> tuple[np.ndarray,
     return np.array(rows), np.array(targets)
 
 
-def _task_figures(kind: str, sample: Sample, meta: dict[str, Any], outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-    """kNN (encoder, labelled sample) or accuracy (classifier, folders named like its classes) per precision."""
+def _task_figures(kind: str, sample: Sample, meta: dict[str, Any], outputs: dict[str, np.ndarray],
+                  ref: np.ndarray) -> dict[str, Any]:
+    """Per precision: encoder on a labelled sample: kNN top-1 and kNN agreement with PyTorch (the share of images
+    whose leave-one-out kNN label is the one PyTorch's features give); classifier on folders named like its classes:
+    accuracy."""
     if kind == "encoder" and sample.labels is not None and len(sample) > 2:
-        res = {p: _knn_top1(o, sample.labels, len(sample.classes)) for p, o in outputs.items()}
-        return {"knn_top1": {**res, "k": min(KNN_K[0], len(sample) - 1), "images": len(sample),
-                             "protocol": f"leave-one-out weighted kNN, cosine, t={KNN_T:g}, on the checked images"}}
+        classes = len(sample.classes)
+        res = {p: _knn_top1(o, sample.labels, classes) for p, o in outputs.items()}
+        torch_labels = _knn_labels(ref, sample.labels, classes)
+        agree = {p: float((_knn_labels(o, sample.labels, classes) == torch_labels).mean()) for p, o in outputs.items()}
+        k = min(KNN_K[0], len(sample) - 1)
+        return {"knn_top1": {**res, "k": k, "images": len(sample),
+                             "protocol": f"leave-one-out weighted kNN, cosine, t={KNN_T:g}, on the checked images"},
+                "knn_agreement": {**agree, "k": k, "images": len(sample),
+                                  "protocol": "share of the checked images whose leave-one-out kNN label equals the "
+                                              "one from PyTorch's features"}}
     if kind == "classifier":
         found = _classifier_targets(sample, meta["classes"])
         if found is not None:
@@ -175,7 +186,7 @@ def export(
     run: str | Path,
     classifier: str | Path | None = None,
     opset: int = 18,
-    int8: bool = False,
+    int8: bool | str = False,
     calib: str | Path | None = None,
     fp16: bool = False,
     images: str | Path | None = None,
@@ -188,11 +199,14 @@ def export(
 
     run: a pretraining run directory; classifier: a fine-tuned classifier folder (exports logits instead of
     features); images: folder for the parity check (default: the classifier's labelled folder or the run's training
-    folder); calib: int8 calibration folder (default: the training folder); out: export folder (default
-    <run>/export); name: model file base name (default encoder / classifier); calib_method: minmax | moving-average |
-    percentile | entropy (int8 activation ranges).
-    Raises UserError (bad input, exit 2) or ValidationFailed (a file misses its check, exit 3)."""
-    src = _prepare(run, classifier, opset, int8, calib, images, calib_method)
+    folder); int8: False, True (= "search"), "search", "keep-slow" or "strict" (see edgessl.deploy.int8search);
+    calib: int8 calibration folder (default: the training folder); out: export folder (default <run>/export); name:
+    model file base name (default encoder / classifier); calib_method: minmax | moving-average | percentile | entropy
+    (int8 activation ranges; the search tries it first).
+    Raises UserError (bad input, exit 2) or ValidationFailed (a file misses its check, exit 3; int8 only in
+    "strict" mode, the search keeps fp32 and says why in ExportResult.notes)."""
+    mode = i8.int8_mode(int8)
+    src = _prepare(run, classifier, opset, mode is not None, calib, images, calib_method)
     out_dir = Path(out) if out else src.run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     base_name = name or src.kind
@@ -203,27 +217,38 @@ def export(
     reference = out_dir / f"{base_name}.reference.npz"
     _write_reference(reference, src.sample, ref)
     common = _common_keys(src, fp32, reference.name, ref.shape[1])
-    entries = [_entry(fp32.path, "fp32", common, fp32.figures)]
+    fp32.speed = sp.speed(fp32.session, x)
+    entries = [_entry(fp32.path, "fp32", common, fp32.figures, speed=fp32.speed)]
     failures: list[str] = []
+    notes: list[str] = []
     outputs = {"fp32": fp32.outputs}
-    fp32.latency = latency_ms(fp32.session, x[:1])
-    for precision, wanted in (("int8", int8), ("fp16", fp16)):
+    for precision, wanted in (("int8", mode), ("fp16", fp16)):
         if not wanted:
             continue
         path = out_dir / f"{base_name}.{precision}.onnx"
         try:
-            entry, outputs[precision] = _reduced_copy(precision, path, fp32, src, x, ref, common, calib_method,
-                                                      console)
+            if precision == "int8" and mode != "strict":
+                fallback = "fp32 and fp16" if fp16 else "fp32"
+                entry, outp, note = _searched_int8(path, fp32, src, x, ref, common, mode, calib_method, fallback,
+                                                   entries[0], console)
+                notes.append(note)
+                if entry is None:
+                    continue
+            else:
+                entry, outp = _reduced_copy(precision, path, fp32, src, x, ref, common, calib_method, console)
         except ox.ValidationFailed as e:
             failures.append(str(e))
             _say(console, f"  failed: {e}")
             continue
         entries.append(entry)
-    _add_task_figures(src, outputs, entries, console)
+        outputs[precision] = outp
+    _add_task_figures(src, outputs, ref, entries, console)
+    for note in notes:
+        _say(console, note)
     manifest = mf.write_manifest(out_dir, entries, _source(src, classifier))
     if failures:
         raise ox.ValidationFailed(" ".join(failures) + f" The other files are listed in {manifest}.")
-    return ExportResult(out_dir, manifest, entries)
+    return ExportResult(out_dir, manifest, entries, notes)
 
 
 @dataclass
@@ -273,7 +298,7 @@ class _Fp32:
     session: Any  # its ONNX Runtime session
     outputs: np.ndarray  # (N, D) on the parity images
     figures: dict[str, Any]  # parity against PyTorch (ox.compare)
-    latency: float = 0.0  # median batch-1 ms, measured once the reference file is written
+    speed: dict[str, Any] = field(default_factory=dict)  # speed.speed() figures, measured once the reference is written
 
     @property
     def input_name(self) -> str:
@@ -318,35 +343,126 @@ def _convert(precision: str, path: Path, fp32: _Fp32, src: _Source, calib_method
 
 def _reduced_copy(precision: str, path: Path, fp32: _Fp32, src: _Source, x: np.ndarray, ref: np.ndarray,
                   common: dict[str, Any], calib_method: str, console) -> tuple[dict[str, Any], np.ndarray]:
-    """Convert, validate and compare one int8 or fp16 copy: (its manifest entry, its outputs (N, D) on x).
-    ValidationFailed when the conversion fails or the copy misses its bounds (the file is then removed)."""
+    """Convert, validate and compare one int8 (single configuration) or fp16 copy: (its manifest entry, its outputs
+    (N, D) on x). ValidationFailed when the conversion fails or the copy misses its bounds (the file is removed)."""
     _say(console, f"Converting to {precision}: {path} ...")
     settings = _convert(precision, path, fp32, src, calib_method)
+    return _described(precision, path, fp32, src, x, ref, common, settings, console)
+
+
+def _described(precision: str, path: Path, fp32: _Fp32, src: _Source, x: np.ndarray, ref: np.ndarray,
+               common: dict[str, Any], settings: dict[str, Any], console) -> tuple[dict[str, Any], np.ndarray]:
+    """Validate the written int8 or fp16 file, time it and compare it with fp32: (its manifest entry, its outputs)."""
     sess, outp, fig = _validated(path, precision, x, ref, src.logits)
     cos = ox.cosines(fp32.outputs, outp)
-    lat = latency_ms(sess, x[:1])
+    speed = sp.speed(sess, x)
+    lat, fp32_lat = speed["batch1_ms"]["p50"], fp32.speed["batch1_ms"]["p50"]
     comparison = {
         "cosine_to_fp32": {"min": float(cos.min()), "mean": float(cos.mean())},
         "size_ratio": path.stat().st_size / fp32.path.stat().st_size,
-        "latency_ms_batch1": {"fp32": fp32.latency, precision: lat},
-        "latency_ratio": lat / fp32.latency,
+        "latency_ms_batch1": {"fp32": fp32_lat, precision: lat},
+        "latency_ratio": lat / fp32_lat,
     }
-    entry = _entry(path, precision, common, fig, conversion=settings, comparison=comparison)
+    entry = _entry(path, precision, common, fig, conversion=settings, comparison=comparison, speed=speed)
     _say(console, f"  parity: min cosine {fig['min_cosine']:.5f} (mean {fig['mean_cosine']:.5f}); "
                   f"size x{comparison['size_ratio']:.2f}, batch-1 latency x{comparison['latency_ratio']:.2f} of fp32")
     return entry, outp
 
 
-def _add_task_figures(src: _Source, outputs: dict[str, np.ndarray], entries: list[dict[str, Any]], console) -> None:
-    """Add the task figures (kNN top-1 or accuracy per precision) to every entry's "comparison" and print them."""
-    task = _task_figures(src.kind, src.sample, src.meta, outputs)
+def _attempt(candidate: i8.Candidate, file: Path, prepared: tuple[Path, bool], fp32: _Fp32, calib_x: np.ndarray,
+             x: np.ndarray, ref: np.ndarray, logits: bool) -> i8.Attempt:
+    """Quantise one candidate into `file` (a temporary path), check it against PyTorch and time it at batch 1."""
+    source, pre_processed = prepared
+    try:
+        settings = qz.quantize_int8(fp32.path, file, calib_x, fp32.input_name, candidate.method,
+                                    candidate.nodes_in_float, source, pre_processed)
+        ox.check_model(file)
+        sess = ox.session(file)
+        figures = ox.compare(ref, ox.run(sess, x), logits=logits)
+    except Exception as e:  # noqa: BLE001 - a candidate that cannot be built or run is a failed candidate
+        file.unlink(missing_ok=True)
+        return i8.Attempt(candidate, missed=[str(e) if isinstance(e, UserError) else ox._first_line(e)])
+    return i8.Attempt(candidate, figures, ox.failed_bounds(figures, "int8"), sp.batch1_p50(sess, x[:1]), file,
+                      settings)
+
+
+def _searched_int8(path: Path, fp32: _Fp32, src: _Source, x: np.ndarray, ref: np.ndarray, common: dict[str, Any],
+                   mode: str, calib_method: str, fallback: str, fp32_entry: dict[str, Any],
+                   console) -> tuple[dict[str, Any] | None, np.ndarray | None, str]:
+    """The int8 search (edgessl.deploy.int8search): (the int8 entry and its outputs, or None, None when fp32 is
+    kept; the one line saying which). Candidates live in a temporary folder that is removed whatever happens; only
+    the shipped one is moved to `path`. The search's record goes into the fp32 entry's "int8_search"."""
+    _say(console, f"Searching int8 for {path} (bound: mean cosine >= {ox.BOUNDS['int8']['mean_cosine']:g}, "
+                  f"min cosine >= {ox.BOUNDS['int8']['min_cosine']:g}) ...")
+    calib_x = to_input(src.calib.images, src.meta["mean"], src.meta["std"])
+    measured: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="edgessl-int8-", dir=SCRATCH) as tmp:
+        work = Path(tmp)
+        prepared = (work / "source.onnx", qz.prepare_source(fp32.path, work / "source.onnx"))
+        names: list[str] = []
+
+        def attempt(candidate: i8.Candidate) -> i8.Attempt:
+            done = _attempt(candidate, work / f"candidate-{len(names)}.onnx", prepared, fp32, calib_x, x, ref,
+                            src.logits)
+            names.append(candidate.label)
+            _say(console, "  " + _attempt_line(len(names), done))
+            return done
+
+        def tails_for(closest: i8.Attempt) -> list[dict[str, Any]]:
+            try:
+                found = sn.sensitivity(prepared[0], closest.path, calib_x, fp32.input_name)
+            except Exception as e:  # noqa: BLE001 - without a measurement the search ends with the methods
+                measured["error"] = ox._first_line(e)
+                return []
+            measured.update(found["record"])
+            return found["tails"]
+
+        tried = i8.search(calib_method, attempt, tails_for)
+        for failed in tried[:-1] if tried and tried[-1].passed else tried:
+            if failed.path is not None:
+                failed.path.unlink(missing_ok=True)
+        latency = None
+        if tried and tried[-1].passed:
+            latency = sp.paired_p50(fp32.session, ox.session(tried[-1].path), x[:1])
+        ship, line = i8.decide(tried, mode, latency, fallback)
+        fp32_entry["int8_search"] = i8.search_record(mode, tried, ship, line, latency, measured or None)
+        if not ship:
+            return None, None, line
+        part = path.with_name(path.name + ".part")
+        shutil.copyfile(tried[-1].path, part)
+        os.replace(part, path)
+    settings = {**tried[-1].settings, "calibration_folder": str(src.calib.root), "candidate": tried[-1].candidate.label,
+                "search": "manifest entry of the fp32 file, key int8_search"}
+    entry, outp = _described("int8", path, fp32, src, x, ref, common, settings, console)
+    return entry, outp, line
+
+
+def _attempt_line(number: int, a: i8.Attempt) -> str:
+    if a.parity is None:
+        return f"{number}. {a.candidate.label}: {a.missed[0] if a.missed else 'failed'}"
+    verdict = "passes" if a.passed else "misses " + "; ".join(a.missed)
+    return (f"{number}. {a.candidate.label}: mean cosine {a.parity['mean_cosine']:.4f}, min "
+            f"{a.parity['min_cosine']:.4f}, batch-1 {a.latency_ms:.3g} ms: {verdict}")
+
+
+def _add_task_figures(src: _Source, outputs: dict[str, np.ndarray], ref: np.ndarray, entries: list[dict[str, Any]],
+                      console) -> None:
+    """Add the task figures (kNN top-1 and agreement, or accuracy, per precision) to every entry's "comparison" and
+    print them with each precision's speed on this machine."""
+    task = _task_figures(src.kind, src.sample, src.meta, outputs, ref)
     for entry in entries:
         if task:
             entry.setdefault("comparison", {}).update(task)
-    for key, label in (("knn_top1", "kNN top-1 (leave-one-out)"), ("accuracy", "accuracy")):
+    for key, label in (("knn_top1", "kNN top-1 (leave-one-out)"), ("knn_agreement", "kNN agreement with PyTorch"),
+                       ("accuracy", "accuracy")):
         if key in task:
             values = ", ".join(f"{p} {task[key][p]:.4f}" for p in outputs)
             _say(console, f"{label} on {task[key]['images']} labelled images: {values}")
+    for entry in entries:
+        sp_ = entry["speed"]
+        _say(console, f"{entry['precision']} on this machine: batch-1 p50 {sp_['batch1_ms']['p50']:.3g} ms, p90 "
+                      f"{sp_['batch1_ms']['p90']:.3g} ms; {sp_['throughput']['images_per_s']:.0f} images/s at batch "
+                      f"{sp_['throughput']['batch']}; {entry['bytes'] / 2**20:.2f} MiB")
 
 
 def _source(src: _Source, classifier) -> dict[str, Any]:

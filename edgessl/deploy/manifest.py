@@ -6,7 +6,9 @@ preprocess (those of the models listed; each model repeats its own), models: one
 Entry keys the tooling relies on (keep them): file, precision ("fp32" | "int8" | "fp16"), sha256,
 parity {max_abs_diff, min_cosine, ...}. Further keys: kind (encoder | classifier), bytes, exporter, opset, input,
 preprocess, output {name, shape, dtype, meaning}, classes (classifier), bounds, reference (npz file beside it),
-and for int8/fp16 the conversion settings and a comparison with fp32.
+speed on the exporting machine {batch1_ms {p50, p90, runs}, throughput {batch, images_per_s}}, comparison (kNN
+top-1 and agreement with PyTorch, or accuracy, per precision), for int8/fp16 the conversion settings and a
+comparison with fp32, and in the fp32 entry "int8_search" when --int8 searched (every candidate, the outcome).
 """
 
 from __future__ import annotations
