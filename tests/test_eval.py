@@ -383,3 +383,35 @@ def test_monitor_knn_equals_the_exact_computation_and_subsamples_queries_above_t
     got = sub(None, "cpu", None, None)  # the subset's queries against all 400 memory images, leaving each out
     assert got["knn_top1"] == pytest.approx(_exact_loo_top1(feats, labels, sub.subset, 20))
     assert got["knn_top1_k200"] == pytest.approx(_exact_loo_top1(feats, labels, sub.subset, 200))
+
+
+def test_closed_form_gradient_equals_autograd():
+    from edgessl.evaluate.linear import logistic_objective, objective_and_grad
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (50,), generator=g)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    want = logistic_objective(x, y, w, b, 0.3)
+    want.backward()
+    loss, gw, gb = objective_and_grad(x, x.t().contiguous(), torch.nn.functional.one_hot(y, 4).double(),
+                                      w.detach(), b.detach(), 0.3)
+    assert torch.allclose(loss, want) and torch.allclose(gw, w.grad) and torch.allclose(gb, b.grad)
+
+
+def test_fewer_images_than_dimensions_fit_in_the_row_space_with_the_same_answer():
+    from edgessl.evaluate.linear import row_space
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 100, generator=g, dtype=torch.float64)
+    y = torch.arange(30) % 3
+    xt = torch.randn(12, 100, generator=g, dtype=torch.float64)
+    xr, xtr = row_space(x, xt)
+    assert xr.shape == (30, 30) and xtr.shape == (12, 30)
+    w, b = fit_logistic(x, y, 3, 0.05, max_iter=500)
+    wr, br = fit_logistic(xr, y, 3, 0.05, max_iter=500)
+    full, reduced = xt @ w + b, xtr @ wr + br  # the same minimiser, up to L-BFGS's stopping tolerance
+    assert torch.allclose(full, reduced, atol=1e-3) and torch.equal(full.argmax(1), reduced.argmax(1))
+    big = torch.randn(200, 10, generator=g)
+    assert row_space(big)[0] is big  # more images than dimensions: unchanged
