@@ -236,6 +236,12 @@ def shared_cpu_section(rec) -> str:
     return "\n".join(out) + "\n"
 
 
+def export_search_section(rec) -> str:
+    from benchmarks.export_search import export_search_section as section
+
+    return section(rec)
+
+
 def loader_section(rec) -> str:
     from benchmarks.loader import loader_section as section
 
@@ -271,8 +277,8 @@ def eval_section(rec) -> str:
 def write_readme(results: Path, readme: Path) -> None:
     parts = [HEADER]
     sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section,
-                "slim": slim_section, "shared-cpu": shared_cpu_section, "eval": eval_section, "loader": loader_section}
-    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "eval", "loader"):
+                "slim": slim_section, "shared-cpu": shared_cpu_section, "eval": eval_section, "loader": loader_section, "export": export_search_section}
+    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "eval", "loader", "export"):
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())
@@ -285,8 +291,8 @@ def write_readme(results: Path, readme: Path) -> None:
                 parts.append(sections[suite](rec))
     for path in sorted(results.glob("sweep_*.json")):
         parts.append(sweep_section(path))
-    if (results / "export.json").exists():
-        parts.append(export_section(json.loads((results / "export.json").read_text())))
+    if (results / "export_latency.json").exists():
+        parts.append(export_section(json.loads((results / "export_latency.json").read_text())))
     if (results / "distributed.json").exists():
         parts.append(distributed_section(json.loads((results / "distributed.json").read_text())))
     readme.write_text("\n".join(parts))

@@ -14,6 +14,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
             thread policy vs the old behaviour (benchmarks/shared_cpu.py); run it on an otherwise idle machine
   eval      seconds of `edgessl eval` (CIFAR-10 5k/5k, 10 and all labels, 3 seeds, random baseline) with the probe
             before and after its speed-ups, and every top-1 difference (benchmarks/eval_speed.py)
+  export    the int8 search of `edgessl export --int8` for mobilenetv3_small (64 px) and resnet18 (32 px) after 1
+            and 15 epochs on emoji: candidates, parity, int8 vs fp32 latency (benchmarks/export_search.py)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
             model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above
@@ -37,7 +39,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader")
+SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader", "export")
 
 
 def machine() -> dict[str, Any]:
@@ -272,6 +274,12 @@ def suite_eval(args) -> list[dict]:
 
 def suite_shared_cpu(args) -> list[dict]:
     from benchmarks.shared_cpu import suite_shared_cpu as run
+
+    return run(args)
+
+
+def suite_export(args) -> list[dict]:
+    from benchmarks.export_search import suite_export as run
 
     return run(args)
 

@@ -121,3 +121,12 @@ def test_loader_suite(bench):
     assert all(by[("loader", p)]["images_per_s"] > 0 for p in ("ram", "mmap", "stream"))
     assert by[("e2e", None)]["timed_steps"] >= 1 and by[("cache-rss", None)]["images"] == 48
     assert "## Loader: decode once, memory-map, prefetch" in readme and "| memory map |" in readme
+
+
+def test_export_suite(bench):
+    rec, readme = bench("export")
+    assert [(r["backbone"], r["epochs"]) for r in rec["rows"]] == [("mobilenetv3_small", 1), ("resnet18", 1)]
+    for r in rec["rows"]:
+        assert r["candidates"] and r["outcome"]
+        assert r["candidates"][0]["candidate"].startswith("minmax")  # the search starts at --calib-method
+    assert "## Export: the int8 search on encoders it has not seen" in readme
