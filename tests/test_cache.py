@@ -260,3 +260,15 @@ def test_fp16_with_its_gradient_scaler_runs_real_steps_on_the_cpu(tiny_data, tmp
     assert 1 <= len(steps) < 9 and all(np.isfinite([loss for _, _, loss in steps]))
     scaler = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=False)["scaler"]
     assert scaler["scale"] < 2.0**16  # it backed off from its initial scale
+
+
+def test_export_samples_come_from_the_cache_without_decoding(folder, monkeypatch, isolated_cache):
+    import edgessl.deploy.images as images_mod
+
+    fresh = images_mod.sample_folder(folder, 32, 10, "--calib")  # no cache entry yet: decoded
+    load_image_folder(folder, 32)  # the default cache folder (EDGESSL_CACHE_DIR of the test session)
+    calls = []
+    monkeypatch.setattr(images_mod, "_try_decode", lambda *a: calls.append(a))
+    cached = images_mod.sample_folder(folder, 32, 10, "--calib")
+    assert calls == [] and cached.paths == fresh.paths
+    assert np.array_equal(cached.images, fresh.images) and np.array_equal(cached.labels, fresh.labels)

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from edgessl.data.augment import test_transform
+from edgessl.data.cache import cache_folder, open_cache
 from edgessl.data.folder import _try_decode, check_folder, scan_images
+from edgessl.data.signature import folder_signature
 from edgessl.errors import UserError
 
 
@@ -47,7 +49,8 @@ def _folder_classes(root: Path, paths: list[Path]) -> list[str] | None:
 
 
 def sample_folder(root: str | Path, size: int, limit: int, what: str) -> Sample:
-    """Decode up to `limit` images spread over the sorted files of `root` (by edgessl's decoding rules).
+    """Decode up to `limit` images spread over the sorted files of `root` (by edgessl's decoding rules; rows of the
+    decoded-image cache are used when the folder is cached at this size: the same images, nothing decoded).
 
     UserError when the folder is missing, holds no image files, or none of the chosen files can be read."""
     root = check_folder(root, what)
@@ -56,8 +59,9 @@ def sample_folder(root: str | Path, size: int, limit: int, what: str) -> Sample:
         raise UserError(f"{what} '{root}' holds no image files (searched recursively for jpg/png/webp/... files).")
     classes = _folder_classes(root, paths)
     good, arrays, reasons = [], [], []
+    cached = _cached_rows(root, size, paths)
     for i in spread(len(paths), limit):
-        arr, why = _try_decode(paths[i], size)
+        arr, why = cached(paths[i]) or _try_decode(paths[i], size)
         if arr is None:
             reasons.append(f"{paths[i].name}: {why}")
         else:
@@ -72,6 +76,25 @@ def sample_folder(root: str | Path, size: int, limit: int, what: str) -> Sample:
         lookup = {c: k for k, c in enumerate(classes)}
         labels = np.array([lookup[p.relative_to(root).parts[0]] for p in good], dtype=np.int64)
     return Sample(root, good, np.stack(arrays), labels, classes)
+
+
+def _cached_rows(root: Path, size: int, paths: list[Path]):
+    """path -> (its decoded (S, S, 3) uint8 row, None) or (None, its reason) from the decoded-image cache
+    (edgessl.data.cache) when a valid entry for this folder and size exists; otherwise -> None (decode it)."""
+    store = cache_folder("auto")
+    hit = None if store is None else open_cache(store, root, size, folder_signature(root, paths), lambda _: None)
+    if hit is None:
+        return lambda path: None
+    rows = {f[0]: i for i, f in enumerate(hit.files)}
+    reasons = {s[0]: s[3] for s in hit.skipped}
+
+    def lookup(path: Path):
+        rel = path.relative_to(root).as_posix()
+        if rel in rows:
+            return np.ascontiguousarray(hit.rows[rows[rel]].transpose(1, 2, 0)), None
+        return (None, reasons[rel]) if rel in reasons else None
+
+    return lookup
 
 
 def to_input(images: np.ndarray, mean, std) -> np.ndarray:
