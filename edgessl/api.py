@@ -106,7 +106,7 @@ def export(
     run: str | Path,
     classifier: str | Path | None = None,
     opset: int = 18,
-    int8: bool = False,
+    int8: bool | str = False,
     calib: str | Path | None = None,
     fp16: bool = False,
     images: str | Path | None = None,
@@ -117,6 +117,11 @@ def export(
 ):
     """Export a run's encoder (features) or a fine-tuned classifier (logits) to ONNX in <run>/export, check it
     against PyTorch, optionally add int8 (calibrated on `calib`) and fp16 copies, and write manifest.json.
+
+    int8: False (none); True or "search" (calibration methods, then float tails, until the int8 bound holds; written
+    only when faster than fp32 on this machine, else fp32 is kept with a one-line reason); "keep-slow" (the same
+    search, written even when not faster); "strict" (one configuration, `calib_method`: a miss is ValidationFailed).
+    manifest.json's fp32 entry records every candidate under "int8_search" (docs/export.md).
 
     Returns an ExportResult (export_dir, manifest, models: the manifest entries written). Raises UserError on bad
     input and edgessl.deploy.onnx.ValidationFailed (exit code 3 in the CLI) when a file misses its parity bounds."""
