@@ -64,6 +64,7 @@ directory (--out, default runs/BACKBONE-TIME).
 @friendly
 def pretrain(
     backbone: Optional[str] = typer.Option(None, help=flag_help("backbone")),
+    init: Optional[str] = typer.Option(None, help=flag_help("init")),
     data: Optional[Path] = typer.Option(None, help=flag_help("data")),
     out: Optional[Path] = typer.Option(None, help=flag_help("out")),
     recipe: Optional[str] = typer.Option(None, help="Recipe name (recipes/*.yaml) or YAML path; flags override it."),

@@ -31,6 +31,7 @@ class PretrainConfig:
     threads: str = "auto"  # CPU threads: auto (edgessl.runtime's policy) or a number
     # model
     backbone: str = "mobilenetv3_small"
+    init: str | None = None  # start from: timm (its pretrained weights), a weights file, or an edgessl run
     small_input: str = "auto"
     head: str = "linear"
     head_hidden: int = 2048
@@ -112,6 +113,8 @@ FIELD_HELP: dict[str, str] = {
     "threads": "CPU threads for the network: auto (all cores when the machine is idle, fewer when other jobs keep them "
                "busy) or a number.",
     "backbone": "timm model name or alias (mobilenetv3_small, mobilenetv3_large, resnet18, ...).",
+    "init": "Start the backbone from other weights: timm (timm's pretrained weights; downloads), a local .safetensors "
+            "or .pth state dict, or an edgessl run directory (its encoder continues on --data with a new bank).",
     "small_input": "auto | on | off: stride-1 stem for small images (auto: on at <= 32 px).",
     "head": "Projection head: linear | mlp.",
     "head_hidden": "Hidden units of the MLP head.",

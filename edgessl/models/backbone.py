@@ -57,6 +57,9 @@ def apply_small_input_stem(model: nn.Module, kind: str) -> None:
         old = model.conv1
         model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=old.bias is not None)
         model.maxpool = nn.Identity()
+    elif kind == "resnet_stride1":  # --init: the pretrained 7x7 conv1 kept, at stride 1, no max-pool
+        model.conv1.stride = (1, 1)
+        model.maxpool = nn.Identity()
     elif kind == "stride1":
         model.conv_stem.stride = (1, 1)
     else:
@@ -70,9 +73,11 @@ def want_small_input(option: str, image_size: int) -> bool:
     return option == "on" or (option == "auto" and image_size <= 32)
 
 
-def create_backbone(name: str, small_input: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+def create_backbone(name: str, small_input: bool = False,
+                    keep_stem_weights: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Create a randomly initialised timm model without classifier (pooled features), optionally with a
-    small-input stem. Returns (model, arch) where arch = {"timm_name", "stem"} rebuilds it exactly."""
+    small-input stem (keep_stem_weights: one whose weights have the pretrained shapes, a stride change only, for
+    --init). Returns (model, arch) where arch = {"timm_name", "stem"} rebuilds it exactly."""
     timm_name = resolve_name(name)
     model = timm.create_model(timm_name, pretrained=False, num_classes=0)
     stem = None
@@ -83,6 +88,8 @@ def create_backbone(name: str, small_input: bool = False) -> tuple[nn.Module, di
                 f"--small-input on: no small-input stem rule for '{timm_name}' (known: ResNet conv1+maxpool, "
                 "MobileNet/EfficientNet conv_stem). Use --small-input off or a larger --image-size."
             )
+        if stem == "resnet" and keep_stem_weights:
+            stem = "resnet_stride1"
         apply_small_input_stem(model, stem)
     return model, {"timm_name": timm_name, "stem": stem}
 

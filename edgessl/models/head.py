@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from edgessl.models.backbone import create_backbone, output_dim, want_small_input
+from edgessl.errors import UserError
+from edgessl.models.backbone import (
+    ENCODER_WEIGHTS,
+    build_from_arch,
+    create_backbone,
+    output_dim,
+    read_encoder_meta,
+    resolve_name,
+    want_small_input,
+)
+from edgessl.models.init import describe, init_kind, load_matching, read_state_dict, timm_state_dict
 
 
 class ProjectionHead(nn.Module):
@@ -45,10 +60,56 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
-def build_encoder(cfg) -> tuple[Encoder, dict, int]:
+def build_encoder(cfg, warn: Callable[[str], None] | None = None) -> tuple[Encoder, dict, int]:
     """The backbone + projection head a PretrainConfig describes (backbone, small_input, image_size, feature_dim,
-    head_hidden, head), freshly initialised from torch's global RNG.
-    Returns (Encoder, arch: encoder.json's architecture keys, feature dimension of the backbone)."""
-    backbone, arch = create_backbone(cfg.backbone, small_input=want_small_input(cfg.small_input, cfg.image_size))
+    head_hidden, head), initialised from torch's global RNG, then, with cfg.init, the backbone's weights (and a
+    run's head) loaded as edgessl.models.init describes; warn(message) gets the key-mismatch warning.
+    Returns (Encoder, arch: encoder.json's architecture keys (+ "init": where the weights came from), feature
+    dimension of the backbone)."""
+    init = getattr(cfg, "init", None)
+    kind = init_kind(init) if init else None
+    if kind == "run":
+        meta = read_encoder_meta(init)
+        if resolve_name(cfg.backbone) != meta["timm_name"]:
+            raise UserError(f"--init {init} holds a {meta['timm_name']} encoder, not --backbone {cfg.backbone}: pass "
+                            f"--backbone {meta['timm_name']}.")
+        backbone = build_from_arch(meta)
+        arch = {k: meta[k] for k in ("timm_name", "stem", "pruned") if k in meta}
+    else:
+        small = want_small_input(cfg.small_input, cfg.image_size)
+        backbone, arch = create_backbone(cfg.backbone, small_input=small, keep_stem_weights=kind is not None)
     feat_dim = output_dim(backbone, cfg.image_size)
-    return Encoder(backbone, ProjectionHead(feat_dim, cfg.feature_dim, cfg.head_hidden, cfg.head)), arch, feat_dim
+    head = ProjectionHead(feat_dim, cfg.feature_dim, cfg.head_hidden, cfg.head)
+    if kind is not None:
+        arch["init"] = _load_init(backbone, head, init, kind, arch["timm_name"], warn or (lambda _: None))
+    return Encoder(backbone, head), arch, feat_dim
+
+
+def _load_init(backbone: nn.Module, head: nn.Module, init: str, kind: str, timm_name: str,
+               warn: Callable[[str], None]) -> dict:
+    """Load --init's weights into the backbone (and a run's head when its shapes fit); encoder.json's record."""
+    if kind == "timm":
+        state = timm_state_dict(timm_name)
+    elif kind == "file":
+        state = read_state_dict(init)
+    else:
+        state = load_file(str(Path(init) / ENCODER_WEIGHTS))
+    found = load_matching(backbone, state, init, warn)
+    extra = {"missing": len(found["missing"]), "unexpected": len(found["unexpected"])}
+    if kind == "run":
+        extra["head"] = _run_head(head, Path(init))
+    return describe(init, kind, extra)
+
+
+def _run_head(head: nn.Module, run: Path) -> str:
+    """Load the run's projection head from its checkpoint when it has the same shapes: 'from the run', else 'new'."""
+    ckpt = run / "checkpoint.pt"
+    if not ckpt.is_file():
+        return "new"
+    model = torch.load(ckpt, map_location="cpu", weights_only=False).get("model", {})
+    state = {k[len("head."):]: v for k, v in model.items() if k.startswith("head.")}
+    own = head.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        return "new"
+    head.load_state_dict(state)
+    return "from the run"

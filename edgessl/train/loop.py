@@ -207,7 +207,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     set_determinism(cfg.deterministic, device)
     precision = pick_precision(cfg.precision, device)
     # a wrong backbone fails before any data is read
-    model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device)
+    model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device, _warner(console, d))
     run_dir, ckpt = target_dir(cfg, resume, overwrite, d)  # checks only
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
         return _already_complete(cfg, run_dir, ckpt, console, d)
@@ -438,11 +438,12 @@ def set_determinism(on: bool, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def build_model(cfg: PretrainConfig, warm: WarmStart | None, d: distributed.Dist, device: torch.device):
+def build_model(cfg: PretrainConfig, warm: WarmStart | None, d: distributed.Dist, device: torch.device,
+                warn: Callable[[str], None] | None = None):
     """(model: the Encoder or its SlimmableEncoder on `device`, arch, backbone feature dim, widths, Teacher or None).
-    Weights from torch's global RNG seeded with cfg.seed (or warm.encoder's)."""
+    Weights from torch's global RNG seeded with cfg.seed, then cfg.init's (or warm.encoder's)."""
     torch.manual_seed(cfg.seed)
-    model, arch, feat_dim = build_encoder(cfg)
+    model, arch, feat_dim = build_encoder(cfg, warn)
     if warm is not None:
         model = warm.encoder
         feat_dim = output_dim(model.backbone, cfg.image_size)

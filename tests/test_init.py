@@ -1,0 +1,110 @@
+"""--init: timm / file / run weights for the backbone (edgessl.models.init), recorded in encoder.json."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import edgessl
+from edgessl.config import resolve
+from edgessl.errors import UserError
+from edgessl.models.backbone import create_backbone, load_encoder
+from edgessl.models.head import build_encoder
+from edgessl.models.init import load_matching
+from edgessl.train.loop import WarmStart
+from edgessl.train.loop import pretrain as loop_pretrain
+
+TINY = dict(image_size=32, batch_size=8, head_hidden=64, feature_dim=16, eval_every=0, quiet=True, workers=1,
+            epochs=1, negatives=10, seed=4, deterministic=True)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A mobilenetv3_small state dict that is not the seed's random initialisation, with a classifier as timm's."""
+    torch.manual_seed(123)
+    model = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=7)
+    path = tmp_path_factory.mktemp("weights") / "pretrained.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_init_from_a_file_gives_the_first_step_of_the_model_loaded_by_hand(weights, tiny_data, tmp_path, capsys):
+    losses = {"init": [], "hand": []}
+    edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "init"), init=str(weights),
+                     on_step=lambda i: losses["init"].append(i.loss), **TINY)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 key(s) not used (classifier.bias, classifier.weight), 0 missing." in out  # one warning
+    # by hand: the same seed and build, then the file loaded into the backbone (its classifier dropped)
+    cfg = resolve(dict(TINY, data=str(tiny_data), out=str(tmp_path / "hand")))
+    torch.manual_seed(cfg.seed)
+    model, _, _ = build_encoder(cfg)
+    model.backbone.load_state_dict({k: v for k, v in load_file(str(weights)).items()
+                                    if not k.startswith("classifier.")})
+    loop_pretrain(cfg, warm=WarmStart(model), on_step=lambda i: losses["hand"].append(i.loss))
+    assert losses["init"][0] == losses["hand"][0]
+    record = json.loads((tmp_path / "init" / "encoder.json").read_text())["init"]
+    assert record["kind"] == "file" and record["source"] == str(weights) and len(record["sha256"]) == 64
+    assert (record["missing"], record["unexpected"]) == (0, 2)
+    assert "init: " in (tmp_path / "init" / "config.yaml").read_text()
+
+
+def test_init_from_a_run_continues_its_encoder_on_another_folder(demo_run, tiny_data, tmp_path):
+    opts = dict(TINY, data=str(tiny_data), init=str(demo_run))
+    model, arch, _ = build_encoder(resolve(opts))
+    want = load_encoder(demo_run).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.backbone.state_dict().items())
+    assert arch["init"]["kind"] == "run" and arch["init"]["head"] == "from the run"
+    run = edgessl.pretrain(out=str(tmp_path / "next"), **opts)  # a new folder, a new bank: trains
+    assert run.history[-1]["epoch"] == 1
+    assert json.loads((tmp_path / "next" / "encoder.json").read_text())["init"]["source"] == str(demo_run)
+    with pytest.raises(UserError, match="holds a mobilenetv3_small_100 encoder, not --backbone resnet18"):
+        build_encoder(resolve(dict(opts, backbone="resnet18")))
+
+
+def test_key_mismatches_warn_or_refuse():
+    model, _ = create_backbone("mobilenetv3_small", small_input=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    warned = []
+    extra = dict(state, **{"fc.weight": torch.zeros(3, 3)})
+    assert load_matching(model, extra, "x.pth", warned.append) == {"missing": [], "unexpected": ["fc.weight"]}
+    assert warned == ["--init x.pth: 1 key(s) not used (fc.weight), 0 missing."]
+    gone = dict(state)
+    gone.pop("conv_stem.weight")
+    with pytest.raises(UserError, match=r"--init x.pth: 1 of the model's \d+ weights are not in it, e.g. "
+                                        r"conv_stem.weight. Is it the same --backbone\?"):
+        load_matching(model, gone, "x.pth", warned.append)
+    wrong = dict(state, **{"conv_stem.weight": torch.zeros(1, 1, 1, 1)})
+    with pytest.raises(UserError, match="1 weight\\(s\\) have another shape than the model's, e.g. 'conv_stem.weight' "
+                                        "\\(1, 1, 1, 1\\) vs \\(16, 3, 3, 3\\)"):
+        load_matching(model, wrong, "x.pth", warned.append)
+
+
+def test_init_timm_offline_is_one_line_saying_how_to_pass_a_file(monkeypatch):
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UserError) as err:
+        build_encoder(resolve(dict(TINY, init="timm")))
+    msg = str(err.value)
+    assert msg.startswith("--init timm: timm could not get the pretrained weights of 'mobilenetv3_small_100' (OSError;")
+    assert "--init path/to/weights.safetensors (or .pth)" in msg and "\n" not in msg
+
+
+def test_a_small_input_resnet_keeps_the_pretrained_stem_and_bad_paths_are_refused(tmp_path):
+    model, arch = create_backbone("resnet18", small_input=True, keep_stem_weights=True)
+    assert arch["stem"] == "resnet_stride1" and model.conv1.weight.shape == (64, 3, 7, 7)
+    assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, torch.nn.Identity)
+    pretrained = timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict()
+    assert load_matching(model, pretrained, "timm", lambda m: None) == {"missing": [], "unexpected": []}
+    with pytest.raises(UserError, match="does not exist: pass timm, a weights file"):
+        build_encoder(resolve(dict(TINY, init=str(tmp_path / "nope.pth"))))
+    (tmp_path / "junk.pth").write_text("not weights")
+    with pytest.raises(UserError, match="could not be read as weights"):
+        build_encoder(resolve(dict(TINY, init=str(tmp_path / "junk.pth"))))
