@@ -236,6 +236,12 @@ def shared_cpu_section(rec) -> str:
     return "\n".join(out) + "\n"
 
 
+def init_section(rec) -> str:
+    from benchmarks.init_transfer import init_section as section
+
+    return section(rec)
+
+
 def export_search_section(rec) -> str:
     from benchmarks.export_search import export_search_section as section
 
@@ -282,8 +288,9 @@ def eval_section(rec) -> str:
 def write_readme(results: Path, readme: Path) -> None:
     parts = [HEADER]
     sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section,
-                "slim": slim_section, "shared-cpu": shared_cpu_section, "eval": eval_section, "loader": loader_section, "export": export_search_section}
-    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "eval", "loader", "export"):
+                "slim": slim_section, "shared-cpu": shared_cpu_section, "eval": eval_section, "loader": loader_section, "export": export_search_section, "init": init_section}
+    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "eval", "loader", "export",
+                  "init"):
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())

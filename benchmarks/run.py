@@ -16,6 +16,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
             before and after its speed-ups, and every top-1 difference (benchmarks/eval_speed.py)
   export    the int8 search of `edgessl export --int8` for mobilenetv3_small (64 px) and resnet18 (32 px) after 1
             and 15 epochs on emoji: candidates, parity, int8 vs fp32 latency (benchmarks/export_search.py)
+  init      `--init RUN`: an emoji-pretrained encoder continued on CIFAR-10 5k vs from scratch, kNN per epoch
+            (benchmarks/init_transfer.py)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
             model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above
@@ -39,7 +41,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader", "export")
+SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader", "export", "init")
 
 
 def machine() -> dict[str, Any]:
@@ -274,6 +276,12 @@ def suite_eval(args) -> list[dict]:
 
 def suite_shared_cpu(args) -> list[dict]:
     from benchmarks.shared_cpu import suite_shared_cpu as run
+
+    return run(args)
+
+
+def suite_init(args) -> list[dict]:
+    from benchmarks.init_transfer import suite_init as run
 
     return run(args)
 

@@ -130,3 +130,11 @@ def test_export_suite(bench):
         assert r["candidates"] and r["outcome"]
         assert r["candidates"][0]["candidate"].startswith("minmax")  # the search starts at --calib-method
     assert "## Export: the int8 search on encoders it has not seen" in readme
+
+
+def test_init_suite(bench):
+    rec, readme = bench("init")
+    runs = [r["run"] for r in rec["rows"]]
+    assert runs == ["source: emoji", "CIFAR-10 5k from scratch", "CIFAR-10 5k --init emoji run"]
+    assert rec["rows"][2]["curve"][0]["knn_top1"] is not None
+    assert "## Warm start: `--init RUN` on another folder" in readme
