@@ -9,10 +9,12 @@ Python API (mirrors the CLI):
     edgessl.load_classifier("runs/<name>/finetune-lpc10") -> torch.nn.Module (logits; `.edgessl_meta["classes"]`)
     edgessl.pretrain(..., widths="1.0,0.5,0.25"); edgessl.slim_encoder("runs/<name>", 0.5) -> Path (a smaller encoder)
     edgessl.prune_encoder("runs/<name>", ratio=0.5) -> PretrainResult (pruned + recovered encoder, widths.json report)
+    edgessl.embed("runs/<name>", data="./my_images", out="emb.npz", neighbours=5, duplicates=0.95) -> EmbedResult
 """
 
 from edgessl._version import __version__  # noqa: E402
 from edgessl.api import (  # noqa: E402
+    embed,
     evaluate_encoder,
     export,
     finetune,
@@ -24,4 +26,4 @@ from edgessl.api import (  # noqa: E402
 )
 
 __all__ = ["__version__", "pretrain", "load_encoder", "evaluate_encoder", "finetune", "load_classifier", "export",
-           "slim_encoder", "prune_encoder"]
+           "slim_encoder", "prune_encoder", "embed"]

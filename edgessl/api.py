@@ -9,6 +9,7 @@ from edgessl.config import resolve
 from edgessl.data.cache import cache_folder, clear_entries, list_entries
 from edgessl.deploy.export import export as _export
 from edgessl.errors import UserError
+from edgessl.evaluate.embed import EmbedResult, embed_folder
 from edgessl.evaluate.finetune import finetune_run
 from edgessl.evaluate.monitor import standard_evaluation
 from edgessl.evaluate.protocol import evaluate_run
@@ -20,7 +21,7 @@ from edgessl.slim.recover import prune_run
 from edgessl.train.loop import pretrain as _pretrain
 
 __all__ = ["pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export",
-           "cache_entries", "clear_cache"]
+           "cache_entries", "clear_cache", "embed"]
 
 
 def pretrain(
@@ -140,6 +141,20 @@ def prune_encoder(run_dir: str | Path, ratio: float, criterion: str = "magnitude
     """Prune `ratio` of every channel group of a run's encoder and recover it (see `edgessl prune --help`).
     Returns the recovery's PretrainResult (`.run_dir`, `.history`, `.report` = its widths.json entries)."""
     return prune_run(run_dir, ratio, criterion, epochs, distill, out, quiet=quiet)
+
+
+def embed(source: str | Path, data: str | Path, out: str | Path, neighbours: int | None = None,
+          duplicates: float | None = None, gallery_rows: int = 8, use_faiss: bool | None = None, warn=None,
+          **options) -> EmbedResult:
+    """One embedding per readable image of `data` into `out` (.npz, or .parquet with the `parquet` extra).
+
+    source: a run directory (its encoder; options device, batch_size, cache_mb, workers, cache_dir) or an exported
+    .onnx encoder (the torch-free export/embed_onnx.py with manifest.json's preprocessing; options manifest,
+    batch_size, threads). Beside `out`: skipped_files.txt (unreadable files), neighbours.csv + neighbours.png
+    (neighbours=K: every image's K nearest by cosine; gallery_rows queries in the picture) and duplicates.csv
+    (duplicates=T: the pairs with cosine >= T, grouped). use_faiss: None = when installed. warn: callable(message).
+    Returns an EmbedResult (paths, embeddings (N, D), skipped, written, neighbours, pairs, pair_groups)."""
+    return embed_folder(source, data, out, neighbours, duplicates, gallery_rows, use_faiss, warn, **options)
 
 
 def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dict[str, Any]]]:

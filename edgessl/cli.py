@@ -15,6 +15,7 @@ from edgessl import api
 from edgessl._version import __version__
 from edgessl.commands import cache as _cache_commands
 from edgessl.commands import deploy as _deploy_commands
+from edgessl.commands import embed as _embed_commands
 from edgessl.commands import evaluate as _evaluate_commands
 from edgessl.commands import prune as _prune_commands
 from edgessl.commands import slim as _slim_commands
@@ -158,6 +159,7 @@ _cache_commands.register(app)
 
 
 def main() -> None:
+_embed_commands.register(app)
     try:
         app()
     except SystemExit as e:

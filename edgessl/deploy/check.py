@@ -20,27 +20,28 @@ from edgessl.errors import UserError
 SCRIPT = "device_check.py"
 
 
-def script_path() -> Path:
-    """Where device_check.py is: the installed `edgessl.devicecheck` package, else the repository's export/."""
+def script_path(script: str = SCRIPT) -> Path:
+    """Where device_check.py (or another script of export/, e.g. embed_onnx.py) is: the installed
+    `edgessl.devicecheck` package, else the repository's export/."""
     try:
         spec = importlib.util.find_spec("edgessl.devicecheck")
     except (ImportError, ValueError):
         spec = None
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(folder) / SCRIPT).is_file():
-            return Path(folder) / SCRIPT
-    repo = Path(__file__).resolve().parents[2] / "export" / SCRIPT
+        if (Path(folder) / script).is_file():
+            return Path(folder) / script
+    repo = Path(__file__).resolve().parents[2] / "export" / script
     if repo.is_file():
         return repo
     raise UserError(
-        f"{SCRIPT} is missing from this installation; reinstall edgessl or copy export/{SCRIPT} from its repository."
+        f"{script} is missing from this installation; reinstall edgessl or copy export/{script} from its repository."
     )
 
 
-def load_script() -> ModuleType:
-    """The device-check script as a module (its functions: decode, normalize, preprocess, main, ...)."""
-    path = script_path()
-    spec = importlib.util.spec_from_file_location("edgessl_device_check", path)
+def load_script(script: str = SCRIPT) -> ModuleType:
+    """The device-check script (or another script of export/) as a module (decode, normalize, preprocess, main, ...)."""
+    path = script_path(script)
+    spec = importlib.util.spec_from_file_location(f"edgessl_{Path(script).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,0 +1,74 @@
+"""`edgessl embed`: one embedding per image (edgessl.evaluate.embed), registered by `register(app)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgessl import api
+from edgessl.commands.common import console, err_console, friendly
+from edgessl.errors import UserError
+from edgessl.rundir import plural
+
+EMBED_HELP = """Embed every image of a folder with a trained encoder: one row per readable image (its path and
+its embedding, the pooled backbone features) in a .npz or .parquet file.
+
+SOURCE is a run directory (its encoder, on --device) or an exported .onnx encoder: that route runs the torch-free
+export/embed_onnx.py with manifest.json's preprocessing (the same file runs on a device without torch).
+Unreadable files are skipped and listed in skipped_files.txt beside --out (one `path TAB reason` line each, as
+pretraining lists them).
+
+--neighbours K writes neighbours.csv (every image's K nearest images by cosine) and neighbours.png (a gallery:
+--gallery-rows query images, each beside its K nearest with their cosines). --duplicates T writes duplicates.csv:
+the pairs of images with cosine >= T, grouped (a group is every image linked by such pairs). Both search in chunks
+(never an N x N matrix: 100,000 images take the embeddings plus about 200 MiB); faiss is used when installed.
+
+**Examples**
+
+    edgessl embed runs/my-run --data ./my_images --out emb.npz
+    edgessl embed runs/my-run --data ./my_images --out emb.npz --neighbours 5 --duplicates 0.95
+    edgessl embed runs/my-run/export/encoder.onnx --data ./my_images --out emb.parquet   # needs edgessl[parquet]
+
+Writes --out, and beside it skipped_files.txt, neighbours.csv + neighbours.png and duplicates.csv as asked.
+"""
+
+
+def register(app) -> None:
+    @app.command("embed", help=EMBED_HELP)
+    @friendly
+    def embed_cmd(
+        source: Path = typer.Argument(..., help="A run directory, or an exported .onnx encoder (manifest.json beside it)."),
+        data: Path = typer.Option(..., help="Folder of images to embed (searched recursively)."),
+        out: Path = typer.Option(..., help="Output file: .npz (paths, embeddings) or .parquet (path, embedding; needs edgessl[parquet])."),
+        neighbours: Optional[int] = typer.Option(None, help="Write neighbours.csv and the gallery neighbours.png: every image's K nearest images by cosine."),
+        duplicates: Optional[float] = typer.Option(None, help="Write duplicates.csv: the pairs of images with cosine >= T (e.g. 0.95), grouped."),
+        gallery_rows: int = typer.Option(8, help="Query images (rows) in neighbours.png, spread evenly over the folder."),
+        batch_size: int = typer.Option(64, help="Images per forward pass."),
+        device: str = typer.Option("auto", help="A run directory's encoder runs on: auto (cuda when available), cpu or cuda."),
+        workers: str = typer.Option("auto", help="Decoding threads for a run directory's encoder: auto or a number."),
+        cache_dir: str = typer.Option("auto", help="The decoded-image cache (run directory only): auto, a folder, or none."),
+        manifest: Optional[Path] = typer.Option(None, help="An .onnx source's manifest.json (default: beside the .onnx)."),
+        threads: Optional[int] = typer.Option(None, help="onnxruntime threads for an .onnx source (default: its choice)."),
+    ):
+        if source.suffix == ".onnx":
+            options = {"manifest": manifest, "batch_size": batch_size, "threads": threads}
+        elif manifest is not None or threads is not None:
+            raise UserError("--manifest and --threads are for an .onnx source; SOURCE here is a run directory.")
+        else:
+            options = {"device": device, "batch_size": batch_size, "workers": workers, "cache_dir": cache_dir}
+        warn = lambda msg: err_console.print(f"warning: {msg}", highlight=False, markup=False)  # noqa: E731
+        result = api.embed(source, data, out, neighbours=neighbours, duplicates=duplicates,
+                           gallery_rows=gallery_rows, warn=warn, **options)
+        dim = result.embeddings.shape[1]
+        console.print(f"Embedded {plural(len(result.paths), 'image')} ({dim} dimensions) -> {result.out}",
+                      highlight=False, markup=False)
+        if result.neighbours is not None:
+            console.print(f"Nearest {result.neighbours[0].shape[1]} of each image -> "
+                          f"{result.out.parent / 'neighbours.csv'}, gallery {result.out.parent / 'neighbours.png'}",
+                          highlight=False, markup=False)
+        if result.pairs is not None:
+            console.print(f"{plural(len(result.pairs), 'pair')} at cosine >= {duplicates:g} in "
+                          f"{plural(result.groups, 'group')} -> {result.out.parent / 'duplicates.csv'}",
+                          highlight=False, markup=False)

@@ -1,0 +1,47 @@
+"""neighbours.png of `edgessl embed --neighbours K`: query images in rows, each beside its K nearest images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgessl.report.plots import _plt, fit_title
+
+
+def plot_neighbour_gallery(queries: Sequence[np.ndarray], neighbours: Sequence[Sequence[np.ndarray]],
+                           cosines: np.ndarray, names: Sequence[str], path: str | Path, title: str = "") -> None:
+    """One row per query: the query (framed, its file name below) then its neighbours, nearest first, each titled
+    with its cosine to the query.
+
+    queries: R images (H, W, 3) uint8; neighbours: R lists of K images; cosines: (R, K); names: R file names."""
+    plt = _plt()
+    rows, k = len(queries), max(len(n) for n in neighbours)
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.45 * rows + 0.5), squeeze=False)
+    for r in range(rows):
+        _tile(axes[r, 0], queries[r], names[r][:18], "query" if r == 0 else "", frame="tab:blue")
+        for j in range(k):
+            if j < len(neighbours[r]):
+                _tile(axes[r, j + 1], neighbours[r][j], "", f"{float(cosines[r][j]):.3f}")
+            else:
+                axes[r, j + 1].axis("off")
+    fit_title(fig, title or f"nearest neighbours (cosine), {rows} queries x {k}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _tile(ax, image: np.ndarray, below: str, above: str, frame: str | None = None) -> None:
+    ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if above:
+        ax.set_title(above, fontsize=8, pad=2)
+    if below:
+        ax.set_xlabel(below, fontsize=6, labelpad=2)
+    for spine in ax.spines.values():
+        spine.set_visible(frame is not None)
+        if frame is not None:
+            spine.set_edgecolor(frame)
+            spine.set_linewidth(2.5)

@@ -1,0 +1,166 @@
+"""edgessl embed: chunked top-k and duplicate groups (closed forms), files, the run and ONNX routes, the CLI."""
+
+import csv
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgessl.cli import app
+from edgessl.data.folder import _try_decode
+from edgessl.deploy.check import load_script
+from edgessl.errors import UserError
+from edgessl.evaluate.embed import (
+    check_out,
+    duplicate_pairs,
+    group_pairs,
+    read_embeddings,
+    top_k_neighbours,
+    unit_rows,
+    write_embeddings,
+)
+
+runner = CliRunner()
+
+
+def _random_unit(n=300, d=8, seed=0):
+    return unit_rows(np.random.default_rng(seed).standard_normal((n, d)))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+def test_top_k_is_the_brute_force_top_k_without_self(chunk):
+    x = _random_unit()
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    want = np.argsort(-sim, axis=1, kind="stable")[:, :5]
+    idx, cos = top_k_neighbours(x, 5, chunk=chunk, use_faiss=False)
+    assert (idx == want).all()
+    np.testing.assert_allclose(cos, np.take_along_axis(sim, want, axis=1), atol=1e-6)
+
+
+def test_top_k_clips_k_breaks_ties_by_index_and_never_returns_self():
+    x = unit_rows(np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    idx, cos = top_k_neighbours(x, 10, chunk=2, use_faiss=False)
+    assert idx.shape == (4, 3)
+    assert idx.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+    np.testing.assert_allclose(cos[0], [1.0, 1.0, 0.0], atol=1e-6)
+
+
+def test_faiss_gives_the_numpy_neighbours():
+    pytest.importorskip("faiss")
+    x = _random_unit(200, 16)
+    a, ca = top_k_neighbours(x, 4, use_faiss=False)
+    b, cb = top_k_neighbours(x, 4, use_faiss=True)
+    assert (a == b).all()
+    np.testing.assert_allclose(ca, cb, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_duplicate_pairs_and_groups_in_closed_form(chunk):
+    # rows 0 and 3 equal; 1, 4, 5 a chain (1~4 at cos 0.96, 4~5 at 0.96, 1~5 at 0.8432 < 0.9); 2 and 6 alone
+    a = np.deg2rad(16.26)  # cos 16.26 deg = 0.96
+    x = np.zeros((7, 4))
+    x[0] = x[3] = [1, 0, 0, 0]
+    x[1], x[4], x[5] = [0, 1, 0, 0], [0, np.cos(a), np.sin(a), 0], [0, np.cos(2 * a), np.sin(2 * a), 0]
+    x[2], x[6] = [0, 0, 0, 1], [0.6, 0, 0, -0.8]
+    pairs, cos = duplicate_pairs(unit_rows(x), 0.9, chunk=chunk)
+    assert pairs.tolist() == [[0, 3], [1, 4], [4, 5]]
+    np.testing.assert_allclose(cos, [1.0, 0.96, 0.96], atol=1e-4)
+    assert group_pairs(7, pairs).tolist() == [1, 2, 2]
+
+
+def test_group_pairs_numbers_groups_by_lowest_image():
+    pairs = np.array([[4, 5], [0, 3], [3, 1], [2, 5]])
+    assert group_pairs(6, pairs).tolist() == [2, 1, 1, 2]
+
+
+def test_duplicate_pairs_refuses_a_threshold_that_matches_too_many():
+    with pytest.raises(UserError) as e:
+        duplicate_pairs(_random_unit(50), -1.0, chunk=8, max_pairs=100)
+    assert str(e.value) == ("More than 100 pairs of images reach cosine -1; "
+                            "raise --duplicates (e.g. 0.95) to find near-duplicates.")
+
+
+def test_npz_round_trip(tmp_path):
+    emb = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
+    out = write_embeddings(tmp_path / "e.npz", ["a/1.png", "b,2.png", "ü.png"], emb)
+    paths, back = read_embeddings(out)
+    assert paths == ["a/1.png", "b,2.png", "ü.png"] and back.dtype == np.float32 and (back == emb).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npz"]  # no temporary file left
+
+
+def test_parquet_round_trip(tmp_path):
+    pytest.importorskip("pyarrow")
+    emb = np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32)
+    paths, back = read_embeddings(write_embeddings(tmp_path / "e.parquet", list("abcd"), emb))
+    assert paths == list("abcd") and (back == emb).all()
+
+
+def test_parquet_without_pyarrow_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(UserError) as e:
+        check_out(tmp_path / "e.parquet")
+    assert str(e.value) == "Writing .parquet needs pyarrow: pip install 'edgessl[parquet]' (or write .npz)."
+
+
+def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
+    cases = [
+        (["--out", str(tmp_path / "e.csv")], "error: --out must end in .npz or .parquet, not 'e.csv'."),
+        (["--out", str(tmp_path / "e.npz"), "--neighbours", "0"],
+         "error: --neighbours must be a positive number of neighbours, not 0."),
+        (["--out", str(tmp_path / "e.npz"), "--duplicates", "1.5"],
+         "error: --duplicates is a cosine between -1 and 1 (e.g. 0.95), not 1.5."),
+        (["--out", str(tmp_path / "e.npz"), "--threads", "2"],
+         "error: --manifest and --threads are for an .onnx source; SOURCE here is a run directory."),
+    ]
+    for extra, message in cases:
+        res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), *extra])
+        assert res.exit_code == 2, res.output
+        assert res.output.strip() == message
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_onnx_route_lists_unreadable_files_with_pretrainings_reasons(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    script = load_script("embed_onnx.py")
+    pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    for name in ("empty.png", "junk.jpg"):
+        assert script.try_decode(tmp_path / name, pre) == _try_decode(tmp_path / name, 32)
+    assert script.try_decode(tmp_path / "empty.png", pre) == (None, "empty file (0 bytes)")
+
+
+def _with_bad_file(src, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(src, data)
+    (data / "activities" / "broken.png").write_bytes(b"\x89PNG broken")
+    return data
+
+
+@pytest.mark.slow
+def test_run_and_its_onnx_export_give_the_same_embeddings(demo_run, labelled_demo, tmp_path):
+    import edgessl
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    edgessl.export(run)
+    data = _with_bad_file(labelled_demo / "test", tmp_path)
+    res = runner.invoke(app, ["embed", str(run), "--data", str(data), "--out", str(tmp_path / "a" / "e.npz"),
+                              "--neighbours", "3", "--duplicates", "0.999", "--gallery-rows", "4"])
+    assert res.exit_code == 0, res.output
+    assert "Embedded 9 images" in res.output
+    b = edgessl.embed(run / "export" / "encoder.onnx", data, tmp_path / "b" / "e.npz", neighbours=3)
+    paths, emb = read_embeddings(tmp_path / "a" / "e.npz")
+    assert paths == b.paths and len(paths) == 9
+    cos = (unit_rows(emb) * unit_rows(b.embeddings)).sum(axis=1)
+    assert cos.min() >= 0.9999
+    broken = data / "activities" / "broken.png"
+    skipped = [(tmp_path / d / "skipped_files.txt").read_text() for d in ("a", "b")]
+    assert skipped[0] == skipped[1] == f"{broken}\t{_try_decode(broken, 32)[1]}\n"
+    with open(tmp_path / "a" / "neighbours.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 * 3 and rows[0]["query"] == paths[0] and rows[0]["rank"] == "1"
+    assert (tmp_path / "a" / "neighbours.png").stat().st_size > 5000
+    assert (tmp_path / "a" / "duplicates.csv").read_text().startswith("group,image_a,image_b,cosine")
