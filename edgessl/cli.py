@@ -156,10 +156,10 @@ _deploy_commands.register(app)
 _slim_commands.register(app)
 _prune_commands.register(app)
 _cache_commands.register(app)
+_embed_commands.register(app)
 
 
 def main() -> None:
-_embed_commands.register(app)
     try:
         app()
     except SystemExit as e:
