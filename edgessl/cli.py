@@ -55,6 +55,8 @@ PRETRAIN_HELP = """Pretrain an encoder on a folder of unlabeled images (single c
     edgessl pretrain --recipe resnet18_cifar --data ./cifar_train --val ./cifar_test
     edgessl pretrain --resume runs/mobilenetv3_small-20261123-120000
     torchrun --nproc-per-node 4 -m edgessl pretrain --data ./my_images --batch-size 512 --sync-bn   # 4 GPUs, DDP
+    edgessl pretrain --data ./my_images --logger tensorboard,mlflow   # also log to TensorBoard and MLflow
+    edgessl pretrain --data ./my_images --device mps                 # Apple silicon GPU (auto picks it too)
 
 Writes config.yaml, metrics.jsonl, checkpoint.pt, encoder.safetensors + encoder.json and curves.png to the run
 directory (--out, default runs/BACKBONE-TIME).
@@ -108,6 +110,7 @@ def pretrain(
     workers: Optional[str] = typer.Option(None, help=flag_help("workers")),
     monitor_queries: Optional[int] = typer.Option(None, help=flag_help("monitor_queries")),
     threads: Optional[str] = typer.Option(None, help=flag_help("threads")),
+    logger: Optional[str] = typer.Option(None, help=flag_help("logger")),
     resume: Optional[Path] = typer.Option(None, help="Continue a run directory after its last completed epoch (on the same files; --data may point at a moved copy)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start a new run in a non-empty --out: the old contents are moved aside to OUT.old-TIME (nothing is deleted)."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help=flag_help("deterministic")),

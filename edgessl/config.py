@@ -16,6 +16,7 @@ import edgessl.recipes
 from edgessl._version import __version__
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
+from edgessl.loggers import parse_loggers
 
 
 @dataclass
@@ -72,6 +73,7 @@ class PretrainConfig:
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (no effect on one process)
     eval_every: int = 1
     monitor_queries: int = 5000  # the kNN monitor classifies at most this many images (a fixed random subset); 0 = all
+    logger: str = "none"  # experiment loggers: none or a subset of tensorboard,mlflow,wandb (edgessl.loggers)
     quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,7 +92,7 @@ CHOICES = {
     "bank_update": ("grad", "momentum"),
     "head": ("mlp", "linear"),
     "optimizer": ("sgd", "adamw", "lars"),
-    "device": ("auto", "cpu", "cuda"),
+    "device": ("auto", "cpu", "cuda", "mps"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "small_input": ("auto", "on", "off"),
     "cutmix_lam": ("beta", "max"),
@@ -144,14 +146,17 @@ FIELD_HELP: dict[str, str] = {
     "warmup_epochs": "Linear warm-up before the cosine decay.",
     "out": "Run directory.",
     "seed": "Seed of the weights, the epoch order, the crops and the sampled negatives.",
-    "device": "auto | cpu | cuda.",
-    "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on GPU, fp32 on CPU).",
+    "device": "auto | cpu | cuda | mps (auto: cuda, else mps on Apple silicon, else cpu).",
+    "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on CUDA, fp32 on CPU and MPS).",
     "deterministic": "Deterministic algorithms (bit-exact resume on CPU).",
     "sync_bn": "Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm). No effect on one process.",
     "eval_every": "kNN monitor every N epochs (0 = off).",
     "monitor_queries": "The kNN monitor classifies at most this many labelled images (the same random subset every "
                        "epoch; the kNN memory keeps all of them); 0 = all.",
     "quiet": "No progress bar; log lines only.",
+    "logger": "Experiment loggers: none, or any of tensorboard,mlflow,wandb (comma-separated; each an extra, e.g. "
+              "pip install 'edgessl[tensorboard]'). Each gets the metrics.jsonl rows, the plots and config.yaml; "
+              "eval and finetune log to the run's loggers too.",
     "momentum": "SGD/LARS momentum.",
     "sd_alpha": "alpha of the self-distillation target normalize(p^alpha).",
     "width_reweight": "With --widths: the full width weighs 1 + sum of the sub-widths (--no-width-reweight: every "
@@ -269,6 +274,7 @@ def validate(cfg: PretrainConfig) -> None:
     cfg.threads = str(cfg.threads)
     if cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
         raise UserError(f"--threads must be auto or a positive number, not '{cfg.threads}'.")
+    cfg.logger = ",".join(parse_loggers(cfg.logger)) or "none"
 
 
 def check_width(width: float) -> float:

@@ -90,19 +90,40 @@ def use_threads(option: int | str | None = "auto") -> ThreadChoice:
     return choice
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def mps_available() -> bool:
+    """Whether Apple silicon's GPU (MPS, Metal Performance Shaders) is usable by this PyTorch build."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def pick_device(option: str) -> torch.device:
+    """auto: cuda, else mps (Apple silicon), else cpu. An unavailable cuda or mps is a one-line error."""
+    if option not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, not '{option}'.")
     if option == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch. Use --device cpu or auto.")
+    if option == "mps" and not mps_available():
+        raise UserError("--device mps: no Apple-silicon GPU (MPS) is visible to PyTorch (it needs macOS 12.3+ on "
+                        "Apple silicon). Use --device cpu or auto.")
     if option == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     return torch.device(option)
 
 
 def pick_precision(option: str, device: torch.device) -> str:
+    """auto: bf16 (or fp16 without bf16) on CUDA, fp32 on CPU and MPS. On MPS fp16 autocasts with the gradient
+    scaler and bf16 needs macOS 14+ (docs/method.md, "Apple silicon")."""
     if option == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
+    old_macos = device.type == "mps" and mps_available() and not torch.backends.mps.is_macos_or_newer(14, 0)
+    if option == "bf16" and old_macos:
+        raise UserError("--precision bf16 on MPS needs macOS 14 or newer. Use --precision fp32 (the MPS default) "
+                        "or fp16.")
     return option  # bf16 and fp16 (with its gradient scaler) also run on the CPU: slower there, but the same code path
 
 

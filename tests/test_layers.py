@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "edgessl"
 LAYERS = {
     "_version": 0, "errors": 0, "seeding": 0, "fileio": 0, "rundir": 0, "runtime": 0, "config": 0, "demo": 0,
-    "report": 0, "recipes": 0, "devicecheck": 0,
+    "report": 0, "recipes": 0, "devicecheck": 0, "loggers": 0,
     "data": 1, "models": 2, "method": 3, "train": 4, "evaluate": 5, "slim": 5, "deploy": 5,
     "api": 6, "cli": 7, "commands": 7, "__main__": 7, "": 7,  # "": the package itself (edgessl/__init__.py)
 }

@@ -87,3 +87,53 @@ def test_deterministic_sets_the_cublas_workspace_on_cuda_only(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     set_determinism(True, torch.device("cuda"))
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the user's choice stays
+
+
+@pytest.fixture
+def fake_mps(monkeypatch):
+    """An Apple-silicon machine as PyTorch would report it (there is no Mac here): no CUDA, MPS available."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: major <= 14)
+
+
+def test_auto_picks_mps_after_cuda_and_mps_defaults_to_fp32(fake_mps, monkeypatch):
+    assert runtime.pick_device("auto") == torch.device("mps") and runtime.pick_device("mps") == torch.device("mps")
+    mps = torch.device("mps")
+    assert runtime.pick_precision("auto", mps) == "fp32"
+    assert runtime.pick_precision("fp16", mps) == "fp16" and runtime.pick_precision("bf16", mps) == "bf16"
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: major < 14)  # macOS 13
+    with pytest.raises(UserError) as e:
+        runtime.pick_precision("bf16", mps)
+    assert str(e.value) == ("--precision bf16 on MPS needs macOS 14 or newer. Use --precision fp32 (the MPS default) "
+                            "or fp16.")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.pick_device("auto") == torch.device("cuda")
+
+
+def test_mps_without_a_mac_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError) as e:
+        runtime.pick_device("mps")
+    assert str(e.value) == ("--device mps: no Apple-silicon GPU (MPS) is visible to PyTorch (it needs macOS 12.3+ on "
+                            "Apple silicon). Use --device cpu or auto.")
+    with pytest.raises(UserError, match="--device must be one of auto, cpu, cuda, mps, not 'tpu'."):
+        runtime.pick_device("tpu")
+    from edgessl.config import resolve
+
+    assert resolve({"device": "mps"}).device == "mps"  # valid config; the device is checked when the run starts
+
+
+def test_parameters_off_cpu_and_cuda_take_the_unfused_optimiser_and_the_host_rule():
+    """MPS parameters (here: meta, the other device this machine has) get torch's unfused SGD/AdamW, so a step
+    is decided on the host (TrainState.step), not by a fused kernel's found_inf."""
+    from edgessl.train.optim import build_optimizer
+    from edgessl.train.state import TrainState
+
+    for device, fused in (("cpu", True), ("meta", False)):
+        for name in ("sgd", "adamw"):
+            params = [torch.nn.Parameter(torch.zeros(3, 2, device=device))]
+            opt = build_optimizer(name, params, 0.1, 0.9, 5e-4)
+            assert bool(opt.defaults["fused"]) == fused, (device, name)
+            state = TrainState(torch.nn.Linear(2, 3), None, opt, None, torch.amp.GradScaler("cpu", enabled=False), 8)
+            assert state.on_device == fused, (device, name)

@@ -9,6 +9,7 @@ import time
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape
 
 from edgessl.errors import Interrupted, TrainingDiverged, UserError
 
@@ -46,13 +47,13 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            _error(f"[red]error:[/red] {e}")
+            _error(f"[red]error:[/red] {escape(str(e))}")  # a message's own brackets ([mlflow]) are text
             raise typer.Exit(e.exit_code) from None
         except TrainingDiverged as e:
-            _error(f"[red]error:[/red] {e}")
+            _error(f"[red]error:[/red] {escape(str(e))}")
             raise typer.Exit(e.exit_code) from None
         except Interrupted as e:
-            _error(str(e))
+            _error(escape(str(e)))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             _error("Interrupted.")

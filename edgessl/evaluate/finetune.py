@@ -48,6 +48,7 @@ from edgessl.evaluate.labelled import (
 from edgessl.evaluate.metrics import classification_metrics, confusion_matrix, per_class_scores
 from edgessl.evaluate.subsets import stratified_split, stratified_subset
 from edgessl.fileio import atomic_write_text
+from edgessl.loggers import run_loggers
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.classifier import Classifier, save_classifier
 from edgessl.report.eval_plots import plot_confusion
@@ -210,6 +211,7 @@ def finetune_run(
     run_dir = Path(run_dir)
     meta = read_encoder_meta(run_dir)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    loggers = run_loggers(run_dir)  # the run's --logger (a missing package fails here, before any work)
     per_class = opts.check()
     check_split_options(test, test_fraction)
     train_root, train_classes = class_folders(train, "--train")
@@ -219,8 +221,6 @@ def finetune_run(
         map_test_labels(train_classes, test_classes)
     file_counts = torch.tensor([len(scan_images(train_root / c)) for c in train_classes])
     check_labels_per_class([per_class], torch.arange(len(train_classes)).repeat_interleave(file_counts), train_classes)
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not '{device}'.")
     dev = pick_device(device)
     data = finetune_data(train_root, test_root, test_fraction, per_class, opts, int(meta["image_size"]), cache_mb,
                          workers, cache_dir)
@@ -235,6 +235,10 @@ def finetune_run(
     out_dir = Path(out) if out else run_dir / f"finetune-{finetune_tag(per_class, freeze_backbone)}"
     metrics = write_finetune(model.cpu().eval(), data, opts, per_class, meta, run_dir, train_root, test_root, out_dir,
                              history, best_epoch, dev, t_start)
+    tag = f"finetune-{finetune_tag(per_class, freeze_backbone)}"
+    loggers.log({f"{tag}/{k}": metrics[k] for k in ("top1", "balanced_accuracy", "macro_f1")},
+                {f"{tag}/confusion": out_dir / "confusion.png"}, step=int(meta.get("epochs_trained") or 0))
+    loggers.close()
     if data.short.get(per_class):
         lacking = data.short[per_class]
         say(f"note: {len(lacking)} class(es) have fewer than {per_class} images and use all they have: "

@@ -52,6 +52,7 @@ from edgessl.evaluate.linear import L2_GRID, MAX_FOLDS, linear_probe
 from edgessl.evaluate.metrics import classification_metrics
 from edgessl.evaluate.subsets import stratified_subset
 from edgessl.fileio import atomic_write_text, sha256_file
+from edgessl.loggers import run_loggers
 from edgessl.models.backbone import ENCODER_WEIGHTS, build_from_arch, load_encoder, read_encoder_meta
 from edgessl.report.eval_plots import plot_eval
 from edgessl.runtime import pick_device, use_threads
@@ -256,6 +257,16 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def eval_scalars(summary: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The experiment loggers' view of a summary: eval/<encoder>/<knn_k20|linear>/<lpc10|all>/<metric> = mean."""
+    out = {}
+    for s in summary:
+        proto = f"knn_k{s['k']}" if s["protocol"] == "knn" else s["protocol"]
+        lpc = s["labels_per_class"] if s["labels_per_class"] == "all" else f"lpc{s['labels_per_class']}"
+        out.update({f"eval/{s['encoder']}/{proto}/{lpc}/{m}": s[f"{m}_mean"] for m in METRICS})
+    return out
+
+
 # ---------------------------------------------------------------- the command
 def fit_budgets(
     values: Sequence[int | None], labels: Tensor, classes: Sequence[str], explicit: bool
@@ -312,6 +323,7 @@ def evaluate_run(
     if say:
         say(f"CPU: {cpu.describe()}")
     args = _check_arguments(run_dir, train, test, test_fraction, labels_per_class, seeds, baseline, device)
+    loggers = run_loggers(args.run_dir)  # the run's --logger (a missing package fails here, before any work)
     specs = encoder_specs(args.run_dir, args.meta, args.baseline)
     feature_dir = args.run_dir / "features" if cache else None
     data = _train_test_features(args, specs, test_fraction, split_seed, feature_dir, workers, cache_mb, say,
@@ -323,6 +335,8 @@ def evaluate_run(
     report = _report(args, data, per_class_values, dropped, short, cpu.threads, t_start, rows, summary)
     atomic_write_text(result.json_path, json.dumps(report, indent=2) + "\n")
     plot_eval(summary, result.plot_path, title=f"{args.meta['timm_name']} - {args.run_dir.name}")
+    loggers.log(eval_scalars(summary), {"eval": result.plot_path}, step=int(args.meta.get("epochs_trained") or 0))
+    loggers.close()
     if not quiet:
         _print_results(console, result)
     return result
@@ -367,8 +381,6 @@ def _check_arguments(run_dir, train, test, test_fraction, labels_per_class, seed
     file_counts = torch.tensor([len(scan_images(train_root / c)) for c in train_classes])
     per_class_values, _, dropped = fit_budgets(
         per_class_values, torch.arange(len(train_classes)).repeat_interleave(file_counts), train_classes, explicit)
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not '{device}'.")
     return _Arguments(run_dir, meta, train_root, test_root, train_classes, per_class_values, explicit, dropped,
                       seed_list, baseline, pick_device(device))
 

@@ -30,6 +30,7 @@ from edgessl.data.folder import ImageSet
 from edgessl.data.loader import Prefetcher, gather
 from edgessl.errors import Interrupted, TrainingDiverged
 from edgessl.fileio import atomic_save_tensors
+from edgessl.loggers import Loggers, check_installed, parse_loggers
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.backbone import output_dim, save_encoder
 from edgessl.models.channels import parse_widths
@@ -144,6 +145,7 @@ class Run:
     progress: Any = None
     task: Any = None
     last_read: float = 0.0  # when the loop last read values back from the device (see _show_step)
+    loggers: Loggers = field(default_factory=Loggers)  # --logger (rank 0; Loggers() logs nothing)
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -203,6 +205,7 @@ def pretrain(
 
 def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, on_step, d: distributed.Dist,
               device: torch.device, warm: WarmStart | None, overwrite: bool, evaluation: Evaluation) -> PretrainResult:
+    check_installed(parse_loggers(cfg.logger))  # a missing logger package fails before anything is written
     threads = use_threads(cfg.threads)
     set_determinism(cfg.deterministic, device)
     precision = pick_precision(cfg.precision, device)
@@ -226,6 +229,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
               console, quiet, AugmentConfig(blur_p=cfg.blur))
     # ---- every check has passed: from here on the run directory is written
     files = write_run_files(run_dir, ckpt is not None, overwrite, cfg, images, signature, warn) if d.main else None
+    run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict()) if d.main else Loggers()
     objective = Objective(state.method, cfg.seed, cfg.epochs, device, precision, widths, cfg.slow_start,
                           cfg.width_distill, cfg.width_reweight, teacher)
     try:
@@ -268,6 +272,7 @@ def train_epochs(run: Run, state: TrainState, objective: Objective, net: torch.n
                         on_step(StepInfo(epoch, step, values.loss(), state.model, state.method, run.d.rank))
             end_epoch(run, state, epoch, meter)
     finally:
+        run.loggers.close(ok=state.epoch == run.cfg.epochs)
         if run.progress is not None:
             run.progress.stop()
 
@@ -361,6 +366,7 @@ def end_epoch(run: Run, state: TrainState, epoch: int, meter: EpochMeter) -> dic
     state.epoch = epoch + 1
     if run.d.main:
         save_run(run, state)
+        run.loggers.log(row, {"curves": run.run_dir / "curves.png"} if last else None)
         _log_epoch(run.console, row, run.cfg.epochs, run.progress)
     distributed.barrier(run.d)  # the others wait for rank 0's checkpoint and monitor
     return row
