@@ -20,7 +20,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,14 +162,20 @@ class WandB:
 ADAPTERS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
 
 
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
 class Loggers:
     """The chosen loggers of one run directory (rank 0 only; Loggers() logs nothing). Opened at the first log(),
-    closed by close(). config: the resolved config (hyper-parameters of a new experiment run)."""
+    closed by close(). config: the resolved config (hyper-parameters of a new experiment run). A logger that fails
+    (no W&B login, an unreachable MLflow server) is dropped with one warning: training goes on, metrics.jsonl keeps
+    every row."""
 
     def __init__(self, names: list[str] | tuple = (), run_dir: Path | None = None,
-                 config: dict[str, Any] | None = None):
-        self.names, self.run_dir, self.config = list(names), run_dir, config or {}
-        self.adapters: list[Any] | None = None
+                 config: dict[str, Any] | None = None, warn: Callable[[str], None] = _warn):
+        self.names, self.run_dir, self.config, self.warn = list(names), run_dir, config or {}, warn
+        self.adapters: dict[str, Any] | None = None
 
     def log(self, row: dict[str, Any], images: dict[str, Path] | None = None, step: int | None = None) -> None:
         """Every numeric value of `row` at `step` (default: row['epoch']), and the image files that exist."""
@@ -178,21 +186,31 @@ class Loggers:
         values = scalars(row)
         step = int(row.get("epoch", 0)) if step is None else step
         shown = {name: Path(p) for name, p in (images or {}).items() if Path(p).is_file()}
-        for adapter in self.adapters:
-            adapter.log(values, step, shown)
+        for name, adapter in list(self.adapters.items()):
+            self._guard(name, lambda a=adapter: a.log(values, step, shown))
 
-    def _open(self) -> list[Any]:
+    def _guard(self, name: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - any failure of a logger package: drop that logger, keep training
+            self.warn(f"--logger {name} failed and is off for this command: {type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            (self.adapters or {}).pop(name, None)
+
+    def _open(self) -> dict[str, Any]:
         path = self.run_dir / RECORD
         record = json.loads(path.read_text()) if path.is_file() else {}
-        adapters = []
+        self.adapters = {}
         for name in self.names:
-            adapters.append(ADAPTERS[name](self.run_dir, self.config, record.setdefault(name, {})))
-            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-        return adapters
+            adapter = self._guard(name, lambda n=name: ADAPTERS[n](self.run_dir, self.config, record.setdefault(n, {})))
+            if adapter is not None:
+                self.adapters[name] = adapter
+                atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+        return self.adapters
 
     def close(self, ok: bool = True) -> None:
-        for adapter in self.adapters or []:
-            adapter.close(ok)
+        for name, adapter in list((self.adapters or {}).items()):
+            self._guard(name, lambda a=adapter: a.close(ok))
         self.adapters = None
 
 

@@ -161,3 +161,22 @@ def test_help_describes_logger_and_mps():
     text = " ".join(res.output.replace("│", " ").split())
     assert "--logger" in text and "tensorboard,mlflow,wandb" in text and "[default: none]" in text
     assert "cuda | mps (auto: cuda, else mps on Apple silicon, else cpu)" in text
+
+
+def test_a_failing_logger_is_dropped_with_one_warning_and_training_goes_on(tiny_data, tmp_path, monkeypatch):
+    class NoLogin:
+        def __init__(self, *args):
+            raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore")
+
+    monkeypatch.setitem(loggers.ADAPTERS, "wandb", NoLogin)
+    monkeypatch.setattr(loggers, "check_installed", lambda names: None)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["pretrain", "--data", str(tiny_data), "--out", str(out), "--logger", "wandb",
+                                   "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--eval-every", "0",
+                                   "--head-hidden", "64", "--feature-dim", "16", "--workers", "1"],
+                             env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    warning = ("warning: --logger wandb failed and is off for this command: RuntimeError: api_key not configured "
+               "(no-tty). call wandb.login(key=[your_api_key])")
+    assert [line.strip() for line in res.output.splitlines() if "--logger" in line] == [warning]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and not (out / loggers.RECORD).exists()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from edgessl.config import PretrainConfig, replace
 from edgessl.data.augment import (
@@ -159,7 +160,7 @@ def _warner(console: Console, d: distributed.Dist) -> Callable[[str], None]:
     """A warning line on rank 0 (the others stay silent)."""
     def warn(msg: str) -> None:
         if d.main:
-            console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+            console.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False)  # its brackets are text
 
     return warn
 
@@ -229,7 +230,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
               console, quiet, AugmentConfig(blur_p=cfg.blur))
     # ---- every check has passed: from here on the run directory is written
     files = write_run_files(run_dir, ckpt is not None, overwrite, cfg, images, signature, warn) if d.main else None
-    run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict()) if d.main else Loggers()
+    run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict(), warn) if d.main else Loggers()
     objective = Objective(state.method, cfg.seed, cfg.epochs, device, precision, widths, cfg.slow_start,
                           cfg.width_distill, cfg.width_reweight, teacher)
     try:
