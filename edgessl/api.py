@@ -90,7 +90,8 @@ def finetune(
     """Fine-tune a run's encoder plus a new linear layer on `labels_per_class` labels per class (or "all").
 
     options: batch_size, lr, backbone_lr_scale, weight_decay, label_smoothing, val_fraction, patience, seed,
-    split_seed, device, out, workers, cache_mb, cache_dir (decoded images), quiet. Writes <run_dir>/finetune-<tag>/
+    split_seed, device, out, workers, cache_mb, cache_dir (decoded images), quiet, init (timm, a weights file or
+    another run: the encoder's weights instead of the run's). Writes <run_dir>/finetune-<tag>/
     (classifier.safetensors + classifier.json, metrics.json, confusion.png). Returns a FinetuneResult (out_dir,
     metrics, model)."""
     return finetune_run(run_dir, train, test, test_fraction, labels_per_class, epochs, freeze_backbone,

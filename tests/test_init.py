@@ -108,3 +108,20 @@ def test_a_small_input_resnet_keeps_the_pretrained_stem_and_bad_paths_are_refuse
     (tmp_path / "junk.pth").write_text("not weights")
     with pytest.raises(UserError, match="could not be read as weights"):
         build_encoder(resolve(dict(TINY, init=str(tmp_path / "junk.pth"))))
+
+
+def test_finetune_init_starts_the_run_architecture_from_other_weights(demo_run, labelled_demo, tmp_path):
+    torch.manual_seed(7)
+    other = tmp_path / "other.safetensors"
+    model = load_encoder(demo_run)
+    save_file({k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()},
+              str(other))
+    res = edgessl.finetune(demo_run, labelled_demo / "train", labelled_demo / "test", labels_per_class="all",
+                           epochs=1, init=str(other), out=str(tmp_path / "ft"), quiet=True, workers=1)
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["init"]["kind"] == "file" and metrics["init"]["source"] == str(other)
+    assert res.out_dir == tmp_path / "ft"
+    from edgessl.evaluate.finetune import finetune_tag
+
+    assert finetune_tag(10, False, "timm") == "lpc10-init-timm"
+    assert finetune_tag(None, True, str(other)) == "all-frozen-init-other"

@@ -81,6 +81,7 @@ def register(app) -> None:
         labels_per_class: str = typer.Option("10", help="Labels per class (a number or 'all'); the held-out images come out of them."),
         epochs: int = typer.Option(30, help="Maximum epochs (early stopping may end sooner)."),
         freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train only the new linear layer."),
+        init: Optional[str] = typer.Option(None, help="Start the encoder (the run's architecture) from other weights instead of the run's: timm (its pretrained weights; downloads), a .safetensors/.pth file or another run, e.g. an ImageNet baseline. Output: finetune-TAG-init-..."),
         batch_size: int = typer.Option(64, help="Images per step."),
         lr: float = typer.Option(1e-3, help="AdamW learning rate of the new layer."),
         backbone_lr_scale: float = typer.Option(0.1, help="Backbone learning rate = --lr x this."),
@@ -101,5 +102,5 @@ def register(app) -> None:
             run_dir, train, test, test_fraction, labels_per_class, epochs, freeze_backbone, console=console,
             batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
             label_smoothing=label_smoothing, val_fraction=val_fraction, patience=patience, seed=seed,
-            split_seed=split_seed, device=device, out=out, workers=workers, cache_dir=cache_dir, quiet=quiet, threads=threads,
+            split_seed=split_seed, device=device, out=out, workers=workers, cache_dir=cache_dir, quiet=quiet, init=init, threads=threads,
         )

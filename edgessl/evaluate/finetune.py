@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from torch import Tensor
 
 from edgessl.data.augment import AugmentConfig, augment_batch, test_transform
@@ -51,6 +52,7 @@ from edgessl.fileio import atomic_write_text
 from edgessl.loggers import run_loggers
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.classifier import Classifier, save_classifier
+from edgessl.models.init import load_init
 from edgessl.report.eval_plots import plot_confusion
 from edgessl.runtime import pick_device, use_threads
 from edgessl.seeding import keyed_generator
@@ -62,9 +64,10 @@ from edgessl.train.state import MAX_NONFINITE, TrainState
 FINETUNE_AUGMENT = AugmentConfig(scale=(0.5, 1.0), jitter=(0.2, 0.2, 0.2, 0.05), jitter_p=0.5, grayscale_p=0.0)
 
 
-def finetune_tag(per_class: int | None, freeze_backbone: bool) -> str:
-    """Output folder suffix: 'lpc10', 'all', plus '-frozen'."""
-    return ("all" if per_class is None else f"lpc{per_class}") + ("-frozen" if freeze_backbone else "")
+def finetune_tag(per_class: int | None, freeze_backbone: bool, init: str | None = None) -> str:
+    """Output folder suffix: 'lpc10', 'all', plus '-frozen', plus '-init-timm' / '-init-<file or run name>'."""
+    tag = ("all" if per_class is None else f"lpc{per_class}") + ("-frozen" if freeze_backbone else "")
+    return tag if not init else f"{tag}-init-{init if init == 'timm' else Path(init).stem}"
 
 
 def param_groups(model: Classifier, lr: float, backbone_lr_scale: float, freeze_backbone: bool) -> list[dict]:
@@ -136,6 +139,7 @@ class FinetuneOptions:
     patience: int = 10
     seed: int = 0
     split_seed: int = 0
+    init: str | None = None  # the encoder's weights from elsewhere (timm, a file, another run); None: the run's
 
     def check(self) -> int | None:
         """UserError for a bad value; returns the labels per class (None: all)."""
@@ -199,10 +203,13 @@ def finetune_run(
     console: Console | None = None,
     quiet: bool = False,
     threads: str | int = "auto",
+    init: str | None = None,
 ) -> FinetuneResult:
-    """Fine-tune the run's encoder into a classifier by the recipe of this module's docstring."""
+    """Fine-tune the run's encoder into a classifier by the recipe of this module's docstring. init: start the
+    encoder (the run's architecture) from other weights instead: timm, a weights file or another run (as
+    `pretrain --init`), e.g. an ImageNet baseline next to the self-supervised encoder."""
     opts = FinetuneOptions(labels_per_class, epochs, freeze_backbone, batch_size, lr, backbone_lr_scale, weight_decay,
-                           label_smoothing, val_fraction, patience, seed, split_seed)
+                           label_smoothing, val_fraction, patience, seed, split_seed, init)
     console = console or Console()
     say = (lambda msg: None) if quiet else (lambda msg: console.print(msg, highlight=False))
     t_start = time.time()
@@ -224,7 +231,7 @@ def finetune_run(
     dev = pick_device(device)
     data = finetune_data(train_root, test_root, test_fraction, per_class, opts, int(meta["image_size"]), cache_mb,
                          workers, cache_dir)
-    model = build_classifier(run_dir, meta, len(data.classes), opts, dev)
+    model = build_classifier(run_dir, meta, len(data.classes), opts, dev, say)
     say(
         f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {len(data.classes)} classes | "
         f"{len(data.fit_idx)} training + {len(data.val_idx)} held-out labelled images "
@@ -232,10 +239,10 @@ def finetune_run(
         f"| {'frozen backbone' if freeze_backbone else 'full fine-tuning'} | {epochs} epochs | {dev.type}"
     )
     history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say)
-    out_dir = Path(out) if out else run_dir / f"finetune-{finetune_tag(per_class, freeze_backbone)}"
+    out_dir = Path(out) if out else run_dir / f"finetune-{finetune_tag(per_class, freeze_backbone, init)}"
     metrics = write_finetune(model.cpu().eval(), data, opts, per_class, meta, run_dir, train_root, test_root, out_dir,
                              history, best_epoch, dev, t_start)
-    tag = f"finetune-{finetune_tag(per_class, freeze_backbone)}"
+    tag = f"finetune-{finetune_tag(per_class, freeze_backbone, init)}"
     loggers.log({f"{tag}/{k}": metrics[k] for k in ("top1", "balanced_accuracy", "macro_f1")},
                 {f"{tag}/confusion": out_dir / "confusion.png"}, step=int(meta.get("epochs_trained") or 0))
     loggers.close()
@@ -273,11 +280,16 @@ def finetune_data(train_root: Path, test_root: Path | None, test_fraction: float
 
 
 def build_classifier(run_dir: Path, meta: dict[str, Any], num_classes: int, opts: FinetuneOptions,
-                     dev: torch.device) -> Classifier:
-    """The run's encoder + a new linear layer seeded by opts.seed (the global RNG is left as it was)."""
+                     dev: torch.device, say=None) -> Classifier:
+    """The run's encoder (or opts.init's weights in its architecture) + a new linear layer seeded by opts.seed (the
+    global RNG is left as it was)."""
+    encoder = load_encoder(run_dir)
+    if opts.init:
+        warn = (lambda m: None) if say is None else (lambda m: say(f"[yellow]warning:[/yellow] {escape(m)}"))
+        meta["init"] = load_init(encoder, opts.init, meta["timm_name"], warn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
-        model = Classifier(load_encoder(run_dir), int(meta["feature_dim"]), num_classes)
+        model = Classifier(encoder, int(meta["feature_dim"]), num_classes)
     if opts.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model.to(dev)
@@ -376,6 +388,7 @@ def write_finetune(model: Classifier, data: FinetuneData, opts: FinetuneOptions,
         "labels_per_class": lpc_name(per_class),
         "short_classes": data.short.get(per_class, {}) if per_class is not None else {},
         "freeze_backbone": opts.freeze_backbone,
+        "init": meta.get("init"),
         "early_stopping": bool(len(data.val_idx)),
         "best_epoch": best_epoch,
         "epochs_run": len(history),

@@ -6,12 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from edgessl.errors import UserError
 from edgessl.models.backbone import (
-    ENCODER_WEIGHTS,
     build_from_arch,
     create_backbone,
     output_dim,
@@ -19,7 +17,7 @@ from edgessl.models.backbone import (
     resolve_name,
     want_small_input,
 )
-from edgessl.models.init import describe, init_kind, load_matching, read_state_dict, timm_state_dict
+from edgessl.models.init import init_kind, load_init
 
 
 class ProjectionHead(nn.Module):
@@ -88,17 +86,10 @@ def build_encoder(cfg, warn: Callable[[str], None] | None = None) -> tuple[Encod
 def _load_init(backbone: nn.Module, head: nn.Module, init: str, kind: str, timm_name: str,
                warn: Callable[[str], None]) -> dict:
     """Load --init's weights into the backbone (and a run's head when its shapes fit); encoder.json's record."""
-    if kind == "timm":
-        state = timm_state_dict(timm_name)
-    elif kind == "file":
-        state = read_state_dict(init)
-    else:
-        state = load_file(str(Path(init) / ENCODER_WEIGHTS))
-    found = load_matching(backbone, state, init, warn)
-    extra = {"missing": len(found["missing"]), "unexpected": len(found["unexpected"])}
+    record = load_init(backbone, init, timm_name, warn, kind)
     if kind == "run":
-        extra["head"] = _run_head(head, Path(init))
-    return describe(init, kind, extra)
+        record["head"] = _run_head(head, Path(init))
+    return record
 
 
 def _run_head(head: nn.Module, run: Path) -> str:

@@ -106,6 +106,21 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str,
     return {"missing": missing, "unexpected": unexpected}
 
 
+def load_init(backbone: nn.Module, option: str, timm_name: str, warn: Callable[[str], None],
+              kind: str | None = None) -> dict[str, Any]:
+    """Load --init `option` (timm, a file or a run directory) into `backbone` by key (load_matching).
+    Returns encoder.json's "init" record (describe)."""
+    kind = kind or init_kind(option)
+    if kind == "timm":
+        state = timm_state_dict(timm_name)
+    elif kind == "file":
+        state = read_state_dict(option)
+    else:
+        state = load_file(str(Path(option).expanduser() / "encoder.safetensors"))
+    found = load_matching(backbone, state, option, warn)
+    return describe(option, kind, {"missing": len(found["missing"]), "unexpected": len(found["unexpected"])})
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
