@@ -1,7 +1,8 @@
 """Export suite: what `edgessl export RUN --int8` ships for encoders it has not seen calibrate before.
 
-`python -m benchmarks.run export [--tiny]`. mobilenetv3_small at 64 px and resnet18 at 32 px (small-input stems),
-each pretrained for 1 and for 15 epochs on the shared emoji training images, then exported with the int8 search
+`python -m benchmarks.run export [--tiny]`. mobilenetv3_small at 64 px and resnet18 at 32 px (default stems:
+timm's at 64 px, the small-input one at 32 px), each pretrained for 1 and for 15 epochs on the shared emoji training
+images, then exported with the int8 search
 (`--int8-mode keep-slow`, so a passing candidate is written and timed even where it is not faster; the default
 `search` mode would keep fp32 then, and the outcome column says which it would do), calibrated on the same folder.
 Per run: every candidate tried, its parity and batch-1 p50, the one that passed, and fp32 against int8 latency as
@@ -22,7 +23,7 @@ CONFIGS = (("mobilenetv3_small", 64), ("resnet18", 32))
 
 def one_run(backbone: str, size: int, epochs: int, data: Path, root: Path, tiny: bool) -> dict[str, Any]:
     run = root / f"{backbone}-{epochs}"
-    edgessl.pretrain(backbone=backbone, data=str(data), image_size=size, small_input="on", epochs=epochs,
+    edgessl.pretrain(backbone=backbone, data=str(data), image_size=size, epochs=epochs,
                      eval_every=0, quiet=True, out=str(run), batch_size=8 if tiny else 128)
     load = os.getloadavg()[0]
     result = edgessl.export(run, int8="keep-slow", calib=str(data))
