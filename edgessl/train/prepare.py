@@ -76,8 +76,8 @@ def forward_init_bank(
     mine = lambda i: chunks[i].tensor_split(d.world)[d.rank]  # noqa: E731
     with Prefetcher(lambda i: gather(images, mine(i), device.type == "cuda"), len(chunks)) as rows:
         for idx, raw in zip(chunks, rows, strict=True):
-            x = test_transform(raw.to(device, non_blocking=True), mean, std)
-            x = x.contiguous(memory_format=torch.channels_last)  # faster convolutions, on a CPU too
+            x = test_transform(raw.to(device, non_blocking=True), mean, std)  # NCHW: channels_last convolutions
+            # round differently by batch size, and 2 processes must fill the bank of 1 (tests/test_distributed.py)
             with autocast(device, precision):
                 z = model(x)
             z = distributed.all_gather_cat(F.normalize(z.float(), dim=1), d, distributed.split_sizes(len(idx), d.world))
