@@ -217,7 +217,7 @@ def test_a_step_decided_on_the_device_equals_the_host_rule_bit_for_bit(name):
                 moved = state.step_on_device(loss, loss.detach())
                 assert bool(moved) == (c == ".")
             else:
-                assert state.step(loss, float(loss), lambda: RuntimeError("never")) == (c == ".")
+                assert state.step(loss, float(loss.detach()), lambda: RuntimeError("never")) == (c == ".")
         return model, state
 
     for pattern in ("x...", "..xx.x.."):
