@@ -170,6 +170,7 @@ def load_image_folder(
     paths: Sequence[Path] | None = None,
     cache_dir: str | Path | None = "auto",
     warn=None,
+    signature: dict | None = None,
 ) -> ImageSet:
     """Scan `root`, decode every image once (skipping unreadable files) and keep them as uint8 rows.
 
@@ -179,7 +180,8 @@ def load_image_folder(
     checked once and then decoded again at every use (streaming).
     Raises UserError when the folder is missing, is a file, or holds fewer than `min_images` readable images.
     progress: optional callable(done, total); warn: callable(message) for a damaged cache (default: stderr);
-    paths: the folder's scan_images(root) when the caller has it already.
+    paths: the folder's scan_images(root) when the caller has it already; signature: its folder_signature(root,
+    paths) when the caller has computed it (the files are not stat-ed twice).
     """
     root = check_folder(root, what)
     paths = list(paths) if paths is not None else scan_images(root, what)
@@ -193,7 +195,8 @@ def load_image_folder(
     if store is None:
         good, images, skipped = _decode_all(paths, size, workers, cache_mb, progress)
     else:
-        hit = load_or_build(store, root, size, paths, folder_signature(root, paths), lambda p: _try_decode(p, size),
+        signature = signature or folder_signature(root, paths)
+        hit = load_or_build(store, root, size, paths, signature, lambda p: _try_decode(p, size),
                             workers, warn or _stderr_warning, progress)
         good = [root / f[0] for f in hit.files]
         skipped = [(root / s[0], s[3]) for s in hit.skipped]

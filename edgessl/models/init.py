@@ -15,7 +15,6 @@ the 7x7 conv1 at stride 1 and no max-pool, stem "resnet_stride1", instead of the
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from edgessl.errors import UserError
+from edgessl.fileio import sha256_file
 
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.fc.", "head.", "last_linear.")
 WRAPPERS = ("state_dict", "model", "state_dict_ema")
@@ -121,14 +121,6 @@ def load_init(backbone: nn.Module, option: str, timm_name: str, warn: Callable[[
     return describe(option, kind, {"missing": len(found["missing"]), "unexpected": len(found["unexpected"])})
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe(option: str, kind: str, extra: dict[str, Any]) -> dict[str, Any]:
     """encoder.json's "init" record: where the weights came from."""
     record: dict[str, Any] = {"kind": kind, **extra}
@@ -137,5 +129,5 @@ def describe(option: str, kind: str, extra: dict[str, Any]) -> dict[str, Any]:
     else:
         record["source"] = os.path.abspath(os.path.expanduser(option))
         if kind == "file":
-            record["sha256"] = file_sha256(record["source"])
+            record["sha256"] = sha256_file(record["source"])
     return record

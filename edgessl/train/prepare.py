@@ -121,7 +121,7 @@ def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed
     with file_progress(console, "reading images") as progress:
         images = load_image_folder(data_root, cfg.image_size, labels=labels, cache_mb=cfg.cache_mb,
                                    workers=cfg.workers, paths=paths, cache_dir=cfg.cache_dir, warn=warn,
-                                   progress=progress)
+                                   progress=progress, signature=signature)
     val = None
     if cfg.val and d.main:  # the kNN monitor runs on rank 0 only
         val = load_image_folder(cfg.val, cfg.image_size, labels=True, cache_mb=cfg.cache_mb, workers=cfg.workers,
