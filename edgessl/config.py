@@ -42,6 +42,13 @@ class PretrainConfig:
     slow_start: float = 0.5  # fraction of the epochs before the sub-widths join
     width_distill: float = 0.5  # weight of the distillation from the full width in each sub-width's loss; 0 = off
     width_reweight: bool = True  # full width weighs 1 + sum of sub-widths
+    # a frozen teacher, run once over the training images (teacher-bank distillation): None = no teacher
+    teacher: str | None = None  # an edgessl run, timm:<name>, or a weights file (with teacher_backbone)
+    teacher_backbone: str | None = None
+    teacher_image_size: int | None = None  # None: the teacher's own input size
+    teacher_weight: float = 1.0
+    teacher_temperature: float = 0.05
+    teacher_per_step: bool = False  # ablation: run the teacher on every crop instead of reading its bank
     # method
     method: str = "edgessl"
     temperature: float = 0.1
@@ -88,7 +95,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 
 CHOICES = {
     "method": tuple(METHOD_PRESETS),
-    "bank_init": ("forward", "random"),
+    "bank_init": ("forward", "random", "teacher"),
     "bank_update": ("grad", "momentum"),
     "head": ("mlp", "linear"),
     "optimizer": ("sgd", "adamw", "lars"),
@@ -125,10 +132,21 @@ FIELD_HELP: dict[str, str] = {
               "with `edgessl slim`.",
     "slow_start": "With --widths: fraction of the epochs trained at full width only before the sub-widths join.",
     "width_distill": "With --widths: weight of each sub-width's distillation from the full width (0 = off).",
+    "teacher": "Distil a frozen teacher run once over the training images: an edgessl run directory, timm:<name> "
+               "(timm's pretrained weights; downloads), or a local weights file with --teacher-backbone. Its "
+               "features are computed once and kept with the run (teacher.safetensors).",
+    "teacher_backbone": "With --teacher FILE: the file's timm architecture (e.g. resnet50).",
+    "teacher_image_size": "The teacher's input size in pixels (default: the teacher's own: a run's image size, "
+                          "timm's pretrained input size).",
+    "teacher_weight": "w_t of the relational KL to the teacher's distribution over the bank columns; 0 = unused.",
+    "teacher_temperature": "tau_t of the teacher's distribution softmax(t_i . T^T / tau_t).",
+    "teacher_per_step": "Ablation: run the teacher on every crop of every step (as SEED and LightlyTrain do) instead "
+                        "of reading its bank.",
     "method": "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no L_sd).",
     "temperature": "tau of the instance loss.",
     "negatives": "Whole bank up to batch rows + this many rows, else batch rows + this many distinct sampled rows.",
-    "bank_init": "forward (one pass of the untrained network) | random.",
+    "bank_init": "forward (one pass of the untrained network) | random | teacher (the --teacher bank, projected "
+                 "to --feature-dim by its top singular directions).",
     "bank_update": "grad (every column in use moves) | momentum (NPID).",
     "bank_lr": "eta of the gradient bank update.",
     "bank_momentum": "m of the momentum bank update.",
@@ -275,6 +293,24 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
         raise UserError(f"--threads must be auto or a positive number, not '{cfg.threads}'.")
     cfg.logger = ",".join(parse_loggers(cfg.logger)) or "none"
+    validate_teacher(cfg)
+
+
+def validate_teacher(cfg: PretrainConfig) -> None:
+    """The --teacher options: each needs --teacher, and the numbers must make sense."""
+    if cfg.teacher is None:
+        given = [f for f in ("teacher_backbone", "teacher_image_size") if getattr(cfg, f) is not None]
+        given += ["teacher_per_step"] if cfg.teacher_per_step else []
+        given += ["bank_init teacher"] if cfg.bank_init == "teacher" else []
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} needs --teacher (an edgessl run, timm:<name> or a "
+                            "weights file).")
+    if cfg.teacher_weight < 0:
+        raise UserError(f"--teacher-weight must be zero or positive, not {cfg.teacher_weight}.")
+    if cfg.teacher_temperature <= 0:
+        raise UserError(f"--teacher-temperature must be positive, not {cfg.teacher_temperature}.")
+    if cfg.teacher_image_size is not None and cfg.teacher_image_size <= 0:
+        raise UserError(f"--teacher-image-size must be positive, not {cfg.teacher_image_size}.")
 
 
 def check_width(width: float) -> float:

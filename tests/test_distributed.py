@@ -280,3 +280,32 @@ def test_widths_two_processes_match_one(tiny_data, tmp_path):
     assert any(k.startswith("bn.w0500.") for k in a["model"])  # the width-0.5 private BatchNorm is checkpointed
     _assert_same_state(a, s)
     assert (run_a / "widths.safetensors").is_file()
+
+
+def test_teacher_targets_of_a_slice_are_the_slice_of_the_global_batch():
+    from edgessl.method.teacher import TeacherBank
+
+    t = F.normalize(torch.randn(24, 5, generator=torch.Generator().manual_seed(4)), dim=1)
+    tb = TeacherBank(t, temperature=0.07)
+    idx, cols = torch.tensor([3, 9, 1, 20]), torch.tensor([0, 1, 3, 7, 9, 20])
+    mix = (torch.tensor([2, 3, 0, 1]), 0.6)
+    whole = tb.targets(idx, cols, mix)
+    for r in range(2):
+        assert torch.equal(tb.targets(idx, cols, mix, local_rows(4, r, 2)), whole[local_rows(4, r, 2)])
+
+
+@pytest.mark.slow
+def test_teacher_two_processes_match_one(tiny_data, demo_run, tmp_path):
+    """--teacher under torchrun: the teacher pass split over the processes and gathered, T replicated, the
+    distillation term over each process's rows (with CutMix) give the one-process result."""
+    opts = dict(TINY, sync_bn=True, teacher=str(demo_run), teacher_weight=0.5, cache_dir="none")
+    run_a = tmp_path / "two"
+    proc = _torchrun(["-m", "edgessl", "pretrain", "--data", str(tiny_data), "--out", str(run_a), *_cli_args(opts)],
+                     tmp_path)
+    one = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "one"), quiet=True, **opts)
+    _finish(proc)
+    from safetensors.torch import load_file
+
+    ta, t1 = (load_file(str(r / "teacher.safetensors"))["features"].float() for r in (run_a, one.run_dir))
+    assert torch.allclose(ta, t1, atol=2e-3)  # float16 rows: one rounding step apart at most
+    _assert_same_state(load_checkpoint(run_a), load_checkpoint(one.run_dir))

@@ -35,6 +35,22 @@ def momentum_bank_update(rows: Tensor, z: Tensor, momentum: float) -> Tensor:
     return F.normalize(momentum * rows + (1 - momentum) * z.to(rows.dtype), dim=1)
 
 
+def project_rows(rows: Tensor, dim: int) -> Tensor:
+    """Unit rows of another width, keeping their dot products as well as a rank-`dim` map can.
+
+    rows: (N, d_t) unit rows -> (N, dim) unit rows normalize(rows W), W (d_t, dim) the top-`dim` right singular
+    vectors of `rows` (Eckart-Young: rows W W^T is the best rank-dim approximation, so (rows W)(rows W)^T is closest
+    to rows rows^T); zero columns pad W when dim > rank. dim == d_t returns the rows unchanged (no rotation).
+    """
+    if dim == rows.shape[1]:
+        return rows.clone()
+    _, _, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+    w = vh[:dim].t()
+    if w.shape[1] < dim:
+        w = F.pad(w, (0, dim - w.shape[1]))
+    return F.normalize((rows.double() @ w).to(rows.dtype), dim=1)
+
+
 def in_sorted(x: Tensor, values: Tensor) -> Tensor:
     """x: (n,) long; values: (E,) sorted unique long -> (n,) bool, x_i in values (O(n log E), unlike torch.isin)."""
     if values.numel() == 0:

@@ -69,6 +69,37 @@ def feature_std(z: Tensor) -> Tensor:
     return z.float().std(dim=0).mean()
 
 
+
+# ---------------------------------------------------------------- a frozen teacher's bank (teacher-bank distillation)
+def teacher_probs(t: Tensor, teacher_cols: Tensor, tau_t: float) -> Tensor:
+    """The teacher's similarity distribution q_b = softmax(t_b . T_k / tau_t) over the bank columns k in use.
+
+    t: (B, d_t) unit teacher features of the batch's images (rows of T, or of the crops); teacher_cols: (K, d_t)
+    the same columns of the teacher bank T -> (B, K), rows summing to 1.
+    """
+    return torch.softmax(t @ teacher_cols.t() / tau_t, dim=1)
+
+
+def relational_kl(sim: Tensor, q: Tensor, tau_s: float) -> Tensor:
+    """Relational distillation L_t = (1/B) sum_b KL(q_b || p_b), p_b = softmax(s_b / tau_s).
+
+    sim: (B, K) the student's similarities z_b . v_k to its own bank columns; q: (B, K) the teacher's distribution
+    over the same columns (teacher_probs, a constant) -> scalar >= 0, 0 iff p = q.
+    Gradient (tested against autograd): dL_t/ds_bk = (p_bk - q_bk) / (B tau_s).
+    """
+    q = q.detach()
+    log_p = F.log_softmax(sim / tau_s, dim=1)
+    return (torch.xlogy(q, q) - q * log_p).sum(dim=1).mean()
+
+
+def mix_probs(q: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    """The teacher distribution of a CutMixed crop: lam_b q_b + (1 - lam_b) q_perm[b].
+
+    q: (B, K); perm: (B,) partner of each sample; lam: (B,) area kept -> (B, K).
+    """
+    lam = lam.to(q.dtype).unsqueeze(1)
+    return lam * q + (1 - lam) * q[perm]
+
 # ---------------------------------------------------------------- several widths of one network (SlimCLR)
 def soft_cross_entropy(logits: Tensor, target_p: Tensor) -> Tensor:
     """Distillation toward a teacher's distribution: -(1/B) sum_b sum_k q_bk log softmax(logits_b)_k.

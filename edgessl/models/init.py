@@ -31,6 +31,7 @@ from edgessl.fileio import sha256_file
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.fc.", "head.", "last_linear.")
 WRAPPERS = ("state_dict", "model", "state_dict_ema")
 PREFIXES = ("module.", "backbone.")
+BACKBONE_FLAG = {"--init": "--backbone", "--teacher": "--teacher-backbone"}  # which flag names the architecture
 
 
 def init_kind(option: str) -> str:
@@ -49,8 +50,9 @@ def init_kind(option: str) -> str:
     return "file"
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file (unwrapped and un-prefixed as the module docstring says)."""
+def read_state_dict(path: str | Path, option: str = "--init") -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file (unwrapped and un-prefixed as the module docstring says).
+    option: the flag named in error messages."""
     path = Path(path).expanduser()
     try:
         if path.suffix == ".safetensors":
@@ -58,12 +60,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line for the user
-        raise UserError(f"--init '{path}' could not be read as weights ({type(e).__name__}: "
+        raise UserError(f"{option} '{path}' could not be read as weights ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
     while isinstance(state, dict) and any(k in state and isinstance(state[k], dict) for k in WRAPPERS):
         state = next(state[k] for k in WRAPPERS if k in state and isinstance(state[k], dict))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--init '{path}' holds no state dict (a mapping of parameter names to tensors).")
+        raise UserError(f"{option} '{path}' holds no state dict (a mapping of parameter names to tensors).")
     for prefix in PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -83,24 +85,25 @@ def timm_state_dict(timm_name: str) -> dict[str, torch.Tensor]:
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str,
-                  warn: Callable[[str], None]) -> dict[str, Any]:
+                  warn: Callable[[str], None], option: str = "--init") -> dict[str, Any]:
     """Load `state` into `model` by key. Returns {"missing": [...], "unexpected": [...]}; warns once when either
-    is non-empty; UserError when a non-classifier key is missing or a shape differs."""
+    is non-empty; UserError when a non-classifier key is missing or a shape differs. option: the flag named in
+    messages, with `source` after it."""
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong:
         k = wrong[0]
-        raise UserError(f"--init {source}: {len(wrong)} weight(s) have another shape than the model's, e.g. '{k}' "
-                        f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}. Is it the same --backbone?")
+        raise UserError(f"{option} {source}: {len(wrong)} weight(s) have another shape than the model's, e.g. '{k}' "
+                        f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}. Is it the same {BACKBONE_FLAG[option]}?")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     serious = [k for k in missing if not k.startswith(CLASSIFIER_PREFIXES)]
     if serious:
-        raise UserError(f"--init {source}: {len(serious)} of the model's {len(own)} weights are not in it, e.g. "
-                        f"{', '.join(serious[:3])}. Is it the same --backbone?")
+        raise UserError(f"{option} {source}: {len(serious)} of the model's {len(own)} weights are not in it, e.g. "
+                        f"{', '.join(serious[:3])}. Is it the same {BACKBONE_FLAG[option]}?")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     if missing or unexpected:
-        warn(f"--init {source}: {len(unexpected)} key(s) not used ({', '.join(unexpected[:4])}"
+        warn(f"{option} {source}: {len(unexpected)} key(s) not used ({', '.join(unexpected[:4])}"
              f"{', ...' if len(unexpected) > 4 else ''}), {len(missing)} missing"
              f"{' (' + ', '.join(missing[:4]) + ')' if missing else ''}.")
     return {"missing": missing, "unexpected": unexpected}

@@ -32,6 +32,7 @@ from edgessl.data.loader import Prefetcher, gather
 from edgessl.errors import Interrupted, TrainingDiverged
 from edgessl.fileio import atomic_save_tensors
 from edgessl.loggers import Loggers, check_installed, parse_loggers
+from edgessl.method.bank import project_rows
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.backbone import output_dim, save_encoder
 from edgessl.models.channels import parse_widths
@@ -57,6 +58,7 @@ from edgessl.train.prepare import (
     write_run_files,
 )
 from edgessl.train.state import MAX_NONFINITE, TrainState
+from edgessl.train.teacher import open_teacher, teacher_bank
 
 __all__ = ["pretrain", "PretrainResult", "WarmStart", "StepInfo", "epoch_order", "bank_batch_cap",
            "forward_init_bank", "demo_folder", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -147,6 +149,8 @@ class Run:
     task: Any = None
     last_read: float = 0.0  # when the loop last read values back from the device (see _show_step)
     loggers: Loggers = field(default_factory=Loggers)  # --logger (rank 0; Loggers() logs nothing)
+    first_row: dict[str, Any] = field(default_factory=dict)  # merged into this invocation's first metrics row
+    every_row: dict[str, Any] = field(default_factory=dict)  # merged into every metrics row
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -217,6 +221,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         return _already_complete(cfg, run_dir, ckpt, console, d)
     quiet = cfg.quiet or not d.main
     warn = _warner(console, d)
+    pending = open_teacher(cfg, run_dir if ckpt is not None else None, warn)  # a wrong --teacher fails here
     images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn)
     batch = resolve_batch(cfg, len(images), d, warn, ckpt.get("batch") if ckpt else None)
     state = new_state(cfg, model, len(images), batch, device, precision)
@@ -231,10 +236,16 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     # ---- every check has passed: from here on the run directory is written
     files = write_run_files(run_dir, ckpt is not None, overwrite, cfg, images, signature, warn) if d.main else None
     run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict(), warn) if d.main else Loggers()
-    objective = Objective(state.method, cfg.seed, cfg.epochs, device, precision, widths, cfg.slow_start,
-                          cfg.width_distill, cfg.width_reweight, teacher)
     try:
-        init_bank(run, state, warm, ckpt is not None, precision)
+        tbank = None
+        if pending is not None:
+            tbank, run.first_row = teacher_bank(cfg, pending, run_dir, images, signature, device, precision, d,
+                                                state.batch, run.say, warn)
+            run.every_row = {"teacher_ms_per_step": run.first_row["teacher_ms_per_step"]}
+            del pending  # the teacher network is freed unless the per-step ablation holds it
+        objective = Objective(state.method, cfg.seed, cfg.epochs, device, precision, widths, cfg.slow_start,
+                              cfg.width_distill, cfg.width_reweight, teacher, tbank)
+        init_bank(run, state, warm, ckpt is not None, precision, tbank)
         if files is not None:
             files.written.append(write_history(run_dir, state.history))
         net = distributed.wrap_model(model, d, device, find_unused=objective.slim)  # `model` stays the unwrapped one
@@ -315,9 +326,11 @@ def train_step(run: Run, state: TrainState, objective: Objective, net: torch.nn.
     (fp16's scaler, LARS) the loss is read back and decided on the host (TrainState.step)."""
     x, mix = make_crops(run, idx, epoch, step, raw)
     res = objective(net, x, idx.to(run.device), epoch, step, mix, run.rows if run.d.active else None)
-    names = ["loss", "ce", "sd", *[f"ce_w{w:g}" for w in res.widths[1:]]]
+    names = ["loss", "ce", "sd", *[f"ce_w{w:g}" for w in res.widths[1:]], *(["teacher"] if res.teacher is not None
+                                                                          else [])]
     # the global batch's mean (mean of equal-sized slices' means), identical on every process
-    stacked = torch.stack([res.loss.detach().float(), res.out.ce.float(), res.out.sd.float(), *res.sub_ce])
+    stacked = torch.stack([res.loss.detach().float(), res.out.ce.float(), res.out.sd.float(), *res.sub_ce,
+                           *([res.teacher.float()] if res.teacher is not None else [])])
     values = distributed.mean_over_ranks(stacked.float(), run.d)
     gathered = (lambda: distributed.all_gather_cat(res.out.z, run.d)) if run.d.active else (lambda: None)
     if state.on_device:
@@ -355,7 +368,10 @@ def end_epoch(run: Run, state: TrainState, epoch: int, meter: EpochMeter) -> dic
         "seconds": seconds,
         "bank_feature_std": float(state.method.bank.weight.std(dim=0).mean()),
         "threads": run.threads.threads,
+        **run.every_row,
+        **run.first_row,
     }
+    run.first_row = {}
     every, last = run.cfg.eval_every, epoch + 1 == run.cfg.epochs
     if run.monitor.active and every and ((epoch + 1) % every == 0 or last):
         row.update(run.monitor(state.model.backbone, run.device, IMAGENET_MEAN, IMAGENET_STD))
@@ -485,14 +501,19 @@ def new_state(cfg: PretrainConfig, model: torch.nn.Module, n: int, batch: int, d
     return TrainState(model, method, optimizer, scheduler, scaler, batch)
 
 
-def init_bank(run: Run, state: TrainState, warm: WarmStart | None, resumed: bool, precision: str) -> None:
-    """A new run's bank: warm.bank when given, else one forward pass of the untrained network (--bank-init forward)
-    or the random rows it has (random). A resumed run keeps its checkpoint's."""
+def init_bank(run: Run, state: TrainState, warm: WarmStart | None, resumed: bool, precision: str,
+              tbank=None) -> None:
+    """A new run's bank: warm.bank when given, else one forward pass of the untrained network (--bank-init forward),
+    the teacher bank projected to d (teacher: project_rows) or the random rows it has (random). A resumed run keeps
+    its checkpoint's."""
     n = len(run.images)
     if resumed:
         run.say(f"Resuming {run.run_dir} after epoch {state.epoch}/{run.cfg.epochs}.")
     elif warm is not None and warm.bank is not None:
         state.method.bank.fill(torch.arange(n, device=run.device), warm.bank.to(run.device))
+    elif run.cfg.bank_init == "teacher":
+        state.method.bank.fill(torch.arange(n, device=run.device), project_rows(tbank.features, run.cfg.feature_dim))
+        run.say(f"Memory bank: {n} rows from the teacher's features ({tbank.dim} -> {run.cfg.feature_dim} dimensions).")
     elif run.cfg.bank_init == "forward":
         t0 = time.time()
         encoder = getattr(state.model, "encoder", state.model)  # the full width of a SlimmableEncoder
@@ -612,6 +633,7 @@ def _beta(g: torch.Generator, alpha: float) -> float:
 def _log_epoch(console: Console, row: dict[str, Any], epochs: int, progress) -> None:
     knn = f"  kNN@20 {row['knn_top1']:.3f}  kNN@200 {row['knn_top1_k200']:.3f}" if "knn_top1" in row else ""
     widths = "".join(f", ce@{k[len('loss_ce_w'):]} {v:.3f}" for k, v in row.items() if k.startswith("loss_ce_w"))
+    widths += f", teacher {row['loss_teacher']:.4f}" if "loss_teacher" in row else ""
     line = (
         f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f} "
         f"(ce {row['loss_ce']:.3f}{widths}, sd {row['loss_sd']:.4f})"

@@ -1,4 +1,5 @@
-"""The loss of one training step: the method at every trained width, plus distillation from a frozen teacher.
+"""The loss of one training step: the method at every trained width, plus distillation from a frozen teacher
+(per step, `edgessl prune`'s recovery) or from a teacher bank (--teacher, one pass before training).
 
 In the spirit of timm's TrainingTask: the loop calls `objective(net, x, index, epoch, step, mix, local)` and gets the
 loss to back-propagate, whatever the composition; no `if` about widths or teachers stays in the loop.
@@ -14,7 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgessl.method.instance import InstanceDiscrimination, StepOutput
-from edgessl.method.losses import active_widths, slimmable_loss, soft_cross_entropy, width_loss_weights
+from edgessl.method.losses import (
+    active_widths,
+    relational_kl,
+    slimmable_loss,
+    soft_cross_entropy,
+    width_loss_weights,
+)
+from edgessl.method.teacher import TeacherBank
 from edgessl.runtime import autocast
 from edgessl.seeding import keyed_generator
 
@@ -25,6 +33,7 @@ class StepLoss:
     out: StepOutput  # the full width's method output: the bank update and the logged L_ce, L_sd come from it
     sub_ce: list[Tensor] = field(default_factory=list)  # each trained sub-width's detached L_ce
     widths: list[float] = field(default_factory=lambda: [1.0])  # the widths trained this step, full width first
+    teacher: Tensor | None = None  # the full width's detached L_t (--teacher), None without a teacher bank
 
 
 @dataclass
@@ -39,16 +48,19 @@ class Teacher:
 class Objective:
     """method: the single-branch loss and bank; widths: the widths of a slimmable net (full width first, a plain
     net when there is one); the sub-widths join after `slow_start` of `epochs`, distil the full width's
-    distribution with weight `width_distill` and are weighted by width_loss_weights(widths, reweight)."""
+    distribution with weight `width_distill` and are weighted by width_loss_weights(widths, reweight).
+    teacher_bank (--teacher): every trained width's loss gains w_t L_t, the relational KL to the teacher's
+    distribution over the same columns (w_t = teacher_bank.weight; a weight of 0 leaves the loss untouched)."""
 
     def __init__(self, method: InstanceDiscrimination, seed: int, epochs: int, device: torch.device, precision: str,
                  widths: Sequence[float] = (1.0,), slow_start: float = 0.5, width_distill: float = 0.5,
-                 reweight: bool = True, teacher: Teacher | None = None):
+                 reweight: bool = True, teacher: Teacher | None = None, teacher_bank: TeacherBank | None = None):
         self.method, self.seed, self.epochs = method, seed, epochs
         self.device, self.precision = device, precision
         self.widths, self.slow_start, self.width_distill = list(widths), slow_start, width_distill
         self.weights = width_loss_weights(self.widths, reweight)
         self.teacher = teacher
+        self.teacher_bank = teacher_bank if teacher_bank is not None and teacher_bank.weight != 0 else None
 
     @property
     def slim(self) -> bool:
@@ -63,17 +75,29 @@ class Objective:
         # every width meets the same bank columns: the same generator key
         outs = [self.method(F.normalize(z.float(), dim=1), index, keyed_generator(self.seed, epoch, step), mix, local)
                 for z in zs]
-        loss = self._widths_loss(outs)
+        losses, kl = [o.loss for o in outs], None
+        if self.teacher_bank is not None:
+            losses, kl = self._with_teacher_bank(outs, index, mix, local, x)
+        loss = self._widths_loss(outs, losses)
         if self.teacher is not None:
             loss = self._with_teacher(loss, outs[0], x)
-        return StepLoss(loss, outs[0], [o.ce for o in outs[1:]], trained)
+        return StepLoss(loss, outs[0], [o.ce for o in outs[1:]], trained, kl)
 
-    def _widths_loss(self, outs: list[StepOutput]) -> Tensor:
+    def _widths_loss(self, outs: list[StepOutput], losses: list[Tensor]) -> Tensor:
         if len(outs) == 1:
-            return outs[0].loss
+            return losses[0]
         tau = self.method.temperature
-        return slimmable_loss(outs[0].loss, [o.loss for o in outs[1:]], [o.sim / tau for o in outs[1:]], outs[0].p,
+        return slimmable_loss(losses[0], losses[1:], [o.sim / tau for o in outs[1:]], outs[0].p,
                               self.weights[: len(outs)], self.width_distill)
+
+    def _with_teacher_bank(self, outs: list[StepOutput], index: Tensor, mix, local: slice | None,
+                           x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """([each width's loss + w_t L_t], the full width's detached L_t): one teacher distribution per step (all
+        widths meet the same columns), one relational KL per width."""
+        tb, tau = self.teacher_bank, self.method.temperature
+        q = tb.targets(index, outs[0].cols, mix, local, x)
+        kls = [relational_kl(o.sim, q, tau) for o in outs]
+        return [o.loss + tb.weight * kl for o, kl in zip(outs, kls, strict=True)], kls[0].detach()
 
     def _with_teacher(self, loss: Tensor, out: StepOutput, x: Tensor) -> Tensor:
         tau, w = self.method.temperature, self.teacher.weight

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +71,26 @@ def forward_init_bank(
     d = d or distributed.Dist()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
-    n = len(images)
-    chunks = bank_init_order(seed, n).tensor_split(max(1, math.ceil(n / batch_size)))
+    for idx, raw in forward_chunks(images, bank_init_order(seed, len(images)), batch_size, d, device):
+        x = test_transform(raw, mean, std)  # NCHW: channels_last convolutions round differently by batch size,
+        # and 2 processes must fill the bank of 1 (tests/test_distributed.py)
+        with autocast(device, precision):
+            z = model(x)
+        z = distributed.all_gather_cat(F.normalize(z.float(), dim=1), d, distributed.split_sizes(len(idx), d.world))
+        method.bank.fill(idx.to(device), z)
+    model.load_state_dict(saved)
+
+
+def forward_chunks(images: ImageSet, order: torch.Tensor, batch_size: int, d: distributed.Dist,
+                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(idx (b,) rows of a chunk of `order`, this process's uint8 images of it on `device`) for each chunk of
+    `batch_size` rows in turn; each chunk is split over the processes (rank r gets idx.tensor_split(world)[r]) and
+    gathered ahead in a background thread."""
+    chunks = order.tensor_split(max(1, math.ceil(len(order) / batch_size)))
     mine = lambda i: chunks[i].tensor_split(d.world)[d.rank]  # noqa: E731
     with Prefetcher(lambda i: gather(images, mine(i), device.type == "cuda"), len(chunks)) as rows:
         for idx, raw in zip(chunks, rows, strict=True):
-            x = test_transform(raw.to(device, non_blocking=True), mean, std)  # NCHW: channels_last convolutions
-            # round differently by batch size, and 2 processes must fill the bank of 1 (tests/test_distributed.py)
-            with autocast(device, precision):
-                z = model(x)
-            z = distributed.all_gather_cat(F.normalize(z.float(), dim=1), d, distributed.split_sizes(len(idx), d.world))
-            method.bank.fill(idx.to(device), z)
-    model.load_state_dict(saved)
+            yield idx, raw.to(device, non_blocking=True)
 
 
 def target_dir(cfg: PretrainConfig, resume: str | Path | None, overwrite: bool, d: distributed.Dist):
