@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgessl.config import resolve
-from edgessl.data.cache import cache_folder, clear_entries, list_entries
+from edgessl.data.cache import cache_folder, clear_entries, list_entries, teacher_entries
 from edgessl.deploy.export import export as _export
 from edgessl.errors import UserError
 from edgessl.evaluate.embed import EmbedResult, embed_folder
@@ -160,13 +160,15 @@ def embed(source: str | Path, data: str | Path, out: str | Path, neighbours: int
 
 def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dict[str, Any]]]:
     """(the decoded-image cache folder, one dict per cached folder: name, root, size, images, skipped, bytes,
-    created). cache_dir: "auto" (EDGESSL_CACHE_DIR, else ~/.cache/edgessl) or a folder."""
+    created; then one per stored --teacher bank, with "teacher": its timm name). cache_dir: "auto"
+    (EDGESSL_CACHE_DIR, else ~/.cache/edgessl) or a folder."""
     folder = _cache_folder(cache_dir)
-    return folder, list_entries(folder)
+    return folder, list_entries(folder) + teacher_entries(folder)
 
 
 def clear_cache(cache_dir: str | Path | None = "auto", folder: str | Path | None = None) -> tuple[int, int]:
-    """Delete the decoded images of every folder (or of image folder `folder` only). -> (files, bytes) freed."""
+    """Delete the decoded images (and stored --teacher banks) of every folder, or of image folder `folder` only.
+    -> (files, bytes) freed."""
     return clear_entries(_cache_folder(cache_dir), folder)
 
 

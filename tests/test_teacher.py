@@ -199,6 +199,13 @@ def test_the_teacher_bank_is_computed_once_and_reused_on_resume(demo_run, tiny_d
     b = load_file(str(tmp_path / "cut" / "encoder.safetensors"))
     assert all(torch.equal(v, b[k]) for k, v in a.items())  # interrupted + resumed = straight through
 
+    runner, store = CliRunner(), str(tmp_path / "cache")
+    res = runner.invoke(app, ["cache", "list", "--cache-dir", store], env={"COLUMNS": "300"})
+    assert "32 px (--teacher mobilenetv3_small_100 features)" in res.output
+    assert "in 1 folder and 1 teacher bank" in res.output
+    res = runner.invoke(app, ["cache", "clear", str(tiny_data), "--cache-dir", store])
+    assert res.exit_code == 0 and not list((tmp_path / "cache" / "teachers").iterdir())
+
 
 def test_teacher_bank_init_and_widths_and_per_step_run(demo_run, tiny_data, tmp_path):
     opts = dict(TINY, data=str(tiny_data), teacher=str(demo_run))

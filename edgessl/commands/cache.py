@@ -50,11 +50,14 @@ def register(app) -> None:
         for col in ("folder", "size", "images", "skipped", "on disk", "created"):
             table.add_column(col, justify="right" if col in ("images", "skipped", "on disk") else "left")
         for e in entries:
-            table.add_row(e["root"], f"{e['size']} px", str(e["images"]), str(e["skipped"]), _size(e["bytes"]),
-                          e["created"])
+            size = f"{e['size']} px" + (f" (--teacher {e['teacher']} features)" if "teacher" in e else "")
+            table.add_row(e["root"], size, str(e["images"]), str(e["skipped"]), _size(e["bytes"]), e["created"])
         console.print(table)
-        console.print(f"Total: {_size(sum(e['bytes'] for e in entries))} in {plural(len(entries), 'folder')}. "
-                      "Free it with: edgessl cache clear", highlight=False)
+        teachers = sum("teacher" in e for e in entries)
+        extra = f" and {plural(teachers, 'teacher bank')}" if teachers else ""
+        console.print(f"Total: {_size(sum(e['bytes'] for e in entries))} in "
+                      f"{plural(len(entries) - teachers, 'folder')}{extra}. Free it with: edgessl cache clear",
+                      highlight=False)
 
     @cache_app.command("clear")
     @friendly

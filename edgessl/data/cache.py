@@ -43,6 +43,7 @@ CACHE_VERSION = 1
 POLICY = "exif transpose; alpha/palette on white; 8-bit RGB; shorter side to size (bicubic); center crop; CHW uint8"
 ENV = "EDGESSL_CACHE_DIR"
 SUBFOLDER = "images"
+TEACHERS = "teachers"  # beside SUBFOLDER: --teacher features of a folder (<key>.safetensors + .json, train/teacher.py)
 CHUNK = 256  # images decoded per round: bounds the decoded images held in RAM while the file is written
 
 
@@ -242,17 +243,47 @@ def list_entries(folder: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def teacher_entries(folder: Path) -> list[dict[str, Any]]:
+    """The --teacher features kept beside the decoded images (folder.parent / TEACHERS): one dict per entry with
+    list_entries' keys (root: the image folder, size: the teacher's input size) and "teacher" (its timm name)."""
+    tdir = folder.parent / TEACHERS
+    entries = []
+    for record_path in sorted(tdir.glob("*.json")) if tdir.is_dir() else []:
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        data = record_path.with_suffix(".safetensors")
+        nbytes = record_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        entries.append({"name": record_path.stem, "root": record.get("data_root", "(unreadable record)"),
+                         "size": record.get("image_size", 0), "images": record.get("rows", 0), "skipped": 0,
+                         "bytes": nbytes, "created": record.get("created", ""),
+                         "teacher": record.get("timm_name", "?")})
+    return entries
+
+
 def clear_entries(folder: Path, root: str | Path | None = None) -> tuple[int, int]:
-    """Remove every entry (or only those of folder `root`) and leftover temporary files. -> (files, bytes) freed.
-    Only files named like cache files are touched."""
-    if not folder.is_dir():
-        return 0, 0
+    """Remove every entry (or only those of folder `root`), leftover temporary files, and the --teacher features
+    of the same folders. -> (files, bytes) freed. Only files named like cache files are touched."""
     want = None if root is None else os.path.abspath(os.path.expanduser(str(root)))
+    count, freed = _clear_teachers(folder, want)
+    if not folder.is_dir():
+        return count, freed
     names = {e["name"] for e in list_entries(folder) if want is None or e["root"] == want}
-    count = freed = 0
     for path in folder.iterdir():
         stem = path.name.lstrip(".").split(".")[0]
         if stem in names or (want is None and re.fullmatch(r".+-\d+px-[0-9a-f]{16}", stem)):
+            freed += path.stat().st_size
+            path.unlink(missing_ok=True)
+            count += 1
+    return count, freed
+
+
+def _clear_teachers(folder: Path, want: str | None) -> tuple[int, int]:
+    names = {e["name"] for e in teacher_entries(folder) if want is None or e["root"] == want}
+    count = freed = 0
+    for name in names:
+        for path in (folder.parent / TEACHERS).glob(f"{name}.*"):
             freed += path.stat().st_size
             path.unlink(missing_ok=True)
             count += 1

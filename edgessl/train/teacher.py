@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from edgessl.config import PretrainConfig
 from edgessl.data.augment import test_transform
-from edgessl.data.cache import cache_folder
+from edgessl.data.cache import TEACHERS, cache_folder
 from edgessl.data.folder import ImageSet, load_image_folder
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_save_tensors, atomic_write_text
@@ -140,7 +140,7 @@ def compute_or_find(cfg: PretrainConfig, pending: PendingTeacher, images: ImageS
     spec, n = pending.spec, len(images)
     store = cache_folder(cfg.cache_dir)
     key = cache_key(spec, signature)
-    cached = store.parent / "teachers" / f"{key}.safetensors" if store is not None else None
+    cached = store.parent / TEACHERS / f"{key}.safetensors" if store is not None else None
     if cached is not None and cached.is_file():
         features, record = read_features(cached.parent, cached.name)
         if features.shape[0] == n:
@@ -159,7 +159,8 @@ def compute_or_find(cfg: PretrainConfig, pending: PendingTeacher, images: ImageS
                                 TEACHER_BATCH, d)
     seconds = time.time() - t0
     record = {**spec.record(), "rows": n, "dim": features.shape[1], "seconds": seconds, "device": device.type,
-              "key": key, "version": TEACHER_VERSION}
+              "key": key, "version": TEACHER_VERSION, "data_root": str(images.root),
+              "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     if cached is not None and d.main:
         cached.parent.mkdir(parents=True, exist_ok=True)
         store_features(cached.parent, features, record, cached.name)
