@@ -105,6 +105,7 @@ def pretrain(
     teacher_image_size: Optional[int] = typer.Option(None, help=flag_help("teacher_image_size")),
     teacher_weight: Optional[float] = typer.Option(None, help=flag_help("teacher_weight")),
     teacher_temperature: Optional[float] = typer.Option(None, help=flag_help("teacher_temperature")),
+    teacher_predictor: Optional[float] = typer.Option(None, help=flag_help("teacher_predictor")),
     teacher_per_step: Optional[bool] = typer.Option(None, "--teacher-per-step", help=flag_help("teacher_per_step")),
     no_width_reweight: Optional[bool] = typer.Option(None, "--no-width-reweight", help="With --widths: every width's loss weighs 1 (default: the full width weighs 1 + sum of the sub-widths)."),
     small_input: Optional[str] = typer.Option(None, help=flag_help("small_input")),

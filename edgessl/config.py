@@ -49,6 +49,7 @@ class PretrainConfig:
     teacher_weight: float = 1.0
     teacher_temperature: float = 0.05
     teacher_per_step: bool = False  # ablation: run the teacher on every crop instead of reading its bank
+    teacher_predictor: float = 0.0  # variant: weight of a cosine loss to the teacher's row through a predictor
     # method
     method: str = "edgessl"
     temperature: float = 0.1
@@ -142,6 +143,8 @@ FIELD_HELP: dict[str, str] = {
     "teacher_temperature": "tau_t of the teacher's distribution softmax(t_i . T^T / tau_t).",
     "teacher_per_step": "Ablation: run the teacher on every crop of every step (as SEED and LightlyTrain do) instead "
                         "of reading its bank.",
+    "teacher_predictor": "Variant: weight of a cosine loss between a small predictor of the student's feature and the "
+                         "teacher's row of the image (0 = off; one process only).",
     "method": "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no L_sd).",
     "temperature": "tau of the instance loss.",
     "negatives": "Whole bank up to batch rows + this many rows, else batch rows + this many distinct sampled rows.",
@@ -301,12 +304,14 @@ def validate_teacher(cfg: PretrainConfig) -> None:
     if cfg.teacher is None:
         given = [f for f in ("teacher_backbone", "teacher_image_size") if getattr(cfg, f) is not None]
         given += ["teacher_per_step"] if cfg.teacher_per_step else []
+        given += ["teacher_predictor"] if cfg.teacher_predictor else []
         given += ["bank_init teacher"] if cfg.bank_init == "teacher" else []
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} needs --teacher (an edgessl run, timm:<name> or a "
                             "weights file).")
-    if cfg.teacher_weight < 0:
-        raise UserError(f"--teacher-weight must be zero or positive, not {cfg.teacher_weight}.")
+    for name in ("teacher_weight", "teacher_predictor"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be zero or positive, not {getattr(cfg, name)}.")
     if cfg.teacher_temperature <= 0:
         raise UserError(f"--teacher-temperature must be positive, not {cfg.teacher_temperature}.")
     if cfg.teacher_image_size is not None and cfg.teacher_image_size <= 0:

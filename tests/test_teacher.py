@@ -95,7 +95,7 @@ def test_a_teacher_that_is_the_students_own_initial_network_adds_no_information(
         res.loss.backward()
         grads[name] = x.grad
         if teacher is not None:
-            assert float(res.teacher) == pytest.approx(0.0, abs=1e-6)
+            assert float(res.logged["teacher"]) == pytest.approx(0.0, abs=1e-6)
     assert torch.allclose(grads["own"], grads["none"], atol=1e-6)
 
 
@@ -117,7 +117,7 @@ def test_every_width_is_distilled_with_the_teacher_weight():
     kls = [relational_kl(o.sim, q, 0.1) for o in outs]
     want = slimmable_loss(outs[0].loss + 0.3 * kls[0], [outs[1].loss + 0.3 * kls[1]], [outs[1].sim / 0.1],
                           outs[0].p, width_loss_weights([1.0, 0.5]), 0.5)
-    assert torch.allclose(res.loss, want) and torch.allclose(res.teacher, kls[0])
+    assert torch.allclose(res.loss, want) and torch.allclose(res.logged["teacher"], kls[0])
 
 
 # ---------------------------------------------------------------- sources
@@ -230,3 +230,19 @@ def test_teacher_features_are_unit_rows_in_row_order_in_eval_mode(demo_run, tiny
         want = F.normalize(model.eval()(test_transform(images.images, spec.mean, spec.std)), dim=1)
     assert torch.allclose(t, want, atol=1e-4) and not model.training  # row order, eval-mode BatchNorm
     assert torch.equal(t, t.half().float())  # rounded as stored: a resumed run reads back the same values
+
+
+def test_cosine_to_rows_and_the_predictor_variant(demo_run, tiny_data, tmp_path):
+    from edgessl.method.losses import cosine_to_rows
+
+    pred, rows = torch.tensor([[3.0, 4.0], [0.0, -2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert float(cosine_to_rows(pred, rows)) == pytest.approx(((1 - 0.6) + (1 + 1)) / 2)
+    opts = dict(TINY, data=str(tiny_data), teacher=str(demo_run), teacher_predictor=2.0)
+    run = edgessl.pretrain(out=str(tmp_path / "pred"), **opts)
+    assert 0 < run.history[0]["loss_teacher_pred"] <= 2
+    ckpt = torch.load(tmp_path / "pred" / "checkpoint.pt", weights_only=False)
+    assert ckpt["model"]["teacher_predictor.3.weight"].shape == (1024, 512)
+    assert not any(k.startswith("teacher_predictor") for k in load_file(str(tmp_path / "pred" /
+                                                                             "encoder.safetensors")))
+    resumed = edgessl.pretrain(resume=str(tmp_path / "pred"), epochs=2)  # the predictor comes back with the model
+    assert resumed.history[-1]["epoch"] == 2 and "loss_teacher_pred" in resumed.history[-1]

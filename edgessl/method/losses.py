@@ -92,6 +92,15 @@ def relational_kl(sim: Tensor, q: Tensor, tau_s: float) -> Tensor:
     return (torch.xlogy(q, q) - q * log_p).sum(dim=1).mean()
 
 
+def cosine_to_rows(pred: Tensor, rows: Tensor) -> Tensor:
+    """Feature distillation through a predictor: L_pred = (1/B) sum_b (1 - cos(g_b, t_b)).
+
+    pred: (B, d_t) the predictor's outputs g_b (any norm); rows: (B, d_t) the teacher's rows t_b (a constant) -> scalar
+    in [0, 2], 0 iff every g_b points along t_b.
+    """
+    return (1 - F.cosine_similarity(pred, rows.detach(), dim=1)).mean()
+
+
 def mix_probs(q: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
     """The teacher distribution of a CutMixed crop: lam_b q_b + (1 - lam_b) q_perm[b].
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgessl.method.losses import mix_probs, teacher_probs
@@ -50,3 +51,20 @@ class TeacherBank(nn.Module):
                 perm, lam = mix
                 q = mix_probs(q, perm, torch.full((index.shape[0],), float(lam), device=q.device))
             return q if local is None else q[local]
+
+    @torch.no_grad()
+    def rows(self, index: Tensor, mix: tuple[Tensor, float] | None = None, local: slice | None = None) -> Tensor:
+        """(B_r, d_t) the teacher's unit rows t_index of this process's rows (the predictor's targets); with CutMix
+        normalize(lam t_b + (1 - lam) t_perm[b])."""
+        t = self.features[index]
+        if mix is not None:
+            perm, lam = mix
+            t = F.normalize(float(lam) * t + (1 - float(lam)) * t[perm], dim=1)
+        return t if local is None else t[local]
+
+
+def teacher_predictor(dim: int, teacher_dim: int, hidden: int = 512) -> nn.Module:
+    """The small predictor g of the --teacher-predictor variant: z (B, dim) -> (B, teacher_dim),
+    Linear-BN-ReLU-Linear."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, teacher_dim))

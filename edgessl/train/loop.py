@@ -29,11 +29,12 @@ from edgessl.data.augment import (
 )
 from edgessl.data.folder import ImageSet
 from edgessl.data.loader import Prefetcher, gather
-from edgessl.errors import Interrupted, TrainingDiverged
+from edgessl.errors import Interrupted, TrainingDiverged, UserError
 from edgessl.fileio import atomic_save_tensors
 from edgessl.loggers import Loggers, check_installed, parse_loggers
 from edgessl.method.bank import project_rows
 from edgessl.method.instance import InstanceDiscrimination
+from edgessl.method.teacher import teacher_predictor
 from edgessl.models.backbone import output_dim, save_encoder
 from edgessl.models.channels import parse_widths
 from edgessl.models.head import build_encoder
@@ -222,6 +223,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     quiet = cfg.quiet or not d.main
     warn = _warner(console, d)
     pending = open_teacher(cfg, run_dir if ckpt is not None else None, warn)  # a wrong --teacher fails here
+    predictor = add_predictor(cfg, model, pending, d, device)
     images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn)
     batch = resolve_batch(cfg, len(images), d, warn, ckpt.get("batch") if ckpt else None)
     state = new_state(cfg, model, len(images), batch, device, precision)
@@ -244,7 +246,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
             run.every_row = {"teacher_ms_per_step": run.first_row["teacher_ms_per_step"]}
             del pending  # the teacher network is freed unless the per-step ablation holds it
         objective = Objective(state.method, cfg.seed, cfg.epochs, device, precision, widths, cfg.slow_start,
-                              cfg.width_distill, cfg.width_reweight, teacher, tbank)
+                              cfg.width_distill, cfg.width_reweight, teacher, tbank, predictor, cfg.teacher_predictor)
         init_bank(run, state, warm, ckpt is not None, precision, tbank)
         if files is not None:
             files.written.append(write_history(run_dir, state.history))
@@ -326,11 +328,10 @@ def train_step(run: Run, state: TrainState, objective: Objective, net: torch.nn.
     (fp16's scaler, LARS) the loss is read back and decided on the host (TrainState.step)."""
     x, mix = make_crops(run, idx, epoch, step, raw)
     res = objective(net, x, idx.to(run.device), epoch, step, mix, run.rows if run.d.active else None)
-    names = ["loss", "ce", "sd", *[f"ce_w{w:g}" for w in res.widths[1:]], *(["teacher"] if res.teacher is not None
-                                                                          else [])]
+    names = ["loss", "ce", "sd", *[f"ce_w{w:g}" for w in res.widths[1:]], *res.logged]
     # the global batch's mean (mean of equal-sized slices' means), identical on every process
     stacked = torch.stack([res.loss.detach().float(), res.out.ce.float(), res.out.sd.float(), *res.sub_ce,
-                           *([res.teacher.float()] if res.teacher is not None else [])])
+                           *[v.float() for v in res.logged.values()]])
     values = distributed.mean_over_ranks(stacked.float(), run.d)
     gathered = (lambda: distributed.all_gather_cat(res.out.z, run.d)) if run.d.active else (lambda: None)
     if state.on_device:
@@ -484,6 +485,21 @@ def build_model(cfg: PretrainConfig, warm: WarmStart | None, d: distributed.Dist
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model, arch, feat_dim, widths, teacher
+
+
+def add_predictor(cfg: PretrainConfig, model: torch.nn.Module, pending, d: distributed.Dist,
+                  device: torch.device) -> torch.nn.Module | None:
+    """The --teacher-predictor variant's predictor d -> d_t, added to the model as `teacher_predictor` (so the
+    optimiser, the checkpoint and resume carry it; the saved encoder does not). One process only: it is used
+    outside the model's forward, which DDP does not synchronise."""
+    if pending is None or cfg.teacher_predictor <= 0:
+        return None
+    if d.active:
+        raise UserError("--teacher-predictor runs in one process only; drop it under torchrun.")
+    with torch.random.fork_rng(devices=[]):  # the global RNG stays as it was
+        torch.manual_seed(cfg.seed + 1)
+        model.add_module("teacher_predictor", teacher_predictor(cfg.feature_dim, pending.dim()).to(device))
+    return model.teacher_predictor
 
 
 def new_state(cfg: PretrainConfig, model: torch.nn.Module, n: int, batch: int, device: torch.device,

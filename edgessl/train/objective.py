@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from edgessl.method.instance import InstanceDiscrimination, StepOutput
 from edgessl.method.losses import (
     active_widths,
+    cosine_to_rows,
     relational_kl,
     slimmable_loss,
     soft_cross_entropy,
@@ -33,7 +34,8 @@ class StepLoss:
     out: StepOutput  # the full width's method output: the bank update and the logged L_ce, L_sd come from it
     sub_ce: list[Tensor] = field(default_factory=list)  # each trained sub-width's detached L_ce
     widths: list[float] = field(default_factory=lambda: [1.0])  # the widths trained this step, full width first
-    teacher: Tensor | None = None  # the full width's detached L_t (--teacher), None without a teacher bank
+    logged: dict[str, Tensor] = field(default_factory=dict)  # further detached terms: "teacher" (L_t of the full
+    # width), "teacher_pred" (L_pred), as metrics.jsonl's loss_<name>
 
 
 @dataclass
@@ -50,17 +52,22 @@ class Objective:
     net when there is one); the sub-widths join after `slow_start` of `epochs`, distil the full width's
     distribution with weight `width_distill` and are weighted by width_loss_weights(widths, reweight).
     teacher_bank (--teacher): every trained width's loss gains w_t L_t, the relational KL to the teacher's
-    distribution over the same columns (w_t = teacher_bank.weight; a weight of 0 leaves the loss untouched)."""
+    distribution over the same columns (w_t = teacher_bank.weight; a weight of 0 leaves the loss untouched);
+    predictor (the --teacher-predictor variant): the full width's loss also gains predictor_weight L_pred, the cosine
+    loss of predictor(z) to the teacher's row of the image."""
 
     def __init__(self, method: InstanceDiscrimination, seed: int, epochs: int, device: torch.device, precision: str,
                  widths: Sequence[float] = (1.0,), slow_start: float = 0.5, width_distill: float = 0.5,
-                 reweight: bool = True, teacher: Teacher | None = None, teacher_bank: TeacherBank | None = None):
+                 reweight: bool = True, teacher: Teacher | None = None, teacher_bank: TeacherBank | None = None,
+                 predictor: nn.Module | None = None, predictor_weight: float = 0.0):
         self.method, self.seed, self.epochs = method, seed, epochs
         self.device, self.precision = device, precision
         self.widths, self.slow_start, self.width_distill = list(widths), slow_start, width_distill
         self.weights = width_loss_weights(self.widths, reweight)
         self.teacher = teacher
+        self.tbank = teacher_bank  # the rows, for the predictor
         self.teacher_bank = teacher_bank if teacher_bank is not None and teacher_bank.weight != 0 else None
+        self.predictor, self.predictor_weight = (predictor, predictor_weight) if predictor_weight > 0 else (None, 0.0)
 
     @property
     def slim(self) -> bool:
@@ -75,13 +82,17 @@ class Objective:
         # every width meets the same bank columns: the same generator key
         outs = [self.method(F.normalize(z.float(), dim=1), index, keyed_generator(self.seed, epoch, step), mix, local)
                 for z in zs]
-        losses, kl = [o.loss for o in outs], None
+        losses, logged = [o.loss for o in outs], {}
         if self.teacher_bank is not None:
-            losses, kl = self._with_teacher_bank(outs, index, mix, local, x)
+            losses, logged["teacher"] = self._with_teacher_bank(outs, index, mix, local, x)
+        if self.predictor is not None:
+            logged["teacher_pred"] = cosine_to_rows(self.predictor(zs[0].float()), self.tbank.rows(index, mix, local))
+            losses[0] = losses[0] + self.predictor_weight * logged["teacher_pred"]
         loss = self._widths_loss(outs, losses)
         if self.teacher is not None:
             loss = self._with_teacher(loss, outs[0], x)
-        return StepLoss(loss, outs[0], [o.ce for o in outs[1:]], trained, kl)
+        return StepLoss(loss, outs[0], [o.ce for o in outs[1:]], trained,
+                        {k: v.detach() for k, v in logged.items()})
 
     def _widths_loss(self, outs: list[StepOutput], losses: list[Tensor]) -> Tensor:
         if len(outs) == 1:

@@ -31,6 +31,7 @@ from edgessl.errors import UserError
 from edgessl.fileio import atomic_save_tensors, atomic_write_text
 from edgessl.method.losses import relational_kl
 from edgessl.method.teacher import TeacherBank
+from edgessl.models.backbone import output_dim
 from edgessl.models.teacher import TeacherSpec, load_teacher
 from edgessl.runtime import autocast
 from edgessl.train import distributed
@@ -50,6 +51,12 @@ class PendingTeacher:
     spec: TeacherSpec | None
     features: Tensor | None = None
     record: dict[str, Any] | None = None
+
+    def dim(self) -> int:
+        """d_t, the teacher's feature dimension."""
+        if self.features is not None:
+            return self.features.shape[1]
+        return output_dim(self.model, self.spec.image_size)
 
 
 def open_teacher(cfg: PretrainConfig, resumed: Path | None, warn: Callable[[str], None]) -> PendingTeacher | None:
@@ -198,7 +205,7 @@ def step_cost_ms(bank: TeacherBank, batch: int, cols: int, size: int, tau: float
     n = bank.features.shape[0]
     index = torch.arange(batch, device=device) % n
     col_ids = None if cols >= n else torch.arange(cols, device=device)
-    sim = torch.randn(batch, min(cols, n), device=device, requires_grad=True)
+    sim = torch.randn(batch, min(cols, n), generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
     x = torch.zeros(batch, 3, size, size, device=device) if bank.per_step is not None else None
     times = []
     for _ in range(reps + 1):
