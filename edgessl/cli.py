@@ -57,6 +57,7 @@ PRETRAIN_HELP = """Pretrain an encoder on a folder of unlabeled images (single c
     torchrun --nproc-per-node 4 -m edgessl pretrain --data ./my_images --batch-size 512 --sync-bn   # 4 GPUs, DDP
     edgessl pretrain --data ./my_images --logger tensorboard,mlflow   # also log to TensorBoard and MLflow
     edgessl pretrain --data ./my_images --device mps                 # Apple silicon GPU (auto picks it too)
+    edgessl pretrain --data ./my_images --teacher runs/big_resnet     # distil a teacher run once over the images
 
 Writes config.yaml, metrics.jsonl, checkpoint.pt, encoder.safetensors + encoder.json and curves.png to the run
 directory (--out, default runs/BACKBONE-TIME).
