@@ -18,6 +18,9 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
             and 15 epochs on emoji: candidates, parity, int8 vs fp32 latency (benchmarks/export_search.py)
   init      `--init RUN`: an emoji-pretrained encoder continued on CIFAR-10 5k vs from scratch, kNN per epoch
             (benchmarks/init_transfer.py)
+  teacher   --teacher: mobilenetv3_small on CIFAR-10 5k without a teacher, with the one-pass teacher bank of a
+            longer-trained resnet18 (also as the initial bank), and with the per-step teacher: kNN, linear at 10 and
+            all labels, wall time (benchmarks/teacher.py)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
             model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above
@@ -41,7 +44,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader", "export", "init")
+SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader", "export", "init",
+          "teacher")
+TEACHER_KEYS = ("loss_teacher", "teacher_pass_seconds", "teacher_ms_per_step")  # metrics.jsonl keys of --teacher
 
 
 def machine() -> dict[str, Any]:
@@ -140,7 +145,8 @@ def train_and_eval(method: str, train: Path, test: Path, backbone: str, size: in
         "threads": torch.get_num_threads(), "wall_s": wall,
         "s_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
         "knn_last": knn[-1] if knn else None, "knn_best": max(knn) if knn else None,
-        "history": [{k: h.get(k) for k in ("epoch", "loss", "seconds", "knn_top1_k200")} for h in history],
+        "history": [{**{k: h.get(k) for k in ("epoch", "loss", "seconds", "knn_top1_k200")},
+                     **{k: h[k] for k in TEACHER_KEYS if k in h}} for h in history],
         "final": final_eval(encoder, train_set, test_set, method, seeds),
     }
 
@@ -282,6 +288,12 @@ def suite_shared_cpu(args) -> list[dict]:
 
 def suite_init(args) -> list[dict]:
     from benchmarks.init_transfer import suite_init as run
+
+    return run(args)
+
+
+def suite_teacher(args) -> list[dict]:
+    from benchmarks.teacher import suite_teacher as run
 
     return run(args)
 

@@ -138,3 +138,15 @@ def test_init_suite(bench):
     assert runs == ["source: emoji", "CIFAR-10 5k from scratch", "CIFAR-10 5k --init emoji run"]
     assert rec["rows"][2]["curve"][0]["knn_top1"] is not None
     assert "## Warm start: `--init RUN` on another folder" in readme
+
+
+def test_teacher_suite(bench):
+    rec, readme = bench("teacher")
+    runs = [r["run"] for r in rec["rows"]]
+    assert runs == ["teacher: resnet18", "no teacher", "one-pass teacher", "one-pass teacher + bank init",
+                    "one-pass teacher + predictor", "per-step teacher"]
+    first = {r["run"]: r["history"][0] for r in rec["rows"][1:]}
+    assert "loss_teacher" not in first["no teacher"] and first["one-pass teacher"]["teacher_pass_seconds"] > 0
+    assert first["per-step teacher"]["loss_teacher"] > 0 and rec["rows"][0]["epochs"] == 1
+    assert "## Teacher: one pass of a large teacher vs a teacher on every step" in readme
+    assert "Share of the per-step teacher's gain the one-pass teacher keeps" in readme
