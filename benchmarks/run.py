@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=1, help="kNN monitor every N epochs (and after the last)")
     ap.add_argument("--datasets", nargs="*", default=None, help="accuracy suite: only these (emoji, cifar10k)")
     ap.add_argument("--ablations", nargs="*", default=None,
-                    help="ablation suite: only these rows (labels of ABLATIONS)")
+                    help="ablation and teacher suites: only these rows (labels of ABLATIONS, of teacher.RUNS)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md")
     ap.add_argument("--method", default="edgessl")
@@ -352,11 +353,16 @@ def main(argv: list[str] | None = None) -> None:
         old = args.results / f"{suite}.json"
         if args.datasets and old.exists():  # a partial rerun keeps the other data sets' rows
             rows = [r for r in json.loads(old.read_text())["rows"] if r.get("data") not in args.datasets] + rows
-        if suite == "ablation" and args.ablations and old.exists():  # ... and the other ablations' rows
-            rows = [r for r in json.loads(old.read_text())["rows"] if r.get("ablation") not in args.ablations] + rows
-        command = "python -m benchmarks.run " + " ".join(argv or sys.argv[1:])
+        if suite in ("ablation", "teacher") and args.ablations and old.exists():  # ... and the other rows
+            key = "ablation" if suite == "ablation" else "run"
+            rows = [r for r in json.loads(old.read_text())["rows"] if r.get(key) not in args.ablations] + rows
+            if suite == "teacher":  # in the suite's order; rows of retired labels go
+                from benchmarks.teacher import row_order
+
+                rows = sorted((r for r in rows if row_order(r) >= 0), key=row_order)
+        command = "python -m benchmarks.run " + shlex.join(argv or sys.argv[1:])
         seconds = time.time() - t0
-        if (args.datasets or (suite == "ablation" and args.ablations)) and old.exists():
+        if (args.datasets or (suite in ("ablation", "teacher") and args.ablations)) and old.exists():
             earlier = json.loads(old.read_text())
             command, seconds = f"{earlier['command']}; then {command}", earlier["seconds"] + seconds
         record = {"suite": suite, "machine": machine(), "load_average_before": load_before, "command": command,

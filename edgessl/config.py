@@ -54,7 +54,7 @@ class PretrainConfig:
     method: str = "edgessl"
     temperature: float = 0.1
     negatives: int = 16384
-    bank_init: str = "forward"
+    bank_init: str = "auto"  # teacher with --teacher (and teacher_weight > 0), else forward
     bank_update: str = "grad"
     bank_lr: float = 1.0
     bank_momentum: float = 0.5
@@ -96,7 +96,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 
 CHOICES = {
     "method": tuple(METHOD_PRESETS),
-    "bank_init": ("forward", "random", "teacher"),
+    "bank_init": ("auto", "forward", "random", "teacher"),
     "bank_update": ("grad", "momentum"),
     "head": ("mlp", "linear"),
     "optimizer": ("sgd", "adamw", "lars"),
@@ -148,8 +148,8 @@ FIELD_HELP: dict[str, str] = {
     "method": "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no L_sd).",
     "temperature": "tau of the instance loss.",
     "negatives": "Whole bank up to batch rows + this many rows, else batch rows + this many distinct sampled rows.",
-    "bank_init": "forward (one pass of the untrained network) | random | teacher (the --teacher bank, projected "
-                 "to --feature-dim by its top singular directions).",
+    "bank_init": "auto (teacher with --teacher and a --teacher-weight above 0, else forward) | forward (one pass of the untrained network) | random "
+                 "| teacher (the --teacher bank, projected to --feature-dim by its top singular directions).",
     "bank_update": "grad (every column in use moves) | momentum (NPID).",
     "bank_lr": "eta of the gradient bank update.",
     "bank_momentum": "m of the momentum bank update.",
@@ -297,6 +297,8 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError(f"--threads must be auto or a positive number, not '{cfg.threads}'.")
     cfg.logger = ",".join(parse_loggers(cfg.logger)) or "none"
     validate_teacher(cfg)
+    if cfg.bank_init == "auto":  # config.yaml records what ran
+        cfg.bank_init = "teacher" if cfg.teacher and cfg.teacher_weight > 0 else "forward"
 
 
 def validate_teacher(cfg: PretrainConfig) -> None:

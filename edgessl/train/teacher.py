@@ -33,7 +33,7 @@ from edgessl.method.losses import relational_kl
 from edgessl.method.teacher import TeacherBank
 from edgessl.models.backbone import output_dim
 from edgessl.models.teacher import TeacherSpec, load_teacher
-from edgessl.runtime import autocast
+from edgessl.runtime import autocast, inference_precision
 from edgessl.train import distributed
 from edgessl.train.prepare import forward_chunks
 
@@ -100,14 +100,16 @@ def cache_key(spec: TeacherSpec, signature: dict[str, Any]) -> str:
 def teacher_features(model: nn.Module, images: ImageSet, device: torch.device, precision: str, mean, std,
                      batch_size: int = TEACHER_BATCH, d: distributed.Dist | None = None) -> Tensor:
     """(N, d_t) unit features of every image, rounded to float16 (as stored, so a resumed run reads back the same
-    values): the test transform at the images' size, `model` in eval mode, in row order. Under torchrun each chunk
+    values): the test transform at the images' size, `model` in eval mode and channels_last, in row order, at
+    runtime.inference_precision (bf16 on a CPU that has it). Under torchrun each chunk
     is split over the processes and gathered, so every process holds all of T."""
     d = d or distributed.Dist()
-    model.eval()
+    model.eval().to(memory_format=torch.channels_last)
+    precision = inference_precision(device, precision)
     rows = []
     for idx, raw in forward_chunks(images, torch.arange(len(images)), batch_size, d, device):
         with autocast(device, precision):
-            t = model(test_transform(raw, mean, std))
+            t = model(test_transform(raw, mean, std).contiguous(memory_format=torch.channels_last))
         t = F.normalize(t.float(), dim=1)
         rows.append(distributed.all_gather_cat(t, d, distributed.split_sizes(len(idx), d.world)))
     return torch.cat(rows).half().float()
