@@ -148,8 +148,9 @@ FIELD_HELP: dict[str, str] = {
     "method": "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no L_sd).",
     "temperature": "tau of the instance loss.",
     "negatives": "Whole bank up to batch rows + this many rows, else batch rows + this many distinct sampled rows.",
-    "bank_init": "auto (teacher with --teacher and a --teacher-weight above 0, else forward) | forward (one pass of the untrained network) | random "
-                 "| teacher (the --teacher bank, projected to --feature-dim by its top singular directions).",
+    "bank_init": "auto (teacher with --teacher and a --teacher-weight above 0, else forward) | forward (one pass of "
+                 "the untrained network) | random | teacher (the --teacher bank, projected to --feature-dim by its top "
+                 "singular directions).",
     "bank_update": "grad (every column in use moves) | momentum (NPID).",
     "bank_lr": "eta of the gradient bank update.",
     "bank_momentum": "m of the momentum bank update.",
@@ -297,12 +298,10 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError(f"--threads must be auto or a positive number, not '{cfg.threads}'.")
     cfg.logger = ",".join(parse_loggers(cfg.logger)) or "none"
     validate_teacher(cfg)
-    if cfg.bank_init == "auto":  # config.yaml records what ran
-        cfg.bank_init = "teacher" if cfg.teacher and cfg.teacher_weight > 0 else "forward"
 
 
 def validate_teacher(cfg: PretrainConfig) -> None:
-    """The --teacher options: each needs --teacher, and the numbers must make sense."""
+    """The --teacher options: each needs --teacher, and the numbers must make sense; --bank-init auto resolved."""
     if cfg.teacher is None:
         given = [f for f in ("teacher_backbone", "teacher_image_size") if getattr(cfg, f) is not None]
         given += ["teacher_per_step"] if cfg.teacher_per_step else []
@@ -318,6 +317,8 @@ def validate_teacher(cfg: PretrainConfig) -> None:
         raise UserError(f"--teacher-temperature must be positive, not {cfg.teacher_temperature}.")
     if cfg.teacher_image_size is not None and cfg.teacher_image_size <= 0:
         raise UserError(f"--teacher-image-size must be positive, not {cfg.teacher_image_size}.")
+    if cfg.bank_init == "auto":  # config.yaml records what ran
+        cfg.bank_init = "teacher" if cfg.teacher and cfg.teacher_weight > 0 else "forward"
 
 
 def check_width(width: float) -> float:

@@ -101,8 +101,8 @@ def teacher_features(model: nn.Module, images: ImageSet, device: torch.device, p
                      batch_size: int = TEACHER_BATCH, d: distributed.Dist | None = None) -> Tensor:
     """(N, d_t) unit features of every image, rounded to float16 (as stored, so a resumed run reads back the same
     values): the test transform at the images' size, `model` in eval mode and channels_last, in row order, at
-    runtime.inference_precision (bf16 on a CPU that has it). Under torchrun each chunk
-    is split over the processes and gathered, so every process holds all of T."""
+    runtime.inference_precision (bf16 on a CPU that has it). Under torchrun each chunk is split over the processes
+    and gathered, so every process holds all of T. The model is left in eval mode and channels_last."""
     d = d or distributed.Dist()
     model.eval().to(memory_format=torch.channels_last)
     precision = inference_precision(device, precision)
