@@ -297,8 +297,10 @@ def test_teacher_targets_of_a_slice_are_the_slice_of_the_global_batch():
 @pytest.mark.slow
 def test_teacher_two_processes_match_one(tiny_data, demo_run, tmp_path):
     """--teacher under torchrun: the teacher pass split over the processes and gathered, T replicated, the
-    distillation term over each process's rows (with CutMix) give the one-process result."""
-    opts = dict(TINY, sync_bn=True, teacher=str(demo_run), teacher_weight=0.5, cache_dir="none")
+    distillation term over each process's rows (with CutMix) give the one-process result. The bank starts from the
+    forward pass here: T itself may differ by one float16 rounding step between 1 and 2 processes (batch sizes differ),
+    which --bank-init teacher's projection would carry into the bank beyond this test's tolerance."""
+    opts = dict(TINY, sync_bn=True, teacher=str(demo_run), teacher_weight=0.5, cache_dir="none", bank_init="forward")
     run_a = tmp_path / "two"
     proc = _torchrun(["-m", "edgessl", "pretrain", "--data", str(tiny_data), "--out", str(run_a), *_cli_args(opts)],
                      tmp_path)

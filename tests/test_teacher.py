@@ -72,6 +72,9 @@ def test_project_rows_keeps_dot_products_when_the_rank_fits():
     assert low.shape == (30, 5) and torch.allclose(low.norm(dim=1), torch.ones(30), atol=1e-5)
     assert torch.allclose(low @ low.t(), rows @ rows.t(), atol=1e-5)
     assert torch.equal(project_rows(rows, 12), rows)
+    # each singular vector's sign is fixed (largest entry positive): the same map for nearby rows
+    nearby = F.normalize(rows + 1e-7 * torch.randn(30, 12), dim=1)
+    assert torch.allclose(project_rows(rows, 2), project_rows(nearby, 2), atol=1e-4)
 
 
 def _objective(bank: torch.Tensor, tau: float, teacher: TeacherBank | None, widths=(1.0,)):

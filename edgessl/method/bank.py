@@ -40,12 +40,15 @@ def project_rows(rows: Tensor, dim: int) -> Tensor:
 
     rows: (N, d_t) unit rows -> (N, dim) unit rows normalize(rows W), W (d_t, dim) the top-`dim` right singular
     vectors of `rows` (Eckart-Young: rows W W^T is the best rank-dim approximation, so (rows W)(rows W)^T is closest
-    to rows rows^T); zero columns pad W when dim > rank. dim == d_t returns the rows unchanged (no rotation).
+    to rows rows^T), each with its largest entry positive; zero columns pad W when dim > rank. dim == d_t returns the
+    rows unchanged (no rotation).
     """
     if dim == rows.shape[1]:
         return rows.clone()
     _, _, vh = torch.linalg.svd(rows.double(), full_matrices=False)
     w = vh[:dim].t()
+    signs = torch.sign(w.gather(0, w.abs().argmax(dim=0, keepdim=True)))  # a singular vector's sign is arbitrary:
+    w = w * torch.where(signs == 0, 1.0, signs)  # largest entry positive, so close rows give close banks
     if w.shape[1] < dim:
         w = F.pad(w, (0, dim - w.shape[1]))
     return F.normalize((rows.double() @ w).to(rows.dtype), dim=1)

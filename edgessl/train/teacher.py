@@ -98,18 +98,20 @@ def cache_key(spec: TeacherSpec, signature: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def teacher_features(model: nn.Module, images: ImageSet, device: torch.device, precision: str, mean, std,
-                     batch_size: int = TEACHER_BATCH, d: distributed.Dist | None = None) -> Tensor:
+                     batch_size: int = TEACHER_BATCH, d: distributed.Dist | None = None, exact: bool = False) -> Tensor:
     """(N, d_t) unit features of every image, rounded to float16 (as stored, so a resumed run reads back the same
-    values): the test transform at the images' size, `model` in eval mode and channels_last, in row order, at
+    values): the test transform at the images' size, `model` in eval mode, in row order, channels_last at
     runtime.inference_precision (bf16 on a CPU that has it). Under torchrun each chunk is split over the processes
-    and gathered, so every process holds all of T. The model is left in eval mode and channels_last."""
+    and gathered, so every process holds all of T. exact (--deterministic): `precision` itself and NCHW inputs,
+    whose convolutions round the same at any batch size, so any number of processes computes the same T."""
     d = d or distributed.Dist()
-    model.eval().to(memory_format=torch.channels_last)
-    precision = inference_precision(device, precision)
+    layout = torch.contiguous_format if exact else torch.channels_last
+    model.eval().to(memory_format=layout)
+    precision = precision if exact else inference_precision(device, precision)
     rows = []
     for idx, raw in forward_chunks(images, torch.arange(len(images)), batch_size, d, device):
         with autocast(device, precision):
-            t = model(test_transform(raw, mean, std).contiguous(memory_format=torch.channels_last))
+            t = model(test_transform(raw, mean, std).contiguous(memory_format=layout))
         t = F.normalize(t.float(), dim=1)
         rows.append(distributed.all_gather_cat(t, d, distributed.split_sizes(len(idx), d.world)))
     return torch.cat(rows).half().float()
@@ -165,7 +167,7 @@ def compute_or_find(cfg: PretrainConfig, pending: PendingTeacher, images: ImageS
         raise UserError(f"--teacher: {n} images decode at {images.size} px but {len(timgs)} at the teacher's "
                         f"{spec.image_size} px. Remove the unreadable files from '{images.root}'.")
     features = teacher_features(pending.model.to(device), timgs, device, precision, spec.mean, spec.std,
-                                TEACHER_BATCH, d)
+                                TEACHER_BATCH, d, exact=cfg.deterministic)
     seconds = time.time() - t0
     record = {**spec.record(), "rows": n, "dim": features.shape[1], "seconds": seconds, "device": device.type,
               "key": key, "version": TEACHER_VERSION, "data_root": str(images.root),
