@@ -6,6 +6,8 @@
 - tiny_data (session): 24 demo emoji, 4 of each of 6 categories, in class subfolders. Read-only.
 - isolated_cache (session, automatic): EDGESSL_CACHE_DIR points at a temporary folder for the whole session (and
   the processes it starts), so tests never read or write the user's ~/.cache/edgessl.
+- timm_offline: timm.create_model as it behaves offline: pretrained=True raises the hub's connection error, random
+  weights still build (so `--init timm` / `--teacher timm:` can be tested without a download).
 - demo_run (session): a run directory of a 1-epoch pretraining at 32 px on labelled_demo/train (encoder files,
   config.yaml, ...). Read-only: copy it (shutil.copytree) before writing into it.
 """
@@ -63,3 +65,17 @@ def tiny_data(tmp_path_factory):
         for f in sorted(cls.glob("*.png"))[:4]:
             shutil.copy(f, root / cls.name / f.name)
     return root
+
+
+@pytest.fixture
+def timm_offline(monkeypatch):
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)

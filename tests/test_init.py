@@ -81,15 +81,7 @@ def test_key_mismatches_warn_or_refuse():
         load_matching(model, wrong, "x.pth", warned.append)
 
 
-def test_init_timm_offline_is_one_line_saying_how_to_pass_a_file(monkeypatch):
-    real = timm.create_model
-
-    def offline(name, pretrained=False, **kw):
-        if pretrained:
-            raise OSError("We couldn't connect to 'https://huggingface.co'")
-        return real(name, pretrained=False, **kw)
-
-    monkeypatch.setattr(timm, "create_model", offline)
+def test_init_timm_offline_is_one_line_saying_how_to_pass_a_file(timm_offline):
     with pytest.raises(UserError) as err:
         build_encoder(resolve(dict(TINY, init="timm")))
     msg = str(err.value)

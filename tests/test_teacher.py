@@ -7,7 +7,6 @@ import math
 import shutil
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -142,15 +141,7 @@ def test_teacher_sources_and_their_one_line_errors(demo_run, tmp_path, monkeypat
         resolve(dict(TINY, bank_init="teacher"))
 
 
-def test_an_offline_timm_teacher_is_one_line(monkeypatch, tiny_data, tmp_path):
-    real = timm.create_model
-
-    def offline(name, pretrained=False, **kw):
-        if pretrained:
-            raise OSError("We couldn't connect to 'https://huggingface.co'")
-        return real(name, pretrained=False, **kw)
-
-    monkeypatch.setattr(timm, "create_model", offline)
+def test_an_offline_timm_teacher_is_one_line(timm_offline, tiny_data, tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["pretrain", "--data", str(tiny_data), "--out", str(out), "--teacher",
                                    "timm:resnet18", "--epochs", "1", "--quiet"])
