@@ -55,10 +55,7 @@ def cutmix_targets(target_cols: Tensor, perm: Tensor, lam: Tensor, num_cols: int
 
     target_cols: (B,) own columns; perm: (B,) partner of each sample; lam: (B,) area kept -> (B, K).
     """
-    own = soft_targets(target_cols, num_cols)
-    partner = soft_targets(target_cols[perm], num_cols)
-    lam = lam.to(own.dtype).unsqueeze(1)
-    return lam * own + (1 - lam) * partner
+    return mix_probs(soft_targets(target_cols, num_cols), perm, lam)
 
 
 def feature_std(z: Tensor) -> Tensor:

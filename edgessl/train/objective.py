@@ -65,8 +65,7 @@ class Objective:
         self.widths, self.slow_start, self.width_distill = list(widths), slow_start, width_distill
         self.weights = width_loss_weights(self.widths, reweight)
         self.teacher = teacher
-        self.tbank = teacher_bank  # the rows, for the predictor
-        self.teacher_bank = teacher_bank if teacher_bank is not None and teacher_bank.weight != 0 else None
+        self.teacher_bank = teacher_bank
         self.predictor, self.predictor_weight = (predictor, predictor_weight) if predictor_weight > 0 else (None, 0.0)
 
     @property
@@ -83,10 +82,11 @@ class Objective:
         outs = [self.method(F.normalize(z.float(), dim=1), index, keyed_generator(self.seed, epoch, step), mix, local)
                 for z in zs]
         losses, logged = [o.loss for o in outs], {}
-        if self.teacher_bank is not None:
+        if self.teacher_bank is not None and self.teacher_bank.weight != 0:  # weight 0: the loss untouched
             losses, logged["teacher"] = self._with_teacher_bank(outs, index, mix, local, x)
         if self.predictor is not None:
-            logged["teacher_pred"] = cosine_to_rows(self.predictor(zs[0].float()), self.tbank.rows(index, mix, local))
+            rows = self.teacher_bank.rows(index, mix, local)
+            logged["teacher_pred"] = cosine_to_rows(self.predictor(zs[0].float()), rows)
             losses[0] = losses[0] + self.predictor_weight * logged["teacher_pred"]
         loss = self._widths_loss(outs, losses)
         if self.teacher is not None:

@@ -78,15 +78,19 @@ def open_teacher(cfg: PretrainConfig, resumed: Path | None, warn: Callable[[str]
 def read_features(folder: Path, name: str = TEACHER_FEATURES) -> tuple[Tensor, dict[str, Any]]:
     """(features (N, d_t) float32, the record stored beside them) from `folder`."""
     tensors = load_file(str(folder / name))
-    record_path = folder / (TEACHER_RECORD if name == TEACHER_FEATURES else Path(name).with_suffix(".json").name)
+    record_path = folder / _record_name(name)
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     return tensors["features"].float(), record
 
 
 def store_features(folder: Path, features: Tensor, record: dict[str, Any], name: str = TEACHER_FEATURES) -> list[Path]:
-    record_name = TEACHER_RECORD if name == TEACHER_FEATURES else Path(name).with_suffix(".json").name
     return [atomic_save_tensors({"features": features.half().contiguous()}, folder / name),
-            atomic_write_text(folder / record_name, json.dumps(record, indent=1) + "\n")]
+            atomic_write_text(folder / _record_name(name), json.dumps(record, indent=1) + "\n")]
+
+
+def _record_name(name: str) -> str:
+    """The record beside features file `name`: teacher.json in a run, <key>.json in the cache."""
+    return TEACHER_RECORD if name == TEACHER_FEATURES else Path(name).with_suffix(".json").name
 
 
 def cache_key(spec: TeacherSpec, signature: dict[str, Any]) -> str:
