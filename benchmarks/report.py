@@ -248,6 +248,12 @@ def teacher_section(rec) -> str:
     return section(rec)
 
 
+def duplicates_section(rec) -> str:
+    from benchmarks.duplicates import duplicates_section as section
+
+    return section(rec)
+
+
 def export_search_section(rec) -> str:
     from benchmarks.export_search import export_search_section as section
 
@@ -296,9 +302,9 @@ def write_readme(results: Path, readme: Path) -> None:
     parts = [HEADER]
     sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section,
                 "slim": slim_section, "shared-cpu": shared_cpu_section, "eval": eval_section, "loader": loader_section, "export": export_search_section, "init": init_section,
-                "teacher": teacher_section}
+                "teacher": teacher_section, "duplicates": duplicates_section}
     for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "eval", "loader", "export",
-                  "init", "teacher"):
+                  "init", "teacher", "duplicates"):
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())

@@ -21,6 +21,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   teacher   --teacher: mobilenetv3_small on CIFAR-10 5k without a teacher, with the one-pass teacher bank of a
             longer-trained resnet18 (also as the initial bank), and with the per-step teacher: kNN, linear at 10 and
             all labels, wall time (benchmarks/teacher.py)
+  duplicates  50 planted JPEG + crop copies among the emoji: does `edgessl embed --duplicates` (raw cosine and
+            --whiten 64/128) find them? Precision, recall, nearest-neighbour rate (benchmarks/duplicates.py)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
             model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above
@@ -46,7 +48,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader", "export", "init",
-          "teacher")
+          "teacher", "duplicates")
 TEACHER_KEYS = ("loss_teacher", "teacher_pass_seconds", "teacher_ms_per_step")  # metrics.jsonl keys of --teacher
 
 
@@ -295,6 +297,12 @@ def suite_init(args) -> list[dict]:
 
 def suite_teacher(args) -> list[dict]:
     from benchmarks.teacher import suite_teacher as run
+
+    return run(args)
+
+
+def suite_duplicates(args) -> list[dict]:
+    from benchmarks.duplicates import suite_duplicates as run
 
     return run(args)
 

@@ -6,6 +6,7 @@ Needs the shared data sets (../shared/data) and the `bench` extra (lightly); ski
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -152,3 +153,34 @@ def test_teacher_suite(bench):
     assert rec["rows"][0]["epochs"] == 1
     assert "## Teacher: one pass of a large teacher vs a teacher on every step" in readme
     assert "Share of the per-step teacher's gain the one-pass teacher keeps" in readme
+
+
+def test_duplicates_score_in_closed_form():
+    from benchmarks.duplicates import score
+
+    # a, its copy (cosine 0.935) and e, a pixel twin of a; b and c twins at 1; d at cosine 0.81 to the copy, b and c
+    c1, c2 = 0.935, 0.81
+    dup = [c1, np.sqrt(1 - c1**2)]
+    d = [(c2 - dup[1] * c2) / dup[0], c2]  # cos(d, b) = c2 and cos(d, copy) = c2
+    x = np.array([[1, 0], dup, [0, 1], [0, 1], d, [1, 0]], np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    r = score(["a.png", "a_dup.jpg", "b.png", "c.png", "d.png", "e.png"], x, ["ka", "ka", "kb", "kb", "kd", "ka"])
+    at = {c["threshold"]: c for c in r["curve"]}
+    # at 0.8: (a, copy) (a, e) (copy, e) (b, c) right, (copy, d) (b, d) (c, d) wrong; one copy, found (twice)
+    assert at[0.8] == pytest.approx({"threshold": 0.8, "recall": 1.0, "precision_copies": 2 / 3,
+                                     "precision_all": 4 / 7, "pairs": 7})
+    assert at[0.9] == pytest.approx({"threshold": 0.9, "recall": 1.0, "precision_copies": 1.0,
+                                     "precision_all": 1.0, "pairs": 4})
+    assert at[0.95] == pytest.approx({"threshold": 0.95, "recall": 0.0, "precision_copies": 0.0,
+                                      "precision_all": 1.0, "pairs": 2})
+    assert r["nn_is_original"] == 1.0 and r["best"]["threshold"] == 0.93
+
+
+def test_duplicates_suite(bench):
+    rec, readme = bench("duplicates")
+    assert [r["space"] for r in rec["rows"]] == ["raw cosine", "--whiten 8"]
+    for r in rec["rows"]:
+        recall = [c["recall"] for c in r["curve"]]
+        assert len(recall) == 20 and recall == sorted(recall, reverse=True) and r["copies"] == 4
+        assert all(0 <= c["recall"] <= 1 and 0 <= c["precision_copies"] <= 1 for c in r["curve"])
+    assert "## Planted near-duplicates" in readme

@@ -16,9 +16,11 @@ from edgessl.evaluate.embed import (
     check_out,
     duplicate_pairs,
     group_pairs,
+    pca_whitening,
     read_embeddings,
     top_k_neighbours,
     unit_rows,
+    whitened_unit_rows,
     write_embeddings,
 )
 
@@ -83,6 +85,40 @@ def test_duplicate_pairs_refuses_a_threshold_that_matches_too_many():
                             "raise --duplicates (e.g. 0.95) to find near-duplicates.")
 
 
+def test_pca_whitening_in_closed_form():
+    # four points (+-4, 0), (0, +-1): mean 0, covariance diag(8, 0.5); directions x then y, scaled by 1/sqrt(var)
+    x = np.array([[4.0, 0], [-4, 0], [0, 1], [0, -1]]) + [10, -3]
+    mean, proj = pca_whitening(x, 2)
+    np.testing.assert_allclose(mean, [10, -3], atol=1e-6)
+    np.testing.assert_allclose(proj, [[1 / np.sqrt(8), 0], [0, 1 / np.sqrt(0.5)]], atol=1e-6)
+    np.testing.assert_allclose(whitened_unit_rows(x, mean, proj), [[1, 0], [-1, 0], [0, 1], [0, -1]], atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 65536])
+def test_pca_whitening_is_the_svd_whitening_with_identity_covariance(chunk):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((200, 6)) * [5, 3, 2, 1, 0.5, 0.1]) @ np.linalg.qr(rng.standard_normal((6, 6)))[0] + 2
+    mean, proj = pca_whitening(x.astype(np.float32), 4, chunk=chunk)
+    y = (x - mean) @ proj
+    np.testing.assert_allclose(y.T @ y / len(x), np.eye(4), atol=1e-4)
+    _, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    expected = vt[:4].T * np.sqrt(len(x)) / s[:4]
+    np.testing.assert_allclose(np.abs(proj), np.abs(expected), rtol=1e-4, atol=1e-5)
+    assert (proj[np.abs(proj).argmax(0), np.arange(4)] > 0).all()  # each direction's largest entry positive
+    np.testing.assert_allclose(np.linalg.norm(whitened_unit_rows(x, mean, proj, chunk=chunk), axis=1), 1, atol=1e-6)
+
+
+def test_pca_whitening_refuses_more_directions_than_the_data_has():
+    x = np.random.default_rng(0).standard_normal((10, 2)) @ np.ones((2, 4)) * [1, 2, 3, 4]  # rank 1 after centring
+    x[:, 1] += np.arange(10)  # rank 2
+    with pytest.raises(UserError) as e:
+        pca_whitening(x, 3)
+    assert str(e.value) == "--whiten 3: these embeddings vary along only 2 directions; pass --whiten 2 or less."
+    with pytest.raises(UserError) as e:
+        pca_whitening(x, 10)
+    assert str(e.value) == "--whiten 10: between 1 and 4 (the embedding's dimensions and images - 1)."
+
+
 def test_npz_round_trip(tmp_path):
     emb = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
     out = write_embeddings(tmp_path / "e.npz", ["a/1.png", "b,2.png", "ü.png"], emb)
@@ -114,12 +150,38 @@ def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
          "error: --duplicates is a cosine between -1 and 1 (e.g. 0.95), not 1.5."),
         (["--out", str(tmp_path / "e.npz"), "--threads", "2"],
          "error: --manifest and --threads are for an .onnx source; SOURCE here is a run directory."),
+        (["--out", str(tmp_path / "e.npz"), "--duplicates", "0.9", "--whiten", "0"],
+         "error: --whiten must be a positive number of directions (e.g. 128), not 0."),
+        (["--out", str(tmp_path / "e.npz"), "--whiten", "8"],
+         "error: --whiten changes the --neighbours and --duplicates search: pass one of them too."),
     ]
     for extra, message in cases:
         res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), *extra])
         assert res.exit_code == 2, res.output
         assert res.output.strip() == message
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_whiten_searches_the_whitened_embeddings_and_stores_the_raw_ones(tmp_path, demo_run, tiny_data):
+    res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), "--out", str(tmp_path / "e.npz"),
+                              "--neighbours", "2", "--duplicates", "0.5", "--whiten", "8"])
+    assert res.exit_code == 0, res.output
+    assert "at cosine >= 0.5 (whitened, 8 directions) in" in res.output
+    paths, emb = read_embeddings(tmp_path / "e.npz")
+    unit = whitened_unit_rows(emb, *pca_whitening(emb, 8))
+    idx, cos = top_k_neighbours(unit, 2, use_faiss=False)
+    with open(tmp_path / "neighbours.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["neighbour"] for r in rows] == [paths[j] for j in idx.ravel()]
+    np.testing.assert_allclose([float(r["cosine"]) for r in rows], cos.ravel(), atol=2e-4)
+    pairs, _ = duplicate_pairs(unit, 0.5)
+    assert len(pairs) > 0 and f"{len(pairs)} pair" in res.output
+    raw = unit_rows(emb) @ unit_rows(emb).T
+    assert ((raw >= 0.5).sum() - len(emb)) // 2 != len(pairs)  # the raw cosines would give other pairs
+    res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), "--out", str(tmp_path / "f.npz"),
+                              "--neighbours", "2", "--whiten", "24"])
+    assert res.exit_code == 2 and res.output.strip() == (
+        "error: --whiten 24: between 1 and 23 (the embedding's dimensions and images - 1).")
 
 
 def test_onnx_route_lists_unreadable_files_with_pretrainings_reasons(tmp_path):

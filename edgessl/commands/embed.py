@@ -24,11 +24,15 @@ pretraining lists them).
 --gallery-rows query images, each beside its K nearest with their cosines). --duplicates T writes duplicates.csv:
 the pairs of images with cosine >= T, grouped (a group is every image linked by such pairs). Both search in chunks
 (never an N x N matrix: 100,000 images take the embeddings plus about 200 MiB); faiss is used when installed.
+--whiten K makes both search PCA-whitened embeddings (fitted on this folder, K directions): on emoji with planted
+JPEG + crop copies it found copies more reliably than the raw cosine (benchmarks/README.md); the file keeps the raw
+embeddings.
 
 **Examples**
 
     edgessl embed runs/my-run --data ./my_images --out emb.npz
     edgessl embed runs/my-run --data ./my_images --out emb.npz --neighbours 5 --duplicates 0.95
+    edgessl embed runs/my-run --data ./my_images --out emb.npz --duplicates 0.9 --whiten 128
     edgessl embed runs/my-run/export/encoder.onnx --data ./my_images --out emb.parquet   # needs edgessl[parquet]
 
 Writes --out, and beside it skipped_files.txt, neighbours.csv + neighbours.png and duplicates.csv as asked.
@@ -44,6 +48,7 @@ def register(app) -> None:
         out: Path = typer.Option(..., help="Output file: .npz (paths, embeddings) or .parquet (path, embedding; needs edgessl[parquet])."),
         neighbours: Optional[int] = typer.Option(None, help="Write neighbours.csv and the gallery neighbours.png: every image's K nearest images by cosine."),
         duplicates: Optional[float] = typer.Option(None, help="Write duplicates.csv: the pairs of images with cosine >= T (e.g. 0.95), grouped."),
+        whiten: Optional[int] = typer.Option(None, help="Search (not store) the embeddings PCA-whitened on this folder, K directions (e.g. 128): applies to --neighbours and --duplicates."),
         gallery_rows: int = typer.Option(8, help="Query images (rows) in neighbours.png, spread evenly over the folder."),
         batch_size: int = typer.Option(64, help="Images per forward pass."),
         device: str = typer.Option("auto", help="A run directory's encoder runs on: auto (cuda when available), cpu or cuda."),
@@ -60,7 +65,7 @@ def register(app) -> None:
             options = {"device": device, "batch_size": batch_size, "workers": workers, "cache_dir": cache_dir}
         warn = lambda msg: err_console.print(f"warning: {msg}", highlight=False, markup=False)  # noqa: E731
         result = api.embed(source, data, out, neighbours=neighbours, duplicates=duplicates,
-                           gallery_rows=gallery_rows, warn=warn, **options)
+                           gallery_rows=gallery_rows, warn=warn, whiten=whiten, **options)
         dim = result.embeddings.shape[1]
         console.print(f"Embedded {plural(len(result.paths), 'image')} ({dim} dimensions) -> {result.out}",
                       highlight=False, markup=False)
@@ -69,6 +74,7 @@ def register(app) -> None:
                           f"{result.out.parent / 'neighbours.csv'}, gallery {result.out.parent / 'neighbours.png'}",
                           highlight=False, markup=False)
         if result.pairs is not None:
-            console.print(f"{plural(len(result.pairs), 'pair')} at cosine >= {duplicates:g} in "
+            space = f" (whitened, {whiten} directions)" if whiten else ""
+            console.print(f"{plural(len(result.pairs), 'pair')} at cosine >= {duplicates:g}{space} in "
                           f"{plural(result.groups, 'group')} -> {result.out.parent / 'duplicates.csv'}",
                           highlight=False, markup=False)

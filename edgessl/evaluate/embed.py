@@ -122,6 +122,37 @@ def duplicate_pairs(unit: np.ndarray, threshold: float, chunk: int | None = None
     return pairs, np.clip(cos, -1.0, 1.0).astype(np.float32)
 
 
+def pca_whitening(x: np.ndarray, dim: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """PCA whitening fitted on the rows of x (N, D): returns (mean (D,), proj (D, dim)) float32 such that
+    (x - mean) @ proj has the identity as its covariance (1/N), its columns the top `dim` principal directions in
+    order of variance, each direction's sign fixed (its largest-magnitude entry positive). The covariance is summed
+    in chunks of rows in float64 (memory: D x D, not N x D). Needs 1 <= dim <= min(D, N - 1) directions of nonzero
+    variance; else a UserError naming the largest possible --whiten."""
+    x = np.asarray(x)
+    n, d = x.shape
+    limit = min(d, n - 1)
+    if not 1 <= int(dim) <= limit:
+        raise UserError(f"--whiten {dim}: between 1 and {limit} (the embedding's dimensions and images - 1).")
+    mean = sum(x[s : s + chunk].sum(axis=0, dtype=np.float64) for s in range(0, n, chunk)) / n
+    cov = np.zeros((d, d))
+    for s in range(0, n, chunk):
+        c = x[s : s + chunk].astype(np.float64) - mean
+        cov += c.T @ c
+    var, vec = np.linalg.eigh(cov / n)  # ascending
+    var, vec = var[::-1][: int(dim)], vec[:, ::-1][:, : int(dim)]
+    rank = int((var > 1e-9 * max(var[0], 1e-30)).sum())
+    if rank < int(dim):
+        raise UserError(f"--whiten {dim}: these embeddings vary along only {rank} directions; pass --whiten {rank} "
+                        "or less.")
+    vec = vec * np.sign(vec[np.abs(vec).argmax(axis=0), np.arange(vec.shape[1])])
+    return mean.astype(np.float32), (vec / np.sqrt(var)).astype(np.float32)
+
+
+def whitened_unit_rows(x: np.ndarray, mean: np.ndarray, proj: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """(N, D) embeddings -> (N, dim) unit rows of (x - mean) @ proj, in chunks of rows."""
+    return np.concatenate([unit_rows((x[s : s + chunk] - mean) @ proj) for s in range(0, len(x), chunk)])
+
+
 def group_pairs(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected components of the pair graph (union-find). pairs: (P, 2) indices < n. Returns (P,) int64 group
     numbers 1..G, numbered in the order of each group's lowest index."""
@@ -283,30 +314,37 @@ class EmbedResult:
     pairs: np.ndarray | None = None  # (P, 2) image indices with cosine >= the --duplicates threshold
     pair_cosines: np.ndarray | None = None  # (P,)
     pair_groups: np.ndarray | None = None  # (P,) group numbers 1..G
+    whitening: tuple[np.ndarray, np.ndarray] | None = None  # whiten=K: (mean (D,), proj (D, K)) of the search space
 
     @property
     def groups(self) -> int:
         return 0 if self.pair_groups is None or not len(self.pair_groups) else int(self.pair_groups.max())
 
 
-def check_options(neighbours: int | None, duplicates: float | None, gallery_rows: int) -> None:
+def check_options(neighbours: int | None, duplicates: float | None, gallery_rows: int,
+                  whiten: int | None = None) -> None:
     if neighbours is not None and int(neighbours) < 1:
         raise UserError(f"--neighbours must be a positive number of neighbours, not {neighbours}.")
     if duplicates is not None and not -1.0 <= float(duplicates) <= 1.0:
         raise UserError(f"--duplicates is a cosine between -1 and 1 (e.g. 0.95), not {duplicates}.")
     if int(gallery_rows) < 1:
         raise UserError(f"--gallery-rows must be at least 1, not {gallery_rows}.")
+    if whiten is not None and int(whiten) < 1:
+        raise UserError(f"--whiten must be a positive number of directions (e.g. 128), not {whiten}.")
+    if whiten is not None and neighbours is None and duplicates is None:
+        raise UserError("--whiten changes the --neighbours and --duplicates search: pass one of them too.")
 
 
 def embed_folder(source: str | Path, data: str | Path, out: str | Path, neighbours: int | None = None,
                  duplicates: float | None = None, gallery_rows: int = 8, use_faiss: bool | None = None,
-                 warn=None, **options) -> EmbedResult:
+                 warn=None, whiten: int | None = None, **options) -> EmbedResult:
     """Embed `data` with `source` (a run directory, or an exported .onnx + its manifest.json) into `out`, and write
     skipped_files.txt, neighbours.csv + neighbours.png (neighbours = K) and duplicates.csv (duplicates = T)
-    beside it. options: device, batch_size, cache_mb, workers, cache_dir (run) or manifest, batch_size, threads
-    (onnx). warn: callable(message) for skipped files."""
+    beside it. whiten = K: search (not store) PCA-whitened embeddings (pca_whitening fitted on this folder, K
+    directions) instead of the raw ones. options: device, batch_size, cache_mb, workers, cache_dir (run) or
+    manifest, batch_size, threads (onnx). warn: callable(message) for skipped files."""
     out = check_out(out)
-    check_options(neighbours, duplicates, gallery_rows)
+    check_options(neighbours, duplicates, gallery_rows, whiten)
     source = Path(source).expanduser()
     if source.suffix == ".onnx":
         paths, emb, skipped = embed_with_onnx(source, data, **options)
@@ -321,7 +359,12 @@ def embed_folder(source: str | Path, data: str | Path, out: str | Path, neighbou
         if warn is not None:
             warn(f"skipped {len(skipped)} unreadable file(s) (first: {skipped[0][0]}); "
                  f"all are listed in {out.parent / 'skipped_files.txt'}.")
-    unit = unit_rows(emb) if neighbours is not None or duplicates is not None else None
+    unit = None
+    if whiten is not None:
+        result.whitening = pca_whitening(emb, int(whiten))
+        unit = whitened_unit_rows(emb, *result.whitening)
+    elif neighbours is not None or duplicates is not None:
+        unit = unit_rows(emb)
     if neighbours is not None:
         idx, cos = result.neighbours = top_k_neighbours(unit, int(neighbours), use_faiss=use_faiss)
         result.written.append(write_neighbours(out.parent / "neighbours.csv", paths, idx, cos))
