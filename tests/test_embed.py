@@ -3,6 +3,7 @@
 import csv
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,45 @@ def test_run_and_its_onnx_export_give_the_same_embeddings(demo_run, labelled_dem
     assert len(rows) == 9 * 3 and rows[0]["query"] == paths[0] and rows[0]["rank"] == "1"
     assert (tmp_path / "a" / "neighbours.png").stat().st_size > 5000
     assert (tmp_path / "a" / "duplicates.csv").read_text().startswith("group,image_a,image_b,cosine")
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "emoji-google.tar.gz").is_file(), reason="../shared/data not present")
+def test_planted_near_duplicates_are_found_among_the_emoji(tmp_path):
+    """50 emoji training images copied beside their originals (JPEG quality 70, 5 % crop); mobilenetv3_small at 32 px
+    pretrained on the 1,579 images for 30 epochs (about 100 s); `embed --duplicates 0.9 --whiten 128`. Measured
+    (benchmarks/README.md and runs of this test): precision over the pairs holding a copy 0.79-0.91, recall
+    0.78-0.90, the original the copy's nearest image for 0.92-0.96; the raw cosine at 0.9: precision 0.19-0.23.
+    The issue's 0.9 / 0.9 needs 100 epochs and a threshold set per encoder (docs/embed.md); this test guards the
+    30-epoch level with room for run-to-run spread."""
+    import edgessl
+    from benchmarks.datasets import emoji
+    from benchmarks.duplicates import identity, plant_copies
+
+    data = tmp_path / "data"
+    copy = {str(c) for c in plant_copies(emoji()[0], data, 50)}
+    run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), backbone="mobilenetv3_small", image_size=32,
+                           epochs=30, seed=0, quiet=True, eval_every=0)
+    res = runner.invoke(app, ["embed", str(run.run_dir), "--data", str(data), "--out", str(tmp_path / "e" / "e.npz"),
+                              "--neighbours", "1", "--duplicates", "0.9", "--whiten", "128"])
+    assert res.exit_code == 0, res.output
+    paths, emb = read_embeddings(tmp_path / "e" / "e.npz")
+    key = dict(zip(paths, identity(paths), strict=True))
+
+    def score(pairs):  # precision over the pairs holding a copy, recall of the copies
+        with_copy = [(a, b) for a, b in pairs if a in copy or b in copy]
+        right = [(a, b) for a, b in with_copy if key[a] == key[b]]
+        found = {p for pair in right for p in pair if p in copy}
+        return len(right) / max(len(with_copy), 1), len(found) / len(copy)
+
+    with open(tmp_path / "e" / "duplicates.csv") as f:
+        precision, recall = score([(r["image_a"], r["image_b"]) for r in csv.DictReader(f)])
+    with open(tmp_path / "e" / "neighbours.csv") as f:
+        nearest = {r["query"]: r["neighbour"] for r in csv.DictReader(f)}
+    nn = sum(key[nearest[c]] == key[c] for c in copy) / len(copy)
+    raw_precision, _ = score([(paths[i], paths[j]) for i, j in duplicate_pairs(unit_rows(emb), 0.9)[0]])
+    assert precision >= 0.65 and recall >= 0.7 and nn >= 0.85, (precision, recall, nn)
+    assert precision > raw_precision + 0.3, (precision, raw_precision)
