@@ -7,9 +7,9 @@ that folder (originals + copies) for 30 and for 100 epochs with seeds 0 and 1, t
 pairs are searched by raw cosine and by cosine of the embeddings PCA-whitened on the folder (`--whiten 128`, `256`).
 
 Truth: a copy and its original are a pair; so are images with the same decoded pixels (the emoji set holds 7 such
-groups). Recall: planted pairs found. Precision over the pairs that hold a copy (is the copy paired with its own
-original?) and over all pairs (the emoji set also holds many different images closer than a JPEG copy: 26 clock
-faces, gender and skin-tone variants, which count as wrong here).
+groups). Recall: the copies paired with their original (or its twin). Precision over the pairs that hold a copy
+(is the copy paired with its own original?) and over all pairs (the emoji set also holds many different images
+closer than a JPEG copy: 26 clock faces, gender and skin-tone variants, which count as wrong here).
 """
 
 from __future__ import annotations
@@ -60,26 +60,32 @@ def identity(paths: list[str]) -> list[str]:
     return keys
 
 
+def precision_recall(pairs: np.ndarray, copy: np.ndarray, keys: np.ndarray) -> tuple[float, float, float]:
+    """pairs: (P, 2) image indices; copy: (N,) bool, the planted copies; keys: (N,) identity keys. Returns (precision
+    over the pairs holding a copy, precision over all pairs, recall: the copies paired with their original or a
+    pixel twin of it)."""
+    right = keys[pairs[:, 0]] == keys[pairs[:, 1]]
+    holds_copy = copy[pairs[:, 0]] | copy[pairs[:, 1]]
+    good = right & holds_copy
+    found = {int(i) for i in pairs[good].ravel() if copy[i]}  # copies with at least one right partner
+    return (int(good.sum()) / max(int(holds_copy.sum()), 1), int(right.sum()) / max(len(pairs), 1),
+            len(found) / int(copy.sum()))
+
+
 def score(paths: list[str], unit: np.ndarray, keys: list[str]) -> dict[str, Any]:
-    """At each of THRESHOLDS: precision over the pairs holding a copy and over all pairs, and recall (the copies
-    paired with their original or a pixel twin of it); and how often a copy's nearest image is its original (or a
-    twin). unit: (N, D) unit rows."""
+    """precision_recall at each of THRESHOLDS, and how often a copy's nearest image is its original (or a pixel
+    twin of it). unit: (N, D) unit rows."""
     from edgessl.evaluate.embed import duplicate_pairs, top_k_neighbours
 
     copy = np.array([p.endswith("_dup.jpg") for p in paths])
     keys = np.array(keys)
-    planted = int(copy.sum())
     pairs, cos = duplicate_pairs(unit, THRESHOLDS[0])
-    right = keys[pairs[:, 0]] == keys[pairs[:, 1]]
-    holds_copy = copy[pairs[:, 0]] | copy[pairs[:, 1]]
     curve = []
     for t in THRESHOLDS:
-        m = cos >= t
-        good = m & right & holds_copy  # a copy with its original (or a pixel twin of it)
-        found = {int(i) for i in pairs[good].ravel() if copy[i]}  # copies with at least one such partner
-        curve.append({"threshold": t, "recall": len(found) / planted,
-                      "precision_copies": int(good.sum()) / max(int((m & holds_copy).sum()), 1),
-                      "precision_all": int((m & right).sum()) / max(int(m.sum()), 1), "pairs": int(m.sum())})
+        chosen = pairs[cos >= t]
+        p_copies, p_all, recall = precision_recall(chosen, copy, keys)
+        curve.append({"threshold": t, "recall": recall, "precision_copies": p_copies, "precision_all": p_all,
+                      "pairs": len(chosen)})
     idx, _ = top_k_neighbours(unit, 1, use_faiss=False)
     nn = float((keys[idx[copy, 0]] == keys[copy]).mean())
     best = max(curve, key=lambda c: (min(c["precision_copies"], c["recall"]), c["threshold"]))
