@@ -146,7 +146,7 @@ def prune_encoder(run_dir: str | Path, ratio: float, criterion: str = "magnitude
 
 def embed(source: str | Path, data: str | Path, out: str | Path, neighbours: int | None = None,
           duplicates: float | None = None, gallery_rows: int = 8, use_faiss: bool | None = None, warn=None,
-          whiten: int | None = None, **options) -> EmbedResult:
+          whiten: int | None = None, mutual: float | None = None, **options) -> EmbedResult:
     """One embedding per readable image of `data` into `out` (.npz, or .parquet with the `parquet` extra).
 
     source: a run directory (its encoder; options device, batch_size, cache_mb, workers, cache_dir) or an exported
@@ -154,9 +154,13 @@ def embed(source: str | Path, data: str | Path, out: str | Path, neighbours: int
     batch_size, threads). Beside `out`: skipped_files.txt (unreadable files), neighbours.csv + neighbours.png
     (neighbours=K: every image's K nearest by cosine; gallery_rows queries in the picture) and duplicates.csv
     (duplicates=T: the pairs with cosine >= T, grouped). whiten=K: both search the embeddings PCA-whitened on this
-    folder (K directions; the stored embeddings stay raw). use_faiss: None = when installed. warn: callable(message).
-    Returns an EmbedResult (paths, embeddings (N, D), skipped, written, neighbours, pairs, pair_groups, whitening)."""
-    return embed_folder(source, data, out, neighbours, duplicates, gallery_rows, use_faiss, warn, whiten, **options)
+    folder (K directions; the stored embeddings stay raw). mutual=R: keep only the pairs whose images are each
+    (nearly) the other's nearest: distance 1 - cosine within (1 + R) x each one's distance to its nearest other
+    image (pixel twins count as one). use_faiss: None = when installed. warn: callable(message).
+    Returns an EmbedResult (paths, embeddings (N, D), skipped, written, neighbours, pairs, pair_groups, whitening,
+    candidates)."""
+    return embed_folder(source, data, out, neighbours, duplicates, gallery_rows, use_faiss, warn, whiten, mutual,
+                        **options)
 
 
 def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dict[str, Any]]]:

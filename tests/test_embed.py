@@ -16,7 +16,10 @@ from edgessl.errors import UserError
 from edgessl.evaluate.embed import (
     check_out,
     duplicate_pairs,
+    find_duplicates,
     group_pairs,
+    mutual_pairs,
+    nearest_distances,
     pca_whitening,
     read_embeddings,
     top_k_neighbours,
@@ -77,6 +80,37 @@ def test_duplicate_pairs_and_groups_in_closed_form(chunk):
 def test_group_pairs_numbers_groups_by_lowest_image():
     pairs = np.array([[4, 5], [0, 3], [3, 1], [2, 5]])
     assert group_pairs(6, pairs).tolist() == [2, 1, 1, 2]
+
+
+def _copy_beside_a_look_alike():
+    """0 an original, 1 its pixel twin, 2 its copy at cos 0.98, 3 a look-alike at cos 0.95 from the copy (0.869 from
+    the original), 4 far from all."""
+    g, d = np.arccos(0.98), np.arccos(0.95)
+    return unit_rows(np.array([[1, 0, 0], [1, 0, 0], [np.cos(g), np.sin(g), 0],
+                               [np.cos(g + d), np.sin(g + d), 0], [0, 0, 1.0]]))
+
+
+def test_nearest_distances_skip_twins():
+    x = _copy_beside_a_look_alike()
+    np.testing.assert_allclose(nearest_distances(x, use_faiss=False), [0.02, 0.02, 0.02, 0.05, 1.0], atol=1e-6)
+    # k = 1: row 0's only candidate is its twin, so only twins stay near it
+    assert nearest_distances(x, k=1, use_faiss=False)[0] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("ratio, kept", [
+    (0.0, [[0, 1], [0, 2], [1, 2]]),   # mutual nearest (the twin counts as one with the original)
+    (0.75, [[0, 1], [0, 2], [1, 2]]),  # copy-look-alike: 0.05 > 1.75 x 0.02, the copy's own nearest distance
+    (2.0, [[0, 1], [0, 2], [1, 2], [2, 3]]),  # 0.05 <= 3 x 0.02 and <= 3 x 0.05; 0-3 at 0.131 > 3 x 0.02
+])
+def test_mutual_pairs_in_closed_form(ratio, kept):
+    x = _copy_beside_a_look_alike()
+    pairs, cos = duplicate_pairs(x, 0.85)
+    assert pairs.tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+    keep = mutual_pairs(pairs, cos, nearest_distances(x, use_faiss=False), ratio)
+    assert pairs[keep].tolist() == kept
+    found, found_cos, candidates = find_duplicates(x, 0.85, ratio, use_faiss=False)
+    assert found.tolist() == kept and candidates == 6 and (found_cos == cos[keep]).all()
+    assert group_pairs(5, found).tolist() == [1] * len(kept)
 
 
 def test_duplicate_pairs_refuses_a_threshold_that_matches_too_many():
@@ -155,6 +189,10 @@ def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
          "error: --whiten must be a positive number of directions (e.g. 128), not 0."),
         (["--out", str(tmp_path / "e.npz"), "--whiten", "8"],
          "error: --whiten changes the --neighbours and --duplicates search: pass one of them too."),
+        (["--out", str(tmp_path / "e.npz"), "--duplicates", "0.9", "--mutual", "-1"],
+         "error: --mutual is a distance ratio of at least 0 (e.g. 0.75), not -1.0."),
+        (["--out", str(tmp_path / "e.npz"), "--neighbours", "2", "--mutual", "0.5"],
+         "error: --mutual filters the --duplicates pairs: pass --duplicates too."),
     ]
     for extra, message in cases:
         res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), *extra])
@@ -183,6 +221,23 @@ def test_whiten_searches_the_whitened_embeddings_and_stores_the_raw_ones(tmp_pat
                               "--neighbours", "2", "--whiten", "24"])
     assert res.exit_code == 2 and res.output.strip() == (
         "error: --whiten 24: between 1 and 23 (the embedding's dimensions and images - 1).")
+
+
+def test_mutual_zero_keeps_the_mutual_nearest_pairs_of_the_threshold(tmp_path, demo_run, tiny_data):
+    res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), "--out", str(tmp_path / "e.npz"),
+                              "--duplicates", "0.3", "--mutual", "0"])
+    assert res.exit_code == 0, res.output
+    paths, emb = read_embeddings(tmp_path / "e.npz")
+    sim = unit_rows(emb) @ unit_rows(emb).T
+    np.fill_diagonal(sim, -np.inf)
+    best = sim.max(axis=1)  # no pixel twins among these images
+    want = {(paths[i], paths[j]) for i in range(len(paths)) for j in range(i + 1, len(paths))
+            if sim[i, j] >= 0.3 and sim[i, j] >= best[i] - 1e-5 and sim[i, j] >= best[j] - 1e-5}
+    with open(tmp_path / "duplicates.csv") as f:
+        got = {(r["image_a"], r["image_b"]) for r in csv.DictReader(f)}
+    candidates = int((sim >= 0.3).sum()) // 2
+    assert got == want and 0 < len(got) < candidates
+    assert f"{len(got)} pair" in res.output and f"mutual within 0 (of {candidates} at the threshold)" in res.output
 
 
 def test_onnx_route_lists_unreadable_files_with_pretrainings_reasons(tmp_path):
@@ -236,11 +291,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.mark.skipif(not (SHARED / "emoji-google.tar.gz").is_file(), reason="../shared/data not present")
 def test_planted_near_duplicates_are_found_among_the_emoji(tmp_path):
     """50 emoji training images copied beside their originals (JPEG quality 70, 5 % crop); mobilenetv3_small at 32 px
-    pretrained on the 1,579 images for 30 epochs (about 100 s); `embed --duplicates 0.9 --whiten 128`. Measured
-    (benchmarks/README.md and runs of this test): precision over the pairs holding a copy 0.79-0.91, recall
-    0.78-0.90, the original the copy's nearest image for 0.92-0.96; the raw cosine at 0.9: precision 0.19-0.23.
-    The issue's 0.9 / 0.9 was reached only by some encoders, at a threshold chosen per encoder (docs/embed.md);
-    this test guards the 30-epoch level with room for run-to-run spread."""
+    pretrained on the 1,579 images for 100 epochs (about 5 minutes), as the duplicates benchmark trains it;
+    `embed --duplicates 0.8 --whiten 128 --mutual 0.75`. The issue asks precision and recall >= 0.9. Measured: precision
+    0.94, recall 0.92 on 2 threads (the benchmark's run, benchmarks/README.md), 0.96 / 0.94 on 1 thread; the 4 other
+    100-epoch benchmark runs (another seed, another planted sample) 0.96-0.98 / 0.92. Without --mutual: precision
+    0.56-0.63 at recall 1.0."""
     import edgessl
     from benchmarks.datasets import emoji
     from benchmarks.duplicates import identity, plant_copies, precision_recall
@@ -248,9 +303,9 @@ def test_planted_near_duplicates_are_found_among_the_emoji(tmp_path):
     data = tmp_path / "data"
     copies = {str(c) for c in plant_copies(emoji()[0], data, 50)}
     run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), backbone="mobilenetv3_small", image_size=32,
-                           epochs=30, seed=0, quiet=True, eval_every=0)
+                           epochs=100, seed=0, quiet=True, eval_every=0, batch_size=128)
     res = runner.invoke(app, ["embed", str(run.run_dir), "--data", str(data), "--out", str(tmp_path / "e" / "e.npz"),
-                              "--neighbours", "1", "--duplicates", "0.9", "--whiten", "128"])
+                              "--duplicates", "0.8", "--whiten", "128", "--mutual", "0.75"])
     assert res.exit_code == 0, res.output
     paths, emb = read_embeddings(tmp_path / "e" / "e.npz")
     row = {p: i for i, p in enumerate(paths)}
@@ -258,9 +313,7 @@ def test_planted_near_duplicates_are_found_among_the_emoji(tmp_path):
     with open(tmp_path / "e" / "duplicates.csv") as f:
         pairs = np.array([[row[r["image_a"]], row[r["image_b"]]] for r in csv.DictReader(f)]).reshape(-1, 2)
     precision, _, recall = precision_recall(pairs, copy, keys)
-    with open(tmp_path / "e" / "neighbours.csv") as f:
-        nearest = {r["query"]: row[r["neighbour"]] for r in csv.DictReader(f)}
-    nn = sum(keys[nearest[c]] == keys[row[c]] for c in copies) / len(copies)
-    raw_precision, _, _ = precision_recall(duplicate_pairs(unit_rows(emb), 0.9)[0], copy, keys)
-    assert precision >= 0.65 and recall >= 0.7 and nn >= 0.85, (precision, recall, nn)
-    assert precision > raw_precision + 0.3, (precision, raw_precision)
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+    whitened = whitened_unit_rows(emb, *pca_whitening(emb, 128))
+    without, _, _ = precision_recall(duplicate_pairs(whitened, 0.8)[0], copy, keys)
+    assert without < 0.8, without  # the same search without --mutual: look-alikes join the copies

@@ -29,6 +29,8 @@ CHUNK_ELEMENTS = 1 << 24  # similarities held at once (float32: 64 MiB; argparti
 MAX_PAIRS = 1_000_000  # duplicates.csv holds at most this many pairs: a lower --duplicates is refused
 FORMATS = (".npz", ".parquet")
 THUMBNAIL = 96  # gallery thumbnails, pixels
+TWIN = 1e-4  # 1 - cosine at or below which two embeddings count as one (pixel-identical images) for --mutual
+MUTUAL_K = 16  # nearest rows searched for each row's nearest non-twin (--mutual)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -120,6 +122,43 @@ def duplicate_pairs(unit: np.ndarray, threshold: float, chunk: int | None = None
     pairs = np.concatenate(found_pairs).astype(np.int64) if found_pairs else np.empty((0, 2), np.int64)
     cos = np.concatenate(found_cos) if found_cos else np.empty(0, np.float32)
     return pairs, np.clip(cos, -1.0, 1.0).astype(np.float32)
+
+
+def nearest_distances(unit: np.ndarray, k: int = MUTUAL_K, chunk: int | None = None,
+                      use_faiss: bool | None = None) -> np.ndarray:
+    """Each row's distance (1 - cosine) to its nearest row that is not its twin (1 - cosine > TWIN).
+
+    unit: (N, D) unit rows, N >= 2. Returns (N,) float64, searched among each row's k nearest (top_k_neighbours);
+    a row whose k nearest are all twins gets the k-th one's distance (so only its twins stay near it)."""
+    _, cos = top_k_neighbours(unit, k, chunk, use_faiss)
+    dist = 1.0 - cos.astype(np.float64)
+    apart = dist > TWIN
+    first = np.where(apart.any(axis=1), apart.argmax(axis=1), dist.shape[1] - 1)
+    return dist[np.arange(len(dist)), first]
+
+
+def mutual_pairs(pairs: np.ndarray, cos: np.ndarray, nearest: np.ndarray, ratio: float) -> np.ndarray:
+    """Which pairs are mutual near-nearest neighbours (--mutual R): twins (1 - cos <= TWIN), or pairs (i, j) whose
+    distance d = 1 - cos is at most (1 + R) x nearest[i] and at most (1 + R) x nearest[j], i.e. each image is
+    (nearly) the other's nearest. R = 0: mutual nearest neighbours.
+
+    pairs: (P, 2) row indices; cos: (P,); nearest: (N,) from nearest_distances. Returns (P,) bool."""
+    dist = 1.0 - cos.astype(np.float64)
+    limit = (1.0 + float(ratio)) * nearest + 1e-6  # 1e-6: the same cosine from two matrix products
+    return (dist <= TWIN) | ((dist <= limit[pairs[:, 0]]) & (dist <= limit[pairs[:, 1]]))
+
+
+def find_duplicates(unit: np.ndarray, threshold: float, mutual: float | None = None,
+                    use_faiss: bool | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """--duplicates T [--mutual R]: the pairs with cosine >= T (duplicate_pairs), then, with R, only the mutual
+    near-nearest ones (mutual_pairs). unit: (N, D) unit rows. Returns (pairs (P, 2), cos (P,), pairs before the
+    mutual rule)."""
+    pairs, cos = duplicate_pairs(unit, float(threshold))
+    candidates = len(pairs)
+    if mutual is not None:
+        keep = mutual_pairs(pairs, cos, nearest_distances(unit, use_faiss=use_faiss), float(mutual))
+        pairs, cos = pairs[keep], cos[keep]
+    return pairs, cos, candidates
 
 
 def pca_whitening(x: np.ndarray, dim: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -315,6 +354,7 @@ class EmbedResult:
     pair_cosines: np.ndarray | None = None  # (P,)
     pair_groups: np.ndarray | None = None  # (P,) group numbers 1..G
     whitening: tuple[np.ndarray, np.ndarray] | None = None  # whiten=K: (mean (D,), proj (D, K)) of the search space
+    candidates: int | None = None  # the pairs at cosine >= T (before mutual=R kept `pairs`)
 
     @property
     def groups(self) -> int:
@@ -322,7 +362,7 @@ class EmbedResult:
 
 
 def check_options(neighbours: int | None, duplicates: float | None, gallery_rows: int,
-                  whiten: int | None = None) -> None:
+                  whiten: int | None = None, mutual: float | None = None) -> None:
     if neighbours is not None and int(neighbours) < 1:
         raise UserError(f"--neighbours must be a positive number of neighbours, not {neighbours}.")
     if duplicates is not None and not -1.0 <= float(duplicates) <= 1.0:
@@ -333,18 +373,23 @@ def check_options(neighbours: int | None, duplicates: float | None, gallery_rows
         raise UserError(f"--whiten must be a positive number of directions (e.g. 128), not {whiten}.")
     if whiten is not None and neighbours is None and duplicates is None:
         raise UserError("--whiten changes the --neighbours and --duplicates search: pass one of them too.")
+    if mutual is not None and not float(mutual) >= 0:
+        raise UserError(f"--mutual is a distance ratio of at least 0 (e.g. 0.75), not {mutual}.")
+    if mutual is not None and duplicates is None:
+        raise UserError("--mutual filters the --duplicates pairs: pass --duplicates too.")
 
 
 def embed_folder(source: str | Path, data: str | Path, out: str | Path, neighbours: int | None = None,
                  duplicates: float | None = None, gallery_rows: int = 8, use_faiss: bool | None = None,
-                 warn=None, whiten: int | None = None, **options) -> EmbedResult:
+                 warn=None, whiten: int | None = None, mutual: float | None = None, **options) -> EmbedResult:
     """Embed `data` with `source` (a run directory, or an exported .onnx + its manifest.json) into `out`, and write
     skipped_files.txt, neighbours.csv + neighbours.png (neighbours = K) and duplicates.csv (duplicates = T)
     beside it. whiten = K: search (not store) PCA-whitened embeddings (pca_whitening fitted on this folder, K
-    directions) instead of the raw ones. options: device, batch_size, cache_mb, workers, cache_dir (run) or
+    directions) instead of the raw ones. mutual = R: keep only the pairs that are mutual near-nearest neighbours
+    (mutual_pairs). options: device, batch_size, cache_mb, workers, cache_dir (run) or
     manifest, batch_size, threads (onnx). warn: callable(message) for skipped files."""
     out = check_out(out)
-    check_options(neighbours, duplicates, gallery_rows, whiten)
+    check_options(neighbours, duplicates, gallery_rows, whiten, mutual)
     source = Path(source).expanduser()
     if source.suffix == ".onnx":
         paths, emb, skipped = embed_with_onnx(source, data, **options)
@@ -370,7 +415,7 @@ def embed_folder(source: str | Path, data: str | Path, out: str | Path, neighbou
         result.written.append(write_neighbours(out.parent / "neighbours.csv", paths, idx, cos))
         result.written.append(gallery(out.parent / "neighbours.png", paths, idx, cos, int(gallery_rows)))
     if duplicates is not None:
-        result.pairs, result.pair_cosines = duplicate_pairs(unit, float(duplicates))
+        result.pairs, result.pair_cosines, result.candidates = find_duplicates(unit, duplicates, mutual, use_faiss)
         result.pair_groups = group_pairs(len(paths), result.pairs)
         result.written.append(write_duplicates(out.parent / "duplicates.csv", paths, result.pairs,
                                                result.pair_cosines, result.pair_groups))
