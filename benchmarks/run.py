@@ -22,7 +22,7 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
             longer-trained resnet18 (also as the initial bank), and with the per-step teacher: kNN, linear at 10 and
             all labels, wall time (benchmarks/teacher.py)
   duplicates  50 planted JPEG + crop copies among the emoji: does `edgessl embed --duplicates` (raw cosine and
-            --whiten 64/128) find them? Precision, recall, nearest-neighbour rate (benchmarks/duplicates.py)
+            --whiten 128/256, --mutual) find them? Precision, recall, nearest-neighbour rate (benchmarks/duplicates.py)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
             model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above

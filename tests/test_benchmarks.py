@@ -178,7 +178,7 @@ def test_duplicates_score_in_closed_form():
 
 def test_duplicates_suite(bench):
     rec, readme = bench("duplicates")
-    assert [r["space"] for r in rec["rows"]] == ["raw cosine", "--whiten 8"]
+    assert [r["space"] for r in rec["rows"]] == ["raw cosine", "--whiten 8", "--whiten 8 --mutual 0.75"]
     for r in rec["rows"]:
         recall = [c["recall"] for c in r["curve"]]
         assert len(recall) == 20 and recall == sorted(recall, reverse=True) and r["copies"] == 4
