@@ -152,8 +152,8 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
 
     out = ["| planted sample | epochs | search | copy's nearest is its original | at T = 0.80: precision (copies) | "
            "recall | at T = 0.90: precision (copies) | recall |", "|---|---|---|---|---|---|---|---|"]
-    for plant, e, space in dict.fromkeys((r.get("plant", 0), r["epochs"], r["space"]) for r in rows):
-        rs = [r for r in rows if (r.get("plant", 0), r["epochs"], r["space"]) == (plant, e, space)]
+    for plant, e, space in dict.fromkeys((r["plant"], r["epochs"], r["space"]) for r in rows):
+        rs = [r for r in rows if (r["plant"], r["epochs"], r["space"]) == (plant, e, space)]
         at8, at9 = [_at(r, 0.8) for r in rs], [_at(r, 0.9) for r in rs]
         out.append(f"| {plant} | {e} | {space} | {cell([r['nn_is_original'] for r in rs])} | "
                    f"{cell([c['precision_copies'] for c in at8])} | {cell([c['recall'] for c in at8])} | "
@@ -177,7 +177,7 @@ def duplicates_section(rec: dict[str, Any]) -> str:
            "| recall | at T = 0.80: P / R | at T = 0.90: P / R |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         b, at8, at9 = r["best"], _at(r, 0.8), _at(r, 0.9)
-        out.append(f"| {r.get('plant', 0)} | {r['epochs']} | {r['seed']} | {r['space']} | {r['nn_is_original']:.2f} | "
+        out.append(f"| {r['plant']} | {r['epochs']} | {r['seed']} | {r['space']} | {r['nn_is_original']:.2f} | "
                    f"{b['threshold']:.2f} | {b['precision_copies']:.2f} | {b['precision_all']:.2f} | "
                    f"{b['recall']:.2f} | {at8['precision_copies']:.2f} / {at8['recall']:.2f} | "
                    f"{at9['precision_copies']:.2f} / {at9['recall']:.2f} |")
