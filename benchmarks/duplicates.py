@@ -78,7 +78,7 @@ def precision_recall(pairs: np.ndarray, copy: np.ndarray, keys: np.ndarray) -> t
 def score(paths: list[str], unit: np.ndarray, keys: list[str], mutual: float | None = None) -> dict[str, Any]:
     """precision_recall at each of THRESHOLDS (with mutual = R: of the pairs find_duplicates keeps), and how often a
     copy's nearest image is its original (or a pixel twin of it). unit: (N, D) unit rows."""
-    from edgessl.evaluate.embed import find_duplicates, top_k_neighbours
+    from edgessl.evaluate.neighbours import find_duplicates, top_k_neighbours
 
     copy = np.array([p.endswith("_dup.jpg") for p in paths])
     keys = np.array(keys)
@@ -130,7 +130,7 @@ def suite_duplicates(args) -> list[dict[str, Any]]:
 
 def score_spaces(res, spaces) -> list[dict[str, Any]]:
     """score() of an EmbedResult's embeddings in each (--whiten K, --mutual R) search space."""
-    from edgessl.evaluate.embed import pca_whitening, unit_rows, whitened_unit_rows
+    from edgessl.evaluate.neighbours import pca_whitening, unit_rows, whitened_unit_rows
 
     keys, rows = identity(res.paths), []
     for k, mutual in spaces:

@@ -20,15 +20,15 @@ from rich.console import Console
 
 import edgessl
 from edgessl.evaluate import linear
-from edgessl.evaluate.protocol import evaluate_run
+from edgessl.workflows.eval import evaluate_encoder
 
 
 def _eval(run_dir: Path, train: Path, test: Path, lpc: str, seeds: int, settings) -> tuple[float, list[dict]]:
     linear.PROBE, saved = settings, linear.PROBE
     try:
         t0 = time.time()
-        result = evaluate_run(run_dir, train, test, labels_per_class=lpc, seeds=seeds, baseline="random",
-                              cache=False, console=Console(quiet=True), quiet=True)
+        result = evaluate_encoder(run_dir, train, test, labels_per_class=lpc, seeds=seeds, baseline="random",
+                                  cache=False, console=Console(quiet=True), quiet=True)
         return time.time() - t0, result.results
     finally:
         linear.PROBE = saved

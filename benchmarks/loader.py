@@ -99,9 +99,10 @@ def probe_start(args) -> dict[str, Any]:
 
 def probe_cache_rss(args) -> dict[str, Any]:
     from edgessl.data.folder import load_image_folder
+    from edgessl.options import Decode
 
     t0 = time.time()
-    images = load_image_folder(args.data, 224, cache_mb=512, cache_dir=args.cache_dir)
+    images = load_image_folder(args.data, 224, decode=Decode(cache_dir=args.cache_dir, cache_mb=512))
     return {"images": len(images), "seconds": time.time() - t0, "peak_rss_bytes": _rss(),
             "decoded_bytes": len(images) * 3 * 224 * 224, "cache_mb": 512}
 
@@ -110,10 +111,11 @@ def probe_loader(args) -> dict[str, Any]:
     from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch
     from edgessl.data.folder import load_image_folder
     from edgessl.data.loader import Prefetcher, gather
+    from edgessl.options import Decode
 
     mb = {"ram": 1e9, "mmap": 1, "stream": 1}[args.path]
-    images = load_image_folder(args.data, 224, cache_mb=mb, cache_dir="none" if args.path == "stream" else
-                               args.cache_dir)
+    images = load_image_folder(args.data, 224, decode=Decode(
+        cache_dir="none" if args.path == "stream" else args.cache_dir, cache_mb=mb))
     batch, steps = (8, 3) if args.tiny else (128, args.steps)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     batches = [order[i * batch:(i + 1) * batch] for i in range(steps)]
@@ -175,8 +177,9 @@ def probe_monitor(args) -> dict[str, Any]:
     from edgessl.data.folder import load_image_folder
     from edgessl.evaluate.monitor import Monitor
     from edgessl.models.backbone import create_backbone
+    from edgessl.options import Decode
 
-    images = load_image_folder(args.data, 64, labels=True, cache_dir=args.cache_dir)
+    images = load_image_folder(args.data, 64, labels=True, decode=Decode(cache_dir=args.cache_dir))
     torch.manual_seed(0)
     backbone, _ = create_backbone("mobilenetv3_small", small_input=False)
     monitor = Monitor(images, None, max_queries=args.monitor_queries, seed=0)

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgessl.data.augment import AugmentConfig, augment_batch
+from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch
 from edgessl.data.folder import ImageSet
 from edgessl.evaluate.features import extract_features
 from edgessl.models.backbone import create_backbone, output_dim, want_small_input
-from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD, epoch_order
+from edgessl.train.loop import epoch_order
 from edgessl.train.optim import build_optimizer, warmup_cosine
 
 PEERS = ("edgessl", "npid", "simclr", "mocov2", "byol", "supervised")

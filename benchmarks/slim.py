@@ -22,8 +22,8 @@ def encoder_cost(folder: Path, size: int) -> dict[str, Any]:
     """Parameters, MACs and batch-1 latency (ONNX Runtime fp32 when installed, else PyTorch eager; median over at
     least 30 runs and 0.5 s, one thread) of a saved encoder: the numbers of a --widths run's widths.json."""
     import edgessl
+    from edgessl.deploy.widths import batch1_latency
     from edgessl.models.prune import count_params_macs
-    from edgessl.slim.api import batch1_latency
 
     model = edgessl.load_encoder(folder)
     params, macs = count_params_macs(model, torch.zeros(1, 3, size, size))
@@ -48,18 +48,19 @@ def recost(results: Path) -> None:
 
 def suite_slim(args) -> list[dict]:
     import edgessl
-    from benchmarks.run import datasets, final_eval
+    from benchmarks.common import datasets, final_eval
     from edgessl.config import resolve
     from edgessl.data.folder import load_image_folder
-    from edgessl.evaluate.monitor import standard_evaluation
     from edgessl.models.backbone import create_backbone, output_dim, want_small_input
     from edgessl.models.channels import channel_groups, group_counts
     from edgessl.models.head import Encoder, ProjectionHead
     from edgessl.models.prune import prune_to_counts
     from edgessl.models.slimmable import last_layer
-    from edgessl.slim.api import slim_encoder
-    from edgessl.slim.recover import prune_run
-    from edgessl.train.loop import WarmStart, pretrain
+    from edgessl.models.widths import slim_encoder
+    from edgessl.train.run import pretrain
+    from edgessl.train.types import WarmStart
+    from edgessl.workflows.pretrain import standard_evaluation
+    from edgessl.workflows.prune import prune_encoder
 
     train, test, backbone, size = datasets(args.tiny)["emoji"]
     epochs = args.epochs
@@ -107,6 +108,6 @@ def suite_slim(args) -> list[dict]:
 
     # route 3: prune the separate width-1.0 encoder by half, recover
     t0 = time.time()
-    pruned = prune_run(full.run_dir, 0.5, "magnitude", epochs=recover, out=work / "pruned-0.5", quiet=True)
+    pruned = prune_encoder(full.run_dir, 0.5, "magnitude", epochs=recover, out=work / "pruned-0.5", quiet=True)
     record("prune+recover", 0.5, pruned.run_dir, t_full + time.time() - t0, recover)
     return rows

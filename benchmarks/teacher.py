@@ -72,8 +72,8 @@ def forget_teacher_banks(train: Path) -> None:
 
 def suite_teacher(args) -> list[dict[str, Any]]:
     import edgessl
+    from benchmarks.common import final_eval, train_and_eval
     from benchmarks.datasets import cifar10, stratified_subset
-    from benchmarks.run import final_eval, train_and_eval
     from edgessl.data.folder import load_image_folder
 
     train, test = cifar10(per_class=500)

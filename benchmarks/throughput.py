@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edgessl.data.augment import AugmentConfig, augment_batch
+from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch
 from edgessl.data.folder import load_image_folder
 from edgessl.demo import demo_images
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.backbone import create_backbone, output_dim, want_small_input
 from edgessl.models.head import Encoder, ProjectionHead
-from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD
 
 RESULTS = Path(__file__).parent / "results" / "throughput.json"
 

@@ -6,7 +6,7 @@ Precedence, lowest first: defaults < --recipe < --config < the --method preset <
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,75 +17,117 @@ from edgessl._version import __version__
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
 from edgessl.loggers import parse_loggers
+from edgessl.options import Compute, Decode, HasDecode, check_groups, names, option, shared
 
 
-@dataclass
-class PretrainConfig:
+@dataclass(kw_only=True)
+class PretrainConfig(HasDecode):
+    """Every option of `edgessl pretrain` (the CLI flags, the API's keyword arguments, config.yaml's keys)."""
+
     # data
-    data: str | None = None  # None: the bundled demo images
-    image_size: int = 64
-    val: str | None = None
-    labels_from_folders: bool = False
-    cache_mb: float = 4096.0
-    cache_dir: str = "auto"  # decoded-image cache on disk: auto (EDGESSL_CACHE_DIR or ~/.cache/edgessl), a folder, none
-    workers: str = "auto"  # decoding threads: auto (one per available core, at most 8) or a number
-    threads: str = "auto"  # CPU threads: auto (edgessl.runtime's policy) or a number
+    data: str | None = option(None, "Folder of images, searched recursively.", shown="the bundled demo images")
+    image_size: int = option(64, "Training resolution in pixels.")
+    val: str | None = option(None, "Labelled folder (one subfolder per class) for the online kNN monitor.",
+                             shown="none")
+    labels_from_folders: bool = option(False, "Use --data's subfolders as labels for the kNN monitor.")
+    cache_mb: float = shared(Decode, "cache_mb")
+    cache_dir: str = shared(Decode, "cache_dir")
+    workers: str = shared(Decode, "workers")
+    threads: str = shared(Compute, "threads")
     # model
-    backbone: str = "mobilenetv3_small"
-    init: str | None = None  # start from: timm (its pretrained weights), a weights file, or an edgessl run
-    small_input: str = "auto"
-    head: str = "linear"
-    head_hidden: int = 2048
-    feature_dim: int = 128
+    backbone: str = option("mobilenetv3_small", "timm model name or alias (mobilenetv3_small, mobilenetv3_large, "
+                                                "resnet18, ...).")
+    init: str | None = option(None, "Start the backbone from other weights: timm (timm's pretrained weights; "
+                                    "downloads), a local .safetensors or .pth state dict, or an edgessl run directory "
+                                    "(its encoder continues on --data with a new bank).")
+    small_input: str = option("auto", "auto | on | off: stride-1 stem for small images (auto: on at <= 32 px).")
+    head: str = option("linear", "Projection head: linear | mlp.")
+    head_hidden: int = option(2048, "Hidden units of the MLP head.")
+    feature_dim: int = option(128, "Output dimension d of the head (bank width).")
     # several widths of one network (SlimCLR): None = one width
-    widths: str | None = None  # e.g. "1.0,0.75,0.5,0.25"
-    slow_start: float = 0.5  # fraction of the epochs before the sub-widths join
-    width_distill: float = 0.5  # weight of the distillation from the full width in each sub-width's loss; 0 = off
-    width_reweight: bool = True  # full width weighs 1 + sum of sub-widths
+    widths: str | None = option(None, "Train one weight-sharing network at several widths, e.g. 1.0,0.75,0.5,0.25 "
+                                      "(SlimCLR); pick one later with `edgessl slim`.", shown="one width")
+    slow_start: float = option(0.5, "With --widths: fraction of the epochs trained at full width only before the "
+                                    "sub-widths join.")
+    width_distill: float = option(0.5, "With --widths: weight of each sub-width's distillation from the full width "
+                                       "(0 = off).")
+    width_reweight: bool = option(True, "With --widths: the full width's loss weighs 1 + sum of the sub-widths "
+                                        "(--no-width-reweight: every width weighs 1).",
+                                  flag="--no-width-reweight")
     # a frozen teacher, run once over the training images (teacher-bank distillation): None = no teacher
-    teacher: str | None = None  # an edgessl run, timm:<name>, or a weights file (with teacher_backbone)
-    teacher_backbone: str | None = None
-    teacher_image_size: int | None = None  # None: the teacher's own input size
-    teacher_weight: float = 1.0
-    teacher_temperature: float = 0.05
-    teacher_per_step: bool = False  # ablation: run the teacher on every crop instead of reading its bank
-    teacher_predictor: float = 0.0  # variant: weight of a cosine loss to the teacher's row through a predictor
+    teacher: str | None = option(None, "Distil a frozen teacher run once over the training images: an edgessl run "
+                                       "directory, timm:<name> (timm's pretrained weights; downloads), or a local "
+                                       "weights file with --teacher-backbone. Its features are computed once and kept "
+                                       "with the run (teacher.safetensors).")
+    teacher_backbone: str | None = option(None, "With --teacher FILE: the file's timm architecture (e.g. resnet50).")
+    teacher_image_size: int | None = option(None, "The teacher's input size in pixels (default: the teacher's own: a "
+                                                  "run's image size, timm's pretrained input size).")
+    teacher_weight: float = option(1.0, "w_t of the relational KL to the teacher's distribution over the bank "
+                                        "columns; 0 = unused.")
+    teacher_temperature: float = option(0.05, "tau_t of the teacher's distribution softmax(t_i . T^T / tau_t).")
+    teacher_per_step: bool = option(False, "Ablation: run the teacher on every crop of every step (as SEED and "
+                                           "LightlyTrain do) instead of reading its bank.")
+    teacher_predictor: float = option(0.0, "Variant: weight of a cosine loss between a small predictor of the "
+                                           "student's feature and the teacher's row of the image (0 = off; one "
+                                           "process only).")
     # method
-    method: str = "edgessl"
-    temperature: float = 0.1
-    negatives: int = 16384
-    bank_init: str = "auto"  # teacher with --teacher (and teacher_weight > 0), else forward
-    bank_update: str = "grad"
-    bank_lr: float = 1.0
-    bank_momentum: float = 0.5
-    sd_weight: float = 5.0
-    sd_temperature: float = 1.0
-    sd_alpha: float = 0.5
-    cutmix: float = 0.0
-    cutmix_lam: str = "max"  # max: max(lambda, 1 - lambda), the authors' rule (measured better); beta: lambda
-    blur: float = 0.0
+    method: str = option("edgessl", "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no "
+                                    "L_sd).")
+    temperature: float = option(0.1, "tau of the instance loss.")
+    negatives: int = option(16384, "Whole bank up to batch rows + this many rows, else batch rows + this many "
+                                   "distinct sampled rows.")
+    bank_init: str = option("auto", "auto (teacher with --teacher and a --teacher-weight above 0, else forward) | "
+                                    "forward (one pass of the untrained network) | random | teacher (the --teacher "
+                                    "bank, projected to --feature-dim by its top singular directions).")
+    bank_update: str = option("grad", "grad (every column in use moves) | momentum (NPID).")
+    bank_lr: float = option(1.0, "eta of the gradient bank update.")
+    bank_momentum: float = option(0.5, "m of the momentum bank update.")
+    sd_weight: float = option(5.0, "lambda of the self-distillation loss; 0 turns it off.")
+    sd_temperature: float = option(1.0, "tau_sd of the self-distillation loss.")
+    sd_alpha: float = option(0.5, "alpha of the self-distillation target normalize(p^alpha).")
+    cutmix: float = option(0.0, "CutMix Beta(alpha, alpha) inside the batch; 0 = off.")
+    cutmix_lam: str = option("max", "beta: the kept area lambda ~ Beta(alpha, alpha) | max: max(lambda, 1 - lambda) "
+                                    "(the image keeps the larger part, as the authors' code).")
+    blur: float = option(0.0, "Probability of a Gaussian blur.")
     # optimisation
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 0.2  # per 256 images: the optimiser's lr is lr * batch_size / 256
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
+    epochs: int = option(20, "Epochs.")
+    batch_size: int = option(128, "Images per step; under torchrun the global batch over all processes.")
+    lr: float = option(0.2, "Learning rate per 256 images (scaled by batch-size/256).")
+    optimizer: str = option("sgd", "sgd | adamw | lars.")
+    momentum: float = option(0.9, "SGD/LARS momentum.")
+    weight_decay: float = option(5e-4, "AdamW/SGD weight decay.")
+    warmup_epochs: float = option(1.0, "Linear warm-up before the cosine decay.")
     # run
-    out: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    deterministic: bool = False
-    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (no effect on one process)
-    eval_every: int = 1
-    monitor_queries: int = 5000  # the kNN monitor classifies at most this many images (a fixed random subset); 0 = all
-    logger: str = "none"  # experiment loggers: none or a subset of tensorboard,mlflow,wandb (edgessl.loggers)
-    quiet: bool = False
+    out: str | None = option(None, "Run directory.", shown="runs/BACKBONE-TIME")
+    seed: int = option(0, "Seed of the weights, the epoch order, the crops and the sampled negatives.")
+    device: str = shared(Compute, "device")
+    precision: str = option("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on CUDA, fp32 on CPU and MPS).")
+    deterministic: bool = option(False, "Deterministic algorithms (bit-exact resume on CPU).")
+    sync_bn: bool = option(False, "Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm). No "
+                                  "effect on one process.")
+    eval_every: int = option(1, "kNN monitor every N epochs (0 = off).")
+    monitor_queries: int = option(5000, "The kNN monitor classifies at most this many labelled images (the same "
+                                        "random subset every epoch; the kNN memory keeps all of them); 0 = all.")
+    logger: str = option("none", "Experiment loggers: none, or any of tensorboard,mlflow,wandb (comma-separated; each "
+                                 "an extra, e.g. pip install 'edgessl[tensorboard]'). Each gets the metrics.jsonl "
+                                 "rows, the plots and config.yaml; eval and finetune log to the run's loggers too.")
+    quiet: bool = option(False, "No progress bar; log lines only.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(kw_only=True)
+class PretrainControl:
+    """The arguments of `edgessl pretrain` that choose where options come from and which run to write or continue;
+    not training options (not in config.yaml)."""
+
+    recipe: str | None = option(None, "Recipe name (recipes/*.yaml) or YAML path; flags override it.", shown="none")
+    config: str | None = option(None, "A resolved config.yaml to reload; flags override it.", shown="none")
+    resume: str | None = option(None, "Continue a run directory after its last completed epoch (on the same files; "
+                                      "--data may point at a moved copy).", shown="none")
+    overwrite: bool = option(False, "Start a new run in a non-empty --out: the old contents are moved aside to "
+                                    "OUT.old-TIME (nothing is deleted).")
 
 
 # What --method npid sets (unless a flag on the command line says otherwise).
@@ -106,103 +148,7 @@ CHOICES = {
     "cutmix_lam": ("beta", "max"),
 }
 
-FIELD_NAMES = {f.name for f in fields(PretrainConfig)}
-
-
-# What each option means (the CLI's --help and docs/method.md); its default comes from PretrainConfig, nowhere else.
-FIELD_HELP: dict[str, str] = {
-    "data": "Folder of images, searched recursively.",
-    "image_size": "Training resolution in pixels.",
-    "val": "Labelled folder (one subfolder per class) for the online kNN monitor.",
-    "labels_from_folders": "Use --data's subfolders as labels for the kNN monitor.",
-    "cache_mb": "RAM for decoded images in MiB; a larger data set is memory-mapped from the disk cache (or, with "
-                "--cache-dir none, decoded again at every step).",
-    "cache_dir": "Decoded-image cache: auto (EDGESSL_CACHE_DIR, else ~/.cache/edgessl), a folder, or none (no disk "
-                 "cache). Each folder is decoded once; `edgessl cache list|clear` shows and frees it.",
-    "workers": "Decoding threads: auto (one per available core, at most 8) or a number.",
-    "threads": "CPU threads for the network: auto (all cores when the machine is idle, fewer when other jobs keep them "
-               "busy) or a number.",
-    "backbone": "timm model name or alias (mobilenetv3_small, mobilenetv3_large, resnet18, ...).",
-    "init": "Start the backbone from other weights: timm (timm's pretrained weights; downloads), a local .safetensors "
-            "or .pth state dict, or an edgessl run directory (its encoder continues on --data with a new bank).",
-    "small_input": "auto | on | off: stride-1 stem for small images (auto: on at <= 32 px).",
-    "head": "Projection head: linear | mlp.",
-    "head_hidden": "Hidden units of the MLP head.",
-    "feature_dim": "Output dimension d of the head (bank width).",
-    "widths": "Train one weight-sharing network at several widths, e.g. 1.0,0.75,0.5,0.25 (SlimCLR); pick one later "
-              "with `edgessl slim`.",
-    "slow_start": "With --widths: fraction of the epochs trained at full width only before the sub-widths join.",
-    "width_distill": "With --widths: weight of each sub-width's distillation from the full width (0 = off).",
-    "teacher": "Distil a frozen teacher run once over the training images: an edgessl run directory, timm:<name> "
-               "(timm's pretrained weights; downloads), or a local weights file with --teacher-backbone. Its "
-               "features are computed once and kept with the run (teacher.safetensors).",
-    "teacher_backbone": "With --teacher FILE: the file's timm architecture (e.g. resnet50).",
-    "teacher_image_size": "The teacher's input size in pixels (default: the teacher's own: a run's image size, "
-                          "timm's pretrained input size).",
-    "teacher_weight": "w_t of the relational KL to the teacher's distribution over the bank columns; 0 = unused.",
-    "teacher_temperature": "tau_t of the teacher's distribution softmax(t_i . T^T / tau_t).",
-    "teacher_per_step": "Ablation: run the teacher on every crop of every step (as SEED and LightlyTrain do) instead "
-                        "of reading its bank.",
-    "teacher_predictor": "Variant: weight of a cosine loss between a small predictor of the student's feature and the "
-                         "teacher's row of the image (0 = off; one process only).",
-    "method": "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no L_sd).",
-    "temperature": "tau of the instance loss.",
-    "negatives": "Whole bank up to batch rows + this many rows, else batch rows + this many distinct sampled rows.",
-    "bank_init": "auto (teacher with --teacher and a --teacher-weight above 0, else forward) | forward (one pass of "
-                 "the untrained network) | random | teacher (the --teacher bank, projected to --feature-dim by its top "
-                 "singular directions).",
-    "bank_update": "grad (every column in use moves) | momentum (NPID).",
-    "bank_lr": "eta of the gradient bank update.",
-    "bank_momentum": "m of the momentum bank update.",
-    "sd_weight": "lambda of the self-distillation loss; 0 turns it off.",
-    "sd_temperature": "tau_sd of the self-distillation loss.",
-    "cutmix": "CutMix Beta(alpha, alpha) inside the batch; 0 = off.",
-    "cutmix_lam": "beta: the kept area lambda ~ Beta(alpha, alpha) | max: max(lambda, 1 - lambda) (the image keeps "
-                  "the larger part, as the authors' code).",
-    "blur": "Probability of a Gaussian blur.",
-    "epochs": "Epochs.",
-    "batch_size": "Images per step; under torchrun the global batch over all processes.",
-    "lr": "Learning rate per 256 images (scaled by batch-size/256).",
-    "optimizer": "sgd | adamw | lars.",
-    "weight_decay": "AdamW/SGD weight decay.",
-    "warmup_epochs": "Linear warm-up before the cosine decay.",
-    "out": "Run directory.",
-    "seed": "Seed of the weights, the epoch order, the crops and the sampled negatives.",
-    "device": "auto | cpu | cuda | mps (auto: cuda, else mps on Apple silicon, else cpu).",
-    "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 or fp16 on CUDA, fp32 on CPU and MPS).",
-    "deterministic": "Deterministic algorithms (bit-exact resume on CPU).",
-    "sync_bn": "Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm). No effect on one process.",
-    "eval_every": "kNN monitor every N epochs (0 = off).",
-    "monitor_queries": "The kNN monitor classifies at most this many labelled images (the same random subset every "
-                       "epoch; the kNN memory keeps all of them); 0 = all.",
-    "quiet": "No progress bar; log lines only.",
-    "logger": "Experiment loggers: none, or any of tensorboard,mlflow,wandb (comma-separated; each an extra, e.g. "
-              "pip install 'edgessl[tensorboard]'). Each gets the metrics.jsonl rows, the plots and config.yaml; "
-              "eval and finetune log to the run's loggers too.",
-    "momentum": "SGD/LARS momentum.",
-    "sd_alpha": "alpha of the self-distillation target normalize(p^alpha).",
-    "width_reweight": "With --widths: the full width weighs 1 + sum of the sub-widths (--no-width-reweight: every "
-                      "width weighs 1).",
-}
-DEFAULT_SHOWN = {"data": "the bundled demo images", "out": "runs/BACKBONE-TIME", "val": "none", "widths": "one width"}
-
-
-def default_text(name: str) -> str:
-    """How --help shows a field's default (from PretrainConfig): 'on'/'off' for switches, the value otherwise."""
-    value = {f.name: f.default for f in fields(PretrainConfig)}[name]
-    if name in DEFAULT_SHOWN:
-        return DEFAULT_SHOWN[name]
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def flag_help(name: str) -> str:
-    """--help text of a PretrainConfig field: its meaning and, for options that take a value, its default."""
-    text = FIELD_HELP[name]
-    if isinstance({f.name: f.default for f in fields(PretrainConfig)}[name], bool):
-        return text
-    return f"{text} [default: {default_text(name)}]"
+FIELD_NAMES = set(names(PretrainConfig))
 
 
 def recipes_dir() -> Path:
@@ -290,12 +236,7 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError("--eval-every must be zero (off) or positive.")
     if cfg.monitor_queries < 0:
         raise UserError("--monitor-queries must be zero (all) or positive.")
-    cfg.workers = str(cfg.workers)
-    if cfg.workers != "auto" and not (cfg.workers.isdigit() and int(cfg.workers) > 0):
-        raise UserError(f"--workers must be auto or a positive number, not '{cfg.workers}'.")
-    cfg.threads = str(cfg.threads)
-    if cfg.threads != "auto" and not (cfg.threads.isdigit() and int(cfg.threads) > 0):
-        raise UserError(f"--threads must be auto or a positive number, not '{cfg.threads}'.")
+    check_groups(cfg)
     cfg.logger = ",".join(parse_loggers(cfg.logger)) or "none"
     validate_teacher(cfg)
 

@@ -1,5 +1,6 @@
 """Writing files so that a reader never sees half of one: a temporary file in the same folder, then a rename.
-Also the one sha256 of a file's bytes (export/device_check.py keeps its own copy: it runs on devices without edgessl).
+Also the one sha256 of a file's bytes (export/device_check.py keeps its own copy: it runs on devices without edgessl),
+and the one way a torch file is read: safe_torch_load, which never runs code from the file.
 
 Every file edgessl writes gets the mode a plain `open(..., "w")` would give (0644 under the usual umask 022), also
 when the writer (safetensors, tempfile) creates it 0600.
@@ -9,10 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
+import torch
 from safetensors.torch import save_file
+
+from edgessl.errors import UserError
 
 
 def default_mode() -> int:
@@ -62,3 +69,43 @@ def sha256_files(paths: Iterable[str | Path]) -> str:
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     return sha256_files([path])
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a reader (or a
+    resume after a kill at any moment) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array needs, and nothing that can run code: the array and dtype reconstructors."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    found = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    found += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object())) if n.endswith("DType")]
+    return found
+
+
+def safe_torch_load(path: str | Path, what: str = "", map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True: tensors, numbers, strings and containers (and numpy arrays, which
+    checkpoints of edgessl 0.2 hold), never an arbitrary object; a file that holds one is refused with a UserError
+    naming it, and nothing in it runs. what: how the error names the file (e.g. "--init")."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise  # no object was refused: a damaged or foreign file, for the caller to name
+        detail = f"GLOBAL {found.group(1)}"
+        raise UserError(f"{what + ' ' if what else ''}'{path}' holds a pickled object that is not weights or plain "
+                        f"data ({detail[:160]}); edgessl never runs code from a file, so it is refused. Use a run "
+                        "directory or weights file you trust.") from None

@@ -9,15 +9,32 @@
 - timm_offline: timm.create_model as it behaves offline: pretrained=True raises the hub's connection error, random
   weights still build (so `--init timm` / `--teacher timm:` can be tested without a download).
 - demo_run (session): a run directory of a 1-epoch pretraining at 32 px on labelled_demo/train (encoder files,
-  config.yaml, ...). Read-only: copy it (shutil.copytree) before writing into it.
+  config.yaml, ...). Read-only: copy it (run_copy, or shutil.copytree) before writing into it.
+- run_copy: a private copy of demo_run to write into.
+- exports (session): one short pretraining on 72 demo images, its encoder exported (fp32 + int8 + fp16) and a
+  classifier (fp32 + int8), into one export folder (test_export.py, test_device_check.py). Read-only.
+- one_torch_thread (module): PyTorch on one thread for the module, restored afterwards (small forward passes on a CPU
+  shared with other jobs ran up to 60x slower with two OpenMP threads waiting for each other).
+- SHARED / needs_shared(name): the shared data sets (../shared/data) and a skip marker for tests that need one of them
+  (a user's clone has none; CI has them).
 """
 
+import contextlib
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from edgessl.demo import demo_images
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def needs_shared(archive: str):
+    """Skip the test cleanly when ../shared/data/<archive> is absent."""
+    return pytest.mark.skipif(not (SHARED / archive).is_file(), reason=f"../shared/data/{archive} not present")
 
 DEMO_CLASSES = ("activities", "animals_and_nature", "flags")
 DEMO_TRAIN = (6, 6, 3)
@@ -79,3 +96,93 @@ def timm_offline(monkeypatch):
         return real(name, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, "create_model", offline)
+
+
+@pytest.fixture
+def run_copy(demo_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(demo_run, dst)
+    return dst
+
+
+@contextlib.contextmanager
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    with _one_thread():
+        yield
+
+
+PER_CLASS = 8  # 9 demo classes x 8 = 72 images: >= 64 for the parity check, 1 epoch in a few seconds
+
+
+def _subset(dst: Path) -> Path:
+    from edgessl.demo import demo_images
+
+    for folder in sorted(p for p in demo_images().iterdir() if p.is_dir()):
+        (dst / folder.name).mkdir(parents=True)
+        for png in sorted(folder.glob("*.png"))[:PER_CLASS]:
+            shutil.copy(png, dst / folder.name / png.name)
+    return dst
+
+
+def _classifier(run: Path, data: Path) -> Path:
+    from edgessl.models.backbone import load_encoder
+    from edgessl.models.classifier import Classifier, save_classifier
+
+    from edgessl.data.augment import test_transform
+    from edgessl.data.folder import load_image_folder
+
+    encoder = load_encoder(run)
+    meta = encoder.edgessl_meta
+    classes = sorted(p.name for p in data.iterdir())
+    model = Classifier(encoder, meta["feature_dim"], len(classes)).eval()
+    images = load_image_folder(data, meta["image_size"], labels=True)
+    with torch.no_grad():  # a nearest-class-mean layer: logits that mean something, as a fine-tuned one's do
+        feats = torch.nn.functional.normalize(encoder(test_transform(images.get(torch.arange(len(images))),
+                                                                     meta["mean"], meta["std"])), dim=1)
+        means = torch.stack([feats[images.labels == c].mean(0) for c in range(len(classes))])
+        model.fc.weight.copy_(10 * torch.nn.functional.normalize(means, dim=1))
+        model.fc.bias.zero_()
+    folder = run / "finetune-test"
+    save_classifier(model, folder, {**meta, "classes": classes, "train_data": str(data)})
+    return folder
+
+
+def build_exports(root: Path) -> dict:
+    """Pretrain 1 epoch at 32 px on 72 demo images, export the encoder (fp32 + int8 + fp16) and a classifier
+    (fp32 + int8) into the same export folder. Cached for the whole session (both test files). int8 is the single
+    configuration (--int8-mode strict): the search may keep fp32 on a machine where int8 is slower
+    (test_quantize_search.py covers it)."""
+    with _one_thread():
+        return _build(root)
+
+
+def _build(root: Path) -> dict:
+    import edgessl
+
+    data = _subset(root / "data")
+    run = root / "run"
+    edgessl.pretrain(data=str(data), epochs=1, image_size=32, batch_size=32, out=str(run), quiet=True, eval_every=0,
+                     backbone="mobilenetv3_small")
+    clf = _classifier(run, data)
+    enc_result = edgessl.export(run, int8="strict", fp16=True)
+    clf_result = edgessl.export(run, classifier=clf, int8="strict")
+    return {"data": data, "run": run, "classifier": clf, "export": run / "export", "encoder_result": enc_result,
+            "classifier_result": clf_result}
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    return build_exports(tmp_path_factory.mktemp("export"))

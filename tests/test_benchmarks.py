@@ -4,14 +4,12 @@ Needs the shared data sets (../shared/data) and the `bench` extra (lightly); ski
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_shared
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (SHARED / "cifar10.tar.gz").is_file(), reason="../shared/data not present")]
+pytestmark = [pytest.mark.slow, needs_shared("cifar10.tar.gz")]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from edgessl.data.folder import load_image_folder
 from edgessl.data.loader import Prefetcher
 from edgessl.errors import UserError
 from edgessl.models.backbone import load_encoder
+from edgessl.options import Decode
 
 
 @pytest.fixture
@@ -53,8 +54,8 @@ def decodes(monkeypatch):
     return seen
 
 
-def _load(root, store, **kw):
-    return load_image_folder(root, 32, cache_dir=store, workers=1, **kw)
+def _load(root, store, cache_mb=4096.0, **kw):
+    return load_image_folder(root, 32, decode=Decode(cache_dir=store, workers=1, cache_mb=cache_mb), **kw)
 
 
 def test_a_second_load_decodes_nothing_and_returns_the_same_rows(folder, store, decodes):
@@ -64,7 +65,7 @@ def test_a_second_load_decodes_nothing_and_returns_the_same_rows(folder, store, 
     assert len(decodes) == 24  # nothing decoded again
     assert torch.equal(first.images, second.images) and first.paths == second.paths
     # the same pixels as decoding without a cache
-    assert torch.equal(load_image_folder(folder, 32, cache_dir="none").images, first.images)
+    assert torch.equal(load_image_folder(folder, 32, decode=Decode(cache_dir="none")).images, first.images)
     index = json.loads(next((store / "images").glob("*.json")).read_text())
     assert index["size"] == 32 and len(index["files"]) == 24 and index["version"] == 1 and "policy" in index
     assert {"root", "signature", "data", "skipped"} <= set(index)
@@ -83,7 +84,7 @@ def test_added_removed_and_changed_files_update_the_cache_decoding_only_those(fo
     assert len(got) == 24 and files[1] not in got.paths
     red = got.images[got.paths.index(files[2])]
     assert torch.equal(red, torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32))
-    assert torch.equal(got.images, load_image_folder(folder, 32, cache_dir="none").images)
+    assert torch.equal(got.images, load_image_folder(folder, 32, decode=Decode(cache_dir="none")).images)
     assert len(list((store / "images").glob("*.u8"))) == 1  # the old data file is gone
 
 
@@ -134,12 +135,13 @@ def test_not_enough_disk_space_is_one_error_before_any_decoding(folder, store, d
 BUILDER = """
 import sys, time
 import edgessl.data.folder as f
+from edgessl.options import Decode
 original = f._try_decode
 def slow(path, size):
     time.sleep(float(sys.argv[3]))
     return original(path, size)
 f._try_decode = slow
-images = f.load_image_folder(sys.argv[1], 32, cache_dir=sys.argv[2], workers=1)
+images = f.load_image_folder(sys.argv[1], 32, decode=Decode(cache_dir=sys.argv[2], workers=1))
 print(len(images))
 """
 
@@ -155,7 +157,8 @@ def test_two_concurrent_builders_leave_one_valid_cache(folder, store):
     images = store / "images"
     assert len(list(images.glob("*.json"))) == 1 and len(list(images.glob("*.u8"))) == 1
     assert not list(images.glob(".*.tmp"))
-    assert torch.equal(_load(folder, store).images, load_image_folder(folder, 32, cache_dir="none").images)
+    uncached = load_image_folder(folder, 32, decode=Decode(cache_dir="none"))
+    assert torch.equal(_load(folder, store).images, uncached.images)
 
 
 def test_a_killed_build_leaves_no_cache_and_the_next_one_cleans_up(folder, store, decodes):
@@ -179,7 +182,7 @@ def test_cache_dir_none_and_the_default_folder(folder, monkeypatch, tmp_path):
     monkeypatch.delenv("EDGESSL_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_folder("auto") == tmp_path / "xdg" / "edgessl" / "images"
-    load_image_folder(folder, 32, cache_dir="none")
+    load_image_folder(folder, 32, decode=Decode(cache_dir="none"))
     assert not (tmp_path / "xdg").exists()
 
 

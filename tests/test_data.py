@@ -11,6 +11,7 @@ from edgessl.data import folder as folder_mod
 from edgessl.data.augment import AugmentConfig, augment_batch, keyed_uniform
 from edgessl.data.folder import decode_image, load_image_folder, scan_images
 from edgessl.errors import UserError
+from edgessl.options import Decode
 
 
 def save(img, path):
@@ -144,8 +145,9 @@ def test_labels_from_first_level_subfolders(tmp_path):
 
 def test_streaming_matches_cache(tmp_path):
     make_folder(tmp_path, n=5)
-    cached = load_image_folder(tmp_path, 12, cache_dir="none")
-    streamed = load_image_folder(tmp_path, 12, cache_mb=1e-6, cache_dir="none")  # no disk cache, over the bound
+    cached = load_image_folder(tmp_path, 12, decode=Decode(cache_dir="none"))
+    # no disk cache, over the bound
+    streamed = load_image_folder(tmp_path, 12, decode=Decode(cache_dir="none", cache_mb=1e-6))
     assert streamed.streaming and not cached.streaming
     idx = torch.tensor([4, 0, 2])
     assert torch.equal(cached.get(idx), streamed.get(idx))

@@ -1,31 +1,137 @@
-"""One home for every default: PretrainConfig. The CLI's help is generated from it, the method module's defaults and
-the flags table in docs/method.md agree with it."""
+"""Every option is written once: PretrainConfig (pretraining) and the options dataclasses of edgessl.options (every
+other command). The CLI's flags and --help, the API's keyword arguments and config.yaml's keys come from them; the
+method module's defaults and the flags table in docs/method.md agree with them."""
 
+import dataclasses
 import inspect
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
+import typer
+import yaml
 from typer.testing import CliRunner
 
+import edgessl
+import edgessl.api
 from edgessl.cli import app
-from edgessl.config import FIELD_HELP, PretrainConfig, default_text
+from edgessl.commands.common import cli_parameters
+from edgessl.config import PretrainConfig, PretrainControl, save_config
+from edgessl.errors import UserError
+from edgessl.options import (
+    CacheOptions,
+    CheckOptions,
+    EmbedOptions,
+    EvalOptions,
+    ExportOptions,
+    FinetuneOptions,
+    PruneOptions,
+    SlimOptions,
+    default_text,
+    help_text,
+    names,
+    option,
+    specs,
+    takes_options,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {f.name: f.default for f in fields(PretrainConfig)}
 
 
-def test_every_option_has_help_and_no_flag_hard_codes_a_default():
-    assert set(FIELD_HELP) == set(DEFAULTS)
-    source = inspect.getsource(__import__("edgessl.cli", fromlist=["pretrain"]).pretrain)
-    assert "[default:" not in source  # every default shown comes from PretrainConfig through flag_help
+COMMANDS = {  # command -> (its options classes, the API function, the parameters that are not options)
+    "pretrain": ((PretrainControl, PretrainConfig), edgessl.api.pretrain, {"console", "on_step"}),
+    "eval": ((EvalOptions,), edgessl.api.evaluate_encoder, {"run_dir", "console"}),
+    "finetune": ((FinetuneOptions,), edgessl.api.finetune, {"run_dir", "console"}),
+    "export": ((ExportOptions,), edgessl.api.export, {"run", "console"}),
+    "embed": ((EmbedOptions,), edgessl.api.embed, {"source", "use_faiss", "warn"}),
+    "prune": ((PruneOptions,), edgessl.api.prune_encoder, {"run_dir", "console"}),
+    "slim": ((SlimOptions,), edgessl.api.slim, {"run_dir"}),
+}
+
+
+def _cli_params(*command: str) -> dict:
+    group = typer.main.get_group(app)
+    for name in command:
+        group = group.commands[name]
+    return {p.name: p for p in group.params}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS) + ["check", "cache list", "cache clear"])
+def test_every_flag_comes_from_the_one_definition(command):
+    """Each CLI flag of a command is an option of its options dataclass (name, default None = "not given", help with
+    the dataclass default), plus only its positional arguments."""
+    classes = COMMANDS[command][0] if command in COMMANDS else {
+        "check": (CheckOptions,), "cache list": (CacheOptions,), "cache clear": (CacheOptions,)}[command]
+    params = _cli_params(*command.split())
+    flags = {n: p for n, p in params.items() if isinstance(p, typer.core.TyperOption)}
+    expected = {f.name: (f, spec) for cls in classes for f, spec in specs(cls) if spec.cli}
+    assert set(flags) == set(expected)
+    for name, (f, spec) in expected.items():
+        assert flags[name].help == help_text(f, spec), name
+        assert flags[name].default in (None, ...) or flags[name].required, name  # the dataclass holds the default
+    arguments = {n for n, p in params.items() if isinstance(p, typer.core.TyperArgument)}
+    assert arguments <= {"run_dir", "run", "source", "model", "folder"}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_api_argument_comes_from_the_one_definition(command):
+    classes, function, extra = COMMANDS[command]
+    params = inspect.signature(function).parameters
+    if command == "pretrain":  # options travel as **options into PretrainConfig (resolve refuses unknown names)
+        assert set(params) == {*names(PretrainControl), "console", "on_step", "options"}
+        return
+    option_names = {n for cls in classes for n in names(cls)}
+    assert set(params) == option_names | extra
+    for cls in classes:
+        for f, _ in specs(cls):
+            default = params[f.name].default
+            assert default == (inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default), f.name
+
+
+def test_config_yaml_keys_are_the_options(tmp_path):
+    path = save_config(PretrainConfig(), tmp_path / "config.yaml")
+    keys = [k for k in yaml.safe_load(path.read_text())]
+    assert keys == names(PretrainConfig)
+
+
+def test_an_unknown_api_option_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="Unknown options: epochz"):
+        edgessl.finetune(tmp_path, train=str(tmp_path), epochz=3)
+    with pytest.raises(UserError, match="--train is required"):
+        edgessl.evaluate_encoder(tmp_path)
+
+
+def test_adding_an_option_is_one_edit():
+    """A field made with option() becomes a flag with its help and default, an API keyword and a config key."""
+
+    @dataclasses.dataclass(kw_only=True)
+    class Demo:
+        ratio: float = option(0.25, "A new knob.")
+        loud: bool = option(False, "A new switch.")
+
+    params = {p.name: p for p in cli_parameters(Demo)}
+    assert params["ratio"].default.help == "A new knob. [default: 0.25]"
+    assert params["loud"].default.help == "A new switch."
+    assert params["loud"].default.param_decls == ("--loud",)
+
+    @takes_options(Demo, lead=("run",), positional=("ratio",))
+    def tool(run, opts):
+        return run, opts
+
+    assert tool("r", 0.5) == ("r", Demo(ratio=0.5))
+    assert str(inspect.signature(tool)) == "(run, ratio=0.25, *, loud=False)"
 
 
 def test_pretrain_help_shows_the_config_defaults():
     res = CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "400"})
     assert res.exit_code == 0
     text = " ".join(res.output.replace("│", " ").split())
+    fields_by_name = dict(specs(PretrainConfig))
+    by_name = {f.name: f for f in fields_by_name}
     for name in ("epochs", "batch_size", "lr", "temperature", "negatives", "sd_weight", "bank_lr", "threads", "data"):
-        assert f"[default: {default_text(name)}]" in text, name
+        f = by_name[name]
+        assert f"[default: {default_text(f, fields_by_name[f])}]" in text, name
 
 
 def _doc_value(cell: str):

@@ -1,5 +1,5 @@
 """export/device_check.py: preprocessing identical to edgessl's, runs without torch, reports what it promises, and
-refuses manifests that do not match the model. Uses the exports built once by test_export.py."""
+refuses manifests that do not match the model. Uses the exports built once per session (conftest.py)."""
 
 from __future__ import annotations
 
@@ -20,28 +20,15 @@ pytest.importorskip("onnxscript")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-try:  # the same module object pytest collected, so the session's exports are built once
-    from test_export import build_exports, one_torch_thread
-except ImportError:  # tests collected as a package
-    from tests.test_export import build_exports, one_torch_thread
-
 SCRIPT = Path(__file__).resolve().parents[1] / "export" / "device_check.py"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(scope="session")
-def exports(tmp_path_factory):
-    return build_exports(tmp_path_factory.mktemp("export"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
 def script():
-    from edgessl.deploy.check import load_script, script_path
+    from edgessl.scripts import load_script, script_path
 
     assert script_path() == SCRIPT
     return load_script()

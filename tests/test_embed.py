@@ -3,7 +3,6 @@
 import csv
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,22 +10,20 @@ from typer.testing import CliRunner
 
 from edgessl.cli import app
 from edgessl.data.folder import _try_decode
-from edgessl.deploy.check import load_script
 from edgessl.errors import UserError
-from edgessl.evaluate.embed import (
-    check_out,
+from edgessl.evaluate.neighbours import (
     duplicate_pairs,
     find_duplicates,
     group_pairs,
     mutual_pairs,
     nearest_distances,
     pca_whitening,
-    read_embeddings,
     top_k_neighbours,
     unit_rows,
     whitened_unit_rows,
-    write_embeddings,
 )
+from edgessl.scripts import load_script
+from edgessl.workflows.embed import check_out, read_embeddings, write_embeddings
 
 runner = CliRunner()
 
@@ -284,36 +281,3 @@ def test_run_and_its_onnx_export_give_the_same_embeddings(demo_run, labelled_dem
     assert (tmp_path / "a" / "duplicates.csv").read_text().startswith("group,image_a,image_b,cosine")
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "emoji-google.tar.gz").is_file(), reason="../shared/data not present")
-def test_planted_near_duplicates_are_found_among_the_emoji(tmp_path):
-    """50 emoji training images copied beside their originals (JPEG quality 70, 5 % crop); mobilenetv3_small at 32 px
-    pretrained on the 1,579 images for 100 epochs (about 5 minutes), as the duplicates benchmark trains it;
-    `embed --duplicates 0.8 --whiten 128 --mutual 0.75`. The issue asks precision and recall >= 0.9. Measured: precision
-    0.94, recall 0.92 on 2 threads (the benchmark's run, benchmarks/README.md), 0.96 / 0.94 on 1 thread; the 4 other
-    100-epoch benchmark runs (another seed, another planted sample) 0.96-0.98 / 0.92. Without --mutual: precision
-    0.56-0.63 at recall 1.0."""
-    import edgessl
-    from benchmarks.datasets import emoji
-    from benchmarks.duplicates import identity, plant_copies, precision_recall
-
-    data = tmp_path / "data"
-    copies = {str(c) for c in plant_copies(emoji()[0], data, 50)}
-    run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), backbone="mobilenetv3_small", image_size=32,
-                           epochs=100, seed=0, quiet=True, eval_every=0, batch_size=128)
-    res = runner.invoke(app, ["embed", str(run.run_dir), "--data", str(data), "--out", str(tmp_path / "e" / "e.npz"),
-                              "--duplicates", "0.8", "--whiten", "128", "--mutual", "0.75"])
-    assert res.exit_code == 0, res.output
-    paths, emb = read_embeddings(tmp_path / "e" / "e.npz")
-    row = {p: i for i, p in enumerate(paths)}
-    keys, copy = np.array(identity(paths)), np.array([p in copies for p in paths])
-    with open(tmp_path / "e" / "duplicates.csv") as f:
-        pairs = np.array([[row[r["image_a"]], row[r["image_b"]]] for r in csv.DictReader(f)]).reshape(-1, 2)
-    precision, _, recall = precision_recall(pairs, copy, keys)
-    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
-    whitened = whitened_unit_rows(emb, *pca_whitening(emb, 128))
-    without, _, _ = precision_recall(duplicate_pairs(whitened, 0.8)[0], copy, keys)
-    assert without < 0.8, without  # the same search without --mutual: look-alikes join the copies

@@ -1,10 +1,9 @@
 """`edgessl export`: parity of the exported encoder and classifier, int8/fp16 bounds, the manifest, the exporter
 fallback and the bad-input errors. One short pretraining run and one export of each model serve every test here
-and in test_device_check.py (see `exports`)."""
+and in test_device_check.py (the `exports` fixture of conftest.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -24,81 +23,9 @@ from edgessl.deploy import onnx as ox  # noqa: E402
 from edgessl.fileio import sha256_file  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # what pretraining writes into encoder.json
-PER_CLASS = 8  # 9 demo classes x 8 = 72 images: >= 64 for the parity check, 1 epoch in a few seconds
-_CACHE: dict[str, dict] = {}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-def _subset(dst: Path) -> Path:
-    from edgessl.demo import demo_images
-
-    for folder in sorted(p for p in demo_images().iterdir() if p.is_dir()):
-        (dst / folder.name).mkdir(parents=True)
-        for png in sorted(folder.glob("*.png"))[:PER_CLASS]:
-            shutil.copy(png, dst / folder.name / png.name)
-    return dst
-
-
-def _classifier(run: Path, data: Path) -> Path:
-    from edgessl.models.backbone import load_encoder
-    from edgessl.models.classifier import Classifier, save_classifier
-
-    encoder = load_encoder(run)
-    meta = encoder.edgessl_meta
-    classes = sorted(p.name for p in data.iterdir())
-    torch.manual_seed(0)
-    model = Classifier(encoder, meta["feature_dim"], len(classes)).eval()
-    folder = run / "finetune-test"
-    save_classifier(model, folder, {**meta, "classes": classes, "train_data": str(data)})
-    return folder
-
-
-def build_exports(root: Path) -> dict:
-    """Pretrain 1 epoch at 32 px on 72 demo images, export the encoder (fp32 + int8 + fp16) and a classifier
-    (fp32 + int8) into the same export folder. Cached for the whole session (both test files). int8 is the single
-    configuration (--int8-mode strict): the search may keep fp32 on a machine where int8 is slower
-    (test_quantize_search.py covers it)."""
-    if "exports" in _CACHE:
-        return _CACHE["exports"]
-    with one_torch_thread():
-        _CACHE["exports"] = _build(root)
-    return _CACHE["exports"]
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """PyTorch on one thread, restored afterwards: on a CPU shared with other jobs, two OpenMP threads waiting for
-    each other made these small forward passes up to 60x slower; on an idle machine one thread costs little here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
-
-
-def _build(root: Path) -> dict:
-    import edgessl
-
-    data = _subset(root / "data")
-    run = root / "run"
-    edgessl.pretrain(data=str(data), epochs=1, image_size=32, batch_size=32, out=str(run), quiet=True, eval_every=0,
-                     backbone="mobilenetv3_small")
-    clf = _classifier(run, data)
-    enc_result = edgessl.export(run, int8="strict", fp16=True)
-    clf_result = edgessl.export(run, classifier=clf, int8="strict")
-    return {"data": data, "run": run, "classifier": clf, "export": run / "export", "encoder_result": enc_result,
-            "classifier_result": clf_result}
-
-
-@pytest.fixture(scope="session")
-def exports(tmp_path_factory):
-    return build_exports(tmp_path_factory.mktemp("export"))
 
 
 def _images(folder: Path, size: int = 32) -> np.ndarray:
@@ -280,7 +207,7 @@ def test_both_exporters_failing_is_one_line(tmp_path, monkeypatch):
         raise RuntimeError("no\nmore lines")
 
     monkeypatch.setattr(ox, "_export_dynamo", broken)
-    monkeypatch.setattr(ox, "_export_torchscript", broken)
+    monkeypatch.setattr(ox, "export_torchscript", broken)
     with pytest.raises(ox.ValidationFailed) as err:
         ox.export_model(_tiny(), tmp_path / "t.onnx", 8, 18)
     assert "\n" not in str(err.value) and "both exporters" in str(err.value)
@@ -304,7 +231,7 @@ def test_parity_bounds_fail_with_exit_code_3():
 def test_parity_figures_match_device_check():
     """ox.cosines is export/device_check.py's; ox.compare (which adds output_scale and top1_real_disagreements)
     agrees with the script's compare on every figure both report."""
-    from edgessl.deploy.check import device_check_module
+    from edgessl.scripts import device_check_module
 
     dc = device_check_module()
     rng = np.random.default_rng(1)

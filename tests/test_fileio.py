@@ -96,7 +96,7 @@ def test_sha256_file(tmp_path):
 
 def test_device_check_sha256_equals_sha256_file(tmp_path):
     """export/device_check.py keeps its own sha256 (it runs on devices without edgessl): the same digest."""
-    from edgessl.deploy.check import load_script
+    from edgessl.scripts import load_script
 
     script = load_script()
     for size in (0, 5, (1 << 20) - 1, 1 << 20, 2 * (1 << 20) + 7):

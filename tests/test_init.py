@@ -13,8 +13,8 @@ from edgessl.errors import UserError
 from edgessl.models.backbone import create_backbone, load_encoder
 from edgessl.models.head import build_encoder
 from edgessl.models.init import load_matching
-from edgessl.train.loop import WarmStart
-from edgessl.train.loop import pretrain as loop_pretrain
+from edgessl.train.run import pretrain as loop_pretrain
+from edgessl.train.types import WarmStart
 
 TINY = dict(image_size=32, batch_size=8, head_hidden=64, feature_dim=16, eval_every=0, quiet=True, workers=1,
             epochs=1, negatives=10, seed=4, deterministic=True)

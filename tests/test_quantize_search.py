@@ -12,18 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import edgessl
 from edgessl.deploy import int8search as i8
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """As in test_export.py: small forward passes on a CPU shared with other jobs run faster on one thread."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _parity(mean: float, low: float = 0.9) -> dict:
@@ -179,7 +172,7 @@ def exporting(demo_run, monkeypatch, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from edgessl.deploy import export as ex
+    from edgessl.deploy import convert as ex
     from edgessl.deploy import speed as sp
 
     scratch = tmp_path / "scratch"
@@ -198,7 +191,7 @@ def exporting(demo_run, monkeypatch, tmp_path):
     monkeypatch.setattr(ex, "_attempt", recording)
 
     def run(int8="search", **kwargs):
-        return ex.export(demo_run, int8=int8, out=tmp_path / "out", **kwargs)
+        return edgessl.export(demo_run, int8=int8, out=tmp_path / "out", **kwargs)
 
     run.scratch, run.built, run.out = scratch, built, tmp_path / "out"
     return run
@@ -206,7 +199,7 @@ def exporting(demo_run, monkeypatch, tmp_path):
 
 def _pass_only(monkeypatch, rule):
     """Inject the parity verdict: a candidate passes when rule(candidate) holds (its real figures are kept)."""
-    from edgessl.deploy import export as ex
+    from edgessl.deploy import convert as ex
 
     inner = ex._attempt
 
@@ -323,7 +316,7 @@ def test_no_candidate_passes_exits_0_with_one_line_and_leaves_nothing(exporting,
 
 @pytest.mark.slow
 def test_a_search_interrupted_by_an_error_leaves_no_candidate(exporting, monkeypatch):
-    from edgessl.deploy import export as ex
+    from edgessl.deploy import convert as ex
 
     inner, calls = ex._attempt, []
 
@@ -349,11 +342,10 @@ def test_sensitivity_on_a_real_int8_model(demo_run, tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from edgessl.deploy import export as ex
     from edgessl.deploy import quantize as qz
     from edgessl.deploy import sensitivity as sn
 
-    ex.export(demo_run, out=tmp_path)
+    edgessl.export(demo_run, out=tmp_path)
     src, q = tmp_path / "source.onnx", tmp_path / "q.onnx"
     pre = qz.prepare_source(tmp_path / "encoder.onnx", src)
     assert all(n.name for n in onnx.load(str(src)).graph.node)

@@ -72,7 +72,7 @@ def test_smoothed_rate_is_an_exponential_moving_average():
 
 
 def test_deterministic_sets_the_cublas_workspace_on_cuda_only(monkeypatch):
-    from edgessl.train.loop import set_determinism
+    from edgessl.train.build import set_determinism
 
     calls = []
     record = lambda on, warn_only=False: calls.append((on, warn_only))  # noqa: E731

@@ -135,11 +135,12 @@ def test_width_report_json_and_plot(slim_run):
 
 @pytest.mark.slow
 def test_width_report_without_labels_and_without_onnxruntime(slim_run, tmp_path, monkeypatch):
-    from edgessl.slim import api as slim_api
+    from edgessl.deploy import onnx as ox
+    from edgessl.deploy.widths import width_report
 
     run = _copy(slim_run, tmp_path / "run")
-    monkeypatch.setattr(slim_api, "_runtime_available", lambda: False)
-    entries = slim_api.width_report(run)
+    monkeypatch.setattr(ox, "runtime_available", lambda: False)
+    entries = width_report(run)
     assert [e["width"] for e in entries] == [1.0, 0.5]
     assert all(e["knn_top1"] is None and e["linear_top1"] is None for e in entries)
     assert all(e["latency_runtime"].startswith("pytorch") for e in entries)
@@ -154,7 +155,7 @@ def test_export_width_reuses_up_to_date_slim_and_passes_parity(slim_run, tmp_pat
     pytest.importorskip("onnxscript")
     from edgessl.deploy import manifest as mf
     from edgessl.deploy import onnx as ox
-    from edgessl.slim.api import ensure_slimmed
+    from edgessl.models.widths import ensure_slimmed
 
     run = _copy(slim_run, tmp_path / "run")
     res = runner.invoke(app, ["export", str(run), "--width", "0.5"])

@@ -22,6 +22,7 @@ from edgessl.method.losses import mix_probs, relational_kl, slimmable_loss, teac
 from edgessl.method.teacher import TeacherBank
 from edgessl.models.backbone import load_encoder
 from edgessl.models.teacher import load_teacher
+from edgessl.options import Decode
 from edgessl.train import teacher as teacher_module
 from edgessl.train.objective import Objective
 
@@ -217,7 +218,7 @@ def test_teacher_features_are_unit_rows_in_row_order_in_eval_mode(demo_run, tiny
     from edgessl.data.folder import load_image_folder
 
     model, spec = load_teacher(str(demo_run))
-    images = load_image_folder(tiny_data, 32, workers=1)
+    images = load_image_folder(tiny_data, 32, decode=Decode(workers=1))
     cpu = torch.device("cpu")
     fast = teacher_module.teacher_features(model, images, cpu, "fp32", spec.mean, spec.std, batch_size=10)
     monkeypatch.setattr(teacher_module, "inference_precision", lambda device, precision: precision)

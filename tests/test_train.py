@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import edgessl
 from edgessl.cli import app
 from edgessl.config import resolve
+from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from edgessl.data.folder import load_image_folder
 from edgessl.demo import demo_images
 from edgessl.errors import TrainingDiverged
@@ -18,8 +19,7 @@ from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.backbone import create_backbone, output_dim
 from edgessl.models.head import Encoder, ProjectionHead
 from edgessl.train.checkpoint import load_checkpoint
-from edgessl.train.loop import IMAGENET_MEAN, IMAGENET_STD, bank_batch_cap, forward_init_bank
-from edgessl.train.prepare import bank_init_order
+from edgessl.train.prepare import bank_batch_cap, bank_init_order, forward_init_bank
 
 TINY = dict(image_size=32, batch_size=8, epochs=2, head_hidden=64, feature_dim=16, quiet=True, workers=1)
 

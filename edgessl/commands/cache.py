@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,7 @@ import typer
 from rich.table import Table
 
 from edgessl import api
-from edgessl.commands.common import console, friendly
+from edgessl.commands.common import console, friendly, given, options_command
 from edgessl.rundir import plural
 
 CACHE_HELP = """The decoded-image cache: every image folder decoded once at each size, reused by every command.
@@ -25,9 +26,6 @@ it again.
     edgessl cache clear                 # everything
 """
 
-CACHE_DIR_HELP = "The cache folder (default: $EDGESSL_CACHE_DIR, else ~/.cache/edgessl)."
-
-
 def _size(nbytes: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
@@ -35,39 +33,37 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+def list_cmd(**values) -> None:
+    """Show every cached image folder: images, size, bytes on disk."""
+    folder, entries = api.cache_entries(**given(values))
+    if not entries:
+        console.print(f"The cache in {folder} is empty.", highlight=False)
+        return
+    table = Table(title=f"Decoded-image cache: {folder}")
+    for col in ("folder", "size", "images", "skipped", "on disk", "created"):
+        table.add_column(col, justify="right" if col in ("images", "skipped", "on disk") else "left")
+    for e in entries:
+        size = f"{e['size']} px" + (f" (--teacher {e['teacher']} features)" if "teacher" in e else "")
+        table.add_row(e["root"], size, str(e["images"]), str(e["skipped"]), _size(e["bytes"]), e["created"])
+    console.print(table)
+    teachers = sum("teacher" in e for e in entries)
+    extra = f" and {plural(teachers, 'teacher bank')}" if teachers else ""
+    console.print(f"Total: {_size(sum(e['bytes'] for e in entries))} in "
+                  f"{plural(len(entries) - teachers, 'folder')}{extra}. Free it with: edgessl cache clear",
+                  highlight=False)
+
+
+def clear_cmd(folder: Optional[Path] = None, **values) -> None:  # noqa: UP045 - typer reads Optional
+    """Delete cached decoded images (all, or one image folder's)."""
+    files, freed = api.clear_cache(folder=folder, **given(values))
+    what = f" of {folder}" if folder is not None else ""
+    console.print(f"Removed {plural(files, 'cache file')}{what} ({_size(freed)}).", highlight=False)
+
+
 def register(app) -> None:
     cache_app = typer.Typer(help=CACHE_HELP, no_args_is_help=True, rich_markup_mode="markdown")
-
-    @cache_app.command("list")
-    @friendly
-    def list_cmd(cache_dir: str = typer.Option("auto", help=CACHE_DIR_HELP)):
-        """Show every cached image folder: images, size, bytes on disk."""
-        folder, entries = api.cache_entries(cache_dir)
-        if not entries:
-            console.print(f"The cache in {folder} is empty.", highlight=False)
-            return
-        table = Table(title=f"Decoded-image cache: {folder}")
-        for col in ("folder", "size", "images", "skipped", "on disk", "created"):
-            table.add_column(col, justify="right" if col in ("images", "skipped", "on disk") else "left")
-        for e in entries:
-            size = f"{e['size']} px" + (f" (--teacher {e['teacher']} features)" if "teacher" in e else "")
-            table.add_row(e["root"], size, str(e["images"]), str(e["skipped"]), _size(e["bytes"]), e["created"])
-        console.print(table)
-        teachers = sum("teacher" in e for e in entries)
-        extra = f" and {plural(teachers, 'teacher bank')}" if teachers else ""
-        console.print(f"Total: {_size(sum(e['bytes'] for e in entries))} in "
-                      f"{plural(len(entries) - teachers, 'folder')}{extra}. Free it with: edgessl cache clear",
-                      highlight=False)
-
-    @cache_app.command("clear")
-    @friendly
-    def clear_cmd(
-        folder: Optional[Path] = typer.Argument(None, help="Only this image folder's entries (default: all)."),
-        cache_dir: str = typer.Option("auto", help=CACHE_DIR_HELP),
-    ):
-        """Delete cached decoded images (all, or one image folder's)."""
-        files, freed = api.clear_cache(cache_dir, folder)
-        what = f" of {folder}" if folder is not None else ""
-        console.print(f"Removed {plural(files, 'cache file')}{what} ({_size(freed)}).", highlight=False)
-
+    cache_app.command("list")(friendly(options_command(list_cmd, api.CacheOptions)))
+    folder = inspect.Parameter("folder", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],  # noqa: UP045
+                               default=typer.Argument(None, help="Only this image folder's entries (default: all)."))
+    cache_app.command("clear")(friendly(options_command(clear_cmd, api.CacheOptions, leading=[folder])))
     app.add_typer(cache_app, name="cache")

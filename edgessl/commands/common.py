@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import time
+from typing import Optional
 
 import typer
 import typer.core
@@ -12,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from edgessl.errors import Interrupted, TrainingDiverged, UserError
+from edgessl.options import cli_type, flag_name, help_text, specs
 
 
 def _flag_type(original):
@@ -71,3 +74,49 @@ def _error(message: str) -> None:
         time.sleep(3.0)
     tag = "" if rank == "0" else rf"\[rank {rank}] "
     err_console.print(f"{tag}{message}", highlight=False, soft_wrap=True)
+
+
+def cli_parameters(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One typer option per option of the options dataclass `cls` (edgessl.options), in field order: its flag, type
+    and --help (with the default) from the one definition. Every flag defaults to None, "not given", so that a
+    recipe, a config.yaml or the options class itself supplies the default."""
+    params = []
+    for f, spec in specs(cls):
+        if not spec.cli or f.name in skip:
+            continue
+        kind = cli_type(cls, f.name)
+        decls = [spec.flag] if spec.flag else ([flag_name(f.name)] if kind is bool else [])
+        default = typer.Option(... if spec.required else None, *decls, help=help_text(f, spec), show_default=False)
+        annotation = kind if spec.required else Optional[kind]  # noqa: UP045 - typer reads Optional
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=annotation))
+    return params
+
+
+def options_command(run, *classes: type, leading: list[inspect.Parameter] = (), skip: tuple[str, ...] = ()):
+    """A function typer can register: `leading` parameters (the command's arguments) then the options of each
+    options dataclass in `classes`; it calls run(**values) with every parameter (None: an option not given)."""
+
+    off = [f.name for cls in classes for f, spec in specs(cls) if spec.turns_off]
+
+    def command(**values):
+        for name in off:  # a "--no-x" switch given means x = False; not given, None (the default)
+            values[name] = False if values.get(name) else None
+        return run(**values)
+
+    params = [*leading, *(p for cls in classes for p in cli_parameters(cls, skip))]
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = run.__doc__
+    return command
+
+
+def argument(name: str, kind: type, help: str) -> inspect.Parameter:
+    """A required positional argument of a generated command (e.g. the run directory)."""
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=typer.Argument(..., help=help),
+                             annotation=kind)
+
+
+def given(values: dict) -> dict:
+    """The options given on the command line (None = not given)."""
+    return {k: v for k, v in values.items() if v is not None}

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
 from edgessl import api
-from edgessl.commands.common import console, friendly
-from edgessl.deploy.check import run_device_check
-from edgessl.slim.api import ensure_slimmed
+from edgessl.commands.common import argument, console, friendly, given, options_command
+from edgessl.options import flag_name, specs
 
 EXPORT_HELP = """Export a pretrained encoder (features before the projection head) or a fine-tuned classifier (logits) to
 ONNX, and check the file against PyTorch on real images.
@@ -51,55 +49,30 @@ or a manifest that does not match the model.
 """
 
 
+def export_cmd(run: Path, **values) -> None:
+    options = given(values)
+    result = api.export(run, console=console, **options)
+    _print_summary(console, result, notes=bool(options.get("quiet")))  # without --quiet export printed them
+
+
+def check_cmd(model: Path, **values) -> None:
+    options = given(values)
+    argv = [str(model)]
+    for f, spec in specs(api.CheckOptions):
+        value = options.get(f.name, f.default)
+        if value is not None:
+            argv += [spec.flag or flag_name(f.name), str(value)]
+    code = api.run_device_check(argv)
+    if code:
+        raise typer.Exit(code)
+
+
 def register(app) -> None:
     """Add `export` and `check` to the typer app."""
-    @app.command("export", help=EXPORT_HELP)
-    @friendly
-    def export_cmd(
-        run: Path = typer.Argument(..., help="Run directory of `edgessl pretrain` (holds encoder.safetensors)."),
-        classifier: Optional[Path] = typer.Option(None, help="Fine-tuned classifier folder (runs/NAME/finetune-TAG): export logits instead of features."),
-        opset: int = typer.Option(18, help="ONNX opset to write."),
-        int8: bool = typer.Option(False, "--int8", help="Also write a static int8 model (QDQ, per-channel weights), calibrated on --calib: searched until it meets the int8 bound, kept only when faster than fp32 here (see --int8-mode)."),
-        int8_mode: Optional[str] = typer.Option(None, "--int8-mode", help="search (the default: try calibration methods, then keep the most sensitive tail of the network in float; write int8 only when it passes and is faster than fp32 on this machine) | keep-slow (search, write it even when slower) | strict (only --calib-method, exit 3 when it misses the bound). Implies --int8."),
-        calib: Optional[Path] = typer.Option(None, help="Unlabeled images for int8 calibration (up to 256 used). [default: the training folder]"),
-        calib_method: str = typer.Option("minmax", help="int8 activation ranges: minmax | moving-average | percentile | entropy (the search tries it first)."),
-        fp16: bool = typer.Option(False, "--fp16", help="Also write a model with float16 weights (float32 input and output)."),
-        images: Optional[Path] = typer.Option(None, help="Images for the parity check (up to 256 used). [default: the classifier's or the run's training folder]"),
-        out: Optional[Path] = typer.Option(None, help="Export folder. [default: RUN/export]"),
-        name: Optional[str] = typer.Option(None, help="Base name of the model files. [default: encoder or classifier]"),
-        width: Optional[float] = typer.Option(None, help="Export this width of a `--widths` run: slimmed into RUN/width-W/ first (reused when up to date), exported to RUN/width-W/export."),
-        quiet: bool = typer.Option(False, "--quiet", help="Print only the summary table."),
-    ):
-        if width is not None:
-            run, reused = ensure_slimmed(run, width)
-            if not quiet:
-                console.print(f"Width {width:g}: {'using the slimmed encoder in' if reused else 'slimmed into'} {run}",
-                              highlight=False, soft_wrap=True)
-        wanted = int8_mode if int8_mode is not None else int8  # --int8 alone: "search"
-        result = api.export(run, classifier=classifier, opset=opset, int8=wanted, calib=calib, fp16=fp16, images=images,
-                            out=out, name=name, calib_method=calib_method, console=None if quiet else console)
-        _print_summary(console, result, notes=quiet)  # without --quiet export printed them
-
-    @app.command("check", help=CHECK_HELP)
-    @friendly
-    def check_cmd(
-        model: Path = typer.Argument(..., help="The .onnx file."),
-        manifest: Optional[Path] = typer.Option(None, help="manifest.json. [default: beside the model]"),
-        images: Optional[Path] = typer.Option(None, help="Images (class subfolders = labels) for accuracy or agreement."),
-        threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads. [default: the runtime's choice]"),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
-        runs: int = typer.Option(100, help="Timed batch-1 runs."),
-        batch: int = typer.Option(32, help="Batch size of the throughput measurement."),
-        max_images: Optional[int] = typer.Option(None, help="Use at most this many images of --images."),
-    ):
-        argv = [str(model), "--runs", str(runs), "--batch", str(batch)]
-        for flag, value in (("--manifest", manifest), ("--images", images), ("--threads", threads),
-                            ("--json", json_out), ("--max-images", max_images)):
-            if value is not None:
-                argv += [flag, str(value)]
-        code = run_device_check(argv)
-        if code:
-            raise typer.Exit(code)
+    run = [argument("run", Path, "Run directory of `edgessl pretrain` (holds encoder.safetensors).")]
+    app.command("export", help=EXPORT_HELP)(friendly(options_command(export_cmd, api.ExportOptions, leading=run)))
+    model = [argument("model", Path, "The .onnx file.")]
+    app.command("check", help=CHECK_HELP)(friendly(options_command(check_cmd, api.CheckOptions, leading=model)))
 
 
 def _print_summary(console, result, notes: bool = True) -> None:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
-import typer
 
 from edgessl import api
-from edgessl.commands.common import console, err_console, friendly
-from edgessl.errors import UserError
+from edgessl.commands.common import argument, console, err_console, friendly, given, options_command
 from edgessl.rundir import plural
 
 EMBED_HELP = """Embed every image of a folder with a trained encoder: one row per readable image (its path and
@@ -44,45 +40,27 @@ Writes --out, and beside it skipped_files.txt, neighbours.csv + neighbours.png a
 """
 
 
-def register(app) -> None:
-    @app.command("embed", help=EMBED_HELP)
-    @friendly
-    def embed_cmd(
-        source: Path = typer.Argument(..., help="A run directory, or an exported .onnx encoder (manifest.json beside it)."),
-        data: Path = typer.Option(..., help="Folder of images to embed (searched recursively)."),
-        out: Path = typer.Option(..., help="Output file: .npz (paths, embeddings) or .parquet (path, embedding; needs edgessl[parquet])."),
-        neighbours: Optional[int] = typer.Option(None, help="Write neighbours.csv and the gallery neighbours.png: every image's K nearest images by cosine."),
-        duplicates: Optional[float] = typer.Option(None, help="Write duplicates.csv: the pairs of images with cosine >= T (e.g. 0.95), grouped."),
-        whiten: Optional[int] = typer.Option(None, help="Search (not store) the embeddings PCA-whitened on this folder, K directions (e.g. 128): applies to --neighbours and --duplicates."),
-        mutual: Optional[float] = typer.Option(None, help="Keep only the --duplicates pairs whose images are each (nearly) the other's nearest: distance 1 - cosine within (1 + R) x each one's distance to its nearest other image (e.g. 0.75; 0 = mutual nearest neighbours)."),
-        gallery_rows: int = typer.Option(8, help="Query images (rows) in neighbours.png, spread evenly over the folder."),
-        batch_size: int = typer.Option(64, help="Images per forward pass."),
-        device: str = typer.Option("auto", help="A run directory's encoder runs on: auto (cuda when available), cpu or cuda."),
-        workers: str = typer.Option("auto", help="Decoding threads for a run directory's encoder: auto or a number."),
-        cache_dir: str = typer.Option("auto", help="The decoded-image cache (run directory only): auto, a folder, or none."),
-        manifest: Optional[Path] = typer.Option(None, help="An .onnx source's manifest.json (default: beside the .onnx)."),
-        threads: Optional[int] = typer.Option(None, help="onnxruntime threads for an .onnx source (default: its choice)."),
-    ):
-        if source.suffix == ".onnx":
-            options = {"manifest": manifest, "batch_size": batch_size, "threads": threads}
-        elif manifest is not None or threads is not None:
-            raise UserError("--manifest and --threads are for an .onnx source; SOURCE here is a run directory.")
-        else:
-            options = {"device": device, "batch_size": batch_size, "workers": workers, "cache_dir": cache_dir}
-        warn = lambda msg: err_console.print(f"warning: {msg}", highlight=False, markup=False)  # noqa: E731
-        result = api.embed(source, data, out, neighbours=neighbours, duplicates=duplicates,
-                           gallery_rows=gallery_rows, warn=warn, whiten=whiten, mutual=mutual, **options)
-        dim = result.embeddings.shape[1]
-        console.print(f"Embedded {plural(len(result.paths), 'image')} ({dim} dimensions) -> {result.out}",
+def embed_cmd(source: Path, **values) -> None:
+    opts = given(values)
+    warn = lambda msg: err_console.print(f"warning: {msg}", highlight=False, markup=False)  # noqa: E731
+    result = api.embed(source, warn=warn, **opts)
+    dim = result.embeddings.shape[1]
+    console.print(f"Embedded {plural(len(result.paths), 'image')} ({dim} dimensions) -> {result.out}",
+                  highlight=False, markup=False)
+    if result.neighbours is not None:
+        console.print(f"Nearest {result.neighbours[0].shape[1]} of each image -> "
+                      f"{result.out.parent / 'neighbours.csv'}, gallery {result.out.parent / 'neighbours.png'}",
                       highlight=False, markup=False)
-        if result.neighbours is not None:
-            console.print(f"Nearest {result.neighbours[0].shape[1]} of each image -> "
-                          f"{result.out.parent / 'neighbours.csv'}, gallery {result.out.parent / 'neighbours.png'}",
-                          highlight=False, markup=False)
-        if result.pairs is not None:
-            space = f" (whitened, {whiten} directions)" if whiten else ""
-            if mutual is not None:
-                space += f", mutual within {mutual:g} (of {result.candidates:,} at the threshold)"
-            console.print(f"{plural(len(result.pairs), 'pair')} at cosine >= {duplicates:g}{space} in "
-                          f"{plural(result.groups, 'group')} -> {result.out.parent / 'duplicates.csv'}",
-                          highlight=False, markup=False)
+    if result.pairs is not None:
+        whiten, mutual = opts.get("whiten"), opts.get("mutual")
+        space = f" (whitened, {whiten} directions)" if whiten else ""
+        if mutual is not None:
+            space += f", mutual within {mutual:g} (of {result.candidates:,} at the threshold)"
+        console.print(f"{plural(len(result.pairs), 'pair')} at cosine >= {opts['duplicates']:g}{space} in "
+                      f"{plural(result.groups, 'group')} -> {result.out.parent / 'duplicates.csv'}",
+                      highlight=False, markup=False)
+
+
+def register(app) -> None:
+    source = [argument("source", Path, "A run directory, or an exported .onnx encoder (manifest.json beside it).")]
+    app.command("embed", help=EMBED_HELP)(friendly(options_command(embed_cmd, api.EmbedOptions, leading=source)))

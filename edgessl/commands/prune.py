@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
-import typer
-
-from edgessl.commands.common import console, friendly
-from edgessl.slim.recover import prune_run
+from edgessl import api
+from edgessl.commands.common import argument, console, friendly, given, options_command
 
 PRUNE_HELP = """Make a single-width encoder smaller: torch-pruning removes --ratio of the channels of every coupled
 channel group (magnitude or Taylor importance; the projection output is kept), then a short recovery pretraining
@@ -27,20 +24,12 @@ run, so both routes to a smaller model compare directly.
 """
 
 
+def prune_cmd(run_dir: Path, **values) -> None:
+    result = api.prune_encoder(run_dir, console=console, **given(values))
+    console.print(f"Pruned encoder: {result.run_dir}", highlight=False)
+
+
 def register(app) -> None:
     """Add `prune` to the typer app."""
-    @app.command("prune", help=PRUNE_HELP)
-    @friendly
-    def prune_cmd(
-        run_dir: Path = typer.Argument(..., help="Run directory of `edgessl pretrain` (config.yaml + checkpoint.pt)."),
-        ratio: float = typer.Option(..., help="Fraction of the channels of every group to remove, in (0, 1)."),
-        criterion: str = typer.Option("magnitude", help="magnitude (L2 norm of the group's weights) | taylor (|w * dL/dw| on one batch)."),
-        epochs: Optional[int] = typer.Option(None, help="Recovery epochs. [default: a quarter of the run's, at least 1]"),
-        distill: float = typer.Option(0.5, help="Weight of the distillation from the unpruned encoder (0 = plain recovery)."),
-        out: Optional[Path] = typer.Option(None, help="Output run directory. [default: RUN/pruned-RATIO]"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Move a non-empty --out aside (to OUT.old-TIME) instead of refusing it."),
-        quiet: bool = typer.Option(False, "--quiet", help="No progress bar; log lines only."),
-    ):
-        result = prune_run(run_dir, ratio, criterion, epochs, distill, out, quiet=quiet, console=console,
-                           overwrite=overwrite)
-        console.print(f"Pruned encoder: {result.run_dir}", highlight=False)
+    run = [argument("run_dir", Path, "Run directory of `edgessl pretrain` (config.yaml + checkpoint.pt).")]
+    app.command("prune", help=PRUNE_HELP)(friendly(options_command(prune_cmd, api.PruneOptions, leading=run)))

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
-import torch
-import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgessl.commands.common import console, friendly
-from edgessl.models.backbone import load_encoder
-from edgessl.models.prune import count_params_macs
-from edgessl.slim.api import build_slim, save_slim, width_folder
+from edgessl import api
+from edgessl.commands.common import argument, console, friendly, given, options_command
 
 SLIM_HELP = """Cut one width out of a `--widths` run: a standalone, physically smaller timm model (torch-pruning removes
 the channels beyond the width's share of every channel group), whose outputs equal that width's sub-network.
@@ -33,28 +28,19 @@ Exit codes: 2 bad input (a width the run was not trained at, a run without --wid
 """
 
 
+def slim_cmd(run: Path, **values) -> None:
+    result = api.slim(run, **given(values))
+    _print_summary(console, run, result)
+
+
 def register(app) -> None:
     """Add `slim` to the typer app."""
-
-    @app.command("slim", help=SLIM_HELP)
-    @friendly
-    def slim_cmd(
-        run: Path = typer.Argument(..., help="Run directory of `edgessl pretrain --widths ...`."),
-        width: float = typer.Option(..., help="One of the run's trained widths, e.g. 0.5."),
-        out: Optional[Path] = typer.Option(None, help="Output folder. [default: RUN/width-W]"),
-    ):
-        model, meta = build_slim(run, width)
-        folder = save_slim(model, meta, run, out if out is not None else width_folder(run, meta["width"]))
-        size = int(meta["image_size"])
-        example = torch.zeros(1, 3, size, size)
-        full = load_encoder(run)
-        rows = [("run (width 1)", full, full.edgessl_meta["feature_dim"]),
-                (f"width {meta['width']:g}", model, meta["feature_dim"])]
-        rows = [(name, *count_params_macs(m, example), dim) for name, m, dim in rows]
-        _print_summary(console, run, folder, size, rows)
+    run = [argument("run", Path, "Run directory of `edgessl pretrain --widths ...`.")]
+    app.command("slim", help=SLIM_HELP)(friendly(options_command(slim_cmd, api.SlimOptions, leading=run)))
 
 
-def _print_summary(console, run: Path, folder: Path, size: int, rows) -> None:
+def _print_summary(console, run: Path, result) -> None:
+    folder, size, rows = result.folder, result.size, result.rows
     table = Table(title=f"{escape(rows[-1][0])} of {escape(str(run))} (MACs at {size} px)", title_justify="left")
     for col in ("model", "params", "MACs", "features"):
         table.add_column(col, justify="left" if col == "model" else "right")

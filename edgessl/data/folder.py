@@ -23,6 +23,7 @@ from edgessl.data.cache import cache_folder, load_or_build
 from edgessl.data.signature import folder_signature
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
+from edgessl.options import Decode
 
 BACKGROUND = (255, 255, 255)
 MAX_AUTO_WORKERS = 8  # --workers auto: one decoding thread per available core, at most this many
@@ -162,22 +163,21 @@ def load_image_folder(
     root: str | Path,
     size: int,
     labels: bool = False,
-    cache_mb: float = 4096,
-    workers: int | str = "auto",
+    decode: Decode | None = None,
     min_images: int = 2,
     what: str = "--data",
     progress=None,
     paths: Sequence[Path] | None = None,
-    cache_dir: str | Path | None = "auto",
     warn=None,
     signature: dict | None = None,
 ) -> ImageSet:
     """Scan `root`, decode every image once (skipping unreadable files) and keep them as uint8 rows.
 
-    cache_dir: the decoded-image cache on disk (edgessl.data.cache; "auto": the default folder, "none": off). With
-    it, a folder decoded before is not decoded again; its rows are read into RAM when N * 3 * size^2 bytes fit in
-    cache_mb MiB, and memory-mapped otherwise. Without it, images are decoded into RAM when they fit, and otherwise
-    checked once and then decoded again at every use (streaming).
+    decode (edgessl.options.Decode; None: its defaults): decode.cache_dir is the decoded-image cache on disk
+    (edgessl.data.cache; "auto": the default folder, "none": off). With it, a folder decoded before is not decoded
+    again; its rows are read into RAM when N * 3 * size^2 bytes fit in decode.cache_mb MiB, and memory-mapped
+    otherwise. Without it, images are decoded into RAM when they fit, and otherwise checked once and then decoded
+    again at every use (streaming). decode.workers: decoding threads.
     Raises UserError when the folder is missing, is a file, or holds fewer than `min_images` readable images.
     progress: optional callable(done, total); warn: callable(message) for a damaged cache (default: stderr);
     paths: the folder's scan_images(root) when the caller has it already; signature: its folder_signature(root,
@@ -190,8 +190,9 @@ def load_image_folder(
             f"No image files found in {what} '{root}' (searched recursively for "
             "jpg/png/webp/bmp/... files). Point it at the folder that contains your images."
         )
-    workers = resolve_workers(workers)
-    store = cache_folder(cache_dir)
+    decode = decode or Decode()
+    workers, cache_mb = resolve_workers(decode.workers), decode.cache_mb
+    store = cache_folder(decode.cache_dir)
     if store is None:
         good, images, skipped = _decode_all(paths, size, workers, cache_mb, progress)
     else:

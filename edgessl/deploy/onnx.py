@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgessl.deploy.check import device_check_module
 from edgessl.errors import UserError
+from edgessl.scripts import device_check_module
 
 DYNAMO = "torch.export (torch.onnx.export dynamo=True)"
 TORCHSCRIPT = "TorchScript (torch.onnx.export dynamo=False)"
@@ -76,7 +76,7 @@ def model_opset(path: str | Path) -> int:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_exporters():
     """Silence the exporters' progress lines, warnings and log records (kept out of the user's terminal)."""
     names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
     levels = {n: logging.getLogger(n).level for n in names}
@@ -92,7 +92,7 @@ def _quiet():
             logging.getLogger(n).setLevel(level)
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
+def first_line(e: BaseException, limit: int = 200) -> str:
     """First line of an exception for a one-line error; square brackets become parentheses so that the CLI's rich
     console does not read them as markup."""
     text = (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
@@ -110,7 +110,7 @@ def _export_dynamo(model, example, path: Path, opset: int, input_name: str, outp
         raise RuntimeError(f"it wrote opset {written}, not the requested {opset}")
 
 
-def _export_torchscript(model, example, path: Path, opset: int, input_name: str, output_name: str) -> None:
+def export_torchscript(model, example, path: Path, opset: int, input_name: str, output_name: str) -> None:
     torch.onnx.export(
         model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[input_name],
         output_names=[output_name], dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
@@ -119,22 +119,24 @@ def _export_torchscript(model, example, path: Path, opset: int, input_name: str,
 
 
 def export_model(model, path: str | Path, image_size: int, opset: int, input_name: str = "input",
-                 output_name: str = "features") -> str:
+                 output_name: str = "features", fast: bool = False) -> str:
     """Export an eval-mode module taking (B, 3, S, S) float32 to one self-contained .onnx file with a dynamic
-    batch axis. Tries the torch.export-based exporter, falls back to TorchScript; returns which one wrote it.
-    Raises ValidationFailed when both fail."""
+    batch axis. Tries the torch.export-based exporter, falls back to TorchScript (fast: TorchScript first, a
+    fraction of a second, for a file that is only timed); returns which one wrote it. Raises ValidationFailed when
+    both fail."""
     path = Path(path)
     model = model.eval()
     example = torch.zeros(2, 3, image_size, image_size)
     errors = []
-    for name, fn in ((DYNAMO, _export_dynamo), (TORCHSCRIPT, _export_torchscript)):
+    order = ((DYNAMO, _export_dynamo), (TORCHSCRIPT, export_torchscript))
+    for name, fn in order[::-1] if fast else order:
         path.unlink(missing_ok=True)
         try:
-            with _quiet(), torch.no_grad():
+            with quiet_exporters(), torch.no_grad():
                 fn(model, example, path, opset, input_name, output_name)
             return name
         except Exception as e:  # noqa: BLE001 - any exporter failure means: try the next one
-            errors.append(f"{name.split(' ')[0]}: {_first_line(e)}")
+            errors.append(f"{name.split(' ')[0]}: {first_line(e)}")
     path.unlink(missing_ok=True)
     raise ValidationFailed(f"ONNX export failed with both exporters ({'; '.join(errors)}).")
 
@@ -146,7 +148,7 @@ def check_model(path: str | Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001
-        raise ValidationFailed(f"{Path(path).name} fails onnx.checker (full_check): {_first_line(e)}") from None
+        raise ValidationFailed(f"{Path(path).name} fails onnx.checker (full_check): {first_line(e)}") from None
 
 
 def session(path: str | Path, threads: int | None = None):
@@ -161,7 +163,7 @@ def session(path: str | Path, threads: int | None = None):
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
         raise UserError(
-            f"onnxruntime {ort.__version__} cannot load {Path(path).name} ({_first_line(e)}); try a lower --opset."
+            f"onnxruntime {ort.__version__} cannot load {Path(path).name} ({first_line(e)}); try a lower --opset."
         ) from None
 
 
@@ -231,3 +233,14 @@ def assert_within_bounds(figures: dict[str, Any], precision: str, file: str) -> 
             f"{file} ({precision}) does not match PyTorch on {figures['images']} images: {'; '.join(missed)}. "
             "The file was removed."
         )
+
+
+def runtime_available() -> bool:
+    """Whether onnx, onnxruntime and onnxscript (the `export` extra) are installed."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgessl.deploy.onnx import ValidationFailed, _first_line, _quiet
+from edgessl.deploy.onnx import ValidationFailed, first_line, quiet_exporters
 from edgessl.errors import UserError
 
 INT8_SETTINGS = {
@@ -51,7 +51,7 @@ def _pre_process(src: Path, dst: Path) -> bool:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        with _quiet():
+        with quiet_exporters():
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
         return dst.is_file()
     except Exception:  # noqa: BLE001 - pre-processing is an optimisation, quantisation works without it
@@ -97,7 +97,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
         source = out_path.with_name(out_path.stem + ".pre.onnx")
         pre_processed = prepare_source(fp32_path, source)
     try:
-        with _quiet():
+        with quiet_exporters():
             quantize_static(
                 str(source), str(out_path), _Batches(calib, input_name), quant_format=QuantFormat.QDQ,
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -106,7 +106,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
             )
     except Exception as e:  # noqa: BLE001
         out_path.unlink(missing_ok=True)
-        raise ValidationFailed(f"int8 quantisation of {fp32_path.name} failed: {_first_line(e)}") from None
+        raise ValidationFailed(f"int8 quantisation of {fp32_path.name} failed: {first_line(e)}") from None
     finally:
         if own:
             Path(source).unlink(missing_ok=True)
@@ -147,11 +147,11 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict[str, Any]:
 
         tool = "onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)"
     try:
-        with _quiet():
+        with quiet_exporters():
             model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
             topological_sort(model.graph)
             onnx.save(model, str(out_path))
     except Exception as e:  # noqa: BLE001
         Path(out_path).unlink(missing_ok=True)
-        raise ValidationFailed(f"fp16 conversion of {Path(fp32_path).name} failed: {_first_line(e)}") from None
+        raise ValidationFailed(f"fp16 conversion of {Path(fp32_path).name} failed: {first_line(e)}") from None
     return {"tool": tool, "io": "float32 inputs and outputs, float16 inside"}

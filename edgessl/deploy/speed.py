@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgessl.deploy.check import device_check_module
+from edgessl.scripts import device_check_module
 
 LATENCY_RUNS = 30  # timed batch-1 runs per model at export (`edgessl check` / device_check.py do >= 100)
 WARMUP = 5
@@ -52,3 +52,18 @@ def paired_p50(sess_a, sess_b, x1: np.ndarray, rounds: int = PAIRED_ROUNDS,
                 sess.run(None, {name: x1})
                 out.append((time.perf_counter() - t) * 1000.0)
     return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def timed_ms(fn, runs: int, min_seconds: float = 0.5, max_runs: int = 2000) -> float:
+    """Median ms of fn() over at least `runs` runs and `min_seconds` (sub-millisecond models get more runs), after
+    warm-up."""
+    for _ in range(WARMUP):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < runs or time.perf_counter() - start < min_seconds):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return float(times[len(times) // 2])

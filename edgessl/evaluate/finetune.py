@@ -1,4 +1,5 @@
-"""`edgessl finetune`: train a classifier (the run's encoder + a new linear layer) on a few labels per class.
+"""The fine-tuning recipe of `edgessl finetune` (the command: edgessl.workflows.finetune): a classifier (the run's
+encoder + a new linear layer) trained on a few labels per class.
 
 Recipe
 - Labels: a stratified subset of --train (labels per class, seeded). A stratified part of that subset
@@ -29,17 +30,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.markup import escape
 from torch import Tensor
 
 from edgessl.data.augment import AugmentConfig, augment_batch, test_transform
-from edgessl.data.folder import ImageSet, scan_images
+from edgessl.data.folder import ImageSet
 from edgessl.errors import TrainingDiverged, UserError
 from edgessl.evaluate.labelled import (
     check_labels_per_class,
-    check_split_options,
-    class_folders,
     load_labelled_folder,
     lpc_name,
     map_test_labels,
@@ -49,14 +46,14 @@ from edgessl.evaluate.labelled import (
 from edgessl.evaluate.metrics import classification_metrics, confusion_matrix, per_class_scores
 from edgessl.evaluate.subsets import stratified_split, stratified_subset
 from edgessl.fileio import atomic_write_text
-from edgessl.loggers import run_loggers
-from edgessl.models.backbone import load_encoder, read_encoder_meta
+from edgessl.models.backbone import load_encoder
 from edgessl.models.classifier import Classifier, save_classifier
 from edgessl.models.init import load_init
+from edgessl.options import FinetuneOptions, check_groups
 from edgessl.report.eval_plots import plot_confusion
-from edgessl.runtime import pick_device, use_threads
+from edgessl.report.say import Say
 from edgessl.seeding import keyed_generator
-from edgessl.train.loop import EpochMeter
+from edgessl.train.meter import EpochMeter
 from edgessl.train.optim import warmup_cosine
 from edgessl.train.state import MAX_NONFINITE, TrainState
 
@@ -123,43 +120,26 @@ class FinetuneResult:
     model: Classifier  # the saved classifier (best epoch), eval mode, on CPU
 
 
-@dataclass
-class FinetuneOptions:
-    """The recipe's knobs (see this module's docstring); `check()` says in one line what is out of range."""
-
-    labels_per_class: str | int = 10
-    epochs: int = 30
-    freeze_backbone: bool = False
-    batch_size: int = 64
-    lr: float = 1e-3
-    backbone_lr_scale: float = 0.1
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    val_fraction: float = 0.2
-    patience: int = 10
-    seed: int = 0
-    split_seed: int = 0
-    init: str | None = None  # the encoder's weights from elsewhere (timm, a file, another run); None: the run's
-
-    def check(self) -> int | None:
-        """UserError for a bad value; returns the labels per class (None: all)."""
-        values = parse_labels_per_class(self.labels_per_class)
-        if len(values) != 1:
-            raise UserError(
-                f"finetune takes one --labels-per-class value (a number or 'all'), not '{self.labels_per_class}'."
-            )
-        for name, value, ok, rule in (
-            ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
-            ("--batch-size", self.batch_size, self.batch_size >= 2, "at least 2"),
-            ("--lr", self.lr, self.lr > 0, "positive"),
-            ("--backbone-lr-scale", self.backbone_lr_scale, self.backbone_lr_scale >= 0, "0 or more"),
-            ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("--val-fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
-            ("--patience", self.patience, self.patience >= 1, "at least 1"),
-        ):
-            if not ok:
-                raise UserError(f"{name} must be {rule}, not {value}.")
-        return values[0]
+def check_options(opts: FinetuneOptions) -> int | None:
+    """UserError for a bad value of the recipe; returns the labels per class (None: all)."""
+    values = parse_labels_per_class(opts.labels_per_class)
+    if len(values) != 1:
+        raise UserError(
+            f"finetune takes one --labels-per-class value (a number or 'all'), not '{opts.labels_per_class}'."
+        )
+    for name, value, ok, rule in (
+        ("--epochs", opts.epochs, opts.epochs >= 1, "at least 1"),
+        ("--batch-size", opts.batch_size, opts.batch_size >= 2, "at least 2"),
+        ("--lr", opts.lr, opts.lr > 0, "positive"),
+        ("--backbone-lr-scale", opts.backbone_lr_scale, opts.backbone_lr_scale >= 0, "0 or more"),
+        ("--label-smoothing", opts.label_smoothing, 0 <= opts.label_smoothing < 1, "in [0, 1)"),
+        ("--val-fraction", opts.val_fraction, 0 <= opts.val_fraction < 1, "in [0, 1)"),
+        ("--patience", opts.patience, opts.patience >= 1, "at least 1"),
+    ):
+        if not ok:
+            raise UserError(f"{name} must be {rule}, not {value}.")
+    check_groups(opts)
+    return values[0]
 
 
 @dataclass
@@ -178,98 +158,18 @@ class FinetuneData:
     split: Any = None
 
 
-def finetune_run(
-    run_dir: str | Path,
-    train: str | Path,
-    test: str | Path | None = None,
-    test_fraction: float | None = None,
-    labels_per_class: str | int = 10,
-    epochs: int = 30,
-    freeze_backbone: bool = False,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    backbone_lr_scale: float = 0.1,
-    weight_decay: float = 1e-4,
-    label_smoothing: float = 0.1,
-    val_fraction: float = 0.2,
-    patience: int = 10,
-    seed: int = 0,
-    split_seed: int = 0,
-    device: str = "auto",
-    out: str | Path | None = None,
-    workers: int | str = "auto",
-    cache_dir: str | Path | None = "auto",
-    cache_mb: float = 4096,
-    console: Console | None = None,
-    quiet: bool = False,
-    threads: str | int = "auto",
-    init: str | None = None,
-) -> FinetuneResult:
-    """Fine-tune the run's encoder into a classifier by the recipe of this module's docstring. init: start the
-    encoder (the run's architecture) from other weights instead: timm, a weights file or another run (as
-    `pretrain --init`), e.g. an ImageNet baseline next to the self-supervised encoder."""
-    opts = FinetuneOptions(labels_per_class, epochs, freeze_backbone, batch_size, lr, backbone_lr_scale, weight_decay,
-                           label_smoothing, val_fraction, patience, seed, split_seed, init)
-    console = console or Console()
-    say = (lambda msg: None) if quiet else (lambda msg: console.print(msg, highlight=False))
-    t_start = time.time()
-    say(f"CPU: {use_threads(threads).describe()}")
-    # ---- every check that needs no decoding first
-    run_dir = Path(run_dir)
-    meta = read_encoder_meta(run_dir)
-    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-    loggers = run_loggers(run_dir)  # the run's --logger (a missing package fails here, before any work)
-    per_class = opts.check()
-    check_split_options(test, test_fraction)
-    train_root, train_classes = class_folders(train, "--train")
-    test_root = None
-    if test is not None:
-        test_root, test_classes = class_folders(test, "--test")
-        map_test_labels(train_classes, test_classes)
-    file_counts = torch.tensor([len(scan_images(train_root / c)) for c in train_classes])
-    check_labels_per_class([per_class], torch.arange(len(train_classes)).repeat_interleave(file_counts), train_classes)
-    dev = pick_device(device)
-    data = finetune_data(train_root, test_root, test_fraction, per_class, opts, int(meta["image_size"]), cache_mb,
-                         workers, cache_dir)
-    model = build_classifier(run_dir, meta, len(data.classes), opts, dev, say)
-    say(
-        f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {len(data.classes)} classes | "
-        f"{len(data.fit_idx)} training + {len(data.val_idx)} held-out labelled images "
-        f"({lpc_name(per_class)} per class) | {len(data.test_idx)} test images "
-        f"| {'frozen backbone' if freeze_backbone else 'full fine-tuning'} | {epochs} epochs | {dev.type}"
-    )
-    history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say)
-    out_dir = Path(out) if out else run_dir / f"finetune-{finetune_tag(per_class, freeze_backbone, init)}"
-    metrics = write_finetune(model.cpu().eval(), data, opts, per_class, meta, run_dir, train_root, test_root, out_dir,
-                             history, best_epoch, dev, t_start)
-    tag = f"finetune-{finetune_tag(per_class, freeze_backbone, init)}"
-    loggers.log({f"{tag}/{k}": metrics[k] for k in ("top1", "balanced_accuracy", "macro_f1")},
-                {f"{tag}/confusion": out_dir / "confusion.png"}, step=int(meta.get("epochs_trained") or 0))
-    loggers.close()
-    if data.short.get(per_class):
-        lacking = data.short[per_class]
-        say(f"note: {len(lacking)} class(es) have fewer than {per_class} images and use all they have: "
-            + ", ".join(f"{n} ({k})" for n, k in lacking.items()))
-    say(f"Test top-1 {100 * metrics['top1']:.1f}%  balanced accuracy {100 * metrics['balanced_accuracy']:.1f}%  "
-        f"macro F1 {100 * metrics['macro_f1']:.1f}%  (best epoch {best_epoch}/{len(history)}). Wrote {out_dir}.")
-    return FinetuneResult(out_dir, metrics, model)
-
-
-def finetune_data(train_root: Path, test_root: Path | None, test_fraction: float | None, per_class: int | None,
-                  opts: FinetuneOptions, size: int, cache_mb: float, workers: int | str,
-                  cache_dir: str | Path | None = "auto") -> FinetuneData:
+def finetune_data(train_root: Path, test_root: Path | None, per_class: int | None, opts: FinetuneOptions,
+                  size: int) -> FinetuneData:
     """Decode the labelled folders; draw the labelled subset (seeded) and its held-out part for early stopping."""
-    images = load_labelled_folder(train_root, size, "--train", cache_mb=cache_mb, workers=workers,
-                                  cache_dir=cache_dir)
+    images = load_labelled_folder(train_root, size, "--train", opts.decode)
     classes, labels, split = list(images.classes), images.labels, None
     if test_root is not None:
-        test_images = load_labelled_folder(test_root, size, "--test", cache_mb=cache_mb, workers=workers,
-                                           cache_dir=cache_dir)
+        test_images = load_labelled_folder(test_root, size, "--test", opts.decode)
         test_idx = torch.arange(len(test_images))
         test_labels = map_test_labels(classes, test_images.classes)[test_images.labels]
         pool = torch.arange(len(images))
     else:
-        split = split_folder(labels, float(test_fraction), opts.split_seed)
+        split = split_folder(labels, float(opts.test_fraction), opts.split_seed)
         test_images, test_idx, test_labels = images, split.test_idx, labels[split.test_idx]
         pool = split.train_idx
     short = check_labels_per_class([per_class], labels[pool], classes)
@@ -280,13 +180,12 @@ def finetune_data(train_root: Path, test_root: Path | None, test_fraction: float
 
 
 def build_classifier(run_dir: Path, meta: dict[str, Any], num_classes: int, opts: FinetuneOptions,
-                     dev: torch.device, say=None) -> Classifier:
+                     dev: torch.device, say: Say | None = None) -> Classifier:
     """The run's encoder (or opts.init's weights in its architecture) + a new linear layer seeded by opts.seed (the
     global RNG is left as it was)."""
     encoder = load_encoder(run_dir)
     if opts.init:
-        warn = (lambda m: None) if say is None else (lambda m: say(f"[yellow]warning:[/yellow] {escape(m)}"))
-        meta["init"] = load_init(encoder, opts.init, meta["timm_name"], warn)
+        meta["init"] = load_init(encoder, opts.init, meta["timm_name"], (say or Say()).warn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
         model = Classifier(encoder, int(meta["feature_dim"]), num_classes)

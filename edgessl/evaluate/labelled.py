@@ -15,6 +15,7 @@ from torch import Tensor
 from edgessl.data.folder import ImageSet, check_folder, image_extensions, load_image_folder, scan_images
 from edgessl.errors import UserError
 from edgessl.evaluate.subsets import class_counts, stratified_split
+from edgessl.options import Decode
 
 
 def parse_labels_per_class(text: str | int | Sequence, option: str = "--labels-per-class") -> list[int | None]:
@@ -77,24 +78,23 @@ def check_readable_classes(images: ImageSet, expected: Sequence[str], what: str)
         raise UserError(f"{what} class folder '{name}' has no readable image{reason}.")
 
 
-def load_labelled_folder(root: str | Path, size: int, what: str, cache_mb: float = 4096, workers: int | str = "auto",
-                         cache_dir: str | Path | None = "auto") -> ImageSet:
+def load_labelled_folder(root: str | Path, size: int, what: str, decode: Decode | None = None) -> ImageSet:
     """Decode a labelled folder (labels = first-level subfolders) after the class_folders checks (through the
     decoded-image cache `cache_dir`, see edgessl.data.cache)."""
     root, classes = class_folders(root, what)
-    images = load_image_folder(root, size, labels=True, cache_mb=cache_mb, workers=workers, min_images=1, what=what,
-                               cache_dir=cache_dir)
+    images = load_image_folder(root, size, labels=True, decode=decode, min_images=1, what=what)
     check_readable_classes(images, classes, what)
     return images
 
 
-def map_test_labels(train_classes: Sequence[str], test_classes: Sequence[str], what: str = "--test") -> Tensor:
+def map_test_labels(train_classes: Sequence[str], test_classes: Sequence[str], what: str = "--test",
+                    against: str = "--train") -> Tensor:
     """(C_test,) long: the training-class index of every test class. UserError when a test class is not a
     training class (its images could never be predicted right)."""
     missing = [c for c in test_classes if c not in train_classes]
     if missing:
         shown = ", ".join(f"'{c}'" for c in missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise UserError(f"{what} has class folder(s) that --train lacks: {shown}. Both need the same class names.")
+        raise UserError(f"{what} has class folder(s) that {against} lacks: {shown}. Both need the same class names.")
     return torch.tensor([list(train_classes).index(c) for c in test_classes], dtype=torch.long)
 
 
@@ -154,3 +154,27 @@ def split_folder(labels: Tensor, fraction: float, seed: int) -> Split:
             f"--test-fraction {fraction} leaves no test image: every class needs at least 2 images to be split."
         )
     return Split(train_idx, test_idx, fraction, seed)
+
+
+@dataclass
+class LabelledFolders:
+    """The labelled folders of eval and finetune once checked (nothing decoded yet)."""
+
+    train_root: Path
+    train_classes: list[str]  # the class folders of --train
+    test_root: Path | None  # None: the test images are split off --train (--test-fraction)
+    file_labels: Tensor  # (files,) the class of every image file of --train, before decoding
+
+
+def labelled_folders(train: str | Path, test: str | Path | None, test_fraction: float | None) -> LabelledFolders:
+    """The checks eval and finetune make before decoding anything (UserError): --test or --test-fraction, the class
+    folders of --train (and --test, with the same class names)."""
+    check_split_options(test, test_fraction)
+    train_root, train_classes = class_folders(train, "--train")
+    test_root = None
+    if test is not None:
+        test_root, test_classes = class_folders(test, "--test")
+        map_test_labels(train_classes, test_classes)
+    counts = torch.tensor([len(scan_images(train_root / c)) for c in train_classes])
+    return LabelledFolders(train_root, train_classes, test_root, torch.arange(len(train_classes)).repeat_interleave(
+        counts))

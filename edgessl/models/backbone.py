@@ -144,6 +144,14 @@ def read_encoder_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((_encoder_folder(path) / ENCODER_META).read_text())
 
 
+def run_encoder_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(the folder holding the encoder, its encoder.json) of a run directory or an encoder file (UserError when there
+    is none)."""
+    path = Path(path)
+    meta = read_encoder_meta(path)
+    return (path if path.is_dir() else path.parent), meta
+
+
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load a saved encoder from its own files into the same timm architecture, in eval mode.
 

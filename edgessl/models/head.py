@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from edgessl.errors import UserError
+from edgessl.fileio import safe_torch_load
 from edgessl.models.backbone import (
     build_from_arch,
     create_backbone,
@@ -97,7 +97,7 @@ def _run_head(head: nn.Module, run: Path) -> str:
     ckpt = run / "checkpoint.pt"
     if not ckpt.is_file():
         return "new"
-    model = torch.load(ckpt, map_location="cpu", weights_only=False).get("model", {})
+    model = safe_torch_load(ckpt, "--init").get("model", {})
     state = {k[len("head."):]: v for k, v in model.items() if k.startswith("head.")}
     own = head.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from edgessl.errors import UserError
-from edgessl.fileio import sha256_file
+from edgessl.fileio import safe_torch_load, sha256_file
 
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.fc.", "head.", "last_linear.")
 WRAPPERS = ("state_dict", "model", "state_dict_ema")
@@ -58,7 +58,9 @@ def read_state_dict(path: str | Path, option: str = "--init") -> dict[str, torch
         if path.suffix == ".safetensors":
             state: Any = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = safe_torch_load(path, option)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line for the user
         raise UserError(f"{option} '{path}' could not be read as weights ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None

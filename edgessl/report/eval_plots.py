@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgessl.report.plots import _plt, fit_title
+from edgessl.report.plots import fit_title, pyplot
 
 _PANELS = (("knn", 20, "kNN (k=20)"), ("knn", 200, "kNN (k=200)"), ("linear", None, "linear probe"))
 _STYLE = {"pretrained": dict(color="tab:blue", marker="o"), "random": dict(color="tab:gray", marker="s", ls="--")}
@@ -18,7 +18,7 @@ def plot_eval(summary: Sequence[dict[str, Any]], path: str | Path, title: str = 
     """One panel per protocol: top-1 (mean ± std over seeds) against labels per class, one line per encoder.
 
     summary: rows of evaluate.protocol.summarize. The x axis is categorical (1, 5, 10, ..., all)."""
-    plt = _plt()
+    plt = pyplot()
     lpcs = list(dict.fromkeys(s["labels_per_class"] for s in summary))
     pos = {v: i for i, v in enumerate(lpcs)}
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(4.2 * len(_PANELS), 3.6), sharey=True, squeeze=False)
@@ -48,7 +48,7 @@ def plot_confusion(cm, classes: Sequence[str], path: str | Path, title: str = ""
     """Row-normalised confusion matrix (true class per row) with the raw counts written in each cell.
 
     cm: (C, C) counts (tensor, array or nested lists)."""
-    plt = _plt()
+    plt = pyplot()
     cm = np.asarray(cm.tolist() if hasattr(cm, "tolist") else cm, dtype=float)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)

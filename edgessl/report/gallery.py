@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgessl.report.plots import _plt, fit_title
+from edgessl.report.plots import fit_title, pyplot
 
 
 def plot_neighbour_gallery(queries: Sequence[np.ndarray], neighbours: Sequence[Sequence[np.ndarray]],
@@ -16,7 +16,7 @@ def plot_neighbour_gallery(queries: Sequence[np.ndarray], neighbours: Sequence[S
     with its cosine to the query.
 
     queries: R images (H, W, 3) uint8; neighbours: R lists of K images; cosines: (R, K); names: R file names."""
-    plt = _plt()
+    plt = pyplot()
     rows, k = len(queries), max(len(n) for n in neighbours)
     fig, axes = plt.subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.45 * rows + 0.5), squeeze=False)
     for r in range(rows):

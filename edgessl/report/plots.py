@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,11 +29,11 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
     """curves.png: training loss per epoch (left) and kNN top-1 per epoch when measured (right)."""
     fig = curves_figure(history, title)
     fig.savefig(path, dpi=100)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def curves_figure(history: list[dict[str, Any]], title: str = ""):
-    plt = _plt()
+    plt = pyplot()
     knn = [h for h in history if h.get("knn_top1") is not None]
     fig, axes = plt.subplots(1, 2 if knn else 1, figsize=(10 if knn else 5, 3.6), squeeze=False)
     ax = axes[0, 0]
@@ -58,3 +58,28 @@ def curves_figure(history: list[dict[str, Any]], title: str = ""):
         fit_title(fig, title)
     fig.tight_layout()
     return fig
+
+
+def plot_widths(entries: list[dict[str, Any]], path: str | Path, title: str = "", knn_k: int = 20) -> None:
+    """widths.png: accuracy (kNN top-1, else linear probe) against batch-1 latency, one labelled point per width;
+    parameters against latency when no accuracy was measured."""
+    plt = pyplot()
+    key = next((k for k in ("knn_top1", "linear_top1") if all(e.get(k) is not None for e in entries)), None)
+    ylabel = {"knn_top1": f"kNN top-1 (k={knn_k})", "linear_top1": "linear probe top-1", None: "parameters (M)"}[key]
+    pts = sorted(((e["latency_ms"], e[key] if key else e["params"] / 1e6, e) for e in entries), key=lambda p: p[0])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="0.7", zorder=1)
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=2)
+    for x, y, e in pts:
+        ax.annotate(f"w={e['width']:g}\n{e['params'] / 1e6:.2f}M, {e['macs'] / 1e6:.1f}M MACs", (x, y),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    runtime = entries[0].get("latency_runtime", "") if entries else ""
+    ax.set_xlabel(f"batch-1 latency (ms, {runtime.split(' ')[0] if runtime else 'CPU'})")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.25, y=0.2)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

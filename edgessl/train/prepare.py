@@ -45,10 +45,6 @@ def bank_batch_cap(n: int, multiple: int = 8) -> int:
     return max(multiple, n // BANK_BATCH_DIVISOR // multiple * multiple)
 
 
-def demo_folder() -> Path:
-    return demo_images()
-
-
 def bank_init_order(seed: int, n: int) -> torch.Tensor:
     """(n,) the order the bank initialisation visits the images: a permutation seeded by `seed` only, so each
     BatchNorm batch mixes images from the whole folder (class folders sorted by path would give one-class batches)."""
@@ -114,7 +110,7 @@ def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed
     a rich Console for messages and the progress bar, or None (quiet); warn: a damaged disk cache is reported here."""
     data_root, labels = cfg.data, cfg.labels_from_folders
     if data_root is None:
-        data_root, labels = str(demo_folder()), True
+        data_root, labels = str(demo_images()), True
         if console is not None:
             console.print(f"No --data given: training on the bundled demo images ({data_root}).")
     elif resumed is not None and not Path(data_root).exists():
@@ -127,13 +123,11 @@ def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed
     if resumed is not None:
         check_same_data(resumed, signature)
     with file_progress(console, "reading images") as progress:
-        images = load_image_folder(data_root, cfg.image_size, labels=labels, cache_mb=cfg.cache_mb,
-                                   workers=cfg.workers, paths=paths, cache_dir=cfg.cache_dir, warn=warn,
-                                   progress=progress, signature=signature)
+        images = load_image_folder(data_root, cfg.image_size, labels=labels, decode=cfg.decode, paths=paths,
+                                   warn=warn, progress=progress, signature=signature)
     val = None
     if cfg.val and d.main:  # the kNN monitor runs on rank 0 only
-        val = load_image_folder(cfg.val, cfg.image_size, labels=True, cache_mb=cfg.cache_mb, workers=cfg.workers,
-                                what="--val", cache_dir=cfg.cache_dir, warn=warn)
+        val = load_image_folder(cfg.val, cfg.image_size, labels=True, decode=cfg.decode, what="--val", warn=warn)
     return images, val, signature
 
 

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from edgessl.errors import UserError
+from edgessl.fileio import atomic_save
 from edgessl.method.instance import InstanceDiscrimination
-from edgessl.train.checkpoint import CHECKPOINT, atomic_save, rng_state, set_rng_state
+from edgessl.train.checkpoint import CHECKPOINT, rng_state, set_rng_state
 
 PARTS = ("model", "method", "optimizer", "scheduler", "scaler")
 MAX_NONFINITE = 10  # non-finite losses in a row before a run stops (pretraining and fine-tuning alike)

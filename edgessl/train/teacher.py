@@ -165,8 +165,7 @@ def compute_or_find(cfg: PretrainConfig, pending: PendingTeacher, images: ImageS
                               "key": key, "reused": str(cached)}, 0.0
     t0 = time.time()
     timgs = images if spec.image_size == images.size else load_image_folder(
-        images.root, spec.image_size, paths=images.paths, cache_mb=cfg.cache_mb, workers=cfg.workers,
-        cache_dir=cfg.cache_dir, warn=warn)
+        images.root, spec.image_size, paths=images.paths, decode=cfg.decode, warn=warn)
     if len(timgs) != n:
         raise UserError(f"--teacher: {n} images decode at {images.size} px but {len(timgs)} at the teacher's "
                         f"{spec.image_size} px. Remove the unreadable files from '{images.root}'.")

@@ -1,17 +1,15 @@
-"""`edgessl check`: run the on-device check script (the repository's export/device_check.py).
+"""The torch-free scripts of export/ (device_check.py, embed_onnx.py), found and loaded as modules.
 
 There is one source of truth, export/device_check.py. An installed wheel ships it as the package data module
 `edgessl.devicecheck.device_check` (pyproject maps that package to the export/ folder); an editable or source
-checkout finds it beside the package. edgessl.deploy.onnx uses its functions too (device_check_module), so that the
-export and the device measure agreement the same way.
+checkout finds it beside the package. edgessl.deploy uses its functions too (device_check_module), so that the
+export and the device measure agreement and speed the same way; `edgessl check` runs it (edgessl.workflows.check).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -30,7 +28,7 @@ def script_path(script: str = SCRIPT) -> Path:
     for folder in (spec.submodule_search_locations or []) if spec else []:
         if (Path(folder) / script).is_file():
             return Path(folder) / script
-    repo = Path(__file__).resolve().parents[2] / "export" / script
+    repo = Path(__file__).resolve().parents[1] / "export" / script
     if repo.is_file():
         return repo
     raise UserError(
@@ -58,15 +56,3 @@ def device_check_module() -> ModuleType:
     except ImportError:
         return load_script()
     return device_check
-
-
-def run_device_check(argv: list[str]) -> int:
-    """Run the script with these arguments in a fresh interpreter (so that its peak-memory figure is the script's,
-    not this process's with torch loaded); its output goes to this terminal. Returns its exit code."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise UserError(
-            "`edgessl check` needs onnxruntime: pip install onnxruntime (part of the `export` extra)."
-        ) from None
-    return subprocess.run([sys.executable, str(script_path()), *argv], check=False).returncode

@@ -1,7 +1,6 @@
-"""`edgessl export`: encoder (features) or fine-tuned classifier (logits) -> ONNX, checked against PyTorch on real
-images, optionally with int8 (static, calibrated on the user's images, searched until it meets its bound: see
-int8search.py) and fp16 copies, plus manifest.json, reference outputs for the on-device check and each file's speed
-on this machine."""
+"""The steps of an export (the command: edgessl.workflows.export): the fp32 ONNX file checked against PyTorch on real
+images, its reference outputs for the on-device check, the int8 (static, calibrated, searched until it meets its
+bound: int8search.py) and fp16 copies, each with its parity, task figures and speed on this machine."""
 
 from __future__ import annotations
 
@@ -14,78 +13,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from rich.markup import escape
 
-from edgessl.demo import demo_images
 from edgessl.deploy import int8search as i8
 from edgessl.deploy import manifest as mf
 from edgessl.deploy import onnx as ox
 from edgessl.deploy import quantize as qz
 from edgessl.deploy import sensitivity as sn
 from edgessl.deploy import speed as sp
-from edgessl.deploy.images import Sample, sample_folder, spread, to_input
+from edgessl.deploy.images import Sample, spread, to_input
 from edgessl.errors import UserError
 from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict, knn_top1
 from edgessl.fileio import sha256_file
-from edgessl.models.backbone import load_encoder, read_encoder_meta
-from edgessl.models.classifier import load_classifier
 
 EVAL_IMAGES = 256  # parity is measured on up to this many images (all of them when the folder has fewer)
 CALIB_IMAGES = 256  # int8 calibration images, spread over the calibration folder
 REFERENCE_IMAGES = 48  # preprocessed images + PyTorch outputs shipped in <model>.reference.npz
 SCRATCH: str | None = None  # parent folder of the int8 search's temporary files (None: the system's temp folder)
-
-
-@dataclass
-class ExportResult:
-    export_dir: Path
-    manifest: Path
-    models: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # one line each, e.g. why int8 was not written
-
-
-def _say(console, msg: str) -> None:
-    if console is not None:
-        console.print(escape(msg), highlight=False, soft_wrap=True)
-
-
-def training_folder(run_dir: Path) -> Path | None:
-    """The folder a run was trained on (config.yaml `data`; null = the bundled demo images), None without config."""
-    cfg = run_dir / "config.yaml"
-    if not cfg.is_file():
-        return None
-    data = (yaml.safe_load(cfg.read_text()) or {}).get("data")
-    if data:
-        return Path(data)
-    return demo_images()
-
-
-def _default_folder(run_dir: Path, meta: dict[str, Any], kind: str) -> Path | None:
-    """Classifier: the labelled folder it was fine-tuned on when it still exists; else the run's training folder."""
-    if kind == "classifier" and meta.get("train_data") and Path(meta["train_data"]).is_dir():
-        return Path(meta["train_data"])
-    return training_folder(run_dir)
-
-
-def _resolve_folder(explicit, default: Path | None, run_dir: Path, option: str, purpose: str) -> Path:
-    if explicit is not None:
-        return Path(explicit)
-    if default is None:
-        raise UserError(f"'{run_dir}' has no config.yaml naming its training images; pass {option} ./images {purpose}.")
-    if not default.is_dir():
-        raise UserError(f"The run's training folder '{default}' no longer exists; pass {option} ./images {purpose}.")
-    return default
-
-
-def _load_model(run_dir: Path, classifier):
-    """(model, meta, kind); UserError when the run has no encoder or the classifier folder is not one."""
-    read_encoder_meta(run_dir)  # the run must hold an encoder, whatever is exported
-    if classifier is None:
-        model = load_encoder(run_dir)
-        return model, model.edgessl_meta, "encoder"
-    model = load_classifier(classifier)
-    return model, model.edgessl_meta, "classifier"
 
 
 def torch_outputs(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -182,77 +125,8 @@ def _validated(path: Path, precision: str, x: np.ndarray, ref: np.ndarray, logit
     return sess, out, figures
 
 
-def export(
-    run: str | Path,
-    classifier: str | Path | None = None,
-    opset: int = 18,
-    int8: bool | str = False,
-    calib: str | Path | None = None,
-    fp16: bool = False,
-    images: str | Path | None = None,
-    out: str | Path | None = None,
-    name: str | None = None,
-    calib_method: str = "minmax",
-    console=None,
-) -> ExportResult:
-    """Export, validate and describe one model. See the module docstring and docs/export.md.
-
-    run: a pretraining run directory; classifier: a fine-tuned classifier folder (exports logits instead of
-    features); images: folder for the parity check (default: the classifier's labelled folder or the run's training
-    folder); int8: False, True (= "search"), "search", "keep-slow" or "strict" (see edgessl.deploy.int8search);
-    calib: int8 calibration folder (default: the training folder); out: export folder (default <run>/export); name:
-    model file base name (default encoder / classifier); calib_method: minmax | moving-average | percentile | entropy
-    (int8 activation ranges; the search tries it first).
-    Raises UserError (bad input, exit 2) or ValidationFailed (a file misses its check, exit 3; int8 only in
-    "strict" mode, the search keeps fp32 and says why in ExportResult.notes)."""
-    mode = i8.int8_mode(int8)
-    src = _prepare(run, classifier, opset, mode is not None, calib, images, calib_method)
-    out_dir = Path(out) if out else src.run_dir / "export"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base_name = name or src.kind
-    _remove_previous(out_dir, base_name)
-    x = to_input(src.sample.images, src.meta["mean"], src.meta["std"])
-    ref = torch_outputs(src.model, x)
-    fp32 = _export_fp32(src, out_dir / f"{base_name}.onnx", int(opset), x, ref, console)
-    reference = out_dir / f"{base_name}.reference.npz"
-    _write_reference(reference, src.sample, ref)
-    common = _common_keys(src, fp32, reference.name, ref.shape[1])
-    fp32.speed = sp.speed(fp32.session, x)
-    entries = [_entry(fp32.path, "fp32", common, fp32.figures, speed=fp32.speed)]
-    failures: list[str] = []
-    notes: list[str] = []
-    outputs = {"fp32": fp32.outputs}
-    for precision, wanted in (("int8", mode), ("fp16", fp16)):
-        if not wanted:
-            continue
-        path = out_dir / f"{base_name}.{precision}.onnx"
-        try:
-            if precision == "int8" and mode != "strict":
-                fallback = "fp32 and fp16" if fp16 else "fp32"
-                entry, outp, note = _searched_int8(path, fp32, src, x, ref, common, mode, calib_method, fallback,
-                                                   entries[0], console)
-                notes.append(note)
-                if entry is None:
-                    continue
-            else:
-                entry, outp = _reduced_copy(precision, path, fp32, src, x, ref, common, calib_method, console)
-        except ox.ValidationFailed as e:
-            failures.append(str(e))
-            _say(console, f"  failed: {e}")
-            continue
-        entries.append(entry)
-        outputs[precision] = outp
-    _add_task_figures(src, outputs, ref, entries, console)
-    for note in notes:
-        _say(console, note)
-    manifest = mf.write_manifest(out_dir, entries, _source(src, classifier))
-    if failures:
-        raise ox.ValidationFailed(" ".join(failures) + f" The other files are listed in {manifest}.")
-    return ExportResult(out_dir, manifest, entries, notes)
-
-
 @dataclass
-class _Source:
+class Source:
     """What export reads before it writes anything: the model, its meta and the decoded image samples."""
 
     run_dir: Path
@@ -266,27 +140,6 @@ class _Source:
     @property
     def logits(self) -> bool:
         return self.kind == "classifier"
-
-
-def _prepare(run, classifier, opset, int8: bool, calib, images, calib_method: str) -> _Source:
-    """Every check and decode that comes before a file is written: the export extra, the opset, the calibration
-    method, the model, the parity sample and (int8) the calibration sample. UserError on bad input."""
-    ox.require_export_deps()
-    ox.check_opset(int(opset))
-    qz.check_calibration_method(calib_method)
-    run_dir = Path(run)
-    model, meta, kind = _load_model(run_dir, classifier)
-    size = int(meta.get("image_size") or meta["input_size"][-1])
-    default = _default_folder(run_dir, meta, kind)
-    eval_root = _resolve_folder(images, default, run_dir, "--images", "for the parity check")
-    sample = sample_folder(eval_root, size, EVAL_IMAGES, "--images")
-    calib_sample = None
-    if int8:
-        usable = default is not None and default.is_dir()
-        calib_default = default if usable or images is None else eval_root  # else: the --images folder
-        calib_root = _resolve_folder(calib, calib_default, run_dir, "--calib", "to calibrate int8")
-        calib_sample = sample_folder(calib_root, size, CALIB_IMAGES, "--calib")
-    return _Source(run_dir, model, meta, kind, size, sample, calib_sample)
 
 
 @dataclass
@@ -309,18 +162,18 @@ class _Fp32:
         return self.session.get_outputs()[0].name
 
 
-def _export_fp32(src: _Source, path: Path, opset: int, x: np.ndarray, ref: np.ndarray, console) -> _Fp32:
+def _export_fp32(src: Source, path: Path, opset: int, x: np.ndarray, ref: np.ndarray, say) -> _Fp32:
     """Export src.model to path and check it against PyTorch: ref (N, D) are its outputs for x (N, 3, S, S).
     ValidationFailed (the file removed) when it misses the fp32 bounds."""
-    _say(console, f"Exporting the {src.kind} ({src.meta['timm_name']}, {src.size} px) to {path} ...")
+    say(f"Exporting the {src.kind} ({src.meta['timm_name']}, {src.size} px) to {path} ...")
     exporter = ox.export_model(src.model, path, src.size, opset, "input", "logits" if src.logits else "features")
     sess, out, fig = _validated(path, "fp32", x, ref, src.logits)
-    _say(console, f"  written by {exporter}; parity on {len(src.sample)} images: "
+    say(f"  written by {exporter}; parity on {len(src.sample)} images: "
                   f"max abs diff {fig['max_abs_diff']:.3g}, min cosine {fig['min_cosine']:.7f}")
     return _Fp32(path, exporter, sess, out, fig)
 
 
-def _common_keys(src: _Source, fp32: _Fp32, reference: str, dim: int) -> dict[str, Any]:
+def _common_keys(src: Source, fp32: _Fp32, reference: str, dim: int) -> dict[str, Any]:
     """The manifest keys every file of one export shares (dim: the output width D)."""
     return {
         "kind": src.kind, "exporter": fp32.exporter, "input": mf.input_spec(fp32.input_name, src.size),
@@ -330,7 +183,7 @@ def _common_keys(src: _Source, fp32: _Fp32, reference: str, dim: int) -> dict[st
     }
 
 
-def _convert(precision: str, path: Path, fp32: _Fp32, src: _Source, calib_method: str) -> dict[str, Any]:
+def _convert(precision: str, path: Path, fp32: _Fp32, src: Source, calib_method: str) -> dict[str, Any]:
     """Write the int8 (calibrated on src.calib) or fp16 copy of the fp32 file; returns the conversion settings.
     ValidationFailed (nothing written) when the conversion fails."""
     if precision == "int8":
@@ -341,17 +194,17 @@ def _convert(precision: str, path: Path, fp32: _Fp32, src: _Source, calib_method
     return qz.convert_fp16(fp32.path, path)
 
 
-def _reduced_copy(precision: str, path: Path, fp32: _Fp32, src: _Source, x: np.ndarray, ref: np.ndarray,
-                  common: dict[str, Any], calib_method: str, console) -> tuple[dict[str, Any], np.ndarray]:
+def _reduced_copy(precision: str, path: Path, fp32: _Fp32, src: Source, x: np.ndarray, ref: np.ndarray,
+                  common: dict[str, Any], calib_method: str, say) -> tuple[dict[str, Any], np.ndarray]:
     """Convert, validate and compare one int8 (single configuration) or fp16 copy: (its manifest entry, its outputs
     (N, D) on x). ValidationFailed when the conversion fails or the copy misses its bounds (the file is removed)."""
-    _say(console, f"Converting to {precision}: {path} ...")
+    say(f"Converting to {precision}: {path} ...")
     settings = _convert(precision, path, fp32, src, calib_method)
-    return _described(precision, path, fp32, src, x, ref, common, settings, console)
+    return _described(precision, path, fp32, src, x, ref, common, settings, say)
 
 
-def _described(precision: str, path: Path, fp32: _Fp32, src: _Source, x: np.ndarray, ref: np.ndarray,
-               common: dict[str, Any], settings: dict[str, Any], console) -> tuple[dict[str, Any], np.ndarray]:
+def _described(precision: str, path: Path, fp32: _Fp32, src: Source, x: np.ndarray, ref: np.ndarray,
+               common: dict[str, Any], settings: dict[str, Any], say) -> tuple[dict[str, Any], np.ndarray]:
     """Validate the written int8 or fp16 file, time it and compare it with fp32: (its manifest entry, its outputs)."""
     sess, outp, fig = _validated(path, precision, x, ref, src.logits)
     cos = ox.cosines(fp32.outputs, outp)
@@ -364,7 +217,7 @@ def _described(precision: str, path: Path, fp32: _Fp32, src: _Source, x: np.ndar
         "latency_ratio": lat / fp32_lat,
     }
     entry = _entry(path, precision, common, fig, conversion=settings, comparison=comparison, speed=speed)
-    _say(console, f"  parity: min cosine {fig['min_cosine']:.5f} (mean {fig['mean_cosine']:.5f}); "
+    say(f"  parity: min cosine {fig['min_cosine']:.5f} (mean {fig['mean_cosine']:.5f}); "
                   f"size x{comparison['size_ratio']:.2f}, batch-1 latency x{comparison['latency_ratio']:.2f} of fp32")
     return entry, outp
 
@@ -381,18 +234,18 @@ def _attempt(candidate: i8.Candidate, file: Path, prepared: tuple[Path, bool], f
         figures = ox.compare(ref, ox.run(sess, x), logits=logits)
     except Exception as e:  # noqa: BLE001 - a candidate that cannot be built or run is a failed candidate
         file.unlink(missing_ok=True)
-        return i8.Attempt(candidate, missed=[str(e) if isinstance(e, UserError) else ox._first_line(e)])
+        return i8.Attempt(candidate, missed=[str(e) if isinstance(e, UserError) else ox.first_line(e)])
     return i8.Attempt(candidate, figures, ox.failed_bounds(figures, "int8"), sp.batch1_p50(sess, x[:1]), file,
                       settings)
 
 
-def _searched_int8(path: Path, fp32: _Fp32, src: _Source, x: np.ndarray, ref: np.ndarray, common: dict[str, Any],
+def _searched_int8(path: Path, fp32: _Fp32, src: Source, x: np.ndarray, ref: np.ndarray, common: dict[str, Any],
                    mode: str, calib_method: str, fallback: str, fp32_entry: dict[str, Any],
-                   console) -> tuple[dict[str, Any] | None, np.ndarray | None, str]:
+                   say) -> tuple[dict[str, Any] | None, np.ndarray | None, str]:
     """The int8 search (edgessl.deploy.int8search): (the int8 entry and its outputs, or None, None when fp32 is
     kept; the one line saying which). Candidates live in a temporary folder that is removed whatever happens; only
     the shipped one is moved to `path`. The search's record goes into the fp32 entry's "int8_search"."""
-    _say(console, f"Searching int8 for {path} (bound: mean cosine >= {ox.BOUNDS['int8']['mean_cosine']:g}, "
+    say(f"Searching int8 for {path} (bound: mean cosine >= {ox.BOUNDS['int8']['mean_cosine']:g}, "
                   f"min cosine >= {ox.BOUNDS['int8']['min_cosine']:g}) ...")
     calib_x = to_input(src.calib.images, src.meta["mean"], src.meta["std"])
     measured: dict[str, Any] = {}
@@ -405,14 +258,14 @@ def _searched_int8(path: Path, fp32: _Fp32, src: _Source, x: np.ndarray, ref: np
             done = _attempt(candidate, work / f"candidate-{len(names)}.onnx", prepared, fp32, calib_x, x, ref,
                             src.logits)
             names.append(candidate.label)
-            _say(console, "  " + _attempt_line(len(names), done))
+            say("  " + _attempt_line(len(names), done))
             return done
 
         def tails_for(closest: i8.Attempt) -> list[dict[str, Any]]:
             try:
                 found = sn.sensitivity(prepared[0], closest.path, calib_x, fp32.input_name)
             except Exception as e:  # noqa: BLE001 - without a measurement the search ends with the methods
-                measured["error"] = ox._first_line(e)
+                measured["error"] = ox.first_line(e)
                 return []
             measured.update(found["record"])
             return found["tails"]
@@ -433,7 +286,7 @@ def _searched_int8(path: Path, fp32: _Fp32, src: _Source, x: np.ndarray, ref: np
         os.replace(part, path)
     settings = {**tried[-1].settings, "calibration_folder": str(src.calib.root), "candidate": tried[-1].candidate.label,
                 "search": "manifest entry of the fp32 file, key int8_search"}
-    entry, outp = _described("int8", path, fp32, src, x, ref, common, settings, console)
+    entry, outp = _described("int8", path, fp32, src, x, ref, common, settings, say)
     return entry, outp, line
 
 
@@ -445,8 +298,8 @@ def _attempt_line(number: int, a: i8.Attempt) -> str:
             f"{a.parity['min_cosine']:.4f}, batch-1 {a.latency_ms:.3g} ms: {verdict}")
 
 
-def _add_task_figures(src: _Source, outputs: dict[str, np.ndarray], ref: np.ndarray, entries: list[dict[str, Any]],
-                      console) -> None:
+def _add_task_figures(src: Source, outputs: dict[str, np.ndarray], ref: np.ndarray, entries: list[dict[str, Any]],
+                      say) -> None:
     """Add the task figures (kNN top-1 and agreement, or accuracy, per precision) to every entry's "comparison" and
     print them with each precision's speed on this machine."""
     task = _task_figures(src.kind, src.sample, src.meta, outputs, ref)
@@ -457,18 +310,52 @@ def _add_task_figures(src: _Source, outputs: dict[str, np.ndarray], ref: np.ndar
                        ("accuracy", "accuracy")):
         if key in task:
             values = ", ".join(f"{p} {task[key][p]:.4f}" for p in outputs)
-            _say(console, f"{label} on {task[key]['images']} labelled images: {values}")
+            say(f"{label} on {task[key]['images']} labelled images: {values}")
     for entry in entries:
         sp_ = entry["speed"]
-        _say(console, f"{entry['precision']} on this machine: batch-1 p50 {sp_['batch1_ms']['p50']:.3g} ms, p90 "
+        say(f"{entry['precision']} on this machine: batch-1 p50 {sp_['batch1_ms']['p50']:.3g} ms, p90 "
                       f"{sp_['batch1_ms']['p90']:.3g} ms; {sp_['throughput']['images_per_s']:.0f} images/s at batch "
                       f"{sp_['throughput']['batch']}; {entry['bytes'] / 2**20:.2f} MiB")
 
 
-def _source(src: _Source, classifier) -> dict[str, Any]:
-    """manifest.json's "source": what was exported and which images checked it."""
-    return {
-        "run": str(src.run_dir.resolve()), "classifier": str(Path(classifier).resolve()) if classifier else None,
-        "images": str(src.sample.root.resolve()), "timm_name": src.meta["timm_name"], "stem": src.meta.get("stem"),
-        "epochs_trained": src.meta.get("epochs_trained"), "method": src.meta.get("method"),
-    }
+def write_models(src: Source, out_dir: Path, base_name: str, opset: int, mode: str | None, fp16: bool,
+                 calib_method: str, say) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """The files of one export in out_dir: <base>.onnx (checked against PyTorch), <base>.reference.npz, and the
+    int8 (mode: edgessl.deploy.int8search's, None: none) and fp16 copies. Returns (manifest entries, notes: one line
+    each, e.g. why int8 was not written, failures: the copies that missed their check). say(line): the progress."""
+    _remove_previous(out_dir, base_name)
+    x = to_input(src.sample.images, src.meta["mean"], src.meta["std"])
+    ref = torch_outputs(src.model, x)
+    fp32 = _export_fp32(src, out_dir / f"{base_name}.onnx", int(opset), x, ref, say)
+    reference = out_dir / f"{base_name}.reference.npz"
+    _write_reference(reference, src.sample, ref)
+    common = _common_keys(src, fp32, reference.name, ref.shape[1])
+    fp32.speed = sp.speed(fp32.session, x)
+    entries = [_entry(fp32.path, "fp32", common, fp32.figures, speed=fp32.speed)]
+    failures: list[str] = []
+    notes: list[str] = []
+    outputs = {"fp32": fp32.outputs}
+    for precision, wanted in (("int8", mode), ("fp16", fp16)):
+        if not wanted:
+            continue
+        path = out_dir / f"{base_name}.{precision}.onnx"
+        try:
+            if precision == "int8" and mode != "strict":
+                fallback = "fp32 and fp16" if fp16 else "fp32"
+                entry, outp, note = _searched_int8(path, fp32, src, x, ref, common, mode, calib_method, fallback,
+                                                   entries[0], say)
+                notes.append(note)
+                if entry is None:
+                    continue
+            else:
+                entry, outp = _reduced_copy(precision, path, fp32, src, x, ref, common, calib_method, say)
+        except ox.ValidationFailed as e:
+            failures.append(str(e))
+            say(f"  failed: {e}")
+            continue
+        entries.append(entry)
+        outputs[precision] = outp
+    _add_task_figures(src, outputs, ref, entries, say)
+    for note in notes:
+        say(note)
+    return entries, notes, failures

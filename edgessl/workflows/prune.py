@@ -14,24 +14,23 @@ import torch
 import torch.nn.functional as F
 
 from edgessl.config import replace, resolve
-from edgessl.data.augment import AugmentConfig, augment_batch
+from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch
 from edgessl.data.folder import load_image_folder
+from edgessl.demo import demo_images
+from edgessl.deploy.widths import encoders_report
 from edgessl.errors import UserError
-from edgessl.evaluate.monitor import standard_evaluation
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.head import build_encoder
 from edgessl.models.prune import prune_by_importance
 from edgessl.models.slimmable import last_layer
+from edgessl.options import PruneOptions, takes_options
+from edgessl.report.say import Say
 from edgessl.rundir import check_out
-from edgessl.slim.api import encoders_report, report_table
 from edgessl.train.checkpoint import load_checkpoint
-from edgessl.train.loop import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    WarmStart,
-    demo_folder,
-    pretrain,
-)
+from edgessl.train.run import pretrain
+from edgessl.train.types import PretrainResult, WarmStart
+from edgessl.workflows.pretrain import standard_evaluation
+from edgessl.workflows.slim import widths_table
 
 
 def load_run_encoder(run_dir: Path):
@@ -48,13 +47,17 @@ def load_run_encoder(run_dir: Path):
     return cfg, encoder, ckpt
 
 
-def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", epochs: int | None = None,
-              distill: float = 0.5, out: str | Path | None = None, quiet: bool = False, console=None,
-              seed: int | None = None, overwrite: bool = False):
+@takes_options(PruneOptions, lead=("run_dir",), positional=("ratio", "criterion", "epochs", "distill", "out"),
+               extra={"console": None})
+def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> PretrainResult:
     """Prune `ratio` of every channel group of the run's encoder (projection output kept), recover for `epochs`
     (default a quarter of the run's epochs, at least 1) and save it as a run directory (default
-    <run>/pruned-<ratio>/) whose encoder.json rebuilds the pruned architecture. Returns the PretrainResult."""
+    <run>/pruned-<ratio>/) whose encoder.json rebuilds the pruned architecture. Options:
+    edgessl.options.PruneOptions (`edgessl prune`'s flags). Returns the recovery's PretrainResult (`.run_dir`,
+    `.history`, `.report` = its widths.json entries)."""
     run_dir = Path(run_dir)
+    ratio, criterion, epochs, distill, out = opts.ratio, opts.criterion, opts.epochs, opts.distill, opts.out
+    quiet, seed, overwrite = opts.quiet, opts.seed, opts.overwrite
     if not 0 < ratio < 1:
         raise UserError(f"--ratio must be in (0, 1) (the fraction of channels removed), not {ratio:g}.")
     if not 0 <= distill <= 1:
@@ -69,7 +72,7 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
 
     def taylor_batch() -> None:  # one batch of the training loss, for the Taylor importance
 
-        images = load_image_folder(cfg.data or str(demo_folder()), size, labels=False)
+        images = load_image_folder(cfg.data or str(demo_images()), size, labels=False)
         idx = torch.arange(min(len(images), cfg.batch_size))
         x = augment_batch(images.get(idx), idx, 0, cfg.seed, AugmentConfig(), IMAGENET_MEAN, IMAGENET_STD)
         method = InstanceDiscrimination(len(bank), bank.shape[1], cfg.temperature, cfg.negatives,
@@ -91,10 +94,9 @@ def prune_run(run_dir: str | Path, ratio: float, criterion: str = "magnitude", e
     result = pretrain(rcfg, console=console, warm=warm, overwrite=overwrite, evaluation=standard_evaluation())
     # the report of a --widths run, for the original (width 1.0) and the pruned encoder (width = kept fraction)
 
-    labelled = (cfg.data or str(demo_folder())) if (cfg.labels_from_folders or cfg.data is None) else None
+    labelled = (cfg.data or str(demo_images())) if (cfg.labels_from_folders or cfg.data is None) else None
     report = encoders_report(result.run_dir, [(1.0, run_dir), (1 - ratio, result.run_dir)], labelled=labelled,
                              test=cfg.val, console=None if rcfg.quiet else console)
-    if console is not None and not rcfg.quiet:
-        console.print(report_table(report))
+    Say(console, rcfg.quiet).table(widths_table(report))
     result.report = report
     return result

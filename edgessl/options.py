@@ -1,0 +1,369 @@
+"""Every option of every command, written once: its name (the field), type, default and help.
+
+A command's options are a dataclass whose fields come from `option(...)`. From that one definition come the Python
+API's keyword arguments and their defaults (edgessl.workflows), the CLI's flags and `--help` (edgessl.cli builds
+each typer command from the dataclass) and, for pretraining, config.yaml's keys. Settings that travel together
+through several layers are small dataclasses of their own (Decode: how a folder is decoded and cached; Compute:
+device and CPU threads), mixed into each command that has them and handed down as one object (`group`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, TypeVar
+
+from edgessl.errors import UserError
+
+T = TypeVar("T")
+META = "edgessl"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the CLI needs beyond the field: the help text, how --help shows the default (`shown`, None: the value),
+    the flag declaration when it is not --<name> (e.g. "--cache/--no-cache", or "--no-x" alone: a switch that turns
+    a default-on option off), whether the option is required, and whether it is a CLI flag at all (False: API
+    only)."""
+
+    @property
+    def turns_off(self) -> bool:
+        """A single "--no-..." switch: given, the option is False."""
+        return bool(self.flag) and self.flag.startswith("--no-") and "/" not in self.flag
+
+    help: str
+    shown: str | None = None
+    flag: str | None = None
+    required: bool = False
+    cli: bool = True
+
+
+def option(default: Any = None, help: str = "", *, shown: str | None = None, flag: str | None = None,
+           required: bool = False, cli: bool = True) -> Any:
+    """A dataclass field that is a command option (see the module docstring); a required one has no default."""
+    metadata = {META: Spec(help, shown, flag, required, cli)}
+    return field(metadata=metadata) if required else field(default=default, metadata=metadata)
+
+
+def specs(cls: type) -> list[tuple[dataclasses.Field, Spec]]:
+    """(field, Spec) of every option of an options dataclass, in field order."""
+    return [(f, f.metadata[META]) for f in fields(cls) if META in f.metadata]
+
+
+def names(cls: type) -> list[str]:
+    return [f.name for f, _ in specs(cls)]
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def default_text(f: dataclasses.Field, spec: Spec) -> str:
+    """How --help shows a default: `shown`, 'on'/'off' for switches, a float with %g, the value otherwise."""
+    if spec.shown is not None:
+        return spec.shown
+    value = f.default if f.default is not MISSING else None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def help_text(f: dataclasses.Field, spec: Spec) -> str:
+    """--help of an option: its meaning and, unless it is a switch or required, its default."""
+    if spec.required or (isinstance(f.default, bool) and spec.flag is None):
+        return spec.help
+    return f"{spec.help} [default: {default_text(f, spec)}]"
+
+
+def cli_type(cls: type, name: str) -> Any:
+    """The type a CLI flag parses: the field's type without None (str | int -> str: the command parses it)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if not args:
+        return hint
+    return args[0] if len(args) == 1 else str
+
+
+def check_known(cls: type, given: dict[str, Any], what: str = "") -> None:
+    unknown = sorted(set(given) - set(names(cls)))
+    if unknown:
+        raise UserError(f"Unknown {what + ' ' if what else ''}options: {', '.join(unknown)}.")
+
+
+def build(cls: type[T], given: dict[str, Any], what: str = "") -> T:
+    """cls from the options given (None = not given: the default), after refusing unknown names and missing
+    required ones (UserError)."""
+    check_known(cls, given, what)
+    values = {k: v for k, v in given.items() if v is not None}
+    missing = [f.name for f, spec in specs(cls) if spec.required and f.name not in values]
+    if missing:
+        raise UserError(f"{flag_name(missing[0])} is required.")
+    return cls(**values)
+
+
+def takes_options(cls: type, lead: tuple[str, ...] = (), positional: tuple[str, ...] = (),
+                  extra: dict[str, Any] | None = None):
+    """Decorator: fn(*lead, opts: cls, **extra) becomes the API function fn(*lead, *positional options, **options,
+    **extra): the options in `positional` may also be passed by position, every other option by keyword, all with
+    the defaults of `cls` (its one definition); `extra` names the non-option keyword arguments and their defaults
+    (console, callbacks). The signature (help(), tab completion) is generated from `cls`."""
+    extra = dict(extra or {})
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def api(*args, **kwargs):
+            if len(args) > len(lead) + len(positional):
+                raise TypeError(f"{fn.__name__}() takes {len(lead) + len(positional)} positional arguments")
+            for name, value in zip(positional, args[len(lead):], strict=False):
+                if name in kwargs:
+                    raise TypeError(f"{fn.__name__}() got multiple values for argument '{name}'")
+                kwargs[name] = value
+            given = {k: kwargs.pop(k, v) for k, v in extra.items()}
+            return fn(*args[:len(lead)], build(cls, kwargs), **given)
+
+        api.__signature__ = _signature(cls, lead, positional, extra)
+        return api
+
+    return wrap
+
+
+def _signature(cls: type, lead, positional, extra) -> inspect.Signature:
+    p = inspect.Parameter
+    params = [p(name, p.POSITIONAL_OR_KEYWORD) for name in lead]
+    by_name = {f.name: f for f, _ in specs(cls)}
+    params += [p(name, p.POSITIONAL_OR_KEYWORD, default=_default(by_name[name])) for name in positional]
+    params += [p(f.name, p.KEYWORD_ONLY, default=_default(f)) for f, _ in specs(cls) if f.name not in positional]
+    params += [p(name, p.KEYWORD_ONLY, default=value) for name, value in extra.items()]
+    return inspect.Signature(params)  # ValueError if a required option follows one with a default
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return inspect.Parameter.empty if f.default is MISSING else f.default
+
+
+def shared(cls: type, name: str) -> Any:
+    """The option `name` of group `cls` as a field of another options dataclass (the same default and help: one
+    definition), so a command lists a group's options where it wants them."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return field(metadata=f.metadata) if f.default is MISSING else field(default=f.default, metadata=f.metadata)
+
+
+def group(obj: Any, cls: type[T]) -> T:
+    """The settings of group `cls` (e.g. Decode) out of any options object that has them."""
+    return cls(**{f.name: getattr(obj, f.name) for f in fields(cls)})
+
+
+def positive_count(value: Any, flag: str, auto: str = "auto") -> str:
+    """'auto' or a positive whole number as text; UserError otherwise."""
+    text = str(value)
+    if text != auto and not (text.isdigit() and int(text) > 0):
+        raise UserError(f"{flag} must be {auto} or a positive number, not '{text}'.")
+    return text
+
+
+def check_groups(obj: Any) -> None:
+    """Normalise and check the shared settings an options object has (--workers, --threads): UserError."""
+    for name in ("workers", "threads"):
+        if isinstance(getattr(obj, name, None), (str, int)):
+            setattr(obj, name, positive_count(getattr(obj, name), flag_name(name)))
+
+
+# ---------------------------------------------------------------- groups shared by several commands
+CACHE_DIR_HELP = ("Decoded-image cache: auto (EDGESSL_CACHE_DIR, else ~/.cache/edgessl), a folder, or none (no disk "
+                  "cache). Each folder is decoded once; `edgessl cache list|clear` shows and frees it.")
+
+
+@dataclass(kw_only=True)
+class Decode:
+    """How an image folder is decoded and cached (edgessl.data.cache, edgessl.data.folder)."""
+
+    cache_mb: float = option(4096.0, "RAM for decoded images in MiB; a larger data set is memory-mapped from the disk "
+                                     "cache (or, with --cache-dir none, decoded again at every step).")
+    cache_dir: str = option("auto", CACHE_DIR_HELP)
+    workers: str = option("auto", "Decoding threads: auto (one per available core, at most 8) or a number.")
+
+
+@dataclass(kw_only=True)
+class Compute:
+    """Where the network runs: the device and the CPU threads (edgessl.runtime)."""
+
+    device: str = option("auto", "auto | cpu | cuda | mps (auto: cuda, else mps on Apple silicon, else cpu).")
+    threads: str = option("auto", "CPU threads for the network: auto (all cores when the machine is idle, fewer when "
+                                  "other jobs keep them busy) or a number.")
+
+
+class HasDecode:
+    """Mixed into an options dataclass that has Decode's options: `.decode` hands them down as one object."""
+
+    @property
+    def decode(self) -> Decode:
+        return group(self, Decode)
+
+
+# ---------------------------------------------------------------- the commands after pretraining
+@dataclass(kw_only=True)
+class Labelled:
+    """Labelled images for eval and finetune: --train and --test folders, or --train split by --test-fraction."""
+
+    train: str = option(help="Labelled training images: one subfolder per class.", required=True)
+    test: str | None = option(None, "Labelled test images, the same class names as --train.", shown="none")
+    test_fraction: float | None = option(None, "Instead of --test: hold out this fraction of every --train class.",
+                                         shown="none")
+    split_seed: int = option(0, "Seed of the --test-fraction split.")
+
+
+@dataclass(kw_only=True)
+class EvalOptions(HasDecode):
+    """`edgessl eval` (edgessl.workflows.eval)."""
+
+    train: str = shared(Labelled, "train")
+    test: str | None = shared(Labelled, "test")
+    test_fraction: float | None = shared(Labelled, "test_fraction")
+    labels_per_class: str | None = option(None, "Comma-separated labels per class; 'all' = every label.",
+                                          shown="1,5,10,all, leaving out values that no class reaches")
+    seeds: int = option(3, "Subsets drawn per labels-per-class value (seeds 0..N-1); mean ± std over them.")
+    baseline: str = option("none", "random: also evaluate a randomly initialised encoder of the same architecture.")
+    split_seed: int = shared(Labelled, "split_seed")
+    device: str = shared(Compute, "device")
+    threads: str = shared(Compute, "threads")
+    cache: bool = option(True, "Reuse features cached in the run directory's features/ folder.",
+                         flag="--cache/--no-cache")
+    cache_mb: float = shared(Decode, "cache_mb")
+    cache_dir: str = shared(Decode, "cache_dir")
+    workers: str = shared(Decode, "workers")
+    quiet: bool = option(False, "No table or log lines (eval.json and eval.png are still written).")
+
+
+@dataclass(kw_only=True)
+class FinetuneOptions(HasDecode):
+    """`edgessl finetune` (edgessl.workflows.finetune; the recipe in edgessl.evaluate.finetune)."""
+
+    train: str = shared(Labelled, "train")
+    test: str | None = shared(Labelled, "test")
+    test_fraction: float | None = shared(Labelled, "test_fraction")
+    labels_per_class: str = option("10", "Labels per class (a number or 'all'); the held-out images come out of them.")
+    epochs: int = option(30, "Maximum epochs (early stopping may end sooner).")
+    freeze_backbone: bool = option(False, "Train only the new linear layer.")
+    init: str | None = option(None, "Start the encoder (the run's architecture) from other weights instead of the "
+                                    "run's: timm (its pretrained weights; downloads), a .safetensors/.pth file or "
+                                    "another run, e.g. an ImageNet baseline. Output: finetune-TAG-init-...",
+                              shown="none")
+    batch_size: int = option(64, "Images per step.")
+    lr: float = option(1e-3, "AdamW learning rate of the new layer.")
+    backbone_lr_scale: float = option(0.1, "Backbone learning rate = --lr x this.")
+    weight_decay: float = option(1e-4, "AdamW weight decay.")
+    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy.")
+    val_fraction: float = option(0.2, "Part of each class's labelled images held out for early stopping.")
+    patience: int = option(10, "Stop after this many epochs without a lower held-out loss.")
+    seed: int = option(0, "Seed of the labelled subset, the held-out part, the new layer and the augmentation.")
+    split_seed: int = shared(Labelled, "split_seed")
+    device: str = shared(Compute, "device")
+    threads: str = shared(Compute, "threads")
+    out: str | None = option(None, "Output folder.", shown="finetune-TAG in the run directory")
+    cache_mb: float = shared(Decode, "cache_mb")
+    cache_dir: str = shared(Decode, "cache_dir")
+    workers: str = shared(Decode, "workers")
+    quiet: bool = option(False, "No log lines.")
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    """`edgessl export` (edgessl.workflows.export)."""
+
+    classifier: str | None = option(None, "Fine-tuned classifier folder (runs/NAME/finetune-TAG): export logits "
+                                          "instead of features.", shown="none")
+    opset: int = option(18, "ONNX opset to write.")
+    int8: bool = option(False, "Also write a static int8 model (QDQ, per-channel weights), calibrated on --calib: "
+                               "searched until it meets the int8 bound, kept only when faster than fp32 here (see "
+                               "--int8-mode).")
+    int8_mode: str | None = option(None, "search (the default: try calibration methods, then keep the most sensitive "
+                                         "tail of the network in float; write int8 only when it passes and is faster "
+                                         "than fp32 on this machine) | keep-slow (search, write it even when slower) | "
+                                         "strict (only --calib-method, exit 3 when it misses the bound). Implies "
+                                         "--int8.", shown="search")
+    calib: str | None = option(None, "Unlabeled images for int8 calibration (up to 256 used).",
+                               shown="the training folder")
+    calib_method: str = option("minmax", "int8 activation ranges: minmax | moving-average | percentile | entropy (the "
+                                         "search tries it first).")
+    fp16: bool = option(False, "Also write a model with float16 weights (float32 input and output).")
+    images: str | None = option(None, "Images for the parity check (up to 256 used).",
+                                shown="the classifier's or the run's training folder")
+    out: str | None = option(None, "Export folder.", shown="RUN/export")
+    name: str | None = option(None, "Base name of the model files.", shown="encoder or classifier")
+    width: float | None = option(None, "Export this width of a `--widths` run: slimmed into RUN/width-W/ first (reused "
+                                       "when up to date), exported to RUN/width-W/export.", shown="the full width")
+    quiet: bool = option(False, "Print only the summary table.")
+
+
+@dataclass(kw_only=True)
+class CheckOptions:
+    """`edgessl check`: the arguments of export/device_check.py (edgessl.workflows.check)."""
+
+    manifest: str | None = option(None, "manifest.json.", shown="beside the model")
+    images: str | None = option(None, "Images (class subfolders = labels) for accuracy or agreement.", shown="none")
+    threads: int | None = option(None, "onnxruntime intra-op threads.", shown="the runtime's choice")
+    json_out: str | None = option(None, "Write the report as JSON here.", flag="--json", shown="none")
+    runs: int = option(100, "Timed batch-1 runs.")
+    batch: int = option(32, "Batch size of the throughput measurement.")
+    max_images: int | None = option(None, "Use at most this many images of --images.", shown="all")
+
+
+@dataclass(kw_only=True)
+class EmbedOptions(HasDecode):
+    """`edgessl embed` (edgessl.workflows.embed)."""
+
+    data: str = option(help="Folder of images to embed (searched recursively).", required=True)
+    out: str = option(help="Output file: .npz (paths, embeddings) or .parquet (path, embedding; needs "
+                           "edgessl[parquet]).", required=True)
+    neighbours: int | None = option(None, "Write neighbours.csv and the gallery neighbours.png: every image's K "
+                                          "nearest images by cosine.", shown="none")
+    duplicates: float | None = option(None, "Write duplicates.csv: the pairs of images with cosine >= T (e.g. 0.95), "
+                                            "grouped.", shown="none")
+    whiten: int | None = option(None, "Search (not store) the embeddings PCA-whitened on this folder, K directions "
+                                      "(e.g. 128): applies to --neighbours and --duplicates.", shown="none")
+    mutual: float | None = option(None, "Keep only the --duplicates pairs whose images are each (nearly) the other's "
+                                        "nearest: distance 1 - cosine within (1 + R) x each one's distance to its "
+                                        "nearest other image (e.g. 0.75; 0 = mutual nearest neighbours).",
+                                  shown="none")
+    gallery_rows: int = option(8, "Query images (rows) in neighbours.png, spread evenly over the folder.")
+    batch_size: int = option(64, "Images per forward pass.")
+    device: str = option("auto", "A run directory's encoder runs on: auto (cuda when available), cpu or cuda.")
+    cache_mb: float = shared(Decode, "cache_mb")
+    cache_dir: str = shared(Decode, "cache_dir")
+    workers: str = shared(Decode, "workers")
+    manifest: str | None = option(None, "An .onnx source's manifest.json.", shown="beside the .onnx")
+    threads: int | None = option(None, "onnxruntime threads for an .onnx source.", shown="its choice")
+
+
+@dataclass(kw_only=True)
+class PruneOptions:
+    """`edgessl prune` (edgessl.workflows.prune)."""
+
+    ratio: float = option(help="Fraction of the channels of every group to remove, in (0, 1).", required=True)
+    criterion: str = option("magnitude", "magnitude (L2 norm of the group's weights) | taylor (|w * dL/dw| on one "
+                                         "batch).")
+    epochs: int | None = option(None, "Recovery epochs.", shown="a quarter of the run's, at least 1")
+    distill: float = option(0.5, "Weight of the distillation from the unpruned encoder (0 = plain recovery).")
+    out: str | None = option(None, "Output run directory.", shown="RUN/pruned-RATIO")
+    overwrite: bool = option(False, "Move a non-empty --out aside (to OUT.old-TIME) instead of refusing it.")
+    quiet: bool = option(False, "No progress bar; log lines only.")
+    seed: int | None = option(None, "Seed of the recovery run.", shown="the run's", cli=False)
+
+
+@dataclass(kw_only=True)
+class SlimOptions:
+    """`edgessl slim` (edgessl.workflows.slim)."""
+
+    width: float = option(help="One of the run's trained widths, e.g. 0.5.", required=True)
+    out: str | None = option(None, "Output folder.", shown="RUN/width-W")
+
+
+@dataclass(kw_only=True)
+class CacheOptions:
+    """`edgessl cache list|clear` (edgessl.workflows.cache)."""
+
+    cache_dir: str = option("auto", "The cache folder (default: $EDGESSL_CACHE_DIR, else ~/.cache/edgessl).",
+                            shown="auto")

@@ -1,0 +1,57 @@
+"""What a run writes and prints: the files after each epoch, the banner, the progress line and the epoch line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from edgessl.fileio import atomic_save_tensors
+from edgessl.models.backbone import save_encoder
+from edgessl.report.plots import plot_curves
+from edgessl.rundir import plural
+from edgessl.train.prepare import (
+    write_history,
+)
+from edgessl.train.state import TrainState
+from edgessl.train.types import Run
+
+
+def save_run(run: Run, state: TrainState) -> None:
+    """After an epoch (rank 0): checkpoint.pt, encoder.safetensors + .json, widths.safetensors, metrics.jsonl,
+    curves.png."""
+    state.save(run.run_dir, len(run.images), run.cfg.to_dict(), run.d.world)
+    save_encoder(state.model.backbone, run.run_dir, {**run.meta, "epochs_trained": state.epoch})
+    if "widths" in run.meta:
+        save_private_bn(state.model, run.run_dir)
+    write_history(run.run_dir, state.history)
+    plot_curves(state.history, run.run_dir / "curves.png", title=f"{run.meta['timm_name']}\n{run.run_dir.name}")
+
+
+def save_private_bn(model, run_dir: Path) -> None:
+    """widths.safetensors: every sub-width's private BatchNorm of the backbone (`edgessl slim` reads it)."""
+    atomic_save_tensors(model.private_bn_state(), run_dir / "widths.safetensors")
+
+
+def banner(run: Run, state: TrainState, precision: str, arch: dict[str, Any]) -> None:
+    cfg, d = run.cfg, run.d
+    procs = f" | {d.world} processes x {state.batch // d.world} images{' (SyncBatchNorm)' if cfg.sync_bn else ''}"
+    run.say(
+        f"[bold]edgessl pretrain[/bold] {arch['timm_name']}{' (small-input stem)' if arch['stem'] else ''} | "
+        f"{len(run.images)} images at {cfg.image_size}px | batch {state.batch}{procs if d.active else ''} | "
+        f"{plural(cfg.epochs, 'epoch')} | {run.device.type} {precision} | {run.threads.describe()} | "
+        f"kNN monitor: {run.monitor.describe()} | run dir {run.run_dir}"
+    )
+
+
+def log_epoch(console: Console, row: dict[str, Any], epochs: int, progress) -> None:
+    knn = f"  kNN@20 {row['knn_top1']:.3f}  kNN@200 {row['knn_top1_k200']:.3f}" if "knn_top1" in row else ""
+    widths = "".join(f", ce@{k[len('loss_ce_w'):]} {v:.3f}" for k, v in row.items() if k.startswith("loss_ce_w"))
+    widths += f", teacher {row['loss_teacher']:.4f}" if "loss_teacher" in row else ""
+    line = (
+        f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f} "
+        f"(ce {row['loss_ce']:.3f}{widths}, sd {row['loss_sd']:.4f})"
+        f"  lr {row['lr']:.4f}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f} s{knn}"
+    )
+    (progress.console if progress is not None else console).print(line, highlight=False)

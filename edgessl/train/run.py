@@ -1,0 +1,135 @@
+"""Pretraining from options to a trained run directory: every check (edgessl.train.prepare) before anything is
+written, then the model, the state and the bank (edgessl.train.build), then the loop (edgessl.train.loop)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from edgessl.config import PretrainConfig, replace
+from edgessl.data.augment import AugmentConfig
+from edgessl.demo import demo_images
+from edgessl.errors import Interrupted
+from edgessl.loggers import Loggers, check_installed, parse_loggers
+from edgessl.rundir import absolute, plural
+from edgessl.runtime import pick_device, pick_precision, use_threads
+from edgessl.train import distributed
+from edgessl.train.build import add_predictor, build_model, encoder_meta, init_bank, new_state, set_determinism
+from edgessl.train.loop import train_epochs
+from edgessl.train.objective import Objective
+from edgessl.train.output import banner
+from edgessl.train.prepare import (
+    interrupted,
+    load_data,
+    resolve_batch,
+    target_dir,
+    write_history,
+    write_run_files,
+)
+from edgessl.train.teacher import open_teacher, teacher_bank
+from edgessl.train.types import Evaluation, NoMonitor, PretrainResult, Run, StepInfo, WarmStart, warner
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    resume: str | Path | None = None,
+    console: Console | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    warm: WarmStart | None = None,
+    overwrite: bool = False,
+    evaluation: Evaluation | None = None,
+) -> PretrainResult:
+    """Pretrain an encoder with the single-branch method. See docs/method.md for every option.
+
+    With cfg.widths the encoder is a SlimmableEncoder trained at every width (slow start, online distillation,
+    loss re-weighting); the bank follows the full width. warm: start from given weights (see WarmStart).
+
+    resume: a run directory to continue after its last completed epoch (cfg should be its config.yaml).
+    overwrite: a non-empty cfg.out is moved aside (edgessl.rundir) instead of refused.
+    on_step(StepInfo): called after every optimiser step (custom logging, tests), on every process.
+    evaluation: the kNN monitor and the per-width report (see Evaluation; None: neither).
+
+    Every check (options, data, the resumed checkpoint) passes before anything is written into the run directory.
+    Under torchrun (WORLD_SIZE > 1) each process trains on its slice of every global batch with DDP and the same
+    memory bank; only rank 0 prints and writes files (see docs/distributed.md). Without torchrun no
+    process group is created.
+    """
+    distributed.check_global_batch(cfg.batch_size, distributed.env_world())
+    d, device = distributed.setup(pick_device(cfg.device))
+    finished = False
+    try:
+        result = _pretrain(cfg, resume, console or Console(), on_step, d, device, warm, overwrite,
+                           evaluation or Evaluation())
+        finished = True
+        return result
+    except KeyboardInterrupt:
+        raise Interrupted("Interrupted before training started: nothing was written.") from None
+    finally:
+        distributed.teardown(d, clean=finished)
+
+
+def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, on_step, d: distributed.Dist,
+              device: torch.device, warm: WarmStart | None, overwrite: bool, evaluation: Evaluation) -> PretrainResult:
+    check_installed(parse_loggers(cfg.logger))  # a missing logger package fails before anything is written
+    threads = use_threads(cfg.threads)
+    set_determinism(cfg.deterministic, device)
+    precision = pick_precision(cfg.precision, device)
+    # a wrong backbone fails before any data is read
+    model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device, warner(console, d))
+    run_dir, ckpt = target_dir(cfg, resume, overwrite, d)  # checks only
+    if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
+        return _already_complete(cfg, run_dir, ckpt, console, d)
+    quiet = cfg.quiet or not d.main
+    warn = warner(console, d)
+    pending = open_teacher(cfg, run_dir if ckpt is not None else None, warn)  # a wrong --teacher fails here
+    predictor = add_predictor(cfg, model, pending, d, device)
+    images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn)
+    batch = resolve_batch(cfg, len(images), d, warn, ckpt.get("batch") if ckpt else None)
+    state = new_state(cfg, model, len(images), batch, device, precision)
+    if ckpt is not None:  # every process reads it: any number of processes continues any run
+        state.restore(ckpt, run_dir, len(images))
+    monitor = NoMonitor() if evaluation.monitor is None else evaluation.monitor(
+        images if cfg.eval_every > 0 and d.main else None, val, cfg.monitor_queries, cfg.seed)
+    cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir))
+    meta = encoder_meta(cfg, arch, feat_dim, widths, warm)
+    run = Run(cfg, d, device, run_dir, images, distributed.local_rows(batch, d.rank, d.world), monitor, meta, threads,
+              console, quiet, AugmentConfig(blur_p=cfg.blur))
+    # ---- every check has passed: from here on the run directory is written
+    files = write_run_files(run_dir, ckpt is not None, overwrite, cfg, images, signature, warn) if d.main else None
+    run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict(), warn) if d.main else Loggers()
+    try:
+        tbank = None
+        if pending is not None:
+            tbank, run.first_row = teacher_bank(cfg, pending, run_dir, images, signature, device, precision, d,
+                                                state.batch, run.say, warn)
+            run.every_row = {"teacher_ms_per_step": run.first_row["teacher_ms_per_step"]}
+            del pending  # the teacher network is freed unless the per-step ablation holds it
+        objective = Objective(state.method, cfg.seed, cfg.epochs, device, precision, widths, cfg.slow_start,
+                              cfg.width_distill, cfg.width_reweight, teacher, tbank, predictor, cfg.teacher_predictor)
+        init_bank(run, state, warm, ckpt is not None, precision, tbank)
+        if files is not None:
+            files.written.append(write_history(run_dir, state.history))
+        net = distributed.wrap_model(model, d, device, find_unused=objective.slim)  # `model` stays the unwrapped one
+        banner(run, state, precision, arch)
+        train_epochs(run, state, objective, net, on_step)
+        if objective.slim and d.main and evaluation.widths_report is not None:
+            evaluation.widths_report(run_dir, widths, images if images.labels is not None else None, val, device,
+                                     None if quiet else console)
+        run.say(f"Done. Encoder: {run_dir / 'encoder.safetensors'} (+ encoder.json). Curves: {run_dir / 'curves.png'}")
+        return PretrainResult(run_dir, state.history, data=images.root, labelled=images.labels is not None)
+    except KeyboardInterrupt:
+        raise interrupted(files, run_dir) from None
+
+
+def _already_complete(cfg: PretrainConfig, run_dir: Path, ckpt: dict[str, Any], console: Console,
+                      d: distributed.Dist) -> PretrainResult:
+    if d.main:  # even with --quiet: it is the command's whole answer
+        console.print(f"Nothing to resume: {run_dir} has completed all {plural(cfg.epochs, 'epoch')} (encoder: "
+                      f"{run_dir / 'encoder.safetensors'}).", highlight=False)
+    data = Path(cfg.data) if cfg.data else demo_images()
+    return PretrainResult(run_dir, ckpt["history"], data=data, labelled=cfg.labels_from_folders or not cfg.data,
+                          already_complete=True)

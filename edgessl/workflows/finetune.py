@@ -1,0 +1,64 @@
+"""`edgessl finetune`: the fine-tuning recipe (edgessl.evaluate.finetune) on a run's encoder and a labelled folder;
+writes <run>/finetune-<tag>/ (classifier, metrics.json, confusion.png) and logs to the run's loggers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from edgessl.evaluate.finetune import (
+    FinetuneResult,
+    build_classifier,
+    check_options,
+    finetune_data,
+    finetune_tag,
+    train_classifier,
+    write_finetune,
+)
+from edgessl.evaluate.labelled import check_labels_per_class, labelled_folders, lpc_name
+from edgessl.loggers import run_loggers
+from edgessl.models.backbone import run_encoder_meta
+from edgessl.options import FinetuneOptions, takes_options
+from edgessl.report.say import Say
+from edgessl.runtime import pick_device, use_threads
+
+
+@takes_options(FinetuneOptions, lead=("run_dir",),
+               positional=("train", "test", "test_fraction", "labels_per_class", "epochs", "freeze_backbone"),
+               extra={"console": None})
+def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> FinetuneResult:
+    """Fine-tune a run's encoder plus a new linear layer on `labels_per_class` labels per class (or "all").
+    Options: edgessl.options.FinetuneOptions (the same as `edgessl finetune`'s flags); init: start the encoder (the
+    run's architecture) from other weights instead: timm, a weights file or another run (as `pretrain --init`).
+    Writes <run_dir>/finetune-<tag>/ (classifier.safetensors + classifier.json, metrics.json, confusion.png).
+    Returns a FinetuneResult (out_dir, metrics, model)."""
+    say = Say(console, opts.quiet)
+    t_start = time.time()
+    per_class = check_options(opts)  # every check that needs no decoding first
+    say(f"CPU: {use_threads(opts.threads).describe()}")
+    run_dir, meta = run_encoder_meta(run_dir)
+    loggers = run_loggers(run_dir)  # the run's --logger (a missing package fails here, before any work)
+    folders = labelled_folders(opts.train, opts.test, opts.test_fraction)
+    check_labels_per_class([per_class], folders.file_labels, folders.train_classes)
+    dev = pick_device(opts.device)
+    data = finetune_data(folders.train_root, folders.test_root, per_class, opts, int(meta["image_size"]))
+    model = build_classifier(run_dir, meta, len(data.classes), opts, dev, say)
+    say(f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {len(data.classes)} classes | "
+        f"{len(data.fit_idx)} training + {len(data.val_idx)} held-out labelled images "
+        f"({lpc_name(per_class)} per class) | {len(data.test_idx)} test images "
+        f"| {'frozen backbone' if opts.freeze_backbone else 'full fine-tuning'} | {opts.epochs} epochs | {dev.type}")
+    history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say)
+    tag = f"finetune-{finetune_tag(per_class, opts.freeze_backbone, opts.init)}"
+    out_dir = Path(opts.out) if opts.out else run_dir / tag
+    metrics = write_finetune(model.cpu().eval(), data, opts, per_class, meta, run_dir, folders.train_root,
+                             folders.test_root, out_dir, history, best_epoch, dev, t_start)
+    loggers.log({f"{tag}/{k}": metrics[k] for k in ("top1", "balanced_accuracy", "macro_f1")},
+                {f"{tag}/confusion": out_dir / "confusion.png"}, step=int(meta.get("epochs_trained") or 0))
+    loggers.close()
+    if data.short.get(per_class):
+        lacking = data.short[per_class]
+        say(f"note: {len(lacking)} class(es) have fewer than {per_class} images and use all they have: "
+            + ", ".join(f"{n} ({k})" for n, k in lacking.items()))
+    say(f"Test top-1 {100 * metrics['top1']:.1f}%  balanced accuracy {100 * metrics['balanced_accuracy']:.1f}%  "
+        f"macro F1 {100 * metrics['macro_f1']:.1f}%  (best epoch {best_epoch}/{len(history)}). Wrote {out_dir}.")
+    return FinetuneResult(out_dir, metrics, model)
