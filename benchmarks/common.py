@@ -4,7 +4,13 @@ this module; it imports neither, so the suites and the runner never import each 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,3 +124,18 @@ def train_and_eval(method: str, train: Path, test: Path, backbone: str, size: in
     }
 
 
+
+
+def probe(module: str, argv: list[str], tiny: bool) -> dict[str, Any]:
+    """`python -m <module> <argv>` in a fresh process (what it measures is that process alone: its start-up, its peak
+    RSS); returns the JSON of its last stdout line. tiny (the smoke run, where nothing is measured): the same entry
+    point, `<module>.main(argv)`, runs in this process, so the suite's code runs without paying a process start each."""
+    if tiny:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            importlib.import_module(module).main(argv)
+        return json.loads(out.getvalue().strip().splitlines()[-1])
+    res = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"python -m {module} {' '.join(argv)} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -24,8 +24,6 @@ import json
 import os
 import random
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.common import probe
 
 REPO = Path(__file__).resolve().parents[1]
 N_FULL, N_TINY = 20_000, 48
@@ -193,18 +193,14 @@ PROBES = {"start": probe_start, "cache-rss": probe_cache_rss, "loader": probe_lo
           "monitor": probe_monitor}
 
 
-def run_probe(probe: str, data: Path, cache_dir: str, tiny: bool, **extra: Any) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.loader", probe, "--data", str(data), "--cache-dir", cache_dir]
-    cmd += ["--tiny"] if tiny else []
+def run_probe(name: str, data: Path, cache_dir: str, tiny: bool, **extra: Any) -> dict[str, Any]:
+    argv = [name, "--data", str(data), "--cache-dir", cache_dir] + (["--tiny"] if tiny else [])
     for k, v in extra.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
+        argv += [f"--{k.replace('_', '-')}", str(v)]
     load, t0 = os.getloadavg()[0], time.time()
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    row = {"probe": probe, **extra, **json.loads(out.stdout.strip().splitlines()[-1]),
-           "process_seconds": time.time() - t0, "load_average_1min": load}
-    print(f"loader {probe} {extra}: {row}", flush=True)
+    row = {"probe": name, **extra, **probe("benchmarks.loader", argv, tiny), "process_seconds": time.time() - t0,
+           "load_average_1min": load}
+    print(f"loader {name} {extra}: {row}", flush=True)
     return row
 
 

@@ -36,24 +36,21 @@ import json
 import os
 import resource
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS, datasets, machine, train_and_eval
+from benchmarks.common import REPO, RESULTS, datasets, machine, probe, train_and_eval
 
 SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader", "export", "init",
           "teacher", "duplicates")
 # ---------------------------------------------------------------- suites
 def suite_cost(args) -> list[dict]:
     rows = []
-    for backbone, size in (("mobilenetv3_small", 64), ("resnet18", 32)):
+    for backbone, size in (("mobilenetv3_small", 64), ("resnet18", 32))[: 1 if args.tiny else 2]:
         for method in ("edgessl", "npid", "mocov2", "simclr", "supervised"):
-            cmd = [sys.executable, "-m", "benchmarks.run", "cost-one", "--method", method, "--backbone", backbone,
-                   "--image-size", str(size)] + (["--tiny"] if args.tiny else [])
-            out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            argv = ["cost-one", "--method", method, "--backbone", backbone, "--image-size", str(size)]
+            rows.append(probe("benchmarks.run", argv + (["--tiny"] if args.tiny else []), args.tiny))
             print(f"cost {backbone} {method}: {rows[-1]['images_per_s']:.0f} img/s", flush=True)
     floor = {(r["backbone"]): r["step_s"] for r in rows if r["method"] == "supervised"}
     for r in rows:

@@ -135,11 +135,10 @@ def _subset(dst: Path) -> Path:
 
 
 def _classifier(run: Path, data: Path) -> Path:
-    from edgessl.models.backbone import load_encoder
-    from edgessl.models.classifier import Classifier, save_classifier
-
     from edgessl.data.augment import test_transform
     from edgessl.data.folder import load_image_folder
+    from edgessl.models.backbone import load_encoder
+    from edgessl.models.classifier import Classifier, save_classifier
 
     encoder = load_encoder(run)
     meta = encoder.edgessl_meta

@@ -151,6 +151,7 @@ def _builder(root, store, delay):
                             stdout=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_concurrent_builders_leave_one_valid_cache(folder, store):
     procs = [_builder(folder, store, 0.02) for _ in range(2)]
     assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["24", "24"]
@@ -161,6 +162,7 @@ def test_two_concurrent_builders_leave_one_valid_cache(folder, store):
     assert torch.equal(_load(folder, store).images, uncached.images)
 
 
+@pytest.mark.slow
 def test_a_killed_build_leaves_no_cache_and_the_next_one_cleans_up(folder, store, decodes):
     proc = _builder(folder, store, 0.5)
     deadline = time.time() + 60
@@ -224,6 +226,7 @@ def test_prefetcher_keeps_order_raises_where_it_failed_and_stops_early():
     assert len(made) <= 5  # stopped shortly after the consumer left
 
 
+@pytest.mark.slow
 def test_pretraining_from_memory_map_ram_and_no_cache_is_bit_identical(tiny_data, tmp_path):
     opts = dict(data=str(tiny_data), epochs=2, image_size=32, batch_size=8, head_hidden=64, feature_dim=16,
                 eval_every=0, quiet=True, deterministic=True, workers=1, negatives=10,
@@ -242,6 +245,7 @@ def test_pretraining_from_memory_map_ram_and_no_cache_is_bit_identical(tiny_data
             assert torch.equal(v, weights[name][k]), (name, k)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_runs_real_steps_on_the_cpu(tiny_data, tmp_path):
     losses = []
     edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "bf16"), epochs=1, image_size=32, batch_size=8,

@@ -17,7 +17,8 @@ README_MAX_BYTES = 15 * 1024
 SETUP_COMMANDS = (
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[all]" && '
     "edgessl pretrain --backbone mobilenetv3_small",
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[all]" && python -m pytest -q',
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[all]" && ruff check . && '
+    'python -m pytest -q -x -m "not slow" && python -m pytest -q -m slow --durations=15',
 )
 
 # Files whose citations of docs/ the docs change was not allowed to edit (fixed separately).
@@ -102,6 +103,13 @@ def test_readme_keeps_the_two_setup_commands():
     text = README.read_text(encoding="utf-8")
     for command in SETUP_COMMANDS:
         assert command in text.splitlines(), f"README.md lost the set-up command line: {command}"
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs the README's test command, step by step: lint, the fast tier, the slow tier."""
+    steps = SETUP_COMMANDS[1].split(' && pip install -e ".[all]" && ')[1].split(" && ")
+    ci = [line.split("#")[0].strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert [line for line in ci if line in steps] == steps
 
 
 def test_readme_links_every_docs_page():

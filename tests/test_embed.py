@@ -159,6 +159,7 @@ def test_npz_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npz"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_parquet_round_trip(tmp_path):
     pytest.importorskip("pyarrow")
     emb = np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32)
@@ -198,6 +199,7 @@ def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
     assert not (tmp_path / "e.npz").exists()
 
 
+@pytest.mark.slow
 def test_whiten_searches_the_whitened_embeddings_and_stores_the_raw_ones(tmp_path, demo_run, tiny_data):
     res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), "--out", str(tmp_path / "e.npz"),
                               "--neighbours", "2", "--duplicates", "0.5", "--whiten", "8"])

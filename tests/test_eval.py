@@ -60,6 +60,7 @@ def test_metrics_match_hand_computation():
     assert macro_f1(y_true, y_pred, 4) == pytest.approx((2 / 3 + 0.0) / 2)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_metrics_agree_with_scikit_learn():
     sk = pytest.importorskip("sklearn.metrics")
@@ -221,6 +222,7 @@ def test_eval_json_table_plot_and_feature_cache(run_copy, labelled_demo):
     assert len(again) == 6 and [r["top1"] for r in again] == [r["top1"] for r in first]
 
 
+@pytest.mark.slow
 def test_eval_test_fraction_split_is_recorded(run_copy, labelled_demo):
     result = edgessl.evaluate_encoder(run_copy, labelled_demo / "train", test_fraction=0.34, seeds=1, split_seed=3,
                                       quiet=True)

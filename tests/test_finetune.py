@@ -30,6 +30,7 @@ def _test_batch(folder, meta):
     return augment.test_transform(images.images, meta["mean"], meta["std"]), images
 
 
+@pytest.mark.slow
 def test_finetune_outputs_and_classifier_reproduces_logits(run_copy, labelled_demo):
     train, test = labelled_demo / "train", labelled_demo / "test"
     result = edgessl.finetune(run_copy, train, test, labels_per_class=3, epochs=3, batch_size=4, patience=5,
@@ -65,6 +66,7 @@ def test_finetune_outputs_and_classifier_reproduces_logits(run_copy, labelled_de
     assert top1 == pytest.approx(metrics["top1"])
 
 
+@pytest.mark.slow
 def test_frozen_finetune_via_cli_leaves_the_encoder_untouched(run_copy, labelled_demo):
     res = runner.invoke(app, ["finetune", str(run_copy), "--train", str(labelled_demo / "train"),
                               "--test-fraction", "0.34", "--labels-per-class", "all", "--epochs", "2",

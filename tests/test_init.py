@@ -30,6 +30,7 @@ def weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_init_from_a_file_gives_the_first_step_of_the_model_loaded_by_hand(weights, tiny_data, tmp_path, capsys):
     losses = {"init": [], "hand": []}
     edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "init"), init=str(weights),
@@ -50,6 +51,7 @@ def test_init_from_a_file_gives_the_first_step_of_the_model_loaded_by_hand(weigh
     assert "init: " in (tmp_path / "init" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_init_from_a_run_continues_its_encoder_on_another_folder(demo_run, tiny_data, tmp_path):
     opts = dict(TINY, data=str(tiny_data), init=str(demo_run))
     model, arch, _ = build_encoder(resolve(opts))
@@ -89,6 +91,7 @@ def test_init_timm_offline_is_one_line_saying_how_to_pass_a_file(timm_offline):
     assert "--init path/to/weights.safetensors (or .pth)" in msg and "\n" not in msg
 
 
+@pytest.mark.slow
 def test_a_small_input_resnet_keeps_the_pretrained_stem_and_bad_paths_are_refused(tmp_path):
     model, arch = create_backbone("resnet18", small_input=True, keep_stem_weights=True)
     assert arch["stem"] == "resnet_stride1" and model.conv1.weight.shape == (64, 3, 7, 7)
@@ -102,6 +105,7 @@ def test_a_small_input_resnet_keeps_the_pretrained_stem_and_bad_paths_are_refuse
         build_encoder(resolve(dict(TINY, init=str(tmp_path / "junk.pth"))))
 
 
+@pytest.mark.slow
 def test_finetune_init_starts_the_run_architecture_from_other_weights(demo_run, labelled_demo, tmp_path):
     torch.manual_seed(7)
     other = tmp_path / "other.safetensors"

@@ -46,6 +46,7 @@ def logged_run(tiny_data, tmp_path_factory):
     return out, rows, first
 
 
+@pytest.mark.slow
 def test_tensorboard_receives_every_metrics_key_plots_and_config(logged_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -90,6 +91,7 @@ def test_mlflow_receives_every_metrics_key_params_and_artifacts(logged_run, tmp_
     assert (out.parent / "mlartifacts").is_dir()
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_gets_the_rows(tiny_data, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     for k, v in OFFLINE.items():
@@ -163,6 +165,7 @@ def test_help_describes_logger_and_mps():
     assert "cuda | mps (auto: cuda, else mps on Apple silicon, else cpu)" in text
 
 
+@pytest.mark.slow
 def test_a_failing_logger_is_dropped_with_one_warning_and_training_goes_on(tiny_data, tmp_path, monkeypatch):
     class NoLogin:
         def __init__(self, *args):

@@ -105,6 +105,7 @@ def test_the_batch_is_fixed_when_the_run_starts_and_kept_by_resume():
         resolve_batch(cfg, 1529, distributed.Dist(rank=0, world=3), warned.append, fixed=152)
 
 
+@pytest.mark.slow
 def test_checkpoint_records_the_batch(tiny_data, tmp_path):
     from edgessl.train.checkpoint import load_checkpoint
 
@@ -145,6 +146,7 @@ def test_cutmix_box_geometry(lam, u):
     assert all(torch.all(out[b, :, box] == float(perm[b])) for b in range(4))  # from the partner perm[b]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_real_steps_on_the_cpu(tiny_data, tmp_path):
     r = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "bf16"), epochs=1, precision="bf16", **TINY)
     assert torch.isfinite(torch.tensor(r.history[0]["loss"])) and r.history[0]["loss"] > 0

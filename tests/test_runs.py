@@ -101,6 +101,7 @@ def test_out_on_an_existing_run_is_refused_and_changes_nothing(finished, images,
     assert (other / "todo.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_old_run_aside_and_never_mixes(finished, images, tmp_path):
     run = shutil.copytree(finished, tmp_path / "copy")
     (run / "eval.json").write_text("{}")
@@ -128,6 +129,7 @@ def test_default_run_name_stays_unique(tmp_path):
 
 
 # ---------------------------------------------------------------- 2. a refused resume changes no byte
+@pytest.mark.slow
 def test_refused_resume_changes_no_byte_and_a_plain_resume_still_works(cut, tmp_path):
     run = shutil.copytree(cut, tmp_path / "run")
     other = copy_images(tmp_path / "corrupt", 100, 10)
@@ -166,6 +168,7 @@ def test_signature_names_changed_files():
     assert describe_difference(old, dict(old)) == ""
 
 
+@pytest.mark.slow
 def test_config_stores_absolute_paths_and_resume_works_from_another_directory(tmp_path, monkeypatch):
     home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
     copy_images(home / "my_images", 0, 24)
@@ -180,6 +183,7 @@ def test_config_stores_absolute_paths_and_resume_works_from_another_directory(tm
     assert result.data == home / "my_images" and load_checkpoint(home / "run")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_resume_accepts_a_moved_copy_of_the_same_files(tmp_path):
     data = copy_images(tmp_path / "before", 0, 24)
     with pytest.raises(Stop):
@@ -205,6 +209,7 @@ def test_signature_ignores_the_root_but_not_the_files(tmp_path):
 
 
 # ---------------------------------------------------------------- 4. honest messages
+@pytest.mark.slow
 def test_interrupt_before_the_first_epoch_leaves_nothing(images, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as err:
@@ -215,6 +220,7 @@ def test_interrupt_before_the_first_epoch_leaves_nothing(images, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_interrupt_after_an_epoch_names_the_resume_command(images, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as err:
@@ -291,6 +297,7 @@ def test_version_and_flag_help():
     assert "--overwrite" in res.output and "--threads" in res.output
 
 
+@pytest.mark.slow
 def test_banner_singular_epoch_threads_and_next_commands(tmp_path):
     images = tmp_path / "labelled"
     for k, name in enumerate(("a", "b")):

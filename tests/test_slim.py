@@ -72,6 +72,7 @@ def test_widths_that_are_not_numbers_are_refused():
         parse_widths("1.0,half")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,small", ARCHS)
 def test_sliced_equals_masked_equals_pruned(name, small):
     torch.manual_seed(0)
@@ -99,6 +100,7 @@ def test_sliced_equals_masked_equals_pruned(name, small):
         assert p_sub < p_full and m_sub < m_full
 
 
+@pytest.mark.slow
 def test_sliced_weights_are_views_that_train_the_shared_tensor():
     torch.manual_seed(0)
     model, _ = create_backbone("resnet18", small_input=True)
@@ -127,6 +129,7 @@ def test_head_output_fixed_and_head_input_follows_the_backbone():
     assert slim.features(x, 0.5).shape[1] == 512 and slim.features(x, 1.0).shape[1] == 1024
 
 
+@pytest.mark.slow
 def test_private_batchnorm_per_width():
     slim = encoder_at()
     slim.train()

@@ -251,6 +251,7 @@ def test_prune_then_recover_writes_a_smaller_encoder_and_the_same_report(demo_ru
     assert (out / "widths.png").is_file() and (out / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_prune_taylor_and_bad_options(demo_run, tmp_path):
     pytest.importorskip("torch_pruning")
     result = edgessl.prune_encoder(demo_run, 0.25, "taylor", epochs=1, out=tmp_path / "taylor", quiet=True)

@@ -155,6 +155,7 @@ def test_an_offline_timm_teacher_is_one_line(timm_offline, tiny_data, tmp_path):
 
 
 # ---------------------------------------------------------------- runs
+@pytest.mark.slow
 def test_teacher_weight_zero_is_bit_identical_to_no_teacher(demo_run, tiny_data, tmp_path):
     runs = {}
     for name, extra in (("none", {}), ("zero", dict(teacher=str(demo_run), teacher_weight=0.0))):
@@ -167,6 +168,7 @@ def test_teacher_weight_zero_is_bit_identical_to_no_teacher(demo_run, tiny_data,
     assert (tmp_path / "zero" / "teacher.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_the_teacher_bank_is_computed_once_and_reused_on_resume(demo_run, tiny_data, tmp_path, monkeypatch):
     calls = []
     real = teacher_module.teacher_features
@@ -202,6 +204,7 @@ def test_the_teacher_bank_is_computed_once_and_reused_on_resume(demo_run, tiny_d
     assert res.exit_code == 0 and not list((tmp_path / "cache" / "teachers").iterdir())
 
 
+@pytest.mark.slow
 def test_teacher_bank_init_and_widths_and_per_step_run(demo_run, tiny_data, tmp_path):
     opts = dict(TINY, data=str(tiny_data), teacher=str(demo_run))
     run = edgessl.pretrain(out=str(tmp_path / "init"), bank_init="teacher", **opts)
@@ -231,6 +234,7 @@ def test_teacher_features_are_unit_rows_in_row_order_in_eval_mode(demo_run, tiny
     assert float((fast * want).sum(dim=1).min()) > 0.99
 
 
+@pytest.mark.slow
 def test_cosine_to_rows_and_the_predictor_variant(demo_run, tiny_data, tmp_path):
     from edgessl.method.losses import cosine_to_rows
 

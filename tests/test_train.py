@@ -24,6 +24,7 @@ from edgessl.train.prepare import bank_batch_cap, bank_init_order, forward_init_
 TINY = dict(image_size=32, batch_size=8, epochs=2, head_hidden=64, feature_dim=16, quiet=True, workers=1)
 
 
+@pytest.mark.slow
 def test_outputs_metrics_and_reloadable_config(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = edgessl.pretrain(data=str(tiny_data), out=str(out), labels_from_folders=True, **TINY)
@@ -88,6 +89,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     opts = dict(TINY, epochs=3, deterministic=True, seed=3, eval_every=0, negatives=10)  # 10 < 24: sampled columns
     full = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "full"), **opts)
@@ -108,6 +110,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     assert [r["loss"] for r in full.history] == pytest.approx([r["loss"] for r in resumed.history], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tiny_data, tmp_path):
     def poison(info):
         if info.epoch == 1 and info.step == 0:
@@ -132,6 +135,7 @@ def test_npid_preset_and_explicit_flags_win():
     assert (full.head, full.bank_lr) == ("linear", 1.0)
 
 
+@pytest.mark.slow
 def test_npid_and_cutmix_runs_train(tiny_data, tmp_path):
     r = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "npid"), method="npid", **dict(TINY, epochs=1))
     assert r.history[0]["loss_sd"] == 0.0
@@ -159,6 +163,7 @@ def test_cli_bad_input_exit_code_2_one_line(tmp_path, tiny_data):
         assert "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_cli_small_data_shrinks_batch_with_warning(tmp_path):
     data = tmp_path / "three"
     data.mkdir()
@@ -170,6 +175,7 @@ def test_cli_small_data_shrinks_batch_with_warning(tmp_path):
     assert "only 3 images, fewer than --batch-size 128: the batch shrinks to 3." in " ".join(res.output.split())
 
 
+@pytest.mark.slow
 def test_cli_skipped_files_are_warned_and_listed(tmp_path, tiny_data):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -194,6 +200,7 @@ def test_demo_command_and_help():
         assert flag in res.output, flag
 
 
+@pytest.mark.slow
 def test_demo_run_on_bundled_images(tmp_path):
     res = runner.invoke(app, ["pretrain", "--backbone", "mobilenetv3_small", "--epochs", "1", "--image-size", "32",
                               "--out", str(tmp_path / "demo"), "--quiet"])
