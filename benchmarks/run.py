@@ -32,6 +32,7 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -213,6 +214,21 @@ def suite_slim(args) -> list[dict]:
     return run(args)
 
 
+@contextlib.contextmanager
+def smoke_probe(tiny: bool):
+    """--tiny: the linear probe's cheapest settings (a few L-BFGS steps per CV fit, never the exact float64 sweep), so a
+    smoke run checks the code, not the numbers."""
+    from edgessl.evaluate import linear
+
+    saved = linear.PROBE
+    if tiny:
+        linear.PROBE = linear.ProbeSettings(exact_up_to=0, cv_max_iter=3, patience=1)
+    try:
+        yield
+    finally:
+        linear.PROBE = saved
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="edgessl benchmarks")
     ap.add_argument("suite", choices=(*SUITES, "all", "cost-one", "report", "slim-cost"))
@@ -245,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     for suite in suites:
         t0 = time.time()
         load_before = list(os.getloadavg())
-        rows = globals()[f"suite_{suite.replace('-', '_')}"](args)
+        with smoke_probe(args.tiny):
+            rows = globals()[f"suite_{suite.replace('-', '_')}"](args)
         old = args.results / f"{suite}.json"
         if args.datasets and old.exists():  # a partial rerun keeps the other data sets' rows
             rows = [r for r in json.loads(old.read_text())["rows"] if r.get("data") not in args.datasets] + rows
