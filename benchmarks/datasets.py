@@ -58,3 +58,9 @@ def cifar10(per_class: int | None = None, seed: int = 0) -> tuple[Path, Path]:
 def emoji() -> tuple[Path, Path]:
     root = extract("emoji-google.tar.gz") / "emoji-google"
     return root / "train", root / "test"
+
+
+def neu_det() -> tuple[Path, Path]:
+    """NEU steel-surface defects: 6 classes of greyscale scans stored as 416 px RGB JPEG (1,440 train, 359 test)."""
+    root = extract("neu-det.tar.gz") / "neu-det"
+    return root / "train", root / "test"

@@ -36,11 +36,11 @@ opt = torch.optim.SGD(m.parameters(), lr=0.01)
 x, y = torch.randn(64, 3, 64, 64), torch.randint(0, 10, (64,))
 stop, steps, t0 = sys.argv[1], 0, None
 open(stop + ".ready", "w").close()
-while not os.path.exists(stop):
-    if steps == 2:
+while not os.path.exists(stop) or steps < 2:
+    if steps == 1:
         t0 = time.time()
     opt.zero_grad(); torch.nn.functional.cross_entropy(m(x), y).backward(); opt.step(); steps += 1
-print((steps - 2) / (time.time() - t0) if t0 else 0.0)
+print((steps - 1) / (time.time() - t0))
 """
 
 

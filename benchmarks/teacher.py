@@ -35,6 +35,7 @@ RUNS = (
 ONE_PASS, PER_STEP = "one-pass teacher (KL + bank init, the default)", "per-step teacher + bank init"
 
 TEACHER_ROW = "teacher: resnet18"
+TINY_RUNS = ("no teacher", ONE_PASS, PER_STEP)  # --tiny: the rows the summary compares (the others are tested)
 
 
 def row_order(row: dict[str, Any]) -> int:
@@ -89,7 +90,7 @@ def suite_teacher(args) -> list[dict[str, Any]]:
                          "final": final_eval(edgessl.load_encoder(teacher), train_set, test_set, "teacher",
                                              args.seeds)})
         for label, extra in RUNS:
-            if args.ablations and label not in args.ablations:
+            if (args.ablations and label not in args.ablations) or (args.tiny and label not in TINY_RUNS):
                 continue
             overrides = {**extra, **({"teacher": str(teacher)} if extra.get("teacher") else {}),
                          "threads": str(os.cpu_count())}  # every core for every run: comparable wall times

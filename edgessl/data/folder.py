@@ -81,8 +81,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode one file to a (size, size, 3) uint8 RGB array by the rules in this module's docstring.
+def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
+    """One file as an RGB image by the rules in this module's docstring (EXIF rotation, alpha composited on white),
+    at its own size (draft: a JPEG may decode at a reduced size no smaller than draft x draft).
 
     Raises OSError/ValueError (unreadable, truncated, not an image), PermissionError, or
     Image.DecompressionBombError (more than MAX_PIXELS pixels)."""
@@ -91,13 +92,17 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
             raise Image.DecompressionBombError(
                 f"{img.width}x{img.height} pixels exceeds the limit of {MAX_PIXELS} (decompression bomb?)"
             )
-        if img.format == "JPEG":
-            img.draft("RGB", (size, size))
+        if img.format == "JPEG" and draft:
+            img.draft("RGB", (draft, draft))
         img.load()
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-        return np.asarray(img, dtype=np.uint8).copy()
+        return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def decode_image(path: str | Path, size: int) -> np.ndarray:
+    """Decode one file to a (size, size, 3) uint8 RGB array: open_rgb, then the shorter side resized to `size` and
+    the centre cropped (bicubic). Raises what open_rgb raises."""
+    img = ImageOps.fit(open_rgb(path, size), (size, size), method=Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8).copy()
 
 
 def _try_decode(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
