@@ -320,14 +320,23 @@ class EmbedOptions(HasDecode):
                            "edgessl[parquet]).", required=True)
     neighbours: int | None = option(None, "Write neighbours.csv and the gallery neighbours.png: every image's K "
                                           "nearest images by cosine.", shown="none")
-    duplicates: float | None = option(None, "Write duplicates.csv: the pairs of images with cosine >= T (e.g. 0.95), "
-                                            "grouped.", shown="none")
+    duplicates: str | None = option(None, "auto (the recommended setting): find exact twins and copies (the same "
+                                          "picture re-encoded, resized, cropped a little, brighter or darker) with a "
+                                          "rule chosen on synthetic copies of this folder's own images to reach "
+                                          "--precision, and say how sure it is; or a threshold T on the copy score "
+                                          "(the same estimates are printed for it). Writes duplicates.csv, "
+                                          "duplicates.png and similar.csv (close in the embedding, never called "
+                                          "duplicates).", shown="none")
+    precision: float = option(0.95, "With --duplicates auto: the precision the rule must reach on the planted "
+                                    "copies.")
+    planted: int = option(400, "With --duplicates: synthetic copies planted to calibrate and estimate the rule (at "
+                               "most the folder's size).")
+    keep: str | None = option(None, "With --duplicates: write keep.txt, one image per duplicate group to keep: first "
+                                    "(the first path) | largest (the most pixels). Nothing is ever deleted.",
+                              shown="none")
     whiten: int | None = option(None, "Search (not store) the embeddings PCA-whitened on this folder, K directions "
-                                      "(e.g. 128): applies to --neighbours and --duplicates.", shown="none")
-    mutual: float | None = option(None, "Keep only the --duplicates pairs whose images are each (nearly) the other's "
-                                        "nearest: distance 1 - cosine within (1 + R) x each one's distance to its "
-                                        "nearest other image (e.g. 0.75; 0 = mutual nearest neighbours).",
-                                  shown="none")
+                                      "(e.g. 128): applies to --neighbours and to the neighbours --duplicates "
+                                      "compares.", shown="none")
     gallery_rows: int = option(8, "Query images (rows) in neighbours.png, spread evenly over the folder.")
     batch_size: int = option(64, "Images per forward pass.")
     device: str = option("auto", "A run directory's encoder runs on: auto (cuda when available), cpu or cuda.")

@@ -44,7 +44,7 @@ COMMANDS = {  # command -> (its options classes, the API function, the parameter
     "eval": ((EvalOptions,), edgessl.api.evaluate_encoder, {"run_dir", "console"}),
     "finetune": ((FinetuneOptions,), edgessl.api.finetune, {"run_dir", "console"}),
     "export": ((ExportOptions,), edgessl.api.export, {"run", "console"}),
-    "embed": ((EmbedOptions,), edgessl.api.embed, {"source", "use_faiss", "warn"}),
+    "embed": ((EmbedOptions,), edgessl.api.embed, {"source", "use_faiss", "warn", "say"}),
     "prune": ((PruneOptions,), edgessl.api.prune_encoder, {"run_dir", "console"}),
     "slim": ((SlimOptions,), edgessl.api.slim, {"run_dir"}),
 }

@@ -12,18 +12,14 @@ from edgessl.cli import app
 from edgessl.data.folder import _try_decode
 from edgessl.errors import UserError
 from edgessl.evaluate.neighbours import (
-    duplicate_pairs,
-    find_duplicates,
     group_pairs,
-    mutual_pairs,
-    nearest_distances,
     pca_whitening,
     top_k_neighbours,
     unit_rows,
     whitened_unit_rows,
 )
 from edgessl.scripts import load_script
-from edgessl.workflows.embed import check_out, read_embeddings, write_embeddings
+from edgessl.workflows.embed_files import check_out, read_embeddings, write_embeddings
 
 runner = CliRunner()
 
@@ -60,61 +56,9 @@ def test_faiss_gives_the_numpy_neighbours():
     np.testing.assert_allclose(ca, cb, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, None])
-def test_duplicate_pairs_and_groups_in_closed_form(chunk):
-    # rows 0 and 3 equal; 1, 4, 5 a chain (1~4 at cos 0.96, 4~5 at 0.96, 1~5 at 0.8432 < 0.9); 2 and 6 alone
-    a = np.deg2rad(16.26)  # cos 16.26 deg = 0.96
-    x = np.zeros((7, 4))
-    x[0] = x[3] = [1, 0, 0, 0]
-    x[1], x[4], x[5] = [0, 1, 0, 0], [0, np.cos(a), np.sin(a), 0], [0, np.cos(2 * a), np.sin(2 * a), 0]
-    x[2], x[6] = [0, 0, 0, 1], [0.6, 0, 0, -0.8]
-    pairs, cos = duplicate_pairs(unit_rows(x), 0.9, chunk=chunk)
-    assert pairs.tolist() == [[0, 3], [1, 4], [4, 5]]
-    np.testing.assert_allclose(cos, [1.0, 0.96, 0.96], atol=1e-4)
-    assert group_pairs(7, pairs).tolist() == [1, 2, 2]
-
-
 def test_group_pairs_numbers_groups_by_lowest_image():
     pairs = np.array([[4, 5], [0, 3], [3, 1], [2, 5]])
     assert group_pairs(6, pairs).tolist() == [2, 1, 1, 2]
-
-
-def _copy_beside_a_look_alike():
-    """0 an original, 1 its pixel twin, 2 its copy at cos 0.98, 3 a look-alike at cos 0.95 from the copy (0.869 from
-    the original), 4 far from all."""
-    g, d = np.arccos(0.98), np.arccos(0.95)
-    return unit_rows(np.array([[1, 0, 0], [1, 0, 0], [np.cos(g), np.sin(g), 0],
-                               [np.cos(g + d), np.sin(g + d), 0], [0, 0, 1.0]]))
-
-
-def test_nearest_distances_skip_twins():
-    x = _copy_beside_a_look_alike()
-    np.testing.assert_allclose(nearest_distances(x, use_faiss=False), [0.02, 0.02, 0.02, 0.05, 1.0], atol=1e-6)
-    # k = 1: row 0's only candidate is its twin, so only twins stay near it
-    assert nearest_distances(x, k=1, use_faiss=False)[0] == pytest.approx(0.0, abs=1e-6)
-
-
-@pytest.mark.parametrize("ratio, kept", [
-    (0.0, [[0, 1], [0, 2], [1, 2]]),   # mutual nearest (the twin counts as one with the original)
-    (0.75, [[0, 1], [0, 2], [1, 2]]),  # copy-look-alike: 0.05 > 1.75 x 0.02, the copy's own nearest distance
-    (2.0, [[0, 1], [0, 2], [1, 2], [2, 3]]),  # 0.05 <= 3 x 0.02 and <= 3 x 0.05; 0-3 at 0.131 > 3 x 0.02
-])
-def test_mutual_pairs_in_closed_form(ratio, kept):
-    x = _copy_beside_a_look_alike()
-    pairs, cos = duplicate_pairs(x, 0.85)
-    assert pairs.tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
-    keep = mutual_pairs(pairs, cos, nearest_distances(x, use_faiss=False), ratio)
-    assert pairs[keep].tolist() == kept
-    found, found_cos, candidates = find_duplicates(x, 0.85, ratio, use_faiss=False)
-    assert found.tolist() == kept and candidates == 6 and (found_cos == cos[keep]).all()
-    assert group_pairs(5, found).tolist() == [1] * len(kept)
-
-
-def test_duplicate_pairs_refuses_a_threshold_that_matches_too_many():
-    with pytest.raises(UserError) as e:
-        duplicate_pairs(_random_unit(50), -1.0, chunk=8, max_pairs=100)
-    assert str(e.value) == ("More than 100 pairs of images reach cosine -1; "
-                            "raise --duplicates (e.g. 0.95) to find near-duplicates.")
 
 
 def test_pca_whitening_in_closed_form():
@@ -180,17 +124,21 @@ def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
         (["--out", str(tmp_path / "e.npz"), "--neighbours", "0"],
          "error: --neighbours must be a positive number of neighbours, not 0."),
         (["--out", str(tmp_path / "e.npz"), "--duplicates", "1.5"],
-         "error: --duplicates is a cosine between -1 and 1 (e.g. 0.95), not 1.5."),
+         "error: --duplicates takes auto or a copy-score threshold at most 1 (e.g. 0.9), not '1.5'."),
+        (["--out", str(tmp_path / "e.npz"), "--duplicates", "most"],
+         "error: --duplicates takes auto or a copy-score threshold at most 1 (e.g. 0.9), not 'most'."),
+        (["--out", str(tmp_path / "e.npz"), "--duplicates", "auto", "--precision", "1"],
+         "error: --precision is a target precision between 0 and 1 (e.g. 0.95), not 1.0."),
+        (["--out", str(tmp_path / "e.npz"), "--duplicates", "auto", "--keep", "newest"],
+         "error: --keep must be one of first, largest, not 'newest'."),
+        (["--out", str(tmp_path / "e.npz"), "--keep", "first"],
+         "error: --keep lists one image per duplicate group: pass --duplicates too."),
         (["--out", str(tmp_path / "e.npz"), "--threads", "2"],
          "error: --manifest and --threads are for an .onnx source; SOURCE here is a run directory."),
         (["--out", str(tmp_path / "e.npz"), "--duplicates", "0.9", "--whiten", "0"],
          "error: --whiten must be a positive number of directions (e.g. 128), not 0."),
         (["--out", str(tmp_path / "e.npz"), "--whiten", "8"],
          "error: --whiten changes the --neighbours and --duplicates search: pass one of them too."),
-        (["--out", str(tmp_path / "e.npz"), "--duplicates", "0.9", "--mutual", "-1"],
-         "error: --mutual is a distance ratio of at least 0 (e.g. 0.75), not -1.0."),
-        (["--out", str(tmp_path / "e.npz"), "--neighbours", "2", "--mutual", "0.5"],
-         "error: --mutual filters the --duplicates pairs: pass --duplicates too."),
     ]
     for extra, message in cases:
         res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), *extra])
@@ -202,9 +150,8 @@ def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
 @pytest.mark.slow
 def test_whiten_searches_the_whitened_embeddings_and_stores_the_raw_ones(tmp_path, demo_run, tiny_data):
     res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), "--out", str(tmp_path / "e.npz"),
-                              "--neighbours", "2", "--duplicates", "0.5", "--whiten", "8"])
+                              "--neighbours", "2", "--whiten", "8"])
     assert res.exit_code == 0, res.output
-    assert "at cosine >= 0.5 (whitened, 8 directions) in" in res.output
     paths, emb = read_embeddings(tmp_path / "e.npz")
     unit = whitened_unit_rows(emb, *pca_whitening(emb, 8))
     idx, cos = top_k_neighbours(unit, 2, use_faiss=False)
@@ -212,31 +159,12 @@ def test_whiten_searches_the_whitened_embeddings_and_stores_the_raw_ones(tmp_pat
         rows = list(csv.DictReader(f))
     assert [r["neighbour"] for r in rows] == [paths[j] for j in idx.ravel()]
     np.testing.assert_allclose([float(r["cosine"]) for r in rows], cos.ravel(), atol=2e-4)
-    pairs, _ = duplicate_pairs(unit, 0.5)
-    assert len(pairs) > 0 and f"{len(pairs)} pair" in res.output
-    raw = unit_rows(emb) @ unit_rows(emb).T
-    assert ((raw >= 0.5).sum() - len(emb)) // 2 != len(pairs)  # the raw cosines would give other pairs
+    raw, _ = top_k_neighbours(unit_rows(emb), 2, use_faiss=False)
+    assert not np.array_equal(raw, idx)  # the raw cosines would give other neighbours
     res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), "--out", str(tmp_path / "f.npz"),
                               "--neighbours", "2", "--whiten", "24"])
     assert res.exit_code == 2 and res.output.strip() == (
         "error: --whiten 24: between 1 and 23 (the embedding's dimensions and images - 1).")
-
-
-def test_mutual_zero_keeps_the_mutual_nearest_pairs_of_the_threshold(tmp_path, demo_run, tiny_data):
-    res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), "--out", str(tmp_path / "e.npz"),
-                              "--duplicates", "0.3", "--mutual", "0"])
-    assert res.exit_code == 0, res.output
-    paths, emb = read_embeddings(tmp_path / "e.npz")
-    sim = unit_rows(emb) @ unit_rows(emb).T
-    np.fill_diagonal(sim, -np.inf)
-    best = sim.max(axis=1)  # no pixel twins among these images
-    want = {(paths[i], paths[j]) for i in range(len(paths)) for j in range(i + 1, len(paths))
-            if sim[i, j] >= 0.3 and sim[i, j] >= best[i] - 1e-5 and sim[i, j] >= best[j] - 1e-5}
-    with open(tmp_path / "duplicates.csv") as f:
-        got = {(r["image_a"], r["image_b"]) for r in csv.DictReader(f)}
-    candidates = int((sim >= 0.3).sum()) // 2
-    assert got == want and 0 < len(got) < candidates
-    assert f"{len(got)} pair" in res.output and f"mutual within 0 (of {candidates} at the threshold)" in res.output
 
 
 def test_onnx_route_lists_unreadable_files_with_pretrainings_reasons(tmp_path):
@@ -265,7 +193,7 @@ def test_run_and_its_onnx_export_give_the_same_embeddings(demo_run, labelled_dem
     edgessl.export(run)
     data = _with_bad_file(labelled_demo / "test", tmp_path)
     res = runner.invoke(app, ["embed", str(run), "--data", str(data), "--out", str(tmp_path / "a" / "e.npz"),
-                              "--neighbours", "3", "--duplicates", "0.999", "--gallery-rows", "4"])
+                              "--neighbours", "3", "--duplicates", "0.999", "--planted", "8", "--gallery-rows", "4"])
     assert res.exit_code == 0, res.output
     assert "Embedded 9 images" in res.output
     b = edgessl.embed(run / "export" / "encoder.onnx", data, tmp_path / "b" / "e.npz", neighbours=3)
@@ -280,6 +208,7 @@ def test_run_and_its_onnx_export_give_the_same_embeddings(demo_run, labelled_dem
         rows = list(csv.DictReader(f))
     assert len(rows) == 9 * 3 and rows[0]["query"] == paths[0] and rows[0]["rank"] == "1"
     assert (tmp_path / "a" / "neighbours.png").stat().st_size > 5000
-    assert (tmp_path / "a" / "duplicates.csv").read_text().startswith("group,image_a,image_b,cosine")
+    assert (tmp_path / "a" / "duplicates.csv").read_text().startswith(
+        "group,kind,image,score,cosine,estimated_precision,keep")
 
 

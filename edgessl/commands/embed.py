@@ -43,22 +43,40 @@ Writes --out, and beside it skipped_files.txt, neighbours.csv + neighbours.png a
 def embed_cmd(source: Path, **values) -> None:
     opts = given(values)
     warn = lambda msg: err_console.print(f"warning: {msg}", highlight=False, markup=False)  # noqa: E731
-    result = api.embed(source, warn=warn, **opts)
+    say = lambda msg: console.print(msg, highlight=False, markup=False)  # noqa: E731
+    result = api.embed(source, warn=warn, say=say, **opts)
     dim = result.embeddings.shape[1]
-    console.print(f"Embedded {plural(len(result.paths), 'image')} ({dim} dimensions) -> {result.out}",
-                  highlight=False, markup=False)
+    say(f"Embedded {plural(len(result.paths), 'image')} ({dim} dimensions) -> {result.out}")
     if result.neighbours is not None:
-        console.print(f"Nearest {result.neighbours[0].shape[1]} of each image -> "
-                      f"{result.out.parent / 'neighbours.csv'}, gallery {result.out.parent / 'neighbours.png'}",
-                      highlight=False, markup=False)
-    if result.pairs is not None:
-        whiten, mutual = opts.get("whiten"), opts.get("mutual")
-        space = f" (whitened, {whiten} directions)" if whiten else ""
-        if mutual is not None:
-            space += f", mutual within {mutual:g} (of {result.candidates:,} at the threshold)"
-        console.print(f"{plural(len(result.pairs), 'pair')} at cosine >= {opts['duplicates']:g}{space} in "
-                      f"{plural(result.groups, 'group')} -> {result.out.parent / 'duplicates.csv'}",
-                      highlight=False, markup=False)
+        say(f"Nearest {result.neighbours[0].shape[1]} of each image -> {result.out.parent / 'neighbours.csv'}, "
+            f"gallery {result.out.parent / 'neighbours.png'}")
+    if result.duplicates is not None:
+        for line in duplicate_lines(result):
+            say(line)
+
+
+def duplicate_lines(result) -> list[str]:
+    """What --duplicates found, by kind, and how sure the rule is."""
+    found, rule, folder = result.duplicates, result.rule, result.out.parent
+    kinds = {"exact": set(), "copy": set()}
+    for (a, b), kind in zip(found.pairs.tolist(), found.kinds, strict=True):
+        kinds[kind] |= {a, b}
+    groups = {k: len({g for g, kk in zip(found.groups.tolist(), found.kinds, strict=True) if kk == k})
+              for k in kinds}
+    how = ("chosen for precision >= " f"{rule.target:g}" if rule.chosen == "auto" else "given")
+    verdict = "" if rule.reached else f" (below the {rule.target:g} target: no threshold reached it on this folder)"
+    lines = [
+        f"copies: estimated precision {rule.precision:.2f}, recall {rule.recall:.2f} on {rule.planted} planted copies "
+        f"(copy score >= {rule.threshold:.3f}, {how}){verdict}",
+        f"exact: {plural(len(kinds['exact']), 'image')} in {plural(groups['exact'], 'group')} (the same pixels)",
+        f"copy: {plural(len(kinds['copy']), 'image')} in {plural(groups['copy'], 'group')} -> "
+        f"{folder / 'duplicates.csv'}" + (f", gallery {folder / 'duplicates.png'}" if len(found.pairs) else ""),
+        f"similar: {plural(len(found.similar), 'pair')} close in the embedding, not copies (for browsing) -> "
+        f"{folder / 'similar.csv'}",
+    ]
+    if (folder / "keep.txt") in result.written:
+        lines.append(f"keep: one image per group -> {folder / 'keep.txt'} (nothing was deleted)")
+    return lines
 
 
 def register(app) -> None:

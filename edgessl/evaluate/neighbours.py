@@ -1,4 +1,4 @@
-"""Neighbours and near-duplicates of a set of embeddings (pure numpy, chunked: never an N x N matrix).
+"""Nearest neighbours of a set of embeddings (pure numpy, chunked: never an N x N matrix), whitening, and groups.
 
 The search works on unit rows in chunks of query rows: at most CHUNK_ELEMENTS similarities (64 MiB of float32) are
 held at once, so 100,000 images need the (N, D) embeddings plus about 200 MiB. faiss, when it is installed, serves
@@ -12,9 +12,6 @@ import numpy as np
 from edgessl.errors import UserError
 
 CHUNK_ELEMENTS = 1 << 24  # similarities held at once (float32: 64 MiB; argpartition's int64 indices: 128 MiB)
-MAX_PAIRS = 1_000_000  # duplicates.csv holds at most this many pairs: a lower --duplicates is refused
-TWIN = 1e-4  # 1 - cosine at or below which two embeddings count as one (pixel-identical images) for --mutual
-MUTUAL_K = 16  # nearest rows searched for each row's nearest non-twin (--mutual)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -81,68 +78,6 @@ def _faiss_top_k(faiss, unit: np.ndarray, k: int, step: int) -> tuple[np.ndarray
         idx[start : start + step] = found[keep].reshape(-1, k)
         cos[start : start + step] = sims[keep].reshape(-1, k)
     return idx, np.clip(cos, -1.0, 1.0)
-
-
-def duplicate_pairs(unit: np.ndarray, threshold: float, chunk: int | None = None,
-                    max_pairs: int = MAX_PAIRS) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair of rows with cosine >= threshold, each once (i < j), in chunks of query rows.
-
-    unit: (N, D) unit rows. Returns (pairs (P, 2) int64, cos (P,) float32) ordered by i, then j.
-    Raises UserError when more than max_pairs pairs reach the threshold."""
-    n = unit.shape[0]
-    step = _chunk(n, chunk)
-    found_pairs, found_cos, total = [], [], 0
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        sim = unit[start:stop] @ unit[start:].T  # (c, N - start): only columns j >= start can have j > i
-        sim[np.tril_indices(stop - start)] = -np.inf  # j <= i
-        r, c = np.nonzero(sim >= threshold)
-        total += len(r)
-        if total > max_pairs:
-            raise UserError(f"More than {max_pairs:,} pairs of images reach cosine {threshold:g}; "
-                            "raise --duplicates (e.g. 0.95) to find near-duplicates.")
-        found_pairs.append(np.stack([r + start, c + start], axis=1))
-        found_cos.append(sim[r, c])
-    pairs = np.concatenate(found_pairs).astype(np.int64) if found_pairs else np.empty((0, 2), np.int64)
-    cos = np.concatenate(found_cos) if found_cos else np.empty(0, np.float32)
-    return pairs, np.clip(cos, -1.0, 1.0).astype(np.float32)
-
-
-def nearest_distances(unit: np.ndarray, k: int = MUTUAL_K, chunk: int | None = None,
-                      use_faiss: bool | None = None) -> np.ndarray:
-    """Each row's distance (1 - cosine) to its nearest row that is not its twin (1 - cosine > TWIN).
-
-    unit: (N, D) unit rows, N >= 2. Returns (N,) float64, searched among each row's k nearest (top_k_neighbours);
-    a row whose k nearest are all twins gets the k-th one's distance (so only its twins stay near it)."""
-    _, cos = top_k_neighbours(unit, k, chunk, use_faiss)
-    dist = 1.0 - cos.astype(np.float64)
-    apart = dist > TWIN
-    first = np.where(apart.any(axis=1), apart.argmax(axis=1), dist.shape[1] - 1)
-    return dist[np.arange(len(dist)), first]
-
-
-def mutual_pairs(pairs: np.ndarray, cos: np.ndarray, nearest: np.ndarray, ratio: float) -> np.ndarray:
-    """Which pairs are mutual near-nearest neighbours (--mutual R): twins (1 - cos <= TWIN), or pairs (i, j) whose
-    distance d = 1 - cos is at most (1 + R) x nearest[i] and at most (1 + R) x nearest[j], i.e. each image is
-    (nearly) the other's nearest. R = 0: mutual nearest neighbours.
-
-    pairs: (P, 2) row indices; cos: (P,); nearest: (N,) from nearest_distances. Returns (P,) bool."""
-    dist = 1.0 - cos.astype(np.float64)
-    limit = (1.0 + float(ratio)) * nearest + 1e-6  # 1e-6: the same cosine from two matrix products
-    return (dist <= TWIN) | ((dist <= limit[pairs[:, 0]]) & (dist <= limit[pairs[:, 1]]))
-
-
-def find_duplicates(unit: np.ndarray, threshold: float, mutual: float | None = None,
-                    use_faiss: bool | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """--duplicates T [--mutual R]: the pairs with cosine >= T (duplicate_pairs), then, with R, only the mutual
-    near-nearest ones (mutual_pairs). unit: (N, D) unit rows. Returns (pairs (P, 2), cos (P,), pairs before the
-    mutual rule)."""
-    pairs, cos = duplicate_pairs(unit, float(threshold))
-    candidates = len(pairs)
-    if mutual is not None:
-        keep = mutual_pairs(pairs, cos, nearest_distances(unit, use_faiss=use_faiss), float(mutual))
-        pairs, cos = pairs[keep], cos[keep]
-    return pairs, cos, candidates
 
 
 def pca_whitening(x: np.ndarray, dim: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:

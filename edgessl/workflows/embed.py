@@ -1,156 +1,38 @@
-"""`edgessl embed`: one embedding per readable image of a folder, from a run's encoder or from its ONNX export,
-written as .npz or .parquet; optionally each image's nearest neighbours (neighbours.csv + a gallery,
-neighbours.png) and its near-duplicate groups (duplicates.csv), searched by edgessl.evaluate.neighbours.
+"""`edgessl embed`: one embedding per readable image of a folder, from a run's encoder or from its ONNX export
+(embed_sources.py), written as .npz or .parquet (embed_files.py); optionally each image's nearest neighbours
+(neighbours.csv + neighbours.png) and its duplicates in three kinds, exact, copy and similar, with a rule chosen on
+synthetic copies of the folder's own images (edgessl.evaluate.duplicates).
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Sequence
+import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgessl.data.folder import decode_image, load_image_folder, write_skipped
+from edgessl.data.copies import plant, sample
+from edgessl.data.folder import write_skipped
 from edgessl.errors import UserError
-from edgessl.evaluate.features import extract_features
-from edgessl.evaluate.neighbours import (
-    find_duplicates,
-    group_pairs,
-    pca_whitening,
-    top_k_neighbours,
-    unit_rows,
-    whitened_unit_rows,
+from edgessl.evaluate import copies as cp
+from edgessl.evaluate import duplicates as dup
+from edgessl.evaluate.neighbours import pca_whitening, top_k_neighbours, unit_rows, whitened_unit_rows
+from edgessl.options import EmbedOptions, takes_options
+from edgessl.workflows.embed_files import (
+    check_out,
+    duplicates_gallery,
+    gallery,
+    write_duplicates,
+    write_embeddings,
+    write_keep,
+    write_neighbours,
+    write_similar,
 )
-from edgessl.fileio import atomic_write
-from edgessl.models.backbone import load_encoder
-from edgessl.options import Decode, EmbedOptions, check_groups, takes_options
-from edgessl.report.gallery import plot_neighbour_gallery
-from edgessl.runtime import pick_device
-from edgessl.scripts import load_script
+from edgessl.workflows.embed_sources import Embedded, open_source, with_rows
 
-FORMATS = (".npz", ".parquet")
-THUMBNAIL = 96  # gallery thumbnails, pixels
-
-
-def check_out(out: str | Path) -> Path:
-    """The output file: .npz (numpy only) or .parquet (pyarrow, the `parquet` extra), checked before any work."""
-    out = Path(out).expanduser()
-    if out.suffix not in FORMATS:
-        raise UserError(f"--out must end in .npz or .parquet, not '{out.name}'.")
-    if out.is_dir():
-        raise UserError(f"--out '{out}' is a folder; pass a file name ending in .npz or .parquet.")
-    if out.suffix == ".parquet":
-        _pyarrow()
-    return out
-
-
-def _pyarrow():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("Writing .parquet needs pyarrow: pip install 'edgessl[parquet]' (or write .npz).") from None
-    return pa, pq
-
-
-def write_embeddings(out: Path, paths: Sequence[str | Path], embeddings: np.ndarray) -> Path:
-    """out (.npz: arrays `paths` (N,) str and `embeddings` (N, D) float32; .parquet: columns `path` string and
-    `embedding` fixed-size list of float32), written to a temporary file, then renamed."""
-    names = [str(p) for p in paths]
-    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if out.suffix == ".npz":
-        return atomic_write(out, lambda tmp: _save_npz(tmp, names, emb))
-    pa, pq = _pyarrow()
-    column = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
-    table = pa.table({"path": pa.array(names, pa.string()), "embedding": column})
-    return atomic_write(out, lambda tmp: pq.write_table(table, str(tmp)))
-
-
-def _save_npz(tmp: Path, names: list[str], emb: np.ndarray) -> None:
-    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
-        np.savez(f, paths=np.array(names, dtype=str), embeddings=emb)
-
-
-def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """(paths, (N, D) float32 embeddings) of a file write_embeddings wrote."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return [str(p) for p in z["paths"]], z["embeddings"]
-    _, pq = _pyarrow()
-    table = pq.read_table(str(path))
-    emb = np.asarray(table.column("embedding").combine_chunks().flatten(), np.float32)
-    return table.column("path").to_pylist(), emb.reshape(table.num_rows, -1)
-
-
-def _write_csv(path: Path, header: Sequence[str], rows) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-
-    return atomic_write(path, write)
-
-
-def write_neighbours(path: Path, paths: Sequence[str], idx: np.ndarray, cos: np.ndarray) -> Path:
-    """neighbours.csv: query, rank (1 = nearest), neighbour, cosine; one row per image and rank."""
-    rows = ((paths[q], r + 1, paths[j], f"{c:.6f}")
-            for q in range(len(idx)) for r, (j, c) in enumerate(zip(idx[q].tolist(), cos[q].tolist(), strict=True)))
-    return _write_csv(path, ("query", "rank", "neighbour", "cosine"), rows)
-
-
-def write_duplicates(path: Path, paths: Sequence[str], pairs: np.ndarray, cos: np.ndarray,
-                     groups: np.ndarray) -> Path:
-    """duplicates.csv: group, image_a, image_b, cosine; by group, then cosine (highest first)."""
-    order = np.lexsort((pairs[:, 1], pairs[:, 0], -cos, groups))
-    rows = ((int(groups[i]), paths[pairs[i, 0]], paths[pairs[i, 1]], f"{cos[i]:.6f}") for i in order.tolist())
-    return _write_csv(path, ("group", "image_a", "image_b", "cosine"), rows)
-
-
-def gallery(path: Path, paths: Sequence[str], idx: np.ndarray, cos: np.ndarray, rows: int = 8) -> Path:
-    """neighbours.png: `rows` queries spread evenly over the images, each beside its neighbours (idx, cos: (N, k))."""
-    queries = np.unique(np.linspace(0, len(paths) - 1, max(1, min(rows, len(paths)))).round().astype(int))
-    thumb = {}
-    for i in {int(j) for q in queries for j in (q, *idx[q].tolist())}:
-        thumb[i] = decode_image(paths[i], THUMBNAIL)
-    plot_neighbour_gallery(
-        [thumb[q] for q in queries], [[thumb[int(j)] for j in idx[q]] for q in queries], cos[queries],
-        [Path(paths[q]).name for q in queries], path)
-    return path
-
-
-def embed_with_run(run_dir: str | Path, data: str | Path, device: str = "auto", batch_size: int = 256,
-                   decode: Decode | None = None):
-    """A run's encoder over every readable image of `data` (decoded through the decoded-image cache: `decode`).
-    Returns (paths, (N, D) float32 pooled features, skipped [(path, reason)])."""
-    model = load_encoder(run_dir)
-    meta = model.edgessl_meta
-    dev = pick_device(device)
-    images = load_image_folder(data, int(meta["image_size"]), decode=decode, min_images=1)
-    feats = extract_features(model.to(dev), images, meta["mean"], meta["std"], dev, batch_size)
-    return [str(p) for p in images.paths], feats.numpy().astype(np.float32), images.skipped
-
-
-def embed_with_onnx(model: str | Path, data: str | Path, manifest: str | Path | None = None,
-                    batch_size: int = 64, threads: int | None = None):
-    """An exported .onnx encoder over every readable image of `data`, by the torch-free export/embed_onnx.py (the
-    manifest's preprocessing, decoded in batches). Returns (paths, (N, D) float32 outputs, skipped)."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise UserError("Embedding with an .onnx needs onnxruntime: pip install 'edgessl[export]'.") from None
-    script = load_script("embed_onnx.py")
-    try:
-        sess, entry = script.open_model(Path(model), Path(manifest) if manifest else None, threads)
-        if entry.get("kind") == "classifier" or entry.get("classes"):
-            raise UserError(f"{Path(model).name} is a classifier (logits); embed needs an encoder export.")
-        paths, emb, skipped = script.embed_folder(sess, entry["preprocess"], Path(data), max(1, int(batch_size)))
-    except script.device_check().CheckError as e:
-        raise UserError(str(e)) from None
-    return [str(p) for p in paths], emb, skipped
+KEEP = ("first", "largest")
 
 
 @dataclass
@@ -163,93 +45,135 @@ class EmbedResult:
     skipped: list[tuple[Path, str]]
     written: list[Path] = field(default_factory=list)
     neighbours: tuple[np.ndarray, np.ndarray] | None = None  # (idx (N, k), cos (N, k))
-    pairs: np.ndarray | None = None  # (P, 2) image indices with cosine >= the --duplicates threshold
-    pair_cosines: np.ndarray | None = None  # (P,)
-    pair_groups: np.ndarray | None = None  # (P,) group numbers 1..G
     whitening: tuple[np.ndarray, np.ndarray] | None = None  # whiten=K: (mean (D,), proj (D, K)) of the search space
-    candidates: int | None = None  # the pairs at cosine >= T (before mutual=R kept `pairs`)
+    duplicates: dup.Found | None = None  # the duplicate pairs (exact, copy) in groups, and the similar pairs
+    rule: cp.Rule | None = None  # the copy rule and its estimates
 
     @property
     def groups(self) -> int:
-        return 0 if self.pair_groups is None or not len(self.pair_groups) else int(self.pair_groups.max())
+        d = self.duplicates
+        return 0 if d is None or not len(d.groups) else int(d.groups.max())
 
 
-def check_options(neighbours: int | None, duplicates: float | None, gallery_rows: int,
-                  whiten: int | None = None, mutual: float | None = None) -> None:
-    if neighbours is not None and int(neighbours) < 1:
-        raise UserError(f"--neighbours must be a positive number of neighbours, not {neighbours}.")
-    if duplicates is not None and not -1.0 <= float(duplicates) <= 1.0:
-        raise UserError(f"--duplicates is a cosine between -1 and 1 (e.g. 0.95), not {duplicates}.")
-    if int(gallery_rows) < 1:
-        raise UserError(f"--gallery-rows must be at least 1, not {gallery_rows}.")
-    if whiten is not None and int(whiten) < 1:
-        raise UserError(f"--whiten must be a positive number of directions (e.g. 128), not {whiten}.")
-    if whiten is not None and neighbours is None and duplicates is None:
+def duplicates_threshold(value: str | float | None) -> float | None:
+    """--duplicates: "auto" -> None (calibrated); a number -> the threshold; UserError otherwise."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        t = float(value)
+    except ValueError:
+        t = math.nan
+    if not math.isfinite(t) or t > 1:
+        raise UserError(f"--duplicates takes auto or a copy-score threshold at most 1 (e.g. 0.9), not '{value}'.")
+    return t
+
+
+def check_options(opts: EmbedOptions) -> None:
+    if opts.neighbours is not None and int(opts.neighbours) < 1:
+        raise UserError(f"--neighbours must be a positive number of neighbours, not {opts.neighbours}.")
+    duplicates_threshold(opts.duplicates)
+    if int(opts.gallery_rows) < 1:
+        raise UserError(f"--gallery-rows must be at least 1, not {opts.gallery_rows}.")
+    if opts.whiten is not None and int(opts.whiten) < 1:
+        raise UserError(f"--whiten must be a positive number of directions (e.g. 128), not {opts.whiten}.")
+    if opts.whiten is not None and opts.neighbours is None and opts.duplicates is None:
         raise UserError("--whiten changes the --neighbours and --duplicates search: pass one of them too.")
-    if mutual is not None and not float(mutual) >= 0:
-        raise UserError(f"--mutual is a distance ratio of at least 0 (e.g. 0.75), not {mutual}.")
-    if mutual is not None and duplicates is None:
-        raise UserError("--mutual filters the --duplicates pairs: pass --duplicates too.")
+    if not 0 < opts.precision < 1:
+        raise UserError(f"--precision is a target precision between 0 and 1 (e.g. 0.95), not {opts.precision}.")
+    if int(opts.planted) < 1:
+        raise UserError(f"--planted must be at least 1, not {opts.planted}.")
+    if opts.keep is not None and opts.keep not in KEEP:
+        raise UserError(f"--keep must be one of {', '.join(KEEP)}, not '{opts.keep}'.")
+    if opts.duplicates is None and opts.keep is not None:
+        raise UserError("--keep lists one image per duplicate group: pass --duplicates too.")
 
 
 @takes_options(EmbedOptions, lead=("source",), positional=("data", "out", "neighbours", "duplicates", "gallery_rows"),
-               extra={"use_faiss": None, "warn": None})
-def embed(source: str | Path, opts: EmbedOptions, use_faiss: bool | None = None, warn=None) -> EmbedResult:
+               extra={"use_faiss": None, "warn": None, "say": None})
+def embed(source: str | Path, opts: EmbedOptions, use_faiss: bool | None = None, warn=None, say=None) -> EmbedResult:
     """One embedding per readable image of `data` into `out` (.npz, or .parquet with the `parquet` extra).
 
     source: a run directory (its encoder, on `device`) or an exported .onnx encoder (the torch-free
     export/embed_onnx.py with manifest.json's preprocessing; `manifest`, `threads`). Beside `out`: skipped_files.txt
     (unreadable files), neighbours.csv + neighbours.png (neighbours=K: every image's K nearest by cosine;
-    gallery_rows queries in the picture) and duplicates.csv (duplicates=T: the pairs with cosine >= T, grouped).
-    whiten=K: both search the embeddings PCA-whitened on this folder (K directions; the stored embeddings stay raw).
-    mutual=R: keep only the pairs whose images are each (nearly) the other's nearest: distance 1 - cosine within
-    (1 + R) x each one's distance to its nearest other image (pixel twins count as one). Options:
-    edgessl.options.EmbedOptions (the same as `edgessl embed`'s flags). use_faiss: None = when installed.
-    warn: callable(message) for skipped files. Returns an EmbedResult (paths, embeddings (N, D), skipped, written,
-    neighbours, pairs, pair_groups, whitening, candidates)."""
+    gallery_rows queries in the picture), and with duplicates="auto" (or a copy-score threshold): duplicates.csv
+    (exact twins and copies in groups, with the rule's estimated precision), duplicates.png, similar.csv and, with
+    keep="first" | "largest", keep.txt. whiten=K: the neighbour search runs on the embeddings PCA-whitened on this
+    folder (K directions; the stored embeddings stay raw). Options: edgessl.options.EmbedOptions (the same as
+    `edgessl embed`'s flags). use_faiss: None = when installed. warn(message): skipped files; say(message): the
+    duplicate search's progress and estimates. Returns an EmbedResult."""
     out = check_out(opts.out)
-    check_options(opts.neighbours, opts.duplicates, opts.gallery_rows, opts.whiten, opts.mutual)
+    check_options(opts)
     source = Path(source).expanduser()
-    paths, emb, skipped = _embeddings(source, opts)
-    if (opts.neighbours is not None or opts.duplicates is not None) and len(paths) < 2:
+    src = open_source(source, opts)
+    data = Path(opts.data)
+    embedded = src(data)
+    if (opts.neighbours is not None or opts.duplicates is not None) and len(embedded.paths) < 2:
         raise UserError(f"--neighbours and --duplicates need at least 2 readable images in '{opts.data}', not 1.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = EmbedResult(out, paths, emb, skipped, [write_embeddings(out, paths, emb)])
-    if skipped:
-        result.written.append(write_skipped(skipped, out.parent / "skipped_files.txt"))
+    result = EmbedResult(out, embedded.paths, embedded.embeddings, embedded.skipped,
+                         [write_embeddings(out, embedded.paths, embedded.embeddings)])
+    if embedded.skipped:
+        result.written.append(write_skipped(embedded.skipped, out.parent / "skipped_files.txt"))
         if warn is not None:
-            warn(f"skipped {len(skipped)} unreadable file(s) (first: {skipped[0][0]}); "
+            warn(f"skipped {len(embedded.skipped)} unreadable file(s) (first: {embedded.skipped[0][0]}); "
                  f"all are listed in {out.parent / 'skipped_files.txt'}.")
-    _search(result, opts, use_faiss)
+    unit = _search_space(result, opts)
+    if opts.neighbours is not None:
+        idx, cos = result.neighbours = top_k_neighbours(unit, int(opts.neighbours), use_faiss=use_faiss)
+        result.written.append(write_neighbours(out.parent / "neighbours.csv", result.paths, idx, cos))
+        result.written.append(gallery(out.parent / "neighbours.png", result.paths, idx, cos, int(opts.gallery_rows)))
+    if opts.duplicates is not None:
+        _duplicates(result, opts, src, embedded, data, unit, use_faiss, say or (lambda _: None))
     return result
 
 
-def _embeddings(source: Path, opts: EmbedOptions):
-    """(paths, (N, D) embeddings, skipped) from a run directory or an .onnx export."""
-    if source.suffix == ".onnx":
-        return embed_with_onnx(source, opts.data, opts.manifest, opts.batch_size, opts.threads)
-    if opts.manifest is not None or opts.threads is not None:
-        raise UserError("--manifest and --threads are for an .onnx source; SOURCE here is a run directory.")
-    check_groups(opts)
-    return embed_with_run(source, opts.data, opts.device, opts.batch_size, opts.decode)
-
-
-def _search(result: EmbedResult, opts: EmbedOptions, use_faiss: bool | None) -> None:
-    """--neighbours and --duplicates (in the --whiten space when asked): the files beside result.out."""
-    paths, emb, folder = result.paths, result.embeddings, result.out.parent
-    unit = None
+def _search_space(result: EmbedResult, opts: EmbedOptions) -> np.ndarray | None:
+    """The unit rows every search uses: the embeddings, or their --whiten projection (fitted on this folder)."""
     if opts.whiten is not None:
-        result.whitening = pca_whitening(emb, int(opts.whiten))
-        unit = whitened_unit_rows(emb, *result.whitening)
-    elif opts.neighbours is not None or opts.duplicates is not None:
-        unit = unit_rows(emb)
-    if opts.neighbours is not None:
-        idx, cos = result.neighbours = top_k_neighbours(unit, int(opts.neighbours), use_faiss=use_faiss)
-        result.written.append(write_neighbours(folder / "neighbours.csv", paths, idx, cos))
-        result.written.append(gallery(folder / "neighbours.png", paths, idx, cos, int(opts.gallery_rows)))
-    if opts.duplicates is not None:
-        result.pairs, result.pair_cosines, result.candidates = find_duplicates(unit, opts.duplicates, opts.mutual,
-                                                                               use_faiss)
-        result.pair_groups = group_pairs(len(paths), result.pairs)
-        result.written.append(write_duplicates(folder / "duplicates.csv", paths, result.pairs, result.pair_cosines,
-                                               result.pair_groups))
+        result.whitening = pca_whitening(result.embeddings, int(opts.whiten))
+        return whitened_unit_rows(result.embeddings, *result.whitening)
+    return unit_rows(result.embeddings) if opts.neighbours is not None or opts.duplicates is not None else None
+
+
+def _project(result: EmbedResult, embeddings: np.ndarray) -> np.ndarray:
+    """Other embeddings (the planted copies') into the same search space as the folder's."""
+    return whitened_unit_rows(embeddings, *result.whitening) if result.whitening else unit_rows(embeddings)
+
+
+def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded, data: Path, unit: np.ndarray,
+                use_faiss: bool | None, say) -> None:
+    """Calibrate on planted copies, score the folder's neighbour pairs, choose the rule, write the files."""
+    images = with_rows(src, embedded, data)
+    n = len(result.paths)
+    hashes = cp.pixel_hashes(images.get, n)
+    calibration = _calibrate(result, opts, src, images, unit, say)
+    scored = dup.score_folder(unit, hashes, images.get, calibration.gate, use_faiss)
+    threshold = duplicates_threshold(opts.duplicates)
+    args = (calibration.true, calibration.wrong, scored.scores, opts.precision)
+    result.rule = cp.choose_rule(*args) if threshold is None else cp.rule_at(threshold, *args)
+    result.duplicates = found = dup.classify(scored, unit, result.rule, calibration.similar)
+    folder = result.out.parent
+    result.written.append(write_duplicates(folder / "duplicates.csv", result.paths, found, result.rule.precision,
+                                           opts.keep))
+    result.written.append(write_similar(folder / "similar.csv", result.paths, found))
+    if len(found.pairs):
+        result.written.append(duplicates_gallery(folder / "duplicates.png", result.paths, found,
+                                                 int(opts.gallery_rows)))
+    if opts.keep is not None:
+        result.written.append(write_keep(folder / "keep.txt", result.paths, found, opts.keep))
+
+
+def _calibrate(result: EmbedResult, opts: EmbedOptions, src, images, unit: np.ndarray, say) -> dup.Calibration:
+    """Plant copies of a seeded sample of the folder's images (edgessl.data.copies), embed them with the same
+    encoder, and score them against the folder as the search will."""
+    rows = sample(len(result.paths), int(opts.planted), seed=0)
+    say(f"Calibrating on {len(rows)} synthetic copies of this folder's images ...")
+    with tempfile.TemporaryDirectory(prefix="edgessl-planted-") as tmp:
+        files = plant([Path(result.paths[i]) for i in rows], Path(tmp), seed=0)
+        planted = src(Path(tmp), cache=False)
+        if len(planted.paths) != len(files):
+            raise UserError("a synthetic copy could not be decoded; run the command again.")
+        planted_rows = with_rows(src, planted, Path(tmp), cache=False)
+        return dup.calibrate(_project(result, planted.embeddings), np.array(rows), unit, planted_rows.get,
+                             images.get)

@@ -1,0 +1,147 @@
+"""Duplicates in three kinds with a self-calibrated rule: the copy model is seeded, the copy score in closed cases,
+exact twins always pair, the rule meets its target on a toy calibration, and the command end to end (a planted copy
+found in a tiny folder, the three kinds named, --keep, an explicit threshold with its estimate)."""
+
+import csv
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from edgessl.cli import app
+from edgessl.data.copies import make_copy, plant, sample
+from edgessl.evaluate import copies as cp
+from edgessl.evaluate.duplicates import neighbour_pairs
+
+runner = CliRunner()
+
+
+def _rows(*images) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1) for im in images])
+
+
+def _picture(seed: int = 0, size: int = 64) -> np.ndarray:
+    """A textured test picture: smooth colour blobs plus edges (what a copy must keep)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def test_the_copy_model_is_seeded(tmp_path):
+    im = Image.fromarray(_picture(1, 96))
+    a, b = make_copy(im, random.Random("s-0")), make_copy(im, random.Random("s-0"))
+    c = make_copy(im, random.Random("s-1"))
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
+    Image.fromarray(_picture(2)).save(tmp_path / "x.png")
+    first = [np.asarray(Image.open(p)) for p in plant([tmp_path / "x.png"] * 2, tmp_path / "p1", seed=5)]
+    again = [np.asarray(Image.open(p)) for p in plant([tmp_path / "x.png"] * 2, tmp_path / "p2", seed=5)]
+    assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
+    assert not np.array_equal(first[0], first[1])  # each copy draws its own transformation
+    assert sample(10, 4, 0) == sample(10, 4, 0) and len(set(sample(10, 4, 0))) == 4 and sample(3, 9, 1) == [0, 1, 2]
+
+
+def test_copy_score_in_closed_cases():
+    pic = _picture(3)
+    flat = np.full((64, 64, 3), 200, np.uint8)
+    cropped = np.asarray(Image.fromarray(pic[3:61, 2:60]).resize((64, 64), Image.Resampling.BICUBIC))
+    other = _picture(4)
+    rows = _rows(pic, cropped, other, flat)
+    scores = cp.copy_scores(lambda i: rows[i], np.array([[0, 0], [0, 1], [1, 0], [0, 2], [3, 3]]))
+    assert scores[0] == pytest.approx(1.0, abs=1e-5)  # the same picture
+    assert scores[1] > 0.8 and scores[2] == pytest.approx(scores[1], abs=1e-4)  # a crop, either way round
+    assert scores[3] < 0.5 and scores[4] == 0.0  # another picture; no contrast at all
+
+
+def test_a_local_difference_scores_below_noise_of_the_same_energy():
+    """The worst-patch rule: one changed detail costs more than the same residual energy spread as noise."""
+    pic = _picture(5).astype(np.float64)
+    detail = pic.copy()
+    detail[8:20, 8:20] = 255 - detail[8:20, 8:20]  # one patch changed
+    energy = np.square(detail - pic).sum()
+    noise = np.random.default_rng(0).standard_normal(pic.shape)
+    noisy = pic + noise * np.sqrt(energy / np.square(noise).sum())
+    rows = _rows(pic, np.clip(detail, 0, 255), np.clip(noisy, 0, 255))
+    s = cp.copy_scores(lambda i: rows[i], np.array([[0, 1], [0, 2]]))
+    assert s[0] < s[1] - 0.2
+
+
+def test_exact_twins_always_pair():
+    rows = _rows(_picture(0), _picture(1), _picture(0), _picture(0), _picture(2))
+    hashes = cp.pixel_hashes(lambda i: rows[i], len(rows), chunk=2)
+    assert cp.exact_pairs(hashes).tolist() == [[0, 2], [0, 3]]
+    assert cp.exact_pairs(hashes[:2]).shape == (0, 2)
+
+
+def test_neighbour_pairs_lists_each_pair_once():
+    idx = np.array([[1, 2], [0, 2], [0, 1]])
+    cos = np.array([[0.9, 0.5], [0.9, 0.4], [0.5, 0.4]], np.float32)
+    pairs, c = neighbour_pairs(idx, cos)
+    assert pairs.tolist() == [[0, 1], [0, 2], [1, 2]] and c.tolist() == pytest.approx([0.9, 0.5, 0.4])
+
+
+def test_the_chosen_rule_meets_its_target_on_a_toy_calibration():
+    """100 planted copies scoring 0.80..0.99 with their originals; their 300 comparisons with other images score 0.6
+    except three at 0.83, 0.84, 0.85. At PREVALENCE 3 %: precision(t) = 0.03 r / (0.03 r + wrong(t) / 100); the rule
+    takes the lowest t reaching 0.95. The folder's own pairs are counted, never used."""
+    true = np.linspace(0.80, 0.99, 100).astype(np.float32)
+    wrong = np.array([0.6] * 297 + [0.83, 0.84, 0.85], np.float32)
+    own = np.array([0.5, 0.86, 0.95], np.float32)
+    rule = cp.choose_rule(true, wrong, own, target=0.95)
+    assert rule.reached and rule.precision >= 0.95 and rule.chosen == "auto"
+    assert cp.estimate(rule.threshold, true, wrong, own) == (rule.precision, rule.recall, rule.folder_pairs)
+    below = true[true < rule.threshold].max()  # one step lower misses the target
+    assert cp.estimate(float(below), true, wrong, own)[0] < 0.95
+    # one wrong pair above t already gives 0.03 r / (0.03 r + 0.01) < 0.95 for any r <= 1: the rule is the first
+    # planted score above 0.85, where 73 of the 100 copies remain, with no wrong pair left
+    assert rule.threshold == pytest.approx(0.8518, abs=1e-4) and rule.recall == pytest.approx(0.73)
+    assert rule.precision == 1.0 and rule.folder_pairs == 2  # 0.86 and 0.95: reported, whatever they are
+    given = cp.rule_at(0.9, true, wrong, own)
+    assert given.chosen == "given" and given.recall == pytest.approx(0.47) and given.precision == 1.0
+    missed = np.full(10, -np.inf, np.float32)  # no planted copy was found: nothing reaches the target
+    assert not cp.choose_rule(missed, wrong, own).reached
+
+
+@pytest.fixture
+def folder_with_copies(tiny_data, tmp_path):
+    """The 24 tiny emoji, one of them twice (a pixel twin) and two of them with a planted copy beside them."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    files = sorted(data.rglob("*.png"))
+    shutil.copy(files[0], files[0].with_name("twin.png"))
+    for f, copy in zip(files[5:7], plant(files[5:7], tmp_path / "copies", seed=9), strict=True):
+        shutil.move(copy, f.with_name(f.stem + "_copy.png"))
+    return data, files
+
+
+@pytest.mark.slow
+def test_embed_finds_a_planted_copy_and_names_the_three_kinds(demo_run, folder_with_copies, tmp_path):
+    data, files = folder_with_copies
+    out = tmp_path / "e" / "emb.npz"
+    res = runner.invoke(app, ["embed", str(demo_run), "--data", str(data), "--out", str(out), "--duplicates", "auto",
+                              "--planted", "24", "--keep", "first"])
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert "copies: estimated precision" in text and "on 24 planted copies" in text and "chosen for precision" in text
+    for kind in ("exact:", "copy:", "similar:", "keep:"):
+        assert any(line.startswith(kind) for line in text.splitlines()), kind
+    with open(out.parent / "duplicates.csv") as f:
+        rows = list(csv.DictReader(f))
+    groups: dict[str, set] = {}
+    for r in rows:
+        groups.setdefault(r["group"], set()).add((r["kind"], r["image"].split("/")[-1]))
+    names = [{n for _, n in g} for g in groups.values()]
+    assert {files[0].name, "twin.png"} in names  # the exact twins, always
+    assert any(kind == "exact" for g in groups.values() for kind, _ in g)
+    found = [f"{f.stem}_copy.png" for f in files[5:7] if any({f.name, f"{f.stem}_copy.png"} <= n for n in names)]
+    assert found, text  # at least one planted copy found beside its original
+    kept = (out.parent / "keep.txt").read_text().splitlines()
+    assert len(kept) == len(groups) and all(sum(r["keep"] == "yes" for r in rows if r["group"] == g) == 1
+                                            for g in groups)
+    assert (out.parent / "similar.csv").read_text().startswith("image_a,image_b,cosine")
+    res = runner.invoke(app, ["embed", str(demo_run), "--data", str(data), "--out", str(tmp_path / "f.npz"),
+                              "--duplicates", "0.99", "--planted", "24"])
+    assert res.exit_code == 0 and "copy score >= 0.990, given" in res.output
