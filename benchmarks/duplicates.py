@@ -45,7 +45,7 @@ def planted_folder(src: Path, dst: Path, n: int, seed: int, held_out: str | None
     """dst: symbolic links to every image of src plus n copies '<stem>_copy.png' beside their originals.
     Returns {copy path: original path} (the originals as linked in dst)."""
     from edgessl.data.copies import plant
-    from edgessl.data.folder import scan_images
+    from edgessl.data.signature import scan_images
 
     files = scan_images(src)
     for f in files:

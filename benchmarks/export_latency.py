@@ -30,7 +30,8 @@ import torch
 
 import edgessl
 from edgessl.data.augment import test_transform
-from edgessl.data.folder import decode_image, scan_images
+from edgessl.data.folder import decode_image
+from edgessl.data.signature import scan_images
 from edgessl.demo import demo_images
 from edgessl.deploy.onnx import session
 

@@ -38,6 +38,7 @@ import os
 import resource
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -229,7 +230,28 @@ def smoke_probe(tiny: bool):
         linear.PROBE = saved
 
 
+@contextlib.contextmanager
+def own_cache():
+    """A temporary decoded-image cache for the run (EDGESSL_CACHE_DIR, inherited by every process a suite starts):
+    the user's cache is left as it was found."""
+    saved = os.environ.get("EDGESSL_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="edgessl-bench-cache-") as tmp:
+        os.environ["EDGESSL_CACHE_DIR"] = tmp
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("EDGESSL_CACHE_DIR", None)
+            else:
+                os.environ["EDGESSL_CACHE_DIR"] = saved
+
+
 def main(argv: list[str] | None = None) -> None:
+    with own_cache():
+        _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="edgessl benchmarks")
     ap.add_argument("suite", choices=(*SUITES, "all", "cost-one", "report", "slim-cost"))
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")

@@ -12,6 +12,7 @@ from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.classifier import load_classifier
 from edgessl.models.widths import slim_encoder
 from edgessl.options import (
+    CacheClearOptions,
     CacheOptions,
     CheckOptions,
     EmbedOptions,
@@ -22,7 +23,7 @@ from edgessl.options import (
     SlimOptions,
 )
 from edgessl.train.types import PretrainResult
-from edgessl.workflows.cache import cache_entries, clear_cache
+from edgessl.workflows.cache import cache_budget_of, cache_entries, clear_cache
 from edgessl.workflows.check import run_device_check
 from edgessl.workflows.embed import EmbedResult, embed
 from edgessl.workflows.eval import EvalResult, evaluate_encoder
@@ -34,9 +35,10 @@ from edgessl.workflows.slim import SlimResult, slim, widths_table
 
 __all__ = [
     "pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export",
-    "slim", "slim_encoder", "prune_encoder", "embed", "cache_entries", "clear_cache", "run_device_check",
+    "slim", "slim_encoder", "prune_encoder", "embed", "cache_entries", "cache_budget_of", "clear_cache",
+    "run_device_check",
     "list_recipes", "load_recipe", "recipes_dir", "widths_table",
     "PretrainConfig", "EvalOptions", "FinetuneOptions", "ExportOptions", "EmbedOptions", "PruneOptions", "SlimOptions",
-    "CheckOptions", "CacheOptions",
+    "CheckOptions", "CacheOptions", "CacheClearOptions",
     "PretrainResult", "EvalResult", "FinetuneResult", "ExportResult", "EmbedResult", "SlimResult",
 ]

@@ -32,6 +32,7 @@ class PretrainConfig(HasDecode):
     labels_from_folders: bool = option(False, "Use --data's subfolders as labels for the kNN monitor.")
     cache_mb: float = shared(Decode, "cache_mb")
     cache_dir: str = shared(Decode, "cache_dir")
+    cache_max: str = shared(Decode, "cache_max")
     workers: str = shared(Decode, "workers")
     threads: str = shared(Compute, "threads")
     # model

@@ -116,9 +116,9 @@ def resume_problem(run_dir: str | Path) -> str | None:
     return None
 
 
-def plural(n: int, word: str) -> str:
-    """'1 epoch', '2 epochs'."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 epoch', '2 epochs' ('1 entry', '2 entries' with many="entries")."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 def absolute(path: str | Path | None) -> str | None:

@@ -4,6 +4,7 @@ Needs the shared data sets (../shared/data) and the `bench` extra (lightly); ski
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,8 +132,15 @@ def test_export_suite(bench):
     assert "## Export: the int8 search on encoders it has not seen" in readme
 
 
-def test_init_suite(bench):
+def _listing(folder: str) -> list[tuple[str, int]]:
+    root = Path(folder)
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+
+
+def test_init_suite(bench, isolated_cache):
+    before = _listing(isolated_cache)
     rec, readme = bench("init")
+    assert _listing(isolated_cache) == before  # the suites decode into a cache of their own
     runs = [r["run"] for r in rec["rows"]]
     assert runs == ["source: emoji", "CIFAR-10 5k from scratch", "CIFAR-10 5k --init emoji run"]
     assert rec["rows"][2]["curve"][0]["knn_top1"] is not None

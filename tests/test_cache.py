@@ -195,7 +195,8 @@ def test_cache_list_and_clear_commands(folder, store, tiny_data):
     res = runner.invoke(app, ["cache", "list", "--cache-dir", str(store)], env={"COLUMNS": "300"})
     assert res.exit_code == 0 and str(folder) in res.output and "2 folders" in res.output
     res = runner.invoke(app, ["cache", "clear", str(folder), "--cache-dir", str(store)])
-    assert res.exit_code == 0 and res.output.startswith("Removed 3 cache files of")  # index, data, lock
+    # index, data, build lock, readers lock, last use
+    assert res.exit_code == 0 and res.output.startswith("Removed 5 cache files of")
     assert [e["root"] for e in list_entries(store / "images")] == [str(tiny_data)]
     (store / "images" / "notes.txt").write_text("mine")  # not a cache file: never deleted
     res = runner.invoke(app, ["cache", "clear", "--cache-dir", str(store)])
@@ -279,3 +280,105 @@ def test_export_samples_come_from_the_cache_without_decoding(folder, monkeypatch
     cached = images_mod.sample_folder(folder, 32, 10, "--calib")
     assert calls == [] and cached.paths == fresh.paths
     assert np.array_equal(cached.images, fresh.images) and np.array_equal(cached.labels, fresh.labels)
+
+
+# ---------------------------------------------------------------- the budget (edgessl.data.budget)
+def _folders(tiny_data, tmp_path, n: int) -> list[Path]:
+    """n folders of 6 different emoji each (their entries are 6 x 3 x 32 x 32 = 18 KiB)."""
+    files = sorted(tiny_data.rglob("*.png"))
+    out = []
+    for k in range(n):
+        root = tmp_path / f"f{k}"
+        root.mkdir()
+        for f in files[6 * k : 6 * k + 6]:
+            shutil.copy(f, root / f.name)
+        out.append(root)
+    return out
+
+
+def _used(store: Path, root: Path, when: float) -> None:
+    os.utime(store / "images" / f"{entry_name(root, 32)}.used", (when, when))
+
+
+def test_parse_size_and_the_auto_budget(tmp_path, monkeypatch):
+    from edgessl.data.budget import cache_budget
+    from edgessl.options import parse_size
+
+    assert [parse_size(t) for t in ("20G", "500M", "1.5GiB", "1000", "none")] == [20 * 2**30, 500 * 2**20,
+                                                                                   int(1.5 * 2**30), 1000, None]
+    with pytest.raises(UserError, match="--cache-max must be auto, none or a size such as 20G or 500M, not 'lots'"):
+        parse_size("lots")
+    monkeypatch.delenv("EDGESSL_CACHE_MAX", raising=False)
+    total = shutil.disk_usage(tmp_path).total
+    size, how = cache_budget(tmp_path / "new" / "images")
+    assert size == min(20 * 2**30, int(0.1 * total)) and how.startswith("auto: the smaller of 20 GiB and 10 %")
+    monkeypatch.setenv("EDGESSL_CACHE_MAX", "2G")
+    assert cache_budget(tmp_path) == (2 * 2**30, "EDGESSL_CACHE_MAX 2G")
+    assert cache_budget(tmp_path, "none") == (None, "no budget (--cache-max none)")
+
+
+def test_the_budget_evicts_the_least_recently_used_first(tiny_data, tmp_path, decodes):
+    store, roots = tmp_path / "cache", _folders(tiny_data, tmp_path, 4)
+    for root in roots[:3]:
+        _load(root, store).reading.close()
+    now = time.time()
+    for k, root in enumerate(roots[:3]):  # f1 used longest ago, then f0, then f2
+        _used(store, root, now - [200, 300, 100][k])
+    one = list_entries(store / "images")[0]["bytes"]
+    lines = []
+    got = load_image_folder(roots[3], 32, decode=Decode(cache_dir=store, workers=1, cache_max=str(3 * one + 10)),
+                            warn=lines.append)
+    assert len(got) == 6
+    assert sorted(e["root"] for e in list_entries(store / "images")) == sorted(str(r) for r in (roots[0], roots[2],
+                                                                                               roots[3]))
+    assert len(lines) == 1 and lines[0].startswith(f"cache: evicted {roots[1]} at 32 px") and \
+        "least recently used" in lines[0] and "budget" in lines[0]
+    decodes.clear()
+    _load(roots[1], store)  # the evicted folder is simply decoded again
+    assert len(decodes) == 6
+
+
+def test_stale_entries_go_first_are_listed_and_cleared(tiny_data, tmp_path):
+    store, roots = tmp_path / "cache", _folders(tiny_data, tmp_path, 3)
+    for root in roots:
+        _load(root, store).reading.close()
+    now = time.time()
+    for root, ago in zip(roots, (1000, 500, 400), strict=True):  # f0 the least recently used, but current
+        _used(store, root, now - ago)
+    shutil.rmtree(roots[1])
+    (roots[2] / next(iter(sorted(os.listdir(roots[2]))))).unlink()
+    res = CliRunner().invoke(app, ["cache", "list", "--cache-dir", str(store)], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and "stale: folder gone" in res.output and "stale: files changed" in res.output
+    assert "2 stale entries" in res.output and "edgessl cache clear --stale" in res.output
+    from edgessl.data.cache import make_room
+
+    lines = []
+    total = sum(e["bytes"] for e in list_entries(store / "images"))
+    assert make_room(store / "images", 1, total, "none", lines.append) == [entry_name(roots[1], 32)]
+    assert "stale: folder gone" in lines[0]
+    res = CliRunner().invoke(app, ["cache", "clear", "--stale", "--cache-dir", str(store)])
+    assert res.exit_code == 0 and res.output.startswith("Removed 1 stale entry")
+    assert [e["root"] for e in list_entries(store / "images")] == [str(roots[0])]
+
+
+@pytest.mark.slow
+def test_an_entry_another_process_reads_is_never_evicted(tiny_data, tmp_path):
+    from edgessl.data.cache import make_room
+
+    store, roots = tmp_path / "cache", _folders(tiny_data, tmp_path, 2)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from edgessl.data.folder import load_image_folder; "
+         "from edgessl.options import Decode; "
+         "s = load_image_folder(sys.argv[1], 32, decode=Decode(cache_dir=sys.argv[2], workers='1')); "
+         "print('reading', flush=True); sys.stdin.read()", str(roots[0]), str(store)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        _load(roots[1], store).reading.close()
+        _used(store, roots[0], time.time() - 1000)  # the first to go, were it not read
+        evicted = make_room(store / "images", 10**9, 1, "none", lambda _: None)
+        assert evicted == [entry_name(roots[1], 32)]
+        assert [e["root"] for e in list_entries(store / "images")] == [str(roots[0])]
+    finally:
+        reader.communicate("", timeout=60)
+    assert make_room(store / "images", 10**9, 1, "none", lambda _: None) == [entry_name(roots[0], 32)]

@@ -9,7 +9,8 @@ from PIL import Image
 
 from edgessl.data import folder as folder_mod
 from edgessl.data.augment import AugmentConfig, augment_batch, keyed_uniform
-from edgessl.data.folder import decode_image, load_image_folder, scan_images
+from edgessl.data.folder import decode_image, load_image_folder
+from edgessl.data.signature import scan_images
 from edgessl.errors import UserError
 from edgessl.options import Decode
 

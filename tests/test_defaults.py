@@ -19,6 +19,7 @@ from edgessl.commands.common import cli_parameters
 from edgessl.config import PretrainConfig, PretrainControl, save_config
 from edgessl.errors import UserError
 from edgessl.options import (
+    CacheClearOptions,
     CacheOptions,
     CheckOptions,
     EmbedOptions,
@@ -62,7 +63,7 @@ def test_every_flag_comes_from_the_one_definition(command):
     """Each CLI flag of a command is an option of its options dataclass (name, default None = "not given", help with
     the dataclass default), plus only its positional arguments."""
     classes = COMMANDS[command][0] if command in COMMANDS else {
-        "check": (CheckOptions,), "cache list": (CacheOptions,), "cache clear": (CacheOptions,)}[command]
+        "check": (CheckOptions,), "cache list": (CacheOptions,), "cache clear": (CacheClearOptions,)}[command]
     params = _cli_params(*command.split())
     flags = {n: p for n, p in params.items() if isinstance(p, typer.core.TyperOption)}
     expected = {f.name: (f, spec) for cls in classes for f, spec in specs(cls) if spec.cli}

@@ -77,7 +77,8 @@ def _odd_images(folder: Path) -> list[Path]:
 @pytest.mark.parametrize("size", [32, 37])
 def test_preprocessing_equals_edgessl(script, tmp_path, size):
     from edgessl.data.augment import test_transform
-    from edgessl.data.folder import decode_image, scan_images
+    from edgessl.data.folder import decode_image
+    from edgessl.data.signature import scan_images
     from edgessl.demo import demo_images
     from edgessl.deploy.manifest import preprocess_spec
 

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _images(folder: Path, size: int = 32) -> np.ndarray:
     """Real images preprocessed by edgessl itself (decode_image + test_transform)."""
     from edgessl.data.augment import test_transform
-    from edgessl.data.folder import decode_image, scan_images
+    from edgessl.data.folder import decode_image
+    from edgessl.data.signature import scan_images
 
     arrays = np.stack([decode_image(p, size) for p in scan_images(folder)])
     return test_transform(torch.from_numpy(arrays).permute(0, 3, 1, 2), MEAN, STD).numpy()

@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 import edgessl
 from edgessl.cli import app
-from edgessl.data.folder import scan_images
-from edgessl.data.signature import describe_difference, folder_signature
+from edgessl.data.signature import describe_difference, folder_signature, scan_images
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, UserError
 from edgessl.rundir import default_run_dir

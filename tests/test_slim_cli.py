@@ -68,7 +68,8 @@ def _slimmable(run: Path):
 
 def _real_images(folder: Path) -> torch.Tensor:
     from edgessl.data.augment import test_transform
-    from edgessl.data.folder import decode_image, scan_images
+    from edgessl.data.folder import decode_image
+    from edgessl.data.signature import scan_images
 
     meta_mean, meta_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     arrays = np.stack([decode_image(p, SIZE) for p in scan_images(folder)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from edgessl import api
 from edgessl.commands.common import console, friendly, given, options_command
+from edgessl.errors import UserError
 from edgessl.rundir import plural
 
 CACHE_HELP = """The decoded-image cache: every image folder decoded once at each size, reused by every command.
@@ -34,28 +36,43 @@ def _size(nbytes: int) -> str:
 
 
 def list_cmd(**values) -> None:
-    """Show every cached image folder: images, size, bytes on disk."""
-    folder, entries = api.cache_entries(**given(values))
+    """Show every cached image folder: images, size, bytes on disk, last use, and whether it is stale."""
+    options = given(values)
+    folder, entries = api.cache_entries(**options)
+    budget, how = api.cache_budget_of(**options)
+    limit = f"budget {_size(budget)} ({how})" if budget is not None else how
     if not entries:
-        console.print(f"The cache in {folder} is empty.", highlight=False)
+        console.print(f"The cache in {folder} is empty ({limit}).", highlight=False)
         return
     table = Table(title=f"Decoded-image cache: {folder}")
-    for col in ("folder", "size", "images", "skipped", "on disk", "created"):
+    for col in ("folder", "size", "images", "skipped", "on disk", "last used", "state"):
         table.add_column(col, justify="right" if col in ("images", "skipped", "on disk") else "left")
     for e in entries:
         size = f"{e['size']} px" + (f" (--teacher {e['teacher']} features)" if "teacher" in e else "")
-        table.add_row(e["root"], size, str(e["images"]), str(e["skipped"]), _size(e["bytes"]), e["created"])
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e.get("last_used") else ""
+        state = f"stale: {e['stale']}" if e.get("stale") else ""
+        table.add_row(e["root"], size, str(e["images"]), str(e["skipped"]), _size(e["bytes"]), used, state)
     console.print(table)
     teachers = sum("teacher" in e for e in entries)
+    stale = [e for e in entries if e.get("stale")]
     extra = f" and {plural(teachers, 'teacher bank')}" if teachers else ""
     console.print(f"Total: {_size(sum(e['bytes'] for e in entries))} in "
-                  f"{plural(len(entries) - teachers, 'folder')}{extra}. Free it with: edgessl cache clear",
+                  f"{plural(len(entries) - teachers, 'folder')}{extra}; {limit}. Free it with: edgessl cache clear",
                   highlight=False)
+    if stale:
+        console.print(f"{plural(len(stale), 'stale entry', 'stale entries')} ({_size(sum(e['bytes'] for e in stale))}): "
+                      "edgessl cache clear --stale frees them.", highlight=False)
 
 
 def clear_cmd(folder: Optional[Path] = None, **values) -> None:  # noqa: UP045 - typer reads Optional
-    """Delete cached decoded images (all, or one image folder's)."""
-    files, freed = api.clear_cache(folder=folder, **given(values))
+    """Delete cached decoded images (all, one image folder's, or the stale entries)."""
+    options = given(values)
+    if options.get("stale") and folder is not None:
+        raise UserError("cache clear takes a FOLDER or --stale, not both.")
+    files, freed = api.clear_cache(folder=folder, **options)
+    if options.get("stale"):
+        console.print(f"Removed {plural(files, 'stale entry', 'stale entries')} ({_size(freed)}).", highlight=False)
+        return
     what = f" of {folder}" if folder is not None else ""
     console.print(f"Removed {plural(files, 'cache file')}{what} ({_size(freed)}).", highlight=False)
 
@@ -65,5 +82,5 @@ def register(app) -> None:
     cache_app.command("list")(friendly(options_command(list_cmd, api.CacheOptions)))
     folder = inspect.Parameter("folder", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],  # noqa: UP045
                                default=typer.Argument(None, help="Only this image folder's entries (default: all)."))
-    cache_app.command("clear")(friendly(options_command(clear_cmd, api.CacheOptions, leading=[folder])))
+    cache_app.command("clear")(friendly(options_command(clear_cmd, api.CacheClearOptions, leading=[folder])))
     app.add_typer(cache_app, name="cache")

@@ -9,6 +9,8 @@ Layout, under the cache folder (--cache-dir; default $EDGESSL_CACHE_DIR, else $X
                                             the folder signature's sha256 and the name of the data file
     <folder name>-<size>px-<key>.<id>.u8    rows x 3 x size x size uint8 (C, H, W), row i = the i-th good file
     <folder name>-<size>px-<key>.lock       taken while one process builds (a second one waits, then reuses)
+    <folder name>-<size>px-<key>.readers    held (shared) by every process that reads the entry: never evicted then
+    <folder name>-<size>px-<key>.used       its modification time: the entry's last read (edgessl.data.budget)
 
 key = sha256 of (absolute folder path, size, decode policy, format version). The index's signature says whether the
 folder still holds the same files: a changed folder updates the entry, decoding only files that are new or changed.
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from edgessl.data.budget import last_used, staleness, take, touch_used
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
 
@@ -115,10 +118,13 @@ def map_rows(data: Path, count: int, size: int) -> np.ndarray:
 
 def open_cache(folder: Path, root: Path, size: int, signature: dict[str, Any],
                warn: Callable[[str], None]) -> Cached | None:
-    """The entry of `root` at `size` when it holds exactly the files of `signature`, else None."""
-    index, data = read_entry(folder, entry_name(root, size), size, warn)
+    """The entry of `root` at `size` when it holds exactly the files of `signature`, else None. A hit is recorded
+    as a use (the budget evicts the least recently used entries first)."""
+    name = entry_name(root, size)
+    index, data = read_entry(folder, name, size, warn)
     if index is None or index["signature"] != signature["sha256"]:
         return None
+    touch_used(folder, name)
     return Cached(map_rows(data, len(index["files"]), size), index["files"], index["skipped"], data)
 
 
@@ -150,8 +156,10 @@ def check_space(folder: Path, needed: int) -> None:
 
 def load_or_build(folder: Path, root: Path, size: int, paths: Sequence[Path], signature: dict[str, Any],
                   decode: Callable[[Path], tuple[np.ndarray | None, str | None]], workers: int,
-                  warn: Callable[[str], None], progress: Callable[[int, int], None] | None = None) -> Cached:
-    """The valid entry of `root` (signature: folder_signature(root, paths)), built or updated when needed.
+                  warn: Callable[[str], None], progress: Callable[[int, int], None] | None = None,
+                  budget: int | None = None) -> Cached:
+    """The valid entry of `root` (signature: folder_signature(root, paths)), built or updated when needed; before a
+    build, entries are evicted to keep the cache within `budget` bytes (make_room; None: no budget).
 
     decode(path) -> ((S, S, 3) uint8 or None, reason or None). Files whose path, bytes and mtime match the old
     entry keep their rows (and skipped files their reasons) without decoding."""
@@ -168,8 +176,12 @@ def load_or_build(folder: Path, root: Path, size: int, paths: Sequence[Path], si
         index, data = read_entry(folder, name, size, lambda _: None)
         old = Cached(map_rows(data, len(index["files"]), size), index["files"], index["skipped"], data) \
             if index is not None else None
-        check_space(folder, len(paths) * 3 * size * size + (0 if old is None else -old.data.stat().st_size))
-        return _build(folder, name, root, size, paths, signature, decode, workers, old, progress)
+        needed = len(paths) * 3 * size * size
+        make_room(folder, needed, budget, name, warn)
+        check_space(folder, needed + (0 if old is None else -old.data.stat().st_size))
+        built = _build(folder, name, root, size, paths, signature, decode, workers, old, progress)
+        touch_used(folder, name)
+        return built
 
 
 def _build(folder, name, root, size, paths, signature, decode, workers, old, progress) -> Cached:
@@ -223,6 +235,48 @@ def _remove_stale(folder: Path, name: str) -> None:
     """Temporary files of builds that were killed (the caller holds the build lock, so none is running)."""
     for tmp in folder.glob(f".{name}.*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the budget
+def make_room(folder: Path, incoming: int, budget: int | None, keep: str, say: Callable[[str], None]) -> list[str]:
+    """Evict entries until the cache plus `incoming` bytes fits `budget`: stale entries first (their folder gone or
+    changed), then the least recently used; never `keep` (the entry about to be built) nor an entry another
+    process reads (edgessl.data.budget.hold). One line through say() per eviction. Returns the evicted names."""
+    if budget is None:
+        return []
+    entries = [e for e in list_entries(folder) if e["name"] != keep]
+    total = sum(e["bytes"] for e in entries)
+    if total + incoming <= budget:
+        return []
+    for e in entries:
+        e["stale"] = staleness(e, folder)
+    order = sorted(entries, key=lambda e: (e["stale"] is None, last_used(folder, e["name"])))
+    evicted = []
+    for e in order:
+        if total + incoming <= budget:
+            break
+        lock = take(folder, e["name"])
+        if lock is None:  # a running process reads it
+            continue
+        with lock:
+            remove_entry(folder, e["name"])
+        total -= e["bytes"]
+        evicted.append(e["name"])
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(last_used(folder, e["name"])))
+        why = f"stale: {e['stale']}" if e["stale"] else f"least recently used, last on {used}"
+        say(f"cache: evicted {e['root']} at {e['size']} px ({e['bytes'] / 2**20:.1f} MiB; {why}) to stay within "
+            f"the {budget / 2**30:.2f} GiB budget.")
+    return evicted
+
+
+def remove_entry(folder: Path, name: str) -> int:
+    """Delete every file of entry `name`; returns the bytes freed."""
+    freed = 0
+    for path in list(folder.glob(f"{name}.*")) + list(folder.glob(f".{name}.*")):
+        if path.suffix not in (".lock", ".readers"):
+            freed += path.stat().st_size
+            path.unlink(missing_ok=True)
+    return freed
 
 
 # ---------------------------------------------------------------- edgessl cache list | clear

@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from edgessl.data.cache import cache_folder, load_or_build
-from edgessl.data.signature import folder_signature
+from edgessl.data.budget import cache_budget, hold
+from edgessl.data.cache import cache_folder, entry_name, load_or_build
+from edgessl.data.signature import check_folder, folder_signature, scan_images
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
 from edgessl.options import Decode
@@ -29,36 +31,6 @@ BACKGROUND = (255, 255, 255)
 MAX_AUTO_WORKERS = 8  # --workers auto: one decoding thread per available core, at most this many
 # Images above this many pixels are refused as decompression bombs (Pillow's own default limit).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-
-
-def image_extensions() -> set[str]:
-    """Lower-case file extensions Pillow can open (e.g. '.jpg', '.png', '.webp')."""
-    Image.init()
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
-def check_folder(root: str | Path, what: str = "--data") -> Path:
-    """A folder that exists, or UserError saying what is wrong."""
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise UserError(f"{what} '{root}' does not exist. Pass a folder of images.")
-    if not path.is_dir():
-        raise UserError(f"{what} '{root}' is a file, not a folder. Pass the folder that contains the images.")
-    return path
-
-
-def scan_images(root: str | Path, what: str = "--data") -> list[Path]:
-    """All files below `root` (recursively, hidden files and folders skipped) whose extension Pillow knows,
-    sorted by path so that row i of the memory bank is always the same image."""
-    root = check_folder(root, what)
-    exts = image_extensions()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
-                found.append(Path(dirpath) / name)
-    return sorted(found)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -130,6 +102,7 @@ class ImageSet:
     classes: list[str] | None = None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     workers: int = 2
+    reading: Any = None  # the shared lock on its cache entry (edgessl.data.budget.hold), released with the set
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -202,15 +175,20 @@ def load_image_folder(
         good, images, skipped = _decode_all(paths, size, workers, cache_mb, progress)
     else:
         signature = signature or folder_signature(root, paths)
+        store.mkdir(parents=True, exist_ok=True)
+        reading = hold(store, entry_name(root, size))  # no eviction while this ImageSet lives
+        budget, _ = cache_budget(store, decode.cache_max)
         hit = load_or_build(store, root, size, paths, signature, lambda p: _try_decode(p, size),
-                            workers, warn or _stderr_warning, progress)
+                            workers, warn or _stderr_warning, progress, budget)
         good = [root / f[0] for f in hit.files]
         skipped = [(root / s[0], s[3]) for s in hit.skipped]
         fits = hit.rows.nbytes <= cache_mb * 2**20
         images = torch.from_numpy(np.fromfile(hit.data, np.uint8).reshape(hit.rows.shape) if fits else hit.rows)
     _check_count(good, skipped, min_images, root, what)
     label_tensor, classes = folder_labels(root, good) if labels else (None, None)
-    return ImageSet(root, good, size, images, label_tensor, classes, skipped, workers)
+    images_set = ImageSet(root, good, size, images, label_tensor, classes, skipped, workers)
+    images_set.reading = reading if store is not None else None
+    return images_set
 
 
 def _decode_all(paths: Sequence[Path], size: int, workers: int, cache_mb: float, progress):

@@ -1,4 +1,5 @@
-"""The identity of an image folder: its file list with sizes and modification times, and a hash of that list.
+"""The identity of an image folder: which files are its images (scan_images), their list with sizes and
+modification times, and a hash of that list.
 
 A run records the signature of the folder it trained on (data.json in the run directory); `--resume` compares it
 with the folder it is given, so a different folder is refused even when it holds the same number of images, and a
@@ -14,6 +15,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
+
+from edgessl.errors import UserError
 
 SIGNATURE_VERSION = 1
 
@@ -54,3 +59,33 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], limit: int = 2
             shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
             parts.append(f"{len(names)} file{'s' if len(names) != 1 else ''} {what} ({shown})")
     return ", ".join(parts) or "the files are the same but in another order"
+
+
+def image_extensions() -> set[str]:
+    """Lower-case file extensions Pillow can open (e.g. '.jpg', '.png', '.webp')."""
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def check_folder(root: str | Path, what: str = "--data") -> Path:
+    """A folder that exists, or UserError saying what is wrong."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise UserError(f"{what} '{root}' does not exist. Pass a folder of images.")
+    if not path.is_dir():
+        raise UserError(f"{what} '{root}' is a file, not a folder. Pass the folder that contains the images.")
+    return path
+
+
+def scan_images(root: str | Path, what: str = "--data") -> list[Path]:
+    """All files below `root` (recursively, hidden files and folders skipped) whose extension Pillow knows,
+    sorted by path so that row i of the memory bank is always the same image."""
+    root = check_folder(root, what)
+    exts = image_extensions()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
+                found.append(Path(dirpath) / name)
+    return sorted(found)

@@ -10,8 +10,8 @@ import torch
 
 from edgessl.data.augment import test_transform
 from edgessl.data.cache import cache_folder, open_cache
-from edgessl.data.folder import _try_decode, check_folder, scan_images
-from edgessl.data.signature import folder_signature
+from edgessl.data.folder import _try_decode
+from edgessl.data.signature import check_folder, folder_signature, scan_images
 from edgessl.errors import UserError
 
 

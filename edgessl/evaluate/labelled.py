@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from edgessl.data.folder import ImageSet, check_folder, image_extensions, load_image_folder, scan_images
+from edgessl.data.folder import ImageSet, load_image_folder
+from edgessl.data.signature import check_folder, image_extensions, scan_images
 from edgessl.errors import UserError
 from edgessl.evaluate.subsets import class_counts, stratified_split
 from edgessl.options import Decode

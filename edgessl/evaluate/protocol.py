@@ -30,7 +30,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from edgessl.data.folder import scan_images
+from edgessl.data.signature import scan_images
 from edgessl.evaluate.features import extract_features
 from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict_many
 from edgessl.evaluate.labelled import (

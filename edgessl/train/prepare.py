@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from edgessl.config import PretrainConfig, save_config
 from edgessl.data.augment import test_transform
-from edgessl.data.folder import ImageSet, load_image_folder, scan_images, write_skipped
+from edgessl.data.folder import ImageSet, load_image_folder, write_skipped
 from edgessl.data.loader import Prefetcher, gather
-from edgessl.data.signature import describe_difference, folder_signature
+from edgessl.data.signature import describe_difference, folder_signature, scan_images
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, UserError
 from edgessl.fileio import atomic_write_text

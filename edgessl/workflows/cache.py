@@ -5,22 +5,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgessl.data.cache import cache_folder, clear_entries, list_entries, teacher_entries
+from edgessl.data.budget import cache_budget, last_used, staleness
+from edgessl.data.cache import cache_folder, clear_entries, list_entries, remove_entry, teacher_entries
 from edgessl.errors import UserError
 
 
 def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dict[str, Any]]]:
     """(the decoded-image cache folder, one dict per cached folder: name, root, size, images, skipped, bytes,
-    created; then one per stored --teacher bank, with "teacher": its timm name). cache_dir: "auto"
-    (EDGESSL_CACHE_DIR, else ~/.cache/edgessl) or a folder."""
+    created, last_used, stale (None, "folder gone" or "files changed"); then one per stored --teacher bank, with
+    "teacher": its timm name). cache_dir: "auto" (EDGESSL_CACHE_DIR, else ~/.cache/edgessl) or a folder."""
     folder = _cache_folder(cache_dir)
-    return folder, list_entries(folder) + teacher_entries(folder)
+    entries = list_entries(folder)
+    for e in entries:
+        e["stale"], e["last_used"] = staleness(e, folder), last_used(folder, e["name"])
+    return folder, entries + teacher_entries(folder)
 
 
-def clear_cache(cache_dir: str | Path | None = "auto", folder: str | Path | None = None) -> tuple[int, int]:
-    """Delete the decoded images (and stored --teacher banks) of every folder, or of image folder `folder` only.
-    -> (files, bytes) freed."""
-    return clear_entries(_cache_folder(cache_dir), folder)
+def cache_budget_of(cache_dir: str | Path | None = "auto", cache_max: str = "auto") -> tuple[int | None, str]:
+    """(the budget in bytes or None, how it was chosen) of the cache (edgessl.data.budget)."""
+    return cache_budget(_cache_folder(cache_dir), cache_max)
+
+
+def clear_cache(cache_dir: str | Path | None = "auto", folder: str | Path | None = None,
+                stale: bool = False) -> tuple[int, int]:
+    """Delete the decoded images (and stored --teacher banks) of every folder, of image folder `folder` only, or
+    (stale=True) of the entries whose folder is gone or holds other files now. -> (files or, with stale, entries;
+    bytes) freed."""
+    store = _cache_folder(cache_dir)
+    if not stale:
+        return clear_entries(store, folder)
+    stale_entries = [e for e in list_entries(store) if staleness(e, store) is not None]
+    return len(stale_entries), sum(remove_entry(store, e["name"]) for e in stale_entries)
 
 
 def _cache_folder(cache_dir: str | Path | None) -> Path:
