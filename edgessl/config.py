@@ -106,6 +106,9 @@ class PretrainConfig(HasDecode):
     deterministic: bool = option(False, "Deterministic algorithms (bit-exact resume on CPU).")
     sync_bn: bool = option(False, "Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm). No "
                                   "effect on one process.")
+    checkpoint_every: float = option(0.0, "Minutes between checkpoints inside an epoch (0: at each epoch's end "
+                                          "only); a resume continues from the last one bit for bit. SIGTERM always "
+                                          "checkpoints the step it stops at.")
     eval_every: int = option(1, "kNN monitor every N epochs (0 = off).")
     monitor_queries: int = option(5000, "The kNN monitor classifies at most this many labelled images (the same "
                                         "random subset every epoch; the kNN memory keeps all of them); 0 = all.")
@@ -233,6 +236,9 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError(f"--slow-start must be in [0, 1) (a fraction of the epochs), not {cfg.slow_start}.")
     if not 0 <= cfg.width_distill <= 1:
         raise UserError(f"--width-distill must be in [0, 1], not {cfg.width_distill}.")
+    if cfg.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be zero (epoch ends only) or positive minutes, not "
+                        f"{cfg.checkpoint_every}.")
     if cfg.eval_every < 0:
         raise UserError("--eval-every must be zero (off) or positive.")
     if cfg.monitor_queries < 0:

@@ -14,6 +14,12 @@ class TrainingDiverged(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: the message says what was kept (checkpointed epochs) and how to continue."""
+    """Ctrl-C (exit 130) or SIGTERM (exit 143): the message says what was kept and how to continue."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, a spot instance, `kill`) stops a run like Ctrl-C, at a step's end: exit code 143."""

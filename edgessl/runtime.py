@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -142,3 +144,29 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class StopRequest:
+    """SIGTERM (a scheduler stopping a job, a spot instance, `kill`) turned into a request that the training loop
+    honours at the end of a step: it checkpoints what it has and stops (exit 143). Installed only in the main
+    thread; the previous handler comes back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None

@@ -214,7 +214,7 @@ def test_interrupt_before_the_first_epoch_leaves_nothing(images, tmp_path):
     with pytest.raises(Interrupted) as err:
         edgessl.pretrain(data=str(images), out=str(out), epochs=2, on_step=stop_at(0, 1, KeyboardInterrupt), **TINY)
     assert str(err.value) == (
-        f"Interrupted before the first epoch completed: there is nothing to resume ({out} was removed)."
+        f"Interrupted before the first checkpoint: there is nothing to resume ({out} was removed)."
     )
     assert not out.exists()
 

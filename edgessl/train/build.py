@@ -105,7 +105,8 @@ def init_bank(run: Run, state: TrainState, warm: WarmStart | None, resumed: bool
     its checkpoint's."""
     n = len(run.images)
     if resumed:
-        run.say(f"Resuming {run.run_dir} after epoch {state.epoch}/{run.cfg.epochs}.")
+        where = f", step {state.steps_done}" if state.steps_done else ""
+        run.say(f"Resuming {run.run_dir} after epoch {state.epoch}/{run.cfg.epochs}{where}.")
     elif warm is not None and warm.bank is not None:
         state.method.bank.fill(torch.arange(n, device=run.device), warm.bank.to(run.device))
     elif run.cfg.bank_init == "teacher":

@@ -173,6 +173,14 @@ def broadcast_(t: Tensor, d: Dist, src: int = 0) -> None:
         dist.broadcast(t, src)
 
 
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when `flag` is True on any (one small all-reduce; the flag itself with one process)."""
+    if not d.active:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device), d)[0] > 0)
+
+
 def broadcast_object(obj: Any, d: Dist, src: int = 0) -> Any:
     """Rank `src`'s picklable object on every rank (small things: a path, a flag)."""
     if not d.active:

@@ -15,7 +15,7 @@ import torch
 
 from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from edgessl.data.loader import Prefetcher, gather
-from edgessl.errors import TrainingDiverged
+from edgessl.errors import Terminated, TrainingDiverged
 from edgessl.report.progress import training_progress
 from edgessl.seeding import keyed_generator
 from edgessl.train import distributed
@@ -46,21 +46,48 @@ def train_epochs(run: Run, state: TrainState, objective: Objective, net: torch.n
     try:
         for epoch in range(state.epoch, run.cfg.epochs):
             state.model.train()
+            start = state.steps_done if epoch == state.epoch else 0  # > 0: resumed from a mid-epoch checkpoint
+            meter = EpochMeter.resumed(state.meter if start else None)
             order = epoch_order(run.cfg.seed, epoch, n)
-            meter = EpochMeter()
             batches = order[: n // batch * batch].view(-1, batch)  # (steps, B): the global batch of each step
-            with Prefetcher(_rows_of(run, batches), len(batches)) as rows:
-                for step, raw in enumerate(rows):  # raw: this process's uint8 rows, assembled in the background
+            with Prefetcher(_rows_of(run, batches[start:]), len(batches) - start) as rows:
+                for k, raw in enumerate(rows):  # raw: this process's uint8 rows, assembled in the background
+                    step = start + k
                     values = train_step(run, state, objective, net, batches[step], epoch, step, raw)
                     meter.add(values.named(), batch, values.moved)
                     _show_step(run, state, meter, epoch, step, values, on_step is not None)
                     if on_step is not None and bool(values.moved):  # a callback reads the loss: one sync per step
                         on_step(StepInfo(epoch, step, values.loss(), state.model, state.method, run.d.rank))
+                    _between_steps(run, state, step + 1, len(batches), meter)
+            state.steps_done, state.meter = 0, None
             end_epoch(run, state, epoch, meter)
     finally:
         run.loggers.close(ok=state.epoch == run.cfg.epochs)
         if run.progress is not None:
             run.progress.stop()
+
+
+STOP_EVERY = 16  # under torchrun, processes agree on a SIGTERM or a due checkpoint every this many steps
+
+
+def _between_steps(run: Run, state: TrainState, done: int, steps: int, meter: EpochMeter) -> None:
+    """After a step: a mid-epoch checkpoint when --checkpoint-every is due or SIGTERM came (then stop: Terminated).
+    With several processes they decide together, every STOP_EVERY steps."""
+    if done == steps or (run.d.active and done % STOP_EVERY):
+        return
+    minutes = run.cfg.checkpoint_every
+    due = bool(minutes) and time.time() - run.last_checkpoint >= 60 * minutes
+    stop = run.stop is not None and run.stop.requested
+    due, stop = distributed.any_rank(due, run.d), distributed.any_rank(stop, run.d)
+    if not (due or stop):
+        return
+    state.steps_done, state.meter = done, meter.state()
+    if run.d.main:
+        state.save(run.run_dir, len(run.images), run.cfg.to_dict(), run.d.world)
+    distributed.barrier(run.d)
+    run.last_checkpoint = time.time()
+    if stop:
+        raise Terminated()
 
 
 def _rows_of(run: Run, batches: torch.Tensor) -> Callable[[int], torch.Tensor]:

@@ -33,6 +33,20 @@ class EpochMeter:
         for k, v in weighted.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
+    def state(self) -> dict[str, Any]:
+        """Plain values a mid-epoch checkpoint holds (one host sync): the sums, counts and seconds so far."""
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "seen": self.seen,
+                "counted": float(self.counted), "seconds": time.time() - self.t0}
+
+    @classmethod
+    def resumed(cls, state: dict[str, Any] | None) -> EpochMeter:
+        """A meter that goes on from a checkpointed state (None: a fresh one)."""
+        meter = cls()
+        if state:
+            meter.sums, meter.seen, meter.counted = dict(state["sums"]), state["seen"], state["counted"]
+            meter.t0 = time.time() - state["seconds"]
+        return meter
+
     def means(self) -> dict[str, float]:
         """{"loss", "loss_ce", "loss_sd", "loss_ce_w<w>"...}: the metrics.jsonl keys."""
         self.images = int(round(float(self.counted)))

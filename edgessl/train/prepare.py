@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from edgessl.config import PretrainConfig, save_config
 from edgessl.data.augment import test_transform
 from edgessl.data.folder import ImageSet, load_image_folder, write_skipped
 from edgessl.data.loader import Prefetcher, gather
-from edgessl.data.signature import describe_difference, folder_signature, scan_images
+from edgessl.data.signature import describe_difference, files_hash, folder_signature, scan_images
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, UserError
 from edgessl.fileio import atomic_write_text
@@ -119,9 +120,12 @@ def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed
             "--data with its new location (the files are checked against the run's record)."
         )
     paths = scan_images(data_root)
+    if resumed is not None:  # the files the run skipped as unreadable are not part of it: gone, fixed or still there
+        skipped = recorded_skipped(resumed, data_root)
+        paths = [p for p in paths if os.path.relpath(p, data_root) not in skipped]
     signature = folder_signature(data_root, paths)
     if resumed is not None:
-        check_same_data(resumed, signature)
+        check_same_data(resumed, signature, skipped)
     with file_progress(console, "reading images") as progress:
         images = load_image_folder(data_root, cfg.image_size, labels=labels, decode=cfg.decode, paths=paths,
                                    warn=warn, progress=progress, signature=signature)
@@ -131,13 +135,27 @@ def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed
     return images, val, signature
 
 
-def check_same_data(run_dir: Path, signature: dict[str, Any]) -> None:
-    """Refuse to resume on other files than the run recorded in data.json (runs without it: the image count is
-    compared after decoding)."""
+def recorded_skipped(run_dir: Path, data_root: str | Path) -> set[str]:
+    """The relative paths a run skipped as unreadable (data.json's "skipped"; older runs: skipped_files.txt)."""
+    record = run_dir / DATA_RECORD
+    if record.is_file() and "skipped" in (data := json.loads(record.read_text())):
+        return set(data["skipped"])
+    listed = run_dir / "skipped_files.txt"
+    if not listed.is_file():
+        return set()
+    return {os.path.relpath(line.split("\t")[0], data_root) for line in listed.read_text().splitlines() if line}
+
+
+def check_same_data(run_dir: Path, signature: dict[str, Any], skipped: set[str] = frozenset()) -> None:
+    """Refuse to resume on other files than the run recorded in data.json, the files it skipped as unreadable left
+    out on both sides (runs without a record: the image count is compared after decoding)."""
     record = run_dir / DATA_RECORD
     if not record.is_file():
         return
     old = json.loads(record.read_text())["data"]
+    if skipped:
+        kept = [f for f in old["files"] if f[0] not in skipped]
+        old = {**old, "files": kept, "sha256": files_hash(kept)}
     diff = describe_difference(old, signature)
     if diff:
         raise UserError(
@@ -185,21 +203,29 @@ def write_run_files(run_dir: Path, resumed: bool, overwrite: bool, cfg: Pretrain
              f"all are listed in {run_dir / 'skipped_files.txt'}.")
         run.written.append(write_skipped(images.skipped, run_dir / "skipped_files.txt"))
     run.written.append(save_config(cfg, run_dir / "config.yaml"))
-    run.written.append(atomic_write_text(run_dir / DATA_RECORD, json.dumps({"data": signature, "val": cfg.val}) + "\n"))
+    skipped = {os.path.relpath(p, images.root) for p, _ in images.skipped}
+    if resumed:  # a resume left the files skipped before out of its scan: they stay recorded as skipped
+        skipped |= recorded_skipped(run_dir, images.root)
+    skipped = sorted(skipped)
+    run.written.append(atomic_write_text(run_dir / DATA_RECORD, json.dumps(
+        {"data": signature, "val": cfg.val, "skipped": skipped}) + "\n"))
     return run
 
 
-def interrupted(run: RunDir | None, run_dir: Path) -> Interrupted:
-    """The Ctrl-C message: what is kept, and how to continue (a run with no completed epoch is removed)."""
+def interrupted(run: RunDir | None, run_dir: Path, terminated: bool = False) -> Interrupted:
+    """The Ctrl-C / SIGTERM message: what is kept, and how to continue (a run with no checkpoint is removed).
+    Exit code 130 (Ctrl-C) or 143 (SIGTERM)."""
+    code, what = (143, "Stopped by SIGTERM") if terminated else (130, "Interrupted")
     if run is not None and not run.has_checkpoint():
         run.abandon()
         gone = f" ({run_dir} was removed)" if not run_dir.exists() else ""
-        return Interrupted(f"Interrupted before the first epoch completed: there is nothing to resume{gone}.")
-    epochs_done = load_checkpoint(run_dir)["epoch"]
-    return Interrupted(
-        f"Interrupted. {plural(epochs_done, 'completed epoch')} checkpointed in {run_dir}: continue with "
-        f"edgessl pretrain --resume {run_dir}"
-    )
+        return Interrupted(f"{what} before the first checkpoint: there is nothing to resume{gone}.", code)
+    ckpt = load_checkpoint(run_dir)
+    kept = plural(ckpt["epoch"], "completed epoch")
+    if ckpt.get("step"):
+        kept += f" and {plural(ckpt['step'], 'step')} of epoch {ckpt['epoch'] + 1}"
+    return Interrupted(f"{what}. {kept} checkpointed in {run_dir}: continue with edgessl pretrain --resume "
+                       f"{run_dir}", code)
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]]) -> Path:

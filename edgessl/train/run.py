@@ -13,10 +13,10 @@ from rich.console import Console
 from edgessl.config import PretrainConfig, replace
 from edgessl.data.augment import AugmentConfig
 from edgessl.demo import demo_images
-from edgessl.errors import Interrupted
+from edgessl.errors import Interrupted, Terminated
 from edgessl.loggers import Loggers, check_installed, parse_loggers
 from edgessl.rundir import absolute, plural
-from edgessl.runtime import pick_device, pick_precision, use_threads
+from edgessl.runtime import StopRequest, pick_device, pick_precision, use_threads
 from edgessl.train import distributed
 from edgessl.train.build import add_predictor, build_model, encoder_meta, init_bank, new_state, set_determinism
 from edgessl.train.loop import train_epochs
@@ -62,18 +62,21 @@ def pretrain(
     d, device = distributed.setup(pick_device(cfg.device))
     finished = False
     try:
-        result = _pretrain(cfg, resume, console or Console(), on_step, d, device, warm, overwrite,
-                           evaluation or Evaluation())
+        with StopRequest() as stop:
+            result = _pretrain(cfg, resume, console or Console(), on_step, d, device, warm, overwrite,
+                               evaluation or Evaluation(), stop)
         finished = True
         return result
-    except KeyboardInterrupt:
-        raise Interrupted("Interrupted before training started: nothing was written.") from None
+    except KeyboardInterrupt as e:
+        raise Interrupted("Interrupted before training started: nothing was written.",
+                          143 if isinstance(e, Terminated) else 130) from None
     finally:
         distributed.teardown(d, clean=finished)
 
 
 def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, on_step, d: distributed.Dist,
-              device: torch.device, warm: WarmStart | None, overwrite: bool, evaluation: Evaluation) -> PretrainResult:
+              device: torch.device, warm: WarmStart | None, overwrite: bool, evaluation: Evaluation,
+              stop=None) -> PretrainResult:
     check_installed(parse_loggers(cfg.logger))  # a missing logger package fails before anything is written
     threads = use_threads(cfg.threads)
     set_determinism(cfg.deterministic, device)
@@ -97,7 +100,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir))
     meta = encoder_meta(cfg, arch, feat_dim, widths, warm)
     run = Run(cfg, d, device, run_dir, images, distributed.local_rows(batch, d.rank, d.world), monitor, meta, threads,
-              console, quiet, AugmentConfig(blur_p=cfg.blur))
+              console, quiet, AugmentConfig(blur_p=cfg.blur), stop=stop)
     # ---- every check has passed: from here on the run directory is written
     files = write_run_files(run_dir, ckpt is not None, overwrite, cfg, images, signature, warn) if d.main else None
     run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict(), warn) if d.main else Loggers()
@@ -121,8 +124,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
                                      None if quiet else console)
         run.say(f"Done. Encoder: {run_dir / 'encoder.safetensors'} (+ encoder.json). Curves: {run_dir / 'curves.png'}")
         return PretrainResult(run_dir, state.history, data=images.root, labelled=images.labels is not None)
-    except KeyboardInterrupt:
-        raise interrupted(files, run_dir) from None
+    except KeyboardInterrupt as e:
+        raise interrupted(files, run_dir, isinstance(e, Terminated)) from None
 
 
 def _already_complete(cfg: PretrainConfig, run_dir: Path, ckpt: dict[str, Any], console: Console,

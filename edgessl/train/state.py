@@ -35,6 +35,8 @@ class TrainState:
     scaler: torch.amp.GradScaler
     batch: int
     epoch: int = 0
+    steps_done: int = 0  # steps done in epoch `epoch` (a mid-epoch checkpoint; 0 at an epoch's end)
+    meter: dict[str, Any] | None = None  # that epoch's EpochMeter.state() at the mid-epoch checkpoint
     nonfinite: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     _streak: torch.Tensor | None = None  # step_on_device: non-finite losses in a row, on the device
@@ -98,6 +100,14 @@ class TrainState:
         self._advance_schedule()
         return scale is None or self.scaler.get_scale() >= scale  # a lower scale: inf/NaN gradients, step skipped
 
+    def _schedule_lr(self) -> None:
+        """The learning rate the schedule gives at its step: a resumed run extended to more epochs (--resume RUN
+        --epochs N) continues on the schedule of an N-epoch run, not from the last rate of the shorter one."""
+        lambdas = getattr(self.scheduler, "lr_lambdas", None)
+        if lambdas:
+            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, lambdas, strict=True):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
+
     def _advance_schedule(self) -> None:
         """scheduler.step(); after a skipped optimiser step torch warns that the order is wrong: here it is meant."""
         with warnings.catch_warnings():
@@ -110,6 +120,8 @@ class TrainState:
         return {
             **{part: getattr(self, part).state_dict() for part in PARTS if getattr(self, part) is not None},
             "epoch": self.epoch,
+            "step": self.steps_done,
+            "meter": self.meter,
             "rng": rng_state(),
             "nonfinite": self.nonfinite,
             "history": self.history,
@@ -133,7 +145,8 @@ class TrainState:
             )
         try:
             for part in PARTS:
-                getattr(self, part).load_state_dict(ckpt[part])
+                if getattr(self, part) is not None:
+                    getattr(self, part).load_state_dict(ckpt[part])
         except (RuntimeError, KeyError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
@@ -142,5 +155,7 @@ class TrainState:
                 "Resume without changing model options."
             ) from None
         set_rng_state(ckpt["rng"])
+        self._schedule_lr()
         self.epoch, self.history, self.nonfinite = ckpt["epoch"], ckpt["history"], ckpt["nonfinite"]
+        self.steps_done, self.meter = ckpt.get("step", 0), ckpt.get("meter")
         self._streak = self._worst = None

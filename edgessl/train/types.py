@@ -3,6 +3,7 @@ step callback sees, and the evaluation hooks the caller hands in (so that train/
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,8 @@ class Run:
     loggers: Loggers = field(default_factory=Loggers)  # --logger (rank 0; Loggers() logs nothing)
     first_row: dict[str, Any] = field(default_factory=dict)  # merged into this invocation's first metrics row
     every_row: dict[str, Any] = field(default_factory=dict)  # merged into every metrics row
+    stop: Any = None  # edgessl.runtime.StopRequest: SIGTERM asks the loop to checkpoint and stop
+    last_checkpoint: float = field(default_factory=time.time)  # when the last checkpoint was written
 
     def say(self, msg: str) -> None:
         if not self.quiet:

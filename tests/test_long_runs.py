@@ -1,0 +1,177 @@
+"""Long runs on a real machine: SIGTERM checkpoints the step it stops at (exit 143) and the resume continues bit for
+bit; --checkpoint-every checkpoints inside an epoch, so a kill -9 in the middle of one loses only the last minutes."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import edgessl
+from edgessl.errors import Interrupted
+from edgessl.train.checkpoint import load_checkpoint
+
+TINY = dict(image_size=32, batch_size=4, head_hidden=32, feature_dim=16, quiet=True, workers=1, eval_every=0,
+            deterministic=True, seed=3, negatives=10)  # 24 images: 6 steps per epoch; 10 < 24: sampled columns
+
+
+def _same_run(a_dir, b_dir, a_history, b_history):
+    a, b = load_checkpoint(a_dir), load_checkpoint(b_dir)
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"] == 0
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-5), k
+    assert torch.allclose(a["method"]["bank.weight"], b["method"]["bank.weight"], atol=1e-5)
+    assert [r["loss"] for r in a_history] == pytest.approx([r["loss"] for r in b_history], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_it_stops_at_and_the_resume_matches_a_straight_run(tiny_data, tmp_path):
+    full = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "full"), epochs=3, **TINY)
+
+    def term(info):
+        if info.epoch == 1 and info.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends; the handler only asks the loop to stop
+
+    with pytest.raises(Interrupted) as stopped:
+        edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "cut"), epochs=3, on_step=term, **TINY)
+    assert stopped.value.exit_code == 143
+    assert str(stopped.value) == (f"Stopped by SIGTERM. 1 completed epoch and 2 steps of epoch 2 checkpointed in "
+                                  f"{tmp_path / 'cut'}: continue with edgessl pretrain --resume {tmp_path / 'cut'}")
+    cut = load_checkpoint(tmp_path / "cut")
+    assert (cut["epoch"], cut["step"]) == (1, 2) and cut["meter"]["seen"] == 8
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    resumed = edgessl.pretrain(resume=str(tmp_path / "cut"), quiet=True)
+    _same_run(full.run_dir, resumed.run_dir, full.history, resumed.history)
+
+
+def _checkpoint_step(run):
+    try:
+        ckpt = load_checkpoint(run)
+    except (OSError, RuntimeError, EOFError):
+        return None
+    return ckpt["epoch"], ckpt["step"]
+
+
+@pytest.mark.slow
+def test_a_kill_9_inside_an_epoch_resumes_from_the_mid_epoch_checkpoint(tiny_data, tmp_path):
+    opts = dict(TINY, batch_size=2)  # 12 steps per epoch
+    full = edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "full"), epochs=4, **opts)
+    run = tmp_path / "cut"
+    flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}" for k, v in opts.items()]
+    cmd = [sys.executable, "-m", "edgessl", "pretrain", "--data", str(tiny_data), "--out", str(run), "--epochs", "4",
+           "--checkpoint-every", "0.0005", *" ".join(flags).split()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, where = time.time() + 120, None
+    while time.time() < deadline and proc.poll() is None:
+        where = _checkpoint_step(run)
+        if where is not None and where[0] >= 1 and where[1] > 0:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert where is not None and where[1] > 0, f"no mid-epoch checkpoint seen: {where}, {proc.stderr.read()[-500:]}"
+    resumed = edgessl.pretrain(resume=str(run), quiet=True)
+    _same_run(full.run_dir, resumed.run_dir, full.history, resumed.history)
+
+
+@pytest.mark.slow
+def test_the_cli_exits_143_on_sigterm_with_the_resume_line(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edgessl", "pretrain", "--data", str(tiny_data), "--out", str(run), "--epochs", "50",
+           "--image-size", "32", "--batch-size", "4", "--head-hidden", "32", "--feature-dim", "16", "--quiet",
+           "--eval-every", "0", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Stopped by SIGTERM.") and lines[0].endswith(
+        f"continue with edgessl pretrain --resume {run}")
+    assert _checkpoint_step(run)[0] >= 1
+
+
+@pytest.mark.slow
+def test_removing_or_fixing_skipped_files_never_blocks_a_resume(tiny_data, tmp_path):
+    import shutil
+
+    from edgessl.errors import UserError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    cls = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    (cls / "empty.png").write_bytes(b"")
+    (cls / "notes.jpg").write_text("not an image")
+    (cls / "broken.png").write_bytes(b"\x89PNG broken")
+    opts = dict(TINY, epochs=1)
+    edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), **opts)
+    (cls / "empty.png").unlink()  # as the warning invites
+    (cls / "notes.jpg").unlink()
+    shutil.copy(next(p for p in sorted(cls.iterdir()) if p.suffix == ".png" and p.stat().st_size > 100),
+                cls / "broken.png")  # fixed: readable now, but the run never trained on it
+    resumed = edgessl.pretrain(resume=str(tmp_path / "run"), epochs=2, quiet=True)
+    assert len(resumed.history) == 2 and load_checkpoint(resumed.run_dir)["num_images"] == 24
+    again = edgessl.pretrain(resume=str(tmp_path / "run"), epochs=3, quiet=True)  # the record keeps them skipped
+    assert len(again.history) == 3
+    trained = next(p for p in sorted(cls.iterdir()) if p.name not in ("broken.png",))
+    trained.write_bytes(trained.read_bytes() + b"\0")  # any other change still refuses, as before
+    with pytest.raises(UserError, match=r"does not hold the images it was trained on .*1 file changed"):
+        edgessl.pretrain(resume=str(tmp_path / "run"), epochs=4, quiet=True)
+
+
+@pytest.mark.slow
+def test_extending_a_finished_run_follows_the_schedule_of_the_longer_run(tiny_data, tmp_path, monkeypatch):
+    """--resume RUN --epochs 3 on a 2-epoch run: no warm-up again; every step of epoch 3 gets the learning rate a
+    3-epoch run has there (the cosine re-stretched over 3 epochs)."""
+    import edgessl.train.run as run_module
+
+    optimizers = []
+    real = run_module.new_state
+
+    def spying(*a, **k):
+        state = real(*a, **k)
+        optimizers.append(state.optimizer)
+        return state
+
+    monkeypatch.setattr(run_module, "new_state", spying)
+
+    def lr_of(into):
+        return lambda info: into.append((info.epoch, info.step, optimizers[-1].param_groups[0]["lr"]))
+
+    straight, extended = [], []
+    edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "long"), epochs=3, on_step=lr_of(straight), **TINY)
+    edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "short"), epochs=2, **TINY)
+    edgessl.pretrain(resume=str(tmp_path / "short"), epochs=3, on_step=lr_of(extended), quiet=True)
+    third = [x for x in straight if x[0] == 2]
+    assert len(third) == 6 and [x[:2] for x in extended] == [x[:2] for x in third]
+    assert [x[2] for x in extended] == pytest.approx([x[2] for x in third], rel=1e-6)
+    assert load_checkpoint(tmp_path / "short")["epoch"] == 3
+
+
+def test_a_restored_state_takes_the_learning_rate_of_its_own_schedule():
+    """The first step after an extension already runs at the longer schedule's rate (not the last rate of the shorter
+    run that the optimiser's checkpoint holds)."""
+    from edgessl.train.optim import warmup_cosine
+    from edgessl.train.state import TrainState
+
+    def state(total):
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.4)
+        return TrainState(model, None, opt, warmup_cosine(opt, 2, total), torch.amp.GradScaler("cpu", enabled=False),
+                          4)
+
+    short = state(10)
+    for _ in range(10):
+        short.optimizer.step()
+        short._advance_schedule()
+    ckpt = short.checkpoint(8, {}, 1)
+    assert short.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # the end of its cosine
+    longer = state(20)
+    longer.restore(ckpt, None, 8)
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 8 / 18)))
