@@ -57,6 +57,18 @@ def move_aside(path: Path) -> Path:
     return target
 
 
+def keep_aside(path: Path) -> Path:
+    """Rename file `path` to a unique sibling <stem>.old-<YYYYmmdd-HHMMSS>[-k]<suffix> (eval.json ->
+    eval.old-20261205-120000.json); returns the new path."""
+    base, k = f"{path.stem}.old-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    target = path.with_name(base + path.suffix)
+    while target.exists():
+        k += 1
+        target = path.with_name(f"{base}-{k}{path.suffix}")
+    path.rename(target)
+    return target
+
+
 @dataclass
 class RunDir:
     """A claimed run directory. created: this command made the folder; written: files this command wrote before

@@ -175,3 +175,35 @@ def test_a_restored_state_takes_the_learning_rate_of_its_own_schedule():
     longer = state(20)
     longer.restore(ckpt, None, 8)
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 8 / 18)))
+
+
+def test_eval_and_finetune_refuse_split_folders_as_classes(tmp_path, demo_run):
+    from typer.testing import CliRunner
+
+    from edgessl.cli import app
+
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / "a").mkdir(parents=True)
+    for command in ("eval", "finetune"):
+        res = CliRunner().invoke(app, [command, str(demo_run), "--train", str(tmp_path / "data"), "--test-fraction",
+                                       "0.2"])
+        assert res.exit_code == 2 and res.output.strip() == (
+            f"error: --train '{tmp_path / 'data'}' holds the split folders test, train, not class folders: pass the "
+            f"split itself, e.g. --train {tmp_path / 'data' / 'train'} --test {tmp_path / 'data' / 'test'}.")
+
+
+@pytest.mark.slow
+def test_eval_keeps_an_earlier_eval_and_names_the_classes(run_copy, labelled_demo):
+    from typer.testing import CliRunner
+
+    from edgessl.cli import app
+
+    args = ["eval", str(run_copy), "--train", str(labelled_demo / "train"), "--test", str(labelled_demo / "test"),
+            "--labels-per-class", "1", "--seeds", "1"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0 and "3 classes: activities, animals_and_nature, flags" in first.output
+    before = (run_copy / "eval.json").read_text()
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and "An earlier eval.json is kept as eval.old-" in second.output
+    kept = sorted(run_copy.glob("eval.old-*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == before and len(list(run_copy.glob("eval.old-*.png"))) == 1

@@ -47,6 +47,9 @@ def lpc_name(per_class: int | None) -> int | str:
     return "all" if per_class is None else per_class
 
 
+SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}  # folders of a split, never a class
+
+
 def class_folders(root: str | Path, what: str) -> tuple[Path, list[str]]:
     """Check the ImageFolder layout: no image directly in `root`, every (non-hidden) subfolder holds image files.
 
@@ -63,6 +66,14 @@ def class_folders(root: str | Path, what: str) -> tuple[Path, list[str]]:
     classes = [e for e in entries if (root / e).is_dir()]
     if not classes:
         raise UserError(f"{what} '{root}' has no class subfolders. Put each class's images in its own subfolder.")
+    splits = [c for c in classes if c.lower() in SPLIT_NAMES]
+    if splits:
+        train = next((c for c in splits if c.lower() == "train"), None)
+        held = next((c for c in splits if c.lower() != "train"), None)
+        hint = (f"--train {root / train} --test {root / held}" if train and held
+                else f"{what} {root / (train or held)}")
+        raise UserError(f"{what} '{root}' holds the split folder{'s' * (len(splits) > 1)} {', '.join(splits)}, not "
+                        f"class folders: pass the split itself, e.g. {hint}.")
     for name in classes:
         if not scan_images(root / name, what):
             raise UserError(f"{what} class folder '{name}' has no readable image (it holds no image files).")

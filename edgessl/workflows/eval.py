@@ -45,6 +45,7 @@ from edgessl.models.backbone import run_encoder_meta
 from edgessl.options import EvalOptions, check_groups, takes_options
 from edgessl.report.eval_plots import plot_eval
 from edgessl.report.say import Say
+from edgessl.rundir import keep_aside
 from edgessl.runtime import pick_device, use_threads
 
 
@@ -77,9 +78,9 @@ def evaluate_encoder(run_dir: str | Path, opts: EvalOptions, console=None) -> Ev
     say = Say(console, opts.quiet)
     t_start = time.time()
     check_groups(opts)
+    args = _check_arguments(run_dir, opts)  # every check first: an error is the only line printed
     cpu = use_threads(opts.threads)
     say(f"CPU: {cpu.describe()}")
-    args = _check_arguments(run_dir, opts)
     loggers = run_loggers(args.run_dir)  # the run's --logger (a missing package fails here, before any work)
     specs = encoder_specs(args.run_dir, args.meta, args.baseline)
     feature_dir = args.run_dir / "features" if opts.cache else None
@@ -89,11 +90,14 @@ def evaluate_encoder(run_dir: str | Path, opts: EvalOptions, console=None) -> Ev
     summary = summarize(rows)
     result = EvalResult(args.run_dir, rows, summary, short)
     report = _report(args, data, per_class_values, dropped, short, cpu.threads, t_start, rows, summary)
+    for earlier in (result.json_path, result.plot_path):  # an earlier evaluation is kept, never overwritten
+        if earlier.exists():
+            say(f"An earlier {earlier.name} is kept as {keep_aside(earlier).name}.")
     atomic_write_text(result.json_path, json.dumps(report, indent=2) + "\n")
     plot_eval(summary, result.plot_path, title=f"{args.meta['timm_name']} - {args.run_dir.name}")
     loggers.log(eval_scalars(summary), {"eval": result.plot_path}, step=int(args.meta.get("epochs_trained") or 0))
     loggers.close()
-    _print_results(say, result)
+    _print_results(say, result, data.classes)
     return result
 
 
@@ -218,8 +222,10 @@ def _report(args: _Arguments, data: _TrainTest, per_class_values: Sequence[int |
     }
 
 
-def _print_results(say: Say, result: EvalResult) -> None:
-    """The results table, the notes on classes short of a labels-per-class value and the files written."""
+def _print_results(say: Say, result: EvalResult, classes: list[str]) -> None:
+    """The classes, the results table, the notes on classes short of a labels-per-class value and the files
+    written."""
+    say(f"{len(classes)} classes: {', '.join(classes)}", markup=False)
     say.table(results_table(result.summary))
     for line in short_notes(result.short_classes):
         say(line)

@@ -34,12 +34,12 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
     Returns a FinetuneResult (out_dir, metrics, model)."""
     say = Say(console, opts.quiet)
     t_start = time.time()
-    per_class = check_options(opts)  # every check that needs no decoding first
-    say(f"CPU: {use_threads(opts.threads).describe()}")
+    per_class = check_options(opts)  # every check that needs no decoding first: an error is the only line printed
     run_dir, meta = run_encoder_meta(run_dir)
     loggers = run_loggers(run_dir)  # the run's --logger (a missing package fails here, before any work)
     folders = labelled_folders(opts.train, opts.test, opts.test_fraction)
     check_labels_per_class([per_class], folders.file_labels, folders.train_classes)
+    say(f"CPU: {use_threads(opts.threads).describe()}")
     dev = pick_device(opts.device)
     data = finetune_data(folders.train_root, folders.test_root, per_class, opts, int(meta["image_size"]))
     model = build_classifier(run_dir, meta, len(data.classes), opts, dev, say)
