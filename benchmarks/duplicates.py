@@ -75,9 +75,9 @@ def score(result, truth: dict[str, str]) -> dict[str, Any]:
     """Precision and recall of the planted copies in an EmbedResult (see the module docstring)."""
     found = result.duplicates
     paths = result.paths
-    pixel = twins([p for p in paths if p in truth or p in truth.values()])
     copy_pairs = [(paths[a], paths[b]) for (a, b), k in zip(found.pairs.tolist(), found.kinds, strict=True)]
     holding = [(a, b) for a, b in copy_pairs if a in truth or b in truth]
+    pixel = twins(sorted({p for pair in holding for p in pair} | {truth[c] for c in truth}))
 
     def right(a: str, b: str) -> bool:
         c, o = (a, b) if a in truth else (b, a)

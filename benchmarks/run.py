@@ -21,8 +21,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   teacher   --teacher: mobilenetv3_small on CIFAR-10 5k without a teacher, with the one-pass teacher bank of a
             longer-trained resnet18 (also as the initial bank), and with the per-step teacher: kNN, linear at 10 and
             all labels, wall time (benchmarks/teacher.py)
-  duplicates  50 planted JPEG + crop copies among the emoji: does `edgessl embed --duplicates` (raw cosine and
-            --whiten 128/256, --mutual) find them? Precision, recall, nearest-neighbour rate (benchmarks/duplicates.py)
+  duplicates  `embed --duplicates auto` on emoji, NEU-DET and CIFAR-10 5k, clean and with 50 planted copies:
+            precision, recall and the estimates it printed (benchmarks/duplicates.py)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
             model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above

@@ -160,32 +160,36 @@ def test_teacher_suite(bench):
     assert "Share of the per-step teacher's gain the one-pass teacher keeps" in readme
 
 
-def test_duplicates_score_in_closed_form():
+def test_duplicates_score_in_closed_form(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
     from benchmarks.duplicates import score
 
-    # a, its copy (cosine 0.935) and e, a pixel twin of a; b and c twins at 1; d at cosine 0.81 to the copy, b and c
-    c1, c2 = 0.935, 0.81
-    dup = [c1, np.sqrt(1 - c1**2)]
-    d = [(c2 - dup[1] * c2) / dup[0], c2]  # cos(d, b) = c2 and cos(d, copy) = c2
-    x = np.array([[1, 0], dup, [0, 1], [0, 1], d, [1, 0]], np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    r = score(["a.png", "a_dup.jpg", "b.png", "c.png", "d.png", "e.png"], x, ["ka", "ka", "kb", "kb", "kd", "ka"])
-    at = {c["threshold"]: c for c in r["curve"]}
-    # at 0.8: (a, copy) (a, e) (copy, e) (b, c) right, (copy, d) (b, d) (c, d) wrong; one copy, found (twice)
-    assert at[0.8] == pytest.approx({"threshold": 0.8, "recall": 1.0, "precision_copies": 2 / 3,
-                                     "precision_all": 4 / 7, "pairs": 7})
-    assert at[0.9] == pytest.approx({"threshold": 0.9, "recall": 1.0, "precision_copies": 1.0,
-                                     "precision_all": 1.0, "pairs": 4})
-    assert at[0.95] == pytest.approx({"threshold": 0.95, "recall": 0.0, "precision_copies": 0.0,
-                                      "precision_all": 1.0, "pairs": 2})
-    assert r["nn_is_original"] == 1.0 and r["best"]["threshold"] == 0.93
+    rng = np.random.default_rng(0)
+    pixels = {n: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for n in "abcd"}
+    pixels["e"] = pixels["a"]  # e: a pixel twin of a
+    for n, x in pixels.items():
+        Image.fromarray(x).save(tmp_path / f"{n}.png")
+    Image.fromarray(pixels["a"]).save(tmp_path / "a_copy.png")
+    Image.fromarray(pixels["b"]).save(tmp_path / "b_copy.png")
+    paths = [str(tmp_path / f) for f in ("a.png", "a_copy.png", "b.png", "b_copy.png", "c.png", "d.png", "e.png")]
+    truth = {paths[1]: paths[0], paths[3]: paths[2]}
+    # flagged: (a_copy, e) right (e is a's twin), (a_copy, c) wrong, (c, d) holds no copy; b_copy is missed
+    pairs = np.array([[1, 6], [1, 4], [4, 5]])
+    found = SimpleNamespace(pairs=pairs, kinds=["copy"] * 3, scores=np.ones(3))
+    r = score(SimpleNamespace(duplicates=found, paths=paths), truth)
+    assert r == {"pairs": 3, "pairs_with_copies": 2, "right": 1, "precision": 0.5, "recall": 0.5}
+    empty = SimpleNamespace(pairs=np.zeros((0, 2), int), kinds=[], scores=np.zeros(0))
+    assert score(SimpleNamespace(duplicates=empty, paths=paths), truth)["precision"] == 1.0
 
 
 def test_duplicates_suite(bench):
     rec, readme = bench("duplicates")
-    assert [r["space"] for r in rec["rows"]] == ["raw cosine", "--whiten 8", "--whiten 8 --mutual 0.75"]
-    for r in rec["rows"]:
-        recall = [c["recall"] for c in r["curve"]]
-        assert len(recall) == 20 and recall == sorted(recall, reverse=True) and r["copies"] == 4
-        assert all(0 <= c["recall"] <= 1 and 0 <= c["precision_copies"] <= 1 for c in r["curve"])
-    assert "## Planted near-duplicates" in readme
+    assert [r["sample"] for r in rec["rows"]] == ["clean", "seed 1"]
+    clean, planted = rec["rows"]
+    assert clean["images"] == 36 and 0 <= clean["flagged"] <= clean["images"]
+    assert planted["copies"] == 4 and 0 <= planted["precision"] <= 1 and 0 <= planted["recall"] <= 1
+    assert 0 <= planted["estimated_precision"] <= 1 and planted["threshold"] > 0
+    assert "## Duplicates: `edgessl embed --duplicates auto`" in readme
