@@ -303,18 +303,20 @@ class ExportOptions:
                                           "instead of features.", shown="none")
     opset: int = option(18, "ONNX opset to write.")
     int8: bool = option(False, "Also write a static int8 model (QDQ, per-channel weights), calibrated on --calib: "
-                               "searched until it meets the int8 bound, kept only when faster than fp32 here (see "
-                               "--int8-mode).")
+                               "searched until it meets the int8 bound, and written whenever it does (this "
+                               "machine's speed is reported, never a reason to withhold it).")
     int8_mode: str | None = option(None, "search (the default: try calibration methods, then keep the most sensitive "
-                                         "tail of the network in float; write int8 only when it passes and is faster "
-                                         "than fp32 on this machine) | keep-slow (search, write it even when slower) | "
-                                         "strict (only --calib-method, exit 3 when it misses the bound). Implies "
-                                         "--int8.", shown="search")
+                                         "tail of the network in float; write int8 when it meets the bound) | "
+                                         "faster-here (the same, written only when clearly faster than fp32 on this "
+                                         "machine) | strict (only --calib-method, exit 3 when it misses the bound). "
+                                         "keep-slow is search's old name. Implies --int8.", shown="search")
     calib: str | None = option(None, "Unlabeled images for int8 calibration (up to 256 used).",
                                shown="the training folder")
     calib_method: str = option("minmax", "int8 activation ranges: minmax | moving-average | percentile | entropy (the "
                                          "search tries it first).")
     fp16: bool = option(False, "Also write a model with float16 weights (float32 input and output).")
+    ort: bool = option(False, "Also write each model in onnxruntime's .ort format (what mobile builds load), beside "
+                              "the .onnx; manifest.json lists it under the model's \"ort\".")
     images: str | None = option(None, "Images for the parity check (up to 256 used).",
                                 shown="the classifier's or the run's training folder")
     out: str | None = option(None, "Export folder.", shown="RUN/export")
@@ -329,8 +331,10 @@ class CheckOptions:
     """`edgessl check`: the arguments of export/device_check.py (edgessl.workflows.check)."""
 
     manifest: str | None = option(None, "manifest.json.", shown="beside the model")
-    images: str | None = option(None, "Images (class subfolders = labels) for accuracy or agreement.", shown="none")
+    images: str | None = option(None, "Images (class subfolders = labels) for accuracy or kNN accuracy.", shown="none")
     threads: int | None = option(None, "onnxruntime intra-op threads.", shown="the runtime's choice")
+    ep: str = option("cpu", "Execution provider: cpu, or xnnpack (XNNPACK first, CPU for the rest; needs an "
+                            "onnxruntime build with it).")
     json_out: str | None = option(None, "Write the report as JSON here.", flag="--json", shown="none")
     runs: int = option(100, "Timed batch-1 runs.")
     batch: int = option(32, "Batch size of the throughput measurement.")

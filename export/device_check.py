@@ -1,26 +1,53 @@
 #!/usr/bin/env python3
-"""On-device check of an ONNX model written by `edgessl export`: latency, throughput, size, memory, and agreement.
+"""On-device check of a model written by `edgessl export` (.onnx, or the same model in onnxruntime's .ort format):
+latency, throughput, size, memory, and whether its outputs are still the exported model's.
 
-Copy this one file to the device together with the export folder (the .onnx, manifest.json and the
-.reference.npz files). It needs only onnxruntime, numpy and Pillow (never torch or edgessl):
+Copy this one file to the device together with the export folder (the .onnx or .ort, manifest.json and the
+.reference.npz files). It needs only onnxruntime, numpy and Pillow (never torch or edgessl) and Python 3.8+:
 
     pip install onnxruntime numpy pillow
     python device_check.py encoder.onnx --manifest manifest.json [--images ./val] [--threads 4] [--json out.json]
+    python device_check.py encoder.int8.ort --ep xnnpack ...   # an .ort file; the XNNPACK execution provider
 
 What it measures
     latency at batch 1 (warm-up, then --runs runs, default 100: p50/p90/p99 ms), throughput at --batch (default 32),
-    model file size, peak resident memory of this process, and - when the manifest ships reference outputs - the
-    model's outputs on the shipped reference images against the PyTorch outputs recorded at export.
+    model file size, the time to load the model, the peak resident memory of this process (and how far it rose
+    above the memory right after the imports, before the model loads), and - when the manifest ships reference
+    outputs - the model's outputs on the shipped reference images against the PyTorch outputs recorded at export.
     With --images: images are decoded and normalised exactly as the manifest says (the same rules as edgessl's
-    decode_image + test_transform); images that decode to the same pixels as a shipped reference image are compared
-    with its recorded output ("reference_files"). With class subfolders: "accuracy" for a classifier (folder names =
-    classes); "agreement" for an encoder (kNN vote over the shipped reference embeddings agrees with the folder
-    label) plus the leave-one-out kNN accuracy of the images among themselves.
+    decode_image + test_transform), 32 at a time (decoded, normalised and run, then freed: memory does not grow
+    with the number of images beyond the (N, D) outputs); images that decode to the same pixels as a shipped
+    reference image are compared with its recorded output ("reference_files"). With class subfolders (folder names
+    = labels): "accuracy" for a classifier (the folder names are its classes); for an encoder "knn_accuracy", the
+    leave-one-out kNN accuracy of the model's outputs on the images among themselves (k=20), and
+    "reference_vote_accuracy", the share of images whose kNN vote over the shipped reference embeddings (k=10)
+    agrees with their folder label (null when the reference embeddings carry no matching labels).
+
+Report (--json; the table says the same)
+    model, format (onnx | ort), precision, kind, input_shape, threads, execution_provider (the session's first
+    provider), onnxruntime, model_bytes, model_load_seconds (creating the session), latency_ms {p50, p90, p99, mean,
+    runs, low, high}, throughput_per_s at throughput_batch, peak_rss_bytes (the process's peak resident memory),
+    baseline_rss_bytes (its resident memory right after the imports, before the model loads) and
+    peak_rss_above_baseline_bytes (the difference: what the model, the images and the measurements took; meaningful
+    in a fresh process, as a device and `edgessl check` run it), reference {images, max_abs_diff, rel_max_abs_diff,
+    min_cosine, mean_cosine, [top1_agreement], bounds, within_bounds}; with --images: images {folder, count, skipped,
+    labelled}, reference_files, accuracy + accuracy_images | knn_accuracy + reference_vote_accuracy +
+    reference_vote_detail.
+
+Memory
+    onnxruntime runs without its CPU memory arena and memory pattern (each tensor is allocated when needed and freed
+    after, so the memory of the batch-32 runs goes back to numpy): for MobileNetV3-Small int8 at 64 px on 1,000
+    images the peak is about 105-110 MiB, of which about 55 MiB are the interpreter, numpy, Pillow and onnxruntime
+    themselves (benchmarks/device_check_memory.py).
+
+Manifest
+    An .onnx file is the entry whose "file" is its name; an .ort file the entry whose "ort": {"file", "sha256"}
+    names it (its sha256 is checked against that one; input, preprocess, bounds and reference are the entry's).
 
 Exit codes
     0 done; 1 the outputs on the reference images are outside the bounds the manifest states;
     2 bad input: a missing file, a model that fails to load, a manifest that does not match the model
-      (sha256, input name or shape), no readable image in --images.
+      (sha256, input name or shape), no readable image in --images, --ep xnnpack on a build without XNNPACK.
 """
 
 from __future__ import annotations
@@ -38,6 +65,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 RESIZE_POLICY = "shorter_side_center_crop"
+BATCH = 32  # images decoded, normalised and run at a time (--images, the reference images)
+XNNPACK = "XnnpackExecutionProvider"
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files fail loudly, as in edgessl
 
@@ -87,11 +116,13 @@ def decode(path: str | Path, pre: dict) -> np.ndarray:
 
 
 def normalize(images: np.ndarray, pre: dict) -> np.ndarray:
-    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32: (x / 255 - mean) / std."""
-    x = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(pre.get("scale", 255.0))
-    mean = np.asarray(pre["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(pre["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-    return (x - mean) / std
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32: (x / 255 - mean) / std (in place on one float32 copy: the same
+    float32 operations, one array instead of four)."""
+    x = images.transpose(0, 3, 1, 2).astype(np.float32, order="C")
+    x /= np.float32(pre.get("scale", 255.0))
+    x -= np.asarray(pre["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+    x /= np.asarray(pre["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    return x
 
 
 def preprocess(path: str | Path, pre: dict) -> np.ndarray:
@@ -115,26 +146,67 @@ def scan(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def load_images(root: Path, pre: dict, limit: int | None) -> dict:
-    """Decode the images of root: {"rel": [...], "images": uint8 (N,S,S,3), "labels": folder names or None,
-    "skipped": n}. Folder names are labels when every image lies in a first-level subfolder."""
+def image_files(root: Path, limit: int | None = None) -> list[Path]:
+    """The image files of --images (at most `limit`, spread evenly)."""
     if not root.is_dir():
         raise CheckError(f"--images '{root}' is not a folder.")
     paths = scan(root)
     if limit and len(paths) > limit:
         paths = [paths[int(round(i))] for i in np.linspace(0, len(paths) - 1, limit)]
-    rel, arrays, skipped = [], [], 0
+    return paths
+
+
+def readable(paths, pre: dict):
+    """(path, decoded (S, S, 3) uint8) for every file of `paths` that decodes, in order; the unreadable are left out
+    (count them as len(paths) minus the pairs)."""
     for p in paths:
         try:
-            arrays.append(decode(p, pre))
-            rel.append(p.relative_to(root).as_posix())
+            arr = decode(p, pre)
         except (OSError, ValueError, SyntaxError):
-            skipped += 1
-    if not arrays:
+            continue
+        yield p, arr
+
+
+def first_image(root: Path, paths: list[Path], pre: dict) -> np.ndarray:
+    """The first readable image of `paths`, decoded; CheckError when none is."""
+    for _, arr in readable(paths, pre):
+        return arr
+    raise CheckError(f"--images '{root}' has no readable image ({len(paths)} image file(s) found).")
+
+
+def run_images(sess, root: Path, paths: list[Path], pre: dict, batch: int = BATCH) -> dict:
+    """Decode, normalise and run the images `paths` below root, `batch` readable images at a time (the batches the
+    model sees are those of run_batches on all of them stacked, so the outputs are the same); only one batch of
+    pixels is held at a time. Returns {"rel": [...], "outputs": (N, D) float32, "labels": folder names or None,
+    "sha1": [sha1 of each decoded image] (to find the shipped reference images), "skipped": n}. Folder names are
+    labels when every image lies in a first-level subfolder."""
+    rel, sha1, pending = [], [], []
+    name = sess.get_inputs()[0].name
+    outputs = None  # (len(paths), D) float32, filled batch by batch
+
+    def flush():
+        nonlocal outputs
+        out = sess.run(None, {name: normalize(np.stack(pending), pre)})[0]
+        if outputs is None:
+            outputs = np.empty((len(paths), *out.shape[1:]), dtype=np.float32)
+        outputs[len(rel) - len(pending) : len(rel)] = out
+        del pending[:]
+
+    for p, arr in readable(paths, pre):
+        rel.append(p.relative_to(root).as_posix())
+        sha1.append(hashlib.sha1(arr.tobytes()).hexdigest())
+        pending.append(arr)
+        if len(pending) == batch:
+            flush()
+    if pending:
+        flush()
+    if not rel:
         raise CheckError(f"--images '{root}' has no readable image ({len(paths)} image file(s) found).")
     labelled = all("/" in r for r in rel) and len({r.split("/")[0] for r in rel}) >= 2
     labels = [r.split("/")[0] for r in rel] if labelled else None
-    return {"rel": rel, "images": np.stack(arrays), "labels": labels, "skipped": skipped}
+    outputs = outputs if len(rel) == len(paths) else outputs[: len(rel)].copy()
+    return {"rel": rel, "outputs": outputs, "labels": labels, "sha1": sha1,
+            "skipped": len(paths) - len(rel)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,17 +233,36 @@ def load_manifest(path: Path) -> dict:
     return data
 
 
+def _ort_file(entry: dict) -> dict:
+    """The entry's "ort" field ({"file", "sha256", "bytes"}: the same model in onnxruntime's .ort format), or {}."""
+    ort_file = entry.get("ort")
+    return ort_file if isinstance(ort_file, dict) else {}
+
+
+def is_ort(model: Path) -> bool:
+    return model.suffix.lower() == ".ort"
+
+
 def manifest_entry(model: Path, manifest: dict, manifest_path: Path) -> dict:
-    """The manifest's entry for this model file, after checking its sha256."""
-    entry = next((m for m in manifest["models"] if m.get("file") == model.name), None)
+    """The manifest's entry for this model file, after checking its sha256. An .onnx file is the entry whose "file"
+    is its name; an .ort file the entry whose "ort"["file"] is, checked against "ort"["sha256"] (the entry's input,
+    preprocess, bounds and reference apply to both)."""
+    if is_ort(model):
+        entry = next((m for m in manifest["models"] if _ort_file(m).get("file") == model.name), None)
+        listed = [_ort_file(m)["file"] for m in manifest["models"] if _ort_file(m).get("file")]
+    else:
+        entry = next((m for m in manifest["models"] if m.get("file") == model.name), None)
+        listed = [m.get("file", "?") for m in manifest["models"]]
     if entry is None:
-        listed = ", ".join(m.get("file", "?") for m in manifest["models"]) or "none"
-        raise CheckError(f"Manifest '{manifest_path}' does not list {model.name} (it lists: {listed}).")
+        kind = ".ort files" if is_ort(model) else ""
+        raise CheckError(f"Manifest '{manifest_path}' does not list {model.name} "
+                         f"(it lists{' ' + kind if kind else ''}: {', '.join(listed) or 'none'}).")
+    expected = _ort_file(entry).get("sha256") if is_ort(model) else entry.get("sha256")
     digest = sha256(model)
-    if digest != entry.get("sha256"):
+    if digest != expected:
         raise CheckError(
             f"{model.name} does not match manifest '{manifest_path}': "
-            f"sha256 {digest[:12]}... != {str(entry.get('sha256'))[:12]}... "
+            f"sha256 {digest[:12]}... != {str(expected)[:12]}... "
             "(a different export of this file?)."
         )
     for key in ("input", "preprocess"):
@@ -183,16 +274,47 @@ def manifest_entry(model: Path, manifest: dict, manifest_path: Path) -> dict:
     return entry
 
 
-def open_session(model: Path, threads: int | None):
+def providers(ep: str = "cpu") -> list:
+    """onnxruntime providers for --ep: cpu, or xnnpack (XNNPACK first, the CPU provider for the rest); CheckError
+    when this onnxruntime build has no XNNPACK."""
     import onnxruntime as ort
 
+    if ep == "cpu":
+        return ["CPUExecutionProvider"]
+    if ep != "xnnpack":
+        raise CheckError(f"--ep must be cpu or xnnpack, not '{ep}'.")
+    available = ort.get_available_providers()
+    if XNNPACK not in available:
+        raise CheckError(f"this onnxruntime build has no XNNPACK execution provider (it has: {', '.join(available)}); "
+                         "use --ep cpu or an onnxruntime build with XNNPACK")
+    return [XNNPACK, "CPUExecutionProvider"]
+
+
+def open_session(model: Path, threads: int | None, ep: str = "cpu", low_memory: bool = True):
+    """An onnxruntime session on `model` (.onnx or .ort). low_memory: no CPU memory arena and no memory pattern
+    (onnxruntime then allocates each tensor as it needs it and frees it after, instead of keeping the largest
+    batch's buffers). With --ep xnnpack and --threads N: XNNPACK's own pool has the N threads and the session's
+    runs on one, without spinning (onnxruntime's advice against the two pools contending)."""
+    import onnxruntime as ort
+
+    chosen = providers(ep)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
+    if low_memory:
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+    options = [{} for _ in chosen]
+    if chosen[0] == XNNPACK:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options[0] = {"intra_op_num_threads": str(threads)}
+            opts.intra_op_num_threads = 1
+            opts.inter_op_num_threads = 1
+    elif threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model), sess_options=opts, providers=chosen, provider_options=options)
     except Exception as e:  # noqa: BLE001 - any load failure is reported the same way
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckError(f"onnxruntime {ort.__version__} cannot load {model.name}: {first}") from None
@@ -216,24 +338,77 @@ def check_input(sess, entry: dict, model: Path) -> list[int]:
 # Measurements
 
 
-def run_batches(sess, x: np.ndarray, batch: int = 32) -> np.ndarray:
+def run_batches(sess, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
+    """The model's outputs (N, D) float32 on the model inputs x (N, C, H, W), `batch` at a time."""
     name = sess.get_inputs()[0].name
     outputs = [sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outputs).astype(np.float32)
 
 
-def latency(sess, x1: np.ndarray, runs: int, warmup: int) -> dict:
+def run_decoded(sess, images: np.ndarray, pre: dict, batch: int = BATCH) -> np.ndarray:
+    """run_batches on decoded uint8 images (N, S, S, 3), normalised one batch at a time (the same outputs)."""
     name = sess.get_inputs()[0].name
-    for _ in range(warmup):
-        sess.run(None, {name: x1})
-    times = np.empty(runs)
-    for i in range(runs):
-        t = time.perf_counter()
-        sess.run(None, {name: x1})
-        times[i] = (time.perf_counter() - t) * 1000.0
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(times.mean()), "runs": runs,
-            "warmup": warmup}
+    outputs = [np.asarray(sess.run(None, {name: normalize(images[i : i + batch], pre)})[0], dtype=np.float32)
+               for i in range(0, len(images), batch)]
+    return np.concatenate(outputs)
+
+
+def current_rss_bytes() -> int | None:
+    """Resident set size of this process now: /proc/self/statm on Linux; elsewhere the peak so far (ru_maxrss), which
+    right after the imports is close to it; None where neither exists (Windows)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return peak_rss_bytes()
+
+
+def timed_rounds(fns, rounds=5, runs=10, warmup=3):
+    """The one latency routine (edgessl's export, slim and this check use it): every callable in `fns` ({name:
+    fn()}) is warmed up, then timed in `rounds` rounds that take turns (a, b, a, b, ...: a machine whose load
+    changes slows every model alike), `runs` calls each per round. Returns {name: {"median_ms" (of every call),
+    "low_ms", "high_ms" (the lowest and highest round median: the spread), "p90_ms", "p99_ms", "mean_ms", "runs",
+    "rounds"}}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            batch = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                fn()
+                batch.append((time.perf_counter() - t) * 1000.0)
+            times[name].append(batch)
+    out = {}
+    for name, per_round in times.items():
+        every = np.array([t for r in per_round for t in r])
+        medians = [float(np.median(r)) for r in per_round]
+        p50, p90, p99 = np.percentile(every, [50, 90, 99])
+        out[name] = {"median_ms": float(p50), "low_ms": min(medians), "high_ms": max(medians), "p90_ms": float(p90),
+                     "p99_ms": float(p99), "mean_ms": float(every.mean()), "runs": int(every.size),
+                     "rounds": rounds}
+    return out
+
+
+def verdict(a, b):
+    """"faster", "slower" or "no clear difference": a against b (timed_rounds entries), by whether their spreads
+    (lowest to highest round median) overlap; a winner is never picked from noise."""
+    if a["high_ms"] < b["low_ms"]:
+        return "faster"
+    if a["low_ms"] > b["high_ms"]:
+        return "slower"
+    return "no clear difference"
+
+
+def latency(sess, x1: np.ndarray, runs: int, warmup: int) -> dict:
+    """Batch-1 latency of one session (timed_rounds: 5 rounds of runs / 5): p50/p90/p99 and the round spread."""
+    name = sess.get_inputs()[0].name
+    rounds = max(1, min(5, runs))
+    t = timed_rounds({"model": lambda: sess.run(None, {name: x1})}, rounds, max(1, runs // rounds), warmup)["model"]
+    return {"p50": t["median_ms"], "p90": t["p90_ms"], "p99": t["p99_ms"], "mean": t["mean_ms"], "runs": t["runs"],
+            "warmup": warmup, "low": t["low_ms"], "high": t["high_ms"]}
 
 
 def throughput(sess, xb: np.ndarray, min_seconds: float = 1.0, min_iters: int = 3) -> float:
@@ -294,14 +469,20 @@ def load_reference(entry: dict, folder: Path) -> dict | None:
 
 def knn_vote(query: np.ndarray, memory: np.ndarray, labels: np.ndarray, classes: int, k: int, t: float = 0.1,
              exclude_self: bool = False) -> np.ndarray:
-    """Weighted kNN prediction (cosine, weights exp(sim / t)) as in edgessl.evaluate.knn."""
+    """Weighted kNN prediction (cosine, weights exp(sim / t)) as in edgessl.evaluate.knn. The neighbours are sorted
+    out `block` query rows at a time (each row's sort is the same as on the whole matrix; the (N, N) index matrix is
+    never held)."""
     q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
     m = memory / np.maximum(np.linalg.norm(memory, axis=1, keepdims=True), 1e-12)
     sim = q @ m.T
+    del m
     if exclude_self:
         np.fill_diagonal(sim, -np.inf)
     k = max(1, min(k, memory.shape[0] - (1 if exclude_self else 0)))
-    top = np.argsort(-sim, axis=1)[:, :k]
+    block = 256
+    top = np.empty((len(q), k), dtype=np.intp)
+    for a in range(0, len(q), block):
+        top[a : a + block] = np.argsort(-sim[a : a + block], axis=1)[:, :k]
     weights = np.exp(np.take_along_axis(sim, top, axis=1) / t)
     scores = np.zeros((len(q), classes))
     for j in range(k):
@@ -310,12 +491,12 @@ def knn_vote(query: np.ndarray, memory: np.ndarray, labels: np.ndarray, classes:
 
 
 def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict | None) -> dict:
-    """accuracy (classifier) or agreement (encoder) of labelled images; matched reference files."""
+    """accuracy (classifier), or knn_accuracy and reference_vote_accuracy (encoder), of labelled images; matched
+    reference files. data: run_images's dict (its "sha1" and "labels")."""
     res: dict = {}
     if reference is not None:  # images identical (after decoding) to reference images: end-to-end agreement
         index = {hashlib.sha1(img.tobytes()).hexdigest(): i for i, img in enumerate(reference["images"])}
-        keys = [hashlib.sha1(img.tobytes()).hexdigest() for img in data["images"]]
-        rows = [(r, index[k]) for r, k in enumerate(keys) if k in index]
+        rows = [(r, index[k]) for r, k in enumerate(data["sha1"]) if k in index]
         if rows:
             mine, theirs = zip(*rows)
             cos = cosines(reference["outputs"][list(theirs)], outputs[list(mine)])
@@ -338,20 +519,20 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
     labels = np.array([classes.index(n) for n in names])
     if len(labels) > 2:
         pred = knn_vote(outputs, outputs, labels, len(classes), k=20, exclude_self=True)
-        res["knn_loo_accuracy"] = float((pred == labels).mean())
+        res["knn_accuracy"] = float((pred == labels).mean())
     ref_classes = [str(c) for c in reference["classes"]] if reference is not None else []
     known = [r for r, n in enumerate(names) if n in ref_classes]
     ref_ok = reference is not None and (reference["labels"] >= 0).all()
     if known and ref_ok:
         pred = knn_vote(outputs[known], reference["outputs"], reference["labels"], len(ref_classes), k=10)
         target = np.array([ref_classes.index(names[r]) for r in known])
-        res["agreement"] = float((pred == target).mean())
-        res["agreement_detail"] = {"images": len(known), "reference_embeddings": int(len(reference["outputs"])),
+        res["reference_vote_accuracy"] = float((pred == target).mean())
+        res["reference_vote_detail"] = {"images": len(known), "reference_embeddings": int(len(reference["outputs"])),
                                    "method": "kNN vote (k=10, cosine, weights exp(sim/0.1)) over the reference "
                                              "embeddings agrees with the image's folder label"}
     else:
-        res["agreement"] = None
-        res["agreement_detail"] = {"note": "the reference embeddings carry no labels matching these class folders"}
+        res["reference_vote_accuracy"] = None
+        res["reference_vote_detail"] = {"note": "the reference embeddings carry no labels matching these class folders"}
     return res
 
 
@@ -374,12 +555,17 @@ def print_table(report: dict) -> None:
     rows = [
         ("model", f"{report['model']} ({report.get('precision') or '?'}, {report.get('kind') or '?'})"),
         ("input", " x ".join(str(d) for d in report["input_shape"])),
-        ("onnxruntime", f"{report['onnxruntime']} (threads: {report['threads'] or 'runtime default'})"),
+        ("onnxruntime", f"{report['onnxruntime']} ({report['execution_provider']}, threads: "
+                        f"{report['threads'] or 'runtime default'})"),
+        ("model load", f"{report['model_load_seconds']:.3f} s"),
         ("latency batch 1",
          f"p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms  ({lat['runs']} runs)"),
         (f"throughput batch {report['throughput_batch']}", f"{report['throughput_per_s']:.1f} images/s"),
         ("model size", _fmt_bytes(report["model_bytes"])),
-        ("peak RSS", _fmt_bytes(report["peak_rss_bytes"])),
+        ("peak RSS", _fmt_bytes(report["peak_rss_bytes"]) + (
+            f" ({_fmt_bytes(report['peak_rss_above_baseline_bytes'])} above the "
+            f"{_fmt_bytes(report['baseline_rss_bytes'])} after the imports)"
+            if report.get("peak_rss_above_baseline_bytes") is not None else "")),
     ]
     ref = report.get("reference")
     if ref:
@@ -391,11 +577,12 @@ def print_table(report: dict) -> None:
         rows.append(("images", f"{img['count']} from {img['folder']}" + skipped))
     if "accuracy" in report:
         rows.append(("accuracy", f"{report['accuracy']:.4f} on {report['accuracy_images']} labelled images"))
-    if "agreement" in report:
-        value = report["agreement"]
-        rows.append(("agreement", f"{value:.4f} (kNN over the reference embeddings)" if value is not None else "n/a"))
-    if "knn_loo_accuracy" in report:
-        rows.append(("kNN leave-one-out", f"{report['knn_loo_accuracy']:.4f}"))
+    if "knn_accuracy" in report:
+        rows.append(("kNN accuracy (leave-one-out)", f"{report['knn_accuracy']:.4f} (k=20, among the images)"))
+    if "reference_vote_accuracy" in report:
+        value = report["reference_vote_accuracy"]
+        rows.append(("reference vote accuracy", f"{value:.4f} (kNN vote over the reference embeddings = folder label)"
+                     if value is not None else "n/a (the reference embeddings carry no matching labels)"))
     if "reference_files" in report:
         rf = report["reference_files"]
         rows.append(("reference images found",
@@ -406,10 +593,13 @@ def print_table(report: dict) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="device_check.py", description="On-device check of an edgessl ONNX export.")
-    p.add_argument("model", type=Path, help="the .onnx file")
+    p.add_argument("model", type=Path, help="the .onnx (or .ort) file")
     p.add_argument("--manifest", type=Path, default=None, help="manifest.json [default: beside the model]")
     p.add_argument("--images", type=Path, default=None, help="folder of images (class subfolders = labels)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: runtime's choice]")
+    p.add_argument("--ep", choices=("cpu", "xnnpack"), default="cpu",
+                   help="execution provider: cpu, or xnnpack (XNNPACK first, CPU for the rest; needs an onnxruntime "
+                        "build with it) [default: cpu]")
     p.add_argument("--json", type=Path, default=None, dest="json_path", help="write the report as JSON here")
     p.add_argument("--runs", type=int, default=100, help="timed batch-1 runs (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed batch-1 runs first (default 10)")
@@ -424,18 +614,23 @@ def check(args) -> tuple[dict, int]:
     """Run the check; returns (report, exit code 0 or 1). Raises CheckError on bad input."""
     import onnxruntime as ort
 
+    baseline = current_rss_bytes()  # after the imports, before the model loads
     model = args.model
     if not model.is_file():
         raise CheckError(f"Model '{model}' not found.")
     if args.runs < 1 or args.batch < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise CheckError("--runs, --batch and --threads must be positive, --warmup zero or positive.")
+    ep = getattr(args, "ep", "cpu")
+    providers(ep)  # no XNNPACK: say so before anything is read
     manifest_path = args.manifest or model.parent / "manifest.json"
     entry = None
     if args.manifest is not None or manifest_path.is_file():
         entry = manifest_entry(model, load_manifest(manifest_path), manifest_path)
     elif args.images is not None:
         raise CheckError(f"--images needs the manifest (preprocessing); none given and none at '{manifest_path}'.")
-    sess = open_session(model, args.threads)
+    start = time.perf_counter()
+    sess = open_session(model, args.threads, ep)
+    load_seconds = time.perf_counter() - start
     if entry is not None:
         chw = check_input(sess, entry, model)
     else:
@@ -443,28 +638,29 @@ def check(args) -> tuple[dict, int]:
     pre = entry["preprocess"] if entry else None
     logits = bool(entry and (entry.get("kind") == "classifier" or entry.get("classes")))
     reference = load_reference(entry, manifest_path.parent) if entry else None
-    data = load_images(args.images, pre, args.max_images) if args.images is not None else None
+    paths = image_files(args.images, args.max_images) if args.images is not None else None
 
-    if data is not None:
-        sample = normalize(data["images"][:1], pre)
+    if paths is not None:
+        sample = normalize(first_image(args.images, paths, pre)[None], pre)
     elif reference is not None:
         sample = normalize(reference["images"][:1], pre)
     else:
         sample = np.random.default_rng(0).standard_normal((1, *chw)).astype(np.float32)
     report: dict = {
-        "model": str(model), "precision": entry.get("precision") if entry else None,
-        "kind": entry.get("kind") if entry else None,
+        "model": str(model), "format": "ort" if is_ort(model) else "onnx",
+        "precision": entry.get("precision") if entry else None, "kind": entry.get("kind") if entry else None,
         "manifest": str(manifest_path) if entry else None, "input_shape": [1, *chw], "threads": args.threads,
+        "execution_provider": sess.get_providers()[0],
         "onnxruntime": ort.__version__, "numpy": np.__version__, "platform": platform.platform(),
         "machine": platform.machine(),
-        "model_bytes": model.stat().st_size,
+        "model_bytes": model.stat().st_size, "model_load_seconds": load_seconds,
     }
     report["latency_ms"] = latency(sess, sample, args.runs, args.warmup)
     report["throughput_batch"] = args.batch
     report["throughput_per_s"] = throughput(sess, np.repeat(sample, args.batch, axis=0))
     code = 0
     if reference is not None:
-        out = run_batches(sess, normalize(reference["images"], pre))
+        out = run_decoded(sess, reference["images"], pre)
         fig = compare(reference["outputs"], out, logits)
         missed = within(fig, entry.get("bounds") or {})
         report["reference"] = {**fig, "bounds": entry.get("bounds"), "within_bounds": not missed}
@@ -472,12 +668,16 @@ def check(args) -> tuple[dict, int]:
             code = 1
             print(f"warning: outputs on the reference images are outside the manifest's bounds: {'; '.join(missed)}",
                   file=sys.stderr)
-    if data is not None:
-        outputs = run_batches(sess, normalize(data["images"], pre))
+    if paths is not None:
+        data = run_images(sess, args.images, paths, pre)
+        outputs = data["outputs"]
         report["images"] = {"folder": str(args.images), "count": int(len(outputs)), "skipped": data["skipped"],
                             "labelled": data["labels"] is not None}
         report.update(image_figures(entry, outputs, data, reference))
-    report["peak_rss_bytes"] = peak_rss_bytes()
+    peak = peak_rss_bytes()
+    report["peak_rss_bytes"] = peak
+    report["baseline_rss_bytes"] = baseline
+    report["peak_rss_above_baseline_bytes"] = peak - baseline if peak is not None and baseline is not None else None
     return report, code
 
 

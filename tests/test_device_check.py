@@ -3,6 +3,7 @@ refuses manifests that do not match the model. Uses the exports built once per s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -119,14 +120,23 @@ def test_script_runs_without_torch(exports, tmp_path):
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "latency batch 1" in proc.stdout and "agreement" in proc.stdout
+    assert "latency batch 1" in proc.stdout and "kNN accuracy (leave-one-out)" in proc.stdout
+    assert "reference vote accuracy" in proc.stdout and "model load" in proc.stdout
     report = json.loads(out.read_text())
     assert set(report["latency_ms"]) >= {"p50", "p90", "p99"} and report["latency_ms"]["runs"] >= 100
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p90"] <= report["latency_ms"]["p99"]
     assert isinstance(report["throughput_per_s"], float) and report["throughput_per_s"] > 0
     assert report["model_bytes"] == (export / "encoder.onnx").stat().st_size
     assert isinstance(report["peak_rss_bytes"], int) and report["peak_rss_bytes"] > 10 * 2**20
-    assert 0.0 <= report["agreement"] <= 1.0 and 0.0 <= report["knn_loo_accuracy"] <= 1.0
+    # a fresh process: the imports (numpy, Pillow, onnxruntime) are the baseline, the model and images come above it
+    above = report["peak_rss_above_baseline_bytes"]
+    assert isinstance(above, int) and 0 < above < report["peak_rss_bytes"]
+    assert above + report["baseline_rss_bytes"] == report["peak_rss_bytes"]
+    assert 0 < report["model_load_seconds"] < 60
+    assert report["execution_provider"] == "CPUExecutionProvider" and report["format"] == "onnx"
+    assert 0.0 <= report["reference_vote_accuracy"] <= 1.0 and 0.0 <= report["knn_accuracy"] <= 1.0
+    assert report["reference_vote_detail"]["images"] == report["images"]["count"]
+    assert not {"agreement", "agreement_detail", "knn_loo_accuracy"} & set(report)
     assert report["reference"]["within_bounds"] and report["reference"]["min_cosine"] >= 0.99999
     # the run's own images are the reference files: decoding on the "device" reproduces the export's outputs
     assert report["reference_files"]["matched"] >= 24 and report["reference_files"]["min_cosine"] >= 0.99999
@@ -235,9 +245,10 @@ def test_edgessl_check_command(exports, copy, tmp_path, capfd):
 
     out = tmp_path / "check.json"
     result = CliRunner().invoke(app, ["check", str(exports["export"] / "encoder.onnx"), "--json", str(out),
-                                      "--batch", "4"])
+                                      "--batch", "4", "--ep", "cpu"])
     assert result.exit_code == 0, capfd.readouterr().err
-    assert "p50" in json.loads(out.read_text())["latency_ms"]
+    report = json.loads(out.read_text())
+    assert "p50" in report["latency_ms"] and report["execution_provider"] == "CPUExecutionProvider"
     assert "latency batch 1" in capfd.readouterr().out
     with open(copy / "encoder.onnx", "ab") as f:
         f.write(b"\0")
@@ -245,3 +256,234 @@ def test_edgessl_check_command(exports, copy, tmp_path, capfd):
     assert result.exit_code == 2
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and "sha256" in err[0]
+
+
+# ------------------------------------------------------------------------------------------------ memory: streaming
+
+
+def test_normalize_in_place_equals_the_four_array_formula(script):
+    """normalize works in place on one float32 copy: bit for bit the old (x / 255 - mean) / std of four arrays."""
+    images = np.random.default_rng(1).integers(0, 256, (5, 9, 9, 3), dtype=np.uint8)
+    pre = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    old = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(255.0)
+    old = (old - np.asarray(pre["mean"], np.float32).reshape(1, -1, 1, 1)) / np.asarray(
+        pre["std"], np.float32).reshape(1, -1, 1, 1)
+    new = script.normalize(images, pre)
+    assert new.dtype == np.float32 and new.flags.c_contiguous and np.array_equal(new, old)
+
+
+def _knn_vote_whole(query, memory, labels, classes, k, t=0.1, exclude_self=False):
+    """The kNN vote as it was: one argsort of the whole (N, M) similarity matrix."""
+    q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+    m = memory / np.maximum(np.linalg.norm(memory, axis=1, keepdims=True), 1e-12)
+    sim = q @ m.T
+    if exclude_self:
+        np.fill_diagonal(sim, -np.inf)
+    k = max(1, min(k, memory.shape[0] - (1 if exclude_self else 0)))
+    top = np.argsort(-sim, axis=1)[:, :k]
+    weights = np.exp(np.take_along_axis(sim, top, axis=1) / t)
+    scores = np.zeros((len(q), classes))
+    for j in range(k):
+        np.add.at(scores, (np.arange(len(q)), labels[top[:, j]]), weights[:, j])
+    return scores.argmax(1)
+
+
+@pytest.mark.parametrize("n", [5, 600])
+def test_knn_vote_in_blocks_equals_one_sort(script, n):
+    rng = np.random.default_rng(n)
+    outputs = rng.standard_normal((n, 24)).astype(np.float32)
+    outputs[1] = outputs[0]  # ties
+    labels = rng.integers(0, 4, n)
+    for exclude in (True, False):
+        got = script.knn_vote(outputs, outputs, labels, 4, k=20, exclude_self=exclude)
+        assert np.array_equal(got, _knn_vote_whole(outputs, outputs, labels, 4, k=20, exclude_self=exclude))
+    memory, memory_labels = rng.standard_normal((50, 24)).astype(np.float32), rng.integers(0, 4, 50)
+    got = script.knn_vote(outputs, memory, memory_labels, 4, k=10)
+    assert np.array_equal(got, _knn_vote_whole(outputs, memory, memory_labels, 4, k=10))
+
+
+def test_rss_now_and_peak(script):
+    now, peak = script.current_rss_bytes(), script.peak_rss_bytes()
+    if peak is None:
+        pytest.skip("no resource module (Windows)")
+    assert 0 < now <= peak
+
+
+class _FakeSession:
+    """Stands in for onnxruntime.InferenceSession: records what it was given."""
+
+    made: list = []
+
+    def __init__(self, path, sess_options=None, providers=None, provider_options=None):
+        self.path, self.options, self.providers, self.provider_options = path, sess_options, providers, provider_options
+        _FakeSession.made.append(self)
+
+    def get_providers(self):
+        return list(self.providers)
+
+
+def test_session_options_for_low_memory_and_xnnpack(script, monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    _FakeSession.made = []
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    script.open_session(tmp_path / "m.onnx", 2)
+    cpu = _FakeSession.made[-1]
+    assert cpu.providers == ["CPUExecutionProvider"] and cpu.provider_options == [{}]
+    assert not cpu.options.enable_cpu_mem_arena and not cpu.options.enable_mem_pattern
+    assert cpu.options.intra_op_num_threads == 2
+    assert script.open_session(tmp_path / "m.onnx", 2, low_memory=False).options.enable_cpu_mem_arena
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [script.XNNPACK, "CPUExecutionProvider"])
+    xnn = script.open_session(tmp_path / "m.onnx", 4, "xnnpack")
+    assert xnn.providers == ["XnnpackExecutionProvider", "CPUExecutionProvider"]
+    assert xnn.provider_options == [{"intra_op_num_threads": "4"}, {}] and xnn.options.intra_op_num_threads == 1
+    assert xnn.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_ep_xnnpack_missing_is_one_line(script, monkeypatch, tmp_path, capsys):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
+    model = tmp_path / "encoder.onnx"
+    model.write_bytes(b"not read: the provider is checked first")
+    assert _main(script, model, "--ep", "xnnpack") == 2
+    assert _error_line(capsys) == (
+        "error: this onnxruntime build has no XNNPACK execution provider (it has: AzureExecutionProvider, "
+        "CPUExecutionProvider); use --ep cpu or an onnxruntime build with XNNPACK")
+    assert script.providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_manifest_entry_of_an_ort_file(script, tmp_path):
+    from edgessl.fileio import sha256_file
+
+    ort_file = tmp_path / "encoder.int8.ort"
+    ort_file.write_bytes(b"an .ort model")
+    shared = {"input": {"name": "images", "shape": ["batch", 3, 32, 32]}, "preprocess": {"image_size": 32}}
+    manifest = {"models": [
+        {"file": "encoder.onnx", "sha256": "0" * 64, **shared},
+        {"file": "encoder.int8.onnx", "sha256": "1" * 64, "precision": "int8", "bounds": {"min_cosine": 0.75},
+         "reference": "encoder.reference.npz", "mobile": {"ignored": True},
+         "ort": {"file": "encoder.int8.ort", "sha256": sha256_file(ort_file), "bytes": 13}, **shared},
+    ]}
+    entry = script.manifest_entry(ort_file, manifest, tmp_path / "manifest.json")
+    assert entry["file"] == "encoder.int8.onnx" and entry["precision"] == "int8"
+    assert entry["bounds"] == {"min_cosine": 0.75} and entry["reference"] == "encoder.reference.npz"
+    manifest["models"][1]["ort"]["sha256"] = "f" * 64
+    with pytest.raises(script.CheckError, match=r"encoder.int8.ort does not match manifest .*sha256"):
+        script.manifest_entry(ort_file, manifest, tmp_path / "manifest.json")
+    other = tmp_path / "encoder.ort"
+    other.write_bytes(b"x")
+    with pytest.raises(script.CheckError, match=r"does not list encoder.ort \(it lists .ort files: encoder.int8.ort\)"):
+        script.manifest_entry(other, manifest, tmp_path / "manifest.json")
+
+
+def _folder_with_unreadable(exports, dst: Path) -> Path:
+    """The export's images plus unreadable files among them (so that streaming's batches must skip them)."""
+    shutil.copytree(exports["data"], dst)
+    classes = sorted(p for p in dst.iterdir() if p.is_dir())
+    for i, cls in enumerate(classes[:3]):
+        (cls / f"{'a' if i else 'z'}_broken.png").write_bytes(b"not an image")
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [32, 7])
+def test_streaming_gives_the_outputs_of_all_at_once(script, exports, tmp_path, batch):
+    """run_images (decode, normalise, run `batch` images at a time) = the session on the stacked array of every
+    decoded image, bit for bit; the sha1 of each image and the skipped count as before."""
+    folder = _folder_with_unreadable(exports, tmp_path / "imgs")
+    export = exports["export"]
+    for model in ("encoder.onnx", "encoder.int8.onnx"):
+        entry = script.manifest_entry(export / model, script.load_manifest(export / "manifest.json"),
+                                      export / "manifest.json")
+        pre = entry["preprocess"]
+        sess = script.open_session(export / model, 1)
+        paths = script.image_files(folder)
+        data = script.run_images(sess, folder, paths, pre, batch)
+        decoded = [(p, script.decode(p, pre)) for p in paths if not p.name.endswith("_broken.png")]
+        stacked = np.stack([arr for _, arr in decoded])
+        assert np.array_equal(data["outputs"], script.run_batches(sess, script.normalize(stacked, pre), batch))
+        assert data["outputs"].dtype == np.float32 and data["outputs"].flags.c_contiguous
+        assert data["rel"] == [p.relative_to(folder).as_posix() for p, _ in decoded] and data["skipped"] == 3
+        assert data["sha1"] == [hashlib.sha1(arr.tobytes()).hexdigest() for _, arr in decoded]
+        assert sorted(set(data["labels"])) == sorted(p.name for p in folder.iterdir())
+        reference = script.load_reference(entry, export)
+        assert np.array_equal(script.run_decoded(sess, reference["images"], pre, batch),
+                              script.run_batches(sess, script.normalize(reference["images"], pre), batch))
+
+
+@pytest.mark.slow
+def test_figures_unchanged_by_streaming(script, exports, tmp_path):
+    """The report's figures on a folder with unreadable files are those of the outputs of all images at once."""
+    folder = _folder_with_unreadable(exports, tmp_path / "imgs")
+    out = tmp_path / "r.json"
+    export = exports["export"]
+    assert _main(script, export / "encoder.onnx", "--images", folder, "--runs", "5", "--batch", "4", "--json", out,
+                 "--quiet") == 0
+    report = json.loads(out.read_text())
+    entry = script.manifest_entry(export / "encoder.onnx", script.load_manifest(export / "manifest.json"),
+                                  export / "manifest.json")
+    pre = entry["preprocess"]
+    paths = [p for p in script.image_files(folder) if not p.name.endswith("_broken.png")]
+    stacked = np.stack([script.decode(p, pre) for p in paths])
+    outputs = script.run_batches(script.open_session(export / "encoder.onnx", 1), script.normalize(stacked, pre))
+    data = {"labels": [p.parent.name for p in paths], "sha1": [hashlib.sha1(a.tobytes()).hexdigest() for a in stacked]}
+    expected = script.image_figures(entry, outputs, data, script.load_reference(entry, export))
+    for key in ("knn_accuracy", "reference_vote_accuracy", "reference_files"):
+        assert report[key] == expected[key], key
+    assert report["images"] == {"folder": str(folder), "count": len(paths), "skipped": 3, "labelled": True}
+
+
+# ------------------------------------------------------------------------------------------------ .ort models
+
+
+def _write_ort(onnx_file: Path, folder: Path) -> Path:
+    """onnx_file converted to onnxruntime's .ort format in folder (<stem>.ort), on a copy in a temporary folder."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    work = folder / "ort-work"
+    work.mkdir()
+    src = work / onnx_file.name
+    shutil.copy(onnx_file, src)
+    convert_onnx_models_to_ort(src, output_dir=work / "out", optimization_styles=[OptimizationStyle.Fixed])
+    made = next((work / "out").rglob("*.ort"))
+    target = folder / (onnx_file.stem + ".ort")
+    shutil.copy(made, target)
+    shutil.rmtree(work)
+    return target
+
+
+@pytest.mark.slow
+def test_ort_model(script, exports, copy, tmp_path, capsys):
+    from edgessl.fileio import sha256_file
+
+    ort_file = _write_ort(copy / "encoder.int8.onnx", copy)
+    ort_entry = {"file": ort_file.name, "sha256": sha256_file(ort_file), "bytes": ort_file.stat().st_size}
+
+    def add(data):
+        next(m for m in data["models"] if m["file"] == "encoder.int8.onnx")["ort"] = ort_entry
+
+    _edit_manifest(copy, add)
+    capsys.readouterr()
+    out = tmp_path / "ort.json"
+    assert _main(script, ort_file, "--images", exports["data"], "--runs", "10", "--batch", "4", "--json", out) == 0
+    assert "kNN accuracy (leave-one-out)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["format"] == "ort" and report["precision"] == "int8"
+    assert report["model_bytes"] == ort_file.stat().st_size and report["model_load_seconds"] > 0
+    assert report["reference"]["within_bounds"] and report["reference_files"]["matched"] >= 24
+    out_onnx = tmp_path / "onnx.json"
+    assert _main(script, copy / "encoder.int8.onnx", "--images", exports["data"], "--runs", "10", "--batch", "4",
+                 "--json", out_onnx, "--quiet") == 0
+    onnx_report = json.loads(out_onnx.read_text())
+    assert report["reference"]["min_cosine"] == pytest.approx(onnx_report["reference"]["min_cosine"], abs=1e-4)
+    # the .ort file's own sha256 is checked, not the .onnx's
+    with open(ort_file, "ab") as f:
+        f.write(b"\0")
+    assert _main(script, ort_file) == 2
+    line = _error_line(capsys)
+    assert "encoder.int8.ort does not match manifest" in line and "sha256" in line
+    shutil.copy(ort_file, copy / "encoder.ort")
+    assert _main(script, copy / "encoder.ort") == 2
+    assert "does not list encoder.ort (it lists .ort files: encoder.int8.ort)" in _error_line(capsys)

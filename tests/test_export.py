@@ -107,7 +107,8 @@ def test_int8_runs_within_bound(exports):
     assert cos.min() >= bound["min_cosine"] and cos.mean() >= bound["mean_cosine"]
     comp = entry["comparison"]
     assert comp["size_ratio"] < 0.5 and comp["latency_ratio"] > 0
-    assert set(comp["knn_top1"]) >= {"fp32", "int8", "fp16"}  # the data has class folders
+    assert comp["latency_verdict"] in ("faster", "slower", "no clear difference")
+    assert set(comp["knn_accuracy"]) >= {"fp32", "int8", "fp16"}  # the data has class folders
     assert entry["conversion"]["format"] == "QDQ" and entry["conversion"]["per_channel"] is True
     import onnx
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from edgessl.deploy import quantize as qz
 from edgessl.deploy import sensitivity as sn
 from edgessl.deploy import speed as sp
 from edgessl.deploy.images import Sample, spread, to_input
+from edgessl.deploy.mobile import mobile_usability, write_ort
 from edgessl.errors import UserError
 from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict, knn_top1
 from edgessl.fileio import sha256_file
@@ -64,20 +65,20 @@ def _classifier_targets(sample: Sample, classes: list[str]) -> tuple[np.ndarray,
 
 def _task_figures(kind: str, sample: Sample, meta: dict[str, Any], outputs: dict[str, np.ndarray],
                   ref: np.ndarray) -> dict[str, Any]:
-    """Per precision: encoder on a labelled sample: kNN top-1 and kNN agreement with PyTorch (the share of images
-    whose leave-one-out kNN label is the one PyTorch's features give); classifier on folders named like its classes:
-    accuracy."""
+    """Per precision: encoder on a labelled sample: knn_accuracy (leave-one-out kNN top-1 of the exported model's
+    outputs) and agreement_with_pytorch (the share of images whose leave-one-out kNN label is the one PyTorch's
+    features give: 1 for a perfect export); classifier on folders named like its classes: accuracy."""
     if kind == "encoder" and sample.labels is not None and len(sample) > 2:
         classes = len(sample.classes)
         res = {p: _knn_top1(o, sample.labels, classes) for p, o in outputs.items()}
         torch_labels = _knn_labels(ref, sample.labels, classes)
         agree = {p: float((_knn_labels(o, sample.labels, classes) == torch_labels).mean()) for p, o in outputs.items()}
         k = min(KNN_K[0], len(sample) - 1)
-        return {"knn_top1": {**res, "k": k, "images": len(sample),
-                             "protocol": f"leave-one-out weighted kNN, cosine, t={KNN_T:g}, on the checked images"},
-                "knn_agreement": {**agree, "k": k, "images": len(sample),
-                                  "protocol": "share of the checked images whose leave-one-out kNN label equals the "
-                                              "one from PyTorch's features"}}
+        return {"knn_accuracy": {**res, "k": k, "images": len(sample),
+                                 "protocol": f"leave-one-out weighted kNN, cosine, t={KNN_T:g}, on the checked images"},
+                "agreement_with_pytorch": {**agree, "k": k, "images": len(sample),
+                                           "protocol": "share of the checked images whose leave-one-out kNN label "
+                                                       "equals the one from PyTorch's features"}}
     if kind == "classifier":
         found = _classifier_targets(sample, meta["classes"])
         if found is not None:
@@ -151,7 +152,6 @@ class _Fp32:
     session: Any  # its ONNX Runtime session
     outputs: np.ndarray  # (N, D) on the parity images
     figures: dict[str, Any]  # parity against PyTorch (ox.compare)
-    speed: dict[str, Any] = field(default_factory=dict)  # speed.speed() figures, measured once the reference is written
 
     @property
     def input_name(self) -> str:
@@ -205,26 +205,23 @@ def _reduced_copy(precision: str, path: Path, fp32: _Fp32, src: Source, x: np.nd
 
 def _described(precision: str, path: Path, fp32: _Fp32, src: Source, x: np.ndarray, ref: np.ndarray,
                common: dict[str, Any], settings: dict[str, Any], say) -> tuple[dict[str, Any], np.ndarray]:
-    """Validate the written int8 or fp16 file, time it and compare it with fp32: (its manifest entry, its outputs)."""
+    """Validate the written int8 or fp16 file and compare it with fp32: (its manifest entry, its outputs). Its speed
+    is measured later, with every other file of the export (timed_speeds)."""
     sess, outp, fig = _validated(path, precision, x, ref, src.logits)
     cos = ox.cosines(fp32.outputs, outp)
-    speed = sp.speed(sess, x)
-    lat, fp32_lat = speed["batch1_ms"]["p50"], fp32.speed["batch1_ms"]["p50"]
     comparison = {
         "cosine_to_fp32": {"min": float(cos.min()), "mean": float(cos.mean())},
         "size_ratio": path.stat().st_size / fp32.path.stat().st_size,
-        "latency_ms_batch1": {"fp32": fp32_lat, precision: lat},
-        "latency_ratio": lat / fp32_lat,
     }
-    entry = _entry(path, precision, common, fig, conversion=settings, comparison=comparison, speed=speed)
+    entry = _entry(path, precision, common, fig, conversion=settings, comparison=comparison)
     say(f"  parity: min cosine {fig['min_cosine']:.5f} (mean {fig['mean_cosine']:.5f}); "
-                  f"size x{comparison['size_ratio']:.2f}, batch-1 latency x{comparison['latency_ratio']:.2f} of fp32")
+        f"size x{comparison['size_ratio']:.2f} of fp32")
     return entry, outp
 
 
 def _attempt(candidate: i8.Candidate, file: Path, prepared: tuple[Path, bool], fp32: _Fp32, calib_x: np.ndarray,
              x: np.ndarray, ref: np.ndarray, logits: bool) -> i8.Attempt:
-    """Quantise one candidate into `file` (a temporary path), check it against PyTorch and time it at batch 1."""
+    """Quantise one candidate into `file` (a temporary path) and check it against PyTorch."""
     source, pre_processed = prepared
     try:
         settings = qz.quantize_int8(fp32.path, file, calib_x, fp32.input_name, candidate.method,
@@ -235,8 +232,7 @@ def _attempt(candidate: i8.Candidate, file: Path, prepared: tuple[Path, bool], f
     except Exception as e:  # noqa: BLE001 - a candidate that cannot be built or run is a failed candidate
         file.unlink(missing_ok=True)
         return i8.Attempt(candidate, missed=[str(e) if isinstance(e, UserError) else ox.first_line(e)])
-    return i8.Attempt(candidate, figures, ox.failed_bounds(figures, "int8"), sp.batch1_p50(sess, x[:1]), file,
-                      settings)
+    return i8.Attempt(candidate, figures, ox.failed_bounds(figures, "int8"), file, settings)
 
 
 def _searched_int8(path: Path, fp32: _Fp32, src: Source, x: np.ndarray, ref: np.ndarray, common: dict[str, Any],
@@ -274,11 +270,12 @@ def _searched_int8(path: Path, fp32: _Fp32, src: Source, x: np.ndarray, ref: np.
         for failed in tried[:-1] if tried and tried[-1].passed else tried:
             if failed.path is not None:
                 failed.path.unlink(missing_ok=True)
-        latency = None
-        if tried and tried[-1].passed:
-            latency = sp.paired_p50(fp32.session, ox.session(tried[-1].path), x[:1])
-        ship, line = i8.decide(tried, mode, latency, fallback)
-        fp32_entry["int8_search"] = i8.search_record(mode, tried, ship, line, latency, measured or None)
+        speed = None
+        if mode == "faster-here" and tried and tried[-1].passed:
+            both = sp.measure({"fp32": fp32.session, "int8": ox.session(tried[-1].path)}, x)
+            speed = (both["fp32"], both["int8"], sp.verdict(both["int8"], both["fp32"]))
+        ship, line = i8.decide(tried, mode, speed, fallback)
+        fp32_entry["int8_search"] = i8.search_record(mode, tried, ship, line, measured or None)
         if not ship:
             return None, None, line
         part = path.with_name(path.name + ".part")
@@ -295,34 +292,61 @@ def _attempt_line(number: int, a: i8.Attempt) -> str:
         return f"{number}. {a.candidate.label}: {a.missed[0] if a.missed else 'failed'}"
     verdict = "passes" if a.passed else "misses " + "; ".join(a.missed)
     return (f"{number}. {a.candidate.label}: mean cosine {a.parity['mean_cosine']:.4f}, min "
-            f"{a.parity['min_cosine']:.4f}, batch-1 {a.latency_ms:.3g} ms: {verdict}")
+            f"{a.parity['min_cosine']:.4f}: {verdict}")
 
 
 def _add_task_figures(src: Source, outputs: dict[str, np.ndarray], ref: np.ndarray, entries: list[dict[str, Any]],
                       say) -> None:
-    """Add the task figures (kNN top-1 and agreement, or accuracy, per precision) to every entry's "comparison" and
-    print them with each precision's speed on this machine."""
+    """Add the task figures (kNN accuracy and agreement with PyTorch, or accuracy, per precision) to every entry's
+    "comparison" and print them."""
     task = _task_figures(src.kind, src.sample, src.meta, outputs, ref)
     for entry in entries:
         if task:
             entry.setdefault("comparison", {}).update(task)
-    for key, label in (("knn_top1", "kNN top-1 (leave-one-out)"), ("knn_agreement", "kNN agreement with PyTorch"),
-                       ("accuracy", "accuracy")):
+    for key, label in (("knn_accuracy", "kNN accuracy (leave-one-out)"), ("agreement_with_pytorch",
+                       "kNN agreement with PyTorch"), ("accuracy", "accuracy")):
         if key in task:
             values = ", ".join(f"{p} {task[key][p]:.4f}" for p in outputs)
             say(f"{label} on {task[key]['images']} labelled images: {values}")
+
+
+def timed_speeds(entries: list[dict[str, Any]], out_dir: Path, x: np.ndarray, say) -> None:
+    """Every written file timed in the same alternating rounds (edgessl.deploy.speed.measure): each entry's "speed",
+    and for int8 and fp16 its latency against fp32 with a verdict (faster / slower / no clear difference). One
+    line per file: one figure per batch size."""
+    speeds = sp.measure({e["precision"]: ox.session(out_dir / e["file"]) for e in entries}, x)
     for entry in entries:
-        sp_ = entry["speed"]
-        say(f"{entry['precision']} on this machine: batch-1 p50 {sp_['batch1_ms']['p50']:.3g} ms, p90 "
-                      f"{sp_['batch1_ms']['p90']:.3g} ms; {sp_['throughput']['images_per_s']:.0f} images/s at batch "
-                      f"{sp_['throughput']['batch']}; {entry['bytes'] / 2**20:.2f} MiB")
+        p, mine = entry["precision"], speeds[entry["precision"]]
+        entry["speed"] = mine
+        how = ""
+        if p != "fp32":
+            base = speeds["fp32"]["batch1_ms"]["p50"]
+            verdict = sp.verdict(mine, speeds["fp32"])
+            entry.setdefault("comparison", {}).update({
+                "latency_ms_batch1": {"fp32": base, p: mine["batch1_ms"]["p50"]},
+                "latency_ratio": mine["batch1_ms"]["p50"] / base, "latency_verdict": verdict})
+            how = f" ({verdict} than fp32)" if verdict != "no clear difference" else " (no clear difference from fp32)"
+        b1, tp = mine["batch1_ms"], mine["throughput"]
+        say(f"{p} on this machine: batch 1 {b1['p50']:.3g} ms [{b1['low']:.3g}-{b1['high']:.3g}]{how}; batch "
+            f"{tp['batch']} {tp['images_per_s']:.0f} images/s; {entry['bytes'] / 2**20:.2f} MiB")
+
+
+def mobile_and_ort(entries: list[dict[str, Any]], out_dir: Path, ort: bool, say) -> None:
+    """Each entry's "mobile" (onnxruntime's NNAPI / Core ML usability report) and, with ort, its .ort copy ("ort")."""
+    for entry in entries:
+        entry["mobile"] = mobile_usability(out_dir / entry["file"])
+        if ort:
+            made = write_ort(out_dir / entry["file"], out_dir)
+            entry["ort"] = {"file": made.name, "sha256": sha256_file(made), "bytes": made.stat().st_size}
+            say(f"{entry['precision']}: {made} (ORT format)")
 
 
 def write_models(src: Source, out_dir: Path, base_name: str, opset: int, mode: str | None, fp16: bool,
-                 calib_method: str, say) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+                 calib_method: str, say, ort: bool = False) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """The files of one export in out_dir: <base>.onnx (checked against PyTorch), <base>.reference.npz, and the
-    int8 (mode: edgessl.deploy.int8search's, None: none) and fp16 copies. Returns (manifest entries, notes: one line
-    each, e.g. why int8 was not written, failures: the copies that missed their check). say(line): the progress."""
+    int8 (mode: edgessl.deploy.int8search's, None: none) and fp16 copies, each timed, checked for mobile execution
+    providers and (ort) written in the .ort format too. Returns (manifest entries, notes: one line each, e.g. why
+    int8 was not written, failures: the copies that missed their check). say(line): the progress."""
     _remove_previous(out_dir, base_name)
     x = to_input(src.sample.images, src.meta["mean"], src.meta["std"])
     ref = torch_outputs(src.model, x)
@@ -330,8 +354,7 @@ def write_models(src: Source, out_dir: Path, base_name: str, opset: int, mode: s
     reference = out_dir / f"{base_name}.reference.npz"
     _write_reference(reference, src.sample, ref)
     common = _common_keys(src, fp32, reference.name, ref.shape[1])
-    fp32.speed = sp.speed(fp32.session, x)
-    entries = [_entry(fp32.path, "fp32", common, fp32.figures, speed=fp32.speed)]
+    entries = [_entry(fp32.path, "fp32", common, fp32.figures)]
     failures: list[str] = []
     notes: list[str] = []
     outputs = {"fp32": fp32.outputs}
@@ -356,6 +379,8 @@ def write_models(src: Source, out_dir: Path, base_name: str, opset: int, mode: s
         entries.append(entry)
         outputs[precision] = outp
     _add_task_figures(src, outputs, ref, entries, say)
+    timed_speeds(entries, out_dir, x, say)
+    mobile_and_ort(entries, out_dir, ort, say)
     for note in notes:
         say(note)
     return entries, notes, failures

@@ -4,9 +4,11 @@ and runtime details (export.py passes them in as functions, the tests pass fakes
 Order: the --calib-method (default minmax), then the other calibration methods of SEARCH_METHODS; when none meets
 the int8 bound, the method that came closest with growing tails of the network kept in float (sensitivity.py). The
 search stops at the first candidate that passes: the methods give the same graph, every later candidate keeps more
-in float, so the first that passes is the one with the most int8. It is shipped unless it is not faster than fp32 on
-this machine (mode "search"; "keep-slow" ships it anyway). Mode "strict" is the single configuration of
---calib-method, written when it passes and an error (exit 3) when it does not.
+in float, so the first that passes is the one with the most int8. It is written whenever it passes (mode "search",
+the default; "keep-slow" is its old name): this machine's speed is reported, never a reason to withhold the file
+(the device is another machine, and phones, boards and NPUs run int8 fastest). Mode "faster-here" writes it only
+when it is clearly faster than fp32 on this machine (for a model deployed where it is exported). Mode "strict" is
+the single configuration of --calib-method, written when it passes and an error (exit 3) when it does not.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from edgessl.deploy import onnx as ox
 from edgessl.errors import UserError
 
-MODES = ("search", "keep-slow", "strict")
+MODES = ("search", "keep-slow", "faster-here", "strict")  # keep-slow: search, kept as a name from 0.2
 # Entropy is not searched: quantize_static cannot set its histogram size, and with the default 128 bins (= the
 # quantised bins) its ranges equal MinMax's (identical scales on MobileNetV3-Small); 2048 bins took 60 s per model.
 SEARCH_METHODS = ("minmax", "percentile", "moving-average")
@@ -60,12 +62,11 @@ def shortfall(parity: dict[str, Any], bounds: dict[str, float] | None = None) ->
 @dataclass
 class Attempt:
     """A tried candidate: its parity against PyTorch (None when it could not be built or loaded), the bounds it
-    misses (or the error), its batch-1 p50 in ms, its temporary file and its conversion settings."""
+    misses (or the error), its temporary file and its conversion settings."""
 
     candidate: Candidate
     parity: dict[str, Any] | None = None
     missed: list[str] = field(default_factory=list)
-    latency_ms: float | None = None
     path: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -79,8 +80,7 @@ class Attempt:
             "min_cosine", "mean_cosine", "max_abs_diff", "rel_max_abs_diff", "top1_agreement") if k in self.parity}
         return {"candidate": self.candidate.label, "calibration": self.candidate.method,
                 "nodes_in_float": list(self.candidate.nodes_in_float), "tail_share": self.candidate.share,
-                "parity": parity, "passed": self.passed, "missed": list(self.missed),
-                "latency_ms_batch1_p50": self.latency_ms}
+                "parity": parity, "passed": self.passed, "missed": list(self.missed)}
 
 
 def method_candidates(first: str) -> list[Candidate]:
@@ -119,12 +119,12 @@ def _figures(a: Attempt) -> str:
     return f"mean cosine {a.parity['mean_cosine']:.4f}, min {a.parity['min_cosine']:.4f}"
 
 
-def decide(tried: list[Attempt], mode: str, latency: tuple[float, float] | None,
+def decide(tried: list[Attempt], mode: str, speed: tuple[dict, dict, str] | None = None,
            fallback: str = "fp32") -> tuple[bool, str]:
-    """(ship the passing attempt?, one line saying what happened and why, with the numbers).
+    """(write the passing attempt?, one line saying what happened and why, with the numbers).
 
-    latency: (fp32, int8) batch-1 p50 in ms of the passing attempt, timed side by side (None when none passed);
-    fallback: what the user gets instead ("fp32" or "fp32 and fp16")."""
+    speed: mode "faster-here" only: (fp32, int8) batch-1 figures of the passing attempt (edgessl.deploy.speed entries)
+    and the int8-vs-fp32 verdict; fallback: what the user gets instead ("fp32" or "fp32 and fp16")."""
     bounds = ", ".join(f"{k} {'<=' if k == 'rel_max_abs_diff' else '>='} {v:g}" for k, v in ox.BOUNDS["int8"].items())
     passing = tried[-1] if tried and tried[-1].passed else None
     if passing is None:
@@ -136,18 +136,16 @@ def decide(tried: list[Attempt], mode: str, latency: tuple[float, float] | None,
         return False, (f"int8 not written: none of {len(tried)} candidates meets the int8 bound ({bounds}); closest: "
                        f"{closest.candidate.label} at {_figures(closest)}. Kept {fallback}; the candidates are "
                        "listed in manifest.json.")
-    fp32_ms, int8_ms = latency if latency is not None else (float("nan"), float("nan"))
-    numbers = f"batch-1 p50 {int8_ms:.3g} ms vs fp32 {fp32_ms:.3g} ms on this machine"
-    if mode == "search" and not int8_ms < fp32_ms:
-        return False, (f"int8 not written: {passing.candidate.label} passes ({_figures(passing)}) but is not faster "
-                       f"than fp32 ({numbers}). Kept {fallback}; --int8-mode keep-slow writes it for a device "
-                       "where int8 is faster.")
     tries = f"{len(tried)} candidate{'s' if len(tried) > 1 else ''}"
-    slow = "" if int8_ms < fp32_ms else "; written although not faster than fp32 (--int8-mode keep-slow)"
-    return True, f"int8: {passing.candidate.label} passes ({_figures(passing)}) after {tries}, {numbers}{slow}."
+    if mode == "faster-here" and speed is not None and speed[2] != "faster":
+        fp32, int8, how = speed
+        return False, (f"int8 not written: {passing.candidate.label} passes ({_figures(passing)}) but is not clearly "
+                       f"faster than fp32 on this machine (batch 1: int8 {int8['batch1_ms']['p50']:.3g} ms vs fp32 "
+                       f"{fp32['batch1_ms']['p50']:.3g} ms, {how}); kept {fallback} (--int8-mode faster-here).")
+    return True, f"int8: {passing.candidate.label} passes ({_figures(passing)}) after {tries}."
 
 
-def search_record(mode: str, tried: list[Attempt], shipped: bool, line: str, latency: tuple[float, float] | None,
+def search_record(mode: str, tried: list[Attempt], shipped: bool, line: str,
                   sensitivity: dict[str, Any] | None) -> dict[str, Any]:
     """What manifest.json keeps of a search (under the fp32 entry's "int8_search")."""
     return {
@@ -155,6 +153,5 @@ def search_record(mode: str, tried: list[Attempt], shipped: bool, line: str, lat
         "order": "calibration methods (--calib-method first), then float tails of the closest one, smallest first",
         "candidates": [a.record() for a in tried],
         "shipped": tried[-1].candidate.label if shipped else None,
-        "latency_ms_batch1_p50": None if latency is None else {"fp32": latency[0], "int8": latency[1]},
         "sensitivity": sensitivity, "outcome": line,
     }

@@ -1,21 +1,18 @@
-"""Brief speed figures of an exported model on this machine (ONNX Runtime, CPU): batch-1 latency p50/p90 and
-throughput at batch 32, measured with export/device_check.py's own functions; and a paired batch-1 comparison of two
-models that alternates between them, so that a machine whose load changes during the export slows both alike."""
+"""Speed of exported models on this machine, by the one latency routine (export/device_check.py's timed_rounds, which
+the device check itself uses): warm-up, then rounds that take turns between the models compared, each figure a
+median with its spread (the lowest and highest round median), and "no clear difference" when two spreads overlap.
+Every precision of an export is timed in the same rounds, once: one figure per model and batch size."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 
 from edgessl.scripts import device_check_module
 
-LATENCY_RUNS = 30  # timed batch-1 runs per model at export (`edgessl check` / device_check.py do >= 100)
-WARMUP = 5
-THROUGHPUT_BATCH = 32
-THROUGHPUT_SECONDS = 0.3  # at least this long and 3 batches
-PAIRED_ROUNDS, PAIRED_RUNS = 5, 10  # int8-vs-fp32 decision: 5 alternating rounds of 10 batch-1 runs each
+ROUNDS, RUNS, WARMUP = 5, 10, 3  # batch 1: 5 alternating rounds of 10 runs per model
+THROUGHPUT_BATCH, THROUGHPUT_ROUNDS, THROUGHPUT_RUNS = 32, 3, 2
 
 
 def batch_of(x: np.ndarray, n: int) -> np.ndarray:
@@ -23,47 +20,33 @@ def batch_of(x: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.resize(x, (n, *x.shape[1:])))
 
 
-def speed(sess, x: np.ndarray) -> dict[str, Any]:
-    """{"batch1_ms": {"p50", "p90", "runs"}, "throughput": {"batch", "images_per_s"}} of one session on images x."""
+def _runner(sess, x: np.ndarray):
+    name = sess.get_inputs()[0].name
+    return lambda: sess.run(None, {name: x})
+
+
+def measure(sessions: dict[str, Any], x: np.ndarray) -> dict[str, dict[str, Any]]:
+    """{name: {"batch1_ms": {"p50", "p90", "low", "high", "runs"}, "throughput": {"batch", "images_per_s", "low",
+    "high"}}} of ONNX Runtime sessions on images x (N, 3, S, S), all timed in the same alternating rounds."""
     dc = device_check_module()
-    lat = dc.latency(sess, x[:1], LATENCY_RUNS, WARMUP)
-    per_s = dc.throughput(sess, batch_of(x, THROUGHPUT_BATCH), min_seconds=THROUGHPUT_SECONDS)
-    return {"batch1_ms": {"p50": lat["p50"], "p90": lat["p90"], "runs": LATENCY_RUNS},
-            "throughput": {"batch": THROUGHPUT_BATCH, "images_per_s": float(per_s)}}
+    lat = dc.timed_rounds({k: _runner(s, x[:1]) for k, s in sessions.items()}, ROUNDS, RUNS, WARMUP)
+    xb = batch_of(x, THROUGHPUT_BATCH)
+    thr = dc.timed_rounds({k: _runner(s, xb) for k, s in sessions.items()}, THROUGHPUT_ROUNDS, THROUGHPUT_RUNS, 1)
+    per_s = 1000.0 * THROUGHPUT_BATCH
+    return {k: {"batch1_ms": {"p50": lat[k]["median_ms"], "p90": lat[k]["p90_ms"], "low": lat[k]["low_ms"],
+                              "high": lat[k]["high_ms"], "runs": lat[k]["runs"]},
+                "throughput": {"batch": THROUGHPUT_BATCH, "images_per_s": per_s / thr[k]["median_ms"],
+                               "low": per_s / thr[k]["high_ms"], "high": per_s / thr[k]["low_ms"]}}
+            for k in sessions}
 
 
-def batch1_p50(sess, x1: np.ndarray, runs: int = LATENCY_RUNS) -> float:
-    """Median batch-1 latency in ms (after WARMUP runs)."""
-    return device_check_module().latency(sess, x1, runs, WARMUP)["p50"]
+def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """"faster" | "slower" | "no clear difference": batch-1 latency of speed entry a against b (measure())."""
+    return device_check_module().verdict(
+        {"low_ms": a["batch1_ms"]["low"], "high_ms": a["batch1_ms"]["high"]},
+        {"low_ms": b["batch1_ms"]["low"], "high_ms": b["batch1_ms"]["high"]})
 
 
-def paired_p50(sess_a, sess_b, x1: np.ndarray, rounds: int = PAIRED_ROUNDS,
-               runs: int = PAIRED_RUNS) -> tuple[float, float]:
-    """Median batch-1 ms of two sessions timed in alternating rounds (a, b, a, b, ...)."""
-    name_a, name_b = sess_a.get_inputs()[0].name, sess_b.get_inputs()[0].name
-    for _ in range(WARMUP):
-        sess_a.run(None, {name_a: x1})
-        sess_b.run(None, {name_b: x1})
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
-        for sess, name, out in ((sess_a, name_a, times[0]), (sess_b, name_b, times[1])):
-            for _ in range(runs):
-                t = time.perf_counter()
-                sess.run(None, {name: x1})
-                out.append((time.perf_counter() - t) * 1000.0)
-    return float(np.median(times[0])), float(np.median(times[1]))
-
-
-def timed_ms(fn, runs: int, min_seconds: float = 0.5, max_runs: int = 2000) -> float:
-    """Median ms of fn() over at least `runs` runs and `min_seconds` (sub-millisecond models get more runs), after
-    warm-up."""
-    for _ in range(WARMUP):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < runs or time.perf_counter() - start < min_seconds):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    times.sort()
-    return float(times[len(times) // 2])
+def timed_ms(fn, runs: int = RUNS) -> float:
+    """Median ms of fn() (any callable, e.g. a PyTorch forward), by the same routine."""
+    return device_check_module().timed_rounds({"fn": fn}, ROUNDS, max(1, runs // ROUNDS), WARMUP)["fn"]["median_ms"]

@@ -59,7 +59,7 @@ def export(run: str | Path, opts: ExportOptions, console=None) -> ExportResult:
     out_dir = Path(opts.out) if opts.out else src.run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     entries, notes, failures = write_models(src, out_dir, opts.name or src.kind, int(opts.opset), mode, opts.fp16,
-                                            opts.calib_method, functools.partial(say, markup=False))
+                                            opts.calib_method, functools.partial(say, markup=False), opts.ort)
     manifest = mf.write_manifest(out_dir, entries, _source(src, opts.classifier))
     if failures:
         raise ox.ValidationFailed(" ".join(failures) + f" The other files are listed in {manifest}.")
