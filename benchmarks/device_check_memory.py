@@ -19,7 +19,7 @@ set size", and the script's own peak_rss_bytes), RSS above the baseline after th
 it; for the before version it is its peak minus the after version's median baseline: both import the same modules),
 model load seconds (after only: the before version does not report it), batch-1 latency p50 and throughput. The
 before version is `git show REV:export/device_check.py` (default HEAD) or a file. Then the session options (the after
-version with onnxruntime's CPU memory arena and memory pattern switched back on, one or both), and a breakdown of
+version with onnxruntime's CPU memory arena and memory pattern each on or off), and a breakdown of
 where the memory goes, stage by stage in one fresh process (/proc/self/status VmRSS and VmHWM: Linux only). The load
 average (1, 5, 15 min) is recorded before and after.
 
@@ -58,10 +58,8 @@ import onnxruntime as ort
 mode = sys.argv[1]
 real = ort.InferenceSession
 def session(path, sess_options=None, **kw):
-    if mode in ("arena", "both"):
-        sess_options.enable_cpu_mem_arena = True
-    if mode in ("pattern", "both"):
-        sess_options.enable_mem_pattern = True
+    sess_options.enable_cpu_mem_arena = mode in ("arena", "both")
+    sess_options.enable_mem_pattern = mode in ("pattern", "both")
     return real(path, sess_options=sess_options, **kw)
 ort.InferenceSession = session
 spec = importlib.util.spec_from_file_location("device_check", sys.argv[2])
@@ -243,7 +241,7 @@ def measure_all(args, images: Path, tmp: Path, load: dict) -> dict[str, Any]:
             rows[name].append(measure([sys.executable, str(script), *common, "--json", str(out)], out))
             print(f"{name} {i + 1}/{args.repeats}: peak RSS {rows[name][-1]['peak_rss_bytes'] / MIB:.1f} MiB, "
                   f"p50 {rows[name][-1]['latency_p50_ms']:.2f} ms", flush=True)
-    variants = {"off (arena off, pattern off: kept)": "low", "arena on": "arena", "pattern on": "pattern",
+    variants = {"arena off, pattern off (kept)": "low", "arena on, pattern off": "arena", "pattern on": "pattern",
                 "both on (onnxruntime's default)": "both"}
     variant_rows = {label: [] for label in variants}
     driver = tmp / "variant.py"
