@@ -56,6 +56,37 @@ def test_copy_score_in_closed_cases():
     assert scores[3] < 0.5 and scores[4] == 0.0  # another picture; no contrast at all
 
 
+def test_an_anisotropic_crop_is_found_by_the_box_fit():
+    """A crop that kept 88 % of the width and all the height, resized back: no square window matches it, the fitted
+    box (cx, cy, hx, hy) does: its half-width lands near 0.88, its centre at the crop's."""
+    pic = _picture(6)
+    crop = np.asarray(Image.fromarray(pic[:, 8:64]).resize((64, 64), Image.Resampling.BICUBIC))  # x 8..64
+    rows = _rows(pic, crop)
+    images, win = cp.prepare(rows)
+    whole = win[1:2, 0].view(1, 3, cp.DESC, cp.DESC)
+    box, ncc = cp.fit_box(images[:1], whole, [torch.tensor([cp.WHOLE])])
+    assert ncc.item() > 0.97
+    assert box[0, 2].item() == pytest.approx(56 / 64, abs=0.03) and box[0, 3].item() == pytest.approx(1, abs=0.03)
+    assert box[0, 0].item() == pytest.approx(8 / 64, abs=0.03)  # centre (8 + 64) / 2 px = 0.125 right of the middle
+    assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1], [1, 0]])).min() > 0.9
+
+
+def test_a_copy_already_in_the_folder_is_no_false_match():
+    """A planted copy of o compared with x, a copy of o the folder already holds: not counted as a wrong pair; a
+    different picture scoring as high would be."""
+    from edgessl.evaluate.duplicates import copies_in_folder
+
+    o, other = _picture(7), _picture(8)
+    x = np.asarray(Image.fromarray(o[2:62, 1:63]).resize((64, 64), Image.Resampling.BICUBIC))
+    rows = _rows(o, x, other)
+    pairs = np.array([[0, 1], [0, 2]])  # (planted copy 0, folder image x) and (planted copy 0, other)
+    true = np.array([0.9, 0.95], np.float32)
+    got = copies_in_folder(pairs, np.array([0.96, 0.96], np.float32), np.array([0, 0]), true, lambda i: rows[i])
+    assert got.tolist() == [True, False]
+    low = copies_in_folder(pairs, np.array([0.5, 0.5], np.float32), np.array([0, 0]), true, lambda i: rows[i])
+    assert low.tolist() == [False, False]  # below every true score: never checked
+
+
 def test_a_local_difference_scores_below_noise_of_the_same_energy():
     """The worst-patch rule: one changed detail costs more than the same residual energy spread as noise."""
     pic = _picture(5).astype(np.float64)

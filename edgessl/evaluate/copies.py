@@ -1,11 +1,12 @@
 """Copies of one picture among a folder's images: the pixel-level score of a pair, exact twins, and the decision rule
 chosen on synthetic copies (pure functions; edgessl.workflows.embed wires them).
 
-The copy score of two images a, b: every window of a (the whole image, and crops keeping SCALES of each side at 3 x 3
-positions) is resized to DESC x DESC pixels, each colour channel's mean is removed and the window scaled to unit
-norm; the score is the largest dot product of a window of a with the whole of b, or of a window of b with the whole
-of a (a normalised cross-correlation). A crop, a resize, a brightness or contrast change and JPEG noise leave it
-near 1; another picture, even a similar one, scores lower. Flat windows (no contrast) score 0.
+The copy score of two images a, b: both are band-passed (shading and flat colour removed) and smoothed to the
+DESC x DESC comparison grid. A box in a (centre and half-sizes, so a crop that kept more of the width than of the
+height is found too) is fitted by gradient ascent on its normalised cross-correlation (NCC) with the whole of b,
+from the whole image and from the best of a coarse set of square crops, in both directions (a box in b against the
+whole of a); the better fit is judged by its worst patch (pair_scores). A crop, a resize, a brightness or contrast
+change and JPEG noise leave it near 1; another picture, even a similar one, scores lower. Flat images score 0.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 DESC = 24  # pixels on each side of a compared window
-SCALES = (0.95, 0.9, 0.85)  # crops compared besides the whole image (share of each side kept)
-POSITIONS = (0.0, 0.5, 1.0)  # where a crop sits, as a share of the room it has
-STEP = 0.0125  # the finer search: shifts and scale changes of this share of the image around the coarse winner
+SCALES = (0.95, 0.9, 0.85)  # the coarse search's square crops (share of each side kept)
+POSITIONS = (0.0, 0.5, 1.0)  # where a coarse crop sits, as a share of the room it has
+STEPS = 15  # gradient steps of the box fit (Adam)
+LR = 0.015  # Adam's step, in units of the half image (the box moves at most STEPS * LR = 0.225 of it)
 BAND = 0.2  # the band-pass neighbourhood, a share of the image's side (about 5 of the DESC pixels)
 GRID = 4  # the residual of the best alignment is judged patch by patch: GRID x GRID patches
 FLAT = 1e-3  # a window whose pixel spread (0..1 scale) is below this has no contrast: it scores 0
@@ -35,68 +37,103 @@ def band_pass(rows: torch.Tensor) -> torch.Tensor:
     return x - F.avg_pool2d(mean, (1, k), stride=1, padding=(0, k // 2), count_include_pad=False)
 
 
-def _crops(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """images (P, 3, S, S) band-passed; boxes (P, W, 4) (x1, y1, x2, y2 in pixels) -> (P, W, 3 * DESC * DESC): each
-    box sampled (bilinear, one sample per output pixel) on a DESC x DESC grid and scaled to unit norm; a box
-    without contrast is all zero. One grid_sample call: the W boxes are stacked along the output's height."""
-    p, w, size = boxes.shape[0], boxes.shape[1], images.shape[-1]
-    t = (torch.arange(DESC, dtype=torch.float32) + 0.5) / DESC  # sample positions inside a box, 0..1
-    xs = boxes[..., 0:1] + t * (boxes[..., 2:3] - boxes[..., 0:1])  # (P, W, DESC)
-    ys = boxes[..., 1:2] + t * (boxes[..., 3:4] - boxes[..., 1:2])
-    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), dim=-1)  # (P, W, D, D, 2)
-    grid = grid * (2 / size) - 1
-    x = F.grid_sample(images, grid.view(p, w * DESC, DESC, 2), mode="bilinear", align_corners=False)
-    x = x.view(p, 3, w, DESC, DESC).permute(0, 2, 1, 3, 4).reshape(p, w, -1)
-    norm = x.norm(dim=2, keepdim=True)
+def smooth(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, S, S) -> the same, blurred by a Gaussian of sigma S / (2 DESC) pixels (half a comparison pixel): the
+    DESC x DESC samples then do not alias, and the fit's NCC changes smoothly with the box."""
+    sigma = 0.5 * x.shape[-1] / DESC
+    rad = int(3 * sigma) + 1
+    g = torch.exp(-torch.arange(-rad, rad + 1, dtype=torch.float32) ** 2 / (2 * sigma * sigma))
+    g = (g / g.sum()).to(x.dtype)
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (rad, rad, 0, 0), mode="replicate"), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, rad, rad), mode="replicate"), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def sample(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """images (P, C, S, S); boxes (P, 4) = (cx, cy, hx, hy) in grid_sample's coordinates (the whole image is
+    (0, 0, 1, 1)) -> (P, C, DESC, DESC): each box sampled bilinearly at DESC x DESC cell centres (border padding)."""
+    t = (torch.arange(DESC, dtype=images.dtype) + 0.5) / DESC * 2 - 1
+    xs = boxes[:, 0:1] + boxes[:, 2:3] * t  # (P, DESC)
+    ys = boxes[:, 1:2] + boxes[:, 3:4] * t
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (P, DESC, DESC, 2)
+    return F.grid_sample(images, grid, mode="bilinear", align_corners=False, padding_mode="border")
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """(P, C, D, D) -> each channel's mean removed, each window scaled to unit norm (a flat window stays 0)."""
+    x = x - x.mean(dim=(2, 3), keepdim=True)
+    norm = x.flatten(1).norm(dim=1)[:, None, None, None]
     return torch.where(norm < FLAT * DESC, torch.zeros_like(x), x / norm.clamp_min(1e-12))
 
 
-def coarse_boxes(size: int) -> torch.Tensor:
-    """(W, 4) the windows the coarse search compares: the whole image, then SCALES x POSITIONS x POSITIONS crops."""
-    boxes = [(0.0, 0.0, 1.0, 1.0)]
+WHOLE = (0.0, 0.0, 1.0, 1.0)
+
+
+def coarse_boxes() -> torch.Tensor:
+    """(W, 4) the coarse search's boxes (cx, cy, hx, hy): the whole image, then SCALES x POSITIONS x POSITIONS
+    square crops."""
+    boxes = [WHOLE]
     for s in SCALES:
-        boxes += [(u * (1 - s), v * (1 - s), u * (1 - s) + s, v * (1 - s) + s) for v in POSITIONS for u in POSITIONS]
-    return torch.tensor(boxes) * size
-
-
-def _refine(best: torch.Tensor, size: int) -> torch.Tensor:
-    """(P, 4) boxes -> (P, 27, 4): each shifted by -STEP, 0, +STEP of the image on x and y and scaled by 1 - STEP, 1,
-    1 + STEP around its centre (a finer search around the coarse winner)."""
-    d = torch.tensor([-STEP, 0.0, STEP]) * size
-    cx, cy = (best[:, 0] + best[:, 2]) / 2, (best[:, 1] + best[:, 3]) / 2
-    half = (best[:, 2] - best[:, 0]) / 2
-    out = [torch.stack([cx + dx - half * k, cy + dy - half * k, cx + dx + half * k, cy + dy + half * k], dim=1)
-           for dx in d for dy in d for k in (1 - STEP, 1.0, 1 + STEP)]
-    return torch.stack(out, dim=1)
+        boxes += [((2 * u - 1) * (1 - s), (2 * v - 1) * (1 - s), s, s) for v in POSITIONS for u in POSITIONS]
+    return torch.tensor(boxes)
 
 
 def prepare(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, 3, S, S) uint8 -> (band-passed images, their coarse windows (U, W, F)): what pair_scores compares."""
-    images = band_pass(rows)
-    return images, _crops(images, coarse_boxes(rows.shape[-1])[None].expand(len(rows), -1, -1))
+    """(U, 3, S, S) uint8 -> (smoothed band-passed images (U, 3, S, S), their unit coarse windows (U, W, F)): what
+    pair_scores compares."""
+    images = smooth(band_pass(rows))
+    boxes = coarse_boxes()
+    n, w = len(rows), len(boxes)
+    win = unit(sample(images.repeat_interleave(w, 0), boxes.repeat(n, 1)))
+    return images, win.view(n, w, -1)
+
+
+def fit_box(src: torch.Tensor, whole: torch.Tensor, inits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """src (P, 3, S, S) images, whole (P, 3, DESC, DESC) unit windows of the other images, inits: (P, 4) candidate
+    boxes -> (the best boxes (P, 4), their NCC (P,)): from the init with the highest NCC, STEPS Adam steps raise
+    sum(unit(sample(src, box)) * whole); the box with the highest NCC seen on the way (the init included) wins."""
+    with torch.inference_mode(False), torch.enable_grad():
+        src, whole = src.clone(), whole.clone()
+        with torch.no_grad():
+            start = torch.stack([(unit(sample(src, b)) * whole).flatten(1).sum(1) for b in inits], 1).argmax(1)
+        box = torch.stack(inits, 1)[torch.arange(len(src)), start].clone().requires_grad_(True)
+        best_box, best = box.detach().clone(), torch.full((len(src),), -2.0)
+        opt = torch.optim.Adam([box], lr=LR)
+        for step in range(STEPS + 1):
+            ncc = (unit(sample(src, box)) * whole).flatten(1).sum(1)
+            better = ncc.detach() > best
+            best_box = torch.where(better[:, None], box.detach(), best_box)
+            best = torch.where(better, ncc.detach(), best)
+            if step < STEPS:
+                opt.zero_grad()
+                (-ncc.sum()).backward()
+                opt.step()
+    return best_box, best
 
 
 def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """Copy scores of image pairs: images, win from prepare(); pairs (P, 2) long rows of them -> (P,) (at most 1).
 
-    A window of one image (coarse_boxes, then _refine around the best) is matched to the whole other one, both ways
-    round; the best match's residual e = window - whole is cut into GRID x GRID patches and the score is
-    1 - GRID^2 * max_patch |e_p|^2 / 2: the dot product as if the worst patch's residual covered the whole image.
-    A copy's residual (JPEG noise, resampling) is spread over the picture and scores near its dot product; a
-    different picture that matches except for one detail (another figure in a group, a flag's emblem, another
-    scan of the same surface) concentrates its residual in some patch and scores lower."""
-    ia, ib, at = pairs[:, 0], pairs[:, 1], torch.arange(len(pairs))
-    dots = [torch.einsum("pwf,pf->pw", win[ia], win[ib, 0]), torch.einsum("pwf,pf->pw", win[ib], win[ia, 0])]
-    use_ab = dots[0].max(dim=1).values >= dots[1].max(dim=1).values  # a window of a matches b better than b's of a
-    src, dst = torch.where(use_ab, ia, ib), torch.where(use_ab, ib, ia)
-    boxes = coarse_boxes(images.shape[-1])
-    best = boxes[torch.where(use_ab, dots[0].argmax(dim=1), dots[1].argmax(dim=1))]
-    fine = _crops(images[src], torch.cat([best[:, None], _refine(best, images.shape[-1])], dim=1))
-    whole = win[dst, 0]
-    k = torch.einsum("pwf,pf->pw", fine, whole).argmax(dim=1)
-    e = (fine[at, k] - whole).view(len(pairs), 3, GRID, DESC // GRID, GRID, DESC // GRID)
+    In each direction (a box in a against the whole b, and a box in b against the whole a) the box is fitted
+    (fit_box) from the whole image and from the best coarse window; the direction with the higher NCC wins. Its
+    residual e = unit(box) - whole is cut into GRID x GRID patches and the score is 1 - GRID^2 * max_patch |e_p|^2 / 2:
+    the NCC as if the worst patch's residual covered the whole image. A copy's residual (JPEG noise, resampling) is
+    spread over the picture and scores near its NCC; a different picture that matches except for one detail (another
+    figure in a group, a flag's emblem, another scan of the same surface) concentrates its residual in some patch."""
+    p = len(pairs)
+    boxes = coarse_boxes()
+    fits = []
+    for src, dst in ((pairs[:, 0], pairs[:, 1]), (pairs[:, 1], pairs[:, 0])):
+        whole = win[dst, 0].view(p, 3, DESC, DESC)
+        coarse = boxes[torch.einsum("pwf,pf->pw", win[src], win[dst, 0]).argmax(dim=1)]
+        fits.append((src, whole, *fit_box(images[src], whole, [torch.tensor(WHOLE).expand(p, 4), coarse])))
+    use_ab = fits[0][3] >= fits[1][3]
+    src = torch.where(use_ab, fits[0][0], fits[1][0])
+    whole = torch.where(use_ab[:, None, None, None], fits[0][1], fits[1][1])
+    box = torch.where(use_ab[:, None], fits[0][2], fits[1][2])
+    e = (unit(sample(images[src], box)) - whole).view(p, 3, GRID, DESC // GRID, GRID, DESC // GRID)
     worst = e.square().sum(dim=(1, 3, 5)).flatten(1).max(dim=1).values
-    flat = (win[ia, 0].abs().sum(dim=1) == 0) | (whole.abs().sum(dim=1) == 0)
+    flat = (win[pairs[:, 0], 0].abs().sum(dim=1) == 0) | (win[pairs[:, 1], 0].abs().sum(dim=1) == 0)
     return torch.where(flat, torch.zeros_like(worst), 1 - GRID * GRID * worst / 2)
 
 

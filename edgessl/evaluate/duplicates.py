@@ -78,8 +78,26 @@ def calibrate(planted_unit: np.ndarray, originals: np.ndarray, unit: np.ndarray,
     is_true = pairs[:, 1] == originals[pairs[:, 0]]
     true = np.full(len(originals), -np.inf, np.float32)
     true[pairs[is_true, 0]] = scores[is_true]
-    wrong = scores[~is_true]
-    return Calibration(true, wrong[np.isfinite(wrong)], cosines, gate)
+    wrong = ~is_true & np.isfinite(scores)
+    wrong[wrong] = ~copies_in_folder(pairs[wrong], scores[wrong], originals, true, get_rows)
+    return Calibration(true, scores[wrong], cosines, gate)
+
+
+def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarray, true: np.ndarray,
+                     get_rows) -> np.ndarray:
+    """pairs (Q, 2) (planted copy, folder image x) scored `scores`, not the copy's original o -> (Q,) bool: x is
+    itself a copy of o already in the folder (a twin, a re-encoded file), so the pair is no false match: the folder's
+    own score of (o, x) reaches the planted copies' median true score. Only pairs that score at least the lowest
+    true score are checked (the others never move the threshold)."""
+    out = np.zeros(len(pairs), bool)
+    found = true[np.isfinite(true)]
+    if not len(found):
+        return out
+    check = scores >= found.min()
+    if check.any():
+        own = np.stack([originals[pairs[check, 0]], pairs[check, 1]], axis=1)
+        out[check] = cp.copy_scores(get_rows, own) >= np.median(found)
+    return out
 
 
 @dataclass
