@@ -236,6 +236,12 @@ def shared_cpu_section(rec) -> str:
     return "\n".join(out) + "\n"
 
 
+def midway_section(rec) -> str:
+    from benchmarks.shared_cpu import midway_section as section
+
+    return section(rec)
+
+
 def init_section(rec) -> str:
     from benchmarks.init_transfer import init_section as section
 
@@ -301,9 +307,9 @@ def eval_section(rec) -> str:
 def write_readme(results: Path, readme: Path) -> None:
     parts = [HEADER]
     sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section,
-                "slim": slim_section, "shared-cpu": shared_cpu_section, "eval": eval_section, "loader": loader_section, "export": export_search_section, "init": init_section,
+                "slim": slim_section, "shared-cpu": shared_cpu_section, "midway": midway_section, "eval": eval_section, "loader": loader_section, "export": export_search_section, "init": init_section,
                 "teacher": teacher_section, "duplicates": duplicates_section}
-    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "eval", "loader", "export",
+    for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "midway", "eval", "loader", "export",
                   "init", "teacher", "duplicates"):
         path = results / f"{suite}.json"
         if path.exists():

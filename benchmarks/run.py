@@ -12,6 +12,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   budget    equal wall-clock: each method trains for the time SimCLR's `--epochs` took in the accuracy suite
   shared-cpu  demo pretrain images/s and eval seconds, idle and beside a competing 2-thread PyTorch job, with the
             thread policy vs the old behaviour (benchmarks/shared_cpu.py); run it on an otherwise idle machine
+  midway    a competitor that arrives and leaves in the middle of a demo pretraining: images/s per phase with the
+            threads following the load vs fixed (benchmarks/shared_cpu.py); on an otherwise idle machine
   eval      seconds of `edgessl eval` (CIFAR-10 5k/5k, 10 and all labels, 3 seeds, random baseline) with the probe
             before and after its speed-ups, and every top-1 difference (benchmarks/eval_speed.py)
   export    the int8 search of `edgessl export --int8` for mobilenetv3_small (64 px) and resnet18 (32 px) after 1
@@ -44,8 +46,8 @@ from pathlib import Path
 
 from benchmarks.common import REPO, RESULTS, datasets, machine, probe, train_and_eval
 
-SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "eval", "loader", "export", "init",
-          "teacher", "duplicates")
+SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "midway", "eval", "loader", "export",
+          "init", "teacher", "duplicates")
 # ---------------------------------------------------------------- suites
 def suite_cost(args) -> list[dict]:
     rows = []
@@ -175,6 +177,12 @@ def suite_eval(args) -> list[dict]:
 
 def suite_shared_cpu(args) -> list[dict]:
     from benchmarks.shared_cpu import suite_shared_cpu as run
+
+    return run(args)
+
+
+def suite_midway(args) -> list[dict]:
+    from benchmarks.shared_cpu import suite_midway as run
 
     return run(args)
 

@@ -133,3 +133,81 @@ def suite_shared_cpu(args) -> list[dict[str, Any]]:
                                  "competitor_steps_per_s": comp_rate, "load_average_1min": load_before})
                     print(f"shared-cpu {workload} {load} {setting}: {r}", flush=True)
     return rows
+
+
+# ---------------------------------------------------------------- a competitor that arrives and leaves mid-run
+MIDWAY = {"follows the load (auto, the default)": [], "fixed at the start's choice (--threads 2)": ["--threads", "2"]}
+
+
+def _epochs_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def run_midway(flags: list[str], work: Path, data: Path, epochs: int, size: int, phases: tuple[int, int],
+               tiny: bool) -> dict[str, Any]:
+    """One pretraining (idle at its start) beside a competitor that starts once `phases[0]` epochs are done and stops
+    once `phases[1]` are: per-phase mean images/s (each phase's first epoch left out: it straddles the change)."""
+    out = work / f"midway-{time.time_ns()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    proc = subprocess.Popen([sys.executable, "-m", "edgessl", "pretrain", "--data", str(data), "--epochs", str(epochs),
+                             "--image-size", str(size), "--out", str(out), "--eval-every", "0", "--quiet", *flags],
+                            env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    comp, comp_rate = None, None
+    while proc.poll() is None:
+        done = _epochs_done(out)
+        if comp is None and comp_rate is None and done >= phases[0]:
+            comp = Competitor(work, 0.0)
+        if comp is not None and done >= phases[1]:
+            comp_rate, comp = comp.stop(), None
+        time.sleep(0.05 if tiny else 0.2)
+    if comp is not None:
+        comp_rate = comp.stop()
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.read())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    def rate(lo: int, hi: int) -> float:
+        part = rows[lo + 1 : hi] or rows[lo:hi]
+        return sum(r["images_per_s"] for r in part) / len(part)
+
+    idle, busy, after = rate(0, phases[0]), rate(phases[0], phases[1]), rate(phases[1], epochs)
+    return {"idle_images_per_s": idle, "competitor_images_per_s": busy, "after_images_per_s": after,
+            "busy_over_idle": busy / idle, "after_over_idle": after / idle, "competitor_steps_per_s": comp_rate,
+            "threads_per_epoch": [r["threads"] for r in rows],
+            "thread_changes": [c for r in rows for c in r.get("thread_changes", [])]}
+
+
+def suite_midway(args) -> list[dict[str, Any]]:
+    """The demo pretraining at 64 px for 12 epochs (tiny: 5 tiny epochs): idle for 4, a competitor for 4, idle
+    again; with the threads following the load vs fixed at the start's choice (tiny: the first only)."""
+    epochs, size, phases = (5, 32, (1, 3)) if args.tiny else (12, 64, (4, 8))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = _tiny_demo(work / "demo") if args.tiny else demo_images()
+        for setting, flags in list(MIDWAY.items())[: 1 if args.tiny else None]:
+            load = os.getloadavg()[0]
+            r = run_midway(flags, work, data, epochs, size, phases, args.tiny)
+            rows.append({"setting": setting, "epochs": epochs, "competitor_epochs": list(phases),
+                         "load_average_1min": load, **r})
+            print(f"midway {setting}: busy/idle {r['busy_over_idle']:.2f}, after/idle {r['after_over_idle']:.2f}, "
+                  f"threads {r['threads_per_epoch']}", flush=True)
+    return rows
+
+
+def midway_section(rec: dict[str, Any]) -> str:
+    m = rec["machine"]
+    out = ["## Shared CPU, a competitor midway: threads that follow the load\n",
+           f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; `{rec['command']}`. "
+           "The demo pretraining (64 px, 12 epochs) starts on an idle machine; the competitor above (a 2-thread "
+           "PyTorch training loop) starts when 4 epochs are done and stops when 8 are. Mean images/s per phase, each "
+           "phase's first epoch left out (it straddles the change). Goal: >= 0.4 x the idle rate beside the "
+           "competitor, >= 0.9 x after it leaves.\n",
+           "| setting | idle images/s | with competitor (x idle) | after it left (x idle) | threads per epoch | "
+           "competitor steps/s |", "|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        out.append(f"| {r['setting']} | {r['idle_images_per_s']:.0f} | {r['competitor_images_per_s']:.0f} "
+                   f"({r['busy_over_idle']:.2f}) | {r['after_images_per_s']:.0f} ({r['after_over_idle']:.2f}) | "
+                   f"{' '.join(str(t) for t in r['threads_per_epoch'])} | {r['competitor_steps_per_s'] or 0:.2f} |")
+    return "\n".join(out) + "\n"

@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,6 +79,12 @@ def choose_threads(option: int | str | None = "auto", busy: float | None = None)
         busy = busy_cores()
     if busy is None:
         return ThreadChoice(base, "auto: load not measurable")
+    return auto_threads(busy, base)
+
+
+def auto_threads(busy: float, base: int) -> ThreadChoice:
+    """The auto rule: `busy` cores taken by other work out of `base` -> all of them when (nearly) idle, else the
+    free ones rounded, at least 1."""
     free = base - busy
     if free >= base - 0.5:
         return ThreadChoice(base, "auto: machine idle")
@@ -90,6 +97,71 @@ def use_threads(option: int | str | None = "auto") -> ThreadChoice:
     choice = choose_threads(option)
     torch.set_num_threads(choice.threads)
     return choice
+
+
+RECHECK_SECONDS = 10.0  # how often a run with --threads auto looks at the load again (between two steps)
+
+
+def cpu_counters() -> tuple[float, float] | None:
+    """(busy, total) jiffies over the cores this process may use, summed since boot (None without /proc/stat)."""
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return _cpu_times(cpus)
+
+
+@dataclass
+class ThreadGovernor:
+    """--threads auto for a whole run: between steps, every RECHECK_SECONDS, the cores that *other* processes kept
+    busy since the last look (the machine's busy share from /proc/stat times its cores, minus this process's own CPU
+    time over the same wall time) decide the thread count again by the start's rule (auto_threads). A look reads two
+    counters (microseconds, no sleep); 10 s notices a competitor within a fraction of an epoch and averages over
+    enough steps that one slow step does not flip the count. Inactive (`active` False) with --threads N,
+    OMP_NUM_THREADS, --deterministic (a run that must repeat bit for bit keeps its count) or without /proc/stat.
+    `changes` lists every change: {"epoch", "step", "threads", "other_cores"}."""
+
+    choice: ThreadChoice
+    active: bool
+    base: int = field(default_factory=lambda: max(1, _DEFAULT_THREADS))
+    cores: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                       else os.cpu_count() or 1)
+    counters: Callable[[], tuple[float, float] | None] = cpu_counters
+    own_cpu: Callable[[], float] = time.process_time
+    clock: Callable[[], float] = time.monotonic
+    apply: Callable[[int], None] = torch.set_num_threads
+    changes: list = field(default_factory=list)
+    _last: tuple | None = None
+
+    def _look(self) -> tuple[float, tuple[float, float] | None, float]:
+        return self.clock(), self.counters(), self.own_cpu()
+
+    def tick(self, epoch: int, step: int) -> ThreadChoice | None:
+        """Call between steps; returns the new choice when the count changed (already applied), else None."""
+        if not self.active:
+            return None
+        now = self._look()
+        if self._last is None or now[1] is None or self._last[1] is None:
+            self._last = now
+            return None
+        if now[0] - self._last[0] < RECHECK_SECONDS:
+            return None
+        (t0, (b0, n0), c0), (t1, (b1, n1), c1) = self._last, now
+        self._last = now
+        if n1 <= n0 or t1 <= t0:
+            return None
+        others = max(0.0, self.cores * (b1 - b0) / (n1 - n0) - (c1 - c0) / (t1 - t0))
+        new = auto_threads(others, self.base)
+        if new.threads == self.choice.threads:
+            return None
+        self.apply(new.threads)
+        self.choice = new
+        self.changes.append({"epoch": epoch + 1, "step": step + 1, "threads": new.threads,
+                             "other_cores": round(others, 2)})
+        return new
+
+
+def thread_governor(choice: ThreadChoice, deterministic: bool = False) -> ThreadGovernor:
+    """The governor of a run whose start chose `choice` (active only when that was the auto rule's choice)."""
+    auto = choice.reason.startswith("auto") and choice.reason != "auto: load not measurable"
+    return ThreadGovernor(choice, active=auto and not deterministic)
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -193,3 +193,13 @@ def test_duplicates_suite(bench):
     assert planted["copies"] == 4 and 0 <= planted["precision"] <= 1 and 0 <= planted["recall"] <= 1
     assert 0 <= planted["estimated_precision"] <= 1 and planted["threshold"] > 0
     assert "## Duplicates: `edgessl embed --duplicates auto`" in readme
+
+
+def test_midway_suite(bench):
+    rec, readme = bench("midway")
+    assert [r["setting"] for r in rec["rows"]] == ["follows the load (auto, the default)"]  # --tiny: one setting
+    for r in rec["rows"]:
+        assert len(r["threads_per_epoch"]) == 5 and r["idle_images_per_s"] > 0 and r["busy_over_idle"] > 0
+        assert r["after_over_idle"] == pytest.approx(r["after_images_per_s"] / r["idle_images_per_s"])
+    assert all(c["threads"] >= 1 for c in rec["rows"][0]["thread_changes"])
+    assert "## Shared CPU, a competitor midway: threads that follow the load" in readme

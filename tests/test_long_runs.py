@@ -207,3 +207,40 @@ def test_eval_keeps_an_earlier_eval_and_names_the_classes(run_copy, labelled_dem
     assert second.exit_code == 0 and "An earlier eval.json is kept as eval.old-" in second.output
     kept = sorted(run_copy.glob("eval.old-*.json"))
     assert len(kept) == 1 and kept[0].read_text() == before and len(list(run_copy.glob("eval.old-*.png"))) == 1
+
+
+@pytest.mark.slow
+def test_threads_follow_the_load_between_steps_and_metrics_log_the_change(tiny_data, tmp_path, monkeypatch):
+    """A governor with scripted readings: a competitor arrives during epoch 1 and leaves in epoch 2; the count
+    changes between steps (as torch sees it), each change is printed and logged in that epoch's metrics row."""
+    import json
+
+    from edgessl import runtime
+    from edgessl.runtime import ThreadChoice
+    from edgessl.train import run as run_module
+
+    seen, load = [], {"others": 0.0, "t": 0.0, "busy": 0.0, "total": 0.0, "cpu": 0.0}
+
+    def clock():
+        load["t"] += 10.0  # every look is due
+        load["busy"] += min(2.0, load["others"] + 1.0) * 1000
+        load["total"] += 2000
+        load["cpu"] += 10.0
+        return load["t"]
+
+    def governor(choice, deterministic=False):
+        return runtime.ThreadGovernor(ThreadChoice(2, "auto: machine idle"), True, base=2, cores=2,
+                                      counters=lambda: (load["busy"], load["total"]), own_cpu=lambda: load["cpu"],
+                                      clock=clock, apply=seen.append)
+
+    def competitor(info):
+        load["others"] = 1.0 if (info.epoch, info.step) >= (0, 2) and info.epoch == 0 else 0.0
+
+    monkeypatch.setattr(run_module, "thread_governor", governor)
+    opts = {**TINY, "deterministic": False}
+    edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "run"), epochs=2, on_step=competitor, **opts)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert seen == [1, 2]
+    assert rows[0]["thread_changes"] == [{"epoch": 1, "step": 3, "threads": 1, "other_cores": 1.0}]
+    assert rows[1]["thread_changes"] == [{"epoch": 2, "step": 1, "threads": 2, "other_cores": 0.0}]
+    assert rows[0]["threads"] == 1 and rows[1]["threads"] == 2

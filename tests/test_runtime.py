@@ -54,6 +54,57 @@ def test_use_threads_applies_the_choice(two_cores):
         torch.set_num_threads(before)
 
 
+class _Machine:
+    """Scripted load for ThreadGovernor: each look advances the clock by `dt` seconds; `others` (cores other work
+    keeps busy) and `own` (this process's cores) hold until changed."""
+
+    def __init__(self, cores=2, dt=5.0):
+        self.cores, self.dt, self.t, self.busy, self.total, self.cpu = cores, dt, 0.0, 0.0, 0.0, 0.0
+        self.others, self.own, self.applied = 0.0, 2.0, []
+
+    def clock(self):
+        self.t += self.dt
+        self.busy += min(self.cores, self.others + self.own) * self.dt * 100  # jiffies at 100 Hz
+        self.total += self.cores * self.dt * 100
+        self.cpu += self.own * self.dt
+        return self.t
+
+    def governor(self, choice, active=True):
+        return runtime.ThreadGovernor(choice, active, base=2, cores=self.cores,
+                                      counters=lambda: (self.busy, self.total), own_cpu=lambda: self.cpu,
+                                      clock=self.clock, apply=self.applied.append)
+
+
+def test_the_governor_follows_injected_load_between_steps():
+    m = _Machine()
+    g = m.governor(ThreadChoice(2, "auto: machine idle"))
+    assert g.tick(0, 0) is None  # the first look only records
+    assert g.tick(0, 1) is None and m.applied == []  # 5 s later: not due (RECHECK_SECONDS = 10)
+    assert g.tick(0, 2) is None  # 10 s, idle: stays at 2
+    m.others, m.own = 1.0, 1.0  # a competitor takes a core; this run gets the other one
+    g.tick(0, 3)
+    new = g.tick(0, 4)
+    assert new == ThreadChoice(1, "auto: 1.0 of 2 cores busy with other work") and m.applied == [1]
+    assert g.changes == [{"epoch": 1, "step": 5, "threads": 1, "other_cores": 1.0}]
+    m.others = 0.0  # the competitor leaves: this run (1 thread, 1 core) is the only load
+    g.tick(1, 0)
+    assert g.tick(1, 1) == ThreadChoice(2, "auto: machine idle") and m.applied == [1, 2]
+    assert g.changes[-1] == {"epoch": 2, "step": 2, "threads": 2, "other_cores": 0.0}
+
+
+def test_the_governor_stays_off_unless_auto_chose():
+    m = _Machine()
+    m.others, m.own = 2.0, 0.5
+    for choice, deterministic in ((ThreadChoice(2, "--threads 2"), False), (ThreadChoice(1, "OMP_NUM_THREADS=1"),
+                                  False), (ThreadChoice(2, "auto: machine idle"), True),
+                                  (ThreadChoice(2, "auto: load not measurable"), False)):
+        g = runtime.thread_governor(choice, deterministic)
+        assert not g.active
+    g = m.governor(ThreadChoice(2, "--threads 2"), active=False)
+    assert all(g.tick(0, k) is None for k in range(10)) and m.applied == [] and m.t == 0.0  # never even looks
+    assert runtime.thread_governor(ThreadChoice(2, "auto: machine idle")).active
+
+
 def test_config_validates_threads():
     from edgessl.config import resolve
 

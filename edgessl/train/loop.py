@@ -59,6 +59,7 @@ def train_epochs(run: Run, state: TrainState, objective: Objective, net: torch.n
                     if on_step is not None and bool(values.moved):  # a callback reads the loss: one sync per step
                         on_step(StepInfo(epoch, step, values.loss(), state.model, state.method, run.d.rank))
                     _between_steps(run, state, step + 1, len(batches), meter)
+                    _follow_load(run, epoch, step)
             state.steps_done, state.meter = 0, None
             end_epoch(run, state, epoch, meter)
     finally:
@@ -88,6 +89,20 @@ def _between_steps(run: Run, state: TrainState, done: int, steps: int, meter: Ep
     run.last_checkpoint = time.time()
     if stop:
         raise Terminated()
+
+
+def _thread_changes(run: Run, epoch: int) -> dict[str, Any]:
+    """{"thread_changes": [...]} when the governor changed the count during this epoch, else {}."""
+    changes = [c for c in (run.governor.changes if run.governor else []) if c["epoch"] == epoch + 1]
+    return {"thread_changes": changes} if changes else {}
+
+
+def _follow_load(run: Run, epoch: int, step: int) -> None:
+    """--threads auto: let the governor look at the load (every RECHECK_SECONDS) and say when the count changed."""
+    new = run.governor.tick(epoch, step) if run.governor is not None else None
+    if new is not None:
+        run.threads = new
+        run.say(f"CPU: {new.describe()} from epoch {epoch + 1}, step {step + 1}")
 
 
 def _rows_of(run: Run, batches: torch.Tensor) -> Callable[[int], torch.Tensor]:
@@ -168,6 +183,7 @@ def end_epoch(run: Run, state: TrainState, epoch: int, meter: EpochMeter) -> dic
         "seconds": seconds,
         "bank_feature_std": float(state.method.bank.weight.std(dim=0).mean()),
         "threads": run.threads.threads,
+        **_thread_changes(run, epoch),
         **run.every_row,
         **run.first_row,
     }

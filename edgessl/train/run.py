@@ -16,7 +16,7 @@ from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, Terminated
 from edgessl.loggers import Loggers, check_installed, parse_loggers
 from edgessl.rundir import absolute, plural
-from edgessl.runtime import StopRequest, pick_device, pick_precision, use_threads
+from edgessl.runtime import StopRequest, pick_device, pick_precision, thread_governor, use_threads
 from edgessl.train import distributed
 from edgessl.train.build import add_predictor, build_model, encoder_meta, init_bank, new_state, set_determinism
 from edgessl.train.loop import train_epochs
@@ -100,7 +100,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir))
     meta = encoder_meta(cfg, arch, feat_dim, widths, warm)
     run = Run(cfg, d, device, run_dir, images, distributed.local_rows(batch, d.rank, d.world), monitor, meta, threads,
-              console, quiet, AugmentConfig(blur_p=cfg.blur), stop=stop)
+              console, quiet, AugmentConfig(blur_p=cfg.blur), stop=stop,
+              governor=thread_governor(threads, cfg.deterministic))
     # ---- every check has passed: from here on the run directory is written
     files = write_run_files(run_dir, ckpt is not None, overwrite, cfg, images, signature, warn) if d.main else None
     run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict(), warn) if d.main else Loggers()

@@ -18,7 +18,7 @@ from edgessl.data.augment import AugmentConfig
 from edgessl.data.folder import ImageSet
 from edgessl.loggers import Loggers
 from edgessl.method.instance import InstanceDiscrimination
-from edgessl.runtime import ThreadChoice
+from edgessl.runtime import ThreadChoice, ThreadGovernor
 from edgessl.train import distributed
 
 
@@ -103,6 +103,7 @@ class Run:
     every_row: dict[str, Any] = field(default_factory=dict)  # merged into every metrics row
     stop: Any = None  # edgessl.runtime.StopRequest: SIGTERM asks the loop to checkpoint and stop
     last_checkpoint: float = field(default_factory=time.time)  # when the last checkpoint was written
+    governor: ThreadGovernor | None = None  # --threads auto: the count follows the load between steps
 
     def say(self, msg: str) -> None:
         if not self.quiet:
