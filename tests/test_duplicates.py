@@ -72,19 +72,22 @@ def test_an_anisotropic_crop_is_found_by_the_box_fit():
 
 
 def test_a_copy_already_in_the_folder_is_no_false_match():
-    """A planted copy of o compared with x, a copy of o the folder already holds: not counted as a wrong pair; a
-    different picture scoring as high would be."""
+    """A planted copy c of o compared with x, a copy of o the folder already holds: not counted as a wrong pair (the
+    folder's own (o, x) scores like a copy); a different picture is, unless c matches it at least as well as it
+    matches o (then the score cannot tell them apart)."""
     from edgessl.evaluate.duplicates import copies_in_folder
 
     o, other = _picture(7), _picture(8)
     x = np.asarray(Image.fromarray(o[2:62, 1:63]).resize((64, 64), Image.Resampling.BICUBIC))
     rows = _rows(o, x, other)
-    pairs = np.array([[0, 1], [0, 2]])  # (planted copy 0, folder image x) and (planted copy 0, other)
-    true = np.array([0.9, 0.95], np.float32)
-    got = copies_in_folder(pairs, np.array([0.96, 0.96], np.float32), np.array([0, 0]), true, lambda i: rows[i])
+    pairs, originals = np.array([[0, 1], [0, 2]]), np.array([0, 0])  # (c, x) and (c, other); c's original: row 0
+    true = np.array([0.97, 0.95], np.float32)  # c scores 0.97 with o; the bar (5 % quantile) is 0.951
+    got = copies_in_folder(pairs, np.array([0.96, 0.96], np.float32), originals, true, lambda i: rows[i])
     assert got.tolist() == [True, False]
-    low = copies_in_folder(pairs, np.array([0.5, 0.5], np.float32), np.array([0, 0]), true, lambda i: rows[i])
-    assert low.tolist() == [False, False]  # below every true score: never checked
+    got = copies_in_folder(pairs, np.array([0.96, 0.98], np.float32), originals, true, lambda i: rows[i])
+    assert got.tolist() == [True, True]  # c matches `other` (0.98) better than o (0.97)
+    low = copies_in_folder(pairs, np.array([0.5, 0.5], np.float32), originals, true, lambda i: rows[i])
+    assert low.tolist() == [False, False]  # below the bar: never checked
 
 
 def test_a_local_difference_scores_below_noise_of_the_same_energy():
@@ -176,3 +179,24 @@ def test_embed_finds_a_planted_copy_and_names_the_three_kinds(demo_run, folder_w
     res = runner.invoke(app, ["embed", str(demo_run), "--data", str(data), "--out", str(tmp_path / "f.npz"),
                               "--duplicates", "0.99", "--planted", "24"])
     assert res.exit_code == 0 and "copy score >= 0.990, given" in res.output
+
+
+def test_thumbnails_ignore_brightness_and_contrast():
+    pic = _picture(9).astype(np.float64)
+    brighter = np.clip(pic * 0.8 + 30, 0, 255)  # a linear change, inside 0..255
+    rows = torch.from_numpy(np.stack([pic, brighter, np.full_like(pic, 90)])).permute(0, 3, 1, 2)
+    t = cp.thumbnails(lambda i: rows[i], 3, chunk=2)
+    assert t.shape == (3, 3 * cp.THUMB * cp.THUMB)
+    assert np.linalg.norm(t[0]) == pytest.approx(1, abs=1e-5) and t[0] @ t[1] == pytest.approx(1, abs=1e-5)
+    assert not t[2].any()  # flat: no direction
+
+
+def test_candidates_come_from_either_space_above_its_gate():
+    from edgessl.evaluate.duplicates import folder_candidates
+
+    emb = np.eye(4, dtype=np.float32)  # the embedding sees no pair
+    emb[1] = [0.6, 0.8, 0, 0]  # ... except (0, 1) at cosine 0.6
+    thumb = np.array([[1, 0], [0, 1], [0.8, 0.6], [0, 1]], np.float32)  # the pixels see (1, 3) at 1.0, (0, 2) at 0.8
+    got = folder_candidates([emb, thumb], gates=[0.5, 0.9]).tolist()
+    assert got == [[0, 1], [1, 3]]  # (0, 2) is below the thumbnails' gate
+    assert folder_candidates([emb, thumb], gates=[0.7, 0.7]).tolist() == [[0, 2], [1, 3]]

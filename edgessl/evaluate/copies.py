@@ -25,6 +25,7 @@ STEPS = 15  # gradient steps of the box fit (Adam)
 LR = 0.015  # Adam's step, in units of the half image (the box moves at most STEPS * LR = 0.225 of it)
 BAND = 0.2  # the band-pass neighbourhood, a share of the image's side (about 5 of the DESC pixels)
 GRID = 4  # the residual of the best alignment is judged patch by patch: GRID x GRID patches
+SMOOTH = 0.5  # the Gaussian blur before comparing, in comparison pixels (sigma)
 FLAT = 1e-3  # a window whose pixel spread (0..1 scale) is below this has no contrast: it scores 0
 
 
@@ -40,7 +41,7 @@ def band_pass(rows: torch.Tensor) -> torch.Tensor:
 def smooth(x: torch.Tensor) -> torch.Tensor:
     """(B, C, S, S) -> the same, blurred by a Gaussian of sigma S / (2 DESC) pixels (half a comparison pixel): the
     DESC x DESC samples then do not alias, and the fit's NCC changes smoothly with the box."""
-    sigma = 0.5 * x.shape[-1] / DESC
+    sigma = SMOOTH * x.shape[-1] / DESC
     rad = int(3 * sigma) + 1
     g = torch.exp(-torch.arange(-rad, rad + 1, dtype=torch.float32) ** 2 / (2 * sigma * sigma))
     g = (g / g.sum()).to(x.dtype)
@@ -149,6 +150,23 @@ def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.n
         rows = torch.cat([get_a(ua), (get_b or get_a)(ub)])  # each image prepared once per chunk
         images, win = prepare(rows)
         out[start : start + len(part)] = pair_scores(images, win, torch.stack([ia, ib + len(ua)], 1)).numpy()
+    return out
+
+
+THUMB = 8  # the pixel thumbnail that proposes candidate pairs: THUMB x THUMB, 3 colours
+
+
+def thumbnails(get_rows, n: int, chunk: int = 1024) -> np.ndarray:
+    """(n, 3 * THUMB * THUMB) float32 unit rows: each image (rows 0..n-1 of get_rows) area-averaged to THUMB x THUMB,
+    each colour's mean removed. A copy's thumbnail stays close to its original's (a 10 % crop moves it by less than
+    a thumbnail pixel; brightness and contrast are normalised away); a flat image's row is zero."""
+    out = np.zeros((n, 3 * THUMB * THUMB), np.float32)
+    for start in range(0, n, chunk):
+        rows = get_rows(torch.arange(start, min(n, start + chunk))).float()
+        x = F.adaptive_avg_pool2d(rows, THUMB)
+        x = (x - x.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        norm = x.norm(dim=1, keepdim=True)
+        out[start : start + len(x)] = torch.where(norm < 1e-3, torch.zeros_like(x), x / norm.clamp_min(1e-12)).numpy()
     return out
 
 

@@ -2,16 +2,19 @@
 it; the maths is in edgessl.evaluate.copies and edgessl.evaluate.neighbours).
 
 - exact: the same decoded pixels (at the size the encoder sees them);
-- copy: the same picture after a crop, a resize, a brightness or contrast change or a JPEG re-encoding: a pair of
-  the embedding's nearest neighbours whose copy score (edgessl.evaluate.copies) reaches the rule's threshold;
+- copy: the same picture after a crop, a resize, a brightness or contrast change or a JPEG re-encoding: a candidate
+  pair whose copy score (edgessl.evaluate.copies) reaches the rule's threshold;
 - similar: the embedding's nearest neighbours that are not copies, at least as close as half the planted copies are
   to their originals: for browsing, never called duplicates.
 
+Candidates come from two search spaces, each image's K nearest in either: the encoder's embedding (it knows the
+folder's content) and pixel thumbnails (copies.thumbnails: a copy stays close there even when an undertrained
+encoder moves it away). In each space, pairs less close than GATE_QUANTILE of the planted copies are to their
+originals are not compared: the pixel comparison runs on few pairs, not on every neighbour.
+
 The rule: planted copies of a seeded sample of the folder's own images (edgessl.data.copies) are embedded, searched
 among the folder like any image, and scored; the threshold is the lowest that reaches the target precision
-(copies.choose_rule). Pairs whose embedding cosine is below the GATE_QUANTILE quantile of the planted copies' are
-not scored (a copy is that close to its original in all but that share of cases): the pixel comparison runs on
-few pairs, not on every neighbour.
+(copies.choose_rule).
 """
 
 from __future__ import annotations
@@ -39,25 +42,16 @@ def neighbour_pairs(idx: np.ndarray, cos: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.stack([lo[first], hi[first]], axis=1), cos.reshape(-1)[first]
 
 
-def gated_scores(get_a, pairs: np.ndarray, cos: np.ndarray, gate: float, get_b=None) -> np.ndarray:
-    """Copy scores of the pairs whose cosine reaches `gate`; -inf for the others (never a copy)."""
-    out = np.full(len(pairs), -np.inf, np.float32)
-    keep = cos >= gate
-    if keep.any():
-        out[keep] = cp.copy_scores(get_a, pairs[keep], get_b)
-    return out
-
-
 @dataclass
 class Calibration:
     """What the planted copies showed: each one's score with its original (true; -inf when the original was not
-    among its neighbours or below the gate), its scores with the other images it was compared with (wrong), the
-    cosines of the copies to their originals, and the gate drawn from them."""
+    among its candidates), its scores with the other images it was compared with (wrong), the embedding cosines of
+    the copies to their originals, and each search space's gate drawn from them."""
 
     true: np.ndarray
     wrong: np.ndarray
     cosines: np.ndarray
-    gate: float
+    gates: list[float]
 
     @property
     def similar(self) -> float:
@@ -65,38 +59,58 @@ class Calibration:
         return float(np.median(self.cosines)) if len(self.cosines) else 1.0
 
 
-def calibrate(planted_unit: np.ndarray, originals: np.ndarray, unit: np.ndarray, get_planted, get_rows) -> Calibration:
-    """planted_unit (M, D): the planted copies' unit embeddings; originals (M,): the row of each copy's original in
-    unit (N, D), the folder's unit embeddings; get_planted / get_rows: their uint8 pixel rows."""
-    sims = planted_unit @ unit.T  # (M, N): M is a few hundred, so this stays small
-    cosines = sims[np.arange(len(originals)), originals].astype(np.float32)
-    gate = float(np.quantile(cosines, GATE_QUANTILE)) if len(cosines) else 1.0
-    k = min(K, unit.shape[0])
-    idx = np.argsort(-sims, axis=1)[:, :k]
-    pairs = np.stack([np.repeat(np.arange(len(originals)), k), idx.reshape(-1)], axis=1)
-    scores = gated_scores(get_planted, pairs, sims[pairs[:, 0], pairs[:, 1]], gate, get_rows)
+def planted_candidates(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.ndarray]):
+    """Per search space s, planted[s] (M, D_s) and folder[s] (N, D_s) unit rows -> (pairs (Q, 2) (planted row,
+    folder row), each once; gates per space; the embedding cosines (M,) of the copies to their originals)."""
+    found, gates, cosines = [], [], None
+    k = min(K, folder[0].shape[0])
+    for p, f in zip(planted, folder, strict=True):
+        sims = p @ f.T  # (M, N): M is a few hundred, so this stays small
+        true = sims[np.arange(len(originals)), originals].astype(np.float32)
+        cosines = true if cosines is None else cosines
+        gates.append(float(np.quantile(true, GATE_QUANTILE)) if len(true) else 1.0)
+        idx = np.argsort(-sims, axis=1)[:, :k]
+        rows = np.repeat(np.arange(len(originals)), k)
+        keep = sims[rows, idx.reshape(-1)] >= gates[-1]
+        found.append(np.stack([rows[keep], idx.reshape(-1)[keep]], axis=1))
+    pairs = np.unique(np.concatenate(found).reshape(-1, 2), axis=0)
+    return pairs, gates, cosines
+
+
+def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.ndarray], get_planted,
+              get_rows) -> Calibration:
+    """planted / folder: per search space (the embedding first, then the thumbnails) the planted copies' (M, D) and
+    the folder's (N, D) unit rows; originals (M,): each copy's original's row; get_planted / get_rows: their uint8
+    pixel rows."""
+    pairs, gates, cosines = planted_candidates(planted, originals, folder)
+    scores = cp.copy_scores(get_planted, pairs, get_rows) if len(pairs) else np.zeros(0, np.float32)
     is_true = pairs[:, 1] == originals[pairs[:, 0]]
     true = np.full(len(originals), -np.inf, np.float32)
     true[pairs[is_true, 0]] = scores[is_true]
-    wrong = ~is_true & np.isfinite(scores)
+    wrong = ~is_true
     wrong[wrong] = ~copies_in_folder(pairs[wrong], scores[wrong], originals, true, get_rows)
-    return Calibration(true, scores[wrong], cosines, gate)
+    return Calibration(true, scores[wrong], cosines, gates)
+
+
+EXCUSE_QUANTILE = 0.05  # a folder image matching the original as well as 95 % of planted copies do is its copy
 
 
 def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarray, true: np.ndarray,
                      get_rows) -> np.ndarray:
-    """pairs (Q, 2) (planted copy, folder image x) scored `scores`, not the copy's original o -> (Q,) bool: x is
-    itself a copy of o already in the folder (a twin, a re-encoded file), so the pair is no false match: the folder's
-    own score of (o, x) reaches the planted copies' median true score. Only pairs that score at least the lowest
-    true score are checked (the others never move the threshold)."""
+    """pairs (Q, 2) (planted copy c of original o, folder image x != o) scored `scores` -> (Q,) bool: x is itself a
+    copy of o already in the folder (a twin, a re-encoded file), so the pair is no false match. Checked for the pairs
+    scoring at least the EXCUSE_QUANTILE quantile of the true scores (the others never move the threshold): x is a
+    copy of o when the folder's own score of (o, x) reaches that bar too, or when c matches x at least as well as it
+    matches o (two copies of one picture can match each other better than either matches the sharper original)."""
     out = np.zeros(len(pairs), bool)
     found = true[np.isfinite(true)]
     if not len(found):
         return out
-    check = scores >= found.min()
+    bar = float(np.quantile(found, EXCUSE_QUANTILE))
+    check = scores >= bar
     if check.any():
         own = np.stack([originals[pairs[check, 0]], pairs[check, 1]], axis=1)
-        out[check] = cp.copy_scores(get_rows, own) >= np.median(found)
+        out[check] = (cp.copy_scores(get_rows, own) >= bar) | (scores[check] >= true[pairs[check, 0]])
     return out
 
 
@@ -124,15 +138,28 @@ class Scored:
     scores: np.ndarray  # (P,)
 
 
-def score_folder(unit: np.ndarray, hashes: list[str], get_rows: Callable, gate: float,
+def folder_candidates(spaces: list[np.ndarray], gates: list[float], use_faiss: bool | None = None) -> np.ndarray:
+    """(P, 2) pairs (i < j), each once: in any search space (N, D_s) unit rows, one is among the other's K nearest
+    at a similarity reaching that space's gate."""
+    found = []
+    for unit, gate in zip(spaces, gates, strict=True):
+        idx, cos = top_k_neighbours(unit, K, use_faiss=use_faiss)
+        pairs, pcos = neighbour_pairs(idx, cos)
+        found.append(pairs[pcos >= gate])
+    return np.unique(np.concatenate(found).reshape(-1, 2), axis=0)
+
+
+def score_folder(spaces: list[np.ndarray], hashes: list[str], get_rows: Callable, gates: list[float],
                  use_faiss: bool | None = None) -> Scored:
-    """Exact twins (equal hashes) and every other pair of K nearest neighbours, scored when its cosine reaches the
-    gate."""
-    idx, cos = top_k_neighbours(unit, K, use_faiss=use_faiss)
-    pairs, pcos = neighbour_pairs(idx, cos)
+    """Exact twins (equal hashes) and every other candidate pair (folder_candidates) with its embedding cosine
+    (spaces[0]) and copy score."""
+    pairs = folder_candidates(spaces, gates, use_faiss)
     same = np.array([hashes[a] == hashes[b] for a, b in pairs.tolist()], bool).reshape(-1)
-    pairs, pcos = pairs[~same], pcos[~same]
-    return Scored(cp.exact_pairs(hashes), pairs, pcos, gated_scores(get_rows, pairs, pcos, gate))
+    pairs = pairs[~same]
+    unit = spaces[0]
+    cosines = (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(axis=1).astype(np.float32)
+    scores = cp.copy_scores(get_rows, pairs) if len(pairs) else np.zeros(0, np.float32)
+    return Scored(cp.exact_pairs(hashes), pairs, cosines, scores)
 
 
 def classify(scored: Scored, unit: np.ndarray, rule: cp.Rule, similar: float) -> Found:

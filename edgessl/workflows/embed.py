@@ -147,8 +147,9 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     images = with_rows(src, embedded, data)
     n = len(result.paths)
     hashes = cp.pixel_hashes(images.get, n)
-    calibration = _calibrate(result, opts, src, images, unit, say)
-    scored = dup.score_folder(unit, hashes, images.get, calibration.gate, use_faiss)
+    spaces = [unit, cp.thumbnails(images.get, n)]  # candidates: the embedding's neighbours and the pixels'
+    calibration = _calibrate(result, opts, src, images, spaces, say)
+    scored = dup.score_folder(spaces, hashes, images.get, calibration.gates, use_faiss)
     threshold = duplicates_threshold(opts.duplicates)
     args = (calibration.true, calibration.wrong, scored.scores, opts.precision)
     result.rule = cp.choose_rule(*args) if threshold is None else cp.rule_at(threshold, *args)
@@ -164,7 +165,8 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
         result.written.append(write_keep(folder / "keep.txt", result.paths, found, opts.keep))
 
 
-def _calibrate(result: EmbedResult, opts: EmbedOptions, src, images, unit: np.ndarray, say) -> dup.Calibration:
+def _calibrate(result: EmbedResult, opts: EmbedOptions, src, images, spaces: list[np.ndarray],
+               say) -> dup.Calibration:
     """Plant copies of a seeded sample of the folder's images (edgessl.data.copies), embed them with the same
     encoder, and score them against the folder as the search will."""
     rows = sample(len(result.paths), int(opts.planted), seed=0)
@@ -175,5 +177,5 @@ def _calibrate(result: EmbedResult, opts: EmbedOptions, src, images, unit: np.nd
         if len(planted.paths) != len(files):
             raise UserError("a synthetic copy could not be decoded; run the command again.")
         planted_rows = with_rows(src, planted, Path(tmp), cache=False)
-        return dup.calibrate(_project(result, planted.embeddings), np.array(rows), unit, planted_rows.get,
-                             images.get)
+        planted_spaces = [_project(result, planted.embeddings), cp.thumbnails(planted_rows.get, len(files))]
+        return dup.calibrate(planted_spaces, np.array(rows), spaces, planted_rows.get, images.get)
