@@ -102,9 +102,13 @@ class MLflow:
     """An MLflow run: metrics, params (the config, once), config.yaml and the PNGs as artifacts."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any], record: dict[str, Any]):
+        import logging
+
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        for name in ("mlflow", "alembic"):  # its INFO lines ("Creating initial MLflow database tables...") stay out
+            logging.getLogger(name).setLevel(logging.WARNING)
         root = run_dir.resolve().parent
         uri = record.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=uri)

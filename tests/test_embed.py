@@ -212,3 +212,22 @@ def test_run_and_its_onnx_export_give_the_same_embeddings(demo_run, labelled_dem
         "group,kind,image,score,cosine,estimated_precision,keep")
 
 
+
+
+def test_the_gallery_names_every_image_and_its_cosine(tmp_path, monkeypatch):
+    from edgessl.report import gallery as g
+
+    shown = {}
+
+    def spy(fig, title):
+        shown["title"] = title
+        shown["labels"] = [ax.get_xlabel() for ax in fig.axes]
+
+    monkeypatch.setattr(g, "fit_title", spy)
+    img = np.zeros((8, 8, 3), np.uint8)
+    g.plot_neighbour_gallery([img, img], [[img, img], [img, img]], np.array([[0.9, 0.8], [0.7, 0.6]]),
+                             ["q0.png", "q1.png"], tmp_path / "n.png", neighbour_names=[["a.png", "b.png"],
+                                                                                        ["c.png", "d.png"]],
+                             space="whitened cosine, 8 directions")
+    assert shown["title"] == "nearest neighbours (whitened cosine, 8 directions), 2 queries x 2"
+    assert shown["labels"] == ["q0.png", "a.png", "b.png", "q1.png", "c.png", "d.png"]

@@ -183,3 +183,17 @@ def test_a_failing_logger_is_dropped_with_one_warning_and_training_goes_on(tiny_
                "(no-tty). call wandb.login(key=[your_api_key])")
     assert [line.strip() for line in res.output.splitlines() if "--logger" in line] == [warning]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and not (out / loggers.RECORD).exists()
+
+
+@pytest.mark.slow
+def test_mlflow_keeps_its_info_lines_out_of_the_console(tmp_path):
+    """MLflow logs "Creating initial MLflow database tables..." at INFO through its own handler: edgessl sets the
+    mlflow and alembic loggers to WARNING before it opens the store."""
+    import logging
+
+    pytest.importorskip("mlflow")
+    (tmp_path / "run").mkdir()
+    logging.getLogger("mlflow").setLevel(logging.INFO)
+    loggers.MLflow(tmp_path / "run", {"epochs": 1}, {})
+    assert logging.getLogger("mlflow").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("alembic").getEffectiveLevel() == logging.WARNING

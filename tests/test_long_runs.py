@@ -46,6 +46,7 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_the_resume_matches_a_strai
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
     resumed = edgessl.pretrain(resume=str(tmp_path / "cut"), quiet=True)
     _same_run(full.run_dir, resumed.run_dir, full.history, resumed.history)
+    assert [bool(r.get("resumed")) for r in resumed.history] == [False, True, False]  # curves.png marks epoch 2
 
 
 def _checkpoint_step(run):

@@ -336,3 +336,17 @@ def test_signature_of_a_folder_of_links(tmp_path):
     sig = folder_signature(tmp_path / "links", scan_images(tmp_path / "links"))
     assert [f[0] for f in sig["files"]] == [f"cls/{p.name}" for p in sorted(src.iterdir())]
     assert [f[1] for f in sig["files"]] == [p.stat().st_size for p in sorted(src.iterdir())]
+
+
+def test_curves_mark_a_resume_and_tick_whole_epochs():
+    from edgessl.report.plots import curves_figure
+
+    history = [{"epoch": e, "loss": 5.0 - e / 4, "knn_top1": 0.1 * e, **({"resumed": True} if e == 4 else {})}
+               for e in range(1, 7)]
+    fig = curves_figure(history)
+    for ax in fig.axes:
+        lines = [ln for ln in ax.get_lines() if ln.get_label() == "resumed"]
+        assert len(lines) == 1 and list(lines[0].get_xdata()) == [3, 3]  # after epoch 3 was checkpointed
+        assert "resumed" in [t.get_text() for t in ax.get_legend().get_texts()]
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 6]
+        assert ticks and all(float(t).is_integer() for t in ticks)

@@ -17,26 +17,26 @@ Unreadable files are skipped and listed in skipped_files.txt beside --out (one `
 pretraining lists them).
 
 --neighbours K writes neighbours.csv (every image's K nearest images by cosine) and neighbours.png (a gallery:
---gallery-rows query images, each beside its K nearest with their cosines). --duplicates T writes duplicates.csv:
-the pairs of images with cosine >= T, grouped (a group is every image linked by such pairs). Both search in chunks
-(never an N x N matrix: 100,000 images take the embeddings plus about 200 MiB); faiss is used when installed.
---whiten K makes both search PCA-whitened embeddings (fitted on this folder, K directions): on emoji with planted
-JPEG + crop copies it found copies more reliably than the raw cosine (benchmarks/README.md); the file keeps the raw
-embeddings. --mutual R keeps only the --duplicates pairs whose images are each (nearly) the other's nearest: the
-pair's distance 1 - cosine at most (1 + R) x each image's distance to its nearest other image (pixel twins count
-as one); it drops look-alikes that sit near a duplicate (clock faces, flags, skin-tone variants on emoji). With a
-100-epoch encoder, --duplicates 0.8 --whiten 128 --mutual 0.75 found planted JPEG + crop copies among the emoji
-with precision >= 0.94 and recall 0.92 (docs/embed.md).
+--gallery-rows query images, each beside its K nearest with their cosines). Searched in chunks (never an N x N
+matrix); faiss is used when installed.
+
+--duplicates auto finds three kinds: exact (the same decoded pixels), copy (the same picture re-encoded, resized,
+cropped a little, brighter or darker: each image's nearest neighbours are compared pixel by pixel on a fitted crop)
+and similar (close in the embedding; listed for browsing in similar.csv, never called duplicates). The copy
+threshold is chosen on --planted synthetic copies of this folder's own images for --precision (0.95), and the
+estimated precision and recall are printed with it; --duplicates T uses T and prints its estimates. It writes
+duplicates.csv (group, kind, image, score, cosine, estimated_precision, keep) and duplicates.png; --keep
+first|largest writes keep.txt. Nothing is ever deleted.
 
 **Examples**
 
     edgessl embed runs/my-run --data ./my_images --out emb.npz
-    edgessl embed runs/my-run --data ./my_images --out emb.npz --neighbours 5 --duplicates 0.95
-    edgessl embed runs/my-run --data ./my_images --out emb.npz --duplicates 0.9 --whiten 128
-    edgessl embed runs/my-run --data ./my_images --out emb.npz --duplicates 0.8 --whiten 128 --mutual 0.75
+    edgessl embed runs/my-run --data ./my_images --out emb.npz --neighbours 5 --duplicates auto
+    edgessl embed runs/my-run --data ./my_images --out emb.npz --duplicates auto --keep largest
     edgessl embed runs/my-run/export/encoder.onnx --data ./my_images --out emb.parquet   # needs edgessl[parquet]
 
-Writes --out, and beside it skipped_files.txt, neighbours.csv + neighbours.png and duplicates.csv as asked.
+Writes --out, and beside it skipped_files.txt, neighbours.csv + neighbours.png, duplicates.csv + duplicates.png,
+similar.csv and keep.txt as asked.
 """
 
 

@@ -11,11 +11,14 @@ from edgessl.report.plots import fit_title, pyplot
 
 
 def plot_neighbour_gallery(queries: Sequence[np.ndarray], neighbours: Sequence[Sequence[np.ndarray]],
-                           cosines: np.ndarray, names: Sequence[str], path: str | Path, title: str = "") -> None:
+                           cosines: np.ndarray, names: Sequence[str], path: str | Path, title: str = "",
+                           neighbour_names: Sequence[Sequence[str]] | None = None, space: str = "cosine") -> None:
     """One row per query: the query (framed, its file name below) then its neighbours, nearest first, each titled
-    with its cosine to the query.
+    with its cosine to the query (`space` names it in the title, e.g. "whitened cosine, 128 directions") and its
+    file name below.
 
-    queries: R images (H, W, 3) uint8; neighbours: R lists of K images; cosines: (R, K); names: R file names."""
+    queries: R images (H, W, 3) uint8; neighbours: R lists of K images; cosines: (R, K); names: R file names;
+    neighbour_names: R lists of K file names."""
     plt = pyplot()
     rows, k = len(queries), max(len(n) for n in neighbours)
     fig, axes = plt.subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.45 * rows + 0.5), squeeze=False)
@@ -23,10 +26,11 @@ def plot_neighbour_gallery(queries: Sequence[np.ndarray], neighbours: Sequence[S
         _tile(axes[r, 0], queries[r], names[r][:18], "query" if r == 0 else "", frame="tab:blue")
         for j in range(k):
             if j < len(neighbours[r]):
-                _tile(axes[r, j + 1], neighbours[r][j], "", f"{float(cosines[r][j]):.3f}")
+                below = neighbour_names[r][j][:18] if neighbour_names is not None else ""
+                _tile(axes[r, j + 1], neighbours[r][j], below, f"{float(cosines[r][j]):.3f}")
             else:
                 axes[r, j + 1].axis("off")
-    fit_title(fig, title or f"nearest neighbours (cosine), {rows} queries x {k}")
+    fit_title(fig, title or f"nearest neighbours ({space}), {rows} queries x {k}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -42,7 +42,6 @@ def curves_figure(history: list[dict[str, Any]], title: str = ""):
         ax.plot([h["epoch"] for h in history], [h["loss_ce"] for h in history], ls="--", label="L_ce")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    ax.legend()
     ax.grid(alpha=0.3)
     if knn:
         ax = axes[0, 1]
@@ -52,12 +51,25 @@ def curves_figure(history: list[dict[str, Any]], title: str = ""):
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy")
-        ax.legend()
         ax.grid(alpha=0.3)
+    _mark_epochs(axes[0], history)
     if title:
         fit_title(fig, title)
     fig.tight_layout()
     return fig
+
+
+def _mark_epochs(axes, history: list[dict[str, Any]]) -> None:
+    """Whole-epoch ticks on every panel, a dotted line labelled "resumed" where a --resume took over (after epoch
+    N - 1 of a row marked resumed), then the legends."""
+    from matplotlib.ticker import MaxNLocator
+
+    resumed = [h["epoch"] - 1 for h in history if h.get("resumed")]
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for i, x in enumerate(resumed):
+            ax.axvline(x, color="0.5", ls=":", lw=1, label="resumed" if i == 0 else None)
+        ax.legend()
 
 
 def plot_widths(entries: list[dict[str, Any]], path: str | Path, title: str = "", knn_k: int = 20) -> None:

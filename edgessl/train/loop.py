@@ -223,4 +223,5 @@ def _show_step(run: Run, state: TrainState, meter: EpochMeter, epoch: int, step:
         return
     rate = meter.seen / max(now - meter.t0, 1e-9)
     loss = f"{values.loss():.3f}" if bool(values.moved) else "skipped"
-    run.progress.update(run.task, advance=1, info=f"epoch {epoch + 1}/{run.cfg.epochs} loss {loss} {rate:.0f} img/s")
+    info = f"epoch {epoch + 1}/{run.cfg.epochs} step loss {loss} {rate:.0f} img/s"  # the epoch line: the mean
+    run.progress.update(run.task, advance=1, info=info)

@@ -118,6 +118,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         if files is not None:
             files.written.append(write_history(run_dir, state.history))
         net = distributed.wrap_model(model, d, device, find_unused=objective.slim)  # `model` stays the unwrapped one
+        if ckpt is not None:
+            run.first_row["resumed"] = True  # curves.png marks where this invocation took over
         banner(run, state, precision, arch)
         train_epochs(run, state, objective, net, on_step)
         if objective.slim and d.main and evaluation.widths_report is not None:

@@ -122,7 +122,9 @@ def embed(source: str | Path, opts: EmbedOptions, use_faiss: bool | None = None,
     if opts.neighbours is not None:
         idx, cos = result.neighbours = top_k_neighbours(unit, int(opts.neighbours), use_faiss=use_faiss)
         result.written.append(write_neighbours(out.parent / "neighbours.csv", result.paths, idx, cos))
-        result.written.append(gallery(out.parent / "neighbours.png", result.paths, idx, cos, int(opts.gallery_rows)))
+        space = "cosine" if opts.whiten is None else f"whitened cosine, {int(opts.whiten)} directions"
+        result.written.append(gallery(out.parent / "neighbours.png", result.paths, idx, cos, int(opts.gallery_rows),
+                                      space))
     if opts.duplicates is not None:
         _duplicates(result, opts, src, embedded, data, unit, use_faiss, say or (lambda _: None))
     return result

@@ -87,15 +87,18 @@ def write_neighbours(path: Path, paths: Sequence[str], idx: np.ndarray, cos: np.
     return _write_csv(path, ("query", "rank", "neighbour", "cosine"), rows)
 
 
-def gallery(path: Path, paths: Sequence[str], idx: np.ndarray, cos: np.ndarray, rows: int = 8) -> Path:
-    """neighbours.png: `rows` queries spread evenly over the images, each beside its neighbours (idx, cos: (N, k))."""
+def gallery(path: Path, paths: Sequence[str], idx: np.ndarray, cos: np.ndarray, rows: int = 8,
+            space: str = "cosine") -> Path:
+    """neighbours.png: `rows` queries spread evenly over the images, each beside its neighbours (idx, cos: (N, k)),
+    every image named; `space` says which cosine (raw or whitened)."""
     queries = np.unique(np.linspace(0, len(paths) - 1, max(1, min(rows, len(paths)))).round().astype(int))
     thumb = {}
     for i in {int(j) for q in queries for j in (q, *idx[q].tolist())}:
         thumb[i] = decode_image(paths[i], THUMBNAIL)
     plot_neighbour_gallery(
         [thumb[q] for q in queries], [[thumb[int(j)] for j in idx[q]] for q in queries], cos[queries],
-        [Path(paths[q]).name for q in queries], path)
+        [Path(paths[q]).name for q in queries], path,
+        neighbour_names=[[Path(paths[int(j)]).name for j in idx[q]] for q in queries], space=space)
     return path
 
 
