@@ -25,7 +25,8 @@ What it measures
 
 Report (--json; the table says the same)
     model, format (onnx | ort), precision, kind, input_shape, threads, execution_provider (the session's first
-    provider), onnxruntime, model_bytes, model_load_seconds (creating the session), latency_ms {p50, p90, p99, mean,
+    provider), mobile (the manifest entry's NNAPI / Core ML usability, as the export recorded it), onnxruntime,
+    model_bytes, model_load_seconds (creating the session), latency_ms {p50, p90, p99, mean,
     runs, low, high}, throughput_per_s at throughput_batch, peak_rss_bytes (the process's peak resident memory),
     baseline_rss_bytes (its resident memory right after the imports, before the model loads) and
     peak_rss_above_baseline_bytes (the difference: what the model, the images and the measurements took; meaningful
@@ -37,7 +38,7 @@ Report (--json; the table says the same)
 Memory
     onnxruntime runs without its CPU memory arena and memory pattern (each tensor is allocated when needed and freed
     after, so the memory of the batch-32 runs goes back to numpy): for MobileNetV3-Small int8 at 64 px on 1,000
-    images the peak is about 105-110 MiB, of which about 55 MiB are the interpreter, numpy, Pillow and onnxruntime
+    images the peak is about 105-110 MiB (269 MiB before it streamed), of which about 55 MiB are the interpreter, numpy, Pillow and onnxruntime
     themselves (benchmarks/device_check_memory.py).
 
 Manifest
@@ -655,6 +656,7 @@ def check(args) -> tuple[dict, int]:
         "onnxruntime": ort.__version__, "numpy": np.__version__, "platform": platform.platform(),
         "machine": platform.machine(),
         "model_bytes": model.stat().st_size, "model_load_seconds": load_seconds,
+        "mobile": entry.get("mobile") if entry else None,  # what the export's mobile usability check said
     }
     report["latency_ms"] = latency(sess, sample, args.runs, args.warmup)
     report["throughput_batch"] = args.batch

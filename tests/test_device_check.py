@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -134,6 +135,8 @@ def test_script_runs_without_torch(exports, tmp_path):
     assert above + report["baseline_rss_bytes"] == report["peak_rss_bytes"]
     assert 0 < report["model_load_seconds"] < 60
     assert report["execution_provider"] == "CPUExecutionProvider" and report["format"] == "onnx"
+    entry = next(m for m in json.loads((export / "manifest.json").read_text())["models"] if m["file"] == "encoder.onnx")
+    assert report["mobile"] == entry["mobile"] and set(report["mobile"]) >= {"nnapi", "coreml_mlprogram"}
     assert 0.0 <= report["reference_vote_accuracy"] <= 1.0 and 0.0 <= report["knn_accuracy"] <= 1.0
     assert report["reference_vote_detail"]["images"] == report["images"]["count"]
     assert not {"agreement", "agreement_detail", "knn_loo_accuracy"} & set(report)
@@ -487,3 +490,40 @@ def test_ort_model(script, exports, copy, tmp_path, capsys):
     shutil.copy(ort_file, copy / "encoder.ort")
     assert _main(script, copy / "encoder.ort") == 2
     assert "does not list encoder.ort (it lists .ort files: encoder.int8.ort)" in _error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------------------ the README, verbatim
+def _readme_lines(*starts: str) -> list[str]:
+    """The README's command lines that start with one of `starts` (comments cut), in order."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return [line.split("  #")[0].strip() for line in readme.splitlines() if line.startswith(starts)]
+
+
+@pytest.mark.slow
+def test_readme_export_and_device_check_run_verbatim_in_a_torch_free_venv(demo_run, labelled_demo, tmp_path):
+    """The README's export line, then its device-check line in a fresh venv holding only onnxruntime, numpy and
+    Pillow (what the README tells a device to install), with runs/<name>, ./my_images and ./val as real folders."""
+    export_line = next(line for line in _readme_lines("edgessl export runs/<name> --int8"))
+    check_line = next(line for line in _readme_lines("python export/device_check.py"))
+    work = tmp_path / "work"
+    shutil.copytree(demo_run, work / "runs" / "demo")
+    shutil.copytree(labelled_demo / "train", work / "my_images")
+    shutil.copytree(labelled_demo / "test", work / "val")
+    shutil.copytree(SCRIPT.parent, work / "export")
+    edgessl_argv = shlex.split(export_line.replace("<name>", "demo"))[1:]
+    proc = subprocess.run([sys.executable, "-m", "edgessl", *edgessl_argv], cwd=work, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    venv = tmp_path / "device-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime", "numpy", "pillow"],
+                         capture_output=True, text=True, timeout=600)
+    if pip.returncode != 0:
+        pytest.skip(f"pip cannot install onnxruntime numpy pillow here (offline?): {pip.stderr.strip()[-200:]}")
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode != 0  # torch-free
+    argv = shlex.split(check_line.replace("<name>", "demo"))
+    assert argv[0] == "python"
+    proc = subprocess.run([str(python), *argv[1:]], cwd=work, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "latency batch 1" in proc.stdout and "kNN accuracy (leave-one-out)" in proc.stdout
