@@ -125,9 +125,11 @@ def test_loader_suite(bench):
 
 def test_export_suite(bench):
     rec, readme = bench("export")
-    assert [(r["backbone"], r["epochs"]) for r in rec["rows"]] == [("mobilenetv3_small", 1)]  # tiny: one config
+    assert [(r["data"], r["backbone"], r["epochs"]) for r in rec["rows"]] == [("emoji", "mobilenetv3_small", 1)]
     for r in rec["rows"]:
         assert r["candidates"] and r["outcome"]
+        assert r["int8_written"] == (r["shipped"] is not None)  # a file, or the one line that says why not
+        assert r["int8_written"] or r["reason"].startswith("int8 not written: ")
         assert r["candidates"][0]["candidate"].startswith("minmax")  # the search starts at --calib-method
     assert "## Export: the int8 search on encoders it has not seen" in readme
 
