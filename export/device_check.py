@@ -38,8 +38,8 @@ Report (--json; the table says the same)
 Memory
     onnxruntime runs without its CPU memory arena and memory pattern (each tensor is allocated when needed and freed
     after, so the memory of the batch-32 runs goes back to numpy): for MobileNetV3-Small int8 at 64 px on 1,000
-    images the peak is about 105-110 MiB (269 MiB before it streamed), of which about 55 MiB are the interpreter, numpy, Pillow and onnxruntime
-    themselves (benchmarks/device_check_memory.py).
+    images the peak is about 105-110 MiB (269 MiB before it streamed), of which about 55 MiB are the interpreter,
+    numpy, Pillow and onnxruntime themselves (benchmarks/device_check_memory.py).
 
 Manifest
     An .onnx file is the entry whose "file" is its name; an .ort file the entry whose "ort": {"file", "sha256"}

@@ -200,3 +200,16 @@ def test_candidates_come_from_either_space_above_its_gate():
     got = folder_candidates([emb, thumb], gates=[0.5, 0.9]).tolist()
     assert got == [[0, 1], [1, 3]]  # (0, 2) is below the thumbnails' gate
     assert folder_candidates([emb, thumb], gates=[0.7, 0.7]).tolist() == [[0, 2], [1, 3]]
+
+
+def test_only_each_images_best_matches_count():
+    from edgessl.evaluate.duplicates import MARGIN, near_best
+
+    # image 0: its copy 1 (0.95) and a look-alike 2 (0.80: more than MARGIN below 0's best, dropped); 3-4 at 0.70 is
+    # the best of both (kept: the threshold decides); 1-2 at 0.86 is within MARGIN of 1's best and is 2's best
+    pairs = np.array([[0, 1], [0, 2], [3, 4], [1, 2]])
+    scores = np.array([0.95, 0.80, 0.70, 0.86], np.float32)
+    got = near_best(pairs, scores, 5)
+    assert MARGIN == 0.1
+    assert got[0] == pytest.approx(0.95) and got[1] == -np.inf and got[2] == pytest.approx(0.70)
+    assert got[3] == pytest.approx(0.86)  # within 0.1 of 0.95 (image 1's best) and of 0.86 (image 2's best)

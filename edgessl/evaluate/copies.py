@@ -112,7 +112,8 @@ def fit_box(src: torch.Tensor, whole: torch.Tensor, inits: list[torch.Tensor]) -
     return best_box, best
 
 
-def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor,
+                colour: torch.Tensor | None = None) -> torch.Tensor:
     """Copy scores of image pairs: images, win from prepare(); pairs (P, 2) long rows of them -> (P,) (at most 1).
 
     In each direction (a box in a against the whole b, and a box in b against the whole a) the box is fitted
@@ -120,7 +121,10 @@ def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor) ->
     residual e = unit(box) - whole is cut into GRID x GRID patches and the score is 1 - GRID^2 * max_patch |e_p|^2 / 2:
     the NCC as if the worst patch's residual covered the whole image. A copy's residual (JPEG noise, resampling) is
     spread over the picture and scores near its NCC; a different picture that matches except for one detail (another
-    figure in a group, a flag's emblem, another scan of the same surface) concentrates its residual in some patch."""
+    figure in a group, a flag's emblem, another scan of the same surface) concentrates its residual in some patch.
+    colour (U, 3, S, S), the smoothed images before the band-pass: the score is at most the same worst-patch score
+    of the colours in the same box, brightness and contrast removed (unit_joint): a skin-tone or colour variant has
+    the same edges but not the same colours."""
     p = len(pairs)
     boxes = coarse_boxes()
     fits = []
@@ -130,12 +134,31 @@ def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor) ->
         fits.append((src, whole, *fit_box(images[src], whole, [torch.tensor(WHOLE).expand(p, 4), coarse])))
     use_ab = fits[0][3] >= fits[1][3]
     src = torch.where(use_ab, fits[0][0], fits[1][0])
+    dst = torch.where(use_ab, pairs[:, 1], pairs[:, 0])
     whole = torch.where(use_ab[:, None, None, None], fits[0][1], fits[1][1])
     box = torch.where(use_ab[:, None], fits[0][2], fits[1][2])
-    e = (unit(sample(images[src], box)) - whole).view(p, 3, GRID, DESC // GRID, GRID, DESC // GRID)
-    worst = e.square().sum(dim=(1, 3, 5)).flatten(1).max(dim=1).values
+    score = worst_patch(unit(sample(images[src], box)), whole)
+    if colour is not None:  # the same box on the colours themselves: a recoloured look-alike differs there
+        full = torch.tensor(WHOLE).expand(p, 4)
+        score = torch.minimum(score, worst_patch(unit_joint(sample(colour[src], box)),
+                                                 unit_joint(sample(colour[dst], full))))
     flat = (win[pairs[:, 0], 0].abs().sum(dim=1) == 0) | (win[pairs[:, 1], 0].abs().sum(dim=1) == 0)
-    return torch.where(flat, torch.zeros_like(worst), 1 - GRID * GRID * worst / 2)
+    return torch.where(flat, torch.zeros_like(score), score)
+
+
+def worst_patch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a, b (P, 3, DESC, DESC) unit windows -> (P,) 1 - GRID^2 * max_patch |a_p - b_p|^2 / 2: their dot product as
+    if the worst of the GRID x GRID patches' residual covered the whole window."""
+    e = (a - b).view(len(a), 3, GRID, DESC // GRID, GRID, DESC // GRID)
+    return 1 - GRID * GRID * e.square().sum(dim=(1, 3, 5)).flatten(1).max(dim=1).values / 2
+
+
+def unit_joint(x: torch.Tensor) -> torch.Tensor:
+    """(P, 3, D, D) colours -> one mean over all channels removed, unit norm: a brightness or contrast change (the
+    same gain and offset on every channel) cancels, a change of hue or of one colour does not (a flat window: 0)."""
+    x = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    norm = x.flatten(1).norm(dim=1)[:, None, None, None]
+    return torch.where(norm < FLAT * DESC, torch.zeros_like(x), x / norm.clamp_min(1e-12))
 
 
 def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.ndarray:
@@ -149,7 +172,8 @@ def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.n
         ub, ib = torch.unique(part[:, 1], return_inverse=True)
         rows = torch.cat([get_a(ua), (get_b or get_a)(ub)])  # each image prepared once per chunk
         images, win = prepare(rows)
-        out[start : start + len(part)] = pair_scores(images, win, torch.stack([ia, ib + len(ua)], 1)).numpy()
+        colour = smooth(rows.float() / 255)
+        out[start : start + len(part)] = pair_scores(images, win, torch.stack([ia, ib + len(ua)], 1), colour).numpy()
     return out
 
 

@@ -29,6 +29,7 @@ from edgessl.evaluate.neighbours import group_pairs, top_k_neighbours
 
 K = 8  # nearest neighbours searched for each image (and each planted copy)
 GATE_QUANTILE = 0.02  # pairs less close than 98 % of the planted copies are to their originals are not compared
+MARGIN = 0.1  # a pair is a copy candidate only within this of each image's best copy score (near_best)
 
 
 def neighbour_pairs(idx: np.ndarray, cos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,10 +85,13 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
     pixel rows."""
     pairs, gates, cosines = planted_candidates(planted, originals, folder)
     scores = cp.copy_scores(get_planted, pairs, get_rows) if len(pairs) else np.zeros(0, np.float32)
+    best = np.full(len(originals), -np.inf, np.float32)  # near_best on the planted side, as the folder's search
+    np.maximum.at(best, pairs[:, 0], scores)
+    scores = np.where(scores >= best[pairs[:, 0]] - MARGIN, scores, -np.inf).astype(np.float32)
     is_true = pairs[:, 1] == originals[pairs[:, 0]]
     true = np.full(len(originals), -np.inf, np.float32)
     true[pairs[is_true, 0]] = scores[is_true]
-    wrong = ~is_true
+    wrong = ~is_true & np.isfinite(scores)
     wrong[wrong] = ~copies_in_folder(pairs[wrong], scores[wrong], originals, true, get_rows)
     return Calibration(true, scores[wrong], cosines, gates)
 
@@ -159,7 +163,18 @@ def score_folder(spaces: list[np.ndarray], hashes: list[str], get_rows: Callable
     unit = spaces[0]
     cosines = (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(axis=1).astype(np.float32)
     scores = cp.copy_scores(get_rows, pairs) if len(pairs) else np.zeros(0, np.float32)
-    return Scored(cp.exact_pairs(hashes), pairs, cosines, scores)
+    return Scored(cp.exact_pairs(hashes), pairs, cosines, near_best(pairs, scores, len(hashes)))
+
+
+def near_best(pairs: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    """pairs (P, 2) of n images scored `scores` -> the scores, -inf where the pair is more than MARGIN below either
+    image's best pair: a copy matches its original far better than the original's look-alikes (a blurred or small
+    copy matches a look-alike too, but its original better still), so only the best matches of each image count."""
+    best = np.full(n, -np.inf, np.float32)
+    np.maximum.at(best, pairs[:, 0], scores)
+    np.maximum.at(best, pairs[:, 1], scores)
+    keep = (scores >= best[pairs[:, 0]] - MARGIN) & (scores >= best[pairs[:, 1]] - MARGIN)
+    return np.where(keep, scores, -np.inf).astype(np.float32)
 
 
 def classify(scored: Scored, unit: np.ndarray, rule: cp.Rule, similar: float) -> Found:
