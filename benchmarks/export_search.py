@@ -62,6 +62,8 @@ def suite_export(args) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, backbone, size in CONFIGS[:1] if args.tiny else CONFIGS:
+            if args.datasets and name not in args.datasets:  # a partial rerun (the runner keeps the other rows)
+                continue
             for e in (1,) if args.tiny else (1, 15):
                 rows.append({"data": name, **one_run(backbone, size, e, data[name], Path(tmp), args.tiny)})
                 r = rows[-1]
