@@ -22,6 +22,17 @@ RESULTS = REPO / "benchmarks" / "results"
 TEACHER_KEYS = ("loss_teacher", "teacher_pass_seconds", "teacher_ms_per_step")  # metrics.jsonl keys of --teacher
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     import edgessl
 

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "export" / "device_check.py"
 RESULTS = REPO / "benchmarks" / "results" / "device_check_memory.json"
@@ -118,16 +120,6 @@ dc.image_figures(entry, data["outputs"], data, reference)
 stages.append(("figures (kNN)", mem()))
 print(json.dumps([{"stage": s, **m} for s, m in stages]))
 """
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def loadavg() -> list[float] | None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import edgessl
+from benchmarks.common import cpu_name
 from edgessl.data.augment import test_transform
 from edgessl.data.folder import decode_image
 from edgessl.data.signature import scan_images
@@ -37,16 +38,6 @@ from edgessl.deploy.onnx import session
 
 RESULTS = Path(__file__).parent / "results" / "export_latency.json"
 CONFIGS = {"mobilenetv3_small_100": 64, "resnet18": 32}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_run(backbone: str, size: int, root: Path) -> Path:
