@@ -82,18 +82,24 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
               get_rows) -> Calibration:
     """planted / folder: per search space (the embedding first, then the thumbnails) the planted copies' (M, D) and
     the folder's (N, D) unit rows; originals (M,): each copy's original's row; get_planted / get_rows: their uint8
-    pixel rows."""
+    pixel rows.
+
+    true (M,): each copy's score with its original, -inf when it was not a candidate or fell more than MARGIN below
+    the copy's best match (near_best drops it in the folder too). wrong: per copy, its best score with any other
+    image (not a copy the folder already holds): an image without a copy keeps its best look-alike through
+    near_best, so this is what such an image scores; the threshold must stay above it."""
     pairs, gates, cosines = planted_candidates(planted, originals, folder)
     scores = cp.copy_scores(get_planted, pairs, get_rows) if len(pairs) else np.zeros(0, np.float32)
-    best = np.full(len(originals), -np.inf, np.float32)  # near_best on the planted side, as the folder's search
+    best = np.full(len(originals), -np.inf, np.float32)
     np.maximum.at(best, pairs[:, 0], scores)
-    scores = np.where(scores >= best[pairs[:, 0]] - MARGIN, scores, -np.inf).astype(np.float32)
     is_true = pairs[:, 1] == originals[pairs[:, 0]]
     true = np.full(len(originals), -np.inf, np.float32)
-    true[pairs[is_true, 0]] = scores[is_true]
-    wrong = ~is_true & np.isfinite(scores)
+    true[pairs[is_true, 0]] = np.where(scores[is_true] >= best[pairs[is_true, 0]] - MARGIN, scores[is_true], -np.inf)
+    wrong = ~is_true
     wrong[wrong] = ~copies_in_folder(pairs[wrong], scores[wrong], originals, true, get_rows)
-    return Calibration(true, scores[wrong], cosines, gates)
+    look_alike = np.full(len(originals), -np.inf, np.float32)
+    np.maximum.at(look_alike, pairs[wrong, 0], scores[wrong])
+    return Calibration(true, look_alike[np.isfinite(look_alike)], cosines, gates)
 
 
 EXCUSE_QUANTILE = 0.05  # a folder image matching the original as well as 95 % of planted copies do is its copy
