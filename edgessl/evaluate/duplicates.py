@@ -60,6 +60,13 @@ class Calibration:
         return float(np.median(self.cosines)) if len(self.cosines) else 1.0
 
 
+def best_per_row(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """rows (P,) in 0..n-1, values (P,) -> (n,) float32: the largest value of each row, -inf for a row without one."""
+    best = np.full(n, -np.inf, np.float32)
+    np.maximum.at(best, rows, values)
+    return best
+
+
 def planted_candidates(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.ndarray]):
     """Per search space s, planted[s] (M, D_s) and folder[s] (N, D_s) unit rows -> (pairs (Q, 2) (planted row,
     folder row), each once; gates per space; the embedding cosines (M,) of the copies to their originals)."""
@@ -90,15 +97,13 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
     near_best, so this is what such an image scores; the threshold must stay above it."""
     pairs, gates, cosines = planted_candidates(planted, originals, folder)
     scores = cp.copy_scores(get_planted, pairs, get_rows) if len(pairs) else np.zeros(0, np.float32)
-    best = np.full(len(originals), -np.inf, np.float32)
-    np.maximum.at(best, pairs[:, 0], scores)
+    best = best_per_row(pairs[:, 0], scores, len(originals))
     is_true = pairs[:, 1] == originals[pairs[:, 0]]
     true = np.full(len(originals), -np.inf, np.float32)
     true[pairs[is_true, 0]] = np.where(scores[is_true] >= best[pairs[is_true, 0]] - MARGIN, scores[is_true], -np.inf)
     wrong = ~is_true
     wrong[wrong] = ~copies_in_folder(pairs[wrong], scores[wrong], originals, true, get_rows)
-    look_alike = np.full(len(originals), -np.inf, np.float32)
-    np.maximum.at(look_alike, pairs[wrong, 0], scores[wrong])
+    look_alike = best_per_row(pairs[wrong, 0], scores[wrong], len(originals))
     return Calibration(true, look_alike[np.isfinite(look_alike)], cosines, gates)
 
 
@@ -176,9 +181,7 @@ def near_best(pairs: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
     """pairs (P, 2) of n images scored `scores` -> the scores, -inf where the pair is more than MARGIN below either
     image's best pair: a copy matches its original far better than the original's look-alikes (a blurred or small
     copy matches a look-alike too, but its original better still), so only the best matches of each image count."""
-    best = np.full(n, -np.inf, np.float32)
-    np.maximum.at(best, pairs[:, 0], scores)
-    np.maximum.at(best, pairs[:, 1], scores)
+    best = np.maximum(best_per_row(pairs[:, 0], scores, n), best_per_row(pairs[:, 1], scores, n))
     keep = (scores >= best[pairs[:, 0]] - MARGIN) & (scores >= best[pairs[:, 1]] - MARGIN)
     return np.where(keep, scores, -np.inf).astype(np.float32)
 
