@@ -375,7 +375,8 @@ class EmbedOptions(HasDecode):
     cache_max: str = shared(Decode, "cache_max")
     workers: str = shared(Decode, "workers")
     manifest: str | None = option(None, "An .onnx source's manifest.json.", shown="beside the .onnx")
-    threads: int | None = option(None, "onnxruntime threads for an .onnx source.", shown="its choice")
+    threads: int | None = option(None, "CPU threads: for a run directory, a number or auto (follows the load); for an "
+                                 ".onnx source, onnxruntime's intra-op threads.", shown="auto")
 
 
 @dataclass(kw_only=True)

@@ -108,12 +108,39 @@ def cpu_counters() -> tuple[float, float] | None:
     return _cpu_times(cpus)
 
 
+def _children_cpu(pid: int) -> float:
+    """CPU seconds of the live child processes of `pid` (DataLoader workers), from /proc/<child>/stat (0 without)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return 0.0
+    for entry in entries:
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid ... utime(12) stime(13)
+        if int(fields[1]) == pid:
+            total += (float(fields[11]) + float(fields[12])) / tick
+    return total
+
+
+def family_cpu_seconds() -> float:
+    """CPU seconds used by this process and its children (live ones from /proc, finished ones from os.times): the
+    work of this run, which the governor must not mistake for another job's."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system + _children_cpu(os.getpid())
+
+
 @dataclass
 class ThreadGovernor:
     """--threads auto for a whole run: between steps, every RECHECK_SECONDS, the cores that *other* processes kept
-    busy since the last look (the machine's busy share from /proc/stat times its cores, minus this process's own CPU
-    time over the same wall time) decide the thread count again by the start's rule (auto_threads). A look reads two
-    counters (microseconds, no sleep); 10 s notices a competitor within a fraction of an epoch and averages over
+    busy since the last look (the machine's busy share from /proc/stat times its cores, minus the CPU time of this
+    process and its children, the data-loading workers, over the same wall time) decide the thread count again by
+    the start's rule (auto_threads). A look reads the counters and scans /proc for children (a few milliseconds,
+    no sleep); 10 s notices a competitor within a fraction of an epoch and averages over
     enough steps that one slow step does not flip the count. Inactive (`active` False) with --threads N,
     OMP_NUM_THREADS, --deterministic (a run that must repeat bit for bit keeps its count) or without /proc/stat.
     `changes` lists every change: {"epoch", "step", "threads", "other_cores"}."""
@@ -124,7 +151,7 @@ class ThreadGovernor:
     cores: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                        else os.cpu_count() or 1)
     counters: Callable[[], tuple[float, float] | None] = cpu_counters
-    own_cpu: Callable[[], float] = time.process_time
+    own_cpu: Callable[[], float] = family_cpu_seconds
     clock: Callable[[], float] = time.monotonic
     apply: Callable[[int], None] = torch.set_num_threads
     changes: list = field(default_factory=list)
@@ -162,6 +189,25 @@ def thread_governor(choice: ThreadChoice, deterministic: bool = False) -> Thread
     """The governor of a run whose start chose `choice` (active only when that was the auto rule's choice)."""
     auto = choice.reason.startswith("auto") and choice.reason != "auto: load not measurable"
     return ThreadGovernor(choice, active=auto and not deterministic)
+
+
+def between_batches(governor: ThreadGovernor, say: Callable[[str], None]) -> Callable[[], None]:
+    """For eval and embed (no epochs): a callback to run between two batches or fits; it lets `governor` look at
+    the load (every RECHECK_SECONDS) and prints each change ("CPU: 1 thread (...) from batch 12")."""
+    count = [0]
+
+    def tick() -> None:
+        count[0] += 1
+        new = governor.tick(-1, count[0] - 1)
+        if new is not None:
+            say(f"CPU: {new.describe()} from batch {count[0]}")
+
+    return tick
+
+
+def changes_without_epoch(governor: ThreadGovernor) -> list[dict]:
+    """The governor's changes as eval.json / embed list them: {"step", "threads", "other_cores"}."""
+    return [{k: v for k, v in c.items() if k != "epoch"} for c in governor.changes]
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")

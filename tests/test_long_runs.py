@@ -245,3 +245,51 @@ def test_threads_follow_the_load_between_steps_and_metrics_log_the_change(tiny_d
     assert rows[0]["thread_changes"] == [{"epoch": 1, "step": 3, "threads": 1, "other_cores": 1.0}]
     assert rows[1]["thread_changes"] == [{"epoch": 2, "step": 1, "threads": 2, "other_cores": 0.0}]
     assert rows[0]["threads"] == 1 and rows[1]["threads"] == 2
+
+
+def _scripted_governor(seen: list, others_after: int):
+    """A ThreadGovernor factory whose every look is due (10 s apart) and sees a competitor take one core from the
+    `others_after`-th look on; `seen` collects the counts it applies."""
+    from edgessl import runtime
+    from edgessl.runtime import ThreadChoice
+
+    load = {"looks": 0, "t": 0.0, "busy": 0.0, "total": 0.0, "cpu": 0.0}
+
+    def clock():
+        load["looks"] += 1
+        others = 1.0 if load["looks"] > others_after else 0.0
+        load["t"] += 10.0
+        load["busy"] += min(2.0, others + 1.0) * 1000
+        load["total"] += 2000
+        load["cpu"] += 10.0
+        return load["t"]
+
+    def governor(choice, deterministic=False):
+        return runtime.ThreadGovernor(ThreadChoice(2, "auto: machine idle"), True, base=2, cores=2,
+                                      counters=lambda: (load["busy"], load["total"]), own_cpu=lambda: load["cpu"],
+                                      clock=clock, apply=seen.append)
+
+    return governor
+
+
+def test_eval_and_embed_follow_the_load_between_batches(demo_run, run_copy, labelled_demo, tmp_path, monkeypatch):
+    """eval and embed (a run directory's encoder) let the governor look between batches and fits: a competitor
+    that arrives midway drops the count to 1, printed ('from batch N') and, for eval, listed in eval.json."""
+    import json
+
+    import edgessl
+    from edgessl.workflows import embed_sources
+    from edgessl.workflows import eval as eval_workflow
+
+    seen, lines = [], []
+    monkeypatch.setattr(eval_workflow, "thread_governor", _scripted_governor(seen, 1))
+    edgessl.evaluate_encoder(run_copy, labelled_demo / "train", test_fraction=0.34, seeds=1, labels_per_class="1",
+                             cache=False)
+    report = json.loads((run_copy / "eval.json").read_text())
+    assert seen == [1] and report["thread_changes"] == [{"step": 2, "threads": 1, "other_cores": 1.0}]
+
+    seen.clear()
+    monkeypatch.setattr(embed_sources, "thread_governor", _scripted_governor(seen, 1))
+    edgessl.embed(demo_run, data=str(labelled_demo / "train"), out=str(tmp_path / "e.npz"), batch_size=8,
+                  say=lines.append)
+    assert seen == [1] and lines == ["CPU: 1 thread (auto: 1.0 of 2 cores busy with other work) from batch 2"]

@@ -1,6 +1,8 @@
 """Thread policy, the smoothed ETA and console wrapping (edgessl.runtime, edgessl.report.progress)."""
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +190,21 @@ def test_parameters_off_cpu_and_cuda_take_the_unfused_optimiser_and_the_host_rul
             assert bool(opt.defaults["fused"]) == fused, (device, name)
             state = TrainState(torch.nn.Linear(2, 3), None, opt, None, torch.amp.GradScaler("cpu", enabled=False), 8)
             assert state.on_device == fused, (device, name)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_busy_child_counts_as_this_runs_cpu_not_another_jobs():
+    """DataLoader workers are children: their CPU is this run's own, so the governor does not shed threads for them."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.5)
+        before, own_before = runtime.family_cpu_seconds(), time.process_time()
+        time.sleep(1.0)
+        grew, own_grew = runtime.family_cpu_seconds() - before, time.process_time() - own_before
+    finally:
+        child.kill()
+        child.wait()
+    assert grew > 0.5 and own_grew < 0.2

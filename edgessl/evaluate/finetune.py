@@ -195,10 +195,10 @@ def build_classifier(run_dir: Path, meta: dict[str, Any], num_classes: int, opts
 
 
 def train_classifier(model: Classifier, data: FinetuneData, opts: FinetuneOptions, mean, std, dev: torch.device,
-                     say) -> tuple[list[dict[str, Any]], int]:
+                     say, between=None) -> tuple[list[dict[str, Any]], int]:
     """The recipe's training with the pretraining loop's step (TrainState.step: the same skip-and-stop rule for
-    non-finite losses) and EpochMeter; early stopping on the held-out images. Leaves the best epoch's weights in
-    `model`. Returns (history, best epoch)."""
+    non-finite losses) and EpochMeter; early stopping on the held-out images. `between` (runtime.between_batches)
+    runs after every step. Leaves the best epoch's weights in `model`. Returns (history, best epoch)."""
     optimizer = torch.optim.AdamW(param_groups(model, opts.lr, opts.backbone_lr_scale, opts.freeze_backbone),
                                   lr=opts.lr, weight_decay=opts.weight_decay)
     batch = min(opts.batch_size, len(data.fit_idx))
@@ -208,7 +208,7 @@ def train_classifier(model: Classifier, data: FinetuneData, opts: FinetuneOption
     state = TrainState(model, None, optimizer, scheduler, torch.amp.GradScaler(dev.type, enabled=False), batch)
     stopper, best_state, history = EarlyStopping(opts.patience), copy.deepcopy(model.state_dict()), []
     for epoch in range(opts.epochs):
-        row = _finetune_epoch(state, data, opts, epoch, steps, mean, std, dev)
+        row = _finetune_epoch(state, data, opts, epoch, steps, mean, std, dev, between)
         if len(data.val_idx):
             val_logits = predict_logits(model, data.images, data.val_idx, mean, std, dev)
             val_y = data.labels[data.val_idx]
@@ -229,7 +229,7 @@ def train_classifier(model: Classifier, data: FinetuneData, opts: FinetuneOption
 
 
 def _finetune_epoch(state: TrainState, data: FinetuneData, opts: FinetuneOptions, epoch: int, steps: int, mean, std,
-                    dev: torch.device) -> dict[str, Any]:
+                    dev: torch.device, between=None) -> dict[str, Any]:
     """One epoch over the labelled training images in a seeded order; returns its history row."""
     model = state.model
     model.train()
@@ -248,6 +248,8 @@ def _finetune_epoch(state: TrainState, data: FinetuneData, opts: FinetuneOptions
         if state.step(loss, value, diverged):
             meter.add({"loss": value}, len(chunk))
             correct += int((logits.detach().argmax(dim=1) == y).sum())
+        if between is not None:
+            between()
     return {"epoch": epoch + 1, "train_loss": meter.means()["loss"], "train_top1": correct / max(meter.images, 1),
             "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.time() - meter.t0}
 

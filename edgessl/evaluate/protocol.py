@@ -113,10 +113,11 @@ def folder_features(
     feature_dir: Path | None,
     decode: Decode | None = None,
     say: Say | None = None,
+    between=None,
 ) -> dict[str, FeatureSet]:
     """Features of a labelled folder under every encoder spec; the folder is decoded at most once (`decode`: how,
     edgessl.options.Decode), and not at all when every encoder's features are cached (in feature_dir; None: no
-    feature cache)."""
+    feature cache). `between`: called after every batch (extract_features)."""
     say = say or Say()
     size = int(meta["image_size"])
     signature = features_signature(root, size) if feature_dir is not None else ""
@@ -139,7 +140,7 @@ def folder_features(
                          f"({images.skipped[0][1]}).")
         t0 = time.time()
         model = spec.build().to(device)
-        feats = extract_features(model, images, meta["mean"], meta["std"], device)
+        feats = extract_features(model, images, meta["mean"], meta["std"], device, between=between)
         fs = FeatureSet(feats, images.labels.clone(), list(images.classes),
                         [str(p.relative_to(images.root)) for p in images.paths], len(images.skipped))
         say(f"{what}: {spec.name} features of {len(fs.paths)} images ({time.time() - t0:.1f} s).")

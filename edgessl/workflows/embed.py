@@ -94,18 +94,20 @@ def embed(source: str | Path, opts: EmbedOptions, use_faiss: bool | None = None,
     """One embedding per readable image of `data` into `out` (.npz, or .parquet with the `parquet` extra).
 
     source: a run directory (its encoder, on `device`) or an exported .onnx encoder (the torch-free
-    export/embed_onnx.py with manifest.json's preprocessing; `manifest`, `threads`). Beside `out`: skipped_files.txt
-    (unreadable files), neighbours.csv + neighbours.png (neighbours=K: every image's K nearest by cosine;
-    gallery_rows queries in the picture), and with duplicates="auto" (or a copy-score threshold): duplicates.csv
-    (exact twins and copies in groups, with the rule's estimated precision), duplicates.png, similar.csv and, with
-    keep="first" | "largest", keep.txt. whiten=K: the neighbour search runs on the embeddings PCA-whitened on this
-    folder (K directions; the stored embeddings stay raw). Options: edgessl.options.EmbedOptions (the same as
-    `edgessl embed`'s flags). use_faiss: None = when installed. warn(message): skipped files; say(message): the
-    duplicate search's progress and estimates. Returns an EmbedResult."""
+    export/embed_onnx.py with manifest.json's preprocessing; `manifest`); `threads`: the CPU threads (a run
+    directory: None = auto, following the load between batches; an .onnx: onnxruntime's intra-op threads). Beside
+    `out`: skipped_files.txt (unreadable files), neighbours.csv + neighbours.png (neighbours=K: every image's K
+    nearest by cosine; gallery_rows queries in the picture), and with duplicates="auto" (or a copy-score threshold):
+    duplicates.csv (exact twins and copies in groups, with the rule's estimated precision), duplicates.png,
+    similar.csv and, with keep="first" | "largest", keep.txt. whiten=K: the neighbour search runs on the embeddings
+    PCA-whitened on this folder (K directions; the stored embeddings stay raw). Options:
+    edgessl.options.EmbedOptions (the same as `edgessl embed`'s flags). use_faiss: None = when installed.
+    warn(message): skipped files; say(message): the duplicate search's progress and estimates. Returns an
+    EmbedResult."""
     out = check_out(opts.out)
     check_options(opts)
     source = Path(source).expanduser()
-    src = open_source(source, opts)
+    src = open_source(source, opts, say)
     data = Path(opts.data)
     embedded = src(data)
     if (opts.neighbours is not None or opts.duplicates is not None) and len(embedded.paths) < 2:
@@ -147,11 +149,11 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
                 use_faiss: bool | None, say) -> None:
     """Calibrate on planted copies, score the folder's neighbour pairs, choose the rule, write the files."""
     images = with_rows(src, embedded, data)
-    n = len(result.paths)
-    hashes = cp.pixel_hashes(images.get, n)
-    spaces = [unit, cp.thumbnails(images.get, n)]  # candidates: the embedding's neighbours and the pixels'
-    calibration = _calibrate(result, opts, src, images, spaces, say)
-    scored = dup.score_folder(spaces, hashes, images.get, calibration.gates, use_faiss)
+    n, get = len(result.paths), _ticking(images.get, src)
+    hashes = cp.pixel_hashes(get, n)
+    spaces = [unit, cp.thumbnails(get, n)]  # candidates: the embedding's neighbours and the pixels'
+    calibration = _calibrate(result, opts, src, get, spaces, say)
+    scored = dup.score_folder(spaces, hashes, get, calibration.gates, use_faiss)
     threshold = duplicates_threshold(opts.duplicates)
     args = (calibration.true, calibration.wrong, scored.scores, opts.precision)
     result.rule = cp.choose_rule(*args) if threshold is None else cp.rule_at(threshold, *args)
@@ -167,7 +169,21 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
         result.written.append(write_keep(folder / "keep.txt", result.paths, found, opts.keep))
 
 
-def _calibrate(result: EmbedResult, opts: EmbedOptions, src, images, spaces: list[np.ndarray],
+def _ticking(get, src):
+    """`get` (pixel rows by index), also letting a run directory's thread governor look at the load on each call
+    (once per chunk of the copy search: a chunk of 1,024 pairs takes seconds)."""
+    tick = getattr(src, "tick", None)
+    if tick is None:
+        return get
+
+    def rows(index):
+        tick()
+        return get(index)
+
+    return rows
+
+
+def _calibrate(result: EmbedResult, opts: EmbedOptions, src, get, spaces: list[np.ndarray],
                say) -> dup.Calibration:
     """Plant copies of a seeded sample of the folder's images (edgessl.data.copies), embed them with the same
     encoder, and score them against the folder as the search will."""
@@ -179,5 +195,6 @@ def _calibrate(result: EmbedResult, opts: EmbedOptions, src, images, spaces: lis
         if len(planted.paths) != len(files):
             raise UserError("a synthetic copy could not be decoded; run the command again.")
         planted_rows = with_rows(src, planted, Path(tmp), cache=False)
-        planted_spaces = [_project(result, planted.embeddings), cp.thumbnails(planted_rows.get, len(files))]
-        return dup.calibrate(planted_spaces, np.array(rows), spaces, planted_rows.get, images.get)
+        planted_get = _ticking(planted_rows.get, src)
+        planted_spaces = [_project(result, planted.embeddings), cp.thumbnails(planted_get, len(files))]
+        return dup.calibrate(planted_spaces, np.array(rows), spaces, planted_get, get)

@@ -14,7 +14,7 @@ from edgessl.errors import UserError
 from edgessl.evaluate.features import extract_features
 from edgessl.models.backbone import load_encoder
 from edgessl.options import Decode, EmbedOptions, check_groups
-from edgessl.runtime import pick_device
+from edgessl.runtime import between_batches, pick_device, thread_governor, use_threads
 from edgessl.scripts import load_script
 
 
@@ -30,12 +30,16 @@ class Embedded:
 
 
 class RunSource:
-    """A run directory's encoder on `device`: images through the decoded-image cache (`decode`)."""
+    """A run directory's encoder on `device`: images through the decoded-image cache (`decode`); CPU threads as
+    `threads` says (None: auto, following the load between batches; changes go to `say`)."""
 
-    def __init__(self, run_dir: Path, opts: EmbedOptions):
-        if opts.manifest is not None or opts.threads is not None:
-            raise UserError("--manifest and --threads are for an .onnx source; SOURCE here is a run directory.")
+    def __init__(self, run_dir: Path, opts: EmbedOptions, say=None):
+        if opts.manifest is not None:
+            raise UserError("--manifest is for an .onnx source; SOURCE here is a run directory.")
         check_groups(opts)
+        self.threads = use_threads("auto" if opts.threads is None else opts.threads)
+        self.governor = thread_governor(self.threads)
+        self.tick = between_batches(self.governor, say or (lambda _: None))
         self.model = load_encoder(run_dir)
         self.meta = self.model.edgessl_meta
         self.size = int(self.meta["image_size"])
@@ -46,7 +50,8 @@ class RunSource:
     def __call__(self, folder: Path, cache: bool = True) -> Embedded:
         decode = self.decode if cache else Decode(cache_dir="none", workers=self.decode.workers)
         images = load_image_folder(folder, self.size, decode=decode, min_images=1)
-        feats = extract_features(self.model, images, self.meta["mean"], self.meta["std"], self.device, self.batch)
+        feats = extract_features(self.model, images, self.meta["mean"], self.meta["std"], self.device, self.batch,
+                                 between=self.tick)
         return Embedded([str(p) for p in images.paths], feats.numpy().astype(np.float32), images.skipped, images)
 
 
@@ -82,8 +87,8 @@ class OnnxSource:
         return load_image_folder(folder, self.size, decode=decode, min_images=1)
 
 
-def open_source(source: Path, opts: EmbedOptions) -> RunSource | OnnxSource:
-    return OnnxSource(source, opts) if source.suffix == ".onnx" else RunSource(source, opts)
+def open_source(source: Path, opts: EmbedOptions, say=None) -> RunSource | OnnxSource:
+    return OnnxSource(source, opts) if source.suffix == ".onnx" else RunSource(source, opts, say)
 
 
 def with_rows(src: RunSource | OnnxSource, embedded: Embedded, folder: Path, cache: bool = True) -> ImageSet:

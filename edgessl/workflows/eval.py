@@ -46,7 +46,7 @@ from edgessl.options import EvalOptions, check_groups, takes_options
 from edgessl.report.eval_plots import plot_eval
 from edgessl.report.say import Say
 from edgessl.rundir import keep_aside
-from edgessl.runtime import pick_device, use_threads
+from edgessl.runtime import between_batches, changes_without_epoch, pick_device, thread_governor, use_threads
 
 
 @dataclass
@@ -81,15 +81,18 @@ def evaluate_encoder(run_dir: str | Path, opts: EvalOptions, console=None) -> Ev
     args = _check_arguments(run_dir, opts)  # every check first: an error is the only line printed
     cpu = use_threads(opts.threads)
     say(f"CPU: {cpu.describe()}")
+    governor = thread_governor(cpu)  # --threads auto: the count follows the load between batches and fits
+    tick = between_batches(governor, say)
     loggers = run_loggers(args.run_dir)  # the run's --logger (a missing package fails here, before any work)
     specs = encoder_specs(args.run_dir, args.meta, args.baseline)
     feature_dir = args.run_dir / "features" if opts.cache else None
-    data = _train_test_features(args, specs, opts, feature_dir, say)
+    data = _train_test_features(args, specs, opts, feature_dir, say, tick)
     per_class_values, short, dropped = _fit_to_features(args, data, say)
-    rows = _grid(specs, data, per_class_values, args.seeds, args.device, say)
+    rows = _grid(specs, data, per_class_values, args.seeds, args.device, say, tick)
     summary = summarize(rows)
     result = EvalResult(args.run_dir, rows, summary, short)
     report = _report(args, data, per_class_values, dropped, short, cpu.threads, t_start, rows, summary)
+    report["thread_changes"] = changes_without_epoch(governor)
     for earlier in (result.json_path, result.plot_path):  # an earlier evaluation is kept, never overwritten
         if earlier.exists():
             say(f"An earlier {earlier.name} is kept as {keep_aside(earlier).name}.")
@@ -147,14 +150,14 @@ class _TrainTest:
 
 
 def _train_test_features(args: _Arguments, specs: Sequence[EncoderSpec], opts: EvalOptions,
-                         feature_dir: Path | None, say: Say) -> _TrainTest:
+                         feature_dir: Path | None, say: Say, tick=None) -> _TrainTest:
     """Features of --train and --test, or of the two parts of --train split by --test-fraction (cached)."""
     f = args.folders
     train_feats = folder_features(f.train_root, "--train", specs, args.meta, args.device, feature_dir, opts.decode,
-                                  say)
+                                  say, tick)
     if f.test_root is not None:
         test_feats = folder_features(f.test_root, "--test", specs, args.meta, args.device, feature_dir, opts.decode,
-                                     say)
+                                     say, tick)
         remap = map_test_labels(train_feats["pretrained"].classes, test_feats["pretrained"].classes)
         return _TrainTest(train_feats, test_feats, remap, None)
     split = split_folder(train_feats["pretrained"].labels, float(opts.test_fraction), opts.split_seed)
@@ -177,14 +180,15 @@ def _fit_to_features(args: _Arguments, data: _TrainTest, say) -> tuple[list[int 
 
 
 def _grid(specs: Sequence[EncoderSpec], data: _TrainTest, per_class_values: Sequence[int | None],
-          seeds: Sequence[int], device: torch.device, say) -> list[dict[str, Any]]:
-    """evaluate_features rows of every encoder spec in turn, with progress lines (unless `say` is quiet)."""
+          seeds: Sequence[int], device: torch.device, say, tick=None) -> list[dict[str, Any]]:
+    """evaluate_features rows of every encoder spec in turn, with progress lines (unless `say` is quiet); `tick`
+    (runtime.between_batches) runs after every scored subset."""
     rows: list[dict[str, Any]] = []
     for spec in specs:
         t0 = time.time()
         tr, te = data.train[spec.name], data.test[spec.name]
         rows += evaluate_features(tr, te.features, data.remap[te.labels], per_class_values, seeds, spec.name, device,
-                                  on_subset=_subset_line(say, spec.name, t0) if say else None)
+                                  on_subset=_subset_line(say if say else None, spec.name, t0, tick))
         say(f"{spec.name}: kNN and linear probe at {len(per_class_values)} label budget(s) x {len(seeds)} "
             f"seed(s) ({time.time() - t0:.1f} s).")
     return rows
@@ -232,11 +236,15 @@ def _print_results(say: Say, result: EvalResult, classes: list[str]) -> None:
     say(f"Wrote {result.json_path} and {result.plot_path}.")
 
 
-def _subset_line(say, name: str, t0: float):
-    """A progress line per scored subset:
+def _subset_line(say, name: str, t0: float, tick=None):
+    """A progress line per scored subset (none when `say` is None), then `tick()`:
     '  pretrained | 10 labels/class, seed 1: kNN@20 0.412, linear 0.455 (3.1 s)'."""
 
     def line(rows: list[dict[str, Any]]) -> None:
+        if tick is not None:
+            tick()
+        if say is None:
+            return
         knn = next(r for r in rows if r["protocol"] == "knn")
         lin = next(r for r in rows if r["protocol"] == "linear")
         say(f"  {name} | {knn['labels_per_class']} labels/class, seed {knn['seed']}: kNN@{knn['k']} {knn['top1']:.3f}, "

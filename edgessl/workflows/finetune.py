@@ -20,7 +20,7 @@ from edgessl.loggers import run_loggers
 from edgessl.models.backbone import run_encoder_meta
 from edgessl.options import FinetuneOptions, takes_options
 from edgessl.report.say import Say
-from edgessl.runtime import pick_device, use_threads
+from edgessl.runtime import between_batches, pick_device, thread_governor, use_threads
 
 
 @takes_options(FinetuneOptions, lead=("run_dir",),
@@ -39,7 +39,9 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
     loggers = run_loggers(run_dir)  # the run's --logger (a missing package fails here, before any work)
     folders = labelled_folders(opts.train, opts.test, opts.test_fraction)
     check_labels_per_class([per_class], folders.file_labels, folders.train_classes)
-    say(f"CPU: {use_threads(opts.threads).describe()}")
+    cpu = use_threads(opts.threads)
+    say(f"CPU: {cpu.describe()}")
+    governor = thread_governor(cpu)  # --threads auto: the count follows the load between steps
     dev = pick_device(opts.device)
     data = finetune_data(folders.train_root, folders.test_root, per_class, opts, int(meta["image_size"]))
     model = build_classifier(run_dir, meta, len(data.classes), opts, dev, say)
@@ -47,7 +49,8 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
         f"{len(data.fit_idx)} training + {len(data.val_idx)} held-out labelled images "
         f"({lpc_name(per_class)} per class) | {len(data.test_idx)} test images "
         f"| {'frozen backbone' if opts.freeze_backbone else 'full fine-tuning'} | {opts.epochs} epochs | {dev.type}")
-    history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say)
+    history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say,
+                                           between_batches(governor, say))
     tag = f"finetune-{finetune_tag(per_class, opts.freeze_backbone, opts.init)}"
     out_dir = Path(opts.out) if opts.out else run_dir / tag
     metrics = write_finetune(model.cpu().eval(), data, opts, per_class, meta, run_dir, folders.train_root,
