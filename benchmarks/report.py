@@ -327,4 +327,9 @@ def write_readme(results: Path, readme: Path) -> None:
         parts.append(export_section(json.loads((results / "export_latency.json").read_text())))
     if (results / "distributed.json").exists():
         parts.append(distributed_section(json.loads((results / "distributed.json").read_text())))
+    from benchmarks.gpu import FORMAT, gpu_section
+
+    gpu = results / "gpu.json"
+    parts.append(gpu_section(json.loads(gpu.read_text())) if gpu.exists() else
+                 "## GPU\n\n" + FORMAT + "\nNot run yet: no GPU has been lent to this project so far.\n")
     readme.write_text("\n".join(parts))

@@ -28,6 +28,9 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
             model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above
+  gpu       (not in all) the consumer-GPU claim in about 8 minutes on one GPU: the data path vs the model at 224 px,
+            edgessl vs SimCLR vs supervised step times, a time-boxed CIFAR-10 run with kNN per epoch
+            (benchmarks/gpu.py; --device, --minutes, --only data,steps,cifar)
 --tiny runs a suite in seconds (a few images, one epoch, two steps) so the runner cannot rot (tests/test_benchmarks.py).
 """
 
@@ -217,6 +220,12 @@ def suite_loader(args) -> list[dict]:
     return run(args)
 
 
+def suite_gpu(args) -> list[dict]:
+    from benchmarks.gpu import suite_gpu as run
+
+    return run(args)
+
+
 def suite_slim(args) -> list[dict]:
     from benchmarks.slim import suite_slim as run
 
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="edgessl benchmarks")
-    ap.add_argument("suite", choices=(*SUITES, "all", "cost-one", "report", "slim-cost"))
+    ap.add_argument("suite", choices=(*SUITES, "all", "gpu", "cost-one", "report", "slim-cost"))
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; 1 with --tiny)")
     ap.add_argument("--seeds", type=int, default=3, help="label-subset seeds of the final evaluation")
@@ -274,6 +283,10 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--method", default="edgessl")
     ap.add_argument("--backbone", default="mobilenetv3_small")
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--device", default="auto", help="gpu suite: auto (cuda when available), cuda or cpu")
+    ap.add_argument("--minutes", type=float, default=None, help="gpu suite: the whole budget (default 8; tiny 1)")
+    ap.add_argument("--only", type=lambda v: [p for p in v.split(",") if p], default=None,
+                    help="gpu suite: only these parts, comma-separated (data, steps, cifar)")
     args = ap.parse_args(argv)
     if args.suite == "cost-one":
         return cost_one(args)

@@ -238,7 +238,8 @@ def pick_precision(option: str, device: torch.device) -> str:
     scaler and bf16 needs macOS 14+ (docs/method.md, "Apple silicon")."""
     if option == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # native bf16 only (Ampere or newer): older GPUs report bf16 "supported" by emulation, far slower than fp16
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         return "fp32"
     old_macos = device.type == "mps" and mps_available() and not torch.backends.mps.is_macos_or_newer(14, 0)
     if option == "bf16" and old_macos:

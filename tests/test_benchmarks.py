@@ -205,3 +205,42 @@ def test_midway_suite(bench):
         assert r["after_over_idle"] == pytest.approx(r["after_images_per_s"] / r["idle_images_per_s"])
     assert all(c["threads"] >= 1 for c in rec["rows"][0]["thread_changes"])
     assert "## Shared CPU, a competitor midway: threads that follow the load" in readme
+
+
+@needs_shared("neu-det.tar.gz")
+def test_gpu_suite_runs_every_part_on_the_cpu(bench):
+    """`python -m benchmarks.run gpu --device cpu --tiny`: every part, its rows, the estimates printed before the
+    start checked against what each part took, and the README's GPU section (format, tables, the time box)."""
+    from benchmarks.run import main
+
+    out = bench.out / "gpu"
+    main(["gpu", "--tiny", "--device", "cpu", "--results", str(out), "--readme", str(out / "README.md")])
+    rec = json.loads((out / "gpu.json").read_text())
+    parts = [r["part"] for r in rec["rows"]]
+    assert parts.count("data") == 4 and parts.count("steps") == 6 and parts[-1] == "plan"
+    assert {r["method"] for r in rec["rows"] if r["part"] == "steps"} == {"edgessl", "simclr", "supervised"}
+    for r in rec["rows"]:
+        if r["part"] == "data":
+            assert r["data_over_model"] == pytest.approx(r["data_images_per_s"] / r["model_images_per_s"])
+    summary = next(r for r in rec["rows"] if r.get("summary"))
+    curve = [r for r in rec["rows"] if r["part"] == "cifar" and not r.get("summary")]
+    assert summary["epochs_done"] == len(curve) >= 1 and all(0 <= r["knn_top1"] <= 1 for r in curve)
+    assert summary["stopped_by_time"] == (summary["epochs_done"] < summary["planned_epochs"])
+    plan = rec["rows"][-1]
+    assert set(plan["estimate_s"]) == set(plan["actual_s"]) == {"data", "steps", "cifar"}
+    for part, seconds in plan["actual_s"].items():  # the estimates are within a factor of 10 of the smoke run
+        assert plan["estimate_s"][part] / 10 <= seconds <= plan["estimate_s"][part] * 10, (part, seconds)
+    readme = (out / "README.md").read_text()
+    assert "## GPU" in readme and "| data path | precision |" in readme and "| epoch | training minutes |" in readme
+
+
+def test_the_gpu_plan_fits_eight_minutes_on_paper():
+    """The real run's estimates (an H100-class GPU) fit the default 8 minutes, the CIFAR-10 run taking the rest."""
+    import torch
+
+    from benchmarks.gpu import estimates, make_plan
+
+    plan = make_plan(False, torch.device("cuda"))
+    est = estimates(plan, 8.0, ("data", "steps", "cifar"))
+    assert sum(est.values()) == pytest.approx(8 * 60) and est["cifar"] >= 4 * 60
+    assert estimates(plan, 8.0, ("data", "steps")).keys() == {"data", "steps"}

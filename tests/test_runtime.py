@@ -208,3 +208,18 @@ def test_a_busy_child_counts_as_this_runs_cpu_not_another_jobs():
         child.kill()
         child.wait()
     assert grew > 0.5 and own_grew < 0.2
+
+
+def test_auto_precision_on_cuda_takes_bf16_only_where_it_is_native(monkeypatch):
+    """bf16 on Ampere or newer; fp16 (with its scaler) on older GPUs, which report bf16 as supported by emulation."""
+    cuda = torch.device("cuda")
+    asked = []
+
+    def native(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # an older GPU: bf16 only by emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", native)
+    assert runtime.pick_precision("auto", cuda) == "fp16" and asked == [False]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert runtime.pick_precision("auto", cuda) == "bf16"
