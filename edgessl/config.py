@@ -90,6 +90,9 @@ class PretrainConfig(HasDecode):
     cutmix_lam: str = option("max", "beta: the kept area lambda ~ Beta(alpha, alpha) | max: max(lambda, 1 - lambda) "
                                     "(the image keeps the larger part, as the authors' code).")
     blur: float = option(0.0, "Probability of a Gaussian blur.")
+    greyscale: str = option("auto", "auto | on | off: a greyscale folder (every image R = G = B) trains without the "
+                                    "augmentations that act only on colour (saturation, hue, random grayscale), and "
+                                    "its export turns colour input grey (auto: detected on the folder).")
     # optimisation
     epochs: int = option(20, "Epochs.")
     batch_size: int = option(128, "Images per step; under torchrun the global batch over all processes.")
@@ -150,6 +153,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "small_input": ("auto", "on", "off"),
     "cutmix_lam": ("beta", "max"),
+    "greyscale": ("auto", "on", "off"),
 }
 
 FIELD_NAMES = set(names(PretrainConfig))

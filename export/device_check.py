@@ -112,6 +112,8 @@ def decode(path: str | Path, pre: dict) -> np.ndarray:
         if pre.get("exif_transpose", True):
             img = ImageOps.exif_transpose(img)
         img = _to_rgb(img, tuple(pre.get("background", (255, 255, 255))))
+        if pre.get("greyscale"):  # trained on a greyscale folder: colour input is turned grey as training saw it
+            img = img.convert("L").convert("RGB")
         img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
         return np.asarray(img, dtype=np.uint8).copy()
 
@@ -657,6 +659,7 @@ def check(args) -> tuple[dict, int]:
         "machine": platform.machine(),
         "model_bytes": model.stat().st_size, "model_load_seconds": load_seconds,
         "mobile": entry.get("mobile") if entry else None,  # what the export's mobile usability check said
+        "greyscale_input": bool(pre and pre.get("greyscale")),  # colour images turned grey, as in training
     }
     report["latency_ms"] = latency(sess, sample, args.runs, args.warmup)
     report["throughput_batch"] = args.batch

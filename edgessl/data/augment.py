@@ -79,14 +79,19 @@ def _gray(x: Tensor) -> Tensor:
     return _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
 
 
-def color_jitter(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor, hue: Tensor) -> Tensor:
-    """Per-sample colour jitter of x (B, 3, H, W) in [0, 1]; each factor (B,); hue in turns (B,)."""
+def color_jitter(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor | None,
+                 hue: Tensor | None) -> Tensor:
+    """Per-sample colour jitter of x (B, 3, H, W) in [0, 1]; each factor (B,); hue in turns (B,). saturation or hue
+    None: that step is skipped (a greyscale folder's setting, where both would change nothing)."""
     v = lambda t: t.view(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
     x = (x * v(brightness)).clamp(0, 1)
     mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * v(contrast) + mean).clamp(0, 1)
-    g = _gray(x)
-    x = ((x - g) * v(saturation) + g).clamp(0, 1)
+    if saturation is not None:
+        g = _gray(x)
+        x = ((x - g) * v(saturation) + g).clamp(0, 1)
+    if hue is None:
+        return x
     # hue: rotate the chroma plane of YIQ by 2*pi*hue
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
                           dtype=x.dtype, device=x.device)
@@ -147,9 +152,10 @@ def augment_batch(images: Tensor, index, epoch: int, seed: int, cfg: AugmentConf
     co = torch.where(on, 1 - cj + 2 * cj * u[:, 7], one)
     sa = torch.where(on, 1 - sj + 2 * sj * u[:, 8], one)
     hu = torch.where(on, -hj + 2 * hj * u[:, 9], torch.zeros_like(one))
-    x = color_jitter(x, br, co, sa, hu)
-    gray = (u[:, 10] < cfg.grayscale_p).view(-1, 1, 1, 1)
-    x = torch.where(gray, _gray(x).expand_as(x), x)
+    x = color_jitter(x, br, co, sa if sj else None, hu if hj else None)
+    if cfg.grayscale_p > 0:
+        gray = (u[:, 10] < cfg.grayscale_p).view(-1, 1, 1, 1)
+        x = torch.where(gray, _gray(x).expand_as(x), x)
     if cfg.blur_p > 0:
         lo, hi = cfg.blur_sigma
         sigma = lo + (hi - lo) * u[:, 12]

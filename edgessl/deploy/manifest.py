@@ -52,6 +52,10 @@ def preprocess_spec(meta: dict[str, Any]) -> dict[str, Any]:
         "background": list(BACKGROUND),
         "alpha": "palette and alpha images are composited onto `background` (white)",
         "color": "16-bit, grayscale, CMYK and float images are converted to 8-bit RGB",
+        "greyscale": bool(meta.get("greyscale", False)),
+        "greyscale_rule": "when greyscale is true (the encoder was trained on a greyscale folder), the RGB image is "
+                          "turned grey (PIL convert('L'), ITU-R 601 luma) and back to three equal channels, as its "
+                          "training images were",
         "scale": 255.0,
         "mean": [float(v) for v in meta["mean"]],
         "std": [float(v) for v in meta["std"]],

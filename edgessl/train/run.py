@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from edgessl.config import PretrainConfig, replace
-from edgessl.data.augment import AugmentConfig
+from edgessl.data.greyscale import choose_greyscale, training_augment
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, Terminated
 from edgessl.loggers import Loggers, check_installed, parse_loggers
@@ -91,6 +91,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     pending = open_teacher(cfg, run_dir if ckpt is not None else None, warn)  # a wrong --teacher fails here
     predictor = add_predictor(cfg, model, pending, d, device)
     images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn)
+    grey = choose_greyscale(cfg.greyscale, images)
     batch = resolve_batch(cfg, len(images), d, warn, ckpt.get("batch") if ckpt else None)
     state = new_state(cfg, model, len(images), batch, device, precision)
     if ckpt is not None:  # every process reads it: any number of processes continues any run
@@ -98,9 +99,9 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     monitor = NoMonitor() if evaluation.monitor is None else evaluation.monitor(
         images if cfg.eval_every > 0 and d.main else None, val, cfg.monitor_queries, cfg.seed)
     cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir))
-    meta = encoder_meta(cfg, arch, feat_dim, widths, warm)
+    meta = {**encoder_meta(cfg, arch, feat_dim, widths, warm), **({"greyscale": True} if grey.on else {})}
     run = Run(cfg, d, device, run_dir, images, distributed.local_rows(batch, d.rank, d.world), monitor, meta, threads,
-              console, quiet, AugmentConfig(blur_p=cfg.blur), stop=stop,
+              console, quiet, training_augment(cfg.blur, grey), stop=stop,
               governor=thread_governor(threads, cfg.deterministic))
     # ---- every check has passed: from here on the run directory is written
     files = write_run_files(run_dir, ckpt is not None, overwrite, cfg, images, signature, warn) if d.main else None
@@ -121,6 +122,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         if ckpt is not None:
             run.first_row["resumed"] = True  # curves.png marks where this invocation took over
         banner(run, state, precision, arch)
+        if grey.on or cfg.greyscale != "auto":
+            run.say(f"Colour: {grey.describe()}")
         train_epochs(run, state, objective, net, on_step)
         if objective.slim and d.main and evaluation.widths_report is not None:
             evaluation.widths_report(run_dir, widths, images if images.labels is not None else None, val, device,
