@@ -213,3 +213,36 @@ def test_only_each_images_best_matches_count():
     assert MARGIN == 0.1
     assert got[0] == pytest.approx(0.95) and got[1] == -np.inf and got[2] == pytest.approx(0.70)
     assert got[3] == pytest.approx(0.86)  # within 0.1 of 0.95 (image 1's best) and of 0.86 (image 2's best)
+
+
+def test_chroma_shift_in_closed_cases():
+    """A flat orange window against a flat yellow one: the colour differences move by (0.204, -0.094), norm 0.2246;
+    a brightness and contrast change on every channel moves nothing; greyscale moves nothing."""
+    d = cp.DESC
+    orange, yellow = torch.zeros(1, 3, d, d), torch.zeros(1, 3, d, d)
+    orange[:, 0], orange[:, 1] = 1.0, 152 / 255
+    yellow[:, 0], yellow[:, 1], yellow[:, 2] = 1.0, 204 / 255, 50 / 255
+    expected = np.hypot((1 - 152 / 255) - (1 - 204 / 255), (1 + 152 / 255) / 2 - ((1 + 204 / 255) / 2 - 50 / 255))
+    assert float(cp.chroma_shift(orange, yellow)[0]) == pytest.approx(expected, abs=1e-6)
+    x = torch.rand(3, 3, d, d, generator=torch.Generator().manual_seed(0))
+    assert cp.chroma_shift(x, 0.8 * x + 0.1).abs().max() < 1e-6
+    grey = x[:, :1].expand(3, 3, d, d)
+    assert cp.chroma_shift(grey, 1 - grey).abs().max() < 1e-6
+
+
+def test_a_recoloured_picture_is_no_copy(monkeypatch):
+    """The same picture with one area's hue changed (an orange disc turned yellow) keeps its edges and nearly its
+    brightness pattern: without the chroma cap it scores like a copy, with it far below; a brightened copy keeps
+    its score."""
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 < 24**2
+    pic = np.full((64, 64, 3), 255, np.uint8)
+    pic[disc] = (255, 152, 0)
+    other = pic.copy()
+    other[disc] = (255, 204, 50)
+    brighter = np.clip(pic.astype(np.float64) * 0.9 + 10, 0, 255).astype(np.uint8)
+    rows = _rows(pic, other, brighter)
+    s = cp.copy_scores(lambda i: rows[i], np.array([[0, 1], [0, 2]]))
+    assert s[0] < 0.75 and s[1] > 0.9
+    monkeypatch.setattr(cp, "CHROMA_SLOPE", 0.0)
+    assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1]]))[0] > 0.9
