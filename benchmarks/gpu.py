@@ -214,16 +214,21 @@ def part_steps(plan: Plan, device: torch.device, say) -> list[dict[str, Any]]:
     from edgessl.runtime import pick_precision
 
     precision = pick_precision("auto", device)
+    configs = plan.step_configs
+    try:
+        import lightly  # noqa: F401
+    except ImportError:
+        configs = [c for c in configs if c[2] != "simclr"]
+        say("steps: lightly is not installed, SimCLR rows skipped (pip install 'edgessl[bench]')")
     cifar_train = stratified_subset(cifar10()[0], max(1, plan.batch // 10 + 1), 0, f"cifar10-train-gpu-{plan.batch}")
     neu_train = stratified_subset(neu_det()[0], max(1, plan.batch // 6 + 1), 0, f"neu-det-train-gpu-{plan.batch}")
-    rows, floor = [], {}
-    for backbone, size, method in plan.step_configs:
+    rows = []
+    for backbone, size, method in configs:
         images = load_image_folder(cifar_train if size == 32 else neu_train, size, labels=True)
         reset_peak(device)
         ips = rate(_method_step(method, images, backbone, device, plan.batch, precision), plan.warm, plan.timed,
                    plan.batch, device)
         step_s = plan.batch / ips
-        floor.setdefault((backbone, size), step_s if method == "supervised" else None)
         rows.append({"part": "steps", "backbone": backbone, "image_size": size, "method": method,
                      "precision": precision, "batch_size": plan.batch, "step_s": step_s, "images_per_s": ips,
                      "peak_gpu_bytes": peak_memory(device)})
@@ -240,10 +245,10 @@ class TimeUp(KeyboardInterrupt):
     """Raised from on_step when the part's minutes are used: the loop saves what is complete, as on Ctrl-C."""
 
 
-def _knn_at_epoch_ends(train_set, test_set, steps: int, deadline: float, curve: list, device: torch.device,
-                       t0: float):
+def _knn_at_epoch_ends(train_set, test_set, steps: int, epochs: int, deadline: float, curve: list,
+                       device: torch.device, t0: float):
     """on_step: after the last step of every epoch, kNN (k = 200) of the test images against the training images,
-    with the backbone's features; TimeUp once the deadline passed (checked after every step)."""
+    with the backbone's features; TimeUp once the deadline passed (checked after every step but the run's last)."""
     from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD
     from edgessl.evaluate.features import extract_features
     from edgessl.evaluate.knn import knn_top1
@@ -261,7 +266,7 @@ def _knn_at_epoch_ends(train_set, test_set, steps: int, deadline: float, curve: 
                           "knn_seconds": time.time() - k0})
             print(f"cifar epoch {info.epoch + 1}: kNN {top1:.3f} after {train_s / 60:.1f} training minutes",
                   flush=True)
-        if time.time() > deadline:
+        if time.time() > deadline and (info.epoch, info.step) != (epochs - 1, steps - 1):
             raise TimeUp
 
     return on_step
@@ -278,6 +283,7 @@ def part_cifar(plan: Plan, device: torch.device, seconds: float, epoch_guess_s: 
     from edgessl.errors import Interrupted
     from edgessl.train.prepare import bank_batch_cap
 
+    start = time.time()  # extracting and decoding CIFAR-10 count against the part's seconds
     train, test = cifar10()
     if plan.cifar_per_class:
         train = stratified_subset(train, plan.cifar_per_class[0], 0, f"cifar10-train-{plan.cifar_per_class[0]}pc-s0")
@@ -285,8 +291,9 @@ def part_cifar(plan: Plan, device: torch.device, seconds: float, epoch_guess_s: 
     train_set, test_set = load_image_folder(train, 32, labels=True), load_image_folder(test, 32, labels=True)
     n, batch = len(train_set), 512
     steps = n // min(batch, n, bank_batch_cap(n, 8))
-    epochs = 2 if plan.cifar_per_class else max(1, int(seconds / epoch_guess_s))
-    say(f"cifar: {n} training images, {epochs} planned epochs in {seconds / 60:.1f} min")
+    left = start + seconds - time.time()
+    epochs = 2 if plan.cifar_per_class else max(1, int(left / epoch_guess_s))
+    say(f"cifar: {n} training images, {epochs} planned epochs in the {left / 60:.1f} min left")
     curve: list[dict[str, Any]] = []
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="edgessl-gpu-") as tmp:
@@ -294,7 +301,8 @@ def part_cifar(plan: Plan, device: torch.device, seconds: float, epoch_guess_s: 
         try:
             edgessl.pretrain(data=str(train), recipe="resnet18_cifar", epochs=epochs, batch_size=batch,
                              out=str(Path(tmp) / "run"), device=device.type, eval_every=0, quiet=True,
-                             on_step=_knn_at_epoch_ends(train_set, test_set, steps, t0 + seconds, curve, device, t0))
+                             on_step=_knn_at_epoch_ends(train_set, test_set, steps, epochs, start + seconds, curve,
+                                                        device, t0))
         except Interrupted:
             stopped = True
     rows = [{"part": "cifar", **c} for c in curve]
