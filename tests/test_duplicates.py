@@ -246,3 +246,21 @@ def test_a_recoloured_picture_is_no_copy(monkeypatch):
     assert s[0] < 0.75 and s[1] > 0.9
     monkeypatch.setattr(cp, "CHROMA_SLOPE", 0.0)
     assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1]]))[0] > 0.9
+
+
+def test_the_coarse_prefilter_skips_only_pairs_that_differ_at_a_glance():
+    """coarse_scores: 1 for a picture with itself; a crop of it stays high, another picture is low. copy_scores with
+    a gate: the pairs below it get -inf without the fit, the others exactly their ungated scores; the gate sits
+    COARSE_MARGIN below the planted copies' 1 % quantile."""
+    pic = _picture(3)
+    cropped = np.asarray(Image.fromarray(pic[3:61, 2:60]).resize((64, 64), Image.Resampling.BICUBIC))
+    rows = _rows(pic, cropped, _picture(4))
+    pairs = np.array([[0, 0], [0, 1], [0, 2]])
+    coarse = cp.coarse_of(lambda i: rows[i], pairs)
+    assert coarse[0] == pytest.approx(1.0, abs=1e-5) and coarse[1] > 0.8 and coarse[2] < 0.5
+    full = cp.copy_scores(lambda i: rows[i], pairs)
+    gated = cp.copy_scores(lambda i: rows[i], pairs, gate=0.6)
+    assert gated[2] == -np.inf and np.allclose(gated[:2], full[:2], atol=1e-6)
+    true = np.concatenate([np.full(99, 0.9), [0.5], [-np.inf]]).astype(np.float32)
+    assert cp.coarse_gate(true) == pytest.approx(np.quantile(true[:100], 0.01) - cp.COARSE_MARGIN)
+    assert cp.coarse_gate(np.array([-np.inf])) == -np.inf

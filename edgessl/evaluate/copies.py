@@ -188,20 +188,56 @@ def unit_joint(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm < FLAT * DESC, torch.zeros_like(x), x / norm.clamp_min(1e-12))
 
 
-def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.ndarray:
-    """Copy scores of image pairs (P, 2): pairs[:, 0] index the set whose uint8 rows get_a(index (k,)) ->
-    (k, 3, S, S) returns (e.g. ImageSet.get), pairs[:, 1] the set of get_b (default: the same set). In chunks of
-    `chunk` pairs: memory stays bounded. -> (P,) float32."""
-    out = np.zeros(len(pairs), np.float32)
+COARSE_MARGIN = 0.3  # the prefilter's gate: this far below the coarse NCC of 99 % of the planted copies
+
+
+def coarse_scores(win: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """win from prepare(); pairs (P, 2) -> (P,) the best NCC of a coarse window of either image with the whole of
+    the other: what the box fit starts from, at the cost of one small matrix product."""
+    def one_way(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("pwf,pf->pw", win[src], win[dst, 0]).max(dim=1).values
+
+    return torch.maximum(one_way(pairs[:, 0], pairs[:, 1]), one_way(pairs[:, 1], pairs[:, 0]))
+
+
+def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int):
+    """(start, local pairs (k, 2) into the chunk's rows, the chunk's uint8 rows) per `chunk` pairs: each image is
+    read once per chunk."""
     for start in range(0, len(pairs), chunk):
         part = torch.from_numpy(np.ascontiguousarray(pairs[start : start + chunk]))
         ua, ia = torch.unique(part[:, 0], return_inverse=True)
         ub, ib = torch.unique(part[:, 1], return_inverse=True)
-        rows = torch.cat([get_a(ua), (get_b or get_a)(ub)])  # each image prepared once per chunk
+        yield start, torch.stack([ia, ib + len(ua)], 1), torch.cat([get_a(ua), (get_b or get_a)(ub)])
+
+
+def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: float = -np.inf) -> np.ndarray:
+    """Copy scores of image pairs (P, 2): pairs[:, 0] index the set whose uint8 rows get_a(index (k,)) ->
+    (k, 3, S, S) returns (e.g. ImageSet.get), pairs[:, 1] the set of get_b (default: the same set). In chunks of
+    `chunk` pairs: memory stays bounded. gate: a pair whose coarse score (coarse_scores) is below it differs at a
+    glance and gets -inf without the box fit (the prefilter: most of a folder's neighbour pairs). -> (P,) float32."""
+    out = np.full(len(pairs), -np.inf, np.float32)
+    for start, local, rows in _chunks(get_a, pairs, get_b, chunk):
         images, win = prepare(rows)
-        colour = smooth(rows.float() / 255)
-        out[start : start + len(part)] = pair_scores(images, win, torch.stack([ia, ib + len(ua)], 1), colour).numpy()
+        fit = coarse_scores(win, local) >= gate
+        if bool(fit.any()):
+            scores = pair_scores(images, win, local[fit], smooth(rows.float() / 255))
+            out[start + fit.nonzero().view(-1).numpy()] = scores.numpy()
     return out
+
+
+def coarse_of(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.ndarray:
+    """coarse_scores of image pairs, read as copy_scores reads them -> (P,) float32."""
+    out = np.zeros(len(pairs), np.float32)
+    for start, local, rows in _chunks(get_a, pairs, get_b, chunk):
+        out[start : start + len(local)] = coarse_scores(prepare(rows)[1], local).numpy()
+    return out
+
+
+def coarse_gate(true_coarse: np.ndarray) -> float:
+    """The prefilter's gate from the planted copies' coarse scores with their originals: COARSE_MARGIN below the
+    1 % quantile (no gate without planted copies)."""
+    found = true_coarse[np.isfinite(true_coarse)]
+    return float(np.quantile(found, 0.01)) - COARSE_MARGIN if len(found) else -np.inf
 
 
 THUMB = 8  # the pixel thumbnail that proposes candidate pairs: THUMB x THUMB, 3 colours

@@ -53,6 +53,7 @@ class Calibration:
     wrong: np.ndarray
     cosines: np.ndarray
     gates: list[float]
+    coarse_gate: float = -np.inf  # the prefilter's gate (copies.coarse_gate), from the copies' coarse scores
 
     @property
     def similar(self) -> float:
@@ -104,7 +105,8 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
     wrong = ~is_true
     wrong[wrong] = ~copies_in_folder(pairs[wrong], scores[wrong], originals, true, get_rows)
     look_alike = best_per_row(pairs[wrong, 0], scores[wrong], len(originals))
-    return Calibration(true, look_alike[np.isfinite(look_alike)], cosines, gates)
+    gate = cp.coarse_gate(cp.coarse_of(get_planted, pairs[is_true], get_rows))
+    return Calibration(true, look_alike[np.isfinite(look_alike)], cosines, gates, gate)
 
 
 EXCUSE_QUANTILE = 0.05  # a folder image matching the original as well as 95 % of planted copies do is its copy
@@ -151,6 +153,7 @@ class Scored:
     pairs: np.ndarray  # (P, 2)
     cosines: np.ndarray  # (P,)
     scores: np.ndarray  # (P,)
+    compared: int = 0  # pairs compared in full (the others stopped at the coarse prefilter)
 
 
 def folder_candidates(spaces: list[np.ndarray], gates: list[float], use_faiss: bool | None = None) -> np.ndarray:
@@ -165,16 +168,17 @@ def folder_candidates(spaces: list[np.ndarray], gates: list[float], use_faiss: b
 
 
 def score_folder(spaces: list[np.ndarray], hashes: list[str], get_rows: Callable, gates: list[float],
-                 use_faiss: bool | None = None) -> Scored:
+                 use_faiss: bool | None = None, coarse_gate: float = -np.inf) -> Scored:
     """Exact twins (equal hashes) and every other candidate pair (folder_candidates) with its embedding cosine
-    (spaces[0]) and copy score."""
+    (spaces[0]) and copy score (-inf below the prefilter's `coarse_gate`)."""
     pairs = folder_candidates(spaces, gates, use_faiss)
     same = np.array([hashes[a] == hashes[b] for a, b in pairs.tolist()], bool).reshape(-1)
     pairs = pairs[~same]
     unit = spaces[0]
     cosines = (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(axis=1).astype(np.float32)
-    scores = cp.copy_scores(get_rows, pairs) if len(pairs) else np.zeros(0, np.float32)
-    return Scored(cp.exact_pairs(hashes), pairs, cosines, near_best(pairs, scores, len(hashes)))
+    scores = cp.copy_scores(get_rows, pairs, gate=coarse_gate) if len(pairs) else np.zeros(0, np.float32)
+    return Scored(cp.exact_pairs(hashes), pairs, cosines, near_best(pairs, scores, len(hashes)),
+                  int(np.isfinite(scores).sum()))
 
 
 def near_best(pairs: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:

@@ -153,7 +153,10 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     hashes = cp.pixel_hashes(get, n)
     spaces = [unit, cp.thumbnails(get, n)]  # candidates: the embedding's neighbours and the pixels'
     calibration = _calibrate(result, opts, src, get, spaces, say)
-    scored = dup.score_folder(spaces, hashes, get, calibration.gates, use_faiss)
+    scored = dup.score_folder(spaces, hashes, get, calibration.gates, use_faiss, calibration.coarse_gate)
+    say(f"Compared {scored.compared:,} of {len(scored.pairs):,} candidate pairs in full (the others differ at a "
+        f"glance: coarse match below {calibration.coarse_gate:.2f}, set {cp.COARSE_MARGIN} below 99 % of the "
+        "planted copies).")
     threshold = duplicates_threshold(opts.duplicates)
     args = (calibration.true, calibration.wrong, scored.scores, opts.precision)
     result.rule = cp.choose_rule(*args) if threshold is None else cp.rule_at(threshold, *args)
