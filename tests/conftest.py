@@ -185,3 +185,32 @@ def exports(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     return build_exports(tmp_path_factory.mktemp("export"))
+
+
+TINY = dict(image_size=32, batch_size=8, head_hidden=32, feature_dim=16, quiet=True, workers=1, eval_every=0)
+
+
+def make_run(data, precision: str = "fp32", device: str = "cpu", **options):
+    """(Run, TrainState, Objective) of a one-process TINY run on `device`, built by the functions pretrain() uses (on
+    CUDA build_model returns a channels_last model, new_state an fp16 run's GradScaler("cuda"))."""
+    from rich.console import Console
+
+    from edgessl.config import resolve
+    from edgessl.data.folder import load_image_folder
+    from edgessl.evaluate.monitor import Monitor
+    from edgessl.options import Decode
+    from edgessl.runtime import ThreadChoice
+    from edgessl.train import distributed
+    from edgessl.train.build import build_model, encoder_meta, new_state
+    from edgessl.train.objective import Objective
+    from edgessl.train.types import Run
+
+    cfg = resolve({**TINY, "data": str(data), **options})
+    d, dev = distributed.Dist(), torch.device(device)
+    model, arch, feat_dim, widths, teacher = build_model(cfg, None, d, dev)
+    images = load_image_folder(data, cfg.image_size, decode=Decode(workers=1))
+    state = new_state(cfg, model, len(images), cfg.batch_size, dev, precision)
+    run = Run(cfg, d, dev, data, images, slice(0, cfg.batch_size), Monitor(None, None),
+              encoder_meta(cfg, arch, feat_dim, widths, None), ThreadChoice(1, "test"), Console(quiet=True), True)
+    objective = Objective(state.method, cfg.seed, cfg.epochs, dev, precision, widths, teacher=teacher)
+    return run, state, objective

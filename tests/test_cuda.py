@@ -19,50 +19,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
+from conftest import TINY, make_run
 
 import edgessl
 from edgessl.config import resolve
-from edgessl.data.folder import load_image_folder
 from edgessl.data.loader import Prefetcher
-from edgessl.evaluate.monitor import Monitor
-from edgessl.options import Decode
-from edgessl.runtime import ThreadChoice, pick_precision
+from edgessl.runtime import pick_precision
 from edgessl.train import distributed
-from edgessl.train.build import build_model, encoder_meta, new_state
+from edgessl.train.build import build_model
 from edgessl.train.checkpoint import load_checkpoint
 from edgessl.train.crops import make_crops
 from edgessl.train.loop import _rows_of, epoch_order, train_step
 from edgessl.train.meter import EpochMeter
-from edgessl.train.objective import Objective
-from edgessl.train.types import Run
 
 skip_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                   reason="needs a CUDA GPU: torch.cuda.is_available() is False")
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, skip_no_cuda])
 DEVICES = ["cpu", CUDA]
-
-TINY = dict(image_size=32, batch_size=8, head_hidden=32, feature_dim=16, quiet=True, workers=1, eval_every=0)
 # the network of the fp16 / bf16 steps: on CUDA the default mobilenetv3_small (stride-1 stem at 32 px); on the CPU,
 # where float16 and bfloat16 convolutions run emulated here (1 s a step for mobilenetv3_small), timm's 0.4 M-parameter
 # test_resnet, the network of test_distributed.py
 MIXED = {"cpu": dict(backbone="test_resnet", small_input="off"), "cuda": {}}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small steps on a CPU shared with other jobs
-
-
-def make_run(data, device: str, precision: str = "fp32", **options):
-    """(Run, TrainState, Objective) of a one-process run on `device`, built by the functions pretrain() uses (on CUDA
-    build_model returns a channels_last model, new_state an fp16 run's GradScaler("cuda"))."""
-    cfg = resolve({**TINY, "data": str(data), **options})
-    d, dev = distributed.Dist(), torch.device(device)
-    model, arch, feat_dim, widths, teacher = build_model(cfg, None, d, dev)
-    images = load_image_folder(data, cfg.image_size, decode=Decode(workers=1))
-    state = new_state(cfg, model, len(images), cfg.batch_size, dev, precision)
-    run = Run(cfg, d, dev, data, images, slice(0, cfg.batch_size), Monitor(None, None),
-              encoder_meta(cfg, arch, feat_dim, widths, None), ThreadChoice(1, "test"), Console(quiet=True), True)
-    objective = Objective(state.method, cfg.seed, cfg.epochs, dev, precision, widths, teacher=teacher)
-    return run, state, objective
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -90,7 +69,7 @@ def test_fp16_step_with_the_gradient_scaler_and_an_overflow_that_skips_it_and_ke
     overflow float16: what the scaler is there to catch), or a gradient made inf; the scaler skips the optimiser step
     and halves its scale, and the weights, the momentum buffers and the bank stay as they were (the schedule
     advances, the epoch's mean loss counts the trained step only)."""
-    run, state, objective = make_run(tiny_data, device, "fp16", **MIXED[device])
+    run, state, objective = make_run(tiny_data, "fp16", device, **MIXED[device])
     assert state.scaler.is_enabled() and not state.on_device  # fp16: the scaler decides on the host
     # the default initial scale (2^16) may overflow a first step by itself: start lower so this one trains
     state.scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
@@ -137,7 +116,7 @@ def test_bf16_autocast_step_runs_with_a_finite_loss(tiny_data, device):
         pytest.skip("this GPU has no bfloat16")
     if device == "cpu" or torch.cuda.get_device_capability()[0] >= 8:  # native bfloat16 from Ampere on
         assert pick_precision("auto", torch.device(device)) == ("bf16" if device == "cuda" else "fp32")
-    run, state, objective = make_run(tiny_data, device, "bf16", **MIXED[device])
+    run, state, objective = make_run(tiny_data, "bf16", device, **MIXED[device])
     assert not state.scaler.is_enabled() and state.on_device  # no scaler: decided on the device, no host sync
     dtypes = first_conv_dtype(state.model)
     before, bank = params(state.model), state.method.bank.weight.clone()
@@ -191,7 +170,7 @@ def test_prefetched_pinned_non_blocking_batches_equal_a_synchronous_gather(tiny_
     """The loop's gathering (_rows_of: pinned on CUDA) through the Prefetcher, 6 batches, 3 ahead; each copied to the
     device non_blocking, before any synchronisation, and cropped by make_crops from the prefetched rows: the same
     uint8 rows as run.images.get in the step, and the same crops bit for bit as make_crops gathering them itself."""
-    run, _, _ = make_run(tiny_data, device, batch_size=4)
+    run, _, _ = make_run(tiny_data, device=device, batch_size=4)
     n, b = len(run.images), 4
     batches = epoch_order(run.cfg.seed, 0, n)[: n // b * b].view(-1, b)
     assert len(batches) == 6

@@ -216,28 +216,14 @@ def test_threads_follow_the_load_between_steps_and_metrics_log_the_change(tiny_d
     changes between steps (as torch sees it), each change is printed and logged in that epoch's metrics row."""
     import json
 
-    from edgessl import runtime
-    from edgessl.runtime import ThreadChoice
     from edgessl.train import run as run_module
 
-    seen, load = [], {"others": 0.0, "t": 0.0, "busy": 0.0, "total": 0.0, "cpu": 0.0}
-
-    def clock():
-        load["t"] += 10.0  # every look is due
-        load["busy"] += min(2.0, load["others"] + 1.0) * 1000
-        load["total"] += 2000
-        load["cpu"] += 10.0
-        return load["t"]
-
-    def governor(choice, deterministic=False):
-        return runtime.ThreadGovernor(ThreadChoice(2, "auto: machine idle"), True, base=2, cores=2,
-                                      counters=lambda: (load["busy"], load["total"]), own_cpu=lambda: load["cpu"],
-                                      clock=clock, apply=seen.append)
+    seen, load = [], {"others": 0.0}
 
     def competitor(info):
         load["others"] = 1.0 if (info.epoch, info.step) >= (0, 2) and info.epoch == 0 else 0.0
 
-    monkeypatch.setattr(run_module, "thread_governor", governor)
+    monkeypatch.setattr(run_module, "thread_governor", _scripted_governor(seen, lambda looks: load["others"]))
     opts = {**TINY, "deterministic": False}
     edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "run"), epochs=2, on_step=competitor, **opts)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -247,9 +233,9 @@ def test_threads_follow_the_load_between_steps_and_metrics_log_the_change(tiny_d
     assert rows[0]["threads"] == 1 and rows[1]["threads"] == 2
 
 
-def _scripted_governor(seen: list, others_after: int):
-    """A ThreadGovernor factory whose every look is due (10 s apart) and sees a competitor take one core from the
-    `others_after`-th look on; `seen` collects the counts it applies."""
+def _scripted_governor(seen: list, others):
+    """A ThreadGovernor factory whose every look is due (10 s apart) and sees other work keep others(looks so far)
+    cores busy beside this run's one; `seen` collects the counts it applies."""
     from edgessl import runtime
     from edgessl.runtime import ThreadChoice
 
@@ -257,9 +243,8 @@ def _scripted_governor(seen: list, others_after: int):
 
     def clock():
         load["looks"] += 1
-        others = 1.0 if load["looks"] > others_after else 0.0
         load["t"] += 10.0
-        load["busy"] += min(2.0, others + 1.0) * 1000
+        load["busy"] += min(2.0, others(load["looks"]) + 1.0) * 1000
         load["total"] += 2000
         load["cpu"] += 10.0
         return load["t"]
@@ -282,14 +267,15 @@ def test_eval_and_embed_follow_the_load_between_batches(demo_run, run_copy, labe
     from edgessl.workflows import eval as eval_workflow
 
     seen, lines = [], []
-    monkeypatch.setattr(eval_workflow, "thread_governor", _scripted_governor(seen, 1))
+    from_second_look = lambda looks: 1.0 if looks > 1 else 0.0  # noqa: E731  a competitor takes one core
+    monkeypatch.setattr(eval_workflow, "thread_governor", _scripted_governor(seen, from_second_look))
     edgessl.evaluate_encoder(run_copy, labelled_demo / "train", test_fraction=0.34, seeds=1, labels_per_class="1",
                              cache=False)
     report = json.loads((run_copy / "eval.json").read_text())
     assert seen == [1] and report["thread_changes"] == [{"step": 2, "threads": 1, "other_cores": 1.0}]
 
     seen.clear()
-    monkeypatch.setattr(embed_sources, "thread_governor", _scripted_governor(seen, 1))
+    monkeypatch.setattr(embed_sources, "thread_governor", _scripted_governor(seen, from_second_look))
     edgessl.embed(demo_run, data=str(labelled_demo / "train"), out=str(tmp_path / "e.npz"), batch_size=8,
                   say=lines.append)
     assert seen == [1] and lines == ["CPU: 1 thread (auto: 1.0 of 2 cores busy with other work) from batch 2"]

@@ -6,39 +6,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from rich.console import Console
+from conftest import TINY, make_run
 
 import edgessl
 from edgessl.config import resolve
 from edgessl.data.augment import cutmix
-from edgessl.data.folder import load_image_folder
 from edgessl.errors import UserError
-from edgessl.evaluate.monitor import Monitor
 from edgessl.method.bank import grad_bank_update
-from edgessl.options import Decode
-from edgessl.runtime import ThreadChoice
 from edgessl.train import distributed
-from edgessl.train.build import build_model, encoder_meta, new_state
 from edgessl.train.crops import make_crops
 from edgessl.train.loop import train_step
 from edgessl.train.meter import EpochMeter
-from edgessl.train.objective import Objective, Teacher
+from edgessl.train.objective import Teacher
 from edgessl.train.prepare import resolve_batch
-from edgessl.train.types import Run
-
-TINY = dict(image_size=32, batch_size=8, head_hidden=32, feature_dim=16, quiet=True, workers=1, eval_every=0)
-
-
-def make_run(data, precision="fp32", **options):
-    cfg = resolve({**TINY, "data": str(data), **options})
-    d, device = distributed.Dist(), torch.device("cpu")
-    model, arch, feat_dim, widths, teacher = build_model(cfg, None, d, device)
-    images = load_image_folder(data, cfg.image_size, decode=Decode(workers=1))
-    state = new_state(cfg, model, len(images), cfg.batch_size, device, precision)
-    run = Run(cfg, d, device, data, images, slice(0, cfg.batch_size), Monitor(None, None),
-              encoder_meta(cfg, arch, feat_dim, widths, None), ThreadChoice(1, "test"), Console(quiet=True), True)
-    objective = Objective(state.method, cfg.seed, cfg.epochs, device, precision, widths, teacher=teacher)
-    return run, state, objective
 
 
 def test_train_step_updates_the_bank_once_from_the_pre_step_features_and_bank(tiny_data):
