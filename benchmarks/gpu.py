@@ -83,21 +83,12 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def rate(fn: Callable[[], Any], warm: int, timed: int, images: int) -> float:
+    """images/s of `fn` (one batch of `images` per call) after `warm` untimed calls (benchmarks.throughput.timed:
+    CUDA synchronised around the timed calls)."""
+    from benchmarks.throughput import timed as seconds
 
-
-def rate(fn: Callable[[], Any], warm: int, timed: int, images: int, device: torch.device) -> float:
-    """images/s of `fn` (one batch of `images` per call) after `warm` untimed calls."""
-    for _ in range(warm):
-        fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(timed):
-        fn()
-    _sync(device)
-    return timed * images / (time.perf_counter() - t0)
+    return timed * images / seconds(fn, timed, warm)
 
 
 def peak_memory(device: torch.device) -> int | None:
@@ -167,8 +158,8 @@ def part_data(plan: Plan, device: torch.device, say) -> list[dict[str, Any]]:
     for backbone, precision, channels_last in plan.data_configs:
         reset_peak(device)
         model = rate(_model_step(backbone, plan.size, precision, channels_last, device, plan.batch), plan.warm,
-                     plan.timed, plan.batch, device)
-        data = rate(_data_path(images, device, plan.batch, channels_last), plan.warm, plan.timed, plan.batch, device)
+                     plan.timed, plan.batch)
+        data = rate(_data_path(images, device, plan.batch, channels_last), plan.warm, plan.timed, plan.batch)
         rows.append({"part": "data", "backbone": backbone, "precision": precision, "channels_last": channels_last,
                      "image_size": plan.size, "batch_size": plan.batch, "model_images_per_s": model,
                      "data_images_per_s": data, "data_over_model": data / model, "peak_gpu_bytes": peak_memory(device)})
@@ -227,7 +218,7 @@ def part_steps(plan: Plan, device: torch.device, say) -> list[dict[str, Any]]:
         images = load_image_folder(cifar_train if size == 32 else neu_train, size, labels=True)
         reset_peak(device)
         ips = rate(_method_step(method, images, backbone, device, plan.batch, precision), plan.warm, plan.timed,
-                   plan.batch, device)
+                   plan.batch)
         step_s = plan.batch / ips
         rows.append({"part": "steps", "backbone": backbone, "image_size": size, "method": method,
                      "precision": precision, "batch_size": plan.batch, "step_s": step_s, "images_per_s": ips,

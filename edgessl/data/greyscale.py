@@ -18,7 +18,6 @@ from edgessl.data.folder import ImageSet
 
 GREY_TOLERANCE = 1.0  # mean |R - G| + |G - B| per pixel (0-255) up to which an image is grey (JPEG chroma noise)
 CHECK_LIMIT = 5000  # images checked at most, evenly spread (a folder of 100,000 large scans is not read twice)
-CHOICES = ("auto", "on", "off")
 
 
 def grey_rows(rows: torch.Tensor) -> torch.Tensor:

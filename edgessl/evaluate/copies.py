@@ -130,7 +130,7 @@ def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor,
     fits = []
     for src, dst in ((pairs[:, 0], pairs[:, 1]), (pairs[:, 1], pairs[:, 0])):
         whole = win[dst, 0].view(p, 3, DESC, DESC)
-        coarse = boxes[torch.einsum("pwf,pf->pw", win[src], win[dst, 0]).argmax(dim=1)]
+        coarse = boxes[window_ncc(win, src, dst).argmax(dim=1)]
         fits.append((src, whole, *fit_box(images[src], whole, [torch.tensor(WHOLE).expand(p, 4), coarse])))
     use_ab = fits[0][3] >= fits[1][3]
     src = torch.where(use_ab, fits[0][0], fits[1][0])
@@ -191,13 +191,16 @@ def unit_joint(x: torch.Tensor) -> torch.Tensor:
 COARSE_MARGIN = 0.3  # the prefilter's gate: this far below the coarse NCC of 99 % of the planted copies
 
 
+def window_ncc(win: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """win from prepare(); src, dst (P,) rows -> (P, W) the NCC of each coarse window of src with the whole of dst."""
+    return torch.einsum("pwf,pf->pw", win[src], win[dst, 0])
+
+
 def coarse_scores(win: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """win from prepare(); pairs (P, 2) -> (P,) the best NCC of a coarse window of either image with the whole of
     the other: what the box fit starts from, at the cost of one small matrix product."""
-    def one_way(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("pwf,pf->pw", win[src], win[dst, 0]).max(dim=1).values
-
-    return torch.maximum(one_way(pairs[:, 0], pairs[:, 1]), one_way(pairs[:, 1], pairs[:, 0]))
+    return torch.maximum(window_ncc(win, pairs[:, 0], pairs[:, 1]).max(dim=1).values,
+                         window_ncc(win, pairs[:, 1], pairs[:, 0]).max(dim=1).values)
 
 
 def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int):
