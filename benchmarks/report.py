@@ -260,6 +260,12 @@ def duplicates_section(rec) -> str:
     return section(rec)
 
 
+def domains_section(rec, results: Path) -> str:
+    from benchmarks.domains import domains_section as section
+
+    return section(rec, results)
+
+
 def export_search_section(rec) -> str:
     from benchmarks.export_search import export_search_section as section
 
@@ -310,11 +316,13 @@ def write_readme(results: Path, readme: Path) -> None:
                 "slim": slim_section, "shared-cpu": shared_cpu_section, "midway": midway_section, "eval": eval_section, "loader": loader_section, "export": export_search_section, "init": init_section,
                 "teacher": teacher_section, "duplicates": duplicates_section}
     for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "midway", "eval", "loader", "export",
-                  "init", "teacher", "duplicates"):
+                  "init", "teacher", "duplicates", "domains"):
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())
-            if suite == "accuracy":
+            if suite == "domains":
+                parts.append(domains_section(rec, results))
+            elif suite == "accuracy":
                 parts.append(accuracy_section(rec, results))
             elif suite == "data":
                 acc = results / "accuracy.json"

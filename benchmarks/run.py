@@ -25,6 +25,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
             all labels, wall time (benchmarks/teacher.py)
   duplicates  `embed --duplicates auto` on emoji, NEU-DET and CIFAR-10 5k, clean and with 50 planted copies:
             precision, recall and the estimates it printed (benchmarks/duplicates.py)
+  domains   NEU-DET steel scans (emoji for contrast): edgessl for 15/30/60 epochs, at 64/96/128 px, random weights,
+            SimCLR at equal epochs and equal wall-clock, supervised ceiling (benchmarks/domains.py; --only)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
             model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above
@@ -50,7 +52,7 @@ from pathlib import Path
 from benchmarks.common import REPO, RESULTS, datasets, machine, probe, train_and_eval
 
 SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "midway", "eval", "loader", "export",
-          "init", "teacher", "duplicates")
+          "init", "teacher", "duplicates", "domains")
 # ---------------------------------------------------------------- suites
 def suite_cost(args) -> list[dict]:
     rows = []
@@ -208,6 +210,12 @@ def suite_duplicates(args) -> list[dict]:
     return run(args)
 
 
+def suite_domains(args) -> list[dict]:
+    from benchmarks.domains import suite_domains as run
+
+    return run(args)
+
+
 def suite_export(args) -> list[dict]:
     from benchmarks.export_search import suite_export as run
 
@@ -286,7 +294,9 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", help="gpu suite: auto (cuda when available), cuda or cpu")
     ap.add_argument("--minutes", type=float, default=None, help="gpu suite: the whole budget (default 8; tiny 1)")
     ap.add_argument("--only", type=lambda v: [p for p in v.split(",") if p], default=None,
-                    help="gpu suite: only these parts, comma-separated (data, steps, cifar)")
+                    help="gpu and domains suites: only these parts, comma-separated (gpu: data, steps, cifar; "
+                         "domains: epochs, sizes, peers)")
+    ap.add_argument("--backbones", nargs="*", default=None, help="domains suite: more backbones at 64 px (resnet18)")
     args = ap.parse_args(argv)
     if args.suite == "cost-one":
         return cost_one(args)

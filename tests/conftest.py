@@ -205,7 +205,7 @@ def make_run(data, precision: str = "fp32", device: str = "cpu", **options):
     from edgessl.train.objective import Objective
     from edgessl.train.types import Run
 
-    cfg = resolve({**TINY, "data": str(data), **options})
+    cfg = resolve({**TINY, "epochs": 20, "data": str(data), **options})  # a number: nothing here resolves "auto"
     d, dev = distributed.Dist(), torch.device(device)
     model, arch, feat_dim, widths, teacher = build_model(cfg, None, d, dev)
     images = load_image_folder(data, cfg.image_size, decode=Decode(workers=1))

@@ -208,6 +208,21 @@ def test_midway_suite(bench):
 
 
 @needs_shared("neu-det.tar.gz")
+@needs_shared("emoji-google.tar.gz")
+def test_domains_suite(bench):
+    rec, readme = bench("domains")
+    parts = {(r["part"], r["data"], r["method"]) for r in rec["rows"]}
+    assert {("epochs", d, "edgessl") for d in ("neu-det", "emoji")} <= parts
+    assert {("sizes", "neu-det", "random"), ("peers", "neu-det", "simclr"), ("peers", "neu-det", "supervised")} <= parts
+    budget = next(r for r in rec["rows"] if r.get("budget_of"))  # SimCLR's epochs from edgessl's seconds
+    ref = next(r for r in rec["rows"] if r["method"] == "edgessl" and r["size"] == budget["size"] and r["epochs"] == 1)
+    simclr = next(r for r in rec["rows"] if r["method"] == "simclr" and not r.get("budget_of"))
+    assert budget["epochs"] == max(1, round(ref["wall_s"] / simclr["wall_s"])) and budget["budget_s"] == ref["wall_s"]
+    assert len({r["row"] for r in rec["rows"]}) == len(rec["rows"])  # no row twice
+    assert "## Domains" in readme and "### What `auto` picks" in readme and (bench.out / "domains_curves.png").is_file()
+
+
+@needs_shared("neu-det.tar.gz")
 def test_gpu_suite_runs_every_part_on_the_cpu(bench):
     """`python -m benchmarks.run gpu --device cpu --tiny`: every part, its rows, the estimates printed before the
     start checked against what each part took, and the README's GPU section (format, tables, the time box)."""

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edgessl.config import PretrainConfig, save_config
+from edgessl.config import PretrainConfig, replace, save_config
 from edgessl.data.augment import test_transform
+from edgessl.data.auto import choose_epochs, choose_image_size, header_sizes
 from edgessl.data.folder import ImageSet, load_image_folder, write_skipped
 from edgessl.data.loader import Prefetcher, gather
 from edgessl.data.signature import describe_difference, files_hash, folder_signature, scan_images
@@ -88,6 +89,25 @@ def forward_chunks(images: ImageSet, order: torch.Tensor, batch_size: int, d: di
     with Prefetcher(lambda i: gather(images, mine(i), device.type == "cuda"), len(chunks)) as rows:
         for idx, raw in zip(chunks, rows, strict=True):
             yield idx, raw.to(device, non_blocking=True)
+
+
+def resolve_auto(cfg: PretrainConfig, device_type: str) -> tuple[PretrainConfig, dict[str, str]]:
+    """--image-size auto and --epochs auto chosen from the training folder (edgessl.data.auto): the config with the
+    numbers (config.yaml records what ran) and {option: "N (why)"} for the banner and encoder.json. A folder that
+    does not exist is left to load_data's error."""
+    wanted = [name for name in ("image_size", "epochs") if getattr(cfg, name) == "auto"]
+    if not wanted:
+        return cfg, {}
+    root = cfg.data if cfg.data is not None else str(demo_images())
+    paths = scan_images(root) if Path(root).is_dir() else []
+    chosen, said = {}, {}
+    if "image_size" in wanted:
+        size = choose_image_size(header_sizes(paths), device_type)
+        chosen["image_size"], said["image_size"] = size.value, f"{size.value} px ({size.reason})"
+    if "epochs" in wanted:
+        epochs = choose_epochs(len(paths))
+        chosen["epochs"], said["epochs"] = epochs.value, f"{epochs.value} ({epochs.reason})"
+    return replace(cfg, **chosen), said
 
 
 def target_dir(cfg: PretrainConfig, resume: str | Path | None, overwrite: bool, d: distributed.Dist):

@@ -25,6 +25,7 @@ from edgessl.train.output import banner
 from edgessl.train.prepare import (
     interrupted,
     load_data,
+    resolve_auto,
     resolve_batch,
     target_dir,
     write_history,
@@ -81,6 +82,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     threads = use_threads(cfg.threads)
     set_determinism(cfg.deterministic, device)
     precision = pick_precision(cfg.precision, device)
+    cfg, chosen = resolve_auto(cfg, device.type)
     # a wrong backbone fails before any data is read
     model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device, warner(console, d))
     run_dir, ckpt = target_dir(cfg, resume, overwrite, d)  # checks only
@@ -99,7 +101,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     monitor = NoMonitor() if evaluation.monitor is None else evaluation.monitor(
         images if cfg.eval_every > 0 and d.main else None, val, cfg.monitor_queries, cfg.seed)
     cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir))
-    meta = {**encoder_meta(cfg, arch, feat_dim, widths, warm), **({"greyscale": True} if grey.on else {})}
+    meta = {**encoder_meta(cfg, arch, feat_dim, widths, warm), **({"greyscale": True} if grey.on else {}),
+            **({"auto": chosen} if chosen else {})}
     run = Run(cfg, d, device, run_dir, images, distributed.local_rows(batch, d.rank, d.world), monitor, meta, threads,
               console, quiet, training_augment(cfg.blur, grey), stop=stop,
               governor=thread_governor(threads, cfg.deterministic))
@@ -122,6 +125,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         if ckpt is not None:
             run.first_row["resumed"] = True  # curves.png marks where this invocation took over
         banner(run, state, precision, arch)
+        for name, text in chosen.items():
+            run.say(f"{'Image size' if name == 'image_size' else 'Epochs'}: {text}")
         if grey.on or cfg.greyscale != "auto":
             run.say(f"Colour: {grey.describe()}")
         train_epochs(run, state, objective, net, on_step)

@@ -1,0 +1,250 @@
+"""Domains suite: which resolution and how many epochs fit a folder, on a real domain (NEU-DET steel scans) with emoji
+for contrast. `python -m benchmarks.run domains [--only epochs,sizes,peers] [--image-size S --epochs E] [--tiny]`.
+
+Parts (each row is kept in domains.json until a rerun of the same row replaces it):
+  epochs  edgessl, mobilenetv3_small at 64 px, trained for 15, 30 and 60 epochs on NEU-DET and on emoji (each a
+          run of its own length, cosine schedule): the final kNN / linear probe per length and the kNN curve every
+          5 epochs, so "how long" reads off where the lengths stop paying;
+  sizes   edgessl on NEU-DET at 96 and 128 px for 15 epochs (64 px: the epochs part's 15-epoch row), and each size
+          with random weights; resnet18 at 64 px beside them (--backbones; its run is kept in benchmarks/.cache as
+          the teacher suite's "trained on this folder" teacher);
+  peers   at --image-size and --epochs (what `auto` picks for NEU-DET): lightly's SimCLR at equal epochs and at
+          equal wall-clock (the epochs its s/epoch allows in edgessl's time), and a supervised run with all labels
+          (the ceiling).
+Every row: kNN (k = 200) and the linear probe at 10 and all labels per class on the test split (--seeds label
+subsets), wall seconds, s/epoch, the load average before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+LENGTHS = (15, 30, 60)
+SIZES = (64, 96, 128)
+SIZE_EPOCHS = 15
+PARTS = ("epochs", "sizes", "peers")
+KEPT = Path(__file__).resolve().parent / ".cache" / "domains-runs"  # runs other suites reuse (the NEU-DET teacher)
+
+
+def data(tiny: bool) -> dict[str, tuple[Path, Path]]:
+    from benchmarks.datasets import emoji, neu_det, stratified_subset
+
+    sets = {"neu-det": neu_det(), "emoji": emoji()}
+    if tiny:
+        sets = {k: (stratified_subset(tr, 3, 0, f"{k}-train-tiny"), stratified_subset(te, 2, 0, f"{k}-test-tiny"))
+                for k, (tr, te) in sets.items()}
+    return sets
+
+
+def plan(args) -> list[dict[str, Any]]:
+    """The rows to run: label, data, backbone, size, method, epochs (None: chosen from another row)."""
+    parts = args.only or PARTS
+    lengths, sizes = ((1, 2), (32, 48)) if args.tiny else (LENGTHS, SIZES)
+    size_epochs = 1 if args.tiny else SIZE_EPOCHS
+    rows = []
+    if "epochs" in parts:
+        rows += [{"part": "epochs", "data": d, "backbone": "mobilenetv3_small", "size": sizes[0], "method": "edgessl",
+                  "epochs": e} for d in ("neu-det", "emoji") for e in lengths]
+    if "sizes" in parts:
+        for s in sizes:
+            if s != sizes[0] or "epochs" not in parts:
+                rows.append({"part": "sizes", "data": "neu-det", "backbone": "mobilenetv3_small", "size": s,
+                             "method": "edgessl", "epochs": size_epochs})
+            rows.append({"part": "sizes", "data": "neu-det", "backbone": "mobilenetv3_small", "size": s,
+                         "method": "random", "epochs": 0})
+        for b in args.backbones or ():
+            rows += [{"part": "sizes", "data": "neu-det", "backbone": b, "size": sizes[0], "method": m, "epochs": e}
+                     for m, e in (("edgessl", size_epochs), ("random", 0))]
+    if "peers" in parts:
+        size, epochs = (sizes[0], 1) if args.tiny else (args.image_size, args.epochs)
+        base = {"part": "peers", "data": "neu-det", "backbone": "mobilenetv3_small", "size": size}
+        rows += [{**base, "method": "edgessl", "epochs": epochs, "reuse": True},
+                 {**base, "method": "simclr", "epochs": epochs},
+                 {**base, "method": "simclr", "epochs": None, "budget_of": "edgessl"},
+                 {**base, "method": "supervised", "epochs": epochs}]
+    return rows
+
+
+def label(row: dict[str, Any]) -> str:
+    budget = " (edgessl's time)" if row.get("budget_of") else ""
+    return f"{row['data']} {row['backbone']} {row['size']}px {row['method']} {row['epochs']}ep{budget}"
+
+
+def random_row(train: Path, test: Path, backbone: str, size: int, seeds: int) -> dict[str, Any]:
+    from benchmarks.common import final_eval
+    from benchmarks.peers import build
+    from edgessl.data.folder import load_image_folder
+
+    train_set, test_set = load_image_folder(train, size, labels=True), load_image_folder(test, size, labels=True)
+    model, _ = build("supervised", backbone, size, len(train_set.classes))
+    return {"n_train": len(train_set), "n_test": len(test_set), "wall_s": 0.0, "s_per_epoch": 0.0, "history": [],
+            "final": final_eval(model.backbone.eval(), train_set, test_set, "random", seeds)}
+
+
+def run_row(row: dict[str, Any], done: list[dict[str, Any]], args, workdir: Path) -> dict[str, Any]:
+    from benchmarks.common import train_and_eval
+
+    train, test = data(args.tiny)[row["data"]]
+    if row.get("budget_of"):  # SimCLR for the time edgessl took at the same size and epochs
+        ref = next(r for r in done if r["method"] == row["budget_of"] and r["size"] == row["size"]
+                   and r["backbone"] == row["backbone"] and r["data"] == row["data"] and r["epochs"] == args.epochs)
+        own = next(r for r in done if r["method"] == row["method"] and r["size"] == row["size"]
+                   and r["epochs"] == ref["epochs"] and not r.get("budget_of"))
+        row = {**row, "epochs": max(1, round(ref["wall_s"] / (own["wall_s"] / own["epochs"]))),
+               "budget_s": ref["wall_s"]}
+    load = os.getloadavg()[0]
+    if row["method"] == "random":
+        result = random_row(train, test, row["backbone"], row["size"], args.seeds)
+    else:
+        every = 1 if args.tiny else 5
+        keep = row["backbone"] == "resnet18" and row["method"] == "edgessl" and not args.tiny
+        result = train_and_eval(row["method"], train, test, row["backbone"], row["size"], row["epochs"], 0,
+                                args.seeds, args.tiny, workdir=KEPT if keep else workdir, eval_every=every)
+        result = {k: v for k, v in result.items() if k not in ("method", "data", "backbone", "epochs")}
+    out = {**row, "row": label(row), "load_average_1min": load, **result}
+    print(f"domains {out['row']}: linear@10 {out['final']['linear@10']['mean']:.3f} "
+          f"kNN@all {out['final']['knn@all']['mean']:.3f} ({out['wall_s']:.0f} s)", flush=True)
+    return out
+
+
+def suite_domains(args) -> list[dict[str, Any]]:
+    import tempfile
+
+    old = args.results / "domains.json"
+    kept = json.loads(old.read_text())["rows"] if old.exists() and not args.tiny else []
+    done: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="edgessl-domains-") as tmp:
+        for row in plan(args):
+            if row.pop("reuse", False) and any(r["row"] == label(row) for r in done + kept):
+                continue  # edgessl at these settings ran already (an earlier part or run)
+            done.append(run_row(row, done + kept, args, Path(tmp)))
+    fresh = {r["row"] for r in done}
+    return [r for r in kept if r["row"] not in fresh] + done
+
+
+# ---------------------------------------------------------------- the README section
+def _cells(r: dict[str, Any]) -> str:
+    f = r["final"]
+
+    def ms(key: str) -> str:
+        return f"{f[key]['mean']:.3f} ± {f[key]['std']:.3f}" if key in f else "–"
+
+    return (f"{r['s_per_epoch']:.1f} | {r['wall_s'] / 60:.1f} | {ms('knn@10')} | {ms('linear@10')} | {ms('knn@all')} | "
+            f"{ms('linear@all')} |")
+
+
+def part_of(r: dict[str, Any]) -> str:
+    """The row's part (rows of the first run carry none: its epochs part was the 64 px mobilenetv3_small edgessl rows)."""
+    if "part" in r:
+        return r["part"]
+    return "epochs" if (r["method"], r["size"], r["backbone"]) == ("edgessl", 64, "mobilenetv3_small") else "sizes"
+
+
+HEAD = "| s/epoch | train min | kNN@10 | linear@10 | kNN@all | linear@all |"
+
+
+def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """What `auto` picks for each data set of the suite (the real rule on the real folder) and where it lands against
+    the best row of that data set at the same backbone (linear@10)."""
+    from benchmarks.datasets import CACHE
+    from edgessl.data.auto import choose_epochs, choose_image_size, header_sizes
+    from edgessl.data.signature import scan_images
+
+    out = ["| data | images | auto size | auto epochs | its row: linear@10 | best row | best linear@10 | "
+           "auto − best |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name in sorted({r["data"] for r in rows}):
+        folder = CACHE / ("neu-det" if name == "neu-det" else "emoji-google") / "train"
+        if not folder.is_dir():
+            continue
+        paths = scan_images(folder)
+        size, epochs = choose_image_size(header_sizes(paths)).value, choose_epochs(len(paths)).value
+        same = [r for r in rows if r["data"] == name and r["backbone"] == "mobilenetv3_small"
+                and r["method"] == "edgessl"]
+        best = max(same, key=lambda r: r["final"]["linear@10"]["mean"])
+        mine = [r for r in same if r["size"] == size and abs(r["epochs"] - epochs) <= 0.25 * epochs]
+        mine_text = f"{mine[0]['final']['linear@10']['mean']:.3f} ({mine[0]['size']} px, {mine[0]['epochs']} ep)" \
+            if mine else "not run"
+        gap = f"{mine[0]['final']['linear@10']['mean'] - best['final']['linear@10']['mean']:+.3f}" if mine else "–"
+        out.append(f"| {name} | {len(paths):,} | {size} px | {epochs} | {mine_text} | {best['size']} px, "
+                   f"{best['epochs']} ep | {best['final']['linear@10']['mean']:.3f} | {gap} |")
+    return out
+
+
+def curves_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["data"] for r in rows})
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(5 * (len(names) + 1), 3.6))
+    for ax, name in zip(axes, names, strict=False):
+        for r in rows:
+            if r["data"] != name or part_of(r) != "epochs":
+                continue
+            pts = [(h["epoch"], h["knn_top1_k200"]) for h in r["history"] if h.get("knn_top1_k200") is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{r['epochs']}-epoch run")
+        ax.set_title(f"{name}: kNN vs epoch per run length")
+    for r in (r for r in rows if part_of(r) == "peers"):
+        pts = [(h["seconds"], h.get("knn_top1_k200")) for h in r["history"]]
+        cum, acc = 0.0, []
+        for sec, knn in pts:
+            cum += sec
+            if knn is not None:
+                acc.append((cum, knn))
+        if acc:
+            axes[-1].plot(*zip(*acc, strict=True), marker=".", label=f"{r['method']} {r['size']} px {r['epochs']} ep")
+    axes[-1].set_title("neu-det: kNN vs training seconds")
+    for ax in axes:
+        ax.set_ylabel("kNN top-1 (k=200)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[-1].set_xlabel("training seconds")
+    for ax in axes[:-1]:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def domains_section(rec: dict[str, Any], results: Path) -> str:
+    rows = rec["rows"]
+    m = rec["machine"]
+    out = ["## Domains: resolution and length from the folder (NEU-DET steel scans, emoji)\n",
+           f"{m.get('cpu')}, torch {m.get('torch')}, lightly {m.get('lightly', '–')}, edgessl {m.get('edgessl')}, "
+           f"{m.get('date')}; `{rec['command']}`; {rec['seconds'] / 60:.0f} min; batch 128, seed 0, each row's load "
+           "average in domains.json. Metrics on the test split: kNN (k = 200) and the linear probe at 10 labels per "
+           "class (mean ± std over 3 label subsets) and all labels. edgessl rows use the folder's greyscale "
+           "handling (NEU-DET: colour-only augmentations off); SimCLR (lightly) and supervised use the default "
+           "colour augmentation.\n", "### How long: one run per length (mobilenetv3_small, 64 px, cosine schedule)\n",
+           "| data | epochs | image views " + HEAD, "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if part_of(r) == "epochs"), key=lambda r: (r["data"], r["epochs"])):
+        out.append(f"| {r['data']} | {r['epochs']} | {r['epochs'] * r['n_train']:,} | {_cells(r)}")
+    out += ["", "### Which resolution, which backbone (NEU-DET)\n", "| backbone | px | method | epochs " + HEAD,
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    first = min((r["epochs"] for r in rows if part_of(r) == "epochs"), default=0)
+    for r in sorted((r for r in rows if r["data"] == "neu-det" and (part_of(r) == "sizes" or (
+                    part_of(r) == "epochs" and r["epochs"] == first))),
+                    key=lambda r: (r["backbone"], r["size"], r["method"])):
+        out.append(f"| {r['backbone']} | {r['size']} | {r['method']} | {r['epochs']} | {_cells(r)}")
+    peers = [r for r in rows if part_of(r) == "peers"]
+    if peers:
+        size = peers[0]["size"]
+        same = {p["epochs"] for p in peers if not p.get("budget_s")}
+        mine = [r for r in rows if r["data"] == "neu-det" and r["size"] == size and r["backbone"] == "mobilenetv3_small"
+                and (r["method"] == "random" or (r["method"] == "edgessl" and r["epochs"] in same))]
+        out += ["", f"### Against SimCLR, random weights and the supervised ceiling (NEU-DET, {size} px)\n",
+                "| method | epochs " + HEAD, "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(mine + peers, key=lambda r: (r["method"], r["epochs"])):
+            budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
+            out.append(f"| {r['method']}{budget} | {r['epochs']} | {_cells(r)}")
+    out += ["", "### What `auto` picks, against the best row of the suite\n"] + auto_rows(rows)
+    png = results / "domains_curves.png"
+    curves_plot(rows, png)
+    out += ["", f"![domains curves](results/{png.name})", ""]
+    return "\n".join(out) + "\n"

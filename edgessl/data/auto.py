@@ -1,0 +1,77 @@
+"""Settings chosen from the user's folder: `--image-size auto` and `--epochs auto` (the defaults of `edgessl
+pretrain`; a recipe or a flag with a number keeps working exactly as before).
+
+- Image size: the median shorter side of up to HEADER_LIMIT images (headers only, evenly spread over the sorted
+  files), rounded down to SIZE_LADDER, so icons and thumbnails train at their own size and are never upscaled;
+  larger images (photos, scans) are capped at PHOTO_SIZE for the device, the size past which the domains suite
+  (benchmarks/domains.py, NEU-DET steel scans) found a larger input not worth its cost.
+- Epochs: a budget of IMAGES_SEEN image views (where the domains suite's accuracy-vs-length curves flatten on
+  NEU-DET and emoji), i.e. IMAGES_SEEN / N epochs for N images, kept within EPOCH_BOUNDS.
+Each choice carries its reason (printed in the banner) and how sure it is.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+SIZE_LADDER = (32, 48, 64, 96, 128, 160, 192, 224)
+PHOTO_SIZE = {"cpu": 96, "mps": 96, "cuda": 128}  # px; see benchmarks/README.md "Domains"
+HEADER_LIMIT = 256
+IMAGES_SEEN = 60_000  # image views of one run; see benchmarks/README.md "Domains"
+EPOCH_BOUNDS = (15, 100)
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """One setting chosen for the run: its value and why (the banner's line)."""
+
+    value: int
+    reason: str
+
+
+def header_sizes(paths: Sequence[Path], limit: int = HEADER_LIMIT) -> list[tuple[int, int]]:
+    """(width, height) of up to `limit` of `paths`, evenly spread; read from the headers (nothing is decoded).
+    Files Pillow cannot open are left out (the decoding step reports them)."""
+    n, count = len(paths), min(len(paths), limit)
+    picks = sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
+    sizes = []
+    for i in picks:
+        try:
+            with Image.open(paths[i]) as img:
+                sizes.append(img.size)
+        except Exception:  # noqa: BLE001 - any unreadable file is the decoder's to report
+            continue
+    return sizes
+
+
+def choose_image_size(sizes: Sequence[tuple[int, int]], device_type: str = "cpu") -> AutoChoice:
+    """`--image-size auto` from the images' (width, height): the median shorter side rounded down to SIZE_LADDER
+    (never upscaled), at most PHOTO_SIZE[device_type]."""
+    cap = PHOTO_SIZE.get(device_type, PHOTO_SIZE["cpu"])
+    if not sizes:
+        return AutoChoice(64, "auto: no image header could be read, so the default 64 px")
+    shorts = sorted(min(w, h) for w, h in sizes)
+    median = int(statistics.median_low(shorts))
+    native = max([s for s in SIZE_LADDER if s <= median], default=SIZE_LADDER[0])
+    spread = f"{median} px" if shorts[0] == shorts[-1] else f"{median} px median ({shorts[0]}-{shorts[-1]} px)"
+    seen = f"shorter side {spread} over {len(shorts):,} images"
+    if native <= cap:
+        how = "their own size" if native == median else f"their size rounded down to {native} px"
+        return AutoChoice(native, f"auto: {seen}; trained at {how}, never upscaled")
+    return AutoChoice(cap, f"auto: {seen}; {cap} px is the largest size worth its cost on {device_type.upper()} in "
+                           "the domains benchmark (larger: --image-size N)")
+
+
+def choose_epochs(n_images: int) -> AutoChoice:
+    """`--epochs auto`: IMAGES_SEEN / n_images epochs, within EPOCH_BOUNDS."""
+    lo, hi = EPOCH_BOUNDS
+    if n_images <= 0:
+        return AutoChoice(lo, f"auto: no images counted, so {lo}")
+    epochs = min(hi, max(lo, round(IMAGES_SEEN / n_images)))
+    bound = " (the most)" if epochs == hi else " (the fewest)" if epochs == lo else ""
+    return AutoChoice(epochs, f"auto: about {IMAGES_SEEN:,} image views for {n_images:,} images{bound}")

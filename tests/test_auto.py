@@ -1,0 +1,113 @@
+"""--image-size auto and --epochs auto (edgessl.data.auto): the rules on synthetic folders in closed cases, the banner's
+reasons, the resolved numbers in config.yaml and encoder.json, and explicit flags and recipes that override them."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import edgessl
+from edgessl.config import resolve as resolve_config
+from edgessl.data.auto import (
+    EPOCH_BOUNDS,
+    IMAGES_SEEN,
+    PHOTO_SIZE,
+    choose_epochs,
+    choose_image_size,
+    header_sizes,
+)
+from edgessl.errors import UserError
+
+
+def folder(root: Path, sizes: list[tuple[int, int]], mode: str = "RGB", ext: str = "png") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        shape = (h, w) if mode == "L" else (h, w, 3)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / f"{i:03d}.{ext}")
+    return root
+
+
+def test_icons_keep_their_size_and_are_never_upscaled():
+    assert choose_image_size([(64, 64)] * 10).value == 64
+    assert choose_image_size([(32, 32)] * 10).value == 32
+    assert choose_image_size([(72, 72)] * 10).value == 64  # rounded down, not up
+    assert choose_image_size([(20, 20)] * 3).value == 32  # smaller than the ladder: its smallest size
+    assert choose_image_size([(64, 64)] * 10).reason == (
+        "auto: shorter side 64 px over 10 images; trained at their own size, never upscaled")
+
+
+def test_photos_are_capped_at_the_device_size():
+    cpu = choose_image_size([(640, 480)] * 5, "cpu")
+    assert cpu.value == PHOTO_SIZE["cpu"] == 96
+    assert cpu.reason == ("auto: shorter side 480 px over 5 images; 96 px is the largest size worth its cost on CPU in "
+                          "the domains benchmark (larger: --image-size N)")
+    assert choose_image_size([(640, 480)] * 5, "cuda").value == PHOTO_SIZE["cuda"] == 128
+    assert choose_image_size([(4000, 3000)], "cpu").value == 96  # a folder of one large image
+
+
+def test_mixed_sizes_follow_the_median_shorter_side():
+    sizes = [(32, 32)] * 3 + [(90, 120)] * 4 + [(500, 300)] * 2  # shorter sides 32 x3, 90 x4, 300 x2: median 90
+    choice = choose_image_size(sizes)
+    assert choice.value == 64
+    assert "90 px median (32-300 px) over 9 images" in choice.reason
+    assert "rounded down to 64 px" in choice.reason
+    assert choose_image_size([]).value == 64
+
+
+def test_epochs_are_an_image_budget_within_bounds():
+    lo, hi = EPOCH_BOUNDS
+    assert choose_epochs(IMAGES_SEEN // 40).value == 40
+    assert choose_epochs(1440).value == round(IMAGES_SEEN / 1440)
+    assert choose_epochs(10).value == hi and "(the most)" in choose_epochs(10).reason
+    assert choose_epochs(10**7).value == lo and "(the fewest)" in choose_epochs(10**7).reason
+    assert choose_epochs(1500).reason == f"auto: about {IMAGES_SEEN:,} image views for 1,500 images"
+
+
+def test_header_sizes_read_an_even_spread_and_skip_what_pillow_cannot_open(tmp_path):
+    root = folder(tmp_path / "f", [(40 + i, 30) for i in range(10)])
+    (root / "999.png").write_bytes(b"not an image")
+    paths = sorted(root.iterdir())
+    assert header_sizes(paths, limit=4) == [(40, 30), (43, 30), (47, 30)]  # files 0, 3, 7; 10 is the broken one
+    assert len(header_sizes(paths)) == 10
+
+
+def test_auto_and_numbers_parse_and_anything_else_is_one_line():
+    assert resolve_config({"image_size": "96", "epochs": "auto"}).image_size == 96
+    assert resolve_config({}).epochs == "auto" and resolve_config({}).image_size == "auto"
+    with pytest.raises(UserError, match=r"^--epochs must be a whole number or auto, not 'lots'\.$"):
+        resolve_config({"epochs": "lots"})
+    with pytest.raises(UserError, match=r"^--image-size must be positive, not 0\.$"):
+        resolve_config({"image_size": 0})
+    recipe = resolve_config({}, recipe="mobilenetv3_small_64px")
+    assert isinstance(recipe.image_size, int) and isinstance(recipe.epochs, int)  # recipes keep their numbers
+
+
+def test_pretrain_on_photos_says_what_it_chose_and_records_the_numbers(tmp_path, capsys, monkeypatch):
+    from edgessl.data import auto
+
+    data = folder(tmp_path / "photos", [(200, 150)] * 12, mode="L", ext="jpg")
+    monkeypatch.setattr(auto, "EPOCH_BOUNDS", (1, 1))  # one epoch: the rule's bound, not its budget, is shortened
+    run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), batch_size=8, eval_every=0)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Image size: 96 px (auto: shorter side 150 px over 12 images; 96 px is the largest size worth its cost " \
+           "on CPU" in out
+    assert "Epochs: 1 (auto: about 60,000 image views for 12 images (the most))" in out
+    assert "12 images at 96px" in out
+    cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    assert (cfg["image_size"], cfg["epochs"]) == (96, 1)
+    meta = json.loads((run.run_dir / "encoder.json").read_text())
+    assert meta["image_size"] == 96 and meta["auto"]["epochs"].startswith("1 (auto: ")
+
+
+def test_explicit_flags_override_and_print_no_auto_line(tmp_path, capsys):
+    data = folder(tmp_path / "photos", [(160, 120)] * 12)
+    run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), batch_size=8, eval_every=0, epochs=1,
+                           image_size=32)
+    out = capsys.readouterr().out
+    assert "Image size:" not in out and "Epochs:" not in out
+    assert "12 images at 32px" in out
+    assert "auto" not in json.loads((run.run_dir / "encoder.json").read_text())
