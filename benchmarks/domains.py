@@ -137,7 +137,8 @@ def _cells(r: dict[str, Any]) -> str:
 
 
 def part_of(r: dict[str, Any]) -> str:
-    """The row's part (rows of the first run carry none: its epochs part was the 64 px mobilenetv3_small edgessl rows)."""
+    """The row's part (rows of the first run carry none: its epochs part was the 64 px mobilenetv3_small edgessl
+    rows)."""
     if "part" in r:
         return r["part"]
     return "epochs" if (r["method"], r["size"], r["backbone"]) == ("edgessl", 64, "mobilenetv3_small") else "sizes"
