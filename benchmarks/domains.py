@@ -25,7 +25,8 @@ from typing import Any
 LENGTHS = (15, 30, 60)
 SIZES = (64, 96, 128)
 SIZE_EPOCHS = 15
-PARTS = ("epochs", "sizes", "peers")
+PARTS = ("epochs", "sizes", "peers", "teacher")
+TEACHERS = ("neu-det", "emoji")  # resnet18 teachers at 64 px for SIZE_EPOCHS epochs: on the folder, on another one
 KEPT = Path(__file__).resolve().parent / ".cache" / "domains-runs"  # runs other suites reuse (the NEU-DET teacher)
 
 
@@ -65,12 +66,40 @@ def plan(args) -> list[dict[str, Any]]:
                  {**base, "method": "simclr", "epochs": epochs},
                  {**base, "method": "simclr", "epochs": None, "budget_of": "edgessl"},
                  {**base, "method": "supervised", "epochs": epochs}]
+    if "teacher" in parts:
+        size, epochs = sizes[0], size_epochs
+        base = {"part": "teacher", "data": "neu-det", "backbone": "mobilenetv3_small", "size": size}
+        rows += [{"part": "teacher", "data": t, "backbone": "resnet18", "size": size, "method": "edgessl",
+                  "epochs": epochs, "reuse": True} for t in TEACHERS]  # trained unless an earlier part did
+        rows += [{**base, "method": "edgessl", "epochs": epochs, "teacher": t} for t in TEACHERS]
     return rows
+
+
+def kept_run(data_name: str, backbone: str, kept: Path = KEPT) -> Path:
+    """The kept run directory of `backbone` trained on `data_name` (its config.yaml names the folder)."""
+    import yaml
+
+    for cfg in sorted(kept.glob("*/config.yaml")):
+        c = yaml.safe_load(cfg.read_text())
+        if c["backbone"] == backbone and data_name in c["data"]:
+            return cfg.parent
+    raise FileNotFoundError(f"no kept {backbone} run on {data_name} in {kept}: run the sizes/teacher parts first")
+
+
+def teacher_eval(run_dir: Path, train: Path, test: Path, size: int, seeds: int) -> dict[str, Any]:
+    """The teacher's own kNN / linear probe on the student's folder (its features, the student's images)."""
+    import edgessl
+    from benchmarks.common import final_eval
+    from edgessl.data.folder import load_image_folder
+
+    train_set, test_set = load_image_folder(train, size, labels=True), load_image_folder(test, size, labels=True)
+    return final_eval(edgessl.load_encoder(run_dir), train_set, test_set, "teacher", seeds)
 
 
 def label(row: dict[str, Any]) -> str:
     budget = " (edgessl's time)" if row.get("budget_of") else ""
-    return f"{row['data']} {row['backbone']} {row['size']}px {row['method']} {row['epochs']}ep{budget}"
+    teacher = f" teacher {row['teacher']} resnet18" if row.get("teacher") else ""
+    return f"{row['data']} {row['backbone']} {row['size']}px {row['method']} {row['epochs']}ep{budget}{teacher}"
 
 
 def random_row(train: Path, test: Path, backbone: str, size: int, seeds: int) -> dict[str, Any]:
@@ -100,10 +129,14 @@ def run_row(row: dict[str, Any], done: list[dict[str, Any]], args, workdir: Path
         result = random_row(train, test, row["backbone"], row["size"], args.seeds)
     else:
         every = 1 if args.tiny else 5
-        keep = row["backbone"] == "resnet18" and row["method"] == "edgessl" and not args.tiny
+        keep = row["backbone"] == "resnet18" and row["method"] == "edgessl"
+        kept = workdir / "kept" if args.tiny else KEPT
+        teacher = {"teacher": str(kept_run(row["teacher"], "resnet18", kept))} if row.get("teacher") else None
         result = train_and_eval(row["method"], train, test, row["backbone"], row["size"], row["epochs"], 0,
-                                args.seeds, args.tiny, workdir=KEPT if keep else workdir, eval_every=every)
+                                args.seeds, args.tiny, teacher, workdir=kept if keep else workdir, eval_every=every)
         result = {k: v for k, v in result.items() if k not in ("method", "data", "backbone", "epochs")}
+        if teacher:
+            result["teacher_on_folder"] = teacher_eval(Path(teacher["teacher"]), train, test, row["size"], args.seeds)
     out = {**row, "row": label(row), "load_average_1min": load, **result}
     print(f"domains {out['row']}: linear@10 {out['final']['linear@10']['mean']:.3f} "
           f"kNN@all {out['final']['knn@all']['mean']:.3f} ({out['wall_s']:.0f} s)", flush=True)
@@ -244,6 +277,18 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
         for r in sorted(mine + peers, key=lambda r: (r["method"], r["epochs"])):
             budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
             out.append(f"| {r['method']}{budget} | {r['epochs']} | {_cells(r)}")
+    taught = [r for r in rows if part_of(r) == "teacher" and r.get("teacher")]
+    if taught:
+        base = [r for r in rows if part_of(r) == "epochs" and r["data"] == "neu-det"
+                and r["epochs"] == taught[0]["epochs"]]
+        out += ["", f"### When the teacher pays (NEU-DET student: mobilenetv3_small, {taught[0]['size']} px, "
+                f"{taught[0]['epochs']} epochs; teachers: resnet18, same size and epochs, `--teacher RUN`)\n",
+                "| teacher | its kNN@all on NEU-DET | its linear@10 on NEU-DET " + HEAD,
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in base + taught:
+            t = r.get("teacher_on_folder")
+            own = f"{t['knn@all']['mean']:.3f} | {t['linear@10']['mean']:.3f}" if t else "– | –"
+            out.append(f"| {('trained on ' + r['teacher']) if r.get('teacher') else 'none'} | {own} | {_cells(r)}")
     out += ["", "### What `auto` picks, against the best row of the suite\n"] + auto_rows(rows)
     png = results / "domains_curves.png"
     curves_plot(rows, png)

@@ -218,8 +218,11 @@ def test_domains_suite(bench):
     ref = next(r for r in rec["rows"] if r["method"] == "edgessl" and r["size"] == budget["size"] and r["epochs"] == 1)
     simclr = next(r for r in rec["rows"] if r["method"] == "simclr" and not r.get("budget_of"))
     assert budget["epochs"] == max(1, round(ref["wall_s"] / simclr["wall_s"])) and budget["budget_s"] == ref["wall_s"]
+    taught = [r for r in rec["rows"] if r.get("teacher")]  # a resnet18 teacher from this folder and from emoji
+    assert sorted(r["teacher"] for r in taught) == ["emoji", "neu-det"]
+    assert all(0 <= r["teacher_on_folder"]["knn@all"]["mean"] <= 1 for r in taught)
     assert len({r["row"] for r in rec["rows"]}) == len(rec["rows"])  # no row twice
-    assert "## Domains" in readme and "### What `auto` picks" in readme and (bench.out / "domains_curves.png").is_file()
+    assert "## Domains" in readme and "### What `auto` picks" in readme and "### When the teacher pays" in readme and (bench.out / "domains_curves.png").is_file()
 
 
 @needs_shared("neu-det.tar.gz")
