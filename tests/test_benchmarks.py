@@ -222,7 +222,8 @@ def test_domains_suite(bench):
     assert sorted(r["teacher"] for r in taught) == ["emoji", "neu-det"]
     assert all(0 <= r["teacher_on_folder"]["knn@all"]["mean"] <= 1 for r in taught)
     assert len({r["row"] for r in rec["rows"]}) == len(rec["rows"])  # no row twice
-    assert "## Domains" in readme and "### What `auto` picks" in readme and "### When the teacher pays" in readme and (bench.out / "domains_curves.png").is_file()
+    assert "## Domains" in readme and "### What `auto` picks" in readme and "### When the teacher pays" in readme
+    assert (bench.out / "domains_curves.png").is_file()
 
 
 @needs_shared("neu-det.tar.gz")
