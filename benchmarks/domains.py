@@ -53,12 +53,12 @@ def plan(args) -> list[dict[str, Any]]:
         for s in sizes:
             if s != sizes[0] or "epochs" not in parts:
                 rows.append({"part": "sizes", "data": "neu-det", "backbone": "mobilenetv3_small", "size": s,
-                             "method": "edgessl", "epochs": size_epochs})
+                             "method": "edgessl", "epochs": size_epochs, "reuse": True})
             rows.append({"part": "sizes", "data": "neu-det", "backbone": "mobilenetv3_small", "size": s,
                          "method": "random", "epochs": 0})
         for b in args.backbones or ():
-            rows += [{"part": "sizes", "data": "neu-det", "backbone": b, "size": sizes[0], "method": m, "epochs": e}
-                     for m, e in (("edgessl", size_epochs), ("random", 0))]
+            rows += [{"part": "sizes", "data": "neu-det", "backbone": b, "size": sizes[0], "method": m, "epochs": e,
+                      "reuse": True} for m, e in (("edgessl", size_epochs), ("random", 0))]
     if "peers" in parts:
         size, epochs = (sizes[0], 1) if args.tiny else (args.image_size, args.epochs)
         base = {"part": "peers", "data": "neu-det", "backbone": "mobilenetv3_small", "size": size}
@@ -69,9 +69,10 @@ def plan(args) -> list[dict[str, Any]]:
     if "teacher" in parts:
         size, epochs = sizes[0], size_epochs
         base = {"part": "teacher", "data": "neu-det", "backbone": "mobilenetv3_small", "size": size}
+        teachers = args.teachers or TEACHERS
         rows += [{"part": "teacher", "data": t, "backbone": "resnet18", "size": size, "method": "edgessl",
-                  "epochs": epochs, "reuse": True} for t in TEACHERS]  # trained unless an earlier part did
-        rows += [{**base, "method": "edgessl", "epochs": epochs, "teacher": t} for t in TEACHERS]
+                  "epochs": epochs, "reuse": True} for t in teachers]  # trained unless an earlier part did
+        rows += [{**base, "method": "edgessl", "epochs": epochs, "teacher": t} for t in teachers]
     return rows
 
 
@@ -146,16 +147,41 @@ def run_row(row: dict[str, Any], done: list[dict[str, Any]], args, workdir: Path
 def suite_domains(args) -> list[dict[str, Any]]:
     import tempfile
 
-    old = args.results / "domains.json"
-    kept = json.loads(old.read_text())["rows"] if old.exists() and not args.tiny else []
     done: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edgessl-domains-") as tmp:
         for row in plan(args):
+            kept = earlier_rows(args)
             if row.pop("reuse", False) and any(r["row"] == label(row) for r in done + kept):
                 continue  # edgessl at these settings ran already (an earlier part or run)
             done.append(run_row(row, done + kept, args, Path(tmp)))
-    fresh = {r["row"] for r in done}
-    return [r for r in kept if r["row"] not in fresh] + done
+            save_partial(args, done)
+    rows = merged(earlier_rows(args), done)
+    (args.results / "domains.partial.json").unlink(missing_ok=True)  # the runner writes them to domains.json now
+    return rows
+
+
+def earlier_rows(args) -> list[dict[str, Any]]:
+    """Rows of earlier runs of the suite (domains.json), and of this run so far (domains.partial.json)."""
+    if args.tiny:
+        return []
+    rows = []
+    for name in ("domains.json", "domains.partial.json"):
+        path = args.results / name
+        rows = merged(rows, json.loads(path.read_text())["rows"] if path.exists() else [])
+    return rows
+
+
+def merged(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    fresh = {r["row"] for r in new}
+    return [r for r in old if r["row"] not in fresh] + new
+
+
+def save_partial(args, done: list[dict[str, Any]]) -> None:
+    """Each finished row at once (a stopped run keeps them; the runner writes domains.json at the end)."""
+    if not args.tiny:
+        path = args.results / "domains.partial.json"
+        (path.parent / (path.name + ".tmp")).write_text(json.dumps({"rows": merged(earlier_rows(args), done)}) + "\n")
+        (path.parent / (path.name + ".tmp")).replace(path)
 
 
 # ---------------------------------------------------------------- the README section

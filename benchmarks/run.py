@@ -296,6 +296,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", type=lambda v: [p for p in v.split(",") if p], default=None,
                     help="gpu and domains suites: only these parts, comma-separated (gpu: data, steps, cifar; "
                          "domains: epochs, sizes, peers)")
+    ap.add_argument("--teachers", nargs="*", default=None, help="domains suite: teachers' folders (neu-det, emoji)")
     ap.add_argument("--backbones", nargs="*", default=None, help="domains suite: more backbones at 64 px (resnet18)")
     args = ap.parse_args(argv)
     if args.suite == "cost-one":
