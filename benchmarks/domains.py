@@ -224,6 +224,8 @@ def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
         size, epochs = choose_image_size(header_sizes(paths)).value, choose_epochs(len(paths)).value
         same = [r for r in rows if r["data"] == name and r["backbone"] == "mobilenetv3_small"
                 and r["method"] == "edgessl"]
+        if not same:
+            continue
         best = max(same, key=lambda r: r["final"]["linear@10"]["mean"])
         mine = [r for r in same if r["size"] == size and abs(r["epochs"] - epochs) <= 0.25 * epochs]
         mine_text = f"{mine[0]['final']['linear@10']['mean']:.3f} ({mine[0]['size']} px, {mine[0]['epochs']} ep)" \

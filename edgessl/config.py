@@ -96,7 +96,7 @@ class PretrainConfig(HasDecode):
                                     "augmentations that act only on colour (saturation, hue, random grayscale), and "
                                     "its export turns colour input grey (auto: detected on the folder).")
     # optimisation
-    epochs: int | str = option("auto", "Epochs, or auto: about 60,000 image views (60,000 / number of images), "
+    epochs: int | str = option("auto", "Epochs, or auto: about 45,000 image views (45,000 / number of images), "
                                        "15 to 100.")
     batch_size: int = option(128, "Images per step; under torchrun the global batch over all processes.")
     lr: float = option(0.2, "Learning rate per 256 images (scaled by batch-size/256).")

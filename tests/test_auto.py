@@ -95,7 +95,7 @@ def test_pretrain_on_photos_says_what_it_chose_and_records_the_numbers(tmp_path,
     out = " ".join(capsys.readouterr().out.split())
     assert "Image size: 96 px (auto: shorter side 150 px over 12 images; 96 px is the largest size worth its cost " \
            "on CPU" in out
-    assert "Epochs: 1 (auto: about 60,000 image views for 12 images (the most))" in out
+    assert "Epochs: 1 (auto: about 45,000 image views for 12 images (the most))" in out
     assert "12 images at 96px" in out
     cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
     assert (cfg["image_size"], cfg["epochs"]) == (96, 1)

@@ -22,7 +22,7 @@ from PIL import Image
 SIZE_LADDER = (32, 48, 64, 96, 128, 160, 192, 224)
 PHOTO_SIZE = {"cpu": 96, "mps": 96, "cuda": 128}  # px; see benchmarks/README.md "Domains"
 HEADER_LIMIT = 256
-IMAGES_SEEN = 60_000  # image views of one run; see benchmarks/README.md "Domains"
+IMAGES_SEEN = 45_000  # image views of one run; see benchmarks/README.md "Domains"
 EPOCH_BOUNDS = (15, 100)
 
 
