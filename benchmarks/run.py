@@ -329,7 +329,9 @@ def _main(argv: list[str] | None = None) -> None:
                 rows = sorted((r for r in rows if row_order(r) >= 0), key=row_order)
         command = "python -m benchmarks.run " + shlex.join(argv or sys.argv[1:])
         seconds = time.time() - t0
-        if (args.datasets or (suite in ("ablation", "teacher") and args.ablations)) and old.exists():
+        partial = (args.datasets or (suite in ("ablation", "teacher") and args.ablations)
+                   or (suite == "domains" and not args.tiny))  # domains keeps earlier rows (benchmarks/domains.py)
+        if partial and old.exists():
             earlier = json.loads(old.read_text())
             command, seconds = f"{earlier['command']}; then {command}", earlier["seconds"] + seconds
         record = {"suite": suite, "machine": machine(), "load_average_before": load_before, "command": command,
