@@ -91,23 +91,24 @@ def forward_chunks(images: ImageSet, order: torch.Tensor, batch_size: int, d: di
             yield idx, raw.to(device, non_blocking=True)
 
 
-def resolve_auto(cfg: PretrainConfig, device_type: str) -> tuple[PretrainConfig, dict[str, str]]:
+def resolve_auto(cfg: PretrainConfig, device_type: str) -> tuple[PretrainConfig, dict[str, str], list[Path] | None]:
     """--image-size auto and --epochs auto chosen from the training folder (edgessl.data.auto): the config with the
-    numbers (config.yaml records what ran) and {option: "N (why)"} for the banner and encoder.json. A folder that
-    does not exist is left to load_data's error."""
+    numbers (config.yaml records what ran), {option: "N (why)"} for the banner and encoder.json, and the folder's
+    files when it was scanned (load_data takes them rather than scanning again). A folder that does not exist is
+    left to load_data's error."""
     wanted = [name for name in ("image_size", "epochs") if getattr(cfg, name) == "auto"]
     if not wanted:
-        return cfg, {}
+        return cfg, {}, None
     root = cfg.data if cfg.data is not None else str(demo_images())
-    paths = scan_images(root) if Path(root).is_dir() else []
+    paths = scan_images(root) if Path(root).is_dir() else None
     chosen, said = {}, {}
     if "image_size" in wanted:
-        size = choose_image_size(header_sizes(paths), device_type)
+        size = choose_image_size(header_sizes(paths or []), device_type)
         chosen["image_size"], said["image_size"] = size.value, f"{size.value} px ({size.reason})"
     if "epochs" in wanted:
-        epochs = choose_epochs(len(paths))
+        epochs = choose_epochs(len(paths or []))
         chosen["epochs"], said["epochs"] = epochs.value, f"{epochs.value} ({epochs.reason})"
-    return replace(cfg, **chosen), said
+    return replace(cfg, **chosen), said, paths
 
 
 def target_dir(cfg: PretrainConfig, resume: str | Path | None, overwrite: bool, d: distributed.Dist):
@@ -125,10 +126,12 @@ def target_dir(cfg: PretrainConfig, resume: str | Path | None, overwrite: bool, 
     return run_dir, None
 
 
-def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed.Dist, warn: Callable[[str], None]):
+def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed.Dist, warn: Callable[[str], None],
+              scanned: list[Path] | None = None):
     """(training ImageSet, --val ImageSet or None, the training folder's signature). resumed: the run directory
     of a resume, whose recorded data must be the same files (refused before any decoding otherwise). console:
-    a rich Console for messages and the progress bar, or None (quiet); warn: a damaged disk cache is reported here."""
+    a rich Console for messages and the progress bar, or None (quiet); warn: a damaged disk cache is reported here.
+    scanned: the folder's files when resolve_auto has listed them already."""
     data_root, labels = cfg.data, cfg.labels_from_folders
     if data_root is None:
         data_root, labels = str(demo_images()), True
@@ -139,7 +142,7 @@ def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed
             f"Cannot resume '{resumed}': its data folder '{data_root}' does not exist any more. If it moved, pass "
             "--data with its new location (the files are checked against the run's record)."
         )
-    paths = scan_images(data_root)
+    paths = scanned if scanned is not None else scan_images(data_root)
     if resumed is not None:  # the files the run skipped as unreadable are not part of it: gone, fixed or still there
         skipped = recorded_skipped(resumed, data_root)
         paths = [p for p in paths if os.path.relpath(p, data_root) not in skipped]

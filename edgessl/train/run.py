@@ -82,7 +82,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     threads = use_threads(cfg.threads)
     set_determinism(cfg.deterministic, device)
     precision = pick_precision(cfg.precision, device)
-    cfg, chosen = resolve_auto(cfg, device.type)
+    cfg, chosen, scanned = resolve_auto(cfg, device.type)
     # a wrong backbone fails before any data is read
     model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device, warner(console, d))
     run_dir, ckpt = target_dir(cfg, resume, overwrite, d)  # checks only
@@ -92,7 +92,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     warn = warner(console, d)
     pending = open_teacher(cfg, run_dir if ckpt is not None else None, warn)  # a wrong --teacher fails here
     predictor = add_predictor(cfg, model, pending, d, device)
-    images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn)
+    images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn, scanned)
     grey = choose_greyscale(cfg.greyscale, images)
     batch = resolve_batch(cfg, len(images), d, warn, ckpt.get("batch") if ckpt else None)
     state = new_state(cfg, model, len(images), batch, device, precision)
