@@ -302,7 +302,7 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
                 and (r["method"] == "random" or (r["method"] == "edgessl" and r["epochs"] in same))]
         out += ["", f"### Against SimCLR, random weights and the supervised ceiling (NEU-DET, {size} px)\n",
                 "| method | epochs " + HEAD, "|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(mine + peers, key=lambda r: (r["method"], r["epochs"])):
+        for r in sorted({r["row"]: r for r in mine + peers}.values(), key=lambda r: (r["method"], r["epochs"])):
             budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
             out.append(f"| {r['method']}{budget} | {r['epochs']} | {_cells(r)}")
     taught = [r for r in rows if part_of(r) == "teacher" and r.get("teacher")]
