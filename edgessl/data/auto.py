@@ -3,8 +3,8 @@ pretrain`; a recipe or a flag with a number keeps working exactly as before).
 
 - Image size: the median shorter side of up to HEADER_LIMIT images (headers only, evenly spread over the sorted
   files), rounded down to SIZE_LADDER, so icons and thumbnails train at their own size and are never upscaled;
-  larger images (photos, scans) are capped at PHOTO_SIZE for the device, the size past which the domains suite
-  (benchmarks/domains.py, NEU-DET steel scans) found a larger input not worth its cost.
+  larger images (photos, scans) are capped at PHOTO_SIZE for the device, a trade of accuracy for time per epoch
+  that the domains suite measured (benchmarks/domains.py, NEU-DET steel scans; PHOTO_WHY says it in the banner).
 - Epochs: a budget of IMAGES_SEEN image views (where the domains suite's accuracy-vs-length curves flatten on
   NEU-DET and emoji), i.e. IMAGES_SEEN / N epochs for N images, kept within EPOCH_BOUNDS.
 Each choice carries its reason (printed in the banner) and how sure it is.
