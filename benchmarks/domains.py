@@ -91,10 +91,16 @@ def teacher_eval(run_dir: Path, train: Path, test: Path, size: int, seeds: int) 
     """The teacher's own kNN / linear probe on the student's folder (its features, the student's images)."""
     import edgessl
     from benchmarks.common import final_eval
+
+    train_set, test_set = labelled_splits(train, test, size)
+    return final_eval(edgessl.load_encoder(run_dir), train_set, test_set, "teacher", seeds)
+
+
+def labelled_splits(train: Path, test: Path, size: int):
+    """The train and test folders decoded at `size` with their folder labels (the two ImageSets final_eval takes)."""
     from edgessl.data.folder import load_image_folder
 
-    train_set, test_set = load_image_folder(train, size, labels=True), load_image_folder(test, size, labels=True)
-    return final_eval(edgessl.load_encoder(run_dir), train_set, test_set, "teacher", seeds)
+    return load_image_folder(train, size, labels=True), load_image_folder(test, size, labels=True)
 
 
 def label(row: dict[str, Any]) -> str:
@@ -106,9 +112,8 @@ def label(row: dict[str, Any]) -> str:
 def random_row(train: Path, test: Path, backbone: str, size: int, seeds: int) -> dict[str, Any]:
     from benchmarks.common import final_eval
     from benchmarks.peers import build
-    from edgessl.data.folder import load_image_folder
 
-    train_set, test_set = load_image_folder(train, size, labels=True), load_image_folder(test, size, labels=True)
+    train_set, test_set = labelled_splits(train, test, size)
     model, _ = build("supervised", backbone, size, len(train_set.classes))
     return {"n_train": len(train_set), "n_test": len(test_set), "wall_s": 0.0, "s_per_epoch": 0.0, "history": [],
             "final": final_eval(model.backbone.eval(), train_set, test_set, "random", seeds)}
@@ -150,10 +155,10 @@ def suite_domains(args) -> list[dict[str, Any]]:
     done: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edgessl-domains-") as tmp:
         for row in plan(args):
-            kept = earlier_rows(args)
-            if row.pop("reuse", False) and any(r["row"] == label(row) for r in done + kept):
+            earlier = earlier_rows(args)
+            if row.pop("reuse", False) and any(r["row"] == label(row) for r in done + earlier):
                 continue  # edgessl at these settings ran already (an earlier part or run)
-            done.append(run_row(row, done + kept, args, Path(tmp)))
+            done.append(run_row(row, done + earlier, args, Path(tmp)))
             save_partial(args, done)
     rows = merged(earlier_rows(args), done)
     (args.results / "domains.partial.json").unlink(missing_ok=True)  # the runner writes them to domains.json now
