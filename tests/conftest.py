@@ -15,6 +15,9 @@
   classifier (fp32 + int8), into one export folder (test_export.py, test_device_check.py). Read-only.
 - one_torch_thread (module): PyTorch on one thread for the module, restored afterwards (small forward passes on a CPU
   shared with other jobs ran up to 60x slower with two OpenMP threads waiting for each other).
+- EDGESSL_ONNX_EXPORTER=torchscript for the session and the processes it starts (unless already set): every
+  export tries the TorchScript exporter first (about 1 s instead of 15-20 s for torch.export on 2 cores);
+  test_export.py tests the default torch.export path and the fallback with it set to dynamo.
 - SHARED / needs_shared(name): the shared data sets (../shared/data) and a skip marker for tests that need one of them
   (a user's clone has none; CI has them).
 """
@@ -28,6 +31,8 @@ import pytest
 import torch
 
 from edgessl.demo import demo_images
+
+os.environ.setdefault("EDGESSL_ONNX_EXPORTER", "torchscript")  # see the docstring
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -193,6 +193,7 @@ def test_torchscript_fallback_is_used_and_recorded(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("torch.export cannot trace this")
 
+    monkeypatch.setenv(ox.EXPORTER_ENV, "dynamo")  # the default order (conftest.py sets torchscript)
     monkeypatch.setattr(ox, "_export_dynamo", broken)
     path = tmp_path / "tiny.onnx"
     assert ox.export_model(_tiny(), path, 8, 17) == ox.TORCHSCRIPT
@@ -202,6 +203,51 @@ def test_torchscript_fallback_is_used_and_recorded(tmp_path, monkeypatch):
     with torch.no_grad():
         ref = _tiny()(torch.from_numpy(x)).numpy()
     assert ox.compare(ref, _run_onnx(path, x))["rel_max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("value, first", [(None, "dynamo"), ("", "dynamo"), ("dynamo", "dynamo"),
+                                          ("TorchScript", "torchscript")])
+def test_exporter_order_follows_the_environment(tmp_path, monkeypatch, value, first):
+    tried = []
+
+    def fake(name):
+        def export(model, example, path, *args):
+            tried.append(name)
+            Path(path).write_bytes(b"")
+        return export
+
+    monkeypatch.setattr(ox, "_export_dynamo", fake("dynamo"))
+    monkeypatch.setattr(ox, "export_torchscript", fake("torchscript"))
+    if value is None:
+        monkeypatch.delenv(ox.EXPORTER_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ox.EXPORTER_ENV, value)
+    expected = ox.DYNAMO if first == "dynamo" else ox.TORCHSCRIPT
+    assert ox.export_model(_tiny(), tmp_path / "t.onnx", 8, 18) == expected and tried == [first]
+    tried.clear()
+    assert ox.export_model(_tiny(), tmp_path / "t.onnx", 8, 18, fast=True) == ox.TORCHSCRIPT  # timing-only files
+    assert tried == ["torchscript"]
+
+
+def test_an_unknown_exporter_is_one_line(tmp_path, monkeypatch):
+    from edgessl.errors import UserError
+
+    monkeypatch.setenv(ox.EXPORTER_ENV, "tflite")
+    with pytest.raises(UserError) as err:
+        ox.export_model(_tiny(), tmp_path / "t.onnx", 8, 18)
+    assert str(err.value) == "EDGESSL_ONNX_EXPORTER='tflite': use dynamo (the default) or torchscript."
+
+
+@pytest.mark.slow
+def test_the_default_exporter_is_torch_export_with_parity(demo_run, tmp_path, monkeypatch):
+    """The product's default path (the other export tests run TorchScript first, ~1 s instead of ~20 s)."""
+    import edgessl
+
+    monkeypatch.delenv(ox.EXPORTER_ENV, raising=False)
+    edgessl.export(demo_run, out=tmp_path / "out", quiet=True)
+    entry = _entry(tmp_path / "out", "encoder.onnx")
+    assert entry["exporter"] == ox.DYNAMO
+    assert entry["parity"]["rel_max_abs_diff"] <= 1e-4 and entry["parity"]["min_cosine"] >= 0.99999
 
 
 def test_both_exporters_failing_is_one_line(tmp_path, monkeypatch):
@@ -321,6 +367,7 @@ def test_torchscript_fallback_end_to_end(exports, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("torch.export cannot trace this")
 
+    monkeypatch.setenv(ox.EXPORTER_ENV, "dynamo")
     monkeypatch.setattr(ox, "_export_dynamo", broken)
     out = tmp_path / "ts"
     result = _cli("export", str(exports["run"]), "--out", str(out), "--quiet")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from edgessl.scripts import device_check_module
 DYNAMO = "torch.export (torch.onnx.export dynamo=True)"
 TORCHSCRIPT = "TorchScript (torch.onnx.export dynamo=False)"
 MIN_OPSET = 9
+EXPORTER_ENV = "EDGESSL_ONNX_EXPORTER"  # which exporter is tried first: dynamo (unset: the default) or torchscript
+EXPORTERS = ("dynamo", "torchscript")
 
 # What an exported model must reach against PyTorch fp32 on real images. rel_max_abs_diff is the largest absolute
 # difference divided by the output scale (the largest |PyTorch output|); cosines are per image.
@@ -118,18 +121,28 @@ def export_torchscript(model, example, path: Path, opset: int, input_name: str, 
     )
 
 
+def first_exporter() -> str:
+    """The exporter export_model tries first: $EDGESSL_ONNX_EXPORTER (dynamo or torchscript), else dynamo. On 2 CPU
+    cores torch.export takes 15-20 s for a MobileNetV3 and TorchScript about a second (the test suite sets
+    torchscript; tests of the torch.export path set dynamo). UserError for any other value."""
+    value = os.environ.get(EXPORTER_ENV, "").strip().lower() or "dynamo"
+    if value not in EXPORTERS:
+        raise UserError(f"{EXPORTER_ENV}={os.environ[EXPORTER_ENV]!r}: use dynamo (the default) or torchscript.")
+    return value
+
+
 def export_model(model, path: str | Path, image_size: int, opset: int, input_name: str = "input",
                  output_name: str = "features", fast: bool = False) -> str:
     """Export an eval-mode module taking (B, 3, S, S) float32 to one self-contained .onnx file with a dynamic
-    batch axis. Tries the torch.export-based exporter, falls back to TorchScript (fast: TorchScript first, a
-    fraction of a second, for a file that is only timed); returns which one wrote it. Raises ValidationFailed when
-    both fail."""
+    batch axis. Tries the torch.export-based exporter, falls back to TorchScript (fast, or $EDGESSL_ONNX_EXPORTER=
+    torchscript: TorchScript first, about a second, e.g. for a file that is only timed); returns which one wrote
+    it. Raises ValidationFailed when both fail."""
     path = Path(path)
     model = model.eval()
     example = torch.zeros(2, 3, image_size, image_size)
     errors = []
     order = ((DYNAMO, _export_dynamo), (TORCHSCRIPT, export_torchscript))
-    for name, fn in order[::-1] if fast else order:
+    for name, fn in order[::-1] if fast or first_exporter() == "torchscript" else order:
         path.unlink(missing_ok=True)
         try:
             with quiet_exporters(), torch.no_grad():
