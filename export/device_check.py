@@ -357,14 +357,20 @@ def run_decoded(sess, images: np.ndarray, pre: dict, batch: int = BATCH) -> np.n
     return np.concatenate(outputs)
 
 
-def current_rss_bytes() -> int | None:
-    """Resident set size of this process now: /proc/self/statm on Linux; elsewhere the peak so far (ru_maxrss), which
-    right after the imports is close to it; None where neither exists (Windows)."""
+def _statm_rss() -> int | None:
+    """Resident set size now from /proc/self/statm (Linux); None elsewhere."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
-        return peak_rss_bytes()
+        return None
+
+
+def current_rss_bytes() -> int | None:
+    """Resident set size of this process now: /proc/self/statm on Linux; elsewhere the peak so far (ru_maxrss), which
+    right after the imports is close to it; None where neither exists (Windows)."""
+    now = _statm_rss()
+    return now if now is not None else peak_rss_bytes()
 
 
 def timed_rounds(fns, rounds=5, runs=10, warmup=3):
@@ -433,7 +439,8 @@ def peak_rss_bytes() -> int | None:
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    peak = int(peak if sys.platform == "darwin" else peak * 1024)
+    return max(peak, _statm_rss() or 0)  # Linux updates ru_maxrss lazily: the size now can be above it for a while
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -18,6 +18,10 @@
 - EDGESSL_ONNX_EXPORTER=torchscript for the session and the processes it starts (unless already set): every
   export tries the TorchScript exporter first (about 1 s instead of 15-20 s for torch.export on 2 cores);
   test_export.py tests the default torch.export path and the fallback with it set to dynamo.
+- Under pytest-xdist (`-n 2`, what CI runs) each worker runs PyTorch on one thread (OMP_NUM_THREADS=1, unless set:
+  two workers share the 2 cores, and two runs a test compares bit for bit take the same thread count whatever the
+  other worker does; tests of the `--threads auto` policy remove it), and the COLUMNS=80 / LINES=24 its workers get
+  are removed, so the CLI's output is wrapped as in a plain run.
 - SHARED / needs_shared(name): the shared data sets (../shared/data) and a skip marker for tests that need one of them
   (a user's clone has none; CI has them).
 """
@@ -27,8 +31,13 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: see the docstring (set before torch is imported)
+    os.environ.pop("COLUMNS", None)  # xdist's workers get COLUMNS=80, LINES=24; a pipe has neither
+    os.environ.pop("LINES", None)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per worker, the same thread count in every run
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from edgessl.demo import demo_images
 
