@@ -1,10 +1,13 @@
 """Benchmark data: the shared CIFAR-10 and emoji archives, extracted once into benchmarks/.cache (git-ignored).
 
-Subsets are folders of symbolic links, stratified and seeded, so nothing is copied twice.
+Subsets are folders of symbolic links, stratified and seeded, so nothing is copied twice. Both are made under a
+file lock: processes that need the same folder at once (the test suite's two pytest-xdist workers) wait for one
+another instead of extracting into each other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tarfile
@@ -15,6 +18,23 @@ SHARED = REPO.parent / "shared" / "data"
 CACHE = REPO / "benchmarks" / ".cache"
 
 
+@contextlib.contextmanager
+def locked(name: str):
+    """An exclusive lock on <cache>/.<name>.lock for the block (fcntl; no lock where it is missing)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".{name}.lock", "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: one process at a time is the caller's business
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def extract(archive: str) -> Path:
     """Extract ../shared/data/<archive> into the cache once; returns the cache folder."""
     src = SHARED / archive
@@ -22,10 +42,11 @@ def extract(archive: str) -> Path:
         raise FileNotFoundError(f"{src} not found: the benchmarks need the shared data sets next to the repo.")
     marker = CACHE / f".{archive}.done"
     if not marker.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(src) as tar:
-            tar.extractall(CACHE, filter="data")
-        marker.touch()
+        with locked(archive):
+            if not marker.exists():  # another process may have extracted it while this one waited
+                with tarfile.open(src) as tar:
+                    tar.extractall(CACHE, filter="data")
+                marker.touch()
     return CACHE
 
 
@@ -34,8 +55,19 @@ def stratified_subset(split_dir: Path, per_class: int, seed: int, name: str) -> 
     out = CACHE / "subsets" / name
     if out.exists():
         return out
+    with locked(f"subset-{name}"):
+        if not out.exists():
+            _make_subset(split_dir, per_class, seed, out)
+    return out
+
+
+def _make_subset(split_dir: Path, per_class: int, seed: int, out: Path) -> None:
     rng = random.Random(seed)
     tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():  # left by a process that was killed
+        import shutil
+
+        shutil.rmtree(tmp)
     for cls in sorted(p for p in split_dir.iterdir() if p.is_dir()):
         files = sorted(cls.iterdir())
         pick = sorted(rng.sample(files, min(per_class, len(files))))
@@ -43,7 +75,6 @@ def stratified_subset(split_dir: Path, per_class: int, seed: int, name: str) -> 
         for f in pick:
             os.symlink(f, tmp / cls.name / f.name)
     tmp.rename(out)
-    return out
 
 
 def cifar10(per_class: int | None = None, seed: int = 0) -> tuple[Path, Path]:
