@@ -8,9 +8,10 @@ default 30: the encoder only proposes the candidate pairs, the pixel copy score 
 default (`--duplicates auto`, no other flag):
 - clean: the folder as it is: how many images are flagged (the pairs are listed: real copies in the source data,
   such as emoji that render the same picture, count as found, not as errors);
-- a planted sample (seed 1; the calibration plants its own copies with seed 0) of COPIES copies made by the
-  copy model (edgessl.data.copies: JPEG 60-95, crop up to 10 %, resize, brightness and contrast), each beside its
-  original, and one sample (seed 3) made by a transformation the calibration never sees (a mild blur).
+- two planted samples (seeds 1 and 2; the calibration plants its own copies with seed 0) of COPIES copies made by
+  the copy model (edgessl.data.copies: JPEG 60-95, crop up to 10 %, resize, brightness and contrast), each beside its
+  original, and two samples (seeds 3 and 4) made by a transformation the calibration never sees (a mild blur).
+  --tiny plants seed 1 only.
 Precision: of the copy pairs flagged that hold a planted copy, the share that pair it with its original (or a pixel
 twin of it); recall: the planted copies paired with their original.
 """
@@ -26,7 +27,7 @@ from typing import Any
 import edgessl
 
 EPOCHS = (10,)
-PLANTS = ((1, None), (3, "blur"))  # (seed, held-out transformation)
+PLANTS = ((1, None), (3, "blur"), (2, None), (4, "blur"))  # (seed, held-out transformation); --tiny: the first
 COPIES = 50
 DATASETS = ("emoji", "neu-det", "cifar10-2k")
 
@@ -147,10 +148,10 @@ def duplicates_section(rec: dict[str, Any]) -> str:
     out = ["## Duplicates: `edgessl embed --duplicates auto` on folders it was never tuned on\n",
            f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; "
            f"`{rec['command']}`. mobilenetv3_small pretrained on each clean folder; the default setting only. "
-           "Planted samples: copies by the copy model (seed 1) and by a mild blur the calibration never uses "
-           "(seed 3), each beside its original; the calibration plants its own copies (seed 0). Precision: of the "
-           "flagged pairs that hold a planted copy, the share pairing it with its original; recall: the planted "
-           "copies found.\n",
+           "Planted samples: copies by the copy model (seeds 1, 2) and by a mild blur the calibration never "
+           "uses (seeds 3, 4), each beside its original; the calibration plants its own copies (seed 0). "
+           "Precision: of the flagged pairs that hold a planted copy, the share pairing it with its original; "
+           "recall: the planted copies found.\n",
            "| folder | encoder epochs | sample | precision | recall | estimated precision / recall | threshold |",
            "|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
