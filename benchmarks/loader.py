@@ -39,14 +39,24 @@ N_FULL, N_TINY = 20_000, 48
 
 
 def jpeg_folder(n: int, seed: int = 0) -> Path:
-    """n JPEGs at 256-512 px (shorter side), one class folder per CIFAR-10 class, made once."""
-    from PIL import Image
-
-    from benchmarks.datasets import CACHE, cifar10
+    """n JPEGs at 256-512 px (shorter side), one class folder per CIFAR-10 class, made once (under the data
+    module's file lock, as its subsets are)."""
+    from benchmarks.datasets import CACHE, locked
 
     out = CACHE / f"loader-{n}"
     if out.exists():
         return out
+    with locked(f"loader-{n}"):
+        if not out.exists():
+            _make_jpegs(out, n, seed)
+    return out
+
+
+def _make_jpegs(out: Path, n: int, seed: int) -> None:
+    from PIL import Image
+
+    from benchmarks.datasets import cifar10
+
     train, _ = cifar10()
     files = sorted(p for p in train.rglob("*.jpg"))
     rng = random.Random(seed)
@@ -64,7 +74,6 @@ def jpeg_folder(n: int, seed: int = 0) -> Path:
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         list(pool.map(make, picks))
     tmp.rename(out)
-    return out
 
 
 def _rss() -> int:
