@@ -1,10 +1,11 @@
 """Duplicates suite: does `edgessl embed --duplicates auto` find planted copies, in folders it was never tuned on?
-`python -m benchmarks.run duplicates [--tiny]` (about 40 minutes on 2 cores; --epochs is not used: the suite trains
-for EPOCHS).
+`python -m benchmarks.run duplicates [--tiny] [--only 30]` (about an hour on 2 cores; --epochs is not used: the
+suite trains for EPOCHS, or for the lengths --only names, keeping the other lengths' earlier rows).
 
 Folders: the emoji training images (1,529, 64 px), NEU-DET's steel scans (1,440, 64 px) and a 2,000-image CIFAR-10
-subset (32 px). mobilenetv3_small is pretrained on each clean folder for 10 epochs (a third of the
-default 30: the encoder only proposes the candidate pairs, the pixel copy score decides). Then, with the one
+subset (32 px). mobilenetv3_small is pretrained on each clean folder for 10 and for 30
+epochs (a third of the default, and the default: the encoder only proposes the candidate pairs, the pixel copy score
+decides). Then, with the one
 default (`--duplicates auto`, no other flag):
 - clean: the folder as it is: how many images are flagged (the pairs are listed: real copies in the source data,
   such as emoji that render the same picture, count as found, not as errors);
@@ -26,7 +27,7 @@ from typing import Any
 
 import edgessl
 
-EPOCHS = (10,)
+EPOCHS = (10, 30)  # the encoders' lengths: a third of the default 30, and the default
 PLANTS = ((1, None), (3, "blur"), (2, None), (4, "blur"))  # (seed, held-out transformation); --tiny: the first
 COPIES = 50
 DATASETS = ("emoji", "neu-det", "cifar10-2k")
@@ -134,11 +135,31 @@ def one_encoder(name: str, src: Path, size: int, epochs: int, work: Path, tiny: 
     return rows
 
 
+def encoder_lengths(args) -> tuple[int, ...]:
+    """The encoders' epochs: EPOCHS, or those `--only` names (e.g. `--only 30`: the other lengths' rows are kept)."""
+    if args.tiny:
+        return (1,)
+    if not args.only:
+        return EPOCHS
+    if not all(part.isdigit() and int(part) > 0 for part in args.only):
+        raise SystemExit(f"duplicates: --only takes encoder epochs such as 10,30, not {','.join(args.only)}")
+    return tuple(int(part) for part in args.only)
+
+
+def merged(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A partial run's rows with the earlier rows of the other encoder lengths, by folder and then epochs."""
+    done = {r["epochs"] for r in rows}
+    order = {name: i for i, name in enumerate(DATASETS)}
+    both = [r for r in earlier if r["epochs"] not in done] + rows
+    return sorted(both, key=lambda r: (order.get(r["data"], len(order)), r["epochs"]))
+
+
 def suite_duplicates(args) -> list[dict[str, Any]]:
     rows = []
+    lengths = encoder_lengths(args)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (src, size) in folders(args.tiny).items():
-            for epochs in (1,) if args.tiny else EPOCHS:
+            for epochs in lengths:
                 rows += one_encoder(name, src, size, epochs, Path(tmp), args.tiny)
     return rows
 

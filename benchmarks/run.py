@@ -294,8 +294,8 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", help="gpu suite: auto (cuda when available), cuda or cpu")
     ap.add_argument("--minutes", type=float, default=None, help="gpu suite: the whole budget (default 8; tiny 1)")
     ap.add_argument("--only", type=lambda v: [p for p in v.split(",") if p], default=None,
-                    help="gpu and domains suites: only these parts, comma-separated (gpu: data, steps, cifar; "
-                         "domains: epochs, sizes, peers)")
+                    help="gpu, domains and duplicates suites: only these parts, comma-separated (gpu: data, steps, "
+                         "cifar; domains: epochs, sizes, peers; duplicates: encoder epochs, e.g. 30)")
     ap.add_argument("--teachers", nargs="*", default=None, help="domains suite: teachers' folders (neu-det, emoji)")
     ap.add_argument("--backbones", nargs="*", default=None, help="domains suite: more backbones at 64 px (resnet18)")
     args = ap.parse_args(argv)
@@ -320,6 +320,10 @@ def _main(argv: list[str] | None = None) -> None:
         old = args.results / f"{suite}.json"
         if args.datasets and old.exists():  # a partial rerun keeps the other data sets' rows
             rows = [r for r in json.loads(old.read_text())["rows"] if r.get("data") not in args.datasets] + rows
+        if suite == "duplicates" and args.only and not args.tiny and old.exists():  # ... the other encoders' rows
+            from benchmarks.duplicates import merged
+
+            rows = merged(rows, json.loads(old.read_text())["rows"])
         if suite in ("ablation", "teacher") and args.ablations and old.exists():  # ... and the other rows
             key = "ablation" if suite == "ablation" else "run"
             rows = [r for r in json.loads(old.read_text())["rows"] if r.get(key) not in args.ablations] + rows
@@ -330,7 +334,8 @@ def _main(argv: list[str] | None = None) -> None:
         command = "python -m benchmarks.run " + shlex.join(argv or sys.argv[1:])
         seconds = time.time() - t0
         partial = (args.datasets or (suite in ("ablation", "teacher") and args.ablations)
-                   or (suite == "domains" and not args.tiny))  # domains keeps earlier rows (benchmarks/domains.py)
+                   or (suite == "domains" and not args.tiny)  # domains keeps earlier rows (benchmarks/domains.py)
+                   or (suite == "duplicates" and args.only and not args.tiny))
         if partial and old.exists():
             earlier = json.loads(old.read_text())
             command, seconds = f"{earlier['command']}; then {command}", earlier["seconds"] + seconds

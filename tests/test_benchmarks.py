@@ -187,6 +187,24 @@ def test_duplicates_score_in_closed_form(tmp_path):
     assert score(SimpleNamespace(duplicates=empty, paths=paths), truth)["precision"] == 1.0
 
 
+def test_duplicates_suite_reruns_one_encoder_length_and_keeps_the_others():
+    from types import SimpleNamespace
+
+    from benchmarks.duplicates import EPOCHS, encoder_lengths, merged
+
+    args = SimpleNamespace(tiny=False, only=None)
+    assert encoder_lengths(args) == EPOCHS == (10, 30)
+    assert encoder_lengths(SimpleNamespace(tiny=False, only=["30"])) == (30,)
+    assert encoder_lengths(SimpleNamespace(tiny=True, only=["30"])) == (1,)
+    with pytest.raises(SystemExit, match="--only takes encoder epochs such as 10,30, not sizes"):
+        encoder_lengths(SimpleNamespace(tiny=False, only=["sizes"]))
+    earlier = [{"data": d, "epochs": e, "sample": "clean"} for d in ("emoji", "neu-det") for e in (10, 30)]
+    new = [{"data": d, "epochs": 30, "sample": "seed 1"} for d in ("neu-det", "emoji")]
+    got = [(r["data"], r["epochs"], r["sample"]) for r in merged(new, earlier)]
+    assert got == [("emoji", 10, "clean"), ("emoji", 30, "seed 1"), ("neu-det", 10, "clean"),
+                   ("neu-det", 30, "seed 1")]  # the old 30-epoch rows are replaced, the 10-epoch rows kept
+
+
 def test_duplicates_suite(bench):
     rec, readme = bench("duplicates")
     assert [r["sample"] for r in rec["rows"]] == ["clean", "seed 1"]

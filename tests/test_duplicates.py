@@ -71,6 +71,16 @@ def test_an_anisotropic_crop_is_found_by_the_box_fit():
     assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1], [1, 0]])).min() > 0.9
 
 
+def test_a_crop_scores_as_its_picture_along_its_new_border():
+    """The band-pass runs on the aligned windows, not on the whole images: a crop (10 % off the left, resized back as
+    a folder decodes it) scores above 0.9. Band-passed before the alignment, the crop's border strip saw other
+    neighbours than the same pixels of the original, and its worst patch cost the pair 0.74."""
+    pic = _picture(11)
+    crop = np.asarray(Image.fromarray(pic[:, 6:]).resize((64, 64), Image.Resampling.BICUBIC))
+    rows = _rows(pic, crop)
+    assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1], [1, 0]])).min() > 0.9
+
+
 def test_a_copy_already_in_the_folder_is_no_false_match():
     """A planted copy c of o compared with x, a copy of o the folder already holds: not counted as a wrong pair (the
     folder's own (o, x) scores like a copy); a different picture is, unless c matches it at least as well as it
@@ -87,7 +97,13 @@ def test_a_copy_already_in_the_folder_is_no_false_match():
     got = copies_in_folder(pairs, np.array([0.96, 0.98], np.float32), originals, true, lambda i: rows[i])
     assert got.tolist() == [True, True]  # c matches `other` (0.98) better than o (0.97)
     low = copies_in_folder(pairs, np.array([0.5, 0.5], np.float32), originals, true, lambda i: rows[i])
-    assert low.tolist() == [False, False]  # below the bar: never checked
+    assert low.tolist() == [False, False]  # below the check's bar (the 1 % quantile of the true scores): not checked
+    # 95 copies at 0.97 and 5 at 0.7: the check's bar is 0.7, the excuse's 0.957; a pair scoring 0.8 (between them)
+    # can still move the threshold, so it is checked: x is a copy of o, `other` is not
+    true = np.array([0.97] * 95 + [0.7] * 5, np.float32)
+    originals = np.zeros(100, np.int64)
+    got = copies_in_folder(pairs, np.array([0.8, 0.8], np.float32), originals, true, lambda i: rows[i])
+    assert got.tolist() == [True, False]
 
 
 def test_a_local_difference_scores_below_noise_of_the_same_energy():

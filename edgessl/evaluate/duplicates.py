@@ -110,21 +110,23 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
 
 
 EXCUSE_QUANTILE = 0.05  # a folder image matching the original as well as 95 % of planted copies do is its copy
+CHECK_QUANTILE = 0.01  # wrong pairs scoring below 99 % of the planted copies cannot move the threshold much
 
 
 def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarray, true: np.ndarray,
                      get_rows) -> np.ndarray:
     """pairs (Q, 2) (planted copy c of original o, folder image x != o) scored `scores` -> (Q,) bool: x is itself a
     copy of o already in the folder (a twin, a re-encoded file), so the pair is no false match. Checked for the pairs
-    scoring at least the EXCUSE_QUANTILE quantile of the true scores (the others never move the threshold): x is a
-    copy of o when the folder's own score of (o, x) reaches that bar too, or when c matches x at least as well as it
-    matches o (two copies of one picture can match each other better than either matches the sharper original)."""
+    scoring at least the CHECK_QUANTILE quantile of the true scores (lower ones move the threshold only where it
+    would miss more than that share of the copies anyway): x is a copy of o when the folder's own score of (o, x)
+    reaches the EXCUSE_QUANTILE quantile of the true scores, or when c matches x at least as well as it matches o
+    (two copies of one picture can match each other better than either matches the sharper original)."""
     out = np.zeros(len(pairs), bool)
     found = true[np.isfinite(true)]
     if not len(found):
         return out
     bar = float(np.quantile(found, EXCUSE_QUANTILE))
-    check = scores >= bar
+    check = scores >= float(np.quantile(found, CHECK_QUANTILE))
     if check.any():
         own = np.stack([originals[pairs[check, 0]], pairs[check, 1]], axis=1)
         out[check] = (cp.copy_scores(get_rows, own) >= bar) | (scores[check] >= true[pairs[check, 0]])
