@@ -111,6 +111,7 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
 
 EXCUSE_QUANTILE = 0.05  # a folder image matching the original as well as 95 % of planted copies do is its copy
 CHECK_QUANTILE = 0.01  # wrong pairs scoring below 99 % of the planted copies cannot move the threshold much
+EXCUSE_MARGIN = 0.05  # a planted copy matching x within this of its own original: x holds the same picture
 
 
 def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarray, true: np.ndarray,
@@ -119,8 +120,10 @@ def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarra
     copy of o already in the folder (a twin, a re-encoded file), so the pair is no false match. Checked for the pairs
     scoring at least the CHECK_QUANTILE quantile of the true scores (lower ones move the threshold only where it
     would miss more than that share of the copies anyway): x is a copy of o when the folder's own score of (o, x)
-    reaches the EXCUSE_QUANTILE quantile of the true scores, or when c matches x at least as well as it matches o
-    (two copies of one picture can match each other better than either matches the sharper original)."""
+    reaches the EXCUSE_QUANTILE quantile of the true scores, or when c matches x within EXCUSE_MARGIN of how well it
+    matches o (two copies of one picture can match each other as well as either matches the sharper original; two
+    overlapping scans of one surface hold c's crop both; a look-alike, another flag or figure, stays further below:
+    measured 0.13-0.39 below on emoji, while such copies and overlaps were 0.01-0.03 below on NEU-DET)."""
     out = np.zeros(len(pairs), bool)
     found = true[np.isfinite(true)]
     if not len(found):
@@ -129,7 +132,8 @@ def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarra
     check = scores >= float(np.quantile(found, CHECK_QUANTILE))
     if check.any():
         own = np.stack([originals[pairs[check, 0]], pairs[check, 1]], axis=1)
-        out[check] = (cp.copy_scores(get_rows, own) >= bar) | (scores[check] >= true[pairs[check, 0]])
+        same = scores[check] >= true[pairs[check, 0]] - EXCUSE_MARGIN
+        out[check] = (cp.copy_scores(get_rows, own) >= bar) | same
     return out
 
 
