@@ -116,8 +116,7 @@ def fit_box(src: torch.Tensor, whole: torch.Tensor, inits: list[torch.Tensor]) -
     return best_box, best
 
 
-def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor,
-                colour: torch.Tensor | None = None) -> torch.Tensor:
+def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor, colour: bool = True) -> torch.Tensor:
     """Copy scores of image pairs: images, win from prepare(); pairs (P, 2) long rows of them -> (P,) (at most 1).
 
     In each direction (a box in a against the whole b, and a box in b against the whole a) the box is fitted
@@ -126,9 +125,9 @@ def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor,
     the NCC as if the worst patch's residual covered the whole image. A copy's residual (JPEG noise, resampling) is
     spread over the picture and scores near its NCC; a different picture that matches except for one detail (another
     figure in a group, a flag's emblem, another scan of the same surface) concentrates its residual in some patch.
-    colour (U, 3, S, S), the smoothed images before the band-pass: the score is at most the same worst-patch score
-    of the colours in the same box, brightness and contrast removed (unit_joint): a skin-tone or colour variant has
-    the same edges but not the same colours."""
+    colour: the score is at most the same worst-patch score of the colours in the same box (the smoothed windows
+    before the band-pass), brightness and contrast removed (unit_joint): a skin-tone or colour variant has the same
+    edges but not the same colours."""
     p = len(pairs)
     boxes = coarse_boxes()
     fits = []
@@ -141,9 +140,10 @@ def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor,
     dst = torch.where(use_ab, pairs[:, 1], pairs[:, 0])
     whole = torch.where(use_ab[:, None, None, None], fits[0][1], fits[1][1])
     box = torch.where(use_ab[:, None], fits[0][2], fits[1][2])
-    score = worst_patch(unit(sample(images[src], box)), whole)
-    if colour is not None:  # the same box on the colours themselves: a recoloured look-alike differs there
-        a, b = sample(colour[src], box), sample(colour[dst], torch.tensor(WHOLE).expand(p, 4))
+    a = sample(images[src], box)
+    score = worst_patch(unit(a), whole)
+    if colour:  # the same box on the colours themselves: a recoloured look-alike differs there
+        b = sample(images[dst], torch.tensor(WHOLE).expand(p, 4))
         score = torch.minimum(score, worst_patch(unit_joint(a), unit_joint(b)))
         score = torch.minimum(score, 1 - CHROMA_SLOPE * chroma_shift(a, b))
     flat = (win[pairs[:, 0], 0].abs().sum(dim=1) == 0) | (win[pairs[:, 1], 0].abs().sum(dim=1) == 0)
@@ -227,7 +227,7 @@ def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: f
         images, win = prepare(rows)
         fit = coarse_scores(win, local) >= gate
         if bool(fit.any()):
-            scores = pair_scores(images, win, local[fit], images)
+            scores = pair_scores(images, win, local[fit])
             out[start + fit.nonzero().view(-1).numpy()] = scores.numpy()
     return out
 
