@@ -40,6 +40,9 @@ while not os.path.exists(stop) or steps < 2:
     if steps == 1:
         t0 = time.time()
     opt.zero_grad(); torch.nn.functional.cross_entropy(m(x), y).backward(); opt.step(); steps += 1
+    with open(stop + ".tmp", "w") as f:
+        f.write(f"{steps} {time.time()}")
+    os.replace(stop + ".tmp", stop + ".progress")
 print((steps - 1) / (time.time() - t0))
 """
 
@@ -59,9 +62,26 @@ class Competitor:
     def stop(self) -> float:
         self.stop_file.touch()
         out, _ = self.proc.communicate(timeout=120)
-        Path(str(self.stop_file) + ".ready").unlink()
-        self.stop_file.unlink()
+        for suffix in (".ready", ".progress", ""):
+            Path(str(self.stop_file) + suffix).unlink(missing_ok=True)
         return float(out.strip().splitlines()[-1])
+
+    def mark(self, after: tuple[int, float] | None = None) -> tuple[int, float]:
+        """(steps done, when) at its latest step (the first one after `after`): rate() of two marks is its steps/s in
+        between (wait() for its first step first)."""
+        while True:
+            steps, when = (Path(str(self.stop_file) + ".progress").read_text().split())
+            if after is None or int(steps) > after[0]:
+                return int(steps), float(when)
+            time.sleep(0.05)
+
+    def wait(self) -> None:
+        while not Path(str(self.stop_file) + ".progress").exists():
+            time.sleep(0.05)
+
+
+def rate(first: tuple[int, float], last: tuple[int, float]) -> float:
+    return (last[0] - first[0]) / max(last[1] - first[1], 1e-9)
 
 
 def _edgessl(args: list[str], env: dict[str, str], cwd: Path) -> float:
@@ -106,23 +126,24 @@ def _tiny_demo(folder: Path, per_class: int = 5) -> Path:
 
 
 def suite_shared_cpu(args) -> list[dict[str, Any]]:
-    tiny = args.tiny
-    epochs, size, seeds = (1, 32, 1) if tiny else (5, 64, 3)
+    if args.tiny:
+        return _tiny_shared_cpu()
+    epochs, size, seeds = 5, 64, 3
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = _tiny_demo(work / "demo") if tiny else demo_images()
+        data = demo_images()
         base = work / "eval-run"
         _edgessl(["pretrain", "--data", str(data), "--epochs", "1", "--image-size", str(size), "--out", str(base),
                   "--quiet", "--eval-every", "0"], {}, work)
-        comp = Competitor(work, 0.5 if tiny else 3.0)
-        time.sleep(1.0 if tiny else 10.0)
+        comp = Competitor(work, 3.0)
+        time.sleep(10.0)
         rows.append({"workload": "competitor alone", "load": "competitor", "setting": "-",
                      "competitor_steps_per_s": comp.stop(), "load_average_1min": os.getloadavg()[0]})
-        for load in ("competitor",) if tiny else ("idle", "competitor"):
-            for setting in ("new",) if tiny else SETTINGS:
+        for load in ("idle", "competitor"):
+            for setting in SETTINGS:
                 for workload in ("pretrain", "eval"):
-                    comp = Competitor(work, 0.5 if tiny else 3.0) if load == "competitor" else None
+                    comp = Competitor(work, 3.0) if load == "competitor" else None
                     load_before = os.getloadavg()[0]
                     try:
                         r = (run_pretrain(setting, work, epochs, size, data) if workload == "pretrain"
@@ -132,6 +153,33 @@ def suite_shared_cpu(args) -> list[dict[str, Any]]:
                     rows.append({"workload": workload, "load": load, "setting": setting, **r,
                                  "competitor_steps_per_s": comp_rate, "load_average_1min": load_before})
                     print(f"shared-cpu {workload} {load} {setting}: {r}", flush=True)
+    return rows
+
+
+def _tiny_shared_cpu() -> list[dict[str, Any]]:
+    """The smoke run (every code path, in seconds): one competitor for all rows, its steps/s per row's window; a
+    1-epoch 32 px pretraining on 5 demo images per category beside it, then eval of that run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = _tiny_demo(work / "demo")
+        comp = Competitor(work, 0.0)
+        comp.wait()
+        try:
+            first = comp.mark()
+            time.sleep(1.0)
+            rows = [{"workload": "competitor alone", "load": "competitor", "setting": "-",
+                     "competitor_steps_per_s": rate(first, comp.mark(first)), "load_average_1min": os.getloadavg()[0]}]
+            for workload in ("pretrain", "eval"):
+                load_before, first = os.getloadavg()[0], comp.mark()
+                if workload == "pretrain":
+                    r = run_pretrain("new", work, 1, 32, data)
+                else:
+                    r = run_eval("new", work, next(work.glob("pretrain-new-*")), 1, data)
+                rows.append({"workload": workload, "load": "competitor", "setting": "new", **r,
+                             "competitor_steps_per_s": rate(first, comp.mark(first)), "load_average_1min": load_before})
+                print(f"shared-cpu {workload} competitor new: {r}", flush=True)
+        finally:
+            comp.stop()
     return rows
 
 

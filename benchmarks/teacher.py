@@ -54,10 +54,16 @@ def teacher_run(train: Path, test: Path, tiny: bool, workdir: Path) -> tuple[Pat
     if not meta.is_file() or json.loads(meta.read_text()).get("epochs_trained", 0) < epochs:
         edgessl.pretrain(data=str(train), val=str(test), labels_from_folders=True, backbone="resnet18", image_size=32,
                          epochs=epochs, batch_size=8 if tiny else 128, seed=0, eval_every=5, quiet=True,
-                         out=str(run_dir), overwrite=True, threads=str(os.cpu_count()))
+                         out=str(run_dir), overwrite=True, threads=_threads(tiny))
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return run_dir, {"epochs": len(history), "train_seconds": sum(h["seconds"] for h in history),
                      "knn_curve": [(h["epoch"], h["knn_top1_k200"]) for h in history if "knn_top1_k200" in h]}
+
+
+def _threads(tiny: bool) -> str:
+    """Every core for every run (comparable wall times); --tiny: the policy's choice (a smoke run in a test tier
+    that runs two at once on two cores)."""
+    return "auto" if tiny else str(os.cpu_count())
 
 
 def forget_teacher_banks(train: Path) -> None:
@@ -93,7 +99,7 @@ def suite_teacher(args) -> list[dict[str, Any]]:
             if (args.ablations and label not in args.ablations) or (args.tiny and label not in TINY_RUNS):
                 continue
             overrides = {**extra, **({"teacher": str(teacher)} if extra.get("teacher") else {}),
-                         "threads": str(os.cpu_count())}  # every core for every run: comparable wall times
+                         "threads": _threads(args.tiny)}
             forget_teacher_banks(train)  # every run pays its own teacher pass: honest wall times
             load = os.getloadavg()[0]
             res = train_and_eval("edgessl", train, test, "mobilenetv3_small", 32, args.epochs, 0, args.seeds,

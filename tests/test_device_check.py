@@ -499,6 +499,23 @@ def _readme_lines(*starts: str) -> list[str]:
     return [line.split("  #")[0].strip() for line in readme.splitlines() if line.startswith(starts)]
 
 
+def _device_venv(venv: Path, packages: list[str]) -> tuple[Path, subprocess.CompletedProcess]:
+    """A fresh venv holding `packages`: made by uv where the test environment has it (a second instead of half a
+    minute: CI installs with uv, so the wheels are in its cache), else by venv + pip. Returns (python, the install)."""
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    if uv:
+        made = subprocess.run([uv, "venv", "-q", str(venv)], capture_output=True, text=True, timeout=120)
+        pip = subprocess.run([uv, "pip", "install", "-q", "--python", str(python), *packages], capture_output=True,
+                             text=True, timeout=600)
+        if made.returncode == 0 and pip.returncode == 0:
+            return python, pip
+        shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    return python, subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], capture_output=True,
+                                  text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_readme_export_and_device_check_run_verbatim_in_a_torch_free_venv(demo_run, labelled_demo, tmp_path):
     """The README's export line, then its device-check line in a fresh venv holding only onnxruntime, numpy and
@@ -514,11 +531,7 @@ def test_readme_export_and_device_check_run_verbatim_in_a_torch_free_venv(demo_r
     proc = subprocess.run([sys.executable, "-m", "edgessl", *edgessl_argv], cwd=work, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    venv = tmp_path / "device-venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
-    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime", "numpy", "pillow"],
-                         capture_output=True, text=True, timeout=600)
+    python, pip = _device_venv(tmp_path / "device-venv", ["onnxruntime", "numpy", "pillow"])
     if pip.returncode != 0:
         pytest.skip(f"pip cannot install onnxruntime numpy pillow here (offline?): {pip.stderr.strip()[-200:]}")
     assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode != 0  # torch-free
