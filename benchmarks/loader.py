@@ -165,7 +165,7 @@ def probe_e2e(args) -> dict[str, Any]:
             edgessl.pretrain(data=str(sub), out=f"{tmp}/run-{source}", image_size=64, batch_size=batch, epochs=1,
                              eval_every=0, cache_mb=mb, cache_dir=args.cache_dir, on_step=clock, quiet=True)
             rates[source] = len(times) * batch / max(sum(times), 1e-9) if times else float("nan")
-    model = measure("mobilenetv3_small", 64, 128, 3 if args.tiny else 10, None)["model_only_images_per_s"]
+    model = measure("mobilenetv3_small", 64, batch, 3 if args.tiny else 10, None)["model_only_images_per_s"]
     return {"end_to_end_images_per_s": rates["mmap"], "end_to_end_ram_images_per_s": rates["ram"],
             "model_only_images_per_s": model, "ratio": rates["mmap"] / model,
             "ratio_mmap_over_ram": rates["mmap"] / rates["ram"], "timed_steps": steps}

@@ -30,7 +30,7 @@ SETTINGS = {
 
 COMPETITOR = """
 import os, sys, time, torch, timm
-torch.set_num_threads(2)
+torch.set_num_threads(int(sys.argv[2]))
 m = timm.create_model("mobilenetv3_small_100", num_classes=10)
 opt = torch.optim.SGD(m.parameters(), lr=0.01)
 x, y = torch.randn(64, 3, 64, 64), torch.randint(0, 10, (64,))
@@ -48,12 +48,13 @@ print((steps - 1) / (time.time() - t0))
 
 
 class Competitor:
-    """One 2-thread PyTorch training loop in its own process, until stop()."""
+    """One 2-thread PyTorch training loop in its own process, until stop() (--tiny: one thread, so the smoke run
+    does not crowd the other test worker)."""
 
-    def __init__(self, work: Path, warm_up: float = 3.0):
+    def __init__(self, work: Path, warm_up: float = 3.0, threads: int = 2):
         self.stop_file = work / "stop"
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-        self.proc = subprocess.Popen([sys.executable, "-c", COMPETITOR, str(self.stop_file)], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-c", COMPETITOR, str(self.stop_file), str(threads)], env=env,
                                      stdout=subprocess.PIPE, text=True)
         while not Path(str(self.stop_file) + ".ready").exists():
             time.sleep(0.1)
@@ -162,7 +163,7 @@ def _tiny_shared_cpu() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = _tiny_demo(work / "demo")
-        comp = Competitor(work, 0.0)
+        comp = Competitor(work, 0.0, threads=1)
         comp.wait()
         try:
             first = comp.mark()
@@ -205,7 +206,7 @@ def run_midway(flags: list[str], work: Path, data: Path, epochs: int, size: int,
     while proc.poll() is None:
         done = _epochs_done(out)
         if comp is None and comp_rate is None and done >= phases[0]:
-            comp = Competitor(work, 0.0)
+            comp = Competitor(work, 0.0, threads=1 if tiny else 2)
         if comp is not None and done >= phases[1]:
             comp_rate, comp = comp.stop(), None
         time.sleep(0.05 if tiny else 0.2)

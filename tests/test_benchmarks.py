@@ -39,33 +39,14 @@ def test_cost_suite(bench):
     assert "## Cost per step" in readme and "tiny smoke run" in readme
 
 
-def test_accuracy_suite(bench):
+def test_accuracy_budget_and_data_suites(bench):
+    """One test, so the accuracy suite runs once: the budget suite reads its s/epoch, the data suite its runs."""
     rec, readme = bench("accuracy")
     assert {(r["data"], r["method"]) for r in rec["rows"]} == {
         (d, m) for d in ("emoji", "cifar10k") for m in ("edgessl", "npid", "mocov2", "simclr")}
     for r in rec["rows"]:
         assert 0 <= r["knn_last"] <= 1 and set(r["final"]) == {"knn@10", "linear@10", "knn@all", "linear@all"}
     assert "## Accuracy at equal epochs" in readme and "convergence_" in readme
-
-
-def test_ablation_and_data_suites(bench):
-    rec, readme = bench("ablation")
-    assert [r["ablation"] for r in rec["rows"]] == ["full", "random bank init", "momentum bank update",
-                                                    "no self-distillation", "with CutMix 0.5",
-                                                    "with CutMix 0.5, max(lam, 1-lam)"]
-    assert rec["rows"][-1]["overrides"] == {"cutmix": 0.5, "cutmix_lam": "max"}
-    assert rec["rows"][2]["overrides"] == {"bank_update": "momentum"}
-    if not (bench.out / "accuracy.json").exists():
-        bench("accuracy")
-    rec, readme = bench("data")
-    assert sorted({r["fraction"] for r in rec["rows"]}) == [0.1, 0.25, 0.5]
-    data = readme.split("## Data efficiency")[1]
-    assert "| 1.0 | edgessl |" in data and "| 1.0 | mocov2 |" in data  # the accuracy suite's cifar10k runs
-    assert "## Ablation (emoji)" in readme and "## Data efficiency" in readme
-
-
-def test_budget_suite(bench, tmp_path):
-    rec, readme = bench("accuracy")  # the budget is read from the accuracy suite's s/epoch
     simclr = {r["data"]: r["s_per_epoch"] * r["epochs"] for r in rec["rows"] if r["method"] == "simclr"}
     rec, readme = bench("budget")
     assert {(r["data"], r["method"]) for r in rec["rows"]} == {
@@ -73,6 +54,21 @@ def test_budget_suite(bench, tmp_path):
     for r in rec["rows"]:
         assert r["budget_s"] == pytest.approx(simclr[r["data"]])
     assert "## Accuracy at equal wall-clock" in readme
+    rec, readme = bench("data")
+    assert sorted({r["fraction"] for r in rec["rows"]}) == [0.1, 0.25, 0.5]
+    data = readme.split("## Data efficiency")[1]
+    assert "| 1.0 | edgessl |" in data and "| 1.0 | mocov2 |" in data  # the accuracy suite's cifar10k runs
+    assert "## Data efficiency" in readme
+
+
+def test_ablation_suite(bench):
+    rec, readme = bench("ablation")
+    assert [r["ablation"] for r in rec["rows"]] == ["full", "random bank init", "momentum bank update",
+                                                    "no self-distillation", "with CutMix 0.5",
+                                                    "with CutMix 0.5, max(lam, 1-lam)"]
+    assert rec["rows"][-1]["overrides"] == {"cutmix": 0.5, "cutmix_lam": "max"}
+    assert rec["rows"][2]["overrides"] == {"bank_update": "momentum"}
+    assert "## Ablation (emoji)" in readme
 
 
 def test_slim_suite(bench):
