@@ -279,3 +279,33 @@ def test_eval_and_embed_follow_the_load_between_batches(demo_run, run_copy, labe
     edgessl.embed(demo_run, data=str(labelled_demo / "train"), out=str(tmp_path / "e.npz"), batch_size=8,
                   say=lines.append)
     assert seen == [1] and lines == ["CPU: 1 thread (auto: 1.0 of 2 cores busy with other work) from batch 2"]
+
+
+@pytest.mark.slow
+def test_curves_are_drawn_after_the_first_and_last_epochs_and_when_a_run_stops(tiny_data, tmp_path, monkeypatch):
+    """curves.png costs ~0.8 s to draw: between the first and the last epoch at most every PLOT_SECONDS; a run that
+    stops early (here Ctrl-C in epoch 3 of 4) still leaves it showing every finished epoch."""
+    import edgessl.train.output as output
+
+    drawn = []
+    monkeypatch.setattr(output, "plot_curves", lambda history, path, title: drawn.append(len(history)))
+    monkeypatch.setattr(output, "PLOT_SECONDS", 1e9)
+    edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "full"), epochs=3, **TINY)
+    assert drawn == [1, 3]
+    monkeypatch.setattr(output, "PLOT_SECONDS", 0.0)
+    drawn.clear()
+    edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "every"), epochs=3, **TINY)
+    assert drawn == [1, 2, 3]
+
+    def stop(info):
+        if info.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(output, "PLOT_SECONDS", 1e9)
+    drawn.clear()
+    with pytest.raises(Interrupted):
+        edgessl.pretrain(data=str(tiny_data), out=str(tmp_path / "cut"), epochs=4, on_step=stop, **TINY)
+    assert drawn == [1, 2]  # epoch 1, then the two finished epochs when it stopped
+    drawn.clear()
+    edgessl.pretrain(resume=str(tmp_path / "cut"), quiet=True)
+    assert drawn == [3, 4]  # the resume's first epoch and its last

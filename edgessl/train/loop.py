@@ -22,7 +22,7 @@ from edgessl.train import distributed
 from edgessl.train.crops import make_crops
 from edgessl.train.meter import EpochMeter
 from edgessl.train.objective import Objective
-from edgessl.train.output import log_epoch, save_run
+from edgessl.train.output import draw_curves, log_epoch, save_run
 from edgessl.train.state import MAX_NONFINITE, TrainState
 from edgessl.train.types import Run, StepInfo
 
@@ -63,6 +63,8 @@ def train_epochs(run: Run, state: TrainState, objective: Objective, net: torch.n
             state.steps_done, state.meter = 0, None
             end_epoch(run, state, epoch, meter)
     finally:
+        if run.d.main and state.history and run.plotted not in (-1, state.epoch):
+            draw_curves(run, state)  # stopped early (a signal, divergence): curves.png shows every finished epoch
         run.loggers.close(ok=state.epoch == run.cfg.epochs)
         if run.progress is not None:
             run.progress.stop()
@@ -198,7 +200,7 @@ def end_epoch(run: Run, state: TrainState, epoch: int, meter: EpochMeter) -> dic
     state.history.append(row)
     state.epoch = epoch + 1
     if run.d.main:
-        save_run(run, state)
+        save_run(run, state, last)
         run.loggers.log(row, {"curves": run.run_dir / "curves.png"} if last else None)
         log_epoch(run.console, row, run.cfg.epochs, run.progress)
     distributed.barrier(run.d)  # the others wait for rank 0's checkpoint and monitor

@@ -103,6 +103,8 @@ class Run:
     every_row: dict[str, Any] = field(default_factory=dict)  # merged into every metrics row
     stop: Any = None  # edgessl.runtime.StopRequest: SIGTERM asks the loop to checkpoint and stop
     last_checkpoint: float = field(default_factory=time.time)  # when the last checkpoint was written
+    last_plot: float = 0.0  # when curves.png was last drawn (edgessl.train.output.save_run)
+    plotted: int = -1  # the epochs curves.png shows (-1: not drawn by this invocation)
     governor: ThreadGovernor | None = None  # --threads auto: the count follows the load between steps
 
     def say(self, msg: str) -> None:
