@@ -18,7 +18,7 @@ SETUP_COMMANDS = (
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[all]" && '
     "edgessl pretrain --backbone mobilenetv3_small",
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[all]" && ruff check . && '
-    'python -m pytest -q -x -m "not slow" && python -m pytest -q -m slow -n 2 --durations=15',
+    'python -m pytest -q -x -m "not slow" -n 2 && python -m pytest -q -m slow -n 2 --durations=15',
 )
 
 # Files whose citations of docs/ the docs change was not allowed to edit (fixed separately).
