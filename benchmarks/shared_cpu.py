@@ -74,11 +74,17 @@ class Competitor:
             steps, when = (Path(str(self.stop_file) + ".progress").read_text().split())
             if after is None or int(steps) > after[0]:
                 return int(steps), float(when)
-            time.sleep(0.05)
+            self._alive()
 
     def wait(self) -> None:
         while not Path(str(self.stop_file) + ".progress").exists():
-            time.sleep(0.05)
+            self._alive()
+
+    def _alive(self) -> None:
+        """Sleep a moment; raise if the competitor has died (a wait for its next step would never end)."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the competitor process exited with code {self.proc.returncode}")
+        time.sleep(0.05)
 
 
 def rate(first: tuple[int, float], last: tuple[int, float]) -> float:
