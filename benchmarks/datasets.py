@@ -54,8 +54,9 @@ def extract(archive: str) -> Path:
 
 
 def _system_tar(src: Path) -> bool:
-    """Extract with the system's tar when there is one (2 s for CIFAR-10's 55,000 files instead of 18 s with
-    tarfile), after checking that every member is a plain file or folder inside the cache; False: use tarfile."""
+    """Extract with the system's tar when there is one (CIFAR-10's 55,000 files: about 13 s less CPU than tarfile;
+    creating the files costs the same), after checking that every member is a plain file or folder inside the cache;
+    False: use tarfile."""
     tar = shutil.which("tar")
     if tar is None:
         return False

@@ -131,9 +131,12 @@ def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarra
     bar = float(np.quantile(found, EXCUSE_QUANTILE))
     check = scores >= float(np.quantile(found, CHECK_QUANTILE))
     if check.any():
-        own = np.stack([originals[pairs[check, 0]], pairs[check, 1]], axis=1)
         same = scores[check] >= true[pairs[check, 0]] - EXCUSE_MARGIN
-        out[check] = (cp.copy_scores(get_rows, own) >= bar) | same
+        out[check] = same
+        rest = np.flatnonzero(check)[~same]  # only these need the folder's own score of (o, x)
+        if len(rest):
+            own = np.stack([originals[pairs[rest, 0]], pairs[rest, 1]], axis=1)
+            out[rest] = cp.copy_scores(get_rows, own) >= bar
     return out
 
 
