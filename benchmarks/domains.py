@@ -211,6 +211,11 @@ def part_of(r: dict[str, Any]) -> str:
 HEAD = "| s/epoch | train min | kNN@10 | linear@10 | kNN@all | linear@all |"
 
 
+def _rule(header: str) -> str:
+    """The Markdown separator row of a table header: one |---| per column."""
+    return "|" + "---|" * (header.count("|") - 1)
+
+
 def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
     """What `auto` picks for each data set of the suite (the real rule on the real folder) and where it lands against
     the best row of that data set at the same backbone (linear@10)."""
@@ -306,7 +311,7 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
         mine = [r for r in rows if r["data"] == "neu-det" and r["size"] == size and r["backbone"] == "mobilenetv3_small"
                 and (r["method"] == "random" or (r["method"] == "edgessl" and r["epochs"] in same))]
         out += ["", f"### Against SimCLR, random weights and the supervised ceiling (NEU-DET, {size} px)\n",
-                "| method | epochs " + HEAD, "|---|---|---|---|---|---|---|---|---|"]
+                "| method | epochs " + HEAD, _rule("| method | epochs " + HEAD)]
         for r in sorted({r["row"]: r for r in mine + peers}.values(), key=lambda r: (r["method"], r["epochs"])):
             budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
             out.append(f"| {r['method']}{budget} | {r['epochs']} | {_cells(r)}")
@@ -317,7 +322,7 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
         out += ["", f"### When the teacher pays (NEU-DET student: mobilenetv3_small, {taught[0]['size']} px, "
                 f"{taught[0]['epochs']} epochs; teachers: resnet18, same size and epochs, `--teacher RUN`)\n",
                 "| teacher | its kNN@all on NEU-DET | its linear@10 on NEU-DET " + HEAD,
-                "|---|---|---|---|---|---|---|---|---|"]
+                _rule("| teacher | its kNN@all on NEU-DET | its linear@10 on NEU-DET " + HEAD)]
         for r in base + taught:
             t = r.get("teacher_on_folder")
             own = f"{t['knn@all']['mean']:.3f} | {t['linear@10']['mean']:.3f}" if t else "– | –"
