@@ -4,6 +4,7 @@ found in a tiny folder, the three kinds named, --keep, an explicit threshold wit
 
 import csv
 import random
+import re
 import shutil
 
 import numpy as np
@@ -83,20 +84,20 @@ def test_a_crop_scores_as_its_picture_along_its_new_border():
 
 def test_a_copy_already_in_the_folder_is_no_false_match():
     """A planted copy c of o compared with x, a copy of o the folder already holds: not counted as a wrong pair (the
-    folder's own (o, x) scores like a copy); a different picture is, unless c matches it within EXCUSE_MARGIN (0.05)
+    folder's own (o, x) scores like a copy); a different picture is, unless c matches it within EXCUSE_MARGIN (0.08)
     of how well it matches o (then the score cannot tell them apart)."""
     from edgessl.evaluate.duplicates import EXCUSE_MARGIN, copies_in_folder
 
-    assert EXCUSE_MARGIN == 0.05
+    assert EXCUSE_MARGIN == 0.08
     o, other = _picture(7), _picture(8)
     x = np.asarray(Image.fromarray(o[2:62, 1:63]).resize((64, 64), Image.Resampling.BICUBIC))
     rows = _rows(o, x, other)
     pairs, originals = np.array([[0, 1], [0, 2]]), np.array([0, 0])  # (c, x) and (c, other); c's original: row 0
     true = np.array([0.99, 0.9], np.float32)  # c scores 0.99 with o; bars: check 0.9009, excuse 0.9045
-    got = copies_in_folder(pairs, np.array([0.92, 0.92], np.float32), originals, true, lambda i: rows[i])
-    assert got.tolist() == [True, False]  # (o, x) scores above 0.9045, (o, other) does not; 0.92 < 0.99 - 0.05
+    got = copies_in_folder(pairs, np.array([0.92, 0.905], np.float32), originals, true, lambda i: rows[i])
+    assert got.tolist() == [True, False]  # (o, x) scores above 0.9045, (o, other) does not; 0.905 < 0.99 - 0.08
     got = copies_in_folder(pairs, np.array([0.92, 0.95], np.float32), originals, true, lambda i: rows[i])
-    assert got.tolist() == [True, True]  # c matches `other` at 0.95, within 0.05 of o's 0.99
+    assert got.tolist() == [True, True]  # c matches `other` at 0.95, within 0.08 of o's 0.99
     low = copies_in_folder(pairs, np.array([0.5, 0.5], np.float32), originals, true, lambda i: rows[i])
     assert low.tolist() == [False, False]  # below the check's bar (the 1 % quantile of the true scores): not checked
     # 95 copies at 0.97 and 5 at 0.7: the check's bar is 0.7, the excuse's 0.957; a pair scoring 0.8 (between them)
@@ -177,6 +178,7 @@ def test_embed_finds_a_planted_copy_and_names_the_three_kinds(demo_run, folder_w
     assert res.exit_code == 0, res.output
     text = res.output
     assert "copies: estimated precision" in text and "on 24 planted copies" in text and "chosen for precision" in text
+    assert re.search(r"Calibrated in \d+ s\.", text) and re.search(r"candidate pairs in full in \d+ s ", text), text
     for kind in ("exact:", "copy:", "similar:", "keep:"):
         assert any(line.startswith(kind) for line in text.splitlines()), kind
     with open(out.parent / "duplicates.csv") as f:

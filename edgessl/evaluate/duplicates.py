@@ -111,7 +111,7 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
 
 EXCUSE_QUANTILE = 0.05  # a folder image matching the original as well as 95 % of planted copies do is its copy
 CHECK_QUANTILE = 0.01  # wrong pairs scoring below 99 % of the planted copies cannot move the threshold much
-EXCUSE_MARGIN = 0.05  # a planted copy matching x within this of its own original: x holds the same picture
+EXCUSE_MARGIN = 0.08  # a planted copy matching x within this of its own original: x holds the same picture
 
 
 def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarray, true: np.ndarray,
@@ -123,7 +123,9 @@ def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarra
     reaches the EXCUSE_QUANTILE quantile of the true scores, or when c matches x within EXCUSE_MARGIN of how well it
     matches o (two copies of one picture can match each other as well as either matches the sharper original; two
     overlapping scans of one surface hold c's crop both; a look-alike, another flag or figure, stays further below:
-    measured 0.13-0.39 below on emoji, while such copies and overlaps were 0.01-0.03 below on NEU-DET)."""
+    measured 0.13-0.39 below on emoji, while such copies and overlaps were 0.01-0.055 below on NEU-DET: at 0.05, one
+    real copy 0.055 below had raised a NEU-DET folder's threshold from 0.82 to 0.91 and cut its recall from 0.96 to
+    0.88)."""
     out = np.zeros(len(pairs), bool)
     found = true[np.isfinite(true)]
     if not len(found):
