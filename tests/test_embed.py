@@ -199,6 +199,7 @@ def test_run_and_its_onnx_export_give_the_same_embeddings(demo_run, labelled_dem
     b = edgessl.embed(run / "export" / "encoder.onnx", data, tmp_path / "b" / "e.npz", neighbours=3)
     paths, emb = read_embeddings(tmp_path / "a" / "e.npz")
     assert paths == b.paths and len(paths) == 9
+    assert list(b.seconds) == ["embed"] and b.seconds["embed"] > 0  # no --duplicates: no other step timed
     cos = (unit_rows(emb) * unit_rows(b.embeddings)).sum(axis=1)
     assert cos.min() >= 0.9999
     broken = data / "activities" / "broken.png"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class EmbedResult:
     whitening: tuple[np.ndarray, np.ndarray] | None = None  # whiten=K: (mean (D,), proj (D, K)) of the search space
     duplicates: dup.Found | None = None  # the duplicate pairs (exact, copy) in groups, and the similar pairs
     rule: cp.Rule | None = None  # the copy rule and its estimates
+    seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per step: embed, and with
+    # --duplicates pixels (rows, hashes, thumbnails), calibration (the planted copies), search (the folder's pairs)
+    # and files (csv, gallery)
 
     @property
     def groups(self) -> int:
@@ -109,12 +113,14 @@ def embed(source: str | Path, opts: EmbedOptions, use_faiss: bool | None = None,
     source = Path(source).expanduser()
     src = open_source(source, opts, say)
     data = Path(opts.data)
+    start = time.perf_counter()
     embedded = src(data)
+    embed_s = time.perf_counter() - start
     if (opts.neighbours is not None or opts.duplicates is not None) and len(embedded.paths) < 2:
         raise UserError(f"--neighbours and --duplicates need at least 2 readable images in '{opts.data}', not 1.")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = EmbedResult(out, embedded.paths, embedded.embeddings, embedded.skipped,
-                         [write_embeddings(out, embedded.paths, embedded.embeddings)])
+                         [write_embeddings(out, embedded.paths, embedded.embeddings)], seconds={"embed": embed_s})
     if embedded.skipped:
         result.written.append(write_skipped(embedded.skipped, out.parent / "skipped_files.txt"))
         if warn is not None:
@@ -148,15 +154,23 @@ def _project(result: EmbedResult, embeddings: np.ndarray) -> np.ndarray:
 def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded, data: Path, unit: np.ndarray,
                 use_faiss: bool | None, say) -> None:
     """Calibrate on planted copies, score the folder's neighbour pairs, choose the rule, write the files."""
+    clock = time.perf_counter()
     images = with_rows(src, embedded, data)
     n, get = len(result.paths), _ticking(images.get, src)
     hashes = cp.pixel_hashes(get, n)
     spaces = [unit, cp.thumbnails(get, n)]  # candidates: the embedding's neighbours and the pixels'
+    result.seconds["pixels"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     calibration = _calibrate(result, opts, src, get, spaces, say)
+    result.seconds["calibration"] = time.perf_counter() - clock
+    say(f"Calibrated in {result.seconds['calibration']:.0f} s.")
+    clock = time.perf_counter()
     scored = dup.score_folder(spaces, hashes, get, calibration.gates, use_faiss, calibration.coarse_gate)
-    say(f"Compared {scored.compared:,} of {len(scored.pairs):,} candidate pairs in full (the others differ at a "
-        f"glance: coarse match below {calibration.coarse_gate:.2f}, set {cp.COARSE_MARGIN} below 99 % of the "
-        "planted copies).")
+    result.seconds["search"] = time.perf_counter() - clock
+    say(f"Compared {scored.compared:,} of {len(scored.pairs):,} candidate pairs in full in "
+        f"{result.seconds['search']:.0f} s (the others differ at a glance: coarse match below "
+        f"{calibration.coarse_gate:.2f}, set {cp.COARSE_MARGIN} below 99 % of the planted copies).")
+    clock = time.perf_counter()
     threshold = duplicates_threshold(opts.duplicates)
     args = (calibration.true, calibration.wrong, scored.scores, opts.precision)
     result.rule = cp.choose_rule(*args) if threshold is None else cp.rule_at(threshold, *args)
@@ -170,6 +184,7 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
                                                  int(opts.gallery_rows)))
     if opts.keep is not None:
         result.written.append(write_keep(folder / "keep.txt", result.paths, found, opts.keep))
+    result.seconds["files"] = time.perf_counter() - clock
 
 
 def _ticking(get, src):
