@@ -1,6 +1,7 @@
 """Duplicates suite: does `edgessl embed --duplicates auto` find planted copies, in folders it was never tuned on?
-`python -m benchmarks.run duplicates [--tiny] [--only 30]` (about an hour on 2 cores; --epochs is not used: the
-suite trains for EPOCHS, or for the lengths --only names, keeping the other lengths' earlier rows).
+`python -m benchmarks.run duplicates [--tiny] [--only 30|scale]` (about an hour on 2 cores; --epochs is not used:
+the suite trains for EPOCHS and runs the scale part, or only the lengths and parts --only names, keeping the other
+rows from the earlier run).
 
 Folders: the emoji training images (1,529, 64 px), NEU-DET's steel scans (1,440, 64 px) and a 2,000-image CIFAR-10
 subset (32 px). mobilenetv3_small is pretrained on each clean folder for 10 and for 30
@@ -13,6 +14,9 @@ default (`--duplicates auto`, no other flag):
   the copy model (edgessl.data.copies: JPEG 60-95, crop up to 10 %, resize, brightness and contrast), each beside its
   original, and two samples (seeds 3 and 4) made by a transformation the calibration never sees (a mild blur).
   --tiny plants seed 1 only.
+Scale (the cost): `edgessl embed` alone and with `--duplicates auto` on CIFAR-10's whole training split (50,000
+images, 32 px; the encoder: 10 epochs on the 2,000-image subset), each step's seconds (EmbedResult.seconds) and what
+the clean folder gets flagged. --tiny: the tiny folder.
 Precision: of the copy pairs flagged that hold a planted copy, the share that pair it with its original (or a pixel
 twin of it); recall: the planted copies paired with their original.
 """
@@ -98,12 +102,17 @@ def rule_record(result) -> dict[str, Any]:
             "planted_for_calibration": r.planted, "reached": r.reached}
 
 
-def flagged(result) -> dict[str, Any]:
-    """The images a clean folder has in duplicate groups, and the pairs (for a person to judge)."""
+def flagged(result, root: Path | None = None) -> dict[str, Any]:
+    """The images a clean folder has in duplicate groups, and the pairs (for a person to judge): file names, or
+    paths relative to `root` (where names repeat, as in CIFAR-10's class folders)."""
     found, paths = result.duplicates, result.paths
+
+    def name(i: int) -> str:
+        return Path(paths[i]).name if root is None else str(Path(paths[i]).relative_to(root))
+
     images = {i for pair in found.pairs.tolist() for i in pair}
     return {"images": len(paths), "flagged": len(images), "flagged_share": len(images) / len(paths),
-            "pairs": [[Path(paths[a]).name, Path(paths[b]).name, kind, round(float(s), 4)]
+            "pairs": [[name(a), name(b), kind, round(float(s), 4)]
                       for (a, b), kind, s in zip(found.pairs.tolist(), found.kinds, found.scores.tolist(),
                                                  strict=True)]}
 
@@ -136,22 +145,61 @@ def one_encoder(name: str, src: Path, size: int, epochs: int, work: Path, tiny: 
 
 
 def encoder_lengths(args) -> tuple[int, ...]:
-    """The encoders' epochs: EPOCHS, or those `--only` names (e.g. `--only 30`: the other lengths' rows are kept)."""
+    """The encoders' epochs: EPOCHS, or those `--only` names (e.g. `--only 30`: the other lengths' rows are kept;
+    `--only scale`: none)."""
     if args.tiny:
         return (1,)
     if not args.only:
         return EPOCHS
-    if not all(part.isdigit() and int(part) > 0 for part in args.only):
-        raise SystemExit(f"duplicates: --only takes encoder epochs such as 10,30, not {','.join(args.only)}")
-    return tuple(int(part) for part in args.only)
+    if not all((part.isdigit() and int(part) > 0) or part == "scale" for part in args.only):
+        raise SystemExit(f"duplicates: --only takes encoder epochs such as 10,30 and scale, not {','.join(args.only)}")
+    return tuple(int(part) for part in args.only if part != "scale")
+
+
+def with_scale(args) -> bool:
+    """Whether the run includes the scale part: always, unless --only leaves it out."""
+    return args.tiny or not args.only or "scale" in args.only
+
+
+def _part(r: dict[str, Any]) -> Any:
+    return "scale" if r.get("part") == "scale" else r["epochs"]
 
 
 def merged(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A partial run's rows with the earlier rows of the other encoder lengths, by folder and then epochs."""
-    done = {r["epochs"] for r in rows}
+    """A partial run's rows with the earlier rows of the other encoder lengths (and the scale part when this run
+    has none), by folder and then epochs, the scale rows last."""
+    done = {_part(r) for r in rows}
     order = {name: i for i, name in enumerate(DATASETS)}
-    both = [r for r in earlier if r["epochs"] not in done] + rows
-    return sorted(both, key=lambda r: (order.get(r["data"], len(order)), r["epochs"]))
+    both = [r for r in earlier if _part(r) not in done] + rows
+    return sorted(both, key=lambda r: (r.get("part") == "scale", order.get(r["data"], len(order)), r["epochs"]))
+
+
+SCALE_EPOCHS = 10  # the scale part's encoder: this many epochs on the 2,000-image CIFAR-10 subset
+
+
+def scale_rows(work: Path, tiny: bool) -> list[dict[str, Any]]:
+    """`edgessl embed` alone and with --duplicates auto on CIFAR-10's 50,000 training images (--tiny: the tiny
+    emoji folder): seconds per step and the clean folder's flags."""
+    from benchmarks.datasets import cifar10
+
+    train, size = (folders(True)["emoji"][0], 32) if tiny else (cifar10()[0], 32)
+    subset, _ = folders(tiny)["emoji" if tiny else "cifar10-2k"]
+    epochs = 1 if tiny else SCALE_EPOCHS
+    run = edgessl.pretrain(data=str(subset), out=str(work / "run-scale"), image_size=size, epochs=epochs,
+                           backbone="mobilenetv3_small", quiet=True, eval_every=0, batch_size=8 if tiny else 128)
+    load = os.getloadavg()[0]
+    plain = edgessl.embed(run.run_dir, str(train), str(work / "scale-plain" / "e.npz"))
+    res = edgessl.embed(run.run_dir, str(train), str(work / "scale-dup" / "e.npz"), duplicates="auto",
+                        planted=20 if tiny else 400)
+    found = flagged(res, train)  # with every flagged pair, for a person to judge
+    kinds = [p[2] for p in found["pairs"]]
+    row = {"part": "scale", "data": "emoji-tiny" if tiny else "cifar10-50k", "epochs": epochs,
+           "encoder_data": "emoji-tiny" if tiny else "cifar10-2k", "load_average_1min": load,
+           "plain_seconds": plain.seconds, "seconds": res.seconds, **rule_record(res), **found,
+           "exact_pairs": kinds.count("exact"), "copy_pairs": kinds.count("copy")}
+    print(f"duplicates scale {row['data']}: {row['images']:,} images, embed alone {plain.seconds['embed']:.0f} s, "
+          f"with --duplicates auto {sum(res.seconds.values()):.0f} s {res.seconds}", flush=True)
+    return [row]
 
 
 def suite_duplicates(args) -> list[dict[str, Any]]:
@@ -161,6 +209,8 @@ def suite_duplicates(args) -> list[dict[str, Any]]:
         for name, (src, size) in folders(args.tiny).items():
             for epochs in lengths:
                 rows += one_encoder(name, src, size, epochs, Path(tmp), args.tiny)
+        if with_scale(args):
+            rows += scale_rows(Path(tmp), args.tiny)
     return rows
 
 
@@ -176,7 +226,7 @@ def duplicates_section(rec: dict[str, Any]) -> str:
            "| folder | encoder epochs | sample | precision | recall | estimated precision / recall | threshold |",
            "|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
-        if r["sample"] == "clean":
+        if r.get("sample") in ("clean", None):
             continue
         out.append(f"| {r['data']} | {r['epochs']} | {r['sample']} | {r['precision']:.2f} | {r['recall']:.2f} | "
                    f"{r['estimated_precision']:.2f} / {r['estimated_recall']:.2f} | {r['threshold']:.3f} |")
@@ -184,9 +234,31 @@ def duplicates_section(rec: dict[str, Any]) -> str:
             "| folder | encoder epochs | images | flagged | share | exact pairs | copy pairs |",
             "|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
-        if r["sample"] != "clean":
+        if r.get("sample") != "clean":
             continue
         kinds = [p[2] for p in r["pairs"]]
         out.append(f"| {r['data']} | {r['epochs']} | {r['images']:,} | {r['flagged']} | {r['flagged_share']:.1%} | "
                    f"{kinds.count('exact')} | {kinds.count('copy')} |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + scale_section(rec["rows"])) + "\n"
+
+
+def scale_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The cost table of the scale rows (none: no table)."""
+    scale = [r for r in rows if r.get("part") == "scale"]
+    if not scale:
+        return []
+    out = ["\nCost on a larger folder (`--only scale`): `edgessl embed` alone, then with `--duplicates auto` (its "
+           "steps: the embedding, the pixel rows with their hashes and thumbnails, the calibration on 400 planted "
+           "copies, the search of the folder's pairs, the files), "
+           "seconds on this machine, and what the clean folder gets flagged:\n",
+           "| folder | images | encoder | embed alone | with duplicates | pixels | calibration | search | files | "
+           "calibration / embed alone | flagged | exact pairs | copy pairs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in scale:
+        s, alone = r["seconds"], r["plain_seconds"]["embed"]
+        out.append(f"| {r['data']} | {r['images']:,} | {r['encoder_data']}, {r['epochs']} epochs | {alone:.0f} s | "
+                   f"{sum(s.values()):.0f} s | {s['pixels']:.0f} s | {s['calibration']:.0f} s | {s['search']:.0f} s | "
+                   f"{s['files']:.0f} s | "
+                   f"{s['calibration'] / alone:.0%} | {r['flagged']} ({r['flagged_share']:.1%}) | "
+                   f"{r['exact_pairs']} | {r['copy_pairs']} |")
+    return out

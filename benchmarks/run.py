@@ -23,8 +23,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
   teacher   --teacher: mobilenetv3_small on CIFAR-10 5k without a teacher, with the one-pass teacher bank of a
             longer-trained resnet18 (also as the initial bank), and with the per-step teacher: kNN, linear at 10 and
             all labels, wall time (benchmarks/teacher.py)
-  duplicates  `embed --duplicates auto` on emoji, NEU-DET and CIFAR-10 5k, clean and with 50 planted copies:
-            precision, recall and the estimates it printed (benchmarks/duplicates.py)
+  duplicates  `embed --duplicates auto` on emoji, NEU-DET and CIFAR-10 2k, clean and with 50 planted copies:
+            precision, recall and the estimates it printed; its cost on CIFAR-10's 50,000 (benchmarks/duplicates.py)
   domains   NEU-DET steel scans (emoji for contrast): edgessl for 15/30/60 epochs, at 64/96/128 px, random weights,
             SimCLR at equal epochs and equal wall-clock, supervised ceiling (benchmarks/domains.py; --only)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
@@ -295,7 +295,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=None, help="gpu suite: the whole budget (default 8; tiny 1)")
     ap.add_argument("--only", type=lambda v: [p for p in v.split(",") if p], default=None,
                     help="gpu, domains and duplicates suites: only these parts, comma-separated (gpu: data, steps, "
-                         "cifar; domains: epochs, sizes, peers; duplicates: encoder epochs, e.g. 30)")
+                         "cifar; domains: epochs, sizes, peers; duplicates: encoder epochs, e.g. 30, and scale)")
     ap.add_argument("--teachers", nargs="*", default=None, help="domains suite: teachers' folders (neu-det, emoji)")
     ap.add_argument("--backbones", nargs="*", default=None, help="domains suite: more backbones at 64 px (resnet18)")
     args = ap.parse_args(argv)

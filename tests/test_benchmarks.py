@@ -130,6 +130,19 @@ def test_export_suite(bench):
     assert "## Export: the int8 search on encoders it has not seen" in readme
 
 
+def assert_tables_well_formed(markdown: str) -> None:
+    """Every Markdown table: its separator row and each body row have as many cells as its header."""
+    lines = markdown.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("|") and lines[i + 1].startswith("|---"):
+            width = line.count("|")
+            assert lines[i + 1].count("|") == width, (line, lines[i + 1])
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                assert row.count("|") == width, (line, row)
+
+
 def _listing(folder: str) -> list[tuple[str, int]]:
     root = Path(folder)
     return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
@@ -186,29 +199,40 @@ def test_duplicates_score_in_closed_form(tmp_path):
 def test_duplicates_suite_reruns_one_encoder_length_and_keeps_the_others():
     from types import SimpleNamespace
 
-    from benchmarks.duplicates import EPOCHS, encoder_lengths, merged
+    from benchmarks.duplicates import EPOCHS, encoder_lengths, merged, with_scale
 
     args = SimpleNamespace(tiny=False, only=None)
-    assert encoder_lengths(args) == EPOCHS == (10, 30)
+    assert encoder_lengths(args) == EPOCHS == (10, 30) and with_scale(args)
     assert encoder_lengths(SimpleNamespace(tiny=False, only=["30"])) == (30,)
+    assert not with_scale(SimpleNamespace(tiny=False, only=["30"]))
+    only_scale = SimpleNamespace(tiny=False, only=["scale"])
+    assert encoder_lengths(only_scale) == () and with_scale(only_scale)
     assert encoder_lengths(SimpleNamespace(tiny=True, only=["30"])) == (1,)
-    with pytest.raises(SystemExit, match="--only takes encoder epochs such as 10,30, not sizes"):
+    with pytest.raises(SystemExit, match="--only takes encoder epochs such as 10,30 and scale, not sizes"):
         encoder_lengths(SimpleNamespace(tiny=False, only=["sizes"]))
     earlier = [{"data": d, "epochs": e, "sample": "clean"} for d in ("emoji", "neu-det") for e in (10, 30)]
+    earlier.append({"part": "scale", "data": "cifar10-50k", "epochs": 10, "images": 50000})
     new = [{"data": d, "epochs": 30, "sample": "seed 1"} for d in ("neu-det", "emoji")]
-    got = [(r["data"], r["epochs"], r["sample"]) for r in merged(new, earlier)]
+    got = [(r["data"], r["epochs"], r.get("sample")) for r in merged(new, earlier)]
     assert got == [("emoji", 10, "clean"), ("emoji", 30, "seed 1"), ("neu-det", 10, "clean"),
-                   ("neu-det", 30, "seed 1")]  # the old 30-epoch rows are replaced, the 10-epoch rows kept
+                   ("neu-det", 30, "seed 1"), ("cifar10-50k", 10, None)]  # old 30-epoch rows replaced, the rest kept
+    scale = [{"part": "scale", "data": "cifar10-50k", "epochs": 10, "images": 49000}]
+    again = merged(scale, earlier)
+    assert [r.get("images") for r in again] == [None] * 4 + [49000]  # a scale rerun replaces only the scale row
 
 
 def test_duplicates_suite(bench):
     rec, readme = bench("duplicates")
-    assert [r["sample"] for r in rec["rows"]] == ["clean", "seed 1"]
-    clean, planted = rec["rows"]
+    assert [r.get("sample") for r in rec["rows"]] == ["clean", "seed 1", None]
+    clean, planted, scale = rec["rows"]
     assert clean["images"] == 36 and 0 <= clean["flagged"] <= clean["images"]
     assert planted["copies"] == 4 and 0 <= planted["precision"] <= 1 and 0 <= planted["recall"] <= 1
     assert 0 <= planted["estimated_precision"] <= 1 and planted["threshold"] > 0
-    assert "## Duplicates: `edgessl embed --duplicates auto`" in readme
+    assert scale["part"] == "scale" and scale["images"] == 36 and list(scale["plain_seconds"]) == ["embed"]
+    assert set(scale["seconds"]) == {"embed", "pixels", "calibration", "search", "files"}
+    assert all(v >= 0 for v in scale["seconds"].values()) and scale["seconds"]["calibration"] > 0
+    assert "## Duplicates: `edgessl embed --duplicates auto`" in readme and "| emoji-tiny | 36 |" in readme
+    assert_tables_well_formed(readme.split("## Duplicates")[1])
 
 
 def test_midway_suite(bench):
@@ -237,6 +261,7 @@ def test_domains_suite(bench):
     assert all(0 <= r["teacher_on_folder"]["knn@all"]["mean"] <= 1 for r in taught)
     assert len({r["row"] for r in rec["rows"]}) == len(rec["rows"])  # no row twice
     assert "## Domains" in readme and "### What `auto` picks" in readme and "### When the teacher pays" in readme
+    assert_tables_well_formed(readme.split("## Domains")[1])
     assert (bench.out / "domains_curves.png").is_file()
 
 
