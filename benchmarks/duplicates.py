@@ -182,10 +182,10 @@ def scale_rows(work: Path, tiny: bool) -> list[dict[str, Any]]:
     emoji folder): seconds per step and the clean folder's flags."""
     from benchmarks.datasets import cifar10
 
-    train, size = (folders(True)["emoji"][0], 32) if tiny else (cifar10()[0], 32)
-    subset, _ = folders(tiny)["emoji" if tiny else "cifar10-2k"]
+    subset = folders(tiny)["emoji" if tiny else "cifar10-2k"][0]
+    train = subset if tiny else cifar10()[0]
     epochs = 1 if tiny else SCALE_EPOCHS
-    run = edgessl.pretrain(data=str(subset), out=str(work / "run-scale"), image_size=size, epochs=epochs,
+    run = edgessl.pretrain(data=str(subset), out=str(work / "run-scale"), image_size=32, epochs=epochs,
                            backbone="mobilenetv3_small", quiet=True, eval_every=0, batch_size=8 if tiny else 128)
     load = os.getloadavg()[0]
     plain = edgessl.embed(run.run_dir, str(train), str(work / "scale-plain" / "e.npz"))
