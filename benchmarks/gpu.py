@@ -29,6 +29,7 @@ from edgessl.runtime import autocast, pick_device
 
 PARTS = ("data", "steps", "cifar")
 START_S = 20.0  # start-up of one part: imports, the first CUDA context, decoding into the cache (estimate)
+TINY_CPU_START_S = 2.0  # the same in the CPU smoke run: everything is imported, no CUDA context, a few images
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Plan:
     cifar_per_class: tuple[int, int] | None  # CIFAR-10 train / test images per class (None: all)
     precisions: tuple[str, ...]
     step_guess_s: float  # the guessed time of one training step at `batch` and `size`, for the estimates
+    start_s: float = START_S  # the start-up of one part, for the estimates
 
     @property
     def data_configs(self) -> list[tuple[str, str, bool]]:
@@ -58,7 +60,8 @@ class Plan:
 def make_plan(tiny: bool, device: torch.device) -> Plan:
     if tiny:  # on a CPU in fp32 only: fp16 and bf16 autocast run there, but at a fraction of the speed
         cpu = device.type == "cpu"
-        return Plan(32, 4, 1, 1, 2, (4, 2), ("fp32",) if cpu else ("fp16", "bf16"), 0.15 if cpu else 0.02)
+        return Plan(32, 4, 1, 1, 2, (4, 2), ("fp32",) if cpu else ("fp16", "bf16"), 0.15 if cpu else 0.02,
+                    TINY_CPU_START_S if cpu else START_S)
     guess = 0.12 if device.type == "cuda" else 6.0  # resnet18, 224 px, batch 256: an H100-class GPU vs 2 CPU cores
     return Plan(224, 256, 5, 20, None, None, ("fp16", "bf16"), guess)
 
@@ -66,11 +69,11 @@ def make_plan(tiny: bool, device: torch.device) -> Plan:
 def estimates(plan: Plan, minutes: float, only: tuple[str, ...]) -> dict[str, float]:
     """Seconds each selected part is expected to take; cifar gets what the budget leaves (at least a minute)."""
     per_measure = (plan.warm + plan.timed) * plan.step_guess_s
-    est = {"data": START_S + len(plan.data_configs) * 2 * per_measure,  # the data path and the model, each
-           "steps": START_S + len(plan.step_configs) * 1.5 * per_measure}  # SimCLR's two views cost more
+    est = {"data": plan.start_s + len(plan.data_configs) * 2 * per_measure,  # the data path and the model, each
+           "steps": plan.start_s + len(plan.step_configs) * 1.5 * per_measure}  # SimCLR's two views cost more
     est = {k: v for k, v in est.items() if k in only}
-    if "cifar" in only:
-        est["cifar"] = max(15.0 if plan.data_per_class else 60.0, minutes * 60 - sum(est.values()))
+    if "cifar" in only:  # --tiny trains a fixed 2 epochs on a few images: its floor, not what the budget leaves
+        est["cifar"] = 15.0 if plan.cifar_per_class else max(60.0, minutes * 60 - sum(est.values()))
     return est
 
 
