@@ -67,7 +67,8 @@ def make_plan(tiny: bool, device: torch.device) -> Plan:
 
 
 def estimates(plan: Plan, minutes: float, only: tuple[str, ...]) -> dict[str, float]:
-    """Seconds each selected part is expected to take; cifar gets what the budget leaves (at least a minute)."""
+    """Seconds each selected part is expected to take; cifar gets what the budget leaves (at least a minute; --tiny:
+    its 2 fixed epochs, 15 s)."""
     per_measure = (plan.warm + plan.timed) * plan.step_guess_s
     est = {"data": plan.start_s + len(plan.data_configs) * 2 * per_measure,  # the data path and the model, each
            "steps": plan.start_s + len(plan.step_configs) * 1.5 * per_measure}  # SimCLR's two views cost more
