@@ -1,6 +1,7 @@
 """Benchmark data: the shared CIFAR-10 and emoji archives, extracted once into benchmarks/.cache (git-ignored).
 
-Subsets are folders of symbolic links, stratified and seeded, so nothing is copied twice. Both are made under a
+Subsets are folders of symbolic links, stratified and seeded, so nothing is copied twice; a greyscale twin of a
+colour set (greyscale_copy) is the one real copy. All are made under a
 file lock: processes that need the same folder at once (the test suite's two pytest-xdist workers) wait for one
 another instead of extracting into each other.
 """
@@ -95,6 +96,32 @@ def _make_subset(split_dir: Path, per_class: int, seed: int, out: Path) -> None:
         (tmp / cls.name).mkdir(parents=True, exist_ok=True)
         for f in pick:
             os.symlink(f, tmp / cls.name / f.name)
+    tmp.rename(out)
+
+
+def greyscale_copy(src: Path, name: str) -> Path:
+    """A folder <cache>/subsets/<name>: every image of `src` (its class subfolders kept) as a single-channel PNG, the
+    greyscale twin of a colour set (the domains suite asks whether a rule for scans holds for greyscale photos)."""
+    out = CACHE / "subsets" / name
+    if out.exists():
+        return out
+    with locked(f"subset-{name}"):
+        if not out.exists():
+            _make_grey(src, out)
+    return out
+
+
+def _make_grey(src: Path, out: Path) -> None:
+    from PIL import Image
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a process that was killed
+    for f in sorted(src.rglob("*")):
+        if f.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            dst = tmp / f.relative_to(src).with_suffix(".png")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(f) as img:
+                img.convert("L").save(dst)
     tmp.rename(out)
 
 

@@ -10,7 +10,12 @@ Parts (each row is kept in domains.json until a rerun of the same row replaces i
           the teacher suite's "trained on this folder" teacher);
   peers   at --image-size and --epochs (what `auto` picks for NEU-DET): lightly's SimCLR at equal epochs and at
           equal wall-clock (the epochs its s/epoch allows in edgessl's time), and a supervised run with all labels
-          (the ceiling).
+          (the ceiling);
+  teacher resnet18 teachers trained on NEU-DET and on emoji, distilled into the 64 px student (--teachers);
+  temperature  edgessl at tau 0.1 (the default) and 0.2 on NEU-DET, emoji, CIFAR-10 subsets (500 and 150 per class)
+          and the first one's greyscale twin, each at the size and epochs `auto` picks for it (the real rule on the
+          real folder), training seeds TEMPERATURE_SETS: whether a softer instance loss pays, and whether "greyscale"
+          or the folder's size predicts it.
 Every row: kNN (k = 200) and the linear probe at 10 and all labels per class on the test split (--seeds label
 subsets), wall seconds, s/epoch, the load average before it.
 """
@@ -25,19 +30,40 @@ from typing import Any
 LENGTHS = (15, 30, 60)
 SIZES = (64, 96, 128)
 SIZE_EPOCHS = 15
-PARTS = ("epochs", "sizes", "peers", "teacher")
+PARTS = ("epochs", "sizes", "peers", "teacher", "temperature")
+TEMPERATURES = (0.1, 0.2)
+TEMPERATURE_SETS = {"neu-det": (0, 1), "emoji": (0, 1), "cifar10-5k": (0,), "cifar10-5k-grey": (0,),  # seeds
+                    "cifar10-1.5k": (0,)}
+CIFAR_SUBSETS = {"cifar10-5k": 500, "cifar10-1.5k": 150}  # images per class
 TEACHERS = ("neu-det", "emoji")  # resnet18 teachers at 64 px for SIZE_EPOCHS epochs: on the folder, on another one
 KEPT = Path(__file__).resolve().parent / ".cache" / "domains-runs"  # runs other suites reuse (the NEU-DET teacher)
 
 
-def data(tiny: bool) -> dict[str, tuple[Path, Path]]:
-    from benchmarks.datasets import emoji, neu_det, stratified_subset
+def folders(name: str, tiny: bool) -> tuple[Path, Path]:
+    """(train, test) folders of one of the suite's data sets (--tiny: 3 train and 2 test images per class)."""
+    from benchmarks.datasets import cifar10, emoji, greyscale_copy, neu_det, stratified_subset
 
-    sets = {"neu-det": neu_det(), "emoji": emoji()}
+    base = name.removesuffix("-grey")
+    if base in CIFAR_SUBSETS:
+        train, test = cifar10(per_class=CIFAR_SUBSETS[base])
+    else:
+        train, test = {"neu-det": neu_det, "emoji": emoji}[base]()
     if tiny:
-        sets = {k: (stratified_subset(tr, 3, 0, f"{k}-train-tiny"), stratified_subset(te, 2, 0, f"{k}-test-tiny"))
-                for k, (tr, te) in sets.items()}
-    return sets
+        train, test = (stratified_subset(train, 3, 0, f"{base}-train-tiny"),
+                       stratified_subset(test, 2, 0, f"{base}-test-tiny"))
+    if name.endswith("-grey"):
+        tag = "-tiny" if tiny else ""
+        train, test = greyscale_copy(train, f"{name}-train{tag}"), greyscale_copy(test, f"{name}-test{tag}")
+    return train, test
+
+
+def auto_settings(train: Path) -> tuple[int, int]:
+    """(image size, epochs) that `edgessl pretrain --data train` picks on a CPU."""
+    from edgessl.data.auto import choose_epochs, choose_image_size, header_sizes
+    from edgessl.data.signature import scan_images
+
+    paths = scan_images(train)
+    return choose_image_size(header_sizes(paths)).value, choose_epochs(len(paths)).value
 
 
 def plan(args) -> list[dict[str, Any]]:
@@ -73,6 +99,18 @@ def plan(args) -> list[dict[str, Any]]:
         rows += [{"part": "teacher", "data": t, "backbone": "resnet18", "size": size, "method": "edgessl",
                   "epochs": epochs, "reuse": True} for t in teachers]  # trained unless an earlier part did
         rows += [{**base, "method": "edgessl", "epochs": epochs, "teacher": t} for t in teachers]
+    if "temperature" in parts:
+        rows += temperature_plan(args.tiny)
+    return rows
+
+
+def temperature_plan(tiny: bool) -> list[dict[str, Any]]:
+    rows = []
+    for name, seeds in TEMPERATURE_SETS.items():
+        size, epochs = (32, 1) if tiny else auto_settings(folders(name, tiny)[0])
+        rows += [{"part": "temperature", "data": name, "backbone": "mobilenetv3_small", "size": size,
+                  "method": "edgessl", "epochs": epochs, "temperature": t, "seed": seed, "reuse": True}
+                 for t in TEMPERATURES for seed in (seeds[:1] if tiny else seeds)]
     return rows
 
 
@@ -106,7 +144,8 @@ def labelled_splits(train: Path, test: Path, size: int):
 def label(row: dict[str, Any]) -> str:
     budget = " (edgessl's time)" if row.get("budget_of") else ""
     teacher = f" teacher {row['teacher']} resnet18" if row.get("teacher") else ""
-    return f"{row['data']} {row['backbone']} {row['size']}px {row['method']} {row['epochs']}ep{budget}{teacher}"
+    tau = f" tau {row['temperature']:g} seed {row['seed']}" if "temperature" in row else ""
+    return f"{row['data']} {row['backbone']} {row['size']}px {row['method']} {row['epochs']}ep{budget}{teacher}{tau}"
 
 
 def random_row(train: Path, test: Path, backbone: str, size: int, seeds: int) -> dict[str, Any]:
@@ -122,7 +161,7 @@ def random_row(train: Path, test: Path, backbone: str, size: int, seeds: int) ->
 def run_row(row: dict[str, Any], done: list[dict[str, Any]], args, workdir: Path) -> dict[str, Any]:
     from benchmarks.common import train_and_eval
 
-    train, test = data(args.tiny)[row["data"]]
+    train, test = folders(row["data"], args.tiny)
     if row.get("budget_of"):  # SimCLR for the time edgessl took at the same size and epochs
         ref = next(r for r in done if r["method"] == row["budget_of"] and r["size"] == row["size"]
                    and r["backbone"] == row["backbone"] and r["data"] == row["data"] and r["epochs"] == args.epochs)
@@ -138,8 +177,10 @@ def run_row(row: dict[str, Any], done: list[dict[str, Any]], args, workdir: Path
         keep = row["backbone"] == "resnet18" and row["method"] == "edgessl"
         kept = workdir / "kept" if args.tiny else KEPT
         teacher = {"teacher": str(kept_run(row["teacher"], "resnet18", kept))} if row.get("teacher") else None
-        result = train_and_eval(row["method"], train, test, row["backbone"], row["size"], row["epochs"], 0,
-                                args.seeds, args.tiny, teacher, workdir=kept if keep else workdir, eval_every=every)
+        overrides = {**(teacher or {}), **({"temperature": row["temperature"]} if "temperature" in row else {})}
+        result = train_and_eval(row["method"], train, test, row["backbone"], row["size"], row["epochs"],
+                                row.get("seed", 0), args.seeds, args.tiny, overrides or None,
+                                workdir=kept if keep else workdir, eval_every=every)
         result = {k: v for k, v in result.items() if k not in ("method", "data", "backbone", "epochs")}
         if teacher:
             result["teacher_on_folder"] = teacher_eval(Path(teacher["teacher"]), train, test, row["size"], args.seeds)
@@ -226,6 +267,7 @@ def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| data | images | auto size | auto epochs | its row: linear@10 | best row | best linear@10 | "
            "auto − best |",
            "|---|---|---|---|---|---|---|---|"]
+    rows = [r for r in rows if part_of(r) != "temperature"]  # the temperature part asks another question
     for name in sorted({r["data"] for r in rows}):
         folder = CACHE / ("neu-det" if name == "neu-det" else "emoji-google") / "train"
         if not folder.is_dir():
@@ -243,6 +285,29 @@ def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
         gap = f"{mine[0]['final']['linear@10']['mean'] - best['final']['linear@10']['mean']:+.3f}" if mine else "–"
         out.append(f"| {name} | {len(paths):,} | {size} px | {epochs} | {mine_text} | {best['size']} px, "
                    f"{best['epochs']} ep | {best['final']['linear@10']['mean']:.3f} | {gap} |")
+    return out
+
+
+def temperature_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """The temperature part: every run, then per data set the mean change from tau 0.1 to 0.2 over its seeds."""
+    runs = [r for r in rows if part_of(r) == "temperature"]
+    if not runs:
+        return []
+    head = "| data | px | epochs | τ | training seed " + HEAD
+    out = ["", "### Temperature: τ 0.1 (the default) against 0.2, each folder at the size and epochs `auto` picks\n",
+           head, _rule(head)]
+    for r in sorted(runs, key=lambda r: (r["data"], r["temperature"], r["seed"])):
+        out.append(f"| {r['data']} | {r['size']} | {r['epochs']} | {r['temperature']:g} | {r['seed']} | {_cells(r)}")
+    keys = ("linear@10", "knn@10", "knn@all", "linear@all")
+    head = "| data | seeds | " + " | ".join(f"Δ {k} (0.2 − 0.1)" for k in keys) + " |"
+    out += ["", head, _rule(head)]
+    for name in sorted({r["data"] for r in runs}):
+        def mean(tau: float, key: str, name: str = name) -> float:
+            vals = [r["final"][key]["mean"] for r in runs if r["data"] == name and r["temperature"] == tau]
+            return sum(vals) / max(len(vals), 1)
+
+        seeds = len({r["seed"] for r in runs if r["data"] == name})
+        out.append(f"| {name} | {seeds} | " + " | ".join(f"{mean(0.2, k) - mean(0.1, k):+.3f}" for k in keys) + " |")
     return out
 
 
@@ -289,7 +354,9 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
     m = rec["machine"]
     out = ["## Domains: resolution and length from the folder (NEU-DET steel scans, emoji)\n",
            f"{m.get('cpu')}, torch {m.get('torch')}, lightly {m.get('lightly', '–')}, edgessl {m.get('edgessl')}, "
-           f"{m.get('date')}; `{rec['command']}`; {rec['seconds'] / 60:.0f} min; batch 128, seed 0, each row's load "
+           f"{m.get('date')}; `{rec['command']}`; {rec['seconds'] / 60:.0f} min"
+           + (f" ({m['note']})" if m.get("note") else "") + "; batch 128, seed 0 (the temperature "
+           "part: the training seeds in its table), each row's load "
            "average in domains.json. Metrics on the test split: kNN (k = 200) and the linear probe at 10 labels per "
            "class (mean ± std over 3 label subsets) and all labels. edgessl rows use the folder's greyscale "
            "handling (NEU-DET: colour-only augmentations off); SimCLR (lightly) and supervised use the default "
@@ -312,9 +379,11 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
                 and (r["method"] == "random" or (r["method"] == "edgessl" and r["epochs"] in same))]
         out += ["", f"### Against SimCLR, random weights and the supervised ceiling (NEU-DET, {size} px)\n",
                 "| method | epochs " + HEAD, _rule("| method | epochs " + HEAD)]
-        for r in sorted({r["row"]: r for r in mine + peers}.values(), key=lambda r: (r["method"], r["epochs"])):
+        for r in sorted({r["row"]: r for r in mine + peers}.values(),
+                        key=lambda r: (r["method"], r["epochs"], r.get("temperature", 0), r.get("seed", 0))):
             budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
-            out.append(f"| {r['method']}{budget} | {r['epochs']} | {_cells(r)}")
+            tau = f", τ {r['temperature']:g}, seed {r['seed']} (temperature part)" if "temperature" in r else ""
+            out.append(f"| {r['method']}{budget}{tau} | {r['epochs']} | {_cells(r)}")
     taught = [r for r in rows if part_of(r) == "teacher" and r.get("teacher")]
     if taught:
         base = [r for r in rows if part_of(r) == "epochs" and r["data"] == "neu-det"
@@ -327,6 +396,7 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
             t = r.get("teacher_on_folder")
             own = f"{t['knn@all']['mean']:.3f} | {t['linear@10']['mean']:.3f}" if t else "– | –"
             out.append(f"| {('trained on ' + r['teacher']) if r.get('teacher') else 'none'} | {own} | {_cells(r)}")
+    out += temperature_rows(rows)
     out += ["", "### What `auto` picks, against the best row of the suite\n"] + auto_rows(rows)
     png = results / "domains_curves.png"
     curves_plot(rows, png)

@@ -259,8 +259,23 @@ def test_domains_suite(bench):
     taught = [r for r in rec["rows"] if r.get("teacher")]  # a resnet18 teacher from this folder and from emoji
     assert sorted(r["teacher"] for r in taught) == ["emoji", "neu-det"]
     assert all(0 <= r["teacher_on_folder"]["knn@all"]["mean"] <= 1 for r in taught)
+    temps = [r for r in rec["rows"] if r["part"] == "temperature"]  # each set at tau 0.1 and 0.2 (--tiny: seed 0)
+    assert sorted((r["data"], r["temperature"]) for r in temps) == sorted(
+        (d, t) for d in ("neu-det", "emoji", "cifar10-5k", "cifar10-5k-grey", "cifar10-1.5k")
+        for t in (0.1, 0.2))
+    grey = next(r for r in temps if r["data"] == "cifar10-5k-grey")
+    assert grey["overrides"] == {"temperature": grey["temperature"]}
+    from PIL import Image
+
+    from benchmarks.domains import folders
+
+    colour, twin = folders("cifar10-5k", True)[0], folders("cifar10-5k-grey", True)[0]  # the twin: same files, grey
+    assert sorted(p.relative_to(twin).with_suffix("") for p in twin.rglob("*.png")) == sorted(
+        p.relative_to(colour).with_suffix("") for p in colour.rglob("*.*"))
+    assert {Image.open(p).mode for p in twin.rglob("*.png")} == {"L"}
     assert len({r["row"] for r in rec["rows"]}) == len(rec["rows"])  # no row twice
     assert "## Domains" in readme and "### What `auto` picks" in readme and "### When the teacher pays" in readme
+    assert "### Temperature" in readme and "| cifar10-5k-grey | 1 |" in readme
     assert_tables_well_formed(readme.split("## Domains")[1])
     assert (bench.out / "domains_curves.png").is_file()
 
