@@ -76,7 +76,8 @@ class PretrainConfig(HasDecode):
     # method
     method: str = option("edgessl", "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no "
                                     "L_sd).")
-    temperature: float = option(0.1, "tau of the instance loss.")
+    temperature: float = option(0.1, "tau of the instance loss (0.2 paid on steel scans and icons and cost on photos: "
+                                      "docs/method.md).")
     negatives: int = option(16384, "Whole bank up to batch rows + this many rows, else batch rows + this many "
                                    "distinct sampled rows.")
     bank_init: str = option("auto", "auto (teacher with --teacher and a --teacher-weight above 0, else forward) | "
