@@ -57,13 +57,13 @@ def folders(name: str, tiny: bool) -> tuple[Path, Path]:
     return train, test
 
 
-def auto_settings(train: Path) -> tuple[int, int]:
-    """(image size, epochs) that `edgessl pretrain --data train` picks on a CPU."""
+def auto_settings(train: Path) -> tuple[int, int, int]:
+    """(image size, epochs) that `edgessl pretrain --data train` picks on a CPU, and the number of images."""
     from edgessl.data.auto import choose_epochs, choose_image_size, header_sizes
     from edgessl.data.signature import scan_images
 
     paths = scan_images(train)
-    return choose_image_size(header_sizes(paths)).value, choose_epochs(len(paths)).value
+    return choose_image_size(header_sizes(paths)).value, choose_epochs(len(paths)).value, len(paths)
 
 
 def plan(args) -> list[dict[str, Any]]:
@@ -107,7 +107,7 @@ def plan(args) -> list[dict[str, Any]]:
 def temperature_plan(tiny: bool) -> list[dict[str, Any]]:
     rows = []
     for name, seeds in TEMPERATURE_SETS.items():
-        size, epochs = (32, 1) if tiny else auto_settings(folders(name, tiny)[0])
+        size, epochs = (32, 1) if tiny else auto_settings(folders(name, tiny)[0])[:2]
         rows += [{"part": "temperature", "data": name, "backbone": "mobilenetv3_small", "size": size,
                   "method": "edgessl", "epochs": epochs, "temperature": t, "seed": seed, "reuse": True}
                  for t in TEMPERATURES for seed in (seeds[:1] if tiny else seeds)]
@@ -261,8 +261,6 @@ def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
     """What `auto` picks for each data set of the suite (the real rule on the real folder) and where it lands against
     the best row of that data set at the same backbone (linear@10)."""
     from benchmarks.datasets import CACHE
-    from edgessl.data.auto import choose_epochs, choose_image_size, header_sizes
-    from edgessl.data.signature import scan_images
 
     out = ["| data | images | auto size | auto epochs | its row: linear@10 | best row | best linear@10 | "
            "auto − best |",
@@ -272,8 +270,7 @@ def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
         folder = CACHE / ("neu-det" if name == "neu-det" else "emoji-google") / "train"
         if not folder.is_dir():
             continue
-        paths = scan_images(folder)
-        size, epochs = choose_image_size(header_sizes(paths)).value, choose_epochs(len(paths)).value
+        size, epochs, n = auto_settings(folder)
         same = [r for r in rows if r["data"] == name and r["backbone"] == "mobilenetv3_small"
                 and r["method"] == "edgessl"]
         if not same:
@@ -283,7 +280,7 @@ def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
         mine_text = f"{mine[0]['final']['linear@10']['mean']:.3f} ({mine[0]['size']} px, {mine[0]['epochs']} ep)" \
             if mine else "not run"
         gap = f"{mine[0]['final']['linear@10']['mean'] - best['final']['linear@10']['mean']:+.3f}" if mine else "–"
-        out.append(f"| {name} | {len(paths):,} | {size} px | {epochs} | {mine_text} | {best['size']} px, "
+        out.append(f"| {name} | {n:,} | {size} px | {epochs} | {mine_text} | {best['size']} px, "
                    f"{best['epochs']} ep | {best['final']['linear@10']['mean']:.3f} | {gap} |")
     return out
 
@@ -302,13 +299,17 @@ def temperature_rows(rows: list[dict[str, Any]]) -> list[str]:
     head = "| data | seeds | " + " | ".join(f"Δ {k} (0.2 − 0.1)" for k in keys) + " |"
     out += ["", head, _rule(head)]
     for name in sorted({r["data"] for r in runs}):
-        def mean(tau: float, key: str, name: str = name) -> float:
-            vals = [r["final"][key]["mean"] for r in runs if r["data"] == name and r["temperature"] == tau]
-            return sum(vals) / max(len(vals), 1)
-
-        seeds = len({r["seed"] for r in runs if r["data"] == name})
-        out.append(f"| {name} | {seeds} | " + " | ".join(f"{mean(0.2, k) - mean(0.1, k):+.3f}" for k in keys) + " |")
+        mine = [r for r in runs if r["data"] == name]
+        seeds = len({r["seed"] for r in mine})
+        out.append(f"| {name} | {seeds} | " + " | ".join(
+            f"{_mean_at(mine, 0.2, k) - _mean_at(mine, 0.1, k):+.3f}" for k in keys) + " |")
     return out
+
+
+def _mean_at(runs: list[dict[str, Any]], tau: float, key: str) -> float:
+    """The mean of `key` over the runs at temperature `tau` (their training seeds)."""
+    vals = [r["final"][key]["mean"] for r in runs if r["temperature"] == tau]
+    return sum(vals) / max(len(vals), 1)
 
 
 def curves_plot(rows: list[dict[str, Any]], path: Path) -> None:
