@@ -10,12 +10,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
 from edgessl.cli import app
 from edgessl.data.copies import make_copy, plant, sample
 from edgessl.evaluate import copies as cp
+from edgessl.evaluate import copy_rule
 from edgessl.evaluate.duplicates import neighbour_pairs
 
 runner = CliRunner()
@@ -142,19 +144,19 @@ def test_the_chosen_rule_meets_its_target_on_a_toy_calibration():
     true = np.linspace(0.80, 0.99, 100).astype(np.float32)
     wrong = np.array([0.6] * 297 + [0.83, 0.84, 0.85], np.float32)
     own = np.array([0.5, 0.86, 0.95], np.float32)
-    rule = cp.choose_rule(true, wrong, own, target=0.95)
+    rule = copy_rule.choose_rule(true, wrong, own, target=0.95)
     assert rule.reached and rule.precision >= 0.95 and rule.chosen == "auto"
-    assert cp.estimate(rule.threshold, true, wrong, own) == (rule.precision, rule.recall, rule.folder_pairs)
+    assert copy_rule.estimate(rule.threshold, true, wrong, own) == (rule.precision, rule.recall, rule.folder_pairs)
     below = true[true < rule.threshold].max()  # one step lower misses the target
-    assert cp.estimate(float(below), true, wrong, own)[0] < 0.95
+    assert copy_rule.estimate(float(below), true, wrong, own)[0] < 0.95
     # one wrong pair above t already gives 0.03 r / (0.03 r + 0.01) < 0.95 for any r <= 1: the rule is the first
     # planted score above 0.85, where 73 of the 100 copies remain, with no wrong pair left
     assert rule.threshold == pytest.approx(0.8518, abs=1e-4) and rule.recall == pytest.approx(0.73)
     assert rule.precision == 1.0 and rule.folder_pairs == 2  # 0.86 and 0.95: reported, whatever they are
-    given = cp.rule_at(0.9, true, wrong, own)
+    given = copy_rule.rule_at(0.9, true, wrong, own)
     assert given.chosen == "given" and given.recall == pytest.approx(0.47) and given.precision == 1.0
     missed = np.full(10, -np.inf, np.float32)  # no planted copy was found: nothing reaches the target
-    assert not cp.choose_rule(missed, wrong, own).reached
+    assert not copy_rule.choose_rule(missed, wrong, own).reached
 
 
 @pytest.fixture
@@ -265,6 +267,49 @@ def test_a_recoloured_picture_is_no_copy(monkeypatch):
     assert s[0] < 0.75 and s[1] > 0.9
     monkeypatch.setattr(cp, "CHROMA_SLOPE", 0.0)
     assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1]]))[0] > 0.9
+
+
+def test_band_pass_and_fixed_box_sampling_match_their_definitions():
+    """band_pass's two matrix products are the clipped box mean (average pools that do not count the padding);
+    sample_fixed is sample() box by box, boxes reaching past the border and an odd image size included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, cp.DESC, cp.DESC, generator=g)
+    k = max(3, int(round(cp.BAND * cp.DESC)) | 1)
+    mean = F.avg_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0), count_include_pad=False)
+    mean = F.avg_pool2d(mean, (1, k), stride=1, padding=(0, k // 2), count_include_pad=False)
+    assert torch.allclose(cp.band_pass(x), x - mean, atol=1e-6)
+    a = cp.box_mean_matrix(5, 3)
+    assert torch.allclose(a[0], torch.tensor([1 / 2, 1 / 2, 0, 0, 0])) and torch.allclose(a[2], torch.tensor(
+        [0, 1 / 3, 1 / 3, 1 / 3, 0]))
+    images = torch.rand(3, 3, 37, 37, generator=g)
+    boxes = torch.cat([cp.coarse_boxes(), torch.tensor([[0.3, -0.2, 1.2, 0.5], [-0.9, 0.9, 0.4, 0.4]])])
+    ref = cp.sample(images.repeat_interleave(len(boxes), 0), boxes.repeat(3, 1))
+    assert torch.allclose(cp.sample_fixed(images, boxes), ref.view(3, len(boxes), 3, cp.DESC, cp.DESC), atol=1e-5)
+
+
+def test_coarse_scores_by_blocks_equal_those_by_chunks(monkeypatch):
+    """coarse_of by block pairs (two sets of images, and one set with pairs inside and across blocks of 4 images)
+    gives the scores of the chunk path; prepare() sampling one image at a time gives the same windows; block_plan
+    counts the images each way prepares in closed cases."""
+    rows = _rows(*[_picture(i, 40) for i in range(11)])
+    more = _rows(*[_picture(20 + i, 40) for i in range(5)])
+    rng = np.random.default_rng(0)
+    same = np.unique(np.sort(rng.integers(0, 11, (40, 2)), axis=1), axis=0)
+    cross = np.stack([rng.integers(0, 5, 30), rng.integers(0, 11, 30)], axis=1)
+    cases = [(lambda i: rows[i], same, None), (lambda i: more[i], cross, lambda i: rows[i])]
+    monkeypatch.setattr(cp, "block_plan", lambda *a: (False, (0, 0)))
+    chunked = [cp.coarse_of(get_a, pairs, get_b, chunk=8) for get_a, pairs, get_b in cases]
+    monkeypatch.setattr(cp, "block_plan", lambda *a: (True, (0, 0)))
+    monkeypatch.setattr(cp, "COARSE_BLOCK_BYTES", 4 * len(cp.coarse_boxes()) * 3 * cp.DESC * cp.DESC * 4)
+    for (get_a, pairs, get_b), ref in zip(cases, chunked, strict=True):
+        assert np.allclose(cp.coarse_of(get_a, pairs, get_b, chunk=8), ref, atol=1e-5)
+    win = cp.prepare(rows)[1]
+    monkeypatch.setattr(cp, "SAMPLE_FLOATS", 1)
+    assert torch.allclose(cp.prepare(rows)[1], win, atol=1e-6)
+    monkeypatch.undo()
+    pairs = np.array([[0, 1], [0, 5], [2, 3], [4, 5]])
+    assert cp.block_plan(pairs, 2, True, 2) == (False, (7, 7))  # chunks: 1 + 2, 2 + 2; blocks: 2 + 1, 2, 2
+    assert cp.block_plan(np.array([[0, 1], [0, 2], [1, 2], [0, 3]]), 4, True, 1) == (True, (4, 8))
 
 
 def test_the_coarse_prefilter_skips_only_pairs_that_differ_at_a_glance():

@@ -1,5 +1,5 @@
-"""Copies of one picture among a folder's images: the pixel-level score of a pair, exact twins, and the decision rule
-chosen on synthetic copies (pure functions; edgessl.workflows.embed wires them).
+"""Copies of one picture among a folder's images: the pixel-level score of a pair, its coarse prefilter, and exact
+twins (pure functions; edgessl.evaluate.copy_rule chooses the threshold, edgessl.workflows.embed wires them).
 
 The copy score of two images a, b: both are smoothed and compared on a DESC x DESC grid, each window band-passed
 after the alignment (shading and flat colour removed, the same content on both sides). A box in a (centre and
@@ -8,12 +8,16 @@ its normalised cross-correlation (NCC) with the whole of b, from the whole image
 of square crops, in both directions (a box in b against the whole of a); the better fit is judged by its worst
 patch (pair_scores). A crop, a resize, a brightness or contrast change and JPEG noise leave it near 1; another
 picture, even a similar one, scores lower. Flat images score 0.
+
+Cost: a folder's candidate pairs name each image about a dozen times, and an image's coarse windows cost far more
+than a pair's NCC, so coarse_of prepares each image as few times as it can (per block pair or per chunk of pairs,
+whichever prepares fewer), and only the pairs that pass its gate are fitted.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
 
 import numpy as np
 import torch
@@ -30,14 +34,22 @@ SMOOTH = 0.5  # the Gaussian blur before comparing, in comparison pixels (sigma)
 FLAT = 1e-3  # a window whose pixel spread (0..1 scale) is below this has no contrast: it scores 0
 
 
+def box_mean_matrix(d: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(d, d) A: (A @ v)[i] is the mean of v[j] over |i - j| <= k // 2 within 0..d-1 (a box filter of k taps
+    clipped at the edges, each row divided by the taps it kept)."""
+    i = torch.arange(d)
+    near = ((i[:, None] - i[None, :]).abs() <= k // 2).to(dtype)
+    return near / near.sum(dim=1, keepdim=True)
+
+
 def band_pass(x: torch.Tensor) -> torch.Tensor:
     """(P, C, D, D) aligned windows (0..1) -> the same, each pixel minus the mean of its neighbourhood (BAND of the
     window's side, clipped at the window's edge): shading and flat colour do not count, edges and texture do. Applied
     after the alignment, so both windows of a pair see the same content up to the same edges (a band-pass of the
-    whole image would differ along a crop's new border)."""
-    k = max(3, int(round(BAND * x.shape[-1])) | 1)
-    mean = F.avg_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0), count_include_pad=False)  # separable: k + k
-    return x - F.avg_pool2d(mean, (1, k), stride=1, padding=(0, k // 2), count_include_pad=False)
+    whole image would differ along a crop's new border). The separable box mean is A x A^T (box_mean_matrix): two
+    small matrix products, a third of the time of two clipped average pools."""
+    a = box_mean_matrix(x.shape[-1], max(3, int(round(BAND * x.shape[-1])) | 1), x.dtype)
+    return x - a @ x @ a.T
 
 
 def smooth(x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +79,9 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     flat window stays 0): what the NCC compares."""
     x = band_pass(x)
     x = x - x.mean(dim=(2, 3), keepdim=True)
-    norm = x.flatten(1).norm(dim=1)[:, None, None, None]
-    return torch.where(norm < FLAT * DESC, torch.zeros_like(x), x / norm.clamp_min(1e-12))
+    norm = x.flatten(1).norm(dim=1)
+    scale = torch.where(norm < FLAT * DESC, torch.zeros_like(norm), 1 / norm.clamp_min(1e-12))
+    return x * scale[:, None, None, None]
 
 
 WHOLE = (0.0, 0.0, 1.0, 1.0)
@@ -83,13 +96,42 @@ def coarse_boxes() -> torch.Tensor:
     return torch.tensor(boxes)
 
 
+def axis_weights(centre: torch.Tensor, half: torch.Tensor, size: int) -> torch.Tensor:
+    """centre, half (W,) of boxes along one axis in grid_sample's coordinates -> (W, DESC, size) R: R @ v samples v
+    (size,) at the box's DESC cell centres as grid_sample does (bilinear, align_corners=False, border padding)."""
+    t = (torch.arange(DESC, dtype=centre.dtype) + 0.5) / DESC * 2 - 1
+    pos = (((centre[:, None] + half[:, None] * t) + 1) * size - 1) / 2  # (W, DESC) in pixels
+    pos = pos.clamp(0, size - 1)
+    lo = pos.floor().long().clamp(max=size - 1)
+    frac = pos - lo
+    hi = (lo + 1).clamp(max=size - 1)
+    r = torch.zeros(*pos.shape, size, dtype=centre.dtype)
+    r.scatter_add_(2, lo[..., None], (1 - frac)[..., None])
+    return r.scatter_add_(2, hi[..., None], frac[..., None])
+
+
+def sample_fixed(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """images (U, C, S, S); boxes (W, 4), the same for every image -> (U, W, C, DESC, DESC): sample() of each box
+    of each image, as two small matrix products per box (bilinear sampling is separable) instead of W copies of
+    every image."""
+    s = images.shape[-1]
+    ry = axis_weights(boxes[:, 1], boxes[:, 3], s).to(images.dtype)  # (W, DESC, S)
+    rx = axis_weights(boxes[:, 0], boxes[:, 2], s).to(images.dtype)
+    rows = torch.einsum("wys,ucsx->uwcyx", ry, images)
+    return torch.einsum("uwcyx,wtx->uwcyt", rows, rx)
+
+
+SAMPLE_FLOATS = 1 << 24  # prepare() samples the coarse windows of this many floats' worth of images at a time
+
+
 def prepare(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, 3, S, S) uint8 -> (smoothed images in 0..1 (U, 3, S, S), their unit coarse windows (U, W, F)): what
     pair_scores compares."""
     images = smooth(rows.float() / 255)
     boxes = coarse_boxes()
     n, w = len(rows), len(boxes)
-    win = unit(sample(images.repeat_interleave(w, 0), boxes.repeat(n, 1)))
+    step = max(1, SAMPLE_FLOATS // (w * 3 * DESC * images.shape[-1]))  # sample_fixed's (k, W, 3, DESC, S) rows
+    win = torch.cat([unit(sample_fixed(part, boxes).reshape(-1, 3, DESC, DESC)) for part in images.split(step)])
     return images, win.view(n, w, -1)
 
 
@@ -220,24 +262,88 @@ def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int):
 def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: float = -np.inf) -> np.ndarray:
     """Copy scores of image pairs (P, 2): pairs[:, 0] index the set whose uint8 rows get_a(index (k,)) ->
     (k, 3, S, S) returns (e.g. ImageSet.get), pairs[:, 1] the set of get_b (default: the same set). In chunks of
-    `chunk` pairs: memory stays bounded. gate: a pair whose coarse score (coarse_scores) is below it differs at a
+    `chunk` pairs: memory stays bounded. gate: a pair whose coarse score (coarse_of) is below it differs at a
     glance and gets -inf without the box fit (the prefilter: most of a folder's neighbour pairs). -> (P,) float32."""
     out = np.full(len(pairs), -np.inf, np.float32)
-    for start, local, rows in _chunks(get_a, pairs, get_b, chunk):
+    fit = np.arange(len(pairs)) if gate == -np.inf else np.flatnonzero(coarse_of(get_a, pairs, get_b, chunk) >= gate)
+    for start, local, rows in _chunks(get_a, pairs[fit], get_b, chunk):
         images, win = prepare(rows)
-        fit = coarse_scores(win, local) >= gate
-        if bool(fit.any()):
-            scores = pair_scores(images, win, local[fit])
-            out[start + fit.nonzero().view(-1).numpy()] = scores.numpy()
+        out[fit[start : start + len(local)]] = pair_scores(images, win, local).numpy()
     return out
+
+
+COARSE_BLOCK_BYTES = 512 << 20  # coarse windows of one block of images in memory (two blocks at a time)
+PREPARE_IMAGES = 256  # images prepared at a time (the windows of a block are built in these steps)
 
 
 def coarse_of(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.ndarray:
-    """coarse_scores of image pairs, read as copy_scores reads them -> (P,) float32."""
+    """coarse_scores of image pairs (P, 2) (get_a, get_b as in copy_scores) -> (P,) float32.
+
+    Each image's coarse windows cost far more than a pair's NCC, and a folder's neighbour pairs name each image about
+    a dozen times. Two ways, whichever prepares fewer images (block_plan): per chunk of `chunk` pairs (each image
+    once per chunk it appears in: about 1.2 per pair), or per block pair (the images of both sets cut into blocks of
+    COARSE_BLOCK_BYTES of windows; each block's windows prepared once per block of the other set it has pairs with:
+    once in all for a folder of a few thousand images, whatever its number of pairs)."""
     out = np.zeros(len(pairs), np.float32)
-    for start, local, rows in _chunks(get_a, pairs, get_b, chunk):
-        out[start : start + len(local)] = coarse_scores(prepare(rows)[1], local).numpy()
+    block = max(1, COARSE_BLOCK_BYTES // (len(coarse_boxes()) * 3 * DESC * DESC * 4))
+    by_blocks, _ = block_plan(pairs, block, get_b is None, chunk)
+    if not by_blocks:
+        for start, local, rows in _chunks(get_a, pairs, get_b, chunk):
+            out[start : start + len(local)] = coarse_scores(prepare(rows)[1], local).numpy()
+        return out
+    for sel, (ia, wa), (ib, wb) in _block_pairs(get_a, pairs, get_b, block):
+        for part in np.array_split(np.arange(len(sel)), max(1, math.ceil(len(sel) / chunk))):
+            a, b = wa[ia[part]], wb[ib[part]]
+            out[sel[part]] = torch.maximum(torch.einsum("pwf,pf->pw", a, b[:, 0]).max(dim=1).values,
+                                           torch.einsum("pwf,pf->pw", b, a[:, 0]).max(dim=1).values).numpy()
     return out
+
+
+def block_plan(pairs: np.ndarray, block: int, same: bool, chunk: int) -> tuple[bool, tuple[int, int]]:
+    """(whether coarse_of goes by blocks, (images prepared by blocks, images prepared by chunks)) for pairs (P, 2):
+    by blocks, each a-block's images with pairs plus, per b-block it has pairs with, that block's images with pairs
+    from it (none more when `same` set and the same block); by chunks, each chunk's distinct images."""
+    by_chunks = sum(len(np.unique(part[:, 0])) + len(np.unique(part[:, 1]))
+                    for part in np.array_split(pairs, max(1, math.ceil(len(pairs) / chunk))))
+    ba, bb = pairs[:, 0] // block, pairs[:, 1] // block
+    by_blocks = 0
+    for i in np.unique(ba):
+        mine = ba == i
+        by_blocks += len(_block_rows(pairs[mine], i, block, same))
+        for j in np.unique(bb[mine]):
+            if not (same and j == i):
+                by_blocks += len(np.unique(pairs[mine & (bb == j), 1]))
+    return by_blocks < by_chunks, (by_blocks, by_chunks)
+
+
+def _block_rows(pairs: np.ndarray, i: int, block: int, same: bool) -> np.ndarray:
+    """The a-side rows of block i that `pairs` name (with their b-side rows in block i when both sides are one set)."""
+    rows = pairs[:, 0]
+    if same:
+        rows = np.concatenate([rows, pairs[:, 1][pairs[:, 1] // block == i]])
+    return np.unique(rows)
+
+
+def _windows(get, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """(rows (k,) sorted, their unit coarse windows (k, W, F)), prepared PREPARE_IMAGES at a time."""
+    index = torch.from_numpy(rows)
+    return rows, torch.cat([prepare(get(part))[1] for part in index.split(PREPARE_IMAGES)])
+
+
+def _block_pairs(get_a, pairs: np.ndarray, get_b, block: int):
+    """(positions of the pairs of one a-block and one b-block, (their a rows' places, the a-block's windows), (the
+    b rows' places, the b-block's windows)) for each such block pair in turn: two blocks of windows in memory."""
+    same = get_b is None
+    ba, bb = pairs[:, 0] // block, pairs[:, 1] // block
+    for i in np.unique(ba):
+        mine = np.flatnonzero(ba == i)
+        rows_a, win_a = _windows(get_a, _block_rows(pairs[mine], i, block, same))
+        for j in np.unique(bb[mine]):
+            sel = mine[bb[mine] == j]
+            rows_b, win_b = ((rows_a, win_a) if same and j == i else
+                             _windows(get_b or get_a, np.unique(pairs[sel, 1])))
+            yield (sel, (np.searchsorted(rows_a, pairs[sel, 0]), win_a),
+                   (np.searchsorted(rows_b, pairs[sel, 1]), win_b))
 
 
 def coarse_gate(true_coarse: np.ndarray) -> float:
@@ -283,61 +389,3 @@ def exact_pairs(hashes: list[str]) -> np.ndarray:
         else:
             first[h] = j
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
-
-
-# ---------------------------------------------------------------- the rule, chosen on planted copies
-@dataclass
-class Rule:
-    """A pair is a copy when its copy score >= threshold. The estimates come from the calibration: recall over the
-    planted copies, precision at PREVALENCE (see estimate), how many planted copies, the folder's own pairs above
-    the threshold (real copies and any look-alikes), and whether the target precision was reached."""
-
-    threshold: float
-    precision: float
-    recall: float
-    planted: int
-    folder_pairs: int
-    target: float
-    reached: bool
-    chosen: str  # "auto" or "given"
-
-
-PREVALENCE = 0.03  # the share of a folder's images assumed to be copies when precision is estimated
-
-
-def estimate(t: float, true: np.ndarray, wrong: np.ndarray, own: np.ndarray) -> tuple[float, float, int]:
-    """(precision, recall, own pairs) of threshold t. true (M,): each planted copy's score with its original (-inf:
-    not among its candidates); wrong (Q,): the planted copies' scores with the other images they were compared with
-    (their original's look-alikes: certainly not copies); own (R,): the folder's own candidate pairs (real copies
-    and look-alikes mixed: counted, never used in the estimate).
-
-    Each image's neighbours are compared as a planted copy's are, so a wrong pair per planted copy estimates the
-    false pairs per image. Precision is that of a folder where PREVALENCE of the images have a copy found at this
-    recall: PREVALENCE r / (PREVALENCE r + wrong(t) / M). It does not depend on the folder's size."""
-    m = max(len(true), 1)
-    recall = float((np.isfinite(true) & (true >= t)).sum()) / m
-    hits, false = PREVALENCE * recall, float((wrong >= t).sum()) / m
-    precision = hits / (hits + false) if hits + false > 0 else 1.0
-    return precision, recall, int((own >= t).sum())
-
-
-def choose_rule(true: np.ndarray, wrong: np.ndarray, own: np.ndarray, target: float = 0.95) -> Rule:
-    """The lowest threshold (the highest recall) whose estimated precision reaches `target`; when none does, the
-    threshold of the best precision. Candidates: every score observed, and 1.0."""
-    values = np.concatenate([true, wrong, own, [1.0]]).astype(np.float64)
-    candidates = np.unique(values[np.isfinite(values)])
-    own = own[np.isfinite(own)]
-    best = None
-    for t in candidates:  # ascending: the first that reaches the target has the highest recall
-        p, r, k = estimate(float(t), true, wrong, own)
-        if p >= target and r > 0:
-            return Rule(float(t), p, r, len(true), k, target, True, "auto")
-        if best is None or p > best.precision:
-            best = Rule(float(t), p, r, len(true), k, target, False, "auto")
-    return best
-
-
-def rule_at(threshold: float, true: np.ndarray, wrong: np.ndarray, own: np.ndarray, target: float = 0.95) -> Rule:
-    """The estimates of a threshold the user gave."""
-    p, r, k = estimate(float(threshold), true, wrong, own[np.isfinite(own)])
-    return Rule(float(threshold), p, r, len(true), k, target, p >= target, "given")

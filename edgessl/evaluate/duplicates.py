@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgessl.evaluate import copies as cp
+from edgessl.evaluate.copy_rule import Rule
 from edgessl.evaluate.neighbours import group_pairs, top_k_neighbours
 
 K = 8  # nearest neighbours searched for each image (and each planted copy)
@@ -201,7 +202,7 @@ def near_best(pairs: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
     return np.where(keep, scores, -np.inf).astype(np.float32)
 
 
-def classify(scored: Scored, unit: np.ndarray, rule: cp.Rule, similar: float) -> Found:
+def classify(scored: Scored, unit: np.ndarray, rule: Rule, similar: float) -> Found:
     """Duplicates (exact twins, and pairs scoring >= rule.threshold: copies) in groups, and the similar pairs (the
     other neighbour pairs at cosine >= `similar`)."""
     exact = scored.exact

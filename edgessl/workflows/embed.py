@@ -18,6 +18,7 @@ from edgessl.data.copies import plant, sample
 from edgessl.data.folder import write_skipped
 from edgessl.errors import UserError
 from edgessl.evaluate import copies as cp
+from edgessl.evaluate import copy_rule
 from edgessl.evaluate import duplicates as dup
 from edgessl.evaluate.neighbours import pca_whitening, top_k_neighbours, unit_rows, whitened_unit_rows
 from edgessl.options import EmbedOptions, takes_options
@@ -48,7 +49,7 @@ class EmbedResult:
     neighbours: tuple[np.ndarray, np.ndarray] | None = None  # (idx (N, k), cos (N, k))
     whitening: tuple[np.ndarray, np.ndarray] | None = None  # whiten=K: (mean (D,), proj (D, K)) of the search space
     duplicates: dup.Found | None = None  # the duplicate pairs (exact, copy) in groups, and the similar pairs
-    rule: cp.Rule | None = None  # the copy rule and its estimates
+    rule: copy_rule.Rule | None = None  # the copy rule and its estimates
     seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per step: embed, and with
     # --duplicates pixels (rows, hashes, thumbnails), calibration (the planted copies), search (the folder's pairs)
     # and files (csv, gallery)
@@ -173,7 +174,7 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     clock = time.perf_counter()
     threshold = duplicates_threshold(opts.duplicates)
     args = (calibration.true, calibration.wrong, scored.scores, opts.precision)
-    result.rule = cp.choose_rule(*args) if threshold is None else cp.rule_at(threshold, *args)
+    result.rule = copy_rule.choose_rule(*args) if threshold is None else copy_rule.rule_at(threshold, *args)
     result.duplicates = found = dup.classify(scored, unit, result.rule, calibration.similar)
     folder = result.out.parent
     result.written.append(write_duplicates(folder / "duplicates.csv", result.paths, found, result.rule.precision,

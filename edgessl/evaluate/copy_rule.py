@@ -1,0 +1,66 @@
+"""The decision rule of copies, chosen on synthetic copies planted in the user's folder: the lowest copy-score
+threshold whose estimated precision reaches the target (pure functions on the calibration's scores;
+edgessl.evaluate.copies computes the scores, edgessl.workflows.embed wires them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Rule:
+    """A pair is a copy when its copy score >= threshold. The estimates come from the calibration: recall over the
+    planted copies, precision at PREVALENCE (see estimate), how many planted copies, the folder's own pairs above
+    the threshold (real copies and any look-alikes), and whether the target precision was reached."""
+
+    threshold: float
+    precision: float
+    recall: float
+    planted: int
+    folder_pairs: int
+    target: float
+    reached: bool
+    chosen: str  # "auto" or "given"
+
+
+PREVALENCE = 0.03  # the share of a folder's images assumed to be copies when precision is estimated
+
+
+def estimate(t: float, true: np.ndarray, wrong: np.ndarray, own: np.ndarray) -> tuple[float, float, int]:
+    """(precision, recall, own pairs) of threshold t. true (M,): each planted copy's score with its original (-inf:
+    not among its candidates); wrong (Q,): the planted copies' scores with the other images they were compared with
+    (their original's look-alikes: certainly not copies); own (R,): the folder's own candidate pairs (real copies
+    and look-alikes mixed: counted, never used in the estimate).
+
+    Each image's neighbours are compared as a planted copy's are, so a wrong pair per planted copy estimates the
+    false pairs per image. Precision is that of a folder where PREVALENCE of the images have a copy found at this
+    recall: PREVALENCE r / (PREVALENCE r + wrong(t) / M). It does not depend on the folder's size."""
+    m = max(len(true), 1)
+    recall = float((np.isfinite(true) & (true >= t)).sum()) / m
+    hits, false = PREVALENCE * recall, float((wrong >= t).sum()) / m
+    precision = hits / (hits + false) if hits + false > 0 else 1.0
+    return precision, recall, int((own >= t).sum())
+
+
+def choose_rule(true: np.ndarray, wrong: np.ndarray, own: np.ndarray, target: float = 0.95) -> Rule:
+    """The lowest threshold (the highest recall) whose estimated precision reaches `target`; when none does, the
+    threshold of the best precision. Candidates: every score observed, and 1.0."""
+    values = np.concatenate([true, wrong, own, [1.0]]).astype(np.float64)
+    candidates = np.unique(values[np.isfinite(values)])
+    own = own[np.isfinite(own)]
+    best = None
+    for t in candidates:  # ascending: the first that reaches the target has the highest recall
+        p, r, k = estimate(float(t), true, wrong, own)
+        if p >= target and r > 0:
+            return Rule(float(t), p, r, len(true), k, target, True, "auto")
+        if best is None or p > best.precision:
+            best = Rule(float(t), p, r, len(true), k, target, False, "auto")
+    return best
+
+
+def rule_at(threshold: float, true: np.ndarray, wrong: np.ndarray, own: np.ndarray, target: float = 0.95) -> Rule:
+    """The estimates of a threshold the user gave."""
+    p, r, k = estimate(float(threshold), true, wrong, own[np.isfinite(own)])
+    return Rule(float(threshold), p, r, len(true), k, target, p >= target, "given")
