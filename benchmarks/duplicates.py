@@ -14,9 +14,9 @@ default (`--duplicates auto`, no other flag):
   the copy model (edgessl.data.copies: JPEG 60-95, crop up to 10 %, resize, brightness and contrast), each beside its
   original, and two samples (seeds 3 and 4) made by a transformation the calibration never sees (a mild blur).
   --tiny plants seed 1 only.
-Scale (the cost): `edgessl embed` alone and with `--duplicates auto` on CIFAR-10's whole training split (50,000
-images, 32 px; the encoder: 10 epochs on the 2,000-image subset), each step's seconds (EmbedResult.seconds) and what
-the clean folder gets flagged. --tiny: the tiny folder.
+Scale (the cost): `edgessl embed` alone and with `--duplicates auto` on 5,000 of CIFAR-10's training images (a
+typical folder) and on the whole training split (50,000 images; 32 px; the encoder: 10 epochs on the 2,000-image
+subset), each step's seconds (EmbedResult.seconds) and what the clean folder gets flagged. --tiny: the tiny folder.
 Precision: of the copy pairs flagged that hold a planted copy, the share that pair it with its original (or a pixel
 twin of it); recall: the planted copies paired with their original.
 """
@@ -177,29 +177,40 @@ def merged(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> list[di
 SCALE_EPOCHS = 10  # the scale part's encoder: this many epochs on the 2,000-image CIFAR-10 subset
 
 
+SCALE_FOLDERS = (500, None)  # CIFAR-10 training images per class: 5,000 (a typical folder) and all 50,000
+
+
 def scale_rows(work: Path, tiny: bool) -> list[dict[str, Any]]:
-    """`edgessl embed` alone and with --duplicates auto on CIFAR-10's 50,000 training images (--tiny: the tiny
-    emoji folder): seconds per step and the clean folder's flags."""
-    from benchmarks.datasets import cifar10
+    """`edgessl embed` alone and with --duplicates auto on 5,000 and on all 50,000 of CIFAR-10's training images
+    (--tiny: the tiny emoji folder): seconds per step and the clean folder's flags."""
+    from benchmarks.datasets import cifar10, stratified_subset
 
     subset = folders(tiny)["emoji" if tiny else "cifar10-2k"][0]
-    train = subset if tiny else cifar10()[0]
     epochs = 1 if tiny else SCALE_EPOCHS
     run = edgessl.pretrain(data=str(subset), out=str(work / "run-scale"), image_size=32, epochs=epochs,
                            backbone="mobilenetv3_small", quiet=True, eval_every=0, batch_size=8 if tiny else 128)
+    rows = []
+    for per_class in (None,) if tiny else SCALE_FOLDERS:
+        train = subset if tiny else (stratified_subset(cifar10()[0], per_class, 0, f"cifar10-train-{per_class}pc-s0")
+                                     if per_class else cifar10()[0])
+        name = "emoji-tiny" if tiny else f"cifar10-{per_class * 10 // 1000}k" if per_class else "cifar10-50k"
+        rows.append(scale_row(run.run_dir, train, name, work / name, epochs, tiny))
+    return rows
+
+
+def scale_row(run_dir: Path, train: Path, name: str, work: Path, epochs: int, tiny: bool) -> dict[str, Any]:
     load = os.getloadavg()[0]
-    plain = edgessl.embed(run.run_dir, str(train), str(work / "scale-plain" / "e.npz"))
-    res = edgessl.embed(run.run_dir, str(train), str(work / "scale-dup" / "e.npz"), duplicates="auto",
+    plain = edgessl.embed(run_dir, str(train), str(work / "scale-plain" / "e.npz"))
+    res = edgessl.embed(run_dir, str(train), str(work / "scale-dup" / "e.npz"), duplicates="auto",
                         planted=20 if tiny else 400)
     found = flagged(res, train)  # with every flagged pair, for a person to judge
     kinds = [p[2] for p in found["pairs"]]
-    row = {"part": "scale", "data": "emoji-tiny" if tiny else "cifar10-50k", "epochs": epochs,
-           "encoder_data": "emoji-tiny" if tiny else "cifar10-2k", "load_average_1min": load,
-           "plain_seconds": plain.seconds, "seconds": res.seconds, **rule_record(res), **found,
-           "exact_pairs": kinds.count("exact"), "copy_pairs": kinds.count("copy")}
+    row = {"part": "scale", "data": name, "epochs": epochs, "encoder_data": "emoji-tiny" if tiny else "cifar10-2k",
+           "load_average_1min": load, "plain_seconds": plain.seconds, "seconds": res.seconds, **rule_record(res),
+           **found, "exact_pairs": kinds.count("exact"), "copy_pairs": kinds.count("copy")}
     print(f"duplicates scale {row['data']}: {row['images']:,} images, embed alone {plain.seconds['embed']:.0f} s, "
           f"with --duplicates auto {sum(res.seconds.values()):.0f} s {res.seconds}", flush=True)
-    return [row]
+    return row
 
 
 def suite_duplicates(args) -> list[dict[str, Any]]:
