@@ -32,8 +32,8 @@ SIZES = (64, 96, 128)
 SIZE_EPOCHS = 15
 PARTS = ("epochs", "sizes", "peers", "teacher", "temperature")
 TEMPERATURES = (0.1, 0.2)
-TEMPERATURE_SETS = {"neu-det": (0, 1), "emoji": (0, 1), "cifar10-5k": (0,), "cifar10-5k-grey": (0,),  # seeds
-                    "cifar10-1.5k": (0,)}
+TEMPERATURE_SETS = {"neu-det": (0, 1), "emoji": (0, 1), "cifar10-5k": (0, 1), "cifar10-5k-grey": (0,),  # seeds
+                    "cifar10-1.5k": (0, 1)}
 CIFAR_SUBSETS = {"cifar10-5k": 500, "cifar10-1.5k": 150}  # images per class
 TEACHERS = ("neu-det", "emoji")  # resnet18 teachers at 64 px for SIZE_EPOCHS epochs: on the folder, on another one
 KEPT = Path(__file__).resolve().parent / ".cache" / "domains-runs"  # runs other suites reuse (the NEU-DET teacher)

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import REPO, RESULTS, datasets, machine, probe, train_and_eval
 
@@ -271,6 +272,19 @@ def own_cache():
                 os.environ["EDGESSL_CACHE_DIR"] = saved
 
 
+def record_head(earlier: Path | None, command: str, seconds: float) -> tuple[str, float, dict[str, Any]]:
+    """(command, seconds, machine) of a suite's record. A partial rerun (earlier: the suite's JSON, kept rows)
+    appends its command to the earlier ones and adds its seconds; a note on where the earlier rows ran (the
+    machine's "note", written by hand) stays with them."""
+    mach = machine()
+    if earlier is not None and earlier.exists():
+        rec = json.loads(earlier.read_text())
+        command, seconds = f"{rec['command']}; then {command}", rec["seconds"] + seconds
+        if rec["machine"].get("note"):
+            mach["note"] = rec["machine"]["note"]
+    return command, seconds, mach
+
+
 def main(argv: list[str] | None = None) -> None:
     with own_cache():
         _main(argv)
@@ -337,10 +351,8 @@ def _main(argv: list[str] | None = None) -> None:
         partial = (args.datasets or (suite in ("ablation", "teacher") and args.ablations)
                    or (suite == "domains" and not args.tiny)  # domains keeps earlier rows (benchmarks/domains.py)
                    or (suite == "duplicates" and args.only and not args.tiny))
-        if partial and old.exists():
-            earlier = json.loads(old.read_text())
-            command, seconds = f"{earlier['command']}; then {command}", earlier["seconds"] + seconds
-        record = {"suite": suite, "machine": machine(), "load_average_before": load_before, "command": command,
+        command, seconds, mach = record_head(old if partial else None, command, seconds)
+        record = {"suite": suite, "machine": mach, "load_average_before": load_before, "command": command,
                   "epochs": args.epochs, "tiny": args.tiny, "seconds": seconds, "rows": rows}
         (args.results / f"{suite}.json").write_text(json.dumps(record, indent=1) + "\n")
     from benchmarks.report import write_readme

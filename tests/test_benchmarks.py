@@ -221,6 +221,21 @@ def test_duplicates_suite_reruns_one_encoder_length_and_keeps_the_others():
     assert [r.get("images") for r in again] == [None] * 4 + [49000]  # a scale rerun replaces only the scale row
 
 
+def test_a_partial_rerun_appends_its_command_and_keeps_the_machine_note(tmp_path):
+    import json
+
+    from benchmarks.run import record_head
+
+    old = tmp_path / "domains.json"
+    old.write_text(json.dumps({"command": "python -m benchmarks.run domains", "seconds": 60.0,
+                               "machine": {"cpu": "x", "note": "the first rows ran on another machine"}}))
+    command, seconds, mach = record_head(old, "python -m benchmarks.run domains --only temperature", 30.0)
+    assert command == "python -m benchmarks.run domains; then python -m benchmarks.run domains --only temperature"
+    assert seconds == 90.0 and mach["note"] == "the first rows ran on another machine"
+    command, seconds, mach = record_head(None, "python -m benchmarks.run domains", 30.0)
+    assert (command, seconds) == ("python -m benchmarks.run domains", 30.0) and "note" not in mach
+
+
 def test_duplicates_suite(bench):
     rec, readme = bench("duplicates")
     assert [r.get("sample") for r in rec["rows"]] == ["clean", "seed 1", None]
