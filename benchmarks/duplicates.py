@@ -195,6 +195,24 @@ def scale_rows(work: Path, tiny: bool) -> list[dict[str, Any]]:
                                      if per_class else cifar10()[0])
         name = "emoji-tiny" if tiny else f"cifar10-{per_class * 10 // 1000}k" if per_class else "cifar10-50k"
         rows.append(scale_row(run.run_dir, train, name, work / name, epochs, tiny))
+    return rows + memory_rows(tiny)
+
+
+MEMORY_SIZES = (64, 224)  # image sides of the memory probe (benchmarks/duplicates_memory.py)
+
+
+def memory_rows(tiny: bool) -> list[dict[str, Any]]:
+    """Peak memory of the pixel comparison on 3,000 random images per size, each in a fresh process (--tiny: 40
+    images of 32 px, in this process)."""
+    from benchmarks.common import probe
+
+    sizes, images = ((32,), 40) if tiny else (MEMORY_SIZES, 3000)
+    rows = []
+    for size in sizes:
+        got = probe("benchmarks.duplicates_memory", ["--size", str(size), "--images", str(images)], tiny)
+        rows.append({"part": "scale", "kind": "memory", "data": f"random {size} px", "epochs": 0, **got})
+        print(f"duplicates memory {size} px: peak {got['peak_after_fit_mib']:.0f} MiB "
+              f"(after set-up {got['rss_after_setup_mib']:.0f} MiB)", flush=True)
     return rows
 
 
@@ -255,7 +273,7 @@ def duplicates_section(rec: dict[str, Any]) -> str:
 
 def scale_section(rows: list[dict[str, Any]]) -> list[str]:
     """The cost table of the scale rows (none: no table)."""
-    scale = [r for r in rows if r.get("part") == "scale"]
+    scale = [r for r in rows if r.get("part") == "scale" and r.get("kind") != "memory"]
     if not scale:
         return []
     out = ["\nCost on a larger folder (`--only scale`): `edgessl embed` alone, then with `--duplicates auto` (its "
@@ -272,4 +290,21 @@ def scale_section(rows: list[dict[str, Any]]) -> list[str]:
                    f"{s['files']:.0f} s | "
                    f"{s['calibration'] / alone:.0%} | {r['flagged']} ({r['flagged_share']:.1%}) | "
                    f"{r['exact_pairs']} | {r['copy_pairs']} |")
+    return out + memory_section(rows)
+
+
+def memory_section(rows: list[dict[str, Any]]) -> list[str]:
+    memory = [r for r in rows if r.get("kind") == "memory"]
+    if not memory:
+        return []
+    out = ["\nMemory of the pixel comparison (`benchmarks/duplicates_memory.py`, a fresh process per size): random "
+           "images, about 6 random pairs per image, the coarse prefilter of every pair, then the box fit of 1,024 "
+           "pairs; peak RSS (the process's high-water mark, the images themselves included):\n",
+           "| images | px | pairs | RSS after set-up | peak after the prefilter | peak after the fit | prefilter | "
+           "fit |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in memory:
+        out.append(f"| {r['images']:,} | {r['size']} | {r['pairs']:,} | {r['rss_after_setup_mib']:.0f} MiB | "
+                   f"{r['peak_after_coarse_mib']:.0f} MiB | {r['peak_after_fit_mib']:.0f} MiB | "
+                   f"{r['coarse_s']:.1f} s | {r['fit_s']:.1f} s |")
     return out

@@ -238,15 +238,18 @@ def test_a_partial_rerun_appends_its_command_and_keeps_the_machine_note(tmp_path
 
 def test_duplicates_suite(bench):
     rec, readme = bench("duplicates")
-    assert [r.get("sample") for r in rec["rows"]] == ["clean", "seed 1", None]
-    clean, planted, scale = rec["rows"]
+    assert [r.get("sample") for r in rec["rows"]] == ["clean", "seed 1", None, None]
+    clean, planted, scale, memory = rec["rows"]
     assert clean["images"] == 36 and 0 <= clean["flagged"] <= clean["images"]
     assert planted["copies"] == 4 and 0 <= planted["precision"] <= 1 and 0 <= planted["recall"] <= 1
     assert 0 <= planted["estimated_precision"] <= 1 and planted["threshold"] > 0
     assert scale["part"] == "scale" and scale["images"] == 36 and list(scale["plain_seconds"]) == ["embed"]
     assert set(scale["seconds"]) == {"embed", "pixels", "calibration", "search", "files"}
     assert all(v >= 0 for v in scale["seconds"].values()) and scale["seconds"]["calibration"] > 0
+    assert memory["kind"] == "memory" and memory["size"] == 32 and memory["pairs"] > 0
+    assert memory["peak_after_fit_mib"] >= memory["peak_after_coarse_mib"] >= memory["rss_after_setup_mib"] > 0
     assert "## Duplicates: `edgessl embed --duplicates auto`" in readme and "| emoji-tiny | 36 |" in readme
+    assert "| 40 | 32 | " in readme  # the memory table
     assert_tables_well_formed(readme.split("## Duplicates")[1])
 
 

@@ -312,6 +312,18 @@ def test_coarse_scores_by_blocks_equal_those_by_chunks(monkeypatch):
     assert cp.block_plan(np.array([[0, 1], [0, 2], [1, 2], [0, 3]]), 4, True, 1) == (True, (4, 8))
 
 
+def test_large_images_are_fitted_in_fewer_pairs_at_a_time(monkeypatch):
+    """fit_chunk: `chunk` pairs up to FIT_SIZE px, fewer as the pixels grow (1,024 pairs of 224 px images held 8 GB),
+    at least 16; the scores do not depend on how many pairs are fitted at a time."""
+    assert cp.fit_chunk(1024, 64) == 1024 and cp.fit_chunk(1024, 224) == 83 and cp.fit_chunk(1024, 4000) == 16
+    rows = _rows(*[_picture(i, 40) for i in range(6)])
+    pairs = np.array([[0, 1], [2, 3], [4, 5], [0, 0], [1, 4]] * 4)
+    whole = cp.copy_scores(lambda i: rows[i], pairs)
+    monkeypatch.setattr(cp, "FIT_SIZE", 4)  # 40 px images: max(16, 1024 * 16 // 1600) = 16 pairs at a time
+    assert cp.fit_chunk(1024, 40) == 16
+    assert np.allclose(cp.copy_scores(lambda i: rows[i], pairs), whole, atol=1e-5)
+
+
 def test_the_coarse_prefilter_skips_only_pairs_that_differ_at_a_glance():
     """coarse_scores: 1 for a picture with itself; a crop of it stays high, another picture is low. copy_scores with
     a gate: the pairs below it get -inf without the fit, the others exactly their ungated scores; the gate sits

@@ -266,14 +266,22 @@ def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: f
     glance and gets -inf without the box fit (the prefilter: most of a folder's neighbour pairs). -> (P,) float32."""
     out = np.full(len(pairs), -np.inf, np.float32)
     fit = np.arange(len(pairs)) if gate == -np.inf else np.flatnonzero(coarse_of(get_a, pairs, get_b, chunk) >= gate)
-    for start, local, rows in _chunks(get_a, pairs[fit], get_b, chunk):
+    size = get_a(torch.from_numpy(pairs[fit[:1], 0])).shape[-1] if len(fit) else 0
+    for start, local, rows in _chunks(get_a, pairs[fit], get_b, fit_chunk(chunk, size)):
         images, win = prepare(rows)
         out[fit[start : start + len(local)]] = pair_scores(images, win, local).numpy()
     return out
 
 
+FIT_SIZE = 64  # images up to this side are fitted `chunk` pairs at a time; larger ones in fewer (fit_chunk)
 COARSE_BLOCK_BYTES = 512 << 20  # coarse windows of one block of images in memory (two blocks at a time)
-PREPARE_IMAGES = 256  # images prepared at a time (the windows of a block are built in these steps)
+PREPARE_IMAGES = 64  # images prepared at a time (the windows of a block are built in these steps)
+
+
+def fit_chunk(chunk: int, size: int) -> int:
+    """Pairs fitted at a time for images of `size` px: `chunk` up to FIT_SIZE, fewer as the pixels grow (the fit's
+    memory grows with the pairs' pixels: 1,024 pairs of 224 px images reached 9 GiB), at least 16."""
+    return chunk if size <= FIT_SIZE else max(16, chunk * FIT_SIZE * FIT_SIZE // (size * size))
 
 
 def coarse_of(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.ndarray:
@@ -318,16 +326,15 @@ def block_plan(pairs: np.ndarray, block: int, same: bool, chunk: int) -> tuple[b
 
 def _block_rows(pairs: np.ndarray, i: int, block: int, same: bool) -> np.ndarray:
     """The a-side rows of block i that `pairs` name (with their b-side rows in block i when both sides are one set)."""
-    rows = pairs[:, 0]
-    if same:
-        rows = np.concatenate([rows, pairs[:, 1][pairs[:, 1] // block == i]])
-    return np.unique(rows)
+    return np.unique(np.concatenate([pairs[:, 0], pairs[:, 1][pairs[:, 1] // block == i]]) if same else pairs[:, 0])
 
 
 def _windows(get, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
     """(rows (k,) sorted, their unit coarse windows (k, W, F)), prepared PREPARE_IMAGES at a time."""
-    index = torch.from_numpy(rows)
-    return rows, torch.cat([prepare(get(part))[1] for part in index.split(PREPARE_IMAGES)])
+    out = torch.empty(len(rows), len(coarse_boxes()), 3 * DESC * DESC)  # filled in place: no second copy
+    for start in range(0, len(rows), PREPARE_IMAGES):
+        out[start : start + PREPARE_IMAGES] = prepare(get(torch.from_numpy(rows[start : start + PREPARE_IMAGES])))[1]
+    return rows, out
 
 
 def _block_pairs(get_a, pairs: np.ndarray, get_b, block: int):
