@@ -35,8 +35,7 @@ FLAT = 1e-3  # a window whose pixel spread (0..1 scale) is below this has no con
 
 
 def box_mean_matrix(d: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(d, d) A: (A @ v)[i] is the mean of v[j] over |i - j| <= k // 2 within 0..d-1 (a box filter of k taps
-    clipped at the edges, each row divided by the taps it kept)."""
+    """(d, d) A: (A @ v)[i] is the mean of v[j] over |i - j| <= k // 2 within 0..d-1 (k taps, clipped at the edges)."""
     i = torch.arange(d)
     near = ((i[:, None] - i[None, :]).abs() <= k // 2).to(dtype)
     return near / near.sum(dim=1, keepdim=True)
@@ -245,8 +244,13 @@ def window_ncc(win: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch
 def coarse_scores(win: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """win from prepare(); pairs (P, 2) -> (P,) the best NCC of a coarse window of either image with the whole of
     the other: what the box fit starts from, at the cost of one small matrix product."""
-    return torch.maximum(window_ncc(win, pairs[:, 0], pairs[:, 1]).max(dim=1).values,
-                         window_ncc(win, pairs[:, 1], pairs[:, 0]).max(dim=1).values)
+    return coarse_between(win[pairs[:, 0]], win[pairs[:, 1]])
+
+
+def coarse_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a, b (P, W, F) the unit coarse windows of each pair's two images -> (P,) coarse_scores."""
+    return torch.maximum(torch.einsum("pwf,pf->pw", a, b[:, 0]).max(dim=1).values,
+                         torch.einsum("pwf,pf->pw", b, a[:, 0]).max(dim=1).values)
 
 
 def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int):
@@ -301,9 +305,7 @@ def coarse_of(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.nda
         return out
     for sel, (ia, wa), (ib, wb) in _block_pairs(get_a, pairs, get_b, block):
         for part in np.array_split(np.arange(len(sel)), max(1, math.ceil(len(sel) / chunk))):
-            a, b = wa[ia[part]], wb[ib[part]]
-            out[sel[part]] = torch.maximum(torch.einsum("pwf,pf->pw", a, b[:, 0]).max(dim=1).values,
-                                           torch.einsum("pwf,pf->pw", b, a[:, 0]).max(dim=1).values).numpy()
+            out[sel[part]] = coarse_between(wa[ia[part]], wb[ib[part]]).numpy()
     return out
 
 
