@@ -190,7 +190,7 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
 
 def _ticking(get, src):
     """`get` (pixel rows by index), also letting a run directory's thread governor look at the load on each call
-    (once per chunk of the copy search: a chunk of 1,024 pairs takes seconds)."""
+    (once per read of the copy search: a chunk of 1,024 pairs, or 64 images of a block, each a second or less)."""
     tick = getattr(src, "tick", None)
     if tick is None:
         return get
