@@ -137,6 +137,23 @@ def train_and_eval(method: str, train: Path, test: Path, backbone: str, size: in
 
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS: VmHWM of /proc/self/status on Linux. ru_maxrss is not its own in a process that
+    probe() starts: Linux carries the launcher's peak over the fork and exec (a probe started by a 3 GiB runner
+    reports 3 GiB), so it is only the fallback elsewhere (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def probe(module: str, argv: list[str], tiny: bool) -> dict[str, Any]:
     """`python -m <module> <argv>` in a fresh process (what it measures is that process alone: its start-up, its peak
     RSS); returns the JSON of its last stdout line. tiny (the smoke run, where nothing is measured): the same entry

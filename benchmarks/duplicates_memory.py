@@ -13,27 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import sys
 import time
 
 import numpy as np
 import torch
 
+from benchmarks.common import peak_rss_bytes
 from edgessl.evaluate import copies as cp
 
 
 def peak_mib() -> float:
-    """This process's peak RSS in MiB: VmHWM of /proc/self/status (Linux; ru_maxrss would carry the parent's peak
-    over a fork), else ru_maxrss (KiB on Linux, bytes on macOS)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def main(argv: list[str] | None = None) -> dict:

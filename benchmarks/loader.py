@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import probe
+from benchmarks.common import peak_rss_bytes, probe
 
 REPO = Path(__file__).resolve().parents[1]
 N_FULL, N_TINY = 20_000, 48
@@ -76,10 +75,6 @@ def _make_jpegs(out: Path, n: int, seed: int) -> None:
     tmp.rename(out)
 
 
-def _rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 # ---------------------------------------------------------------- probes (each in its own process)
 def probe_start(args) -> dict[str, Any]:
     import edgessl
@@ -103,7 +98,7 @@ def probe_start(args) -> dict[str, Any]:
     seconds = time.time() - t0
     lines = console.export_text().splitlines()
     bank = next((float(x.split("(")[-1].split(" s")[0]) for x in lines if x.startswith("Memory bank:")), None)
-    return {"seconds_to_first_step": seconds, "bank_init_seconds": bank, "peak_rss_bytes": _rss()}
+    return {"seconds_to_first_step": seconds, "bank_init_seconds": bank, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def probe_cache_rss(args) -> dict[str, Any]:
@@ -112,7 +107,7 @@ def probe_cache_rss(args) -> dict[str, Any]:
 
     t0 = time.time()
     images = load_image_folder(args.data, 224, decode=Decode(cache_dir=args.cache_dir, cache_mb=512))
-    return {"images": len(images), "seconds": time.time() - t0, "peak_rss_bytes": _rss(),
+    return {"images": len(images), "seconds": time.time() - t0, "peak_rss_bytes": peak_rss_bytes(),
             "decoded_bytes": len(images) * 3 * 224 * 224, "cache_mb": 512}
 
 

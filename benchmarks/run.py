@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import shlex
 import sys
 import tempfile
@@ -50,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, RESULTS, datasets, machine, probe, train_and_eval
+from benchmarks.common import REPO, RESULTS, datasets, machine, peak_rss_bytes, probe, train_and_eval
 
 SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "midway", "eval", "loader", "export",
           "init", "teacher", "duplicates", "domains")
@@ -89,10 +88,9 @@ def cost_one(args) -> None:
     t0 = time.time()
     train_peer(args.method, images, args.backbone, 1, batch, max_steps=timed)
     step = (time.time() - t0) / timed
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"method": args.method, "backbone": args.backbone, "image_size": args.image_size,
                       "batch_size": batch, "step_s": step, "images_per_s": batch / step,
-                      "s_per_epoch_5k": step * 5000 / batch, "peak_rss_bytes": rss}))
+                      "s_per_epoch_5k": step * 5000 / batch, "peak_rss_bytes": peak_rss_bytes()}))
 
 
 def suite_accuracy(args) -> list[dict]:

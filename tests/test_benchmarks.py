@@ -236,6 +236,24 @@ def test_a_partial_rerun_appends_its_command_and_keeps_the_machine_note(tmp_path
     assert (command, seconds) == ("python -m benchmarks.run domains", 30.0) and "note" not in mach
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM: Linux only")
+def test_a_probe_reports_its_own_peak_rss_not_its_launchers():
+    """peak_rss_bytes in a process started by a larger one: its own high-water mark (ru_maxrss would report the
+    launcher's, carried over the fork and exec)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from benchmarks.common import REPO, peak_rss_bytes
+
+    ballast = np.ones(2 * 2**30 // 8)  # 2 GiB touched in this process
+    code = "from benchmarks.common import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.split()[-1])
+    assert peak_rss_bytes() >= ballast.nbytes > child > 0
+
+
 def test_duplicates_suite(bench):
     rec, readme = bench("duplicates")
     assert [r.get("sample") for r in rec["rows"]] == ["clean", "seed 1", None, None]
