@@ -272,12 +272,13 @@ def own_cache():
 
 def record_head(earlier: Path | None, command: str, seconds: float) -> tuple[str, float, dict[str, Any]]:
     """(command, seconds, machine) of a suite's record. A partial rerun (earlier: the suite's JSON, kept rows)
-    appends its command to the earlier ones and adds its seconds; a note on where the earlier rows ran (the
-    machine's "note", written by hand) stays with them."""
+    appends its command to the earlier ones (each command once, in the order first run) and adds its seconds; a
+    note on where the earlier rows ran (the machine's "note", written by hand) stays with them."""
     mach = machine()
     if earlier is not None and earlier.exists():
         rec = json.loads(earlier.read_text())
-        command, seconds = f"{rec['command']}; then {command}", rec["seconds"] + seconds
+        parts = list(dict.fromkeys([*rec["command"].split("; then "), command]))
+        command, seconds = "; then ".join(parts), rec["seconds"] + seconds
         if rec["machine"].get("note"):
             mach["note"] = rec["machine"]["note"]
     return command, seconds, mach

@@ -232,6 +232,9 @@ def test_a_partial_rerun_appends_its_command_and_keeps_the_machine_note(tmp_path
     command, seconds, mach = record_head(old, "python -m benchmarks.run domains --only temperature", 30.0)
     assert command == "python -m benchmarks.run domains; then python -m benchmarks.run domains --only temperature"
     assert seconds == 90.0 and mach["note"] == "the first rows ran on another machine"
+    old.write_text(json.dumps({"command": command, "seconds": seconds, "machine": {}}))
+    again, seconds, _ = record_head(old, "python -m benchmarks.run domains --only temperature", 10.0)
+    assert (again, seconds) == (command, 100.0)  # a command run again is listed once; its seconds count
     command, seconds, mach = record_head(None, "python -m benchmarks.run domains", 30.0)
     assert (command, seconds) == ("python -m benchmarks.run domains", 30.0) and "note" not in mach
 
