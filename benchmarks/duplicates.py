@@ -99,7 +99,8 @@ def score(result, truth: dict[str, str]) -> dict[str, Any]:
 def rule_record(result) -> dict[str, Any]:
     r = result.rule
     return {"threshold": r.threshold, "estimated_precision": r.precision, "estimated_recall": r.recall,
-            "planted_for_calibration": r.planted, "reached": r.reached}
+            "estimated_precision_low": r.precision_low, "unsure": r.unsure, "planted_for_calibration": r.planted,
+            "reached": r.reached}
 
 
 def flagged(result, root: Path | None = None) -> dict[str, Any]:
@@ -243,6 +244,13 @@ def suite_duplicates(args) -> list[dict[str, Any]]:
     return rows
 
 
+def estimated(r: dict[str, Any]) -> str:
+    """A row's estimated precision, with its pessimistic end in brackets when the calibration had unsure matches
+    (rows from before the pessimistic end was recorded: the estimate alone)."""
+    low = r.get("estimated_precision_low")
+    return f"{r['estimated_precision']:.2f}" + (f" ({low:.2f})" if r.get("unsure") and low is not None else "")
+
+
 def duplicates_section(rec: dict[str, Any]) -> str:
     m = rec["machine"]
     out = ["## Duplicates: `edgessl embed --duplicates auto` on folders it was never tuned on\n",
@@ -251,23 +259,25 @@ def duplicates_section(rec: dict[str, Any]) -> str:
            "Planted samples: copies by the copy model (seeds 1, 2) and by a mild blur the calibration never "
            "uses (seeds 3, 4), each beside its original; the calibration plants its own copies (seed 0). "
            "Precision: of the flagged pairs that hold a planted copy, the share pairing it with its original; "
-           "recall: the planted copies found.\n",
+           "recall: the planted copies found. Estimated precision (in brackets: if the matches the calibration "
+           "took for copies already in the folder are look-alikes, when there are any) and recall: what the command "
+           "printed.\n",
            "| folder | encoder epochs | sample | precision | recall | estimated precision / recall | threshold |",
            "|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         if r.get("sample") in ("clean", None):
             continue
         out.append(f"| {r['data']} | {r['epochs']} | {r['sample']} | {r['precision']:.2f} | {r['recall']:.2f} | "
-                   f"{r['estimated_precision']:.2f} / {r['estimated_recall']:.2f} | {r['threshold']:.3f} |")
+                   f"{estimated(r)} / {r['estimated_recall']:.2f} | {r['threshold']:.3f} |")
     out += ["\nThe same folders without planted copies (what a user's clean folder gets flagged):\n",
-            "| folder | encoder epochs | images | flagged | share | exact pairs | copy pairs |",
-            "|---|---|---|---|---|---|---|"]
+            "| folder | encoder epochs | images | flagged | share | exact pairs | copy pairs | estimated precision |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         if r.get("sample") != "clean":
             continue
         kinds = [p[2] for p in r["pairs"]]
         out.append(f"| {r['data']} | {r['epochs']} | {r['images']:,} | {r['flagged']} | {r['flagged_share']:.1%} | "
-                   f"{kinds.count('exact')} | {kinds.count('copy')} |")
+                   f"{kinds.count('exact')} | {kinds.count('copy')} | {estimated(r)} |")
     return "\n".join(out + scale_section(rec["rows"])) + "\n"
 
 

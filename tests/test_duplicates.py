@@ -96,18 +96,20 @@ def test_a_copy_already_in_the_folder_is_no_false_match():
     rows = _rows(o, x, other)
     pairs, originals = np.array([[0, 1], [0, 2]]), np.array([0, 0])  # (c, x) and (c, other); c's original: row 0
     true = np.array([0.99, 0.9], np.float32)  # c scores 0.99 with o; bars: check 0.9009, excuse 0.9045
-    got = copies_in_folder(pairs, np.array([0.92, 0.905], np.float32), originals, true, lambda i: rows[i])
-    assert got.tolist() == [True, False]  # (o, x) scores above 0.9045, (o, other) does not; 0.905 < 0.99 - 0.08
-    got = copies_in_folder(pairs, np.array([0.92, 0.95], np.float32), originals, true, lambda i: rows[i])
-    assert got.tolist() == [True, True]  # c matches `other` at 0.95, within 0.08 of o's 0.99
-    low = copies_in_folder(pairs, np.array([0.5, 0.5], np.float32), originals, true, lambda i: rows[i])
+    got, unsure = copies_in_folder(pairs, np.array([0.92, 0.905], np.float32), originals, true, lambda i: rows[i])
+    assert got.tolist() == [True, False]  # c matches x at 0.92, within 0.08 of o's 0.99; 0.905 is not, and (o,
+    assert unsure.tolist() == [False, False]  # other) scores below the excuse's 0.9045: judged without the own score
+    got, unsure = copies_in_folder(pairs, np.array([0.92, 0.95], np.float32), originals, true, lambda i: rows[i])
+    assert got.tolist() == [True, True] and not unsure.any()  # c matches `other` at 0.95, within 0.08 of o's 0.99
+    low, unsure = copies_in_folder(pairs, np.array([0.5, 0.5], np.float32), originals, true, lambda i: rows[i])
     assert low.tolist() == [False, False]  # below the check's bar (the 1 % quantile of the true scores): not checked
     # 95 copies at 0.97 and 5 at 0.7: the check's bar is 0.7, the excuse's 0.957; a pair scoring 0.8 (between them)
     # can still move the threshold, so it is checked: x is a copy of o, `other` is not
     true = np.array([0.97] * 95 + [0.7] * 5, np.float32)
     originals = np.zeros(100, np.int64)
-    got = copies_in_folder(pairs, np.array([0.8, 0.8], np.float32), originals, true, lambda i: rows[i])
+    got, unsure = copies_in_folder(pairs, np.array([0.8, 0.8], np.float32), originals, true, lambda i: rows[i])
     assert got.tolist() == [True, False]
+    assert unsure.tolist() == [True, False]  # 0.8 < 0.97 - 0.08: x passed on the folder's own score of (o, x) alone
 
 
 def test_a_local_difference_scores_below_noise_of_the_same_energy():
@@ -157,6 +159,21 @@ def test_the_chosen_rule_meets_its_target_on_a_toy_calibration():
     assert given.chosen == "given" and given.recall == pytest.approx(0.47) and given.precision == 1.0
     missed = np.full(10, -np.inf, np.float32)  # no planted copy was found: nothing reaches the target
     assert not copy_rule.choose_rule(missed, wrong, own).reached
+
+
+def test_the_rule_says_how_much_rests_on_copies_it_could_not_judge():
+    """with_doubt: the same toy calibration; two planted copies also matched folder images above the threshold that
+    the calibration took for copies already in the folder on the folder's own score alone (doubtful holds wrong
+    plus those). If they are look-alikes: 0.03 r / (0.03 r + 2 / 100) with r = 0.73. The threshold does not move."""
+    true = np.linspace(0.80, 0.99, 100).astype(np.float32)
+    wrong = np.array([0.6] * 297 + [0.83, 0.84, 0.85], np.float32)
+    rule = copy_rule.choose_rule(true, wrong, np.zeros(0, np.float32))
+    doubtful = np.concatenate([wrong, np.array([0.9, 0.95, 0.5], np.float32)])
+    judged = copy_rule.with_doubt(rule, true, wrong, doubtful)
+    assert judged.threshold == rule.threshold and judged.precision == rule.precision == 1.0
+    assert judged.unsure == 2 and judged.precision_low == pytest.approx(0.0219 / (0.0219 + 0.02))
+    clear = copy_rule.with_doubt(rule, true, wrong, wrong)
+    assert clear.unsure == 0 and clear.precision_low == 1.0
 
 
 @pytest.fixture
@@ -340,3 +357,22 @@ def test_the_coarse_prefilter_skips_only_pairs_that_differ_at_a_glance():
     true = np.concatenate([np.full(99, 0.9), [0.5], [-np.inf]]).astype(np.float32)
     assert cp.coarse_gate(true) == pytest.approx(np.quantile(true[:100], 0.01) - cp.COARSE_MARGIN)
     assert cp.coarse_gate(np.array([-np.inf])) == -np.inf
+
+
+def test_the_summary_line_gives_both_ends_of_the_precision(tmp_path):
+    from types import SimpleNamespace
+
+    from edgessl.commands.embed import duplicate_lines
+    from edgessl.evaluate.duplicates import Found
+
+    found = Found(np.array([[0, 1]]), ["copy"], np.array([0.9]), np.array([0.8]), np.array([1]))
+    rule = copy_rule.Rule(0.712, 1.0, 0.953, 400, 12, 0.95, True, "auto", precision_low=0.74, unsure=4)
+    result = SimpleNamespace(duplicates=found, rule=rule, out=tmp_path / "e.npz", written=[])
+    assert duplicate_lines(result)[0] == (
+        "copies: estimated precision 1.00 (0.74 if the 4 matches it took for copies already in this folder are "
+        "look-alikes), recall 0.95 on 400 planted copies (copy score >= 0.712, chosen for precision >= 0.95)")
+    result.rule = copy_rule.Rule(0.712, 0.97, 0.953, 400, 12, 0.95, True, "given", precision_low=0.9, unsure=1)
+    assert "precision 0.97 (0.90 if the match it took for a copy already in this folder is a look-alike)," in (
+        duplicate_lines(result)[0])
+    result.rule = copy_rule.Rule(0.712, 0.97, 0.953, 400, 12, 0.95, True, "given", precision_low=0.97)
+    assert duplicate_lines(result)[0].startswith("copies: estimated precision 0.97, recall 0.95")

@@ -65,9 +65,14 @@ def duplicate_lines(result) -> list[str]:
               for k in kinds}
     how = ("chosen for precision >= " f"{rule.target:g}" if rule.chosen == "auto" else "given")
     verdict = "" if rule.reached else f" (below the {rule.target:g} target: no threshold reached it on this folder)"
+    doubt = ""
+    if rule.unsure and rule.precision_low is not None:
+        what = ("the match it took for a copy already in this folder is a look-alike" if rule.unsure == 1 else
+                f"the {rule.unsure} matches it took for copies already in this folder are look-alikes")
+        doubt = f" ({rule.precision_low:.2f} if {what})"
     lines = [
-        f"copies: estimated precision {rule.precision:.2f}, recall {rule.recall:.2f} on {rule.planted} planted copies "
-        f"(copy score >= {rule.threshold:.3f}, {how}){verdict}",
+        f"copies: estimated precision {rule.precision:.2f}{doubt}, recall {rule.recall:.2f} on {rule.planted} planted "
+        f"copies (copy score >= {rule.threshold:.3f}, {how}){verdict}",
         f"exact: {plural(len(kinds['exact']), 'image')} in {plural(groups['exact'], 'group')} (the same pixels)",
         f"copy: {plural(len(kinds['copy']), 'image')} in {plural(groups['copy'], 'group')} -> "
         f"{folder / 'duplicates.csv'}" + (f", gallery {folder / 'duplicates.png'}" if len(found.pairs) else ""),

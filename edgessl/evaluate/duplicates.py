@@ -48,13 +48,16 @@ def neighbour_pairs(idx: np.ndarray, cos: np.ndarray) -> tuple[np.ndarray, np.nd
 class Calibration:
     """What the planted copies showed: each one's score with its original (true; -inf when the original was not
     among its candidates), its scores with the other images it was compared with (wrong), the embedding cosines of
-    the copies to their originals, and each search space's gate drawn from them."""
+    the copies to their originals, each search space's gate drawn from them, and wrong's pessimistic twin
+    (doubtful: see calibrate)."""
 
     true: np.ndarray
     wrong: np.ndarray
     cosines: np.ndarray
     gates: list[float]
     coarse_gate: float = -np.inf  # the prefilter's gate (copies.coarse_gate), from the copies' coarse scores
+    doubtful: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # wrong, counting the pairs
+    # taken for copies already in the folder on the folder's own score alone (copies_in_folder) as wrong too
 
     @property
     def similar(self) -> float:
@@ -96,18 +99,22 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
     true (M,): each copy's score with its original, -inf when it was not a candidate or fell more than MARGIN below
     the copy's best match (near_best drops it in the folder too). wrong: per copy, its best score with any other
     image (not a copy the folder already holds): an image without a copy keeps its best look-alike through
-    near_best, so this is what such an image scores; the threshold must stay above it."""
+    near_best, so this is what such an image scores; the threshold must stay above it. doubtful: the same, also
+    counting the images excused as copies of the original on the folder's own score alone (copies_in_folder), which
+    a look-alike scoring like a copy passes too: the pessimistic twin of wrong."""
     pairs, gates, cosines = planted_candidates(planted, originals, folder)
     scores = cp.copy_scores(get_planted, pairs, get_rows) if len(pairs) else np.zeros(0, np.float32)
     best = best_per_row(pairs[:, 0], scores, len(originals))
     is_true = pairs[:, 1] == originals[pairs[:, 0]]
     true = np.full(len(originals), -np.inf, np.float32)
     true[pairs[is_true, 0]] = np.where(scores[is_true] >= best[pairs[is_true, 0]] - MARGIN, scores[is_true], -np.inf)
-    wrong = ~is_true
-    wrong[wrong] = ~copies_in_folder(pairs[wrong], scores[wrong], originals, true, get_rows)
+    excused, on_own = copies_in_folder(pairs[~is_true], scores[~is_true], originals, true, get_rows)
+    wrong, unsure = ~is_true, np.zeros(len(pairs), bool)
+    wrong[~is_true], unsure[~is_true] = ~excused, on_own
     look_alike = best_per_row(pairs[wrong, 0], scores[wrong], len(originals))
+    doubt = best_per_row(pairs[wrong | unsure, 0], scores[wrong | unsure], len(originals))
     gate = cp.coarse_gate(cp.coarse_of(get_planted, pairs[is_true], get_rows))
-    return Calibration(true, look_alike[np.isfinite(look_alike)], cosines, gates, gate)
+    return Calibration(true, look_alike[np.isfinite(look_alike)], cosines, gates, gate, doubt[np.isfinite(doubt)])
 
 
 EXCUSE_QUANTILE = 0.05  # a folder image matching the original as well as 95 % of planted copies do is its copy
@@ -116,9 +123,11 @@ EXCUSE_MARGIN = 0.08  # a planted copy matching x within this of its own origina
 
 
 def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarray, true: np.ndarray,
-                     get_rows) -> np.ndarray:
-    """pairs (Q, 2) (planted copy c of original o, folder image x != o) scored `scores` -> (Q,) bool: x is itself a
-    copy of o already in the folder (a twin, a re-encoded file), so the pair is no false match. Checked for the pairs
+                     get_rows) -> tuple[np.ndarray, np.ndarray]:
+    """pairs (Q, 2) (planted copy c of original o, folder image x != o) scored `scores` -> (copy (Q,) bool: x is itself
+    a copy of o already in the folder (a twin, a re-encoded file), so the pair is no false match; unsure (Q,) bool:
+    the copies judged on the folder's own score of (o, x) alone, which a look-alike scoring as high as a copy passes
+    too (Calibration.doubtful counts them, so the estimate can say how much rests on them)). Checked for the pairs
     scoring at least the CHECK_QUANTILE quantile of the true scores (lower ones move the threshold only where it
     would miss more than that share of the copies anyway): x is a copy of o when the folder's own score of (o, x)
     reaches the EXCUSE_QUANTILE quantile of the true scores, or when c matches x within EXCUSE_MARGIN of how well it
@@ -127,10 +136,10 @@ def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarra
     measured 0.13-0.39 below on emoji, while such copies and overlaps were 0.01-0.055 below on NEU-DET: at 0.05, one
     real copy 0.055 below had raised a NEU-DET folder's threshold from 0.82 to 0.91 and cut its recall from 0.96 to
     0.88)."""
-    out = np.zeros(len(pairs), bool)
+    out, unsure = np.zeros(len(pairs), bool), np.zeros(len(pairs), bool)
     found = true[np.isfinite(true)]
     if not len(found):
-        return out
+        return out, unsure
     bar = float(np.quantile(found, EXCUSE_QUANTILE))
     check = scores >= float(np.quantile(found, CHECK_QUANTILE))
     if check.any():
@@ -139,8 +148,8 @@ def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarra
         rest = np.flatnonzero(check)[~same]  # only these need the folder's own score of (o, x)
         if len(rest):
             own = np.stack([originals[pairs[rest, 0]], pairs[rest, 1]], axis=1)
-            out[rest] = cp.copy_scores(get_rows, own) >= bar
-    return out
+            out[rest] = unsure[rest] = cp.copy_scores(get_rows, own) >= bar
+    return out, unsure
 
 
 @dataclass

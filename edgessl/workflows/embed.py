@@ -174,7 +174,8 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     clock = time.perf_counter()
     threshold = duplicates_threshold(opts.duplicates)
     args = (calibration.true, calibration.wrong, scored.scores, opts.precision)
-    result.rule = copy_rule.choose_rule(*args) if threshold is None else copy_rule.rule_at(threshold, *args)
+    rule = copy_rule.choose_rule(*args) if threshold is None else copy_rule.rule_at(threshold, *args)
+    result.rule = copy_rule.with_doubt(rule, calibration.true, calibration.wrong, calibration.doubtful)
     result.duplicates = found = dup.classify(scored, unit, result.rule, calibration.similar)
     folder = result.out.parent
     result.written.append(write_duplicates(folder / "duplicates.csv", result.paths, found, result.rule.precision,
