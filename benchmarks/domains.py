@@ -8,9 +8,10 @@ Parts (each row is kept in domains.json until a rerun of the same row replaces i
   sizes   edgessl on NEU-DET at 96 and 128 px for 15 epochs (64 px: the epochs part's 15-epoch row), and each size
           with random weights; resnet18 at 64 px beside them (--backbones; its run is kept in benchmarks/.cache as
           the teacher suite's "trained on this folder" teacher);
-  peers   at --image-size and --epochs (what `auto` picks for NEU-DET): lightly's SimCLR at equal epochs and at
-          equal wall-clock (the epochs its s/epoch allows in edgessl's time), and a supervised run with all labels
-          (the ceiling);
+  peers   at --image-size and --epochs (what `auto` picks for NEU-DET): lightly's SimCLR at equal epochs (training
+          seeds PEER_SEEDS; edgessl's second seed is the temperature part's) and at equal wall-clock (the epochs its
+          s/epoch allows in edgessl's time, measured again on each run), and a supervised run with all labels
+          (the ceiling); the other rows kept in domains.json are not run again (remove them to measure again);
   teacher resnet18 teachers trained on NEU-DET and on emoji, distilled into the 64 px student (--teachers);
   temperature  edgessl at tau 0.1 (the default) and 0.2 on NEU-DET, emoji, CIFAR-10 subsets (500 and 150 per class)
           and the first one's greyscale twin, each at the size and epochs `auto` picks for it (the real rule on the
@@ -32,6 +33,7 @@ SIZES = (64, 96, 128)
 SIZE_EPOCHS = 15
 PARTS = ("epochs", "sizes", "peers", "teacher", "temperature")
 TEMPERATURES = (0.1, 0.2)
+PEER_SEEDS = (0, 1)  # SimCLR's training seeds at equal epochs (--tiny: the first)
 TEMPERATURE_SETS = {"neu-det": (0, 1), "emoji": (0, 1), "cifar10-5k": (0, 1), "cifar10-5k-grey": (0,),  # seeds
                     "cifar10-1.5k": (0, 1)}
 CIFAR_SUBSETS = {"cifar10-5k": 500, "cifar10-1.5k": 150}  # images per class
@@ -88,10 +90,11 @@ def plan(args) -> list[dict[str, Any]]:
     if "peers" in parts:
         size, epochs = (sizes[0], 1) if args.tiny else (args.image_size, args.epochs)
         base = {"part": "peers", "data": "neu-det", "backbone": "mobilenetv3_small", "size": size}
-        rows += [{**base, "method": "edgessl", "epochs": epochs, "reuse": True},
-                 {**base, "method": "simclr", "epochs": epochs},
-                 {**base, "method": "simclr", "epochs": None, "budget_of": "edgessl"},
-                 {**base, "method": "supervised", "epochs": epochs}]
+        seeds = PEER_SEEDS[:1] if args.tiny else PEER_SEEDS
+        rows += [{**base, "method": m, "epochs": epochs, "reuse": True} for m in ("edgessl", "supervised")]
+        rows += [{**base, "method": "simclr", "epochs": epochs, "reuse": True, **({"seed": s} if s else {})}
+                 for s in seeds]
+        rows.append({**base, "method": "simclr", "epochs": None, "budget_of": "edgessl"})  # measured on each run
     if "teacher" in parts:
         size, epochs = sizes[0], size_epochs
         base = {"part": "teacher", "data": "neu-det", "backbone": "mobilenetv3_small", "size": size}
@@ -145,6 +148,7 @@ def label(row: dict[str, Any]) -> str:
     budget = " (edgessl's time)" if row.get("budget_of") else ""
     teacher = f" teacher {row['teacher']} resnet18" if row.get("teacher") else ""
     tau = f" tau {row['temperature']:g} seed {row['seed']}" if "temperature" in row else ""
+    tau = tau or (f" seed {row['seed']}" if row.get("seed") else "")
     return f"{row['data']} {row['backbone']} {row['size']}px {row['method']} {row['epochs']}ep{budget}{teacher}{tau}"
 
 
@@ -162,11 +166,13 @@ def run_row(row: dict[str, Any], done: list[dict[str, Any]], args, workdir: Path
     from benchmarks.common import train_and_eval
 
     train, test = folders(row["data"], args.tiny)
-    if row.get("budget_of"):  # SimCLR for the time edgessl took at the same size and epochs
+    if row.get("budget_of"):  # SimCLR (seed 0) for the time edgessl took at the same size and epochs (its default
+        # run: not a temperature or teacher row)
         ref = next(r for r in done if r["method"] == row["budget_of"] and r["size"] == row["size"]
-                   and r["backbone"] == row["backbone"] and r["data"] == row["data"] and r["epochs"] == args.epochs)
+                   and r["backbone"] == row["backbone"] and r["data"] == row["data"] and r["epochs"] == args.epochs
+                   and part_of(r) != "temperature" and not r.get("teacher"))
         own = next(r for r in done if r["method"] == row["method"] and r["size"] == row["size"]
-                   and r["epochs"] == ref["epochs"] and not r.get("budget_of"))
+                   and r["epochs"] == ref["epochs"] and not r.get("budget_of") and not r.get("seed"))
         row = {**row, "epochs": max(1, round(ref["wall_s"] / (own["wall_s"] / own["epochs"]))),
                "budget_s": ref["wall_s"]}
     load = os.getloadavg()[0]
@@ -384,6 +390,7 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
                         key=lambda r: (r["method"], r["epochs"], r.get("temperature", 0), r.get("seed", 0))):
             budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
             tau = f", τ {r['temperature']:g}, seed {r['seed']} (temperature part)" if "temperature" in r else ""
+            tau = tau or (f", seed {r['seed']}" if r.get("seed") else "")
             out.append(f"| {r['method']}{budget}{tau} | {r['epochs']} | {_cells(r)}")
     taught = [r for r in rows if part_of(r) == "teacher" and r.get("teacher")]
     if taught:

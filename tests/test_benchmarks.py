@@ -285,6 +285,48 @@ def test_midway_suite(bench):
     assert "## Shared CPU, a competitor midway: threads that follow the load" in readme
 
 
+def test_domains_peers_train_simclr_on_two_seeds_and_keep_earlier_rows():
+    from types import SimpleNamespace
+
+    from benchmarks.domains import PEER_SEEDS, label, plan
+
+    args = SimpleNamespace(only=["peers"], tiny=False, image_size=96, epochs=31, backbones=None, teachers=None)
+    rows = plan(args)
+    simclr = [r for r in rows if r["method"] == "simclr" and not r.get("budget_of")]
+    assert PEER_SEEDS == (0, 1) and [label(r) for r in simclr] == [
+        "neu-det mobilenetv3_small 96px simclr 31ep", "neu-det mobilenetv3_small 96px simclr 31ep seed 1"]
+    assert all(r["reuse"] for r in rows[:-1]) and rows[-1]["budget_of"] == "edgessl" and "reuse" not in rows[-1]
+    assert [r.get("seed", 0) for r in plan(SimpleNamespace(**{**vars(args), "tiny": True}))
+            if r["method"] == "simclr"] == [0, 0]  # --tiny: seed 0 at equal epochs, and the budget row
+
+
+def test_simclr_at_edgessls_time_takes_the_default_runs_seconds(monkeypatch, tmp_path):
+    """The equal wall-clock row: edgessl's default peers run (not a temperature-part run at the same settings) and
+    SimCLR's seed-0 s/epoch: round(167 / (343 / 31)) = 15 epochs."""
+    from types import SimpleNamespace
+
+    import benchmarks.common
+    import benchmarks.domains as dm
+
+    seen = {}
+
+    def fake(method, train, test, backbone, size, epochs, *args, **kwargs):
+        seen["epochs"] = epochs
+        return {"wall_s": 1.0, "s_per_epoch": 1.0, "final": {"linear@10": {"mean": 0.5}, "knn@all": {"mean": 0.5}}}
+
+    monkeypatch.setattr(dm, "folders", lambda name, tiny: (tmp_path, tmp_path))
+    monkeypatch.setattr(benchmarks.common, "train_and_eval", fake)
+    base = {"data": "neu-det", "backbone": "mobilenetv3_small", "size": 96}
+    done = [{**base, "part": "temperature", "method": "edgessl", "epochs": 31, "temperature": 0.1, "seed": 0,
+             "wall_s": 219.0},
+            {**base, "part": "peers", "method": "edgessl", "epochs": 31, "wall_s": 167.0},
+            {**base, "part": "peers", "method": "simclr", "epochs": 31, "seed": 1, "wall_s": 297.0},
+            {**base, "part": "peers", "method": "simclr", "epochs": 31, "wall_s": 343.0}]
+    row = {**base, "part": "peers", "method": "simclr", "epochs": None, "budget_of": "edgessl"}
+    out = dm.run_row(row, done, SimpleNamespace(epochs=31, tiny=True, seeds=1), tmp_path)
+    assert seen["epochs"] == out["epochs"] == 15 and out["budget_s"] == 167.0
+
+
 @needs_shared("neu-det.tar.gz")
 @needs_shared("emoji-google.tar.gz")
 def test_domains_suite(bench):
