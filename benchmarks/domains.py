@@ -147,8 +147,8 @@ def labelled_splits(train: Path, test: Path, size: int):
 def label(row: dict[str, Any]) -> str:
     budget = " (edgessl's time)" if row.get("budget_of") else ""
     teacher = f" teacher {row['teacher']} resnet18" if row.get("teacher") else ""
-    tau = f" tau {row['temperature']:g} seed {row['seed']}" if "temperature" in row else ""
-    tau = tau or (f" seed {row['seed']}" if row.get("seed") else "")
+    seed = f" seed {row['seed']}" if row.get("seed") or "temperature" in row else ""
+    tau = f" tau {row['temperature']:g}{seed}" if "temperature" in row else seed
     return f"{row['data']} {row['backbone']} {row['size']}px {row['method']} {row['epochs']}ep{budget}{teacher}{tau}"
 
 
@@ -389,8 +389,8 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
         for r in sorted({r["row"]: r for r in mine + peers}.values(),
                         key=lambda r: (r["method"], r["epochs"], r.get("temperature", 0), r.get("seed", 0))):
             budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
-            tau = f", τ {r['temperature']:g}, seed {r['seed']} (temperature part)" if "temperature" in r else ""
-            tau = tau or (f", seed {r['seed']}" if r.get("seed") else "")
+            seed = f", seed {r['seed']}" if r.get("seed") or "temperature" in r else ""
+            tau = f", τ {r['temperature']:g}{seed} (temperature part)" if "temperature" in r else seed
             out.append(f"| {r['method']}{budget}{tau} | {r['epochs']} | {_cells(r)}")
     taught = [r for r in rows if part_of(r) == "teacher" and r.get("teacher")]
     if taught:
