@@ -47,6 +47,26 @@ def test_the_copy_model_is_seeded(tmp_path):
     assert sample(10, 4, 0) == sample(10, 4, 0) and len(set(sample(10, 4, 0))) == 4 and sample(3, 9, 1) == [0, 1, 2]
 
 
+def test_a_planted_copys_draws_can_be_read_back(tmp_path):
+    """edits() replays plant()'s draws: the copy's size is the kept box times the resize, its record names the
+    shares cut off; a held-out transformation draws only its JPEG quality."""
+    from edgessl.data.copies import CROP, QUALITY, RESIZE, apply_edit, draw_edit, edits
+
+    Image.fromarray(_picture(3, 80)).save(tmp_path / "x.png")
+    files = plant([tmp_path / "x.png"] * 3, tmp_path / "p", seed=4)
+    for f, e in zip(files, edits([tmp_path / "x.png"] * 3, 4), strict=True):
+        left, top, right, bottom = e.box
+        assert Image.open(f).size == (round((right - left) * e.scale), round((bottom - top) * e.scale))
+        r = e.record((80, 80))
+        assert 0 <= r["crop_w"] <= CROP + 0.01 and 0 <= r["crop_h"] <= CROP + 0.01 and r["held_out"] is None
+        assert RESIZE[0] <= r["scale"] <= RESIZE[1] and QUALITY[0] <= r["quality"] <= QUALITY[1]
+    im = Image.fromarray(_picture(3, 80))
+    e = draw_edit(im.size, random.Random("s-0"))
+    assert np.array_equal(np.asarray(apply_edit(im, e)), np.asarray(make_copy(im, random.Random("s-0"))))
+    blur = draw_edit(im.size, random.Random("s-0"), "blur")
+    assert blur.box == (0, 0, 80, 80) and blur.quality == random.Random("s-0").randint(*QUALITY)
+
+
 def test_copy_score_in_closed_cases():
     pic = _picture(3)
     flat = np.full((64, 64, 3), 200, np.uint8)

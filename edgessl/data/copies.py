@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageEnhance, ImageFilter
@@ -24,31 +25,78 @@ LIGHT = 0.10  # brightness and contrast factors in [1 - LIGHT, 1 + LIGHT]
 QUALITY = (60, 95)  # JPEG quality
 
 
-def _crop(im: Image.Image, rng: random.Random) -> Image.Image:
-    w, h = im.size
+@dataclass(frozen=True)
+class Edit:
+    """One synthetic copy's draws: the box kept (left, top, right, bottom in pixels), the resize factor, brightness
+    and contrast factors, JPEG quality, and the held-out transformation (None: the copy model)."""
+
+    box: tuple[int, int, int, int]
+    scale: float
+    brightness: float
+    contrast: float
+    quality: int
+    held_out: str | None = None
+
+    def record(self, size: tuple[int, int]) -> dict[str, float | int | str | None]:
+        """For a benchmark row: the share of the width and of the height cropped off, and the other draws."""
+        w, h = size
+        left, top, right, bottom = self.box
+        return {"crop_w": round(1 - (right - left) / w, 3), "crop_h": round(1 - (bottom - top) / h, 3),
+                "scale": round(self.scale, 3), "brightness": round(self.brightness, 3),
+                "contrast": round(self.contrast, 3), "quality": self.quality, "held_out": self.held_out}
+
+
+def draw_edit(size: tuple[int, int], rng: random.Random, held_out: str | None = None) -> Edit:
+    """The draws of one copy of an image of `size` (w, h) under the copy model, from `rng` (a held-out
+    transformation draws the quality only)."""
+    w, h = size
+    if held_out is not None:
+        return Edit((0, 0, w, h), 1.0, 1.0, 1.0, rng.randint(*QUALITY), held_out)
     cut_w, cut_h = int(round(w * rng.uniform(0, CROP))), int(round(h * rng.uniform(0, CROP)))
     left, top = rng.randint(0, cut_w), rng.randint(0, cut_h)
-    return im.crop((left, top, w - (cut_w - left), h - (cut_h - top)))
+    box = (left, top, w - (cut_w - left), h - (cut_h - top))
+    scale = rng.uniform(*RESIZE)
+    light = rng.uniform(1 - LIGHT, 1 + LIGHT), rng.uniform(1 - LIGHT, 1 + LIGHT)
+    return Edit(box, scale, *light, rng.randint(*QUALITY))
+
+
+def apply_edit(im: Image.Image, edit: Edit) -> Image.Image:
+    """An RGB copy of RGB image `im` by `edit`, returned decoded, as the copy's JPEG file would decode."""
+    if edit.held_out == "blur":
+        out = im.filter(ImageFilter.GaussianBlur(radius=max(im.size) / 128))
+    elif edit.held_out == "rotate":
+        out = im.transpose(Image.Transpose.ROTATE_90)
+    else:
+        out = im.crop(edit.box)
+        out = out.resize((max(8, round(out.width * edit.scale)), max(8, round(out.height * edit.scale))),
+                         Image.Resampling.BICUBIC)
+        out = ImageEnhance.Brightness(out).enhance(edit.brightness)
+        out = ImageEnhance.Contrast(out).enhance(edit.contrast)
+    buffer = io.BytesIO()
+    out.save(buffer, format="JPEG", quality=edit.quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
 
 
 def make_copy(im: Image.Image, rng: random.Random, held_out: str | None = None) -> Image.Image:
     """An RGB copy of RGB image `im` under the copy model (or under a held-out transformation: "blur", "rotate"),
     drawn from `rng`; returned decoded, as the copy's JPEG file would decode."""
-    if held_out == "blur":
-        out = im.filter(ImageFilter.GaussianBlur(radius=max(im.size) / 128))
-    elif held_out == "rotate":
-        out = im.transpose(Image.Transpose.ROTATE_90)
-    else:
-        out = _crop(im, rng)
-        scale = rng.uniform(*RESIZE)
-        out = out.resize((max(8, round(out.width * scale)), max(8, round(out.height * scale))),
-                         Image.Resampling.BICUBIC)
-        out = ImageEnhance.Brightness(out).enhance(rng.uniform(1 - LIGHT, 1 + LIGHT))
-        out = ImageEnhance.Contrast(out).enhance(rng.uniform(1 - LIGHT, 1 + LIGHT))
-    buffer = io.BytesIO()
-    out.save(buffer, format="JPEG", quality=rng.randint(*QUALITY))
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+    return apply_edit(im, draw_edit(im.size, rng, held_out))
+
+
+def planted_image(path: Path, max_side: int = 512) -> Image.Image:
+    """An original as plant() copies it: decoded by edgessl's rules, larger ones shrunk to `max_side` on the longer
+    side."""
+    im = open_rgb(path, max_side)
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return im
+
+
+def edits(originals: list[Path], seed: int, held_out: str | None = None, max_side: int = 512) -> list[Edit]:
+    """The draws plant() makes for these originals with this seed (what each planted copy went through)."""
+    return [draw_edit(planted_image(p, max_side).size, random.Random(f"{seed}-{i}"), held_out)
+            for i, p in enumerate(originals)]
 
 
 def plant(originals: list[Path], folder: Path, seed: int, held_out: str | None = None,
@@ -60,11 +108,8 @@ def plant(originals: list[Path], folder: Path, seed: int, held_out: str | None =
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for i, path in enumerate(originals):
-        im = open_rgb(path, max_side)
-        if max(im.size) > max_side:
-            im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
         files.append(folder / f"{i:06d}.png")
-        make_copy(im, random.Random(f"{seed}-{i}"), held_out).save(files[-1])
+        make_copy(planted_image(path, max_side), random.Random(f"{seed}-{i}"), held_out).save(files[-1])
     return files
 
 
