@@ -80,6 +80,14 @@ def twins(paths: list[str]) -> dict[str, str]:
 
 def score(result, truth: dict[str, str]) -> dict[str, Any]:
     """Precision and recall of the planted copies in an EmbedResult (see the module docstring)."""
+    copy_pairs, holding, good, hit = matched(result, truth)
+    return {"pairs": len(copy_pairs), "pairs_with_copies": len(holding), "right": len(good),
+            "precision": len(good) / len(holding) if holding else 1.0, "recall": len(hit) / max(len(truth), 1)}
+
+
+def matched(result, truth: dict[str, str]) -> tuple[list, list, list, set]:
+    """(the duplicate pairs as paths, those holding a planted copy, those pairing it with its original or a pixel
+    twin of it, the planted copies so found)."""
     found = result.duplicates
     paths = result.paths
     copy_pairs = [(paths[a], paths[b]) for (a, b), k in zip(found.pairs.tolist(), found.kinds, strict=True)]
@@ -91,9 +99,31 @@ def score(result, truth: dict[str, str]) -> dict[str, Any]:
         return o in pixel and pixel.get(truth[c]) == pixel[o]
 
     good = [pair for pair in holding if right(*pair)]
-    hit = {a if a in truth else b for a, b in good}
-    return {"pairs": len(copy_pairs), "pairs_with_copies": len(holding), "right": len(good),
-            "precision": len(good) / len(holding) if holding else 1.0, "recall": len(hit) / max(len(truth), 1)}
+    return copy_pairs, holding, good, {a if a in truth else b for a, b in good}
+
+
+def missed(result, truth: dict[str, str], seed: int, held_out: str | None, size: int) -> list[dict[str, Any]]:
+    """The planted copies not found with their original: each one's draws (edgessl.data.copies.edits: crop,
+    resize, light, JPEG quality) and its copy score with its original at the encoder's size (fitted whatever the
+    prefilter would say)."""
+    import numpy as np
+    import torch
+
+    from edgessl.data.copies import edits, planted_image
+    from edgessl.data.folder import decode_image
+    from edgessl.evaluate.copies import copy_scores
+
+    hit = matched(result, truth)[3]
+    copies = list(truth)
+    lost = [i for i, c in enumerate(copies) if c not in hit]
+    if not lost:
+        return []
+    draws = edits([Path(truth[c]) for c in copies], seed, held_out)
+    rows = torch.from_numpy(np.stack([decode_image(p, size).transpose(2, 0, 1)
+                                      for i in lost for p in (copies[i], truth[copies[i]])]))
+    scores = copy_scores(lambda index: rows[index], np.arange(2 * len(lost)).reshape(-1, 2))
+    return [{"copy": Path(copies[i]).name, **draws[i].record(planted_image(Path(truth[copies[i]])).size),
+             "score": round(float(v), 4)} for i, v in zip(lost, scores.tolist(), strict=True)]
 
 
 def rule_record(result) -> dict[str, Any]:
@@ -138,7 +168,8 @@ def one_encoder(name: str, src: Path, size: int, epochs: int, work: Path, tiny: 
         res = edgessl.embed(run.run_dir, str(data), str(work / f"emb-{name}-{epochs}-{seed}" / "e.npz"),
                             duplicates="auto", planted=planted)
         rows.append({"data": name, "epochs": epochs, "sample": f"seed {seed}" + (f" ({held})" if held else ""),
-                     "held_out": held, "copies": len(truth), **rule_record(res), **score(res, truth)})
+                     "held_out": held, "copies": len(truth), **rule_record(res), **score(res, truth),
+                     "missed": missed(res, truth, seed, held, size)})
         print(f"duplicates {name} {epochs} epochs {rows[-1]['sample']}: P {rows[-1]['precision']:.2f} "
               f"R {rows[-1]['recall']:.2f} (estimated {rows[-1]['estimated_precision']:.2f} / "
               f"{rows[-1]['estimated_recall']:.2f})", flush=True)
@@ -278,7 +309,22 @@ def duplicates_section(rec: dict[str, Any]) -> str:
         kinds = [p[2] for p in r["pairs"]]
         out.append(f"| {r['data']} | {r['epochs']} | {r['images']:,} | {r['flagged']} | {r['flagged_share']:.1%} | "
                    f"{kinds.count('exact')} | {kinds.count('copy')} | {estimated(r)} |")
-    return "\n".join(out + scale_section(rec["rows"])) + "\n"
+    return "\n".join(out + missed_section(rec["rows"]) + scale_section(rec["rows"])) + "\n"
+
+
+def missed_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The planted copies each sample missed, with what the copy model did to them (rows that recorded it)."""
+    lost = [(r, m) for r in rows if r.get("missed") for m in r["missed"]]
+    if not lost:
+        return []
+    out = ["\nThe planted copies not found, with what was done to them (crop: share of the width / height cut off; "
+           "resize: the copy's size over the original's; score: its copy score with its original):\n",
+           "| folder | encoder epochs | sample | copy | crop | resize | JPEG quality | score |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r, m in lost:
+        out.append(f"| {r['data']} | {r['epochs']} | {r['sample']} | {m['copy']} | {m['crop_w']:.2f} / "
+                   f"{m['crop_h']:.2f} | {m['scale']:.2f} | {m['quality']} | {m['score']:.3f} |")
+    return out
 
 
 def scale_section(rows: list[dict[str, Any]]) -> list[str]:

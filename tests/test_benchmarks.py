@@ -265,6 +265,8 @@ def test_duplicates_suite(bench):
     assert planted["copies"] == 4 and 0 <= planted["precision"] <= 1 and 0 <= planted["recall"] <= 1
     assert 0 <= planted["estimated_precision"] <= 1 and planted["threshold"] > 0
     assert 0 <= planted["estimated_precision_low"] <= planted["estimated_precision"] and planted["unsure"] >= 0
+    assert len(planted["missed"]) == round(planted["copies"] * (1 - planted["recall"]))  # each lost copy, with
+    assert all({"copy", "crop_w", "scale", "quality", "score"} <= set(m) for m in planted["missed"])  # its draws
     assert scale["part"] == "scale" and scale["images"] == 36 and list(scale["plain_seconds"]) == ["embed"]
     assert set(scale["seconds"]) == {"embed", "pixels", "calibration", "search", "files"}
     assert all(v >= 0 for v in scale["seconds"].values()) and scale["seconds"]["calibration"] > 0
