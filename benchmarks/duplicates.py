@@ -78,9 +78,10 @@ def twins(paths: list[str]) -> dict[str, str]:
     return {p: hashlib.sha1(decode_image(p, 64).tobytes()).hexdigest() for p in paths}
 
 
-def score(result, truth: dict[str, str]) -> dict[str, Any]:
-    """Precision and recall of the planted copies in an EmbedResult (see the module docstring)."""
-    copy_pairs, holding, good, hit = matched(result, truth)
+def score(result, truth: dict[str, str], found: tuple[list, list, list, set] | None = None) -> dict[str, Any]:
+    """Precision and recall of the planted copies in an EmbedResult (see the module docstring); found: matched()'s
+    answer when the caller has it already."""
+    copy_pairs, holding, good, hit = found or matched(result, truth)
     return {"pairs": len(copy_pairs), "pairs_with_copies": len(holding), "right": len(good),
             "precision": len(good) / len(holding) if holding else 1.0, "recall": len(hit) / max(len(truth), 1)}
 
@@ -102,18 +103,17 @@ def matched(result, truth: dict[str, str]) -> tuple[list, list, list, set]:
     return copy_pairs, holding, good, {a if a in truth else b for a, b in good}
 
 
-def missed(result, truth: dict[str, str], seed: int, held_out: str | None, size: int) -> list[dict[str, Any]]:
-    """The planted copies not found with their original: each one's draws (edgessl.data.copies.edits: crop,
-    resize, light, JPEG quality) and its copy score with its original at the encoder's size (fitted whatever the
-    prefilter would say)."""
+def missed(hit: set, truth: dict[str, str], seed: int, held_out: str | None, size: int) -> list[dict[str, Any]]:
+    """The planted copies not found with their original (hit: matched()'s found copies): each one's draws
+    (edgessl.data.copies.edits: crop, resize, light, JPEG quality) and its copy score with its original at the
+    encoder's size (fitted whatever the prefilter would say)."""
     import numpy as np
     import torch
 
-    from edgessl.data.copies import edits, planted_image
+    from edgessl.data.copies import edits
     from edgessl.data.folder import decode_image
     from edgessl.evaluate.copies import copy_scores
 
-    hit = matched(result, truth)[3]
     copies = list(truth)
     lost = [i for i, c in enumerate(copies) if c not in hit]
     if not lost:
@@ -122,8 +122,8 @@ def missed(result, truth: dict[str, str], seed: int, held_out: str | None, size:
     rows = torch.from_numpy(np.stack([decode_image(p, size).transpose(2, 0, 1)
                                       for i in lost for p in (copies[i], truth[copies[i]])]))
     scores = copy_scores(lambda index: rows[index], np.arange(2 * len(lost)).reshape(-1, 2))
-    return [{"copy": Path(copies[i]).name, **draws[i].record(planted_image(Path(truth[copies[i]])).size),
-             "score": round(float(v), 4)} for i, v in zip(lost, scores.tolist(), strict=True)]
+    return [{"copy": Path(copies[i]).name, **draws[i].record(), "score": round(float(v), 4)}
+            for i, v in zip(lost, scores.tolist(), strict=True)]
 
 
 def rule_record(result) -> dict[str, Any]:
@@ -167,9 +167,10 @@ def one_encoder(name: str, src: Path, size: int, epochs: int, work: Path, tiny: 
         truth = dict(line.split("\t") for line in (data.parent / f"{data.name}.truth").read_text().splitlines())
         res = edgessl.embed(run.run_dir, str(data), str(work / f"emb-{name}-{epochs}-{seed}" / "e.npz"),
                             duplicates="auto", planted=planted)
+        found = matched(res, truth)
         rows.append({"data": name, "epochs": epochs, "sample": f"seed {seed}" + (f" ({held})" if held else ""),
-                     "held_out": held, "copies": len(truth), **rule_record(res), **score(res, truth),
-                     "missed": missed(res, truth, seed, held, size)})
+                     "held_out": held, "copies": len(truth), **rule_record(res), **score(res, truth, found),
+                     "missed": missed(found[3], truth, seed, held, size)})
         print(f"duplicates {name} {epochs} epochs {rows[-1]['sample']}: P {rows[-1]['precision']:.2f} "
               f"R {rows[-1]['recall']:.2f} (estimated {rows[-1]['estimated_precision']:.2f} / "
               f"{rows[-1]['estimated_recall']:.2f})", flush=True)

@@ -57,7 +57,7 @@ def test_a_planted_copys_draws_can_be_read_back(tmp_path):
     for f, e in zip(files, edits([tmp_path / "x.png"] * 3, 4), strict=True):
         left, top, right, bottom = e.box
         assert Image.open(f).size == (round((right - left) * e.scale), round((bottom - top) * e.scale))
-        r = e.record((80, 80))
+        r = e.record()
         assert 0 <= r["crop_w"] <= CROP + 0.01 and 0 <= r["crop_h"] <= CROP + 0.01 and r["held_out"] is None
         assert RESIZE[0] <= r["scale"] <= RESIZE[1] and QUALITY[0] <= r["quality"] <= QUALITY[1]
     im = Image.fromarray(_picture(3, 80))

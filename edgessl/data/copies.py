@@ -27,9 +27,11 @@ QUALITY = (60, 95)  # JPEG quality
 
 @dataclass(frozen=True)
 class Edit:
-    """One synthetic copy's draws: the box kept (left, top, right, bottom in pixels), the resize factor, brightness
-    and contrast factors, JPEG quality, and the held-out transformation (None: the copy model)."""
+    """One synthetic copy's draws for an original of `size` (w, h): the box kept (left, top, right, bottom in
+    pixels), the resize factor, brightness and contrast factors, JPEG quality, and the held-out transformation
+    (None: the copy model)."""
 
+    size: tuple[int, int]
     box: tuple[int, int, int, int]
     scale: float
     brightness: float
@@ -37,9 +39,9 @@ class Edit:
     quality: int
     held_out: str | None = None
 
-    def record(self, size: tuple[int, int]) -> dict[str, float | int | str | None]:
+    def record(self) -> dict[str, float | int | str | None]:
         """For a benchmark row: the share of the width and of the height cropped off, and the other draws."""
-        w, h = size
+        w, h = self.size
         left, top, right, bottom = self.box
         return {"crop_w": round(1 - (right - left) / w, 3), "crop_h": round(1 - (bottom - top) / h, 3),
                 "scale": round(self.scale, 3), "brightness": round(self.brightness, 3),
@@ -51,13 +53,13 @@ def draw_edit(size: tuple[int, int], rng: random.Random, held_out: str | None = 
     transformation draws the quality only)."""
     w, h = size
     if held_out is not None:
-        return Edit((0, 0, w, h), 1.0, 1.0, 1.0, rng.randint(*QUALITY), held_out)
+        return Edit(size, (0, 0, w, h), 1.0, 1.0, 1.0, rng.randint(*QUALITY), held_out)
     cut_w, cut_h = int(round(w * rng.uniform(0, CROP))), int(round(h * rng.uniform(0, CROP)))
     left, top = rng.randint(0, cut_w), rng.randint(0, cut_h)
     box = (left, top, w - (cut_w - left), h - (cut_h - top))
     scale = rng.uniform(*RESIZE)
     light = rng.uniform(1 - LIGHT, 1 + LIGHT), rng.uniform(1 - LIGHT, 1 + LIGHT)
-    return Edit(box, scale, *light, rng.randint(*QUALITY))
+    return Edit(size, box, scale, *light, rng.randint(*QUALITY))
 
 
 def apply_edit(im: Image.Image, edit: Edit) -> Image.Image:
