@@ -6,6 +6,7 @@ Precedence, lowest first: defaults < --recipe < --config < the --method preset <
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,8 @@ class PretrainConfig(HasDecode):
     # method
     method: str = option("edgessl", "edgessl (the full method) | npid (random init, momentum update, tau 0.1, no "
                                     "L_sd).")
-    temperature: float = option(0.1, "tau of the instance loss (0.2 paid on steel scans and icons and cost on photos: "
-                                      "docs/method.md).")
+    temperature: float | str = option("auto", "tau of the instance loss, or auto: 0.2 for a folder whose images look "
+                                              "alike (scans, icons), else 0.1 (docs/method.md).")
     negatives: int = option(16384, "Whole bank up to batch rows + this many rows, else batch rows + this many "
                                    "distinct sampled rows.")
     bank_init: str = option("auto", "auto (teacher with --teacher and a --teacher-weight above 0, else forward) | "
@@ -231,8 +232,9 @@ def validate(cfg: PretrainConfig) -> None:
             raise UserError(f"{flag} must be one of {', '.join(allowed)}, not '{value}'.")
     for name in ("epochs", "image_size"):
         setattr(cfg, name, auto_or_int(getattr(cfg, name), name))
-    positive = ["batch_size", "temperature", "negatives", "feature_dim", "sd_temperature"]
-    positive += [name for name in ("epochs", "image_size") if getattr(cfg, name) != "auto"]
+    cfg.temperature = auto_or_float(cfg.temperature, "temperature")
+    positive = ["batch_size", "negatives", "feature_dim", "sd_temperature"]
+    positive += [name for name in ("epochs", "image_size", "temperature") if getattr(cfg, name) != "auto"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}.")
@@ -267,6 +269,19 @@ def auto_or_int(value: Any, name: str) -> int | str:
         return int(str(value).strip())
     except ValueError:
         raise UserError(f"--{name.replace('_', '-')} must be a whole number or auto, not '{value}'.") from None
+
+
+def auto_or_float(value: Any, name: str) -> float | str:
+    """'auto' or a number (a CLI string, a YAML or API number) -> 'auto' or float; UserError otherwise."""
+    if value == "auto":
+        return value
+    try:
+        number = float("nan") if isinstance(value, bool) else float(value)
+        if not math.isfinite(number):
+            raise ValueError(value)
+        return number
+    except (TypeError, ValueError):
+        raise UserError(f"--{name.replace('_', '-')} must be a number or auto, not '{value}'.") from None
 
 
 def validate_teacher(cfg: PretrainConfig) -> None:

@@ -131,7 +131,7 @@ def test_npid_preset_and_explicit_flags_win():
     assert (cfg.bank_init, cfg.bank_update, cfg.temperature, cfg.sd_weight) == ("random", "momentum", 0.1, 0.0)
     assert resolve({"method": "npid", "temperature": 0.07}).temperature == 0.07
     full = resolve({})
-    assert (full.bank_init, full.bank_update, full.temperature, full.sd_weight) == ("forward", "grad", 0.1, 5.0)
+    assert (full.bank_init, full.bank_update, full.temperature, full.sd_weight) == ("forward", "grad", "auto", 5.0)
     assert (full.head, full.bank_lr) == ("linear", 1.0)
 
 

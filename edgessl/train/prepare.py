@@ -18,6 +18,7 @@ from edgessl.data.augment import test_transform
 from edgessl.data.auto import choose_epochs, choose_image_size, header_sizes
 from edgessl.data.folder import ImageSet, load_image_folder, write_skipped
 from edgessl.data.loader import Prefetcher, gather
+from edgessl.data.lookalike import choose_temperature, lookalike_score
 from edgessl.data.signature import describe_difference, files_hash, folder_signature, scan_images
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, UserError
@@ -109,6 +110,15 @@ def resolve_auto(cfg: PretrainConfig, device_type: str) -> tuple[PretrainConfig,
         epochs = choose_epochs(len(paths or []))
         chosen["epochs"], said["epochs"] = epochs.value, f"{epochs.value} ({epochs.reason})"
     return replace(cfg, **chosen), said, paths
+
+
+def resolve_temperature(cfg: PretrainConfig, images: ImageSet) -> tuple[PretrainConfig, dict[str, str]]:
+    """--temperature auto chosen from the decoded training images (edgessl.data.lookalike): the config with the
+    number (config.yaml records what ran) and {"temperature": "tau (why)"} for the banner and encoder.json."""
+    if cfg.temperature != "auto":
+        return cfg, {}
+    choice = choose_temperature(lookalike_score(images))
+    return replace(cfg, temperature=choice.value), {"temperature": f"{choice.value:g} ({choice.reason})"}
 
 
 def target_dir(cfg: PretrainConfig, resume: str | Path | None, overwrite: bool, d: distributed.Dist):

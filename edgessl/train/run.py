@@ -27,12 +27,15 @@ from edgessl.train.prepare import (
     load_data,
     resolve_auto,
     resolve_batch,
+    resolve_temperature,
     target_dir,
     write_history,
     write_run_files,
 )
 from edgessl.train.teacher import open_teacher, teacher_bank
 from edgessl.train.types import Evaluation, NoMonitor, PretrainResult, Run, StepInfo, WarmStart, warner
+
+AUTO_LABELS = {"image_size": "Image size", "epochs": "Epochs", "temperature": "Temperature"}  # the banner's lines
 
 
 def pretrain(
@@ -94,6 +97,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     predictor = add_predictor(cfg, model, pending, d, device)
     images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn, scanned)
     grey = choose_greyscale(cfg.greyscale, images)
+    cfg, said = resolve_temperature(cfg, images)
+    chosen.update(said)
     batch = resolve_batch(cfg, len(images), d, warn, ckpt.get("batch") if ckpt else None)
     state = new_state(cfg, model, len(images), batch, device, precision)
     if ckpt is not None:  # every process reads it: any number of processes continues any run
@@ -126,7 +131,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
             run.first_row["resumed"] = True  # curves.png marks where this invocation took over
         banner(run, state, precision, arch)
         for name, text in chosen.items():
-            run.say(f"{'Image size' if name == 'image_size' else 'Epochs'}: {text}")
+            run.say(f"{AUTO_LABELS[name]}: {text}")
         if grey.on or cfg.greyscale != "auto":
             run.say(f"Colour: {grey.describe()}")
         train_epochs(run, state, objective, net, on_step)

@@ -1,0 +1,78 @@
+"""`--temperature auto`: the instance loss's temperature chosen from how alike the folder's images look.
+
+Instance discrimination pushes every image away from every other. In a folder whose images look alike (steel scans
+of one texture, icons drawn in one style, digits) a low temperature pushes hardest on the pairs that differ least,
+which are mostly the same kind of thing; a higher one (0.2) pushes them apart less. Measured
+(benchmarks/README.md "Domains", the temperature table): tau 0.2 gained linear@10 on NEU-DET scans and emoji and
+lost on CIFAR-10 photos, whatever their size or colour. What separated them is the folder's *look-alike score*:
+the mean, over an evenly spread sample of LOOKALIKE_SAMPLE images, of each image's cosine similarity to its nearest
+other image in the sample, on 16 x 16 grey thumbnails with their mean removed. CIFAR-10 photos score 0.62-0.63,
+NEU-DET scans 0.77 and emoji 0.82 at every size tried; LOOKALIKE_THRESHOLD sits between them, and a folder nobody
+tuned on (scikit-learn's 8 x 8 digits, 0.95) gained with 0.2 as predicted (+0.012 linear@10 over 2 seeds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgessl.data.folder import ImageSet
+
+THUMB = 16  # px of the grey thumbnails the score compares
+LOOKALIKE_SAMPLE = 1000  # images compared at most, evenly spread (the score hardly moves with the folder's size)
+LOOKALIKE_THRESHOLD = 0.70  # look-alike score from which tau 0.2 is chosen
+SURE_MARGIN = 0.05  # a score closer than this to the threshold is reported as unsure
+TEMPERATURES = (0.1, 0.2)  # (photos, look-alike folders)
+MEASURED = {"photos": (0.62, 0.63), "look-alike": (0.77, 0.95)}  # the score's range on the measured folders
+
+
+def grey_thumbnails(rows: torch.Tensor, side: int = THUMB) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> (B, side * side) float: the grey image area-averaged to side x side, its mean removed,
+    unit length (a flat image stays all zeros)."""
+    grey = rows.float().mean(dim=1, keepdim=True)
+    t = torch.nn.functional.adaptive_avg_pool2d(grey, side).flatten(1)
+    return torch.nn.functional.normalize(t - t.mean(dim=1, keepdim=True), dim=1)
+
+
+def nearest_similarity(x: torch.Tensor) -> torch.Tensor:
+    """x: (B, D) unit rows, B >= 2 -> (B,): each row's largest cosine similarity to another row."""
+    sim = x @ x.T
+    sim.fill_diagonal_(-2.0)
+    return sim.max(dim=1).values
+
+
+def lookalike_score(images: ImageSet, limit: int = LOOKALIKE_SAMPLE, chunk: int = 256) -> float:
+    """The folder's look-alike score (module docstring): mean nearest-other similarity of up to `limit` images,
+    evenly spread, read in chunks. A folder of one image scores 0."""
+    n = len(images)
+    if n < 2:
+        return 0.0
+    index = torch.linspace(0, n - 1, min(n, limit)).round().long().unique()
+    thumbs = torch.cat([grey_thumbnails(images.get(part)) for part in index.split(chunk)])
+    return float(nearest_similarity(thumbs).mean())
+
+
+@dataclass(frozen=True)
+class TemperatureChoice:
+    """What `--temperature auto` chose, the score it rests on and why (the banner's line)."""
+
+    value: float
+    score: float
+    reason: str
+
+
+def choose_temperature(score: float, threshold: float = LOOKALIKE_THRESHOLD) -> TemperatureChoice:
+    """tau from the folder's look-alike score: TEMPERATURES[1] at or above `threshold`, else TEMPERATURES[0]; the
+    reason says how far the score is from the threshold and from the measured folders."""
+    photos, alike = MEASURED["photos"], MEASURED["look-alike"]
+    if score >= threshold:
+        tau, kind = TEMPERATURES[1], "the images look alike"
+    else:
+        tau, kind = TEMPERATURES[0], "the images differ"
+    margin = abs(score - threshold)
+    sure = "clear of it" if margin >= SURE_MARGIN else \
+        f"within {SURE_MARGIN:.2f} of it, so unsure: try --temperature {TEMPERATURES[score < threshold]:g} too"
+    reason = (f"auto: look-alike score {score:.2f}, {kind} (threshold {threshold:.2f}, {sure}; measured: photos "
+              f"{photos[0]:.2f}-{photos[1]:.2f}, scans, icons and digits {alike[0]:.2f}-{alike[1]:.2f})")
+    return TemperatureChoice(tau, score, reason)

@@ -1,0 +1,133 @@
+"""--temperature auto (edgessl.data.lookalike): the thumbnails and the nearest-other similarity in closed cases, the
+folder's score on look-alike and on unrelated images, the rule at its threshold, and a run that prints, records and
+obeys it (an explicit --temperature overrides it)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import edgessl
+from edgessl.config import resolve
+from edgessl.data.folder import load_image_folder
+from edgessl.data.lookalike import (
+    LOOKALIKE_THRESHOLD,
+    SURE_MARGIN,
+    TEMPERATURES,
+    choose_temperature,
+    grey_thumbnails,
+    lookalike_score,
+    nearest_similarity,
+)
+from edgessl.errors import UserError
+
+
+def noise_folder(root: Path, n: int = 12, size: int = 48) -> Path:
+    """n unrelated images: independent noise."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    return root
+
+
+def alike_folder(root: Path, n: int = 12, size: int = 48) -> Path:
+    """n look-alike images: one smooth grey pattern, each with its own brightness and a little noise."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    pattern = 100 + 80 * np.sin(6 * xx) * np.cos(4 * yy)
+    for i in range(n):
+        img = np.clip(pattern + 10 * i + rng.normal(0, 3, pattern.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img, "L").save(root / f"{i:03d}.png")
+    return root
+
+
+def test_thumbnails_are_grey_mean_free_unit_and_blind_to_brightness_and_contrast():
+    ramp = torch.arange(32, dtype=torch.float32).repeat(32, 1)  # (32, 32), brighter to the right
+    rows = torch.stack([ramp.expand(3, 32, 32), (2 * ramp + 50).expand(3, 32, 32), torch.full((3, 32, 32), 7.0)])
+    t = grey_thumbnails(rows.round().to(torch.uint8), side=4)
+    assert t.shape == (3, 16)
+    assert torch.allclose(t[0], t[1], atol=1e-6)  # contrast x2 and brightness +50 change nothing
+    assert torch.allclose(t[0].norm(), torch.tensor(1.0)) and abs(float(t[0].sum())) < 1e-5
+    assert torch.equal(t[2], torch.zeros(16))  # a flat image has no pattern
+    cols = torch.tensor([-3.0, -1.0, 1.0, 3.0]) / torch.tensor(80.0).sqrt()  # 8-px bands of 0-31: means 3.5 + 8k
+    assert torch.allclose(t[0], cols.repeat(4), atol=1e-6)
+    colour = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    colour[0, 0, :, 2:] = 90  # red on the right half: grey is the mean of the channels, 30 there
+    assert torch.allclose(grey_thumbnails(colour, side=2), torch.tensor([[-0.5, 0.5, -0.5, 0.5]]))
+
+
+def test_nearest_similarity_is_each_rows_best_other_row():
+    x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    assert torch.allclose(nearest_similarity(x), torch.tensor([0.6, 0.8, 0.8]))
+    assert torch.allclose(nearest_similarity(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])), torch.tensor([-1.0, -1.0]))
+
+
+def test_look_alike_images_score_high_and_unrelated_ones_low(tmp_path):
+    alike = lookalike_score(load_image_folder(alike_folder(tmp_path / "alike"), 32))
+    noise = lookalike_score(load_image_folder(noise_folder(tmp_path / "noise"), 32))
+    assert alike > 0.95 and noise < 0.5
+    assert choose_temperature(alike).value == TEMPERATURES[1] == 0.2
+    assert choose_temperature(noise).value == TEMPERATURES[0] == 0.1
+
+
+class Rows:
+    """An ImageSet stand-in that records which rows were read."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images, self.read = images, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, index: torch.Tensor) -> torch.Tensor:
+        self.read += index.tolist()
+        return self.images[index]
+
+
+def test_the_score_reads_an_evenly_spread_sample_in_chunks():
+    rows = Rows(torch.randint(0, 255, (10, 3, 8, 8), dtype=torch.uint8))
+    lookalike_score(rows, limit=4, chunk=3)
+    assert rows.read == [0, 3, 6, 9]
+    assert lookalike_score(Rows(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))) == 0.0  # one image: nothing to compare
+
+
+def test_the_rule_at_its_threshold_and_how_sure_it_says_it_is():
+    assert choose_temperature(LOOKALIKE_THRESHOLD).value == 0.2
+    assert choose_temperature(LOOKALIKE_THRESHOLD - 0.001).value == 0.1
+    near = choose_temperature(LOOKALIKE_THRESHOLD + SURE_MARGIN / 2)
+    assert "so unsure: try --temperature 0.1 too" in near.reason
+    far = choose_temperature(0.62)
+    assert far.reason == ("auto: look-alike score 0.62, the images differ (threshold 0.70, clear of it; measured: "
+                          "photos 0.62-0.63, scans, icons and digits 0.77-0.95)")
+
+
+def test_temperature_option_values():
+    assert resolve({}).temperature == "auto"
+    assert resolve({"temperature": "0.2"}).temperature == 0.2  # a CLI string
+    assert resolve({"temperature": 1}).temperature == 1.0
+    for bad in ("warm", "nan", True):
+        with pytest.raises(UserError, match=f"^--temperature must be a number or auto, not '{bad}'.$"):
+            resolve({"temperature": bad})
+    with pytest.raises(UserError, match="^--temperature must be positive, not 0.0.$"):
+        resolve({"temperature": 0})
+
+
+def test_a_run_prints_records_and_uses_the_chosen_temperature(tmp_path, capsys):
+    data = alike_folder(tmp_path / "scans")
+    opts = dict(batch_size=8, eval_every=0, epochs=1, image_size=32, head_hidden=32, feature_dim=16)
+    run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), **opts)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Temperature: 0.2 (auto: look-alike score 1.00, the images look alike (threshold 0.70" in out
+    assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["temperature"] == 0.2
+    meta = json.loads((run.run_dir / "encoder.json").read_text())
+    assert meta["auto"]["temperature"].startswith("0.2 (auto: look-alike score ")
+    own = edgessl.pretrain(data=str(data), out=str(tmp_path / "own"), temperature=0.15, **opts)
+    assert "Temperature:" not in capsys.readouterr().out
+    assert yaml.safe_load((own.run_dir / "config.yaml").read_text())["temperature"] == 0.15
+    assert "auto" not in json.loads((own.run_dir / "encoder.json").read_text())
