@@ -10,13 +10,15 @@ Parts (each row is kept in domains.json until a rerun of the same row replaces i
           the teacher suite's "trained on this folder" teacher);
   peers   at --image-size and --epochs (what `auto` picks for NEU-DET): lightly's SimCLR at equal epochs (training
           seeds PEER_SEEDS; edgessl's second seed is the temperature part's) and at equal wall-clock (the epochs its
-          s/epoch allows in edgessl's time, measured again on each run), and a supervised run with all labels
-          (the ceiling); the other rows kept in domains.json are not run again (remove them to measure again);
+          s/epoch allows in edgessl's time, each of PEER_SEEDS, measured again on each run), and a supervised run
+          with all labels (the ceiling); the other rows kept in domains.json are not run again (remove them to
+          measure again);
   teacher resnet18 teachers trained on NEU-DET and on emoji, distilled into the 64 px student (--teachers);
-  temperature  edgessl at tau 0.1 (the default) and 0.2 on NEU-DET, emoji, CIFAR-10 subsets (500 and 150 per class)
-          and the first one's greyscale twin, each at the size and epochs `auto` picks for it (the real rule on the
-          real folder), training seeds TEMPERATURE_SETS: whether a softer instance loss pays, and whether "greyscale"
-          or the folder's size predicts it.
+  temperature  edgessl at tau 0.1 and 0.2 on NEU-DET, emoji, CIFAR-10 subsets (500 and 150 per class), the first
+          one's greyscale twin and scikit-learn's digits (a folder no rule was tuned on), each at the size and
+          epochs `auto` picks for it (the real rule on the real folder), training seeds TEMPERATURE_SETS, with the
+          folder's look-alike score: whether a softer instance loss pays, and whether `--temperature auto` (the
+          score against its threshold) predicts it.
 Every row: kNN (k = 200) and the linear probe at 10 and all labels per class on the test split (--seeds label
 subsets), wall seconds, s/epoch, the load average before it.
 """
@@ -35,7 +37,7 @@ PARTS = ("epochs", "sizes", "peers", "teacher", "temperature")
 TEMPERATURES = (0.1, 0.2)
 PEER_SEEDS = (0, 1)  # SimCLR's training seeds at equal epochs (--tiny: the first)
 TEMPERATURE_SETS = {"neu-det": (0, 1), "emoji": (0, 1), "cifar10-5k": (0, 1), "cifar10-5k-grey": (0,),  # seeds
-                    "cifar10-1.5k": (0, 1)}
+                    "cifar10-1.5k": (0, 1), "digits": (0, 1)}
 CIFAR_SUBSETS = {"cifar10-5k": 500, "cifar10-1.5k": 150}  # images per class
 TEACHERS = ("neu-det", "emoji")  # resnet18 teachers at 64 px for SIZE_EPOCHS epochs: on the folder, on another one
 KEPT = Path(__file__).resolve().parent / ".cache" / "domains-runs"  # runs other suites reuse (the NEU-DET teacher)
@@ -43,13 +45,13 @@ KEPT = Path(__file__).resolve().parent / ".cache" / "domains-runs"  # runs other
 
 def folders(name: str, tiny: bool) -> tuple[Path, Path]:
     """(train, test) folders of one of the suite's data sets (--tiny: 3 train and 2 test images per class)."""
-    from benchmarks.datasets import cifar10, emoji, greyscale_copy, neu_det, stratified_subset
+    from benchmarks.datasets import cifar10, digits, emoji, greyscale_copy, neu_det, stratified_subset
 
     base = name.removesuffix("-grey")
     if base in CIFAR_SUBSETS:
         train, test = cifar10(per_class=CIFAR_SUBSETS[base])
     else:
-        train, test = {"neu-det": neu_det, "emoji": emoji}[base]()
+        train, test = {"neu-det": neu_det, "emoji": emoji, "digits": digits}[base]()
     if tiny:
         train, test = (stratified_subset(train, 3, 0, f"{base}-train-tiny"),
                        stratified_subset(test, 2, 0, f"{base}-test-tiny"))
@@ -94,7 +96,8 @@ def plan(args) -> list[dict[str, Any]]:
         rows += [{**base, "method": m, "epochs": epochs, "reuse": True} for m in ("edgessl", "supervised")]
         rows += [{**base, "method": "simclr", "epochs": epochs, "reuse": True, **({"seed": s} if s else {})}
                  for s in seeds]
-        rows.append({**base, "method": "simclr", "epochs": None, "budget_of": "edgessl"})  # measured on each run
+        rows += [{**base, "method": "simclr", "epochs": None, "budget_of": "edgessl", **({"seed": s} if s else {})}
+                 for s in seeds]  # measured again on each run
     if "teacher" in parts:
         size, epochs = sizes[0], size_epochs
         base = {"part": "teacher", "data": "neu-det", "backbone": "mobilenetv3_small", "size": size}
@@ -166,7 +169,7 @@ def run_row(row: dict[str, Any], done: list[dict[str, Any]], args, workdir: Path
     from benchmarks.common import train_and_eval
 
     train, test = folders(row["data"], args.tiny)
-    if row.get("budget_of"):  # SimCLR (seed 0) for the time edgessl took at the same size and epochs (its default
+    if row.get("budget_of"):  # SimCLR (each seed) for the time edgessl took at the same size and epochs (its default
         # run: not a temperature or teacher row)
         ref = next(r for r in done if r["method"] == row["budget_of"] and r["size"] == row["size"]
                    and r["backbone"] == row["backbone"] and r["data"] == row["data"] and r["epochs"] == args.epochs
@@ -190,10 +193,20 @@ def run_row(row: dict[str, Any], done: list[dict[str, Any]], args, workdir: Path
         result = {k: v for k, v in result.items() if k not in ("method", "data", "backbone", "epochs")}
         if teacher:
             result["teacher_on_folder"] = teacher_eval(Path(teacher["teacher"]), train, test, row["size"], args.seeds)
+        if row["method"] == "edgessl":
+            result["lookalike"] = lookalike_of(train, row["size"])
     out = {**row, "row": label(row), "load_average_1min": load, **result}
     print(f"domains {out['row']}: linear@10 {out['final']['linear@10']['mean']:.3f} "
           f"kNN@all {out['final']['knn@all']['mean']:.3f} ({out['wall_s']:.0f} s)", flush=True)
     return out
+
+
+def lookalike_of(train: Path, size: int) -> float:
+    """The folder's look-alike score at `size` px, which `--temperature auto` reads (edgessl.data.lookalike)."""
+    from edgessl.data.folder import load_image_folder
+    from edgessl.data.lookalike import lookalike_score
+
+    return lookalike_score(load_image_folder(train, size))
 
 
 def suite_domains(args) -> list[dict[str, Any]]:
@@ -263,32 +276,62 @@ def _rule(header: str) -> str:
     return "|" + "---|" * (header.count("|") - 1)
 
 
-def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
-    """What `auto` picks for each data set of the suite (the real rule on the real folder) and where it lands against
-    the best row of that data set at the same backbone (linear@10)."""
+def cached_train(name: str) -> Path:
+    """Where a data set's training folder lies in the cache once a run has made it (nothing is extracted here)."""
     from benchmarks.datasets import CACHE
 
-    out = ["| data | images | auto size | auto epochs | its row: linear@10 | best row | best linear@10 | "
-           "auto − best |",
-           "|---|---|---|---|---|---|---|---|"]
-    rows = [r for r in rows if part_of(r) != "temperature"]  # the temperature part asks another question
+    base = name.removesuffix("-grey")
+    if name.endswith("-grey"):
+        return CACHE / "subsets" / f"{name}-train"
+    if base in CIFAR_SUBSETS:
+        return CACHE / "subsets" / f"cifar10-train-{CIFAR_SUBSETS[base]}pc-s0"
+    return CACHE / {"neu-det": "neu-det", "emoji": "emoji-google", "digits": "digits"}[base] / "train"
+
+
+def tau_of(r: dict[str, Any]) -> float:
+    """The temperature a row trained at (rows from before the temperature rule ran at 0.1)."""
+    return r.get("temperature", r.get("tau", 0.1))
+
+
+def setting_means(rows: list[dict[str, Any]]) -> dict[tuple[int, int, float], tuple[float, int]]:
+    """{(size, epochs, tau): (mean linear@10 over its training seeds, seeds)}; a seed counted once."""
+    runs = {(r["size"], r["epochs"], tau_of(r), r.get("seed", 0)): r["final"]["linear@10"]["mean"] for r in rows}
+    groups: dict[tuple[int, int, float], list[float]] = {}
+    for (size, epochs, tau, _), value in runs.items():
+        groups.setdefault((size, epochs, tau), []).append(value)
+    return {k: (sum(v) / len(v), len(v)) for k, v in groups.items()}
+
+
+def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """What `auto` picks for each data set of the suite (the real rules on the real folder: size, epochs and, from
+    the recorded look-alike score, tau) and where it lands against the best setting run on that data set with the
+    same backbone (linear@10, mean over training seeds)."""
+    from edgessl.data.lookalike import choose_temperature
+
+    out = ["| data | images | auto: size, epochs, τ | its setting: linear@10 | best setting: linear@10 | auto − best |",
+           "|---|---|---|---|---|---|"]
     for name in sorted({r["data"] for r in rows}):
-        folder = CACHE / ("neu-det" if name == "neu-det" else "emoji-google") / "train"
-        if not folder.is_dir():
+        folder = cached_train(name)
+        same = [r for r in rows if r["data"] == name and r["backbone"] == "mobilenetv3_small"
+                and r["method"] == "edgessl" and not r.get("teacher")]
+        scores = [r["lookalike"] for r in same if "lookalike" in r]
+        if not folder.is_dir() or not same or not scores:
             continue
         size, epochs, n = auto_settings(folder)
-        same = [r for r in rows if r["data"] == name and r["backbone"] == "mobilenetv3_small"
-                and r["method"] == "edgessl"]
-        if not same:
-            continue
-        best = max(same, key=lambda r: r["final"]["linear@10"]["mean"])
-        mine = [r for r in same if r["size"] == size and abs(r["epochs"] - epochs) <= 0.25 * epochs]
-        mine_text = f"{mine[0]['final']['linear@10']['mean']:.3f} ({mine[0]['size']} px, {mine[0]['epochs']} ep)" \
-            if mine else "not run"
-        gap = f"{mine[0]['final']['linear@10']['mean'] - best['final']['linear@10']['mean']:+.3f}" if mine else "–"
-        out.append(f"| {name} | {n:,} | {size} px | {epochs} | {mine_text} | {best['size']} px, "
-                   f"{best['epochs']} ep | {best['final']['linear@10']['mean']:.3f} | {gap} |")
+        tau = choose_temperature(scores[0]).value
+        means = setting_means(same)
+        best = max(means, key=lambda k: means[k][0])
+        mine = [k for k in means if k[0] == size and k[2] == tau and abs(k[1] - epochs) <= 0.25 * epochs]
+        mine_text = f"{_setting(mine[0], means)}" if mine else "not run"
+        gap = f"{means[mine[0]][0] - means[best][0]:+.3f}" if mine else "–"
+        out.append(f"| {name} | {n:,} | {size} px, {epochs} ep, τ {tau:g} | {mine_text} | {_setting(best, means)} | "
+                   f"{gap} |")
     return out
+
+
+def _setting(key: tuple[int, int, float], means: dict[tuple[int, int, float], tuple[float, int]]) -> str:
+    seeds = f", {means[key][1]} seeds" if means[key][1] > 1 else ""
+    return f"{means[key][0]:.3f} ({key[0]} px, {key[1]} ep, τ {key[2]:g}{seeds})"
 
 
 def temperature_rows(rows: list[dict[str, Any]]) -> list[str]:
@@ -297,17 +340,23 @@ def temperature_rows(rows: list[dict[str, Any]]) -> list[str]:
     if not runs:
         return []
     head = "| data | px | epochs | τ | training seed " + HEAD
-    out = ["", "### Temperature: τ 0.1 (the default) against 0.2, each folder at the size and epochs `auto` picks\n",
+    out = ["", "### Temperature: τ 0.1 against 0.2, each folder at the size and epochs `auto` picks; the look-alike "
+           "score `--temperature auto` reads (edgessl/data/lookalike.py) and what it picks\n",
            head, _rule(head)]
     for r in sorted(runs, key=lambda r: (r["data"], r["temperature"], r["seed"])):
         out.append(f"| {r['data']} | {r['size']} | {r['epochs']} | {r['temperature']:g} | {r['seed']} | {_cells(r)}")
+    from edgessl.data.lookalike import choose_temperature
+
     keys = ("linear@10", "knn@10", "knn@all", "linear@all")
-    head = "| data | seeds | " + " | ".join(f"Δ {k} (0.2 − 0.1)" for k in keys) + " |"
+    head = ("| data | seeds | look-alike score | `auto` picks | " + " | ".join(f"Δ {k} (0.2 − 0.1)" for k in keys)
+            + " |")
     out += ["", head, _rule(head)]
     for name in sorted({r["data"] for r in runs}):
         mine = [r for r in runs if r["data"] == name]
         seeds = len({r["seed"] for r in mine})
-        out.append(f"| {name} | {seeds} | " + " | ".join(
+        score = mine[0].get("lookalike")
+        picks = f"{score:.3f} | τ {choose_temperature(score).value:g}" if score is not None else "– | –"
+        out.append(f"| {name} | {seeds} | {picks} | " + " | ".join(
             f"{_mean_at(mine, 0.2, k) - _mean_at(mine, 0.1, k):+.3f}" for k in keys) + " |")
     return out
 
@@ -391,6 +440,7 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
             budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
             seed = f", seed {r['seed']}" if r.get("seed") or "temperature" in r else ""
             tau = f", τ {r['temperature']:g}{seed} (temperature part)" if "temperature" in r else seed
+            tau += f" (auto: τ {r['tau']:g})" if "temperature" not in r and "tau" in r else ""
             out.append(f"| {r['method']}{budget}{tau} | {r['epochs']} | {_cells(r)}")
     taught = [r for r in rows if part_of(r) == "teacher" and r.get("teacher")]
     if taught:
@@ -405,7 +455,8 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
             own = f"{t['knn@all']['mean']:.3f} | {t['linear@10']['mean']:.3f}" if t else "– | –"
             out.append(f"| {('trained on ' + r['teacher']) if r.get('teacher') else 'none'} | {own} | {_cells(r)}")
     out += temperature_rows(rows)
-    out += ["", "### What `auto` picks, against the best row of the suite\n"] + auto_rows(rows)
+    out += ["", "### What `auto` picks, against the best setting the suite ran (linear@10, mean over seeds)\n"]
+    out += auto_rows(rows)
     png = results / "domains_curves.png"
     curves_plot(rows, png)
     out += ["", f"![domains curves](results/{png.name})", ""]

@@ -39,13 +39,15 @@ class EdgeSSL(Peer):
 
     def __init__(self, backbone: nn.Module, dim: int, num_rows: int, npid: bool = False):
         from edgessl.config import resolve
+        from edgessl.data.lookalike import TEMPERATURES
         from edgessl.method.instance import InstanceDiscrimination
         from edgessl.models.head import ProjectionHead
 
         super().__init__()
         c = resolve({"method": "npid" if npid else "edgessl"})
         self.backbone, self.head = backbone, ProjectionHead(dim, c.feature_dim, c.head_hidden, c.head)
-        self.method = InstanceDiscrimination(num_rows, c.feature_dim, c.temperature, c.negatives, c.bank_update,
+        tau = TEMPERATURES[0] if c.temperature == "auto" else c.temperature  # a step costs the same at any tau
+        self.method = InstanceDiscrimination(num_rows, c.feature_dim, tau, c.negatives, c.bank_update,
                                              c.bank_lr, c.bank_momentum, c.sd_weight, c.sd_temperature, c.sd_alpha)
         self._out = None
 
