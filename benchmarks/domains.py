@@ -15,9 +15,10 @@ Parts (each row is kept in domains.json until a rerun of the same row replaces i
           measure again);
   teacher resnet18 teachers trained on NEU-DET and on emoji, distilled into the 64 px student (--teachers);
   temperature  edgessl at tau 0.1 and 0.2 on NEU-DET, emoji, CIFAR-10 subsets (500 and 150 per class), the first
-          one's greyscale twin and scikit-learn's digits (a folder no rule was tuned on), each at the size and
-          epochs `auto` picks for it (the real rule on the real folder), training seeds TEMPERATURE_SETS, with the
-          folder's look-alike score: whether a softer instance loss pays, and whether `--temperature auto` (the
+          one's greyscale twin, scikit-learn's digits and Twemoji (another vendor's emoji, fetched from the npm
+          registry; not in --tiny): two folders no rule was tuned on; each at the size and epochs `auto` picks
+          for it (the real rule on the real folder), training seeds TEMPERATURE_SETS, with the folder's look-alike
+          score: whether a softer instance loss pays, and whether `--temperature auto` (the
           score against its threshold) predicts it.
 Every row: kNN (k = 200) and the linear probe at 10 and all labels per class on the test split (--seeds label
 subsets), wall seconds, s/epoch, the load average before it.
@@ -37,7 +38,8 @@ PARTS = ("epochs", "sizes", "peers", "teacher", "temperature")
 TEMPERATURES = (0.1, 0.2)
 PEER_SEEDS = (0, 1)  # SimCLR's training seeds at equal epochs (--tiny: the first)
 TEMPERATURE_SETS = {"neu-det": (0, 1), "emoji": (0, 1), "cifar10-5k": (0, 1), "cifar10-5k-grey": (0,),  # seeds
-                    "cifar10-1.5k": (0, 1), "digits": (0, 1)}
+                    "cifar10-1.5k": (0, 1), "digits": (0, 1), "twemoji": (0, 1)}
+FETCHED = {"twemoji"}  # downloaded from the npm registry on first use: left out of --tiny (the tests never download)
 CIFAR_SUBSETS = {"cifar10-5k": 500, "cifar10-1.5k": 150}  # images per class
 TEACHERS = ("neu-det", "emoji")  # resnet18 teachers at 64 px for SIZE_EPOCHS epochs: on the folder, on another one
 KEPT = Path(__file__).resolve().parent / ".cache" / "domains-runs"  # runs other suites reuse (the NEU-DET teacher)
@@ -45,13 +47,13 @@ KEPT = Path(__file__).resolve().parent / ".cache" / "domains-runs"  # runs other
 
 def folders(name: str, tiny: bool) -> tuple[Path, Path]:
     """(train, test) folders of one of the suite's data sets (--tiny: 3 train and 2 test images per class)."""
-    from benchmarks.datasets import cifar10, digits, emoji, greyscale_copy, neu_det, stratified_subset
+    from benchmarks.datasets import cifar10, digits, emoji, greyscale_copy, neu_det, stratified_subset, twemoji
 
     base = name.removesuffix("-grey")
     if base in CIFAR_SUBSETS:
         train, test = cifar10(per_class=CIFAR_SUBSETS[base])
     else:
-        train, test = {"neu-det": neu_det, "emoji": emoji, "digits": digits}[base]()
+        train, test = {"neu-det": neu_det, "emoji": emoji, "digits": digits, "twemoji": twemoji}[base]()
     if tiny:
         train, test = (stratified_subset(train, 3, 0, f"{base}-train-tiny"),
                        stratified_subset(test, 2, 0, f"{base}-test-tiny"))
@@ -113,6 +115,8 @@ def plan(args) -> list[dict[str, Any]]:
 def temperature_plan(tiny: bool) -> list[dict[str, Any]]:
     rows = []
     for name, seeds in TEMPERATURE_SETS.items():
+        if tiny and name in FETCHED:
+            continue
         size, epochs = (32, 1) if tiny else auto_settings(folders(name, tiny)[0])[:2]
         rows += [{"part": "temperature", "data": name, "backbone": "mobilenetv3_small", "size": size,
                   "method": "edgessl", "epochs": epochs, "temperature": t, "seed": seed, "reuse": True}
@@ -285,7 +289,7 @@ def cached_train(name: str) -> Path:
         return CACHE / "subsets" / f"{name}-train"
     if base in CIFAR_SUBSETS:
         return CACHE / "subsets" / f"cifar10-train-{CIFAR_SUBSETS[base]}pc-s0"
-    return CACHE / {"neu-det": "neu-det", "emoji": "emoji-google", "digits": "digits"}[base] / "train"
+    return CACHE / {"neu-det": "neu-det", "emoji": "emoji-google"}.get(base, base) / "train"
 
 
 def tau_of(r: dict[str, Any]) -> float:
