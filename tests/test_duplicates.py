@@ -3,6 +3,7 @@ exact twins always pair, the rule meets its target on a toy calibration, and the
 found in a tiny folder, the three kinds named, --keep, an explicit threshold with its estimate)."""
 
 import csv
+import math
 import random
 import re
 import shutil
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from edgessl.cli import app
 from edgessl.data.copies import make_copy, plant, sample
 from edgessl.evaluate import copies as cp
-from edgessl.evaluate import copy_rule
+from edgessl.evaluate import copy_rule, pixels
 from edgessl.evaluate.duplicates import neighbour_pairs
 
 runner = CliRunner()
@@ -147,9 +148,9 @@ def test_a_local_difference_scores_below_noise_of_the_same_energy():
 
 def test_exact_twins_always_pair():
     rows = _rows(_picture(0), _picture(1), _picture(0), _picture(0), _picture(2))
-    hashes = cp.pixel_hashes(lambda i: rows[i], len(rows), chunk=2)
-    assert cp.exact_pairs(hashes).tolist() == [[0, 2], [0, 3]]
-    assert cp.exact_pairs(hashes[:2]).shape == (0, 2)
+    hashes = pixels.pixel_hashes(lambda i: rows[i], len(rows), chunk=2)
+    assert pixels.exact_pairs(hashes).tolist() == [[0, 2], [0, 3]]
+    assert pixels.exact_pairs(hashes[:2]).shape == (0, 2)
 
 
 def test_neighbour_pairs_lists_each_pair_once():
@@ -243,8 +244,8 @@ def test_thumbnails_ignore_brightness_and_contrast():
     pic = _picture(9).astype(np.float64)
     brighter = np.clip(pic * 0.8 + 30, 0, 255)  # a linear change, inside 0..255
     rows = torch.from_numpy(np.stack([pic, brighter, np.full_like(pic, 90)])).permute(0, 3, 1, 2)
-    t = cp.thumbnails(lambda i: rows[i], 3, chunk=2)
-    assert t.shape == (3, 3 * cp.THUMB * cp.THUMB)
+    t = pixels.thumbnails(lambda i: rows[i], 3, chunk=2)
+    assert t.shape == (3, 3 * pixels.THUMB * pixels.THUMB)
     assert np.linalg.norm(t[0]) == pytest.approx(1, abs=1e-5) and t[0] @ t[1] == pytest.approx(1, abs=1e-5)
     assert not t[2].any()  # flat: no direction
 
@@ -303,6 +304,31 @@ def test_a_recoloured_picture_is_no_copy(monkeypatch):
     s = cp.copy_scores(lambda i: rows[i], np.array([[0, 1], [0, 2]]))
     assert s[0] < 0.75 and s[1] > 0.9
     monkeypatch.setattr(cp, "CHROMA_SLOPE", 0.0)
+    monkeypatch.setattr(cp, "TONE_SLOPE", 0.0)  # the disc's contrast changes too (0.47 -> 0.34 of white)
+    assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1]]))[0] > 0.9
+
+
+def test_luminance_gain_and_tone_cap_in_closed_cases():
+    """b = g a + o on every channel gives g; a copy's brightness and contrast (|ln g| <= TONE_FREE) keep the cap
+    at 1, halving the contrast caps the score at 1 - 5 (ln 2 - 0.22), an inverted picture far below 0."""
+    x = torch.rand(3, 3, cp.DESC, cp.DESC, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(cp.luminance_gain(x, 0.5 * x + 0.2), torch.full((3,), 0.5), atol=1e-5)
+    assert torch.allclose(cp.luminance_gain(x, 1 - x), torch.full((3,), -1.0), atol=1e-5)
+    assert torch.equal(cp.luminance_gain(torch.full_like(x, 0.3), x), torch.ones(3))  # a flat a: no gain to judge
+    gains = torch.tensor([1.0, 1.1, 1 / 1.2, 0.5, -1.0])
+    expected = [1.0, 1.0, 1.0, 1 - 5 * (math.log(2) - 0.22), 1 - 5 * (math.log(1000) - 0.22)]
+    assert (cp.TONE_FREE, cp.TONE_SLOPE) == (0.22, 5.0)
+    assert torch.allclose(cp.tone_cap(gains), torch.tensor(expected), atol=1e-5)
+
+
+def test_a_darker_or_lighter_drawing_is_no_copy(monkeypatch):
+    """A dark grey square and a light grey one on white (black and white squares in an emoji set) have the same
+    normalised pattern, so the structure and colour-pattern scores pass them; the tone cap does not."""
+    pic, light = np.full((64, 64, 3), 255, np.uint8), np.full((64, 64, 3), 255, np.uint8)
+    pic[16:48, 16:48], light[16:48, 16:48] = 40, 200
+    rows = _rows(pic, light)
+    assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1]]))[0] < 0
+    monkeypatch.setattr(cp, "TONE_SLOPE", 0.0)
     assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1]]))[0] > 0.9
 
 

@@ -8,7 +8,7 @@ it; the maths is in edgessl.evaluate.copies and edgessl.evaluate.neighbours).
   to their originals: for browsing, never called duplicates.
 
 Candidates come from two search spaces, each image's K nearest in either: the encoder's embedding (it knows the
-folder's content) and pixel thumbnails (copies.thumbnails: a copy stays close there even when an undertrained
+folder's content) and pixel thumbnails (pixels.thumbnails: a copy stays close there even when an undertrained
 encoder moves it away). In each space, pairs less close than GATE_QUANTILE of the planted copies are to their
 originals are not compared: the pixel comparison runs on few pairs, not on every neighbour.
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgessl.evaluate import copies as cp
+from edgessl.evaluate import pixels
 from edgessl.evaluate.copy_rule import Rule
 from edgessl.evaluate.neighbours import group_pairs, top_k_neighbours
 
@@ -198,7 +199,7 @@ def score_folder(spaces: list[np.ndarray], hashes: list[str], get_rows: Callable
     unit = spaces[0]
     cosines = (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(axis=1).astype(np.float32)
     scores = cp.copy_scores(get_rows, pairs, gate=coarse_gate) if len(pairs) else np.zeros(0, np.float32)
-    return Scored(cp.exact_pairs(hashes), pairs, cosines, near_best(pairs, scores, len(hashes)),
+    return Scored(pixels.exact_pairs(hashes), pairs, cosines, near_best(pairs, scores, len(hashes)),
                   int(np.isfinite(scores).sum()))
 
 

@@ -18,7 +18,7 @@ from edgessl.data.copies import plant, sample
 from edgessl.data.folder import write_skipped
 from edgessl.errors import UserError
 from edgessl.evaluate import copies as cp
-from edgessl.evaluate import copy_rule
+from edgessl.evaluate import copy_rule, pixels
 from edgessl.evaluate import duplicates as dup
 from edgessl.evaluate.neighbours import pca_whitening, top_k_neighbours, unit_rows, whitened_unit_rows
 from edgessl.options import EmbedOptions, takes_options
@@ -158,8 +158,8 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     clock = time.perf_counter()
     images = with_rows(src, embedded, data)
     n, get = len(result.paths), _ticking(images.get, src)
-    hashes = cp.pixel_hashes(get, n)
-    spaces = [unit, cp.thumbnails(get, n)]  # candidates: the embedding's neighbours and the pixels'
+    hashes = pixels.pixel_hashes(get, n)
+    spaces = [unit, pixels.thumbnails(get, n)]  # candidates: the embedding's neighbours and the pixels'
     result.seconds["pixels"] = time.perf_counter() - clock
     clock = time.perf_counter()
     calibration = _calibrate(result, opts, src, get, spaces, say)
@@ -216,5 +216,5 @@ def _calibrate(result: EmbedResult, opts: EmbedOptions, src, get, spaces: list[n
             raise UserError("a synthetic copy could not be decoded; run the command again.")
         planted_rows = with_rows(src, planted, Path(tmp), cache=False)
         planted_get = _ticking(planted_rows.get, src)
-        planted_spaces = [_project(result, planted.embeddings), cp.thumbnails(planted_get, len(files))]
+        planted_spaces = [_project(result, planted.embeddings), pixels.thumbnails(planted_get, len(files))]
         return dup.calibrate(planted_spaces, np.array(rows), spaces, planted_get, get)
