@@ -1,10 +1,11 @@
 """Duplicates suite: does `edgessl embed --duplicates auto` find planted copies, in folders it was never tuned on?
-`python -m benchmarks.run duplicates [--tiny] [--only 30|scale]` (about an hour on 2 cores; --epochs is not used:
-the suite trains for EPOCHS and runs the scale part, or only the lengths and parts --only names, keeping the other
-rows from the earlier run).
+`python -m benchmarks.run duplicates [--tiny] [--only 30|scale|twemoji]` (about an hour on 2 cores; --epochs is not
+used: the suite trains for EPOCHS and runs the scale part, or only the lengths, folders and parts --only names,
+keeping the other rows from the earlier run).
 
-Folders: the emoji training images (1,529, 64 px), NEU-DET's steel scans (1,440, 64 px) and a 2,000-image CIFAR-10
-subset (32 px). mobilenetv3_small is pretrained on each clean folder for 10 and for 30
+Folders: the emoji training images (1,529, 64 px), NEU-DET's steel scans (1,440, 64 px), a 2,000-image CIFAR-10
+subset (32 px) and Twemoji's training split (1,529 of another vendor's emoji, 64 px, fetched once from the npm
+registry: benchmarks.datasets.twemoji). mobilenetv3_small is pretrained on each clean folder for 10 and for 30
 epochs (a third of the default, and the default: the encoder only proposes the candidate pairs, the pixel copy score
 decides). Then, with the one
 default (`--duplicates auto`, no other flag):
@@ -34,18 +35,25 @@ import edgessl
 EPOCHS = (10, 30)  # the encoders' lengths: a third of the default 30, and the default
 PLANTS = ((1, None), (3, "blur"), (2, None), (4, "blur"))  # (seed, held-out transformation); --tiny: the first
 COPIES = 50
-DATASETS = ("emoji", "neu-det", "cifar10-2k")
+DATASETS = ("emoji", "neu-det", "cifar10-2k", "twemoji")  # twemoji: fetched from the npm registry, never in --tiny
 
 
-def folders(tiny: bool) -> dict[str, tuple[Path, int]]:
-    """name -> (clean folder, image size)."""
-    from benchmarks.datasets import cifar10, emoji, neu_det, stratified_subset
+def folders(tiny: bool, names: tuple[str, ...] = DATASETS) -> dict[str, tuple[Path, int]]:
+    """name -> (clean folder, image size), for `names` (--tiny: the tiny emoji folder)."""
+    from benchmarks.datasets import cifar10, emoji, neu_det, stratified_subset, twemoji
 
-    out = {"emoji": (emoji()[0], 64), "neu-det": (neu_det()[0], 64),
-           "cifar10-2k": (stratified_subset(cifar10()[0], 200, 0, "cifar10-train-200pc-s0"), 32)}
     if tiny:
-        out = {"emoji": (stratified_subset(out["emoji"][0], 4, 0, "emoji-train-tiny"), 32)}
-    return out
+        return {"emoji": (stratified_subset(emoji()[0], 4, 0, "emoji-train-tiny"), 32)}
+    make = {"emoji": lambda: (emoji()[0], 64), "neu-det": lambda: (neu_det()[0], 64),
+            "cifar10-2k": lambda: (stratified_subset(cifar10()[0], 200, 0, "cifar10-train-200pc-s0"), 32),
+            "twemoji": lambda: (twemoji()[0], 64)}
+    return {name: make[name]() for name in names}
+
+
+def chosen_folders(args) -> tuple[str, ...]:
+    """The folders `--only` names (e.g. `--only twemoji,10`), else all of DATASETS."""
+    named = tuple(part for part in (args.only or ()) if part in DATASETS)
+    return named or DATASETS
 
 
 def planted_folder(src: Path, dst: Path, n: int, seed: int, held_out: str | None) -> dict[str, str]:
@@ -184,9 +192,11 @@ def encoder_lengths(args) -> tuple[int, ...]:
         return (1,)
     if not args.only:
         return EPOCHS
-    if not all((part.isdigit() and int(part) > 0) or part == "scale" for part in args.only):
-        raise SystemExit(f"duplicates: --only takes encoder epochs such as 10,30 and scale, not {','.join(args.only)}")
-    return tuple(int(part) for part in args.only if part != "scale")
+    if not all((part.isdigit() and int(part) > 0) or part == "scale" or part in DATASETS for part in args.only):
+        raise SystemExit(f"duplicates: --only takes encoder epochs such as 10,30, scale and folders "
+                         f"({', '.join(DATASETS)}), not {','.join(args.only)}")
+    lengths = tuple(int(part) for part in args.only if part.isdigit())
+    return lengths or (EPOCHS if any(part in DATASETS for part in args.only) else ())
 
 
 def with_scale(args) -> bool:
@@ -199,11 +209,11 @@ def _part(r: dict[str, Any]) -> Any:
 
 
 def merged(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A partial run's rows with the earlier rows of the other encoder lengths (and the scale part when this run
-    has none), by folder and then epochs, the scale rows last."""
-    done = {_part(r) for r in rows}
+    """A partial run's rows with the earlier rows of the other folders and encoder lengths (and the scale part when
+    this run has none), by folder and then epochs, the scale rows last."""
+    done = {(r["data"], _part(r)) for r in rows}
     order = {name: i for i, name in enumerate(DATASETS)}
-    both = [r for r in earlier if _part(r) not in done] + rows
+    both = [r for r in earlier if (r["data"], _part(r)) not in done] + rows
     return sorted(both, key=lambda r: (r.get("part") == "scale", order.get(r["data"], len(order)), r["epochs"]))
 
 
@@ -268,7 +278,7 @@ def suite_duplicates(args) -> list[dict[str, Any]]:
     rows = []
     lengths = encoder_lengths(args)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (src, size) in folders(args.tiny).items():
+        for name, (src, size) in folders(args.tiny, chosen_folders(args)).items():
             for epochs in lengths:
                 rows += one_encoder(name, src, size, epochs, Path(tmp), args.tiny)
         if with_scale(args):

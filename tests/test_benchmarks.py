@@ -199,7 +199,7 @@ def test_duplicates_score_in_closed_form(tmp_path):
 def test_duplicates_suite_reruns_one_encoder_length_and_keeps_the_others():
     from types import SimpleNamespace
 
-    from benchmarks.duplicates import EPOCHS, encoder_lengths, merged, with_scale
+    from benchmarks.duplicates import DATASETS, EPOCHS, chosen_folders, encoder_lengths, merged, with_scale
 
     args = SimpleNamespace(tiny=False, only=None)
     assert encoder_lengths(args) == EPOCHS == (10, 30) and with_scale(args)
@@ -208,8 +208,13 @@ def test_duplicates_suite_reruns_one_encoder_length_and_keeps_the_others():
     only_scale = SimpleNamespace(tiny=False, only=["scale"])
     assert encoder_lengths(only_scale) == () and with_scale(only_scale)
     assert encoder_lengths(SimpleNamespace(tiny=True, only=["30"])) == (1,)
-    with pytest.raises(SystemExit, match="--only takes encoder epochs such as 10,30 and scale, not sizes"):
+    with pytest.raises(SystemExit, match=r"--only takes encoder epochs such as 10,30, scale and folders \(emoji, "
+                                         r"neu-det, cifar10-2k, twemoji\), not sizes"):
         encoder_lengths(SimpleNamespace(tiny=False, only=["sizes"]))
+    one = SimpleNamespace(tiny=False, only=["twemoji"])  # a folder alone: both lengths, that folder, no scale
+    assert encoder_lengths(one) == EPOCHS and chosen_folders(one) == ("twemoji",) and not with_scale(one)
+    assert encoder_lengths(SimpleNamespace(tiny=False, only=["twemoji", "10"])) == (10,)
+    assert chosen_folders(args) == DATASETS
     earlier = [{"data": d, "epochs": e, "sample": "clean"} for d in ("emoji", "neu-det") for e in (10, 30)]
     earlier.append({"part": "scale", "data": "cifar10-50k", "epochs": 10, "images": 50000})
     new = [{"data": d, "epochs": 30, "sample": "seed 1"} for d in ("neu-det", "emoji")]
@@ -219,6 +224,9 @@ def test_duplicates_suite_reruns_one_encoder_length_and_keeps_the_others():
     scale = [{"part": "scale", "data": "cifar10-50k", "epochs": 10, "images": 49000}]
     again = merged(scale, earlier)
     assert [r.get("images") for r in again] == [None] * 4 + [49000]  # a scale rerun replaces only the scale row
+    folder = [{"data": "twemoji", "epochs": 10, "sample": "clean"}]  # a new folder's rows join the others
+    assert [(r["data"], r["epochs"]) for r in merged(folder, earlier)] == [
+        ("emoji", 10), ("emoji", 30), ("neu-det", 10), ("neu-det", 30), ("twemoji", 10), ("cifar10-50k", 10)]
 
 
 def test_a_partial_rerun_appends_its_command_and_keeps_the_machine_note(tmp_path):
@@ -297,7 +305,9 @@ def test_domains_peers_train_simclr_on_two_seeds_and_keep_earlier_rows():
     simclr = [r for r in rows if r["method"] == "simclr" and not r.get("budget_of")]
     assert PEER_SEEDS == (0, 1) and [label(r) for r in simclr] == [
         "neu-det mobilenetv3_small 96px simclr 31ep", "neu-det mobilenetv3_small 96px simclr 31ep seed 1"]
-    assert all(r["reuse"] for r in rows[:-1]) and rows[-1]["budget_of"] == "edgessl" and "reuse" not in rows[-1]
+    assert all(r["reuse"] for r in rows[:-2])  # the equal wall-clock rows, one per seed, are measured again
+    assert [(r["budget_of"], r.get("seed", 0), "reuse" in r) for r in rows[-2:]] == [("edgessl", 0, False),
+                                                                                      ("edgessl", 1, False)]
     assert [r.get("seed", 0) for r in plan(SimpleNamespace(**{**vars(args), "tiny": True}))
             if r["method"] == "simclr"] == [0, 0]  # --tiny: seed 0 at equal epochs, and the budget row
 
@@ -345,8 +355,9 @@ def test_domains_suite(bench):
     assert all(0 <= r["teacher_on_folder"]["knn@all"]["mean"] <= 1 for r in taught)
     temps = [r for r in rec["rows"] if r["part"] == "temperature"]  # each set at tau 0.1 and 0.2 (--tiny: seed 0)
     assert sorted((r["data"], r["temperature"]) for r in temps) == sorted(
-        (d, t) for d in ("neu-det", "emoji", "cifar10-5k", "cifar10-5k-grey", "cifar10-1.5k")
+        (d, t) for d in ("neu-det", "emoji", "cifar10-5k", "cifar10-5k-grey", "cifar10-1.5k", "digits")
         for t in (0.1, 0.2))
+    assert all(0 <= r["lookalike"] <= 1 for r in temps)  # the score --temperature auto reads, on each folder
     grey = next(r for r in temps if r["data"] == "cifar10-5k-grey")
     assert grey["overrides"] == {"temperature": grey["temperature"]}
     from PIL import Image
