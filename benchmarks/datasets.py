@@ -72,15 +72,19 @@ def _system_tar(src: Path) -> bool:
                           capture_output=True).returncode == 0
 
 
+def made_once(out: Path, lock: str, make) -> Path:
+    """`out`, made by make(out) unless it exists, under the lock `lock` (another process may be making it)."""
+    if not out.exists():
+        with locked(lock):
+            if not out.exists():  # made while this process waited
+                make(out)
+    return out
+
+
 def stratified_subset(split_dir: Path, per_class: int, seed: int, name: str) -> Path:
     """A folder <cache>/subsets/<name> with `per_class` randomly chosen images of each class (symlinks)."""
-    out = CACHE / "subsets" / name
-    if out.exists():
-        return out
-    with locked(f"subset-{name}"):
-        if not out.exists():
-            _make_subset(split_dir, per_class, seed, out)
-    return out
+    make = lambda out: _make_subset(split_dir, per_class, seed, out)  # noqa: E731
+    return made_once(CACHE / "subsets" / name, f"subset-{name}", make)
 
 
 def _make_subset(split_dir: Path, per_class: int, seed: int, out: Path) -> None:
@@ -102,13 +106,7 @@ def _make_subset(split_dir: Path, per_class: int, seed: int, out: Path) -> None:
 def greyscale_copy(src: Path, name: str) -> Path:
     """A folder <cache>/subsets/<name>: every image of `src` (its class subfolders kept) as a single-channel PNG, the
     greyscale twin of a colour set (the domains suite asks whether a rule for scans holds for greyscale photos)."""
-    out = CACHE / "subsets" / name
-    if out.exists():
-        return out
-    with locked(f"subset-{name}"):
-        if not out.exists():
-            _make_grey(src, out)
-    return out
+    return made_once(CACHE / "subsets" / name, f"subset-{name}", lambda out: _make_grey(src, out))
 
 
 def _make_grey(src: Path, out: Path) -> None:
@@ -149,11 +147,7 @@ def digits() -> tuple[Path, Path]:
     """scikit-learn's bundled handwritten digits (1,797 8 x 8 greyscale images, 10 classes; read from the package,
     no download) as single-channel PNGs, a seeded 80/20 split per class: a folder none of the project's rules was
     tuned on (1,442 train, 355 test)."""
-    out = CACHE / "digits"
-    if not out.exists():
-        with locked("digits"):
-            if not out.exists():
-                _make_digits(out)
+    out = made_once(CACHE / "digits", "digits", _make_digits)
     return out / "train", out / "test"
 
 
@@ -183,11 +177,7 @@ def twemoji() -> tuple[Path, Path]:
     emoji-google, in the same 9 Unicode categories, a seeded 80/20 split per category: the folder the issues' "emoji
     the project never saw" came from. Fetched once from the npm package registry (emoji-datasource-twitter 16.0.0,
     sha1-checked) into the cache; only a benchmark that names it downloads it."""
-    out = CACHE / "twemoji"
-    if not out.exists():
-        with locked("twemoji"):
-            if not out.exists():
-                _make_twemoji(out)
+    out = made_once(CACHE / "twemoji", "twemoji", _make_twemoji)
     return out / "train", out / "test"
 
 
