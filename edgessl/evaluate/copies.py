@@ -188,8 +188,9 @@ def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor, co
     if colour:  # the same box on the colours themselves: a recoloured look-alike differs there
         b = sample(images[dst], torch.tensor(WHOLE).expand(p, 4))
         score = torch.minimum(score, worst_patch(unit_joint(a), unit_joint(b)))
-        score = torch.minimum(score, 1 - CHROMA_SLOPE * chroma_shift(a, b))
-        score = torch.minimum(score, tone_cap(luminance_gain(a, b)))
+        gain = luminance_gain(a, b)  # one fit serves both caps
+        score = torch.minimum(score, 1 - CHROMA_SLOPE * chroma_shift(a, b, gain))
+        score = torch.minimum(score, tone_cap(gain))
     flat = (win[pairs[:, 0], 0].abs().sum(dim=1) == 0) | (win[pairs[:, 1], 0].abs().sum(dim=1) == 0)
     return torch.where(flat, torch.zeros_like(score), score)
 
@@ -227,15 +228,16 @@ def tone_cap(gain: torch.Tensor) -> torch.Tensor:
     return 1 - TONE_SLOPE * excess
 
 
-def chroma_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def chroma_shift(a: torch.Tensor, b: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
     """a, b (P, 3, D, D) colours in 0..1 -> (P,) the largest change of colour among GRID x GRID patches: each patch's
     mean colour differences (R - G, (R + G) / 2 - B) of b against a's times the brightness gain g that best maps
     a's brightness onto b's (least squares, within GAIN; 1 for a flat a). A brightness or contrast change (b = g
     a + o on every channel) gives 0; a hue change of an area (an orange square that became yellow, another flag's
     colours) gives its shift (orange 255,152,0 -> yellow 255,204,50 over a patch: 0.22). Measured on 500
     planted copies per folder (JPEG, crop, resize, brightness, contrast; 8 x 8 patches): at most 0.20 on emoji,
-    0.22 on CIFAR-10 (a cap of 0.56, above its threshold), 0 on greyscale scans."""
-    g = luminance_gain(a, b)
+    0.22 on CIFAR-10 (a cap of 0.56, above its threshold), 0 on greyscale scans. gain: luminance_gain(a, b), when
+    the caller has it already."""
+    g = luminance_gain(a, b) if gain is None else gain
 
     def chroma(x: torch.Tensor) -> torch.Tensor:
         r, gr, bl = x.unbind(dim=1)
