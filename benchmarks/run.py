@@ -25,6 +25,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
             all labels, wall time (benchmarks/teacher.py)
   duplicates  `embed --duplicates auto` on emoji, NEU-DET and CIFAR-10 2k, clean and with 50 planted copies:
             precision, recall and the estimates it printed; its cost on CIFAR-10's 50,000 (benchmarks/duplicates.py)
+  copy-score  the pixel copy score alone: planted copies against each folder's look-alike pairs, with and without
+            the colour blur a JPEG copy needs (benchmarks/copy_score.py)
   domains   NEU-DET steel scans (emoji for contrast): edgessl for 15/30/60 epochs, at 64/96/128 px, random weights,
             SimCLR at equal epochs and equal wall-clock, supervised ceiling (benchmarks/domains.py; --only)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
@@ -52,7 +54,7 @@ from typing import Any
 from benchmarks.common import REPO, RESULTS, datasets, machine, peak_rss_bytes, probe, train_and_eval
 
 SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "midway", "eval", "loader", "export",
-          "init", "teacher", "duplicates", "domains")
+          "init", "teacher", "duplicates", "copy-score", "domains")
 # ---------------------------------------------------------------- suites
 def suite_cost(args) -> list[dict]:
     rows = []
@@ -205,6 +207,12 @@ def suite_teacher(args) -> list[dict]:
 
 def suite_duplicates(args) -> list[dict]:
     from benchmarks.duplicates import suite_duplicates as run
+
+    return run(args)
+
+
+def suite_copy_score(args) -> list[dict]:
+    from benchmarks.copy_score import suite_copy_score as run
 
     return run(args)
 

@@ -285,6 +285,21 @@ def test_duplicates_suite(bench):
     assert_tables_well_formed(readme.split("## Duplicates")[1])
 
 
+def test_copy_score_suite(bench):
+    import edgessl.evaluate.copies as cp
+
+    kept = cp.CHROMA_SMOOTH
+    rec, readme = bench("copy-score")
+    assert [r["chroma"] for r in rec["rows"]] == [0.0, 0.5, 1.0, 1.5]  # --tiny: the tiny emoji folder only
+    assert cp.CHROMA_SMOOTH == kept  # the suite puts the default back
+    for r in rec["rows"]:
+        assert r["data"] == "emoji" and r["images"] == 36 and r["copies"] == 8 and r["lookalike_pairs"] >= 20
+        assert 0 <= r["recall_above_10th"] <= 1 and 0 <= r["recall_above_20th"] <= 1
+        assert 0 <= r["copies_below_0.7"] <= 8 and r["lookalikes_above_0.7"] <= r["lookalike_pairs"]
+    assert "## Copy score: colour compared" in readme and "| emoji | 36 |" in readme
+    assert_tables_well_formed(readme.split("## Copy score")[1])
+
+
 def test_midway_suite(bench):
     rec, readme = bench("midway")
     assert [r["setting"] for r in rec["rows"]] == ["follows the load (auto, the default)"]  # --tiny: one setting

@@ -3,6 +3,7 @@ exact twins always pair, the rule meets its target on a toy calibration, and the
 found in a tiny folder, the three kinds named, --keep, an explicit threshold with its estimate)."""
 
 import csv
+import io
 import math
 import random
 import re
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from edgessl.cli import app
@@ -305,7 +306,7 @@ def test_a_recoloured_picture_is_no_copy(monkeypatch):
     assert s[0] < 0.75 and s[1] > 0.9
     monkeypatch.setattr(cp, "CHROMA_SLOPE", 0.0)
     monkeypatch.setattr(cp, "TONE_SLOPE", 0.0)  # the disc's contrast changes too (0.47 -> 0.34 of white)
-    assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1]]))[0] > 0.9
+    assert cp.copy_scores(rows.__getitem__, np.array([[0, 1]]))[0] > 0.9
 
 
 def test_luminance_gain_and_tone_cap_in_closed_cases():
@@ -327,9 +328,9 @@ def test_a_darker_or_lighter_drawing_is_no_copy(monkeypatch):
     pic, light = np.full((64, 64, 3), 255, np.uint8), np.full((64, 64, 3), 255, np.uint8)
     pic[16:48, 16:48], light[16:48, 16:48] = 40, 200
     rows = _rows(pic, light)
-    assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1]]))[0] < 0
+    assert cp.copy_scores(rows.__getitem__, np.array([[0, 1]]))[0] < 0
     monkeypatch.setattr(cp, "TONE_SLOPE", 0.0)
-    assert cp.copy_scores(lambda i: rows[i], np.array([[0, 1]]))[0] > 0.9
+    assert cp.copy_scores(rows.__getitem__, np.array([[0, 1]]))[0] > 0.9
 
 
 def test_band_pass_and_fixed_box_sampling_match_their_definitions():
@@ -422,3 +423,55 @@ def test_the_summary_line_gives_both_ends_of_the_precision(tmp_path):
         duplicate_lines(result)[0])
     result.rule = copy_rule.Rule(0.712, 0.97, 0.953, 400, 12, 0.95, True, "given", precision_low=0.97)
     assert duplicate_lines(result)[0].startswith("copies: estimated precision 0.97, recall 0.95")
+
+
+def _icon(seed: int, recolour: bool = False) -> np.ndarray:
+    """A flat-coloured icon: six outlined ellipses on white (sharp colour edges, as emoji have); recolour: the last
+    ellipse's colour channels rotated (a colour variant)."""
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(im)
+    for k in range(6):
+        (x, y), (w, h) = rng.integers(0, 48, 2).tolist(), rng.integers(8, 28, 2).tolist()
+        fill = tuple(rng.integers(0, 256, 3).tolist())
+        draw.ellipse([x, y, x + w, y + h], fill=(fill[2], fill[0], fill[1]) if recolour and k == 5 else fill,
+                     outline=(0, 0, 0))
+    return np.asarray(im)
+
+
+def test_chroma_blur_keeps_the_luma_and_grey():
+    """gaussian_matrix is a normalised Gaussian with the edge repeated; chroma_blur changes only the colour around
+    the BT.601 luma: the luma and a grey window stay as they were, a colour edge is spread."""
+    g = cp.gaussian_matrix(24, 1.0)
+    assert torch.allclose(g.sum(dim=1), torch.ones(24)) and torch.allclose(g @ torch.ones(24), torch.ones(24))
+    taps = torch.exp(-torch.arange(-4, 5).float() ** 2 / 2)
+    assert torch.allclose(g[12, 8:17], taps / taps.sum(), atol=1e-6)
+    x = torch.rand(2, 3, 24, 24)
+    luma = torch.tensor(cp.LUMA).view(1, 3, 1, 1)
+    assert torch.allclose((cp.chroma_blur(x) * luma).sum(1), (x * luma).sum(1), atol=1e-6)
+    grey = x[:, :1].expand(-1, 3, -1, -1)
+    assert torch.allclose(cp.chroma_blur(grey), grey, atol=1e-6)
+    edge = torch.zeros(1, 3, 24, 24)
+    edge[:, 0, :, 12:] = 1  # red on the right half
+    assert cp.chroma_blur(edge)[0, 0, 0, 11] > 0.1  # the red reaches across the edge (its luma stays 0 there)
+
+
+def test_a_half_size_jpeg_copy_of_an_icon_scores_as_a_copy(monkeypatch):
+    """Shrunk to half and saved as JPEG q60 (colour kept at half of that, 4:2:0), an icon's colour bleeds over its
+    edges; compared at the colour resolution such a copy keeps (chroma_blur) it scores 0.8 or more, 0.05 or more
+    above the score without the colour blur; a colour variant (one ellipse recoloured) stays below 0.2."""
+    def half_jpeg(pic: np.ndarray) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(pic).resize((32, 32), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=60)
+        return np.asarray(Image.open(buffer).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))
+
+    for seed in range(4):
+        rows = _rows(_icon(seed), half_jpeg(_icon(seed)))
+        score = cp.copy_scores(rows.__getitem__, np.array([[0, 1]]))[0]
+        with monkeypatch.context() as m:
+            m.setattr(cp, "CHROMA_SMOOTH", 1e-6)
+            sharp = cp.copy_scores(rows.__getitem__, np.array([[0, 1]]))[0]
+        assert score >= 0.8 and score >= sharp + 0.05, (seed, score, sharp)
+    for seed in (0, 1, 3):
+        rows = _rows(_icon(seed), _icon(seed, recolour=True))
+        assert cp.copy_scores(rows.__getitem__, np.array([[0, 1]]))[0] < 0.2

@@ -10,9 +10,8 @@ of square crops, in both directions (a box in b against the whole of a); the bet
 patch (pair_scores). A crop, a resize, a brightness or contrast change and JPEG noise leave it near 1; another
 picture, even a similar one, scores lower. Flat images score 0.
 
-Cost: a folder's candidate pairs name each image about a dozen times, and an image's coarse windows cost far more
-than a pair's NCC, so coarse_of prepares each image as few times as it can (per block pair or per chunk of pairs,
-whichever prepares fewer), and only the pairs that pass its gate are fitted.
+Cost: an image's coarse windows cost far more than a pair's NCC, so coarse_of prepares each image as few times as it
+can (per block pair or per chunk of pairs), and only the pairs that pass its gate are fitted.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ LR = 0.015  # Adam's step, in units of the half image (the box moves at most STE
 BAND = 0.2  # the band-pass neighbourhood, a share of the window's side (5 of the DESC pixels)
 GRID = 8  # the residual of the best alignment is judged patch by patch: GRID x GRID patches (3 x 3 pixels)
 SMOOTH = 0.5  # the Gaussian blur before comparing, in comparison pixels (sigma)
+CHROMA_SMOOTH = 1.0  # the colour around the luma blurred this much more, in comparison pixels (chroma_blur)
+LUMA = (0.299, 0.587, 0.114)  # BT.601 luma weights, as JPEG's Y
 FLAT = 1e-3  # a window whose pixel spread (0..1 scale) is below this has no contrast: it scores 0
 
 
@@ -61,6 +62,24 @@ def smooth(x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
     x = F.conv2d(F.pad(x, (rad, rad, 0, 0), mode="replicate"), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
     return F.conv2d(F.pad(x, (0, 0, rad, rad), mode="replicate"), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def gaussian_matrix(d: int, sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(d, d) G: (G @ v) is v (d,) blurred by a Gaussian of `sigma` samples, the edge sample repeated beyond it."""
+    k = torch.arange(-int(3 * sigma) - 1, int(3 * sigma) + 2)
+    g = torch.exp(-k.float() ** 2 / (2 * sigma * sigma)).expand(d, -1)
+    src = (torch.arange(d)[:, None] + k[None, :]).clamp(0, d - 1)  # (d, taps): replicate padding
+    return torch.zeros(d, d).scatter_add_(1, src, g / g.sum(dim=1, keepdim=True)).to(dtype)
+
+
+def chroma_blur(x: torch.Tensor) -> torch.Tensor:
+    """(P, 3, D, D) aligned colour windows -> the colour around the luma (BT.601, JPEG's Y) blurred by a Gaussian
+    of CHROMA_SMOOTH pixels (G x G^T), the luma kept. JPEG keeps colour at half the resolution (4:2:0): a copy
+    shrunk to half and saved as JPEG keeps a quarter of its original's colour detail, its colour bleeds over edges.
+    On the aligned windows, like the band-pass (a crop's new border sees the same content on both sides)."""
+    luma = (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    g = gaussian_matrix(x.shape[-1], CHROMA_SMOOTH, x.dtype)
+    return luma + g @ (x - luma) @ g.T
 
 
 def sample(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -160,17 +179,17 @@ def fit_box(src: torch.Tensor, whole: torch.Tensor, inits: list[torch.Tensor]) -
 def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor, colour: bool = True) -> torch.Tensor:
     """Copy scores of image pairs: images, win from prepare(); pairs (P, 2) long rows of them -> (P,) (at most 1).
 
-    In each direction (a box in a against the whole b, and a box in b against the whole a) the box is fitted
-    (fit_box) from the whole image and from the best coarse window; the direction with the higher NCC wins. Its
-    residual e = unit(box) - whole is cut into GRID x GRID patches and the score is 1 - GRID^2 * max_patch |e_p|^2 / 2:
-    the NCC as if the worst patch's residual covered the whole image. A copy's residual (JPEG noise, resampling) is
-    spread over the picture and scores near its NCC; a different picture that matches except for one detail (another
-    figure in a group, a flag's emblem, another scan of the same surface) concentrates its residual in some patch.
-    colour: the score is at most the same worst-patch score of the colours in the same box (the smoothed windows
-    before the band-pass), brightness and contrast removed (unit_joint): a skin-tone or colour variant has the same
-    edges but not the same colours; at most 1 - CHROMA_SLOPE x chroma_shift (a change of hue); and at most tone_cap
-    of the pair's luminance gain (a dark and a light grey square on white, or a blue and a light blue heart, have the
-    same normalised pattern but a contrast no brightness or contrast edit of a copy reaches)."""
+    In each direction (a box in a against the whole b, and the reverse) the box is fitted (fit_box) from the whole
+    image and from the best coarse window; the direction with the higher NCC wins. Both windows are then compared
+    at the colour resolution a copy keeps (chroma_blur); the residual e = unit(box) - unit(whole) is cut into
+    GRID x GRID patches and the score is 1 - GRID^2 * max_patch |e_p|^2 / 2: the NCC as if the worst patch's residual
+    covered the whole image. A copy's residual (JPEG noise, resampling) is spread over the picture; a different
+    picture that matches except for one detail (a figure in a group, a flag's emblem, another scan of the same
+    surface) concentrates it in some patch. colour: the score is at most the same worst-patch score of the colours
+    in the same box, brightness and contrast removed (unit_joint: a skin-tone or colour variant has the same edges,
+    not the same colours), at most 1 - CHROMA_SLOPE x chroma_shift (a change of hue) and at most tone_cap of the
+    pair's luminance gain (a dark and a light grey square on white: the same normalised pattern, a contrast no
+    brightness or contrast edit of a copy reaches)."""
     p = len(pairs)
     boxes = coarse_boxes()
     fits = []
@@ -181,12 +200,11 @@ def pair_scores(images: torch.Tensor, win: torch.Tensor, pairs: torch.Tensor, co
     use_ab = fits[0][3] >= fits[1][3]
     src = torch.where(use_ab, fits[0][0], fits[1][0])
     dst = torch.where(use_ab, pairs[:, 1], pairs[:, 0])
-    whole = torch.where(use_ab[:, None, None, None], fits[0][1], fits[1][1])
     box = torch.where(use_ab[:, None], fits[0][2], fits[1][2])
-    a = sample(images[src], box)
-    score = worst_patch(unit(a), whole)
+    a = chroma_blur(sample(images[src], box))  # the fitted box, compared at the colour resolution a copy keeps
+    b = chroma_blur(sample(images[dst], torch.tensor(WHOLE).expand(p, 4)))
+    score = worst_patch(unit(a), unit(b))
     if colour:  # the same box on the colours themselves: a recoloured look-alike differs there
-        b = sample(images[dst], torch.tensor(WHOLE).expand(p, 4))
         score = torch.minimum(score, worst_patch(unit_joint(a), unit_joint(b)))
         gain = luminance_gain(a, b)  # one fit serves both caps
         score = torch.minimum(score, 1 - CHROMA_SLOPE * chroma_shift(a, b, gain))
@@ -221,22 +239,18 @@ def luminance_gain(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def tone_cap(gain: torch.Tensor) -> torch.Tensor:
     """(P,) luminance gains -> (P,) the most a pair with that gain may score: 1 up to |ln g| = TONE_FREE, then
-    falling by TONE_SLOPE per unit of |ln g| (g <= 0.001, an inverted picture included, counts as 0.001). Measured
-    on 1,600 planted copies over emoji, Twemoji, NEU-DET and CIFAR-10 (copy model, seed 11): 2 of those scoring
-    above 0.5 exceed |ln g| = 0.25, 1 exceeds 0.3; of as many mildly blurred ones, none exceeds 0.2."""
+    falling by TONE_SLOPE per unit of |ln g| (g <= 0.001 counts as 0.001). Of 1,600 planted copies (4 folders, seed
+    11) scoring above 0.5, 2 exceed |ln g| = 0.25, 1 exceeds 0.3; of as many mildly blurred ones, none 0.2."""
     excess = (gain.clamp_min(1e-3).log().abs() - TONE_FREE).clamp_min(0)
     return 1 - TONE_SLOPE * excess
 
 
 def chroma_shift(a: torch.Tensor, b: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
     """a, b (P, 3, D, D) colours in 0..1 -> (P,) the largest change of colour among GRID x GRID patches: each patch's
-    mean colour differences (R - G, (R + G) / 2 - B) of b against a's times the brightness gain g that best maps
-    a's brightness onto b's (least squares, within GAIN; 1 for a flat a). A brightness or contrast change (b = g
-    a + o on every channel) gives 0; a hue change of an area (an orange square that became yellow, another flag's
-    colours) gives its shift (orange 255,152,0 -> yellow 255,204,50 over a patch: 0.22). Measured on 500
-    planted copies per folder (JPEG, crop, resize, brightness, contrast; 8 x 8 patches): at most 0.20 on emoji,
-    0.22 on CIFAR-10 (a cap of 0.56, above its threshold), 0 on greyscale scans. gain: luminance_gain(a, b), when
-    the caller has it already."""
+    mean colour differences (R - G, (R + G) / 2 - B) of b against a's times a's brightness gain g onto b (gain:
+    luminance_gain(a, b) when the caller has it, clamped to GAIN). A brightness or contrast change gives 0; a hue
+    change of an area gives its shift (orange 255,152,0 -> yellow 255,204,50 over a patch: 0.22). Measured on 500
+    planted copies per folder: at most 0.20 on emoji, 0.22 on CIFAR-10, 0 on greyscale scans."""
     g = luminance_gain(a, b) if gain is None else gain
 
     def chroma(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""Copy-score suite: the pixel copy score alone (no encoder, no calibration), sharp colour against colour compared at
+the resolution a JPEG copy keeps (edgessl.evaluate.copies.chroma_blur), on the duplicates suite's folders.
+`python -m benchmarks.run copy-score [--tiny]` (about 5 minutes on 2 cores).
+
+Per folder (the duplicates suite's four, at their sizes): COPIES planted copies by the copy model (seed 11, not a
+seed the duplicates suite plants) scored against their originals, and the folder's look-alike pairs (each image's 4
+nearest other images on 8 x 8 thumbnails, their means removed; pixel-identical pairs left out) scored the same way.
+For each CHROMA value (the blur of the colour around the luma, in comparison pixels; 0: none): the share of copies
+scoring above the folder's 10th and 20th best look-alike (what a threshold that flags only those few look-alikes
+would find), the look-alikes above 0.7, the copies below 0.7 and the copies' median score.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+CHROMA = (0.0, 0.5, 1.0, 1.5)  # CHROMA_SMOOTH values compared (0: the colour as sharp as the luma)
+COPIES = 400  # planted copies per folder (--tiny: 8)
+NEIGHBOURS = 4  # look-alike pairs: each image's nearest others on the thumbnails
+RANKS = (10, 20)  # recall above the k-th best look-alike
+
+
+def decoded(folder: Path, size: int):
+    """(paths, (N, 3, size, size) uint8) of a folder's images, decoded as edgessl decodes them."""
+    import numpy as np
+    import torch
+
+    from edgessl.data.folder import decode_image
+    from edgessl.data.signature import scan_images
+
+    paths = scan_images(folder)
+    rows = np.stack([decode_image(p, size) for p in paths])
+    return paths, torch.from_numpy(rows).permute(0, 3, 1, 2).contiguous()
+
+
+def lookalike_pairs(rows):
+    """(N, 3, S, S) uint8 -> (P, 2) int64 pairs i < j: each image with its NEIGHBOURS nearest others on 8 x 8
+    mean-free unit thumbnails, pixel-identical pairs left out."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    t = F.adaptive_avg_pool2d(rows.float(), 8).flatten(1)
+    t = F.normalize(t - t.mean(dim=1, keepdim=True), dim=1)
+    sim = t @ t.T
+    sim.fill_diagonal_(-2.0)
+    near = sim.topk(min(NEIGHBOURS, len(rows) - 1), dim=1).indices
+    pairs = np.stack([np.repeat(np.arange(len(rows)), near.shape[1]), near.flatten().numpy()], 1)
+    pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+    same = (rows[pairs[:, 0]] == rows[pairs[:, 1]]).flatten(1).all(dim=1).numpy()
+    return pairs[~same]
+
+
+def planted(paths: list[Path], size: int, count: int):
+    """(original rows (count,), (count, 3, size, size) uint8 copies) by the copy model, seed 11."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from edgessl.data.copies import make_copy, planted_image
+
+    rows = sorted(random.Random(11).sample(range(len(paths)), min(count, len(paths))))
+    copies = [ImageOps.fit(make_copy(planted_image(paths[r]), random.Random(f"11-{i}")), (size, size),
+                           method=Image.Resampling.BICUBIC) for i, r in enumerate(rows)]
+    return np.array(rows), torch.from_numpy(np.stack([np.asarray(c, np.uint8) for c in copies])).permute(0, 3, 1, 2)
+
+
+def folder_rows(name: str, folder: Path, size: int, tiny: bool) -> list[dict[str, Any]]:
+    """One row per CHROMA value on one folder."""
+    import numpy as np
+
+    import edgessl.evaluate.copies as cp
+
+    paths, rows = decoded(folder, size)
+    looks = lookalike_pairs(rows)
+    originals, copies = planted(paths, size, 8 if tiny else COPIES)
+    pos = np.stack([np.arange(len(originals)), originals], 1)
+    kept, out = cp.CHROMA_SMOOTH, []
+    try:
+        for chroma in CHROMA:
+            cp.CHROMA_SMOOTH = chroma or 1e-6  # a Gaussian of 1e-6 pixels keeps every pixel as it is
+            t0 = time.time()
+            alike = np.sort(cp.copy_scores(rows.__getitem__, looks))[::-1]
+            true = cp.copy_scores(copies.__getitem__, pos, rows.__getitem__)
+            above = {f"recall_above_{k}th": float(np.mean(true > alike[k - 1])) if len(alike) >= k else None
+                     for k in RANKS}
+            out.append({"data": name, "size": size, "images": len(rows), "lookalike_pairs": len(looks),
+                        "copies": len(true), "chroma": chroma, **above,
+                        "lookalikes_above_0.7": int(np.sum(alike > 0.7)), "copies_below_0.7": int(np.sum(true < 0.7)),
+                        "copy_median": float(np.median(true)), "seconds": time.time() - t0})
+            print(f"copy-score {name} chroma {chroma}: {above} copies < 0.7: {out[-1]['copies_below_0.7']}",
+                  flush=True)
+    finally:
+        cp.CHROMA_SMOOTH = kept
+    return out
+
+
+def suite_copy_score(args) -> list[dict[str, Any]]:
+    from benchmarks.duplicates import folders
+
+    return [row for name, (folder, size) in folders(args.tiny).items()
+            for row in folder_rows(name, folder, size, args.tiny)]
+
+
+def copy_score_section(rec: dict[str, Any]) -> str:
+    from edgessl.evaluate.copies import CHROMA_SMOOTH
+
+    m = rec["machine"]
+    out = ["\n## Copy score: colour compared at the resolution a JPEG copy keeps\n",
+           f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; `{rec['command']}`; "
+           f"{rec['seconds'] / 60:.1f} min. The pixel copy score alone (no encoder): {rec['rows'][0]['copies']} "
+           "copies per folder planted by the copy model (seed 11) against the folder's look-alike pairs (each image's "
+           f"{NEIGHBOURS} nearest on 8 x 8 thumbnails, pixel-identical pairs left out); chroma: the blur of the "
+           f"colour around the luma in comparison pixels (the default: {CHROMA_SMOOTH:g}; 0: as sharp as the luma). "
+           "Recall above the k-th look-alike: the copies scoring above the folder's k-th best look-alike pair.\n",
+           "| folder | images | look-alike pairs | chroma | recall above 10th look-alike | above 20th | "
+           "look-alikes > 0.7 | copies < 0.7 | copies' median |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        cells = [r["data"], f"{r['images']:,}", f"{r['lookalike_pairs']:,}", f"{r['chroma']:g}",
+                 *("–" if r[f"recall_above_{k}th"] is None else f"{r[f'recall_above_{k}th']:.3f}" for k in RANKS),
+                 str(r["lookalikes_above_0.7"]), f"{r['copies_below_0.7']} of {r['copies']}", f"{r['copy_median']:.3f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
