@@ -9,7 +9,7 @@ Parts (each row is kept in domains.json until a rerun of the same row replaces i
           with random weights; resnet18 at 64 px beside them (--backbones; its run is kept in benchmarks/.cache as
           the teacher suite's "trained on this folder" teacher);
   peers   at --image-size and --epochs (what `auto` picks for NEU-DET): lightly's SimCLR at equal epochs (training
-          seeds PEER_SEEDS; edgessl's second seed is the temperature part's) and at equal wall-clock (the epochs its
+          seeds PEER_SEEDS; edgessl's other seeds are the temperature part's) and at equal wall-clock (the epochs its
           s/epoch allows in edgessl's time, each of PEER_SEEDS, measured again on each run), and a supervised run
           with all labels (the ceiling); the other rows kept in domains.json are not run again (remove them to
           measure again);
@@ -36,8 +36,8 @@ SIZES = (64, 96, 128)
 SIZE_EPOCHS = 15
 PARTS = ("epochs", "sizes", "peers", "teacher", "temperature")
 TEMPERATURES = (0.1, 0.2)
-PEER_SEEDS = (0, 1)  # SimCLR's training seeds at equal epochs (--tiny: the first)
-TEMPERATURE_SETS = {"neu-det": (0, 1), "emoji": (0, 1), "cifar10-5k": (0, 1), "cifar10-5k-grey": (0,),  # seeds
+PEER_SEEDS = (0, 1, 2)  # SimCLR's training seeds at equal epochs (--tiny: the first)
+TEMPERATURE_SETS = {"neu-det": (0, 1, 2), "emoji": (0, 1), "cifar10-5k": (0, 1), "cifar10-5k-grey": (0,),  # seeds
                     "cifar10-1.5k": (0, 1), "digits": (0, 1), "twemoji": (0, 1)}
 FETCHED = {"twemoji"}  # downloaded from the npm registry on first use: left out of --tiny (the tests never download)
 CIFAR_SUBSETS = {"cifar10-5k": 500, "cifar10-1.5k": 150}  # images per class
