@@ -22,6 +22,12 @@ RESULTS = REPO / "benchmarks" / "results"
 TEACHER_KEYS = ("loss_teacher", "teacher_pass_seconds", "teacher_ms_per_step")  # metrics.jsonl keys of --teacher
 
 
+def run_line(rec: dict[str, Any]) -> str:
+    """A results section's first words: "cpu, torch V, edgessl V, date; `command`" from a suite's record."""
+    m = rec["machine"]
+    return f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; `{rec['command']}`"
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:

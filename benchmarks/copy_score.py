@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import run_line
+
 CHROMA = (0.0, 0.5, 1.0, 1.5)  # CHROMA_SMOOTH values compared (0: the colour as sharp as the luma)
 COPIES = 400  # planted copies per folder (--tiny: 8)
 NEIGHBOURS = 4  # look-alike pairs: each image's nearest others on the thumbnails
@@ -107,9 +109,8 @@ def suite_copy_score(args) -> list[dict[str, Any]]:
 def copy_score_section(rec: dict[str, Any]) -> str:
     from edgessl.evaluate.copies import CHROMA_SMOOTH
 
-    m = rec["machine"]
     out = ["\n## Copy score: colour compared at the resolution a JPEG copy keeps\n",
-           f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; `{rec['command']}`; "
+           f"{run_line(rec)}; "
            f"{rec['seconds'] / 60:.1f} min. The pixel copy score alone (no encoder): {rec['rows'][0]['copies']} "
            "copies per folder planted by the copy model (seed 11) against the folder's look-alike pairs (each image's "
            f"{NEIGHBOURS} nearest on 8 x 8 thumbnails, pixel-identical pairs left out); chroma: the blur of the "

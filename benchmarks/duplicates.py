@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import edgessl
+from benchmarks.common import run_line
 
 EPOCHS = (10, 30)  # the encoders' lengths: a third of the default 30, and the default
 PLANTS = ((1, None), (3, "blur"), (2, None), (4, "blur"))  # (seed, held-out transformation); --tiny: the first
@@ -294,10 +295,8 @@ def estimated(r: dict[str, Any]) -> str:
 
 
 def duplicates_section(rec: dict[str, Any]) -> str:
-    m = rec["machine"]
     out = ["## Duplicates: `edgessl embed --duplicates auto` on folders it was never tuned on\n",
-           f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; "
-           f"`{rec['command']}`. mobilenetv3_small pretrained on each clean folder; the default setting only. "
+           f"{run_line(rec)}. mobilenetv3_small pretrained on each clean folder; the default setting only. "
            "Planted samples: copies by the copy model (seeds 1, 2) and by a mild blur the calibration never "
            "uses (seeds 3, 4), each beside its original; the calibration plants its own copies (seed 0). "
            "Precision: of the flagged pairs that hold a planted copy, the share pairing it with its original; "

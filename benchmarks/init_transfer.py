@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import edgessl
+from benchmarks.common import run_line
 
 
 def _curve(run) -> list[dict[str, Any]]:
@@ -51,11 +52,9 @@ def suite_init(args) -> list[dict[str, Any]]:
 
 
 def init_section(rec: dict[str, Any]) -> str:
-    m = rec["machine"]
     rows = [r for r in rec["rows"] if r["init"] is not None or "scratch" in r["run"]]
     out = ["## Warm start: `--init RUN` on another folder\n",
-           f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; "
-           f"`{rec['command']}`. mobilenetv3_small at 32 px, batch 128, {rec['epochs']} epochs on the emoji training "
+           f"{run_line(rec)}. mobilenetv3_small at 32 px, batch 128, {rec['epochs']} epochs on the emoji training "
            "images, then the same number of epochs on 5,000 CIFAR-10 training images from scratch or with `--init` "
            "of the emoji run; kNN@20 / kNN@200 against the 5,000 CIFAR-10 test images after each epoch.\n"]
     epochs = sorted({p["epoch"] for r in rows for p in r["curve"]})

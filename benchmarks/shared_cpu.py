@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import run_line
 from edgessl.demo import demo_images
 
 SETTINGS = {
@@ -254,10 +255,10 @@ def suite_midway(args) -> list[dict[str, Any]]:
 
 
 def midway_section(rec: dict[str, Any]) -> str:
-    m, first = rec["machine"], rec["rows"][0]
+    first = rec["rows"][0]
     start, stop = first["competitor_epochs"]
     out = ["## Shared CPU, a competitor midway: threads that follow the load\n",
-           f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; `{rec['command']}`. "
+           f"{run_line(rec)}. "
            f"The demo pretraining (64 px, {first['epochs']} epochs) starts on an idle machine; the competitor above "
            f"(a 2-thread PyTorch training loop) starts when {start} epochs are done and stops when {stop} are. Mean "
            "images/s per phase, each phase's first epoch left out (it straddles the change). Goal: >= 0.4 x the idle "

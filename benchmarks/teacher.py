@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import run_line
+
 TEACHER_EPOCHS = 30
 CACHE = Path(__file__).resolve().parent / ".cache"
 RUNS = (
@@ -130,11 +132,9 @@ def _row_summary(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def teacher_section(rec: dict[str, Any]) -> str:
-    m = rec["machine"]
     t = rec["rows"][0]
     out = ["## Teacher: one pass of a large teacher vs a teacher on every step\n",
-           f"{m.get('cpu')}, torch {m.get('torch')}, edgessl {m.get('edgessl')}, {m.get('date')}; "
-           f"`{rec['command']}`. Teacher: resnet18 at 32 px pretrained by edgessl for {t['epochs']} epochs "
+           f"{run_line(rec)}. Teacher: resnet18 at 32 px pretrained by edgessl for {t['epochs']} epochs "
            f"({t['train_seconds'] / 60:.0f} min) on 5,000 CIFAR-10 training images. Student: mobilenetv3_small at "
            f"32 px, {rec['epochs']} epochs on the same images, batch 128, seed 0. kNN (k = 200) and linear probe at "
            "10 and all labels per class against the 5,000 test images (mean of the label-subset seeds); wall time "
