@@ -4,7 +4,8 @@ the resolution a JPEG copy keeps (edgessl.evaluate.copies.chroma_blur), on the d
 
 Per folder (the duplicates suite's four, at their sizes): COPIES planted copies by the copy model (seed 11, not a
 seed the duplicates suite plants) scored against their originals, and the folder's look-alike pairs (each image's 4
-nearest other images on 8 x 8 thumbnails, their means removed; pixel-identical pairs left out) scored the same way.
+nearest other images on the search's 8 x 8 thumbnails, each colour's mean removed; pixel-identical pairs left out)
+scored the same way.
 For each CHROMA value (the blur of the colour around the luma, in comparison pixels; 0: none): the share of copies
 scoring above the folder's 10th and 20th best look-alike (what a threshold that flags only those few look-alikes
 would find), the look-alikes above 0.7, the copies below 0.7 and the copies' median score.
@@ -25,27 +26,16 @@ NEIGHBOURS = 4  # look-alike pairs: each image's nearest others on the thumbnail
 RANKS = (10, 20)  # recall above the k-th best look-alike
 
 
-def decoded(folder: Path, size: int):
-    """(paths, (N, 3, size, size) uint8) of a folder's images, decoded as edgessl decodes them."""
+def lookalike_pairs(rows):
+    """(N, 3, S, S) uint8 -> (P, 2) int64 pairs i < j: each image with its NEIGHBOURS nearest others on the
+    thumbnails `edgessl embed` proposes candidates with (edgessl.evaluate.pixels.thumbnails), pixel-identical pairs
+    left out."""
     import numpy as np
     import torch
 
-    from edgessl.data.folder import decode_image
-    from edgessl.data.signature import scan_images
+    from edgessl.evaluate.pixels import thumbnails
 
-    paths = scan_images(folder)
-    rows = np.stack([decode_image(p, size) for p in paths])
-    return paths, torch.from_numpy(rows).permute(0, 3, 1, 2).contiguous()
-
-
-def lookalike_pairs(rows):
-    """(N, 3, S, S) uint8 -> (P, 2) int64 pairs i < j: each image with its NEIGHBOURS nearest others on 8 x 8
-    mean-free unit thumbnails, pixel-identical pairs left out."""
-    import numpy as np
-    import torch.nn.functional as F
-
-    t = F.adaptive_avg_pool2d(rows.float(), 8).flatten(1)
-    t = F.normalize(t - t.mean(dim=1, keepdim=True), dim=1)
+    t = torch.from_numpy(thumbnails(rows.__getitem__, len(rows)))
     sim = t @ t.T
     sim.fill_diagonal_(-2.0)
     near = sim.topk(min(NEIGHBOURS, len(rows) - 1), dim=1).indices
@@ -74,8 +64,10 @@ def folder_rows(name: str, folder: Path, size: int, tiny: bool) -> list[dict[str
     import numpy as np
 
     import edgessl.evaluate.copies as cp
+    from edgessl.data.folder import load_image_folder
 
-    paths, rows = decoded(folder, size)
+    images = load_image_folder(folder, size)  # decoded (and cached) as edgessl decodes them
+    paths, rows = images.paths, images.get(range(len(images)))
     looks = lookalike_pairs(rows)
     originals, copies = planted(paths, size, 8 if tiny else COPIES)
     pos = np.stack([np.arange(len(originals)), originals], 1)
@@ -113,7 +105,8 @@ def copy_score_section(rec: dict[str, Any]) -> str:
            f"{run_line(rec)}; "
            f"{rec['seconds'] / 60:.1f} min. The pixel copy score alone (no encoder): {rec['rows'][0]['copies']} "
            "copies per folder planted by the copy model (seed 11) against the folder's look-alike pairs (each image's "
-           f"{NEIGHBOURS} nearest on 8 x 8 thumbnails, pixel-identical pairs left out); chroma: the blur of the "
+           f"{NEIGHBOURS} nearest on the 8 x 8 thumbnails the search proposes candidates with, pixel-identical pairs "
+           "left out); chroma: the blur of the "
            f"colour around the luma in comparison pixels (the default: {CHROMA_SMOOTH:g}; 0: as sharp as the luma). "
            "Recall above the k-th look-alike: the copies scoring above the folder's k-th best look-alike pair.\n",
            "| folder | images | look-alike pairs | chroma | recall above 10th look-alike | above 20th | "
