@@ -32,10 +32,12 @@ from typing import Any
 
 import edgessl
 from benchmarks.common import run_line
+from edgessl.options import EmbedOptions
 
 EPOCHS = (10, 30)  # the encoders' lengths: a third of the default 30, and the default
 PLANTS = ((1, None), (3, "blur"), (2, None), (4, "blur"))  # (seed, held-out transformation); --tiny: the first
 COPIES = 50
+PLANTED = EmbedOptions.__dataclass_fields__["planted"].default  # the calibration's planted copies: the default
 DATASETS = ("emoji", "neu-det", "cifar10-2k", "twemoji")  # twemoji: fetched from the npm registry, never in --tiny
 
 
@@ -161,7 +163,7 @@ def one_encoder(name: str, src: Path, size: int, epochs: int, work: Path, tiny: 
     """Pretrain on the clean folder, then the clean and planted embeds."""
     run = edgessl.pretrain(data=str(src), out=str(work / f"run-{name}-{epochs}"), image_size=size, epochs=epochs,
                            backbone="mobilenetv3_small", quiet=True, eval_every=0, batch_size=8 if tiny else 128)
-    planted = 20 if tiny else 400
+    planted = 20 if tiny else PLANTED
     rows = []
     load = os.getloadavg()[0]
     res = edgessl.embed(run.run_dir, str(src), str(work / f"clean-{name}-{epochs}" / "e.npz"), duplicates="auto",
@@ -264,7 +266,7 @@ def scale_row(run_dir: Path, train: Path, name: str, work: Path, epochs: int, ti
     load = os.getloadavg()[0]
     plain = edgessl.embed(run_dir, str(train), str(work / "scale-plain" / "e.npz"))
     res = edgessl.embed(run_dir, str(train), str(work / "scale-dup" / "e.npz"), duplicates="auto",
-                        planted=20 if tiny else 400)
+                        planted=20 if tiny else PLANTED)
     found = flagged(res, train)  # with every flagged pair, for a person to judge
     kinds = [p[2] for p in found["pairs"]]
     row = {"part": "scale", "data": name, "epochs": epochs, "encoder_data": "emoji-tiny" if tiny else "cifar10-2k",
@@ -343,8 +345,9 @@ def scale_section(rows: list[dict[str, Any]]) -> list[str]:
     if not scale:
         return []
     out = ["\nCost on a larger folder (`--only scale`): `edgessl embed` alone, then with `--duplicates auto` (its "
-           "steps: the embedding, the pixel rows with their hashes and thumbnails, the calibration on 400 planted "
-           "copies, the search of the folder's pairs, the files), "
+           "steps: the embedding, the pixel rows with their hashes and thumbnails, the calibration on "
+           f"{scale[0].get('planted_for_calibration', PLANTED)} planted copies, the search of the folder's pairs, "
+           "the files), "
            "seconds on this machine, and what the clean folder gets flagged:\n",
            "| folder | images | encoder | embed alone | with duplicates | pixels | calibration | search | files | "
            "calibration / embed alone | flagged | exact pairs | copy pairs |",

@@ -262,6 +262,30 @@ def test_candidates_come_from_either_space_above_its_gate():
     assert folder_candidates([emb, thumb], gates=[0.7, 0.7]).tolist() == [[0, 2], [1, 3]]
 
 
+def test_planted_candidates_in_chunks_are_the_whole_search(monkeypatch):
+    """The planted copies are searched among the folder a few rows at a time (memory stays bounded on any folder):
+    the same pairs, gates and cosines as one search of all rows; a copy's original below the gate is dropped."""
+    from edgessl.evaluate import duplicates as dup
+
+    rng = np.random.default_rng(0)
+    folder = rng.normal(size=(40, 6)).astype(np.float32)
+    folder /= np.linalg.norm(folder, axis=1, keepdims=True)
+    originals = np.arange(0, 40, 3)
+    planted = folder[originals] + 0.2 * rng.normal(size=(len(originals), 6)).astype(np.float32)
+    planted /= np.linalg.norm(planted, axis=1, keepdims=True)
+    whole = dup.planted_candidates([planted], originals, [folder])
+    monkeypatch.setattr(dup, "CHUNK_ELEMENTS", 3 * 40)  # 3 planted rows at a time
+    parts = dup.planted_candidates([planted], originals, [folder])
+    assert parts[0].tolist() == whole[0].tolist() and parts[1] == whole[1]
+    np.testing.assert_allclose(parts[2], (planted * folder[originals]).sum(axis=1), rtol=1e-6)
+    assert whole[1][0] == pytest.approx(np.quantile(parts[2], dup.GATE_QUANTILE))
+    sims = planted @ folder.T
+    for row, col in whole[0].tolist():  # each pair: among the row's K nearest, at or above the gate
+        assert sims[row, col] >= whole[1][0] - 1e-6 and (sims[row] > sims[row, col]).sum() < dup.K
+    low = int(np.argmin(parts[2]))
+    assert [low, originals[low]] not in whole[0].tolist()
+
+
 def test_only_each_images_best_matches_count():
     from edgessl.evaluate.duplicates import MARGIN, near_best
 
