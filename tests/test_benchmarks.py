@@ -199,17 +199,21 @@ def test_duplicates_score_in_closed_form(tmp_path):
 def test_duplicates_suite_reruns_one_encoder_length_and_keeps_the_others():
     from types import SimpleNamespace
 
-    from benchmarks.duplicates import DATASETS, EPOCHS, chosen_folders, encoder_lengths, merged, with_scale
+    from benchmarks.duplicates import DATASETS, EPOCHS, chosen_folders, encoder_lengths, merged, with_scale, with_spread
 
     args = SimpleNamespace(tiny=False, only=None)
-    assert encoder_lengths(args) == EPOCHS == (10, 30) and with_scale(args)
+    assert encoder_lengths(args) == EPOCHS == (10, 30) and with_scale(args) and with_spread(args)
+    only_spread = SimpleNamespace(tiny=False, only=["spread"])
+    assert encoder_lengths(only_spread) == () and with_spread(only_spread) and not with_scale(only_spread)
+    assert not with_spread(SimpleNamespace(tiny=False, only=["30"])) and not with_spread(SimpleNamespace(tiny=True,
+                                                                                                        only=None))
     assert encoder_lengths(SimpleNamespace(tiny=False, only=["30"])) == (30,)
     assert not with_scale(SimpleNamespace(tiny=False, only=["30"]))
     only_scale = SimpleNamespace(tiny=False, only=["scale"])
     assert encoder_lengths(only_scale) == () and with_scale(only_scale)
     assert encoder_lengths(SimpleNamespace(tiny=True, only=["30"])) == (1,)
-    with pytest.raises(SystemExit, match=r"--only takes encoder epochs such as 10,30, scale and folders \(emoji, "
-                                         r"neu-det, cifar10-2k, twemoji\), not sizes"):
+    with pytest.raises(SystemExit, match=r"--only takes encoder epochs such as 10,30, scale, spread and folders "
+                                         r"\(emoji, neu-det, cifar10-2k, twemoji\), not sizes"):
         encoder_lengths(SimpleNamespace(tiny=False, only=["sizes"]))
     one = SimpleNamespace(tiny=False, only=["twemoji"])  # a folder alone: both lengths, that folder, no scale
     assert encoder_lengths(one) == EPOCHS and chosen_folders(one) == ("twemoji",) and not with_scale(one)
@@ -224,9 +228,25 @@ def test_duplicates_suite_reruns_one_encoder_length_and_keeps_the_others():
     scale = [{"part": "scale", "data": "cifar10-50k", "epochs": 10, "images": 49000}]
     again = merged(scale, earlier)
     assert [r.get("images") for r in again] == [None] * 4 + [49000]  # a scale rerun replaces only the scale row
+    spread = [{"part": "spread", "data": "twemoji", "epochs": 10, "seed": 0}]  # between the encoders' and scale rows
+    assert [r.get("part") for r in merged(spread, again)] == [None] * 4 + ["spread", "scale"]
+    assert [r.get("seed") for r in merged([dict(spread[0], seed=1)], merged(spread, earlier))][4] == 1  # replaced
     folder = [{"data": "twemoji", "epochs": 10, "sample": "clean"}]  # a new folder's rows join the others
     assert [(r["data"], r["epochs"]) for r in merged(folder, earlier)] == [
         ("emoji", 10), ("emoji", 30), ("neu-det", 10), ("neu-det", 30), ("twemoji", 10), ("cifar10-50k", 10)]
+
+
+def test_the_spread_table_lists_each_calibration():
+    from benchmarks.duplicates import duplicates_section, spread_section
+
+    row = {"part": "spread", "data": "twemoji", "epochs": 10, "sample": "seed 1", "seed": 2, "threshold": 0.6994,
+           "precision": 1.0, "recall": 0.96, "estimated_precision": 0.959, "estimated_recall": 0.979, "unsure": 0,
+           "planted_for_calibration": 800, "calibration_seconds": 15.7}
+    assert spread_section([{"data": "emoji", "epochs": 10, "sample": "clean"}]) == []
+    lines = spread_section([row])
+    assert lines[-1] == "| twemoji | 800 | 2 | 0.699 | 1.00 | 0.96 | 0.96 / 0.98 | 16 |"
+    text = duplicates_section({"rows": [row], "machine": {}, "command": "c", "seconds": 1.0})
+    assert text.count("| twemoji |") == 1  # in the spread table only, not among the planted samples
 
 
 def test_a_partial_rerun_appends_its_command_and_keeps_the_machine_note(tmp_path):

@@ -241,6 +241,23 @@ def test_embed_finds_a_planted_copy_and_names_the_three_kinds(demo_run, folder_w
     assert res.exit_code == 0 and "copy score >= 0.990, given" in res.output
 
 
+def test_the_calibration_sample_and_copies_follow_seed(demo_run, folder_with_copies, tmp_path, monkeypatch):
+    """--seed draws the calibration's sample of images and their copies (0 unless given): another seed, another
+    sample, so a user can see how much the rule moves with it."""
+    import edgessl.workflows.embed as we
+    from edgessl import api
+
+    seen = []
+    monkeypatch.setattr(we, "sample", lambda n, k, seed: seen.append(("sample", seed)) or sample(n, k, seed))
+    monkeypatch.setattr(we, "plant", lambda files, folder, seed: seen.append(("plant", seed)) or plant(files, folder,
+                                                                                                       seed))
+    data, _ = folder_with_copies
+    api.embed(demo_run, data=str(data), out=str(tmp_path / "a.npz"), duplicates="auto", planted=8)
+    api.embed(demo_run, data=str(data), out=str(tmp_path / "b.npz"), duplicates="auto", planted=8, seed=5)
+    assert seen == [("sample", 0), ("plant", 0), ("sample", 5), ("plant", 5)]
+    assert sample(40, 8, 0) != sample(40, 8, 5)
+
+
 def test_thumbnails_ignore_brightness_and_contrast():
     pic = _picture(9).astype(np.float64)
     brighter = np.clip(pic * 0.8 + 30, 0, 255)  # a linear change, inside 0..255

@@ -207,10 +207,10 @@ def _calibrate(result: EmbedResult, opts: EmbedOptions, src, get, spaces: list[n
                say) -> dup.Calibration:
     """Plant copies of a seeded sample of the folder's images (edgessl.data.copies), embed them with the same
     encoder, and score them against the folder as the search will."""
-    rows = sample(len(result.paths), int(opts.planted), seed=0)
+    rows = sample(len(result.paths), int(opts.planted), seed=int(opts.seed))
     say(f"Calibrating on {len(rows)} synthetic copies of this folder's images ...")
     with tempfile.TemporaryDirectory(prefix="edgessl-planted-") as tmp:
-        files = plant([Path(result.paths[i]) for i in rows], Path(tmp), seed=0)
+        files = plant([Path(result.paths[i]) for i in rows], Path(tmp), seed=int(opts.seed))
         planted = src(Path(tmp), cache=False)
         if len(planted.paths) != len(files):
             raise UserError("a synthetic copy could not be decoded; run the command again.")
