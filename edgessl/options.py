@@ -359,9 +359,8 @@ class EmbedOptions(HasDecode):
                                           "duplicates).", shown="none")
     precision: float = option(0.95, "With --duplicates auto: the precision the rule must reach on the planted "
                                     "copies.")
-    planted: int = option(800, "With --duplicates: synthetic copies planted to calibrate and estimate the rule (at "
-                               "most the folder's size; 800 lets one look-alike among them score above the "
-                               "threshold at precision 0.95, 400 none).")
+    planted: int = option(400, "With --duplicates: synthetic copies planted to calibrate and estimate the rule (at "
+                               "most the folder's size).")
     seed: int = option(0, "With --duplicates: the seed of the calibration's sample of images and of their synthetic "
                           "copies (another seed, another sample: how much the rule moves with it).")
     keep: str | None = option(None, "With --duplicates: write keep.txt, one image per duplicate group to keep: first "
