@@ -32,7 +32,7 @@ from edgessl.evaluate.neighbours import CHUNK_ELEMENTS, group_pairs, top_k_neigh
 K = 8  # nearest neighbours searched for each image (and each planted copy)
 GATE_QUANTILE = 0.005  # pairs less close than 99.5 % of the planted copies are to their originals are not compared
 # (0.02 dropped a NEU-DET copy scoring 0.98 that a 10-epoch encoder had moved to cosine 0.21 and its crop to thumbnail
-# cosine 0.77; 0.005 proposes it at 8 % more candidate pairs, and without a gate at all 35 % more)
+# cosine 0.77; 0.005 proposes it at 8-10 % more candidate pairs on NEU-DET and emoji, no gate at all 13-35 % more)
 MARGIN = 0.1  # a pair is a copy candidate only within this of each image's best copy score (near_best)
 
 
