@@ -53,6 +53,12 @@ def folders(tiny: bool, names: tuple[str, ...] = DATASETS) -> dict[str, tuple[Pa
     return {name: make[name]() for name in names}
 
 
+def encoder(src: Path, out: Path, size: int, epochs: int, tiny: bool = False):
+    """The suite's encoder: mobilenetv3_small pretrained on src at `size` px for `epochs` (--tiny: batches of 8)."""
+    return edgessl.pretrain(data=str(src), out=str(out), image_size=size, epochs=epochs, backbone="mobilenetv3_small",
+                            quiet=True, eval_every=0, batch_size=8 if tiny else 128)
+
+
 def chosen_folders(args) -> tuple[str, ...]:
     """The folders `--only` names (e.g. `--only twemoji,10`), else all of DATASETS."""
     named = tuple(part for part in (args.only or ()) if part in DATASETS)
@@ -161,8 +167,7 @@ def flagged(result, root: Path | None = None) -> dict[str, Any]:
 
 def one_encoder(name: str, src: Path, size: int, epochs: int, work: Path, tiny: bool) -> list[dict[str, Any]]:
     """Pretrain on the clean folder, then the clean and planted embeds."""
-    run = edgessl.pretrain(data=str(src), out=str(work / f"run-{name}-{epochs}"), image_size=size, epochs=epochs,
-                           backbone="mobilenetv3_small", quiet=True, eval_every=0, batch_size=8 if tiny else 128)
+    run = encoder(src, work / f"run-{name}-{epochs}", size, epochs, tiny)
     planted = 20 if tiny else PLANTED
     rows = []
     load = os.getloadavg()[0]
@@ -235,8 +240,7 @@ def scale_rows(work: Path, tiny: bool) -> list[dict[str, Any]]:
 
     subset = folders(tiny)["emoji" if tiny else "cifar10-2k"][0]
     epochs = 1 if tiny else SCALE_EPOCHS
-    run = edgessl.pretrain(data=str(subset), out=str(work / "run-scale"), image_size=32, epochs=epochs,
-                           backbone="mobilenetv3_small", quiet=True, eval_every=0, batch_size=8 if tiny else 128)
+    run = encoder(subset, work / "run-scale", 32, epochs, tiny)
     rows = []
     for per_class in (None,) if tiny else SCALE_FOLDERS:
         train = subset if tiny else (stratified_subset(cifar10()[0], per_class, 0, f"cifar10-train-{per_class}pc-s0")
@@ -309,8 +313,7 @@ def spread_rows(work: Path) -> list[dict[str, Any]]:
     auto with --planted 400 and 800, --seed 0, 1, 2."""
     rows = []
     for name, (src, size) in folders(False, SPREAD).items():
-        run = edgessl.pretrain(data=str(src), out=str(work / f"run-spread-{name}"), image_size=size, epochs=10,
-                               backbone="mobilenetv3_small", quiet=True, eval_every=0, batch_size=128)
+        run = encoder(src, work / f"run-spread-{name}", size, 10)
         data = work / f"spread-{name}"
         sample = 1 if name == "twemoji" else 2
         truth = planted_folder(src, data, COPIES, sample, None)
