@@ -164,6 +164,19 @@ def test_channels_last_forward_equals_nchw(device, backbone, monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_crops_are_channels_last_except_deterministic_on_the_cpu(tiny_data, device):
+    """make_crops hands the step channels_last crops on CUDA and on the CPU (its convolutions run in that layout:
+    1.5x on a CPU), NCHW on the CPU with --deterministic; the values are the same crops either way."""
+    run, _, _ = make_run(tiny_data, device=device, batch_size=4)
+    exact, _, _ = make_run(tiny_data, device=device, batch_size=4, deterministic=True)
+    idx = torch.arange(4)
+    x, x_exact = make_crops(run, idx, 0, 0)[0], make_crops(exact, idx, 0, 0)[0]
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert x_exact.is_contiguous() == (device == "cpu")
+    assert torch.equal(x, x_exact)
+
+
 # ---------------------------------------------------------------- prefetcher, pinned memory
 @pytest.mark.parametrize("device", DEVICES)
 def test_prefetched_pinned_non_blocking_batches_equal_a_synchronous_gather(tiny_data, device):

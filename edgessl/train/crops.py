@@ -31,7 +31,10 @@ def make_crops(run: Run, idx: torch.Tensor, epoch: int, step: int,
         perm = torch.randperm(len(idx), generator=g)
         x, lam = _cutmix_rows(x, idx, run.rows, perm, lam, (float(u[0]), float(u[1])), crops)
         mix = (perm.to(run.device), lam)
-    if run.device.type == "cuda":
+    if run.device.type == "cuda" or (run.device.type == "cpu" and not cfg.deterministic):
+        # channels_last inputs run the step's convolutions in that layout (the model's weights stay NCHW, so the bank's
+        # forward pass and the saved encoder are unchanged): 1.5x a CPU step of mobilenetv3_small at 96 px (2.45 vs
+        # 3.7 s an epoch on NEU-DET); --deterministic keeps NCHW on the CPU, as the teacher's pass does
         x = x.contiguous(memory_format=torch.channels_last)
     return x, mix
 
