@@ -1,7 +1,8 @@
 """Two-view peers from lightly (SimCLR, MoCo v2, BYOL) trained under edgessl's conditions.
 
 Same backbone (edgessl's timm creation, small-input stem rule), same decoded uint8 cache, same batched augmentation
-(called twice with different keys for the two views), same optimiser (SGD momentum 0.9, wd 5e-4, lr per 256
+(called twice with different keys for the two views), the same channels_last inputs (edgessl's step on CPU and CUDA:
+train/crops.py; since 2026-12-06, 1.5x a CPU step), same optimiser (SGD momentum 0.9, wd 5e-4, lr per 256
 images), warm-up + cosine schedule, batch size and epochs. Heads and losses are lightly's own, with the settings of
 lightly's examples. A supervised cross-entropy step of the same backbone gives the cost floor.
 """
@@ -191,6 +192,7 @@ def train_peer(
             x1 = augment_batch(raw, idx, epoch, seed, aug, IMAGENET_MEAN, IMAGENET_STD)
             x2 = (None if name in ("supervised", "edgessl", "npid")
                   else augment_batch(raw, idx, epoch, seed + VIEW2, aug, IMAGENET_MEAN, IMAGENET_STD))
+            x1, x2 = (None if x is None else x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
             labels = images.labels[idx] if images.labels is not None else None
             progress = (epoch * steps + step) / max(1, epochs * steps)
             loss = model.loss(x1, x2, labels, idx, progress)

@@ -55,6 +55,7 @@ def measure(backbone: str, image_size: int, batch: int, steps: int, data: str | 
     aug = AugmentConfig()
     fixed_idx = torch.arange(batch) % n
     fixed_x = augment_batch(images.get(fixed_idx).to(device), fixed_idx, 0, 0, aug, IMAGENET_MEAN, IMAGENET_STD)
+    fixed_x = fixed_x.contiguous(memory_format=torch.channels_last)  # the layout of edgessl's step (train/crops.py)
     target = torch.randint(0, 128, (batch,), device=device)
     step = {"i": 0}
 
@@ -69,6 +70,7 @@ def measure(backbone: str, image_size: int, batch: int, steps: int, data: str | 
         idx = torch.randint(0, n, (batch,), generator=torch.Generator().manual_seed(step["i"]))
         step["i"] += 1
         x = augment_batch(images.get(idx).to(device), idx, 0, 0, aug, IMAGENET_MEAN, IMAGENET_STD)
+        x = x.contiguous(memory_format=torch.channels_last)
         out = method(F.normalize(model(x).float(), dim=1), idx.to(device))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
