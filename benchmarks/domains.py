@@ -36,8 +36,8 @@ SIZES = (64, 96, 128)
 SIZE_EPOCHS = 15
 PARTS = ("epochs", "sizes", "peers", "teacher", "temperature")
 TEMPERATURES = (0.1, 0.2)
-PEER_SEEDS = (0, 1, 2)  # SimCLR's training seeds at equal epochs (--tiny: the first)
-TEMPERATURE_SETS = {"neu-det": (0, 1, 2), "emoji": (0, 1), "cifar10-5k": (0, 1), "cifar10-5k-grey": (0,),  # seeds
+PEER_SEEDS = (0, 1, 2, 3, 4)  # SimCLR's training seeds at equal epochs (--tiny: the first)
+TEMPERATURE_SETS = {"neu-det": (0, 1, 2, 3, 4), "emoji": (0, 1), "cifar10-5k": (0, 1), "cifar10-5k-grey": (0,),  # seeds
                     "cifar10-1.5k": (0, 1), "digits": (0, 1), "twemoji": (0, 1)}
 FETCHED = {"twemoji"}  # downloaded from the npm registry on first use: left out of --tiny (the tests never download)
 CIFAR_SUBSETS = {"cifar10-5k": 500, "cifar10-1.5k": 150}  # images per class

@@ -330,7 +330,7 @@ def test_midway_suite(bench):
     assert "## Shared CPU, a competitor midway: threads that follow the load" in readme
 
 
-def test_domains_peers_train_simclr_on_three_seeds_and_keep_earlier_rows():
+def test_domains_peers_train_simclr_on_five_seeds_and_keep_earlier_rows():
     from types import SimpleNamespace
 
     from benchmarks.domains import PEER_SEEDS, label, plan
@@ -338,12 +338,12 @@ def test_domains_peers_train_simclr_on_three_seeds_and_keep_earlier_rows():
     args = SimpleNamespace(only=["peers"], tiny=False, image_size=96, epochs=31, backbones=None, teachers=None)
     rows = plan(args)
     simclr = [r for r in rows if r["method"] == "simclr" and not r.get("budget_of")]
-    assert PEER_SEEDS == (0, 1, 2) and [label(r) for r in simclr] == [
-        "neu-det mobilenetv3_small 96px simclr 31ep", "neu-det mobilenetv3_small 96px simclr 31ep seed 1",
-        "neu-det mobilenetv3_small 96px simclr 31ep seed 2"]
-    assert all(r["reuse"] for r in rows[:-3])  # the equal wall-clock rows, one per seed, are measured again
-    assert [(r["budget_of"], r.get("seed", 0), "reuse" in r) for r in rows[-3:]] == [
-        ("edgessl", 0, False), ("edgessl", 1, False), ("edgessl", 2, False)]
+    assert PEER_SEEDS == (0, 1, 2, 3, 4) and [label(r) for r in simclr] == [
+        "neu-det mobilenetv3_small 96px simclr 31ep"] + [f"neu-det mobilenetv3_small 96px simclr 31ep seed {s}"
+                                                         for s in (1, 2, 3, 4)]
+    assert all(r["reuse"] for r in rows[:-5])  # the equal wall-clock rows, one per seed, are measured again
+    assert [(r["budget_of"], r.get("seed", 0), "reuse" in r) for r in rows[-5:]] == [
+        ("edgessl", s, False) for s in range(5)]
     assert [r.get("seed", 0) for r in plan(SimpleNamespace(**{**vars(args), "tiny": True}))
             if r["method"] == "simclr"] == [0, 0]  # --tiny: seed 0 at equal epochs, and the budget row
 
