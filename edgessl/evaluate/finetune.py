@@ -241,6 +241,8 @@ def _finetune_epoch(state: TrainState, data: FinetuneData, opts: FinetuneOptions
         f"Fine-tuning diverged: {MAX_NONFINITE} non-finite losses in a row (epoch {epoch + 1}). Lower --lr.")
     for chunk in order.tensor_split(steps):
         x = augment_batch(data.images.get(chunk).to(dev), chunk, epoch, opts.seed, FINETUNE_AUGMENT, mean, std)
+        if dev.type in ("cpu", "cuda"):  # the pretraining step's layout (edgessl.train.crops): faster convolutions
+            x = x.contiguous(memory_format=torch.channels_last)
         y = data.labels[chunk].to(dev)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=opts.label_smoothing)
