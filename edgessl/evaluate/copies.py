@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgessl.evaluate.coarse import coarse_of_windows
+
 DESC = 24  # pixels on each side of a compared window
 SCALES = (0.95, 0.9, 0.85)  # the coarse search's square crops (share of each side kept)
 POSITIONS = (0.0, 0.5, 1.0)  # where a coarse crop sits, as a share of the room it has
@@ -281,14 +283,8 @@ def window_ncc(win: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch
 
 def coarse_scores(win: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """win from prepare(); pairs (P, 2) -> (P,) the best NCC of a coarse window of either image with the whole of
-    the other: what the box fit starts from, at the cost of one small matrix product."""
-    return coarse_between(win[pairs[:, 0]], win[pairs[:, 1]])
-
-
-def coarse_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a, b (P, W, F) the unit coarse windows of each pair's two images -> (P,) coarse_scores."""
-    return torch.maximum(torch.einsum("pwf,pf->pw", a, b[:, 0]).max(dim=1).values,
-                         torch.einsum("pwf,pf->pw", b, a[:, 0]).max(dim=1).values)
+    the other: what the box fit starts from (coarse.coarse_between, without gathering each pair's windows)."""
+    return coarse_of_windows(win, pairs[:, 0].numpy(), win, pairs[:, 1].numpy())
 
 
 def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int):
@@ -342,8 +338,7 @@ def coarse_of(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.nda
             out[start : start + len(local)] = coarse_scores(prepare(rows)[1], local).numpy()
         return out
     for sel, (ia, wa), (ib, wb) in _block_pairs(get_a, pairs, get_b, block):
-        for part in np.array_split(np.arange(len(sel)), max(1, math.ceil(len(sel) / chunk))):
-            out[sel[part]] = coarse_between(wa[ia[part]], wb[ib[part]]).numpy()
+        out[sel] = coarse_of_windows(wa, ia, wb, ib).numpy()
     return out
 
 
