@@ -392,29 +392,33 @@ def test_band_pass_and_fixed_box_sampling_match_their_definitions():
     assert torch.allclose(cp.sample_fixed(images, boxes), ref.view(3, len(boxes), 3, cp.DESC, cp.DESC), atol=1e-5)
 
 
-def test_coarse_scores_by_blocks_equal_those_by_chunks(monkeypatch):
-    """coarse_of by block pairs (two sets of images, and one set with pairs inside and across blocks of 4 images)
-    gives the scores of the chunk path; prepare() sampling one image at a time gives the same windows; block_plan
-    counts the images each way prepares in closed cases."""
+def test_coarse_of_scans_each_image_once_and_equals_the_definition(monkeypatch):
+    """coarse_of (whole windows first, then each image's windows prepared once and scanned against all its partners)
+    gives coarse_between of prepare()'s windows for one set and for two sets of images, in the pairs' order, with
+    images prepared one at a time too; each image is prepared once; prepare() sampling one image at a time gives the
+    same windows."""
+    from edgessl.evaluate import coarse
+
     rows = _rows(*[_picture(i, 40) for i in range(11)])
     more = _rows(*[_picture(20 + i, 40) for i in range(5)])
     rng = np.random.default_rng(0)
     same = np.unique(np.sort(rng.integers(0, 11, (40, 2)), axis=1), axis=0)
     cross = np.stack([rng.integers(0, 5, 30), rng.integers(0, 11, 30)], axis=1)
-    cases = [(lambda i: rows[i], same, None), (lambda i: more[i], cross, lambda i: rows[i])]
-    monkeypatch.setattr(cp, "block_plan", lambda *a: (False, (0, 0)))
-    chunked = [cp.coarse_of(get_a, pairs, get_b, chunk=8) for get_a, pairs, get_b in cases]
-    monkeypatch.setattr(cp, "block_plan", lambda *a: (True, (0, 0)))
-    monkeypatch.setattr(cp, "COARSE_BLOCK_BYTES", 4 * len(cp.coarse_boxes()) * 3 * cp.DESC * cp.DESC * 4)
-    for (get_a, pairs, get_b), ref in zip(cases, chunked, strict=True):
-        assert np.allclose(cp.coarse_of(get_a, pairs, get_b, chunk=8), ref, atol=1e-5)
-    win = cp.prepare(rows)[1]
+    win, win_more = cp.prepare(rows)[1], cp.prepare(more)[1]
+    want_same = coarse.coarse_between(win[same[:, 0]], win[same[:, 1]]).numpy()
+    want_cross = coarse.coarse_between(win_more[cross[:, 0]], win[cross[:, 1]]).numpy()
+    prepared = []
+    real = cp.prepare
+    monkeypatch.setattr(cp, "prepare", lambda r: prepared.append(len(r)) or real(r))
+    for step in (64, 1):
+        monkeypatch.setattr(cp, "SCAN_IMAGES", step)
+        prepared.clear()
+        assert np.allclose(cp.coarse_of(lambda i: rows[i], same), want_same, atol=1e-5)
+        assert sum(prepared) == len(np.unique(same))  # each image of the set once
+        assert np.allclose(cp.coarse_of(lambda i: more[i], cross, lambda i: rows[i]), want_cross, atol=1e-5)
+    assert cp.coarse_of(lambda i: rows[i], same[:0]).shape == (0,)
     monkeypatch.setattr(cp, "SAMPLE_FLOATS", 1)
-    assert torch.allclose(cp.prepare(rows)[1], win, atol=1e-6)
-    monkeypatch.undo()
-    pairs = np.array([[0, 1], [0, 5], [2, 3], [4, 5]])
-    assert cp.block_plan(pairs, 2, True, 2) == (False, (7, 7))  # chunks: 1 + 2, 2 + 2; blocks: 2 + 1, 2, 2
-    assert cp.block_plan(np.array([[0, 1], [0, 2], [1, 2], [0, 3]]), 4, True, 1) == (True, (4, 8))
+    assert torch.allclose(real(rows)[1], win, atol=1e-6)
 
 
 def test_large_images_are_fitted_in_fewer_pairs_at_a_time(monkeypatch):

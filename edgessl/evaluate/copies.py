@@ -10,19 +10,17 @@ of square crops, in both directions (a box in b against the whole of a); the bet
 patch (pair_scores). A crop, a resize, a brightness or contrast change and JPEG noise leave it near 1; another
 picture, even a similar one, scores lower. Flat images score 0.
 
-Cost: an image's coarse windows cost far more than a pair's NCC, so coarse_of prepares each image as few times as it
-can (per block pair or per chunk of pairs), and only the pairs that pass its gate are fitted.
+Cost: an image's coarse windows cost far more than a pair's NCC, so coarse_of prepares each image once and scans it
+against the whole windows of all its partners, and only the pairs that pass its gate are fitted.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgessl.evaluate.coarse import coarse_of_windows
+from edgessl.evaluate.coarse import best_window_ncc, coarse_of_windows
 
 DESC = 24  # pixels on each side of a compared window
 SCALES = (0.95, 0.9, 0.85)  # the coarse search's square crops (share of each side kept)
@@ -303,7 +301,7 @@ def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: f
     `chunk` pairs: memory stays bounded. gate: a pair whose coarse score (coarse_of) is below it differs at a
     glance and gets -inf without the box fit (the prefilter: most of a folder's neighbour pairs). -> (P,) float32."""
     out = np.full(len(pairs), -np.inf, np.float32)
-    fit = np.arange(len(pairs)) if gate == -np.inf else np.flatnonzero(coarse_of(get_a, pairs, get_b, chunk) >= gate)
+    fit = np.arange(len(pairs)) if gate == -np.inf else np.flatnonzero(coarse_of(get_a, pairs, get_b) >= gate)
     size = get_a(torch.from_numpy(pairs[fit[:1], 0])).shape[-1] if len(fit) else 0
     for start, local, rows in _chunks(get_a, pairs[fit], get_b, fit_chunk(chunk, size)):
         images, win = prepare(rows)
@@ -312,8 +310,7 @@ def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: f
 
 
 FIT_SIZE = 64  # images up to this side are fitted `chunk` pairs at a time; larger ones in fewer (fit_chunk)
-COARSE_BLOCK_BYTES = 512 << 20  # coarse windows of one block of images in memory (two blocks at a time)
-PREPARE_IMAGES = 64  # images prepared at a time (the windows of a block are built in these steps)
+SCAN_IMAGES = 64  # images whose coarse windows are prepared and scanned at a time (coarse_of)
 
 
 def fit_chunk(chunk: int, size: int) -> int:
@@ -322,70 +319,53 @@ def fit_chunk(chunk: int, size: int) -> int:
     return chunk if size <= FIT_SIZE else max(16, chunk * FIT_SIZE * FIT_SIZE // (size * size))
 
 
-def coarse_of(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024) -> np.ndarray:
+def coarse_of(get_a, pairs: np.ndarray, get_b=None) -> np.ndarray:
     """coarse_scores of image pairs (P, 2) (get_a, get_b as in copy_scores) -> (P,) float32.
 
-    Each image's coarse windows cost far more than a pair's NCC, and a folder's neighbour pairs name each image about
-    a dozen times. Two ways, whichever prepares fewer images (block_plan): per chunk of `chunk` pairs (each image
-    once per chunk it appears in: about 1.2 per pair), or per block pair (the images of both sets cut into blocks of
-    COARSE_BLOCK_BYTES of windows; each block's windows prepared once per block of the other set it has pairs with:
-    once in all for a folder of a few thousand images, whatever its number of pairs)."""
-    out = np.zeros(len(pairs), np.float32)
-    block = max(1, COARSE_BLOCK_BYTES // (len(coarse_boxes()) * 3 * DESC * DESC * 4))
-    by_blocks, _ = block_plan(pairs, block, get_b is None, chunk)
-    if not by_blocks:
-        for start, local, rows in _chunks(get_a, pairs, get_b, chunk):
-            out[start : start + len(local)] = coarse_scores(prepare(rows)[1], local).numpy()
+    Each image's W coarse windows cost far more than a pair's NCC, and a folder's neighbour pairs name each image
+    about a dozen times. So the whole windows (F floats an image, 1/W of its windows) of every image with pairs are
+    computed first and kept (0.35 GB for 50,000 images), and then each image's windows are prepared once,
+    SCAN_IMAGES images at a time, and scanned against the whole windows of all its partners at once
+    (coarse.best_window_ncc), in both directions of every pair."""
+    out = np.full(len(pairs), -np.inf, np.float32)
+    if not len(pairs):
         return out
-    for sel, (ia, wa), (ib, wb) in _block_pairs(get_a, pairs, get_b, block):
-        out[sel] = coarse_of_windows(wa, ia, wb, ib).numpy()
+    if get_b is None:  # one set: both directions of every pair scanned with each image's windows prepared once
+        rows = np.unique(pairs)
+        whole = _wholes(get_a, rows)
+        scanners, partners = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+        both = _scan(get_a, scanners, np.searchsorted(rows, partners), whole).view(2, -1)
+        return torch.maximum(both[0], both[1]).numpy()
+    rows_a, rows_b = np.unique(pairs[:, 0]), np.unique(pairs[:, 1])
+    whole_a, whole_b = _wholes(get_a, rows_a), _wholes(get_b, rows_b)
+    ab = _scan(get_a, pairs[:, 0], np.searchsorted(rows_b, pairs[:, 1]), whole_b)
+    ba = _scan(get_b, pairs[:, 1], np.searchsorted(rows_a, pairs[:, 0]), whole_a)
+    return torch.maximum(ab, ba).numpy()
+
+
+def _wholes(get, rows: np.ndarray) -> torch.Tensor:
+    """rows (k,) -> (k, F) their unit whole windows (prepare()'s first window), SCAN_IMAGES images at a time."""
+    out = torch.empty(len(rows), 3 * DESC * DESC)
+    whole = coarse_boxes()[:1]
+    for start in range(0, len(rows), SCAN_IMAGES):
+        images = smooth(get(torch.from_numpy(rows[start : start + SCAN_IMAGES])).float() / 255)
+        out[start : start + SCAN_IMAGES] = unit(sample_fixed(images, whole).reshape(-1, 3, DESC, DESC)).flatten(1)
     return out
 
 
-def block_plan(pairs: np.ndarray, block: int, same: bool, chunk: int) -> tuple[bool, tuple[int, int]]:
-    """(whether coarse_of goes by blocks, (images prepared by blocks, images prepared by chunks)) for pairs (P, 2):
-    by blocks, each a-block's images with pairs plus, per b-block it has pairs with, that block's images with pairs
-    from it (none more when `same` set and the same block); by chunks, each chunk's distinct images."""
-    by_chunks = sum(len(np.unique(part[:, 0])) + len(np.unique(part[:, 1]))
-                    for part in np.array_split(pairs, max(1, math.ceil(len(pairs) / chunk))))
-    ba, bb = pairs[:, 0] // block, pairs[:, 1] // block
-    by_blocks = 0
-    for i in np.unique(ba):
-        mine = ba == i
-        by_blocks += len(_block_rows(pairs[mine], i, block, same))
-        for j in np.unique(bb[mine]):
-            if not (same and j == i):
-                by_blocks += len(np.unique(pairs[mine & (bb == j), 1]))
-    return by_blocks < by_chunks, (by_blocks, by_chunks)
-
-
-def _block_rows(pairs: np.ndarray, i: int, block: int, same: bool) -> np.ndarray:
-    """The a-side rows of block i that `pairs` name (with their b-side rows in block i when both sides are one set)."""
-    return np.unique(np.concatenate([pairs[:, 0], pairs[:, 1][pairs[:, 1] // block == i]]) if same else pairs[:, 0])
-
-
-def _windows(get, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-    """(rows (k,) sorted, their unit coarse windows (k, W, F)), prepared PREPARE_IMAGES at a time."""
-    out = torch.empty(len(rows), len(coarse_boxes()), 3 * DESC * DESC)  # filled in place: no second copy
-    for start in range(0, len(rows), PREPARE_IMAGES):
-        out[start : start + PREPARE_IMAGES] = prepare(get(torch.from_numpy(rows[start : start + PREPARE_IMAGES])))[1]
-    return rows, out
-
-
-def _block_pairs(get_a, pairs: np.ndarray, get_b, block: int):
-    """(positions of the pairs of one a-block and one b-block, (their a rows' places, the a-block's windows), (the
-    b rows' places, the b-block's windows)) for each such block pair in turn: two blocks of windows in memory."""
-    same = get_b is None
-    ba, bb = pairs[:, 0] // block, pairs[:, 1] // block
-    for i in np.unique(ba):
-        mine = np.flatnonzero(ba == i)
-        rows_a, win_a = _windows(get_a, _block_rows(pairs[mine], i, block, same))
-        for j in np.unique(bb[mine]):
-            sel = mine[bb[mine] == j]
-            rows_b, win_b = ((rows_a, win_a) if same and j == i else
-                             _windows(get_b or get_a, np.unique(pairs[sel, 1])))
-            yield (sel, (np.searchsorted(rows_a, pairs[sel, 0]), win_a),
-                   (np.searchsorted(rows_b, pairs[sel, 1]), win_b))
+def _scan(get, scanners: np.ndarray, partners: np.ndarray, whole: torch.Tensor) -> torch.Tensor:
+    """scanners (Q,) rows of get's set, partners (Q,) rows of `whole` (M, F) -> (Q,) the best NCC of a coarse window
+    of each scanner with its partner's whole window; each scanner image prepared once."""
+    out = torch.empty(len(scanners))
+    order = np.argsort(scanners, kind="stable")
+    rows, first = np.unique(scanners[order], return_index=True)
+    bounds = np.append(first, len(order))
+    for lo in range(0, len(rows), SCAN_IMAGES):
+        part, hi = rows[lo : lo + SCAN_IMAGES], min(lo + SCAN_IMAGES, len(rows))
+        sel = order[bounds[lo] : bounds[hi]]
+        win = prepare(get(torch.from_numpy(part)))[1]
+        out[torch.from_numpy(sel)] = best_window_ncc(win, np.searchsorted(part, scanners[sel]), whole, partners[sel])
+    return out
 
 
 def coarse_gate(true_coarse: np.ndarray) -> float:
