@@ -395,8 +395,8 @@ def test_band_pass_and_fixed_box_sampling_match_their_definitions():
 def test_coarse_of_scans_each_image_once_and_equals_the_definition(monkeypatch):
     """coarse_of (whole windows first, then each image's windows prepared once and scanned against all its partners)
     gives coarse_between of prepare()'s windows for one set and for two sets of images, in the pairs' order, with
-    images prepared one at a time too; each image is prepared once; prepare() sampling one image at a time gives the
-    same windows."""
+    images prepared one at a time too; each image is prepared once; the whole windows computed as M X M^T are
+    prepare()'s first window; prepare() sampling one image at a time gives the same windows."""
     from edgessl.evaluate import coarse
 
     rows = _rows(*[_picture(i, 40) for i in range(11)])
@@ -417,6 +417,8 @@ def test_coarse_of_scans_each_image_once_and_equals_the_definition(monkeypatch):
         assert sum(prepared) == len(np.unique(same))  # each image of the set once
         assert np.allclose(cp.coarse_of(lambda i: more[i], cross, lambda i: rows[i]), want_cross, atol=1e-5)
     assert cp.coarse_of(lambda i: rows[i], same[:0]).shape == (0,)
+    big = (torch.rand(3, 3, 150, 150, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    assert torch.allclose(cp._wholes(lambda i: big[i], np.arange(3)), real(big)[1][:, 0], atol=1e-5)  # M X M^T
     monkeypatch.setattr(cp, "SAMPLE_FLOATS", 1)
     assert torch.allclose(real(rows)[1], win, atol=1e-6)
 

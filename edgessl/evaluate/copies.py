@@ -344,12 +344,17 @@ def coarse_of(get_a, pairs: np.ndarray, get_b=None) -> np.ndarray:
 
 
 def _wholes(get, rows: np.ndarray) -> torch.Tensor:
-    """rows (k,) -> (k, F) their unit whole windows (prepare()'s first window), SCAN_IMAGES images at a time."""
+    """rows (k,) -> (k, F) their unit whole windows (prepare()'s first window), SCAN_IMAGES images at a time. The
+    smoothing and the whole box's sampling are both linear and separable, so one (DESC, S) matrix M does both:
+    M X M^T per channel, without blurring the full image."""
     out = torch.empty(len(rows), 3 * DESC * DESC)
-    whole = coarse_boxes()[:1]
+    m = None
     for start in range(0, len(rows), SCAN_IMAGES):
-        images = smooth(get(torch.from_numpy(rows[start : start + SCAN_IMAGES])).float() / 255)
-        out[start : start + SCAN_IMAGES] = unit(sample_fixed(images, whole).reshape(-1, 3, DESC, DESC)).flatten(1)
+        images = get(torch.from_numpy(rows[start : start + SCAN_IMAGES])).float() / 255
+        if m is None:
+            s, box = images.shape[-1], coarse_boxes()[0]
+            m = axis_weights(box[:1], box[2:3], s)[0] @ gaussian_matrix(s, SMOOTH * s / DESC)
+        out[start : start + SCAN_IMAGES] = unit(m @ images @ m.T).flatten(1)
     return out
 
 
