@@ -436,11 +436,14 @@ def test_large_images_are_fitted_in_fewer_pairs_at_a_time(monkeypatch):
 
 
 def test_grouped_coarse_product_equals_the_gathered_definition(monkeypatch):
-    """coarse_of_windows (each image's windows read once per group of its pairs, padded batches) gives
-    coarse_between of the gathered windows for every pair, in the pairs' order: uneven groups (one image in 40
-    pairs, others in one), repeated pairs, a pair of an image with itself, two sets of different sizes, and batches
-    split small (GROUP_FLOATS) so that groups of several sizes share and span batches."""
+    """best_window_ncc in both directions (each image's windows read once per group of its pairs, padded batches)
+    gives coarse_between of the gathered windows for every pair, in the pairs' order: uneven groups (one image in 40
+    pairs, others in one), repeated pairs, two sets of different sizes, one set with a pair of an image with itself,
+    and batches split small (GROUP_FLOATS) so that groups of several sizes share and span batches."""
     from edgessl.evaluate import coarse
+
+    def both(wa, ia, wb, ib):
+        return torch.maximum(coarse.best_window_ncc(wa, ia, wb[:, 0], ib), coarse.best_window_ncc(wb, ib, wa[:, 0], ia))
 
     g = torch.Generator().manual_seed(0)
     wa = F.normalize(torch.randn(30, 7, 12, generator=g), dim=2)
@@ -449,18 +452,18 @@ def test_grouped_coarse_product_equals_the_gathered_definition(monkeypatch):
     ia = np.concatenate([np.full(40, 3), rng.integers(0, 30, 60), [5, 5, 0]])
     ib = np.concatenate([rng.integers(0, 20, 100), [7, 7, 0]])
     want = coarse.coarse_between(wa[torch.from_numpy(ia)], wb[torch.from_numpy(ib)])
-    assert torch.allclose(coarse.coarse_of_windows(wa, ia, wb, ib), want, atol=1e-6)
+    assert torch.allclose(both(wa, ia, wb, ib), want, atol=1e-6)
     monkeypatch.setattr(coarse, "GROUP_FLOATS", 60)  # a few pairs' partners per batch
-    assert torch.allclose(coarse.coarse_of_windows(wa, ia, wb, ib), want, atol=1e-6)
+    assert torch.allclose(both(wa, ia, wb, ib), want, atol=1e-6)
     same = np.array([[2, 2], [1, 2], [2, 1]])
-    assert torch.allclose(cp.coarse_scores(wa, torch.from_numpy(same)),
-                          coarse.coarse_between(wa[same[:, 0]], wa[same[:, 1]]), atol=1e-6)
-    assert cp.coarse_scores(wa, torch.from_numpy(same))[0] == pytest.approx(1.0, abs=1e-5)
-    assert coarse.coarse_of_windows(wa, ia[:0], wb, ib[:0]).shape == (0,)
+    got = both(wa, same[:, 0], wa, same[:, 1])
+    assert torch.allclose(got, coarse.coarse_between(wa[same[:, 0]], wa[same[:, 1]]), atol=1e-6)
+    assert got[0] == pytest.approx(1.0, abs=1e-5)
+    assert coarse.best_window_ncc(wa, ia[:0], wb[:, 0], ib[:0]).shape == (0,)
 
 
 def test_the_coarse_prefilter_skips_only_pairs_that_differ_at_a_glance():
-    """coarse_scores: 1 for a picture with itself; a crop of it stays high, another picture is low. copy_scores with
+    """coarse_of: 1 for a picture with itself; a crop of it stays high, another picture is low. copy_scores with
     a gate: the pairs below it get -inf without the fit, the others exactly their ungated scores; the gate sits
     COARSE_MARGIN below the planted copies' 1 % quantile."""
     pic = _picture(3)

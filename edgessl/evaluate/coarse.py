@@ -1,5 +1,5 @@
 """The coarse prefilter's product (pure functions; edgessl.evaluate.copies prepares the windows and calls them):
-coarse_between defines it, coarse_of_windows computes it without gathering each pair's windows.
+coarse_between defines it, best_window_ncc computes each direction of it without gathering each pair's windows.
 
 A pair's coarse score needs every coarse window of one image against the whole window of the other: W x F floats
 of one side and F of the other. Gathering both sides' (W, F) windows for every pair moved about 387 KB a pair (W =
@@ -51,12 +51,6 @@ def best_window_ncc(win: torch.Tensor, rows: np.ndarray, whole: torch.Tensor, pa
 
 def coarse_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a, b (P, W, F) the unit coarse windows of each pair's two images -> (P,) coarse score (the definition;
-    coarse_of_windows computes it)."""
+    copies.coarse_of computes it with best_window_ncc, each direction in turn)."""
     return torch.maximum(torch.einsum("pwf,pf->pw", a, b[:, 0]).max(dim=1).values,
                          torch.einsum("pwf,pf->pw", b, a[:, 0]).max(dim=1).values)
-
-
-def coarse_of_windows(wa: torch.Tensor, ia: np.ndarray, wb: torch.Tensor, ib: np.ndarray) -> torch.Tensor:
-    """coarse_between(wa[ia], wb[ib]) with each image's windows read once per group of its pairs
-    (best_window_ncc) -> (P,)."""
-    return torch.maximum(best_window_ncc(wa, ia, wb[:, 0], ib), best_window_ncc(wb, ib, wa[:, 0], ia))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgessl.evaluate.coarse import best_window_ncc, coarse_of_windows
+from edgessl.evaluate.coarse import best_window_ncc
 
 DESC = 24  # pixels on each side of a compared window
 SCALES = (0.95, 0.9, 0.85)  # the coarse search's square crops (share of each side kept)
@@ -279,12 +279,6 @@ def window_ncc(win: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch
     return torch.einsum("pwf,pf->pw", win[src], win[dst, 0])
 
 
-def coarse_scores(win: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """win from prepare(); pairs (P, 2) -> (P,) the best NCC of a coarse window of either image with the whole of
-    the other: what the box fit starts from (coarse.coarse_between, without gathering each pair's windows)."""
-    return coarse_of_windows(win, pairs[:, 0].numpy(), win, pairs[:, 1].numpy())
-
-
 def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int):
     """(start, local pairs (k, 2) into the chunk's rows, the chunk's uint8 rows) per `chunk` pairs: each image is
     read once per chunk."""
@@ -320,16 +314,16 @@ def fit_chunk(chunk: int, size: int) -> int:
 
 
 def coarse_of(get_a, pairs: np.ndarray, get_b=None) -> np.ndarray:
-    """coarse_scores of image pairs (P, 2) (get_a, get_b as in copy_scores) -> (P,) float32.
+    """The coarse scores (coarse.coarse_between: the best NCC of a coarse window of either image with the whole of
+    the other, what the box fit starts from) of image pairs (P, 2) (get_a, get_b as in copy_scores) -> (P,) float32.
 
     Each image's W coarse windows cost far more than a pair's NCC, and a folder's neighbour pairs name each image
     about a dozen times. So the whole windows (F floats an image, 1/W of its windows) of every image with pairs are
     computed first and kept (0.35 GB for 50,000 images), and then each image's windows are prepared once,
     SCAN_IMAGES images at a time, and scanned against the whole windows of all its partners at once
     (coarse.best_window_ncc), in both directions of every pair."""
-    out = np.full(len(pairs), -np.inf, np.float32)
     if not len(pairs):
-        return out
+        return np.zeros(0, np.float32)
     if get_b is None:  # one set: both directions of every pair scanned with each image's windows prepared once
         rows = np.unique(pairs)
         whole = _wholes(get_a, rows)
