@@ -347,20 +347,20 @@ def temperature_rows(rows: list[dict[str, Any]]) -> list[str]:
     out = ["", "### Temperature: τ 0.1 against 0.2, each folder at the size and epochs `auto` picks; the look-alike "
            "score `--temperature auto` reads (edgessl/data/lookalike.py) and what it picks\n",
            head, _rule(head)]
-    for r in sorted(runs, key=lambda r: (r["data"], r["temperature"], r["seed"])):
+    for r in sorted(runs, key=lambda r: (r["data"], r["size"], r["temperature"], r["seed"])):
         out.append(f"| {r['data']} | {r['size']} | {r['epochs']} | {r['temperature']:g} | {r['seed']} | {_cells(r)}")
     from edgessl.data.lookalike import choose_temperature
 
     keys = ("linear@10", "knn@10", "knn@all", "linear@all")
-    head = ("| data | seeds | look-alike score | `auto` picks | " + " | ".join(f"Δ {k} (0.2 − 0.1)" for k in keys)
-            + " |")
+    head = ("| data | px | seeds | look-alike score | `auto` picks | "
+            + " | ".join(f"Δ {k} (0.2 − 0.1)" for k in keys) + " |")
     out += ["", head, _rule(head)]
-    for name in sorted({r["data"] for r in runs}):
-        mine = [r for r in runs if r["data"] == name]
+    for name, size in sorted({(r["data"], r["size"]) for r in runs}):
+        mine = [r for r in runs if r["data"] == name and r["size"] == size]
         seeds = len({r["seed"] for r in mine})
         score = mine[0].get("lookalike")
         picks = f"{score:.3f} | τ {choose_temperature(score).value:g}" if score is not None else "– | –"
-        out.append(f"| {name} | {seeds} | {picks} | " + " | ".join(
+        out.append(f"| {name} | {size} | {seeds} | {picks} | " + " | ".join(
             f"{_mean_at(mine, 0.2, k) - _mean_at(mine, 0.1, k):+.3f}" for k in keys) + " |")
     return out
 
@@ -377,7 +377,7 @@ def curves_plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({r["data"] for r in rows})
+    names = sorted({r["data"] for r in rows if part_of(r) == "epochs"})
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(5 * (len(names) + 1), 3.6))
     for ax, name in zip(axes, names, strict=False):
         for r in rows:
@@ -387,7 +387,7 @@ def curves_plot(rows: list[dict[str, Any]], path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=f"{r['epochs']}-epoch run")
         ax.set_title(f"{name}: kNN vs epoch per run length")
-    for r in (r for r in rows if part_of(r) == "peers"):
+    for r in (r for r in rows if part_of(r) == "peers" and not r.get("seed")):  # training seed 0 of each
         pts = [(h["seconds"], h.get("knn_top1_k200")) for h in r["history"]]
         cum, acc = 0.0, []
         for sec, knn in pts:
@@ -396,7 +396,7 @@ def curves_plot(rows: list[dict[str, Any]], path: Path) -> None:
                 acc.append((cum, knn))
         if acc:
             axes[-1].plot(*zip(*acc, strict=True), marker=".", label=f"{r['method']} {r['size']} px {r['epochs']} ep")
-    axes[-1].set_title("neu-det: kNN vs training seconds")
+    axes[-1].set_title("neu-det: kNN vs training seconds (training seed 0)")
     for ax in axes:
         ax.set_ylabel("kNN top-1 (k=200)")
         ax.grid(alpha=0.3)
@@ -407,6 +407,27 @@ def curves_plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def peer_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """One table per size the peers part ran at: edgessl (its temperature part's seeds too), SimCLR at equal epochs
+    and at equal wall-clock, random weights, the supervised ceiling."""
+    out = []
+    for size in sorted({r["size"] for r in rows if part_of(r) == "peers"}):
+        peers = [r for r in rows if part_of(r) == "peers" and r["size"] == size]
+        same = {p["epochs"] for p in peers if not p.get("budget_s")}
+        mine = [r for r in rows if r["data"] == "neu-det" and r["size"] == size and r["backbone"] == "mobilenetv3_small"
+                and (r["method"] == "random" or (r["method"] == "edgessl" and r["epochs"] in same))]
+        out += ["", f"### Against SimCLR, random weights and the supervised ceiling (NEU-DET, {size} px)\n",
+                "| method | epochs " + HEAD, _rule("| method | epochs " + HEAD)]
+        for r in sorted({r["row"]: r for r in mine + peers}.values(),
+                        key=lambda r: (r["method"], r["epochs"], r.get("temperature", 0), r.get("seed", 0))):
+            budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
+            seed = f", seed {r['seed']}" if r.get("seed") or "temperature" in r else ""
+            tau = f", τ {r['temperature']:g}{seed} (temperature part)" if "temperature" in r else seed
+            tau += f" (auto: τ {r['tau']:g})" if "temperature" not in r and "tau" in r else ""
+            out.append(f"| {r['method']}{budget}{tau} | {r['epochs']} | {_cells(r)}")
+    return out
 
 
 def domains_section(rec: dict[str, Any], results: Path) -> str:
@@ -431,21 +452,7 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
                     part_of(r) == "epochs" and r["epochs"] == first))),
                     key=lambda r: (r["backbone"], r["size"], r["method"])):
         out.append(f"| {r['backbone']} | {r['size']} | {r['method']} | {r['epochs']} | {_cells(r)}")
-    peers = [r for r in rows if part_of(r) == "peers"]
-    if peers:
-        size = peers[0]["size"]
-        same = {p["epochs"] for p in peers if not p.get("budget_s")}
-        mine = [r for r in rows if r["data"] == "neu-det" and r["size"] == size and r["backbone"] == "mobilenetv3_small"
-                and (r["method"] == "random" or (r["method"] == "edgessl" and r["epochs"] in same))]
-        out += ["", f"### Against SimCLR, random weights and the supervised ceiling (NEU-DET, {size} px)\n",
-                "| method | epochs " + HEAD, _rule("| method | epochs " + HEAD)]
-        for r in sorted({r["row"]: r for r in mine + peers}.values(),
-                        key=lambda r: (r["method"], r["epochs"], r.get("temperature", 0), r.get("seed", 0))):
-            budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
-            seed = f", seed {r['seed']}" if r.get("seed") or "temperature" in r else ""
-            tau = f", τ {r['temperature']:g}{seed} (temperature part)" if "temperature" in r else seed
-            tau += f" (auto: τ {r['tau']:g})" if "temperature" not in r and "tau" in r else ""
-            out.append(f"| {r['method']}{budget}{tau} | {r['epochs']} | {_cells(r)}")
+    out += peer_rows(rows)
     taught = [r for r in rows if part_of(r) == "teacher" and r.get("teacher")]
     if taught:
         base = [r for r in rows if part_of(r) == "epochs" and r["data"] == "neu-det"

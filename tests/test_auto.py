@@ -40,14 +40,15 @@ def test_icons_keep_their_size_and_are_never_upscaled():
         "auto: shorter side 64 px over 10 images; trained at their own size, never upscaled")
 
 
-def test_photos_are_capped_at_the_device_size():
-    cpu = choose_image_size([(640, 480)] * 5, "cpu")
-    assert cpu.value == PHOTO_SIZE["cpu"] == 96
-    assert cpu.reason == ("auto: shorter side 480 px over 5 images; capped at 96 px to keep epochs short on a CPU "
-                          "(NEU-DET: 128 px gave +0.08 linear@10 at 1.8x the time per epoch; --image-size 128 if you "
-                          "have the time)")
-    assert choose_image_size([(640, 480)] * 5, "cuda").value == PHOTO_SIZE["cuda"] == 128
-    assert choose_image_size([(4000, 3000)], "cpu").value == 96  # a folder of one large image
+def test_photos_are_capped_at_one_size_on_every_device():
+    photo = choose_image_size([(640, 480)] * 5)
+    assert photo.value == PHOTO_SIZE == 128
+    assert photo.reason == ("auto: shorter side 480 px over 5 images; capped at 128 px (NEU-DET, 31 epochs: linear@10 "
+                            "+0.05 over 96 px at 1.8x the time per epoch and per image on the device; --image-size 96 "
+                            "for shorter epochs and a faster encoder, larger: --image-size N)")
+    assert choose_image_size([(4000, 3000)]).value == 128  # a folder of one large image
+    assert choose_image_size([(150, 200)] * 3).value == 128  # between two rungs: rounded down, not up
+    assert choose_image_size([(100, 120)] * 3).value == 96
 
 
 def test_mixed_sizes_follow_the_median_shorter_side():
@@ -91,18 +92,18 @@ def test_auto_and_numbers_parse_and_anything_else_is_one_line():
 def test_pretrain_on_photos_says_what_it_chose_and_records_the_numbers(tmp_path, capsys, monkeypatch):
     from edgessl.data import auto
 
-    data = folder(tmp_path / "photos", [(200, 150)] * 12, mode="L", ext="jpg")
+    data = folder(tmp_path / "photos", [(300, 200)] * 12, mode="L", ext="jpg")
     monkeypatch.setattr(auto, "EPOCH_BOUNDS", (1, 1))  # one epoch: the rule's bound, not its budget, is shortened
     run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), batch_size=8, eval_every=0)
     out = " ".join(capsys.readouterr().out.split())
-    assert "Image size: 96 px (auto: shorter side 150 px over 12 images; capped at 96 px to keep epochs short on a " \
-           "CPU" in out
+    assert "Image size: 128 px (auto: shorter side 200 px over 12 images; capped at 128 px (NEU-DET, 31 epochs: " \
+           "linear@10 +0.05 over 96 px" in out
     assert "Epochs: 1 (auto: about 45,000 image views for 12 images (the most); on NEU-DET" in out
-    assert "12 images at 96px" in out
+    assert "12 images at 128px" in out
     cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
-    assert (cfg["image_size"], cfg["epochs"]) == (96, 1)
+    assert (cfg["image_size"], cfg["epochs"]) == (128, 1)
     meta = json.loads((run.run_dir / "encoder.json").read_text())
-    assert meta["image_size"] == 96 and meta["auto"]["epochs"].startswith("1 (auto: ")
+    assert meta["image_size"] == 128 and meta["auto"]["epochs"].startswith("1 (auto: ")
 
 
 def test_explicit_flags_override_and_print_no_auto_line(tmp_path, capsys):

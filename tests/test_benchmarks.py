@@ -406,7 +406,7 @@ def test_domains_suite(bench):
     assert {Image.open(p).mode for p in twin.rglob("*.png")} == {"L"}
     assert len({r["row"] for r in rec["rows"]}) == len(rec["rows"])  # no row twice
     assert "## Domains" in readme and "### What `auto` picks" in readme and "### When the teacher pays" in readme
-    assert "### Temperature" in readme and "| cifar10-5k-grey | 1 |" in readme
+    assert "### Temperature" in readme and "| cifar10-5k-grey | 32 | 1 |" in readme
     assert_tables_well_formed(readme.split("## Domains")[1])
     assert (bench.out / "domains_curves.png").is_file()
 

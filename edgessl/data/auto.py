@@ -3,8 +3,9 @@ pretrain`; a recipe or a flag with a number keeps working exactly as before).
 
 - Image size: the median shorter side of up to HEADER_LIMIT images (headers only, evenly spread over the sorted
   files), rounded down to SIZE_LADDER, so icons and thumbnails train at their own size and are never upscaled;
-  larger images (photos, scans) are capped at PHOTO_SIZE for the device, a trade of accuracy for time per epoch
-  that the domains suite measured (benchmarks/domains.py, NEU-DET steel scans; PHOTO_WHY says it in the banner).
+  larger images (photos, scans) are capped at PHOTO_SIZE on every device, the size the domains suite measured worth
+  its time per epoch at the automatic epochs (benchmarks/domains.py, NEU-DET steel scans; PHOTO_WHY says it in the
+  banner).
 - Epochs: a budget of IMAGES_SEEN image views (where the domains suite's accuracy-vs-length curves flatten on
   NEU-DET and emoji), i.e. IMAGES_SEEN / N epochs for N images, kept within EPOCH_BOUNDS.
 Each choice carries its reason (printed in the banner) and how sure it is.
@@ -20,12 +21,9 @@ from pathlib import Path
 from PIL import Image
 
 SIZE_LADDER = (32, 48, 64, 96, 128, 160, 192, 224)
-PHOTO_SIZE = {"cpu": 96, "mps": 96, "cuda": 128}  # px; see benchmarks/README.md "Domains"
-PHOTO_WHY = {  # the trade-off behind each cap, as measured (benchmarks/results/domains.json)
-    "cpu": "to keep epochs short on a CPU (NEU-DET: 128 px gave +0.08 linear@10 at 1.8x the time per epoch; "
-           "--image-size 128 if you have the time)",
-    "cuda": "the largest size measured (larger: --image-size N)",
-}
+PHOTO_SIZE = 128  # px, on any device; see benchmarks/README.md "Domains"
+PHOTO_WHY = ("(NEU-DET, 31 epochs: linear@10 +0.05 over 96 px at 1.8x the time per epoch and per image on the device; "
+             "--image-size 96 for shorter epochs and a faster encoder, larger: --image-size N)")
 HEADER_LIMIT = 256
 IMAGES_SEEN = 45_000  # image views of one run; see benchmarks/README.md "Domains"
 EPOCH_BOUNDS = (15, 100)
@@ -54,10 +52,10 @@ def header_sizes(paths: Sequence[Path], limit: int = HEADER_LIMIT) -> list[tuple
     return sizes
 
 
-def choose_image_size(sizes: Sequence[tuple[int, int]], device_type: str = "cpu") -> AutoChoice:
+def choose_image_size(sizes: Sequence[tuple[int, int]]) -> AutoChoice:
     """`--image-size auto` from the images' (width, height): the median shorter side rounded down to SIZE_LADDER
-    (never upscaled), at most PHOTO_SIZE[device_type]."""
-    cap = PHOTO_SIZE.get(device_type, PHOTO_SIZE["cpu"])
+    (never upscaled), at most PHOTO_SIZE."""
+    cap = PHOTO_SIZE
     if not sizes:
         return AutoChoice(64, "auto: no image header could be read, so the default 64 px")
     shorts = sorted(min(w, h) for w, h in sizes)
@@ -68,8 +66,7 @@ def choose_image_size(sizes: Sequence[tuple[int, int]], device_type: str = "cpu"
     if native <= cap:
         how = "their own size" if native == median else f"their size rounded down to {native} px"
         return AutoChoice(native, f"auto: {seen}; trained at {how}, never upscaled")
-    why = PHOTO_WHY["cuda" if device_type == "cuda" else "cpu"]
-    return AutoChoice(cap, f"auto: {seen}; capped at {cap} px {why}")
+    return AutoChoice(cap, f"auto: {seen}; capped at {cap} px {PHOTO_WHY}")
 
 
 def choose_epochs(n_images: int) -> AutoChoice:

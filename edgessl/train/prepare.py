@@ -92,7 +92,7 @@ def forward_chunks(images: ImageSet, order: torch.Tensor, batch_size: int, d: di
             yield idx, raw.to(device, non_blocking=True)
 
 
-def resolve_auto(cfg: PretrainConfig, device_type: str) -> tuple[PretrainConfig, dict[str, str], list[Path] | None]:
+def resolve_auto(cfg: PretrainConfig) -> tuple[PretrainConfig, dict[str, str], list[Path] | None]:
     """--image-size auto and --epochs auto chosen from the training folder (edgessl.data.auto): the config with the
     numbers (config.yaml records what ran), {option: "N (why)"} for the banner and encoder.json, and the folder's
     files when it was scanned (load_data takes them rather than scanning again). A folder that does not exist is
@@ -104,7 +104,7 @@ def resolve_auto(cfg: PretrainConfig, device_type: str) -> tuple[PretrainConfig,
     paths = scan_images(root) if Path(root).is_dir() else None
     chosen, said = {}, {}
     if "image_size" in wanted:
-        size = choose_image_size(header_sizes(paths or []), device_type)
+        size = choose_image_size(header_sizes(paths or []))
         chosen["image_size"], said["image_size"] = size.value, f"{size.value} px ({size.reason})"
     if "epochs" in wanted:
         epochs = choose_epochs(len(paths or []))

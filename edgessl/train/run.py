@@ -85,7 +85,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     threads = use_threads(cfg.threads)
     set_determinism(cfg.deterministic, device)
     precision = pick_precision(cfg.precision, device)
-    cfg, chosen, scanned = resolve_auto(cfg, device.type)
+    cfg, chosen, scanned = resolve_auto(cfg)
     # a wrong backbone fails before any data is read
     model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device, warner(console, d))
     run_dir, ckpt = target_dir(cfg, resume, overwrite, d)  # checks only
