@@ -53,6 +53,7 @@ from edgessl.options import FinetuneOptions, check_groups
 from edgessl.report.eval_plots import plot_confusion
 from edgessl.report.say import Say
 from edgessl.seeding import keyed_generator
+from edgessl.train.crops import step_layout
 from edgessl.train.meter import EpochMeter
 from edgessl.train.optim import warmup_cosine
 from edgessl.train.state import MAX_NONFINITE, TrainState
@@ -241,8 +242,7 @@ def _finetune_epoch(state: TrainState, data: FinetuneData, opts: FinetuneOptions
         f"Fine-tuning diverged: {MAX_NONFINITE} non-finite losses in a row (epoch {epoch + 1}). Lower --lr.")
     for chunk in order.tensor_split(steps):
         x = augment_batch(data.images.get(chunk).to(dev), chunk, epoch, opts.seed, FINETUNE_AUGMENT, mean, std)
-        if dev.type in ("cpu", "cuda"):  # the pretraining step's layout (edgessl.train.crops): faster convolutions
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = step_layout(x, dev.type)  # the pretraining step's layout: faster convolutions
         y = data.labels[chunk].to(dev)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=opts.label_smoothing)

@@ -31,12 +31,17 @@ def make_crops(run: Run, idx: torch.Tensor, epoch: int, step: int,
         perm = torch.randperm(len(idx), generator=g)
         x, lam = _cutmix_rows(x, idx, run.rows, perm, lam, (float(u[0]), float(u[1])), crops)
         mix = (perm.to(run.device), lam)
-    if run.device.type == "cuda" or (run.device.type == "cpu" and not cfg.deterministic):
-        # channels_last inputs run the step's convolutions in that layout (the model's weights stay NCHW, so the bank's
-        # forward pass and the saved encoder are unchanged): 1.5x a CPU step of mobilenetv3_small at 96 px (2.45 vs
-        # 3.7 s an epoch on NEU-DET); --deterministic keeps NCHW on the CPU, as the teacher's pass does
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, mix
+    return step_layout(x, run.device.type, cfg.deterministic), mix
+
+
+def step_layout(x: torch.Tensor, device_type: str, deterministic: bool = False) -> torch.Tensor:
+    """x (B, 3, S, S) in the layout a training step takes (pretraining's and fine-tuning's): channels_last on CUDA and
+    on the CPU, so the step's convolutions run in that layout (the model's weights stay NCHW, so the bank's forward
+    pass and the saved encoder are unchanged): 1.5x a CPU step of mobilenetv3_small at 96 px (2.45 vs 3.7 s an epoch
+    on NEU-DET). NCHW elsewhere, and on the CPU with --deterministic, as the teacher's pass."""
+    if device_type == "cuda" or (device_type == "cpu" and not deterministic):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _cutmix_rows(
