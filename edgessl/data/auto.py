@@ -55,7 +55,6 @@ def header_sizes(paths: Sequence[Path], limit: int = HEADER_LIMIT) -> list[tuple
 def choose_image_size(sizes: Sequence[tuple[int, int]]) -> AutoChoice:
     """`--image-size auto` from the images' (width, height): the median shorter side rounded down to SIZE_LADDER
     (never upscaled), at most PHOTO_SIZE."""
-    cap = PHOTO_SIZE
     if not sizes:
         return AutoChoice(64, "auto: no image header could be read, so the default 64 px")
     shorts = sorted(min(w, h) for w, h in sizes)
@@ -63,10 +62,10 @@ def choose_image_size(sizes: Sequence[tuple[int, int]]) -> AutoChoice:
     native = max([s for s in SIZE_LADDER if s <= median], default=SIZE_LADDER[0])
     spread = f"{median} px" if shorts[0] == shorts[-1] else f"{median} px median ({shorts[0]}-{shorts[-1]} px)"
     seen = f"shorter side {spread} over {len(shorts):,} images"
-    if native <= cap:
+    if native <= PHOTO_SIZE:
         how = "their own size" if native == median else f"their size rounded down to {native} px"
         return AutoChoice(native, f"auto: {seen}; trained at {how}, never upscaled")
-    return AutoChoice(cap, f"auto: {seen}; capped at {cap} px {PHOTO_WHY}")
+    return AutoChoice(PHOTO_SIZE, f"auto: {seen}; capped at {PHOTO_SIZE} px {PHOTO_WHY}")
 
 
 def choose_epochs(n_images: int) -> AutoChoice:
