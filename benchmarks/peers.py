@@ -41,6 +41,7 @@ class EdgeSSL(Peer):
     def __init__(self, backbone: nn.Module, dim: int, num_rows: int, npid: bool = False):
         from edgessl.config import resolve
         from edgessl.data.lookalike import TEMPERATURES
+        from edgessl.method.bank import auto_bank_lr
         from edgessl.method.instance import InstanceDiscrimination
         from edgessl.models.head import ProjectionHead
 
@@ -48,8 +49,9 @@ class EdgeSSL(Peer):
         c = resolve({"method": "npid" if npid else "edgessl"})
         self.backbone, self.head = backbone, ProjectionHead(dim, c.feature_dim, c.head_hidden, c.head)
         tau = TEMPERATURES[0] if c.temperature == "auto" else c.temperature  # a step costs the same at any tau
+        eta = auto_bank_lr(tau) if c.bank_lr == "auto" else c.bank_lr
         self.method = InstanceDiscrimination(num_rows, c.feature_dim, tau, c.negatives, c.bank_update,
-                                             c.bank_lr, c.bank_momentum, c.sd_weight, c.sd_temperature, c.sd_alpha)
+                                             eta, c.bank_momentum, c.sd_weight, c.sd_temperature, c.sd_alpha)
         self._out = None
 
     def loss(self, x1, x2, labels, index, progress):

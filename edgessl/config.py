@@ -84,7 +84,8 @@ class PretrainConfig(HasDecode):
                                     "forward (one pass of the untrained network) | random | teacher (the --teacher "
                                     "bank, projected to --feature-dim by its top singular directions).")
     bank_update: str = option("grad", "grad (every column in use moves) | momentum (NPID).")
-    bank_lr: float = option(1.0, "eta of the gradient bank update.")
+    bank_lr: float | str = option("auto", "eta of the gradient bank update, or auto: 0.1 / tau (1 at tau 0.1, 0.5 at "
+                                          "tau 0.2: the same step in units of the loss's gradient; docs/method.md).")
     bank_momentum: float = option(0.5, "m of the momentum bank update.")
     sd_weight: float = option(5.0, "lambda of the self-distillation loss; 0 turns it off.")
     sd_temperature: float = option(1.0, "tau_sd of the self-distillation loss.")
@@ -232,13 +233,14 @@ def validate(cfg: PretrainConfig) -> None:
     for name in ("epochs", "image_size"):
         setattr(cfg, name, auto_or_int(getattr(cfg, name), name))
     cfg.temperature = auto_or_float(cfg.temperature, "temperature")
+    cfg.bank_lr = auto_or_float(cfg.bank_lr, "bank_lr")
     positive = ["batch_size", "negatives", "feature_dim", "sd_temperature"]
     positive += [name for name in ("epochs", "image_size", "temperature") if getattr(cfg, name) != "auto"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}.")
     for name in ("bank_lr", "sd_weight", "cutmix", "lr", "weight_decay", "warmup_epochs", "blur"):
-        if getattr(cfg, name) < 0:
+        if getattr(cfg, name) != "auto" and getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be zero or positive, not {getattr(cfg, name)}.")
     if not 0 <= cfg.bank_momentum < 1:
         raise UserError(f"--bank-momentum must be in [0, 1), not {cfg.bank_momentum}.")

@@ -217,14 +217,15 @@ def make_run(data, precision: str = "fp32", device: str = "cpu", **options):
     from edgessl.train import distributed
     from edgessl.train.build import build_model, encoder_meta, new_state
     from edgessl.train.objective import Objective
-    from edgessl.train.prepare import resolve_temperature
+    from edgessl.train.prepare import resolve_bank_lr, resolve_temperature
     from edgessl.train.types import Run
 
     cfg = resolve({**TINY, "epochs": 20, "data": str(data), **options})  # size, epochs: numbers
     d, dev = distributed.Dist(), torch.device(device)
     model, arch, feat_dim, widths, teacher = build_model(cfg, None, d, dev)
     images = load_image_folder(data, cfg.image_size, decode=Decode(workers=1))
-    cfg, _ = resolve_temperature(cfg, images)  # --temperature auto, as pretrain resolves it
+    cfg, _ = resolve_temperature(cfg, images)  # --temperature auto, as pretrain resolves it, then --bank-lr auto
+    cfg, _ = resolve_bank_lr(cfg)
     state = new_state(cfg, model, len(images), cfg.batch_size, dev, precision)
     run = Run(cfg, d, dev, data, images, slice(0, cfg.batch_size), Monitor(None, None),
               encoder_meta(cfg, arch, feat_dim, widths, None), ThreadChoice(1, "test"), Console(quiet=True), True)

@@ -109,8 +109,8 @@ def test_pretrain_on_photos_says_what_it_chose_and_records_the_numbers(tmp_path,
 def test_explicit_flags_override_and_print_no_auto_line(tmp_path, capsys):
     data = folder(tmp_path / "photos", [(160, 120)] * 12)
     run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), batch_size=8, eval_every=0, epochs=1,
-                           image_size=32, temperature=0.1)
+                           image_size=32, temperature=0.1, bank_lr=1.0)
     out = capsys.readouterr().out
-    assert "Image size:" not in out and "Epochs:" not in out and "Temperature:" not in out
+    assert "Image size:" not in out and "Epochs:" not in out and "Temperature:" not in out and "Bank step" not in out
     assert "12 images at 32px" in out
     assert "auto" not in json.loads((run.run_dir / "encoder.json").read_text())

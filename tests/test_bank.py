@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgessl.method.bank import MemoryBank, grad_bank_update, momentum_bank_update, select_columns
+from edgessl.method.bank import (
+    BANK_STEP,
+    MemoryBank,
+    auto_bank_lr,
+    grad_bank_update,
+    momentum_bank_update,
+    select_columns,
+)
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.method.losses import cutmix_targets, instance_ce, similarities
 
@@ -32,6 +39,19 @@ def test_grad_update_is_negative_autograd_gradient_of_ce(soft):
     expected = F.normalize(cols.detach() - eta * b * tau * grad, dim=1)
     assert torch.allclose(got, expected, atol=1e-12)
     assert torch.allclose(got.norm(dim=1), torch.ones(k, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.2, 0.5])
+def test_auto_bank_lr_takes_the_same_gradient_step_at_every_temperature(tau):
+    """eta = 0.1 / tau: the update is normalize(v - 0.1 B dL_ce/dv) at any tau (eta 1 at 0.1, 0.5 at 0.2)."""
+    b, k, d = 4, 7, 5
+    z, cols = unit(b, d, seed=3), unit(k, d, seed=4).requires_grad_(True)
+    targets = torch.tensor([1, 0, 6, 2])
+    sim = similarities(z, cols)
+    (grad,) = torch.autograd.grad(instance_ce(sim, targets, tau), cols)
+    got = grad_bank_update(cols.detach(), z, torch.softmax(sim.detach() / tau, dim=1), targets, auto_bank_lr(tau))
+    assert torch.allclose(got, F.normalize(cols.detach() - BANK_STEP * b * grad, dim=1), atol=1e-12)
+    assert (BANK_STEP, auto_bank_lr(0.1), auto_bank_lr(0.2)) == (0.1, 1.0, 0.5)
 
 
 Z2 = [[1.0, 0.0], [0.6, 0.8]]  # (B=2, d=2) unit features

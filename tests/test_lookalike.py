@@ -127,7 +127,27 @@ def test_a_run_prints_records_and_uses_the_chosen_temperature(tmp_path, capsys):
     assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["temperature"] == 0.2
     meta = json.loads((run.run_dir / "encoder.json").read_text())
     assert meta["auto"]["temperature"].startswith("0.2 (auto: look-alike score ")
-    own = edgessl.pretrain(data=str(data), out=str(tmp_path / "own"), temperature=0.15, **opts)
-    assert "Temperature:" not in capsys.readouterr().out
+    assert "Bank step: 0.5 (auto: 0.1 / tau 0.2, the bank's step of eta 1 at tau 0.1; NEU-DET at tau 0.2: " \
+           "linear@10 +0.02 over eta 1 on 5 seeds, --bank-lr 1 for the old step)" in out  # from the chosen tau
+    assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["bank_lr"] == 0.5
+    assert meta["auto"]["bank_lr"].startswith("0.5 (auto: 0.1 / tau 0.2")
+    own = edgessl.pretrain(data=str(data), out=str(tmp_path / "own"), temperature=0.15, bank_lr=1.0, **opts)
+    out = capsys.readouterr().out
+    assert "Temperature:" not in out and "Bank step:" not in out
     assert yaml.safe_load((own.run_dir / "config.yaml").read_text())["temperature"] == 0.15
     assert "auto" not in json.loads((own.run_dir / "encoder.json").read_text())
+
+
+def test_bank_lr_auto_follows_the_temperature_and_a_number_or_the_momentum_rule_say_nothing():
+    from edgessl.train.prepare import resolve_bank_lr
+
+    cfg, said = resolve_bank_lr(resolve({"temperature": 0.25}))
+    assert cfg.bank_lr == pytest.approx(0.4) and said["bank_lr"].startswith("0.4 (auto: 0.1 / tau 0.25, ")
+    assert resolve_bank_lr(resolve({"temperature": 0.2, "bank_lr": "2"})) == (resolve({"bank_lr": 2.0,
+                                                                                          "temperature": 0.2}), {})
+    npid, said = resolve_bank_lr(resolve({"method": "npid"}))  # the momentum update does not read eta
+    assert npid.bank_lr == 1.0 and said == {}
+    with pytest.raises(UserError, match="^--bank-lr must be a number or auto, not 'fast'.$"):
+        resolve({"bank_lr": "fast"})
+    with pytest.raises(UserError, match="^--bank-lr must be zero or positive, not -1.0.$"):
+        resolve({"bank_lr": -1})

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from edgessl.config import PretrainConfig
 from edgessl.data.lookalike import TEMPERATURES
+from edgessl.method.bank import auto_bank_lr
 from edgessl.method.instance import InstanceDiscrimination
 
 Z = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), dim=1)
@@ -63,6 +64,7 @@ def test_defaults_equal_pretrain_config_defaults():
     shared = [name for name, p in params.items() if p.default is not inspect.Parameter.empty and name in config]
     assert set(shared) >= {"temperature", "negatives", "bank_update", "bank_lr", "bank_momentum", "sd_weight",
                            "sd_temperature", "sd_alpha"}
-    config["temperature"] = TEMPERATURES[0]  # "auto" resolves to a number before the method is built
-    assert PretrainConfig.temperature == "auto"
+    config["temperature"] = TEMPERATURES[0]  # "auto" resolves to a number before the method is built, and
+    config["bank_lr"] = auto_bank_lr(TEMPERATURES[0])  # eta from it: 1 at tau 0.1
+    assert PretrainConfig.temperature == PretrainConfig.bank_lr == "auto"
     assert {n: params[n].default for n in shared} == {n: config[n] for n in shared}

@@ -132,7 +132,7 @@ def test_npid_preset_and_explicit_flags_win():
     assert resolve({"method": "npid", "temperature": 0.07}).temperature == 0.07
     full = resolve({})
     assert (full.bank_init, full.bank_update, full.temperature, full.sd_weight) == ("forward", "grad", "auto", 5.0)
-    assert (full.head, full.bank_lr) == ("linear", 1.0)
+    assert (full.head, full.bank_lr) == ("linear", "auto")
 
 
 @pytest.mark.slow

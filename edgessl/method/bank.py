@@ -27,6 +27,16 @@ def grad_bank_update(cols: Tensor, z: Tensor, p: Tensor, targets: Tensor, lr: fl
     return F.normalize(cols + lr * delta.to(cols.dtype), dim=1)
 
 
+BANK_STEP = 0.1  # eta * tau of `--bank-lr auto`: eta 1 at tau 0.1, where eta was tuned (docs/method.md)
+
+
+def auto_bank_lr(tau: float, step: float = BANK_STEP) -> float:
+    """eta of `--bank-lr auto`: step / tau. grad_bank_update moves a column by eta * B * tau times -dL_ce/dv_k, so
+    eta = step / tau keeps that move, in units of the loss's gradient, the one eta 1 takes at tau 0.1 (0.5 at
+    tau 0.2). tau > 0 -> eta > 0."""
+    return step / tau
+
+
 def momentum_bank_update(rows: Tensor, z: Tensor, momentum: float) -> Tensor:
     """NPID's update of each sample's own row: v <- normalize(m v + (1 - m) z).
 

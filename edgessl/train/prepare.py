@@ -23,6 +23,7 @@ from edgessl.data.signature import describe_difference, files_hash, folder_signa
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, UserError
 from edgessl.fileio import atomic_write_text
+from edgessl.method.bank import BANK_STEP, auto_bank_lr
 from edgessl.report.progress import file_progress
 from edgessl.rundir import (
     RunDir,
@@ -119,6 +120,18 @@ def resolve_temperature(cfg: PretrainConfig, images: ImageSet) -> tuple[Pretrain
         return cfg, {}
     choice = choose_temperature(lookalike_score(images))
     return replace(cfg, temperature=choice.value), {"temperature": f"{choice.value:g} ({choice.reason})"}
+
+
+def resolve_bank_lr(cfg: PretrainConfig) -> tuple[PretrainConfig, dict[str, str]]:
+    """--bank-lr auto from the (resolved) temperature (edgessl.method.bank.auto_bank_lr): the config with the number
+    and {"bank_lr": "eta (why)"} for the banner and encoder.json (nothing said under --bank-update momentum, which
+    does not read it)."""
+    if cfg.bank_lr != "auto":
+        return cfg, {}
+    eta = auto_bank_lr(cfg.temperature)
+    why = (f"{eta:g} (auto: {BANK_STEP:g} / tau {cfg.temperature:g}, the bank's step of eta 1 at tau 0.1; NEU-DET "
+           f"at tau 0.2: linear@10 +0.02 over eta 1 on 5 seeds, --bank-lr 1 for the old step)")
+    return replace(cfg, bank_lr=eta), ({"bank_lr": why} if cfg.bank_update == "grad" else {})
 
 
 def target_dir(cfg: PretrainConfig, resume: str | Path | None, overwrite: bool, d: distributed.Dist):

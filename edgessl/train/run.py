@@ -26,6 +26,7 @@ from edgessl.train.prepare import (
     interrupted,
     load_data,
     resolve_auto,
+    resolve_bank_lr,
     resolve_batch,
     resolve_temperature,
     target_dir,
@@ -35,7 +36,8 @@ from edgessl.train.prepare import (
 from edgessl.train.teacher import open_teacher, teacher_bank
 from edgessl.train.types import Evaluation, NoMonitor, PretrainResult, Run, StepInfo, WarmStart, warner
 
-AUTO_LABELS = {"image_size": "Image size", "epochs": "Epochs", "temperature": "Temperature"}  # the banner's lines
+AUTO_LABELS = {"image_size": "Image size", "epochs": "Epochs", "temperature": "Temperature",  # the banner's lines
+               "bank_lr": "Bank step"}
 
 
 def pretrain(
@@ -98,6 +100,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn, scanned)
     grey = choose_greyscale(cfg.greyscale, images)
     cfg, said = resolve_temperature(cfg, images)
+    chosen.update(said)
+    cfg, said = resolve_bank_lr(cfg)
     chosen.update(said)
     batch = resolve_batch(cfg, len(images), d, warn, ckpt.get("batch") if ckpt else None)
     state = new_state(cfg, model, len(images), batch, device, precision)
