@@ -125,16 +125,17 @@ def train_and_eval(method: str, train: Path, test: Path, backbone: str, size: in
             **(overrides or {}),
         )
         history, encoder = run.history, edgessl.load_encoder(run.run_dir)
-        tau = yaml.safe_load((run.run_dir / "config.yaml").read_text())["temperature"]  # what ran (auto resolved)
+        ran = yaml.safe_load((run.run_dir / "config.yaml").read_text())  # what ran (auto resolved)
+        tau, knobs = ran["temperature"], {k: ran[k] for k in ("bank_lr", "feature_dim")}
     else:
         peer = train_peer(method, train_set, backbone, epochs, batch, seed=seed, max_steps=2 if tiny else None,
                           eval_fn=knn_monitor(train_set, test_set), eval_every=eval_every)
-        history, encoder, tau = peer.history, peer.model.backbone, None
+        history, encoder, tau, knobs = peer.history, peer.model.backbone, None, {}
     wall = time.time() - t0
     knn = [h.get("knn_top1_k200") for h in history if h.get("knn_top1_k200") is not None]
     return {
         "method": method, "data": train.name, "backbone": backbone, "image_size": size, "epochs": epochs,
-        "seed": seed, "overrides": overrides or {}, **({"tau": tau} if tau is not None else {}),
+        "seed": seed, "overrides": overrides or {}, **({"tau": tau} if tau is not None else {}), **knobs,
         "n_train": len(train_set), "n_test": len(test_set),
         "threads": torch.get_num_threads(), "wall_s": wall,
         "s_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),

@@ -19,7 +19,11 @@ Parts (each row is kept in domains.json until a rerun of the same row replaces i
           registry; not in --tiny): two folders no rule was tuned on; each at the size and epochs `auto` picks
           for it (the real rule on the real folder), training seeds TEMPERATURE_SETS, with the folder's look-alike
           score: whether a softer instance loss pays, and whether `--temperature auto` (the
-          score against its threshold) predicts it.
+          score against its threshold) predicts it;
+  bank    the bank's step size eta (--bank-lr) and width d (--feature-dim) against eta 1 and d 128: each
+          setting of BANK_SETTINGS on the folders of BANK_SETS (tau 0.2 under `auto`: NEU-DET, emoji, digits,
+          Twemoji), each at the size and epochs `auto` picks, training seeds of BANK_SETS; the old defaults (eta 1,
+          d 128) run again on the folders of BANK_AGAIN, else the temperature part's tau 0.2 rows stand for them.
 Every row: kNN (k = 200) and the linear probe at 10 and all labels per class on the test split (--seeds label
 subsets), wall seconds, s/epoch, the load average before it.
 """
@@ -34,12 +38,18 @@ from typing import Any
 LENGTHS = (15, 30, 60)
 SIZES = (64, 96, 128)
 SIZE_EPOCHS = 15
-PARTS = ("epochs", "sizes", "peers", "teacher", "temperature")
+PARTS = ("epochs", "sizes", "peers", "teacher", "temperature", "bank")
 TEMPERATURES = (0.1, 0.2)
 PEER_SEEDS = (0, 1, 2, 3, 4)  # SimCLR's training seeds at equal epochs (--tiny: the first)
 TEMPERATURE_SETS = {"neu-det": (0, 1, 2, 3, 4), "emoji": (0, 1), "cifar10-5k": (0, 1), "cifar10-5k-grey": (0,),  # seeds
                     "cifar10-1.5k": (0, 1), "digits": (0, 1), "twemoji": (0, 1)}
 FETCHED = {"twemoji"}  # downloaded from the npm registry on first use: left out of --tiny (the tests never download)
+BANK_SETTINGS = ({"bank_lr": 0.5}, {"feature_dim": 256})  # d 256 at the default eta of its day (NEU-DET's rows: 1,
+# before --bank-lr auto; the other folders': auto's 0.5); the table names each row's eta as its run recorded it
+OLD_DEFAULTS = {"bank_lr": 1.0}  # eta before `--bank-lr auto` (d 128 still is the default)
+BANK_AGAIN = {"emoji", "digits", "twemoji"}  # their temperature-part rows predate channels_last steps: the old
+# defaults run again in the bank part (NEU-DET's tau 0.2 rows are today's code: seeds 1, 2 reproduced to the digit)
+BANK_SETS = {"emoji": (0, 1), "digits": (0, 1), "twemoji": (0, 1), "neu-det": (0, 1, 2, 3, 4)}  # training seeds
 CIFAR_SUBSETS = {"cifar10-5k": 500, "cifar10-1.5k": 150}  # images per class
 TEACHERS = ("neu-det", "emoji")  # resnet18 teachers at 64 px for SIZE_EPOCHS epochs: on the folder, on another one
 KEPT = Path(__file__).resolve().parent / ".cache" / "domains-runs"  # runs other suites reuse (the NEU-DET teacher)
@@ -109,6 +119,21 @@ def plan(args) -> list[dict[str, Any]]:
         rows += [{**base, "method": "edgessl", "epochs": epochs, "teacher": t} for t in teachers]
     if "temperature" in parts:
         rows += temperature_plan(args.tiny)
+    if "bank" in parts:
+        rows += bank_plan(args.tiny)
+    return rows
+
+
+def bank_plan(tiny: bool) -> list[dict[str, Any]]:
+    rows = []
+    for name, seeds in BANK_SETS.items():
+        if tiny and name in FETCHED:
+            continue
+        size, epochs = (32, 1) if tiny else auto_settings(folders(name, tiny)[0])[:2]
+        rows += [{"part": "bank", "data": name, "backbone": "mobilenetv3_small", "size": size, "method": "edgessl",
+                  "epochs": epochs, "overrides": o, "seed": seed, "reuse": True}
+                 for o in (BANK_SETTINGS[:1] if tiny else (OLD_DEFAULTS,) * (name in BANK_AGAIN) + BANK_SETTINGS)
+                 for seed in (seeds[:1] if tiny else seeds)]
     return rows
 
 
@@ -154,9 +179,11 @@ def labelled_splits(train: Path, test: Path, size: int):
 def label(row: dict[str, Any]) -> str:
     budget = " (edgessl's time)" if row.get("budget_of") else ""
     teacher = f" teacher {row['teacher']} resnet18" if row.get("teacher") else ""
-    seed = f" seed {row['seed']}" if row.get("seed") or "temperature" in row else ""
+    seed = f" seed {row['seed']}" if row.get("seed") or "temperature" in row or "overrides" in row else ""
     tau = f" tau {row['temperature']:g}{seed}" if "temperature" in row else seed
-    return f"{row['data']} {row['backbone']} {row['size']}px {row['method']} {row['epochs']}ep{budget}{teacher}{tau}"
+    knobs = "".join(f" {k} {v:g}" for k, v in row.get("overrides", {}).items())
+    return (f"{row['data']} {row['backbone']} {row['size']}px {row['method']} {row['epochs']}ep{budget}{teacher}"
+            f"{knobs}{tau}")
 
 
 def random_row(train: Path, test: Path, backbone: str, size: int, seeds: int) -> dict[str, Any]:
@@ -190,7 +217,8 @@ def run_row(row: dict[str, Any], done: list[dict[str, Any]], args, workdir: Path
         keep = row["backbone"] == "resnet18" and row["method"] == "edgessl"
         kept = workdir / "kept" if args.tiny else KEPT
         teacher = {"teacher": str(kept_run(row["teacher"], "resnet18", kept))} if row.get("teacher") else None
-        overrides = {**(teacher or {}), **({"temperature": row["temperature"]} if "temperature" in row else {})}
+        overrides = {**(teacher or {}), **({"temperature": row["temperature"]} if "temperature" in row else {}),
+                     **row.get("overrides", {})}
         result = train_and_eval(row["method"], train, test, row["backbone"], row["size"], row["epochs"],
                                 row.get("seed", 0), args.seeds, args.tiny, overrides or None,
                                 workdir=kept if keep else workdir, eval_every=every)
@@ -297,23 +325,35 @@ def tau_of(r: dict[str, Any]) -> float:
     return r.get("temperature", r.get("tau", 0.1))
 
 
-def setting_means(rows: list[dict[str, Any]]) -> dict[tuple[int, int, float], tuple[float, int]]:
-    """{(size, epochs, tau): (mean linear@10 over its training seeds, seeds)}; a seed counted once."""
-    runs = {(r["size"], r["epochs"], tau_of(r), r.get("seed", 0)): r["final"]["linear@10"]["mean"] for r in rows}
-    groups: dict[tuple[int, int, float], list[float]] = {}
-    for (size, epochs, tau, _), value in runs.items():
-        groups.setdefault((size, epochs, tau), []).append(value)
+def knobs_of(r: dict[str, Any]) -> tuple[float, int]:
+    """(eta, d) a row trained with: what its run recorded, else its overrides, else the defaults of its time (1, 128;
+    --bank-lr auto came on 2026-12-07 with the bank part, whose rows name their eta)."""
+    own = r.get("overrides") or {}
+    return float(r.get("bank_lr", own.get("bank_lr", 1.0))), int(r.get("feature_dim", own.get("feature_dim", 128)))
+
+
+Setting = tuple[int, int, float, float, int]  # size, epochs, tau, eta, d
+
+
+def setting_means(rows: list[dict[str, Any]]) -> dict[Setting, tuple[float, int]]:
+    """{(size, epochs, tau, eta, d): (mean linear@10 over its training seeds, seeds)}; a seed counted once."""
+    runs = {(r["size"], r["epochs"], tau_of(r), *knobs_of(r), r.get("seed", 0)): r["final"]["linear@10"]["mean"]
+            for r in rows}
+    groups: dict[Setting, list[float]] = {}
+    for (*key, _), value in runs.items():
+        groups.setdefault(tuple(key), []).append(value)
     return {k: (sum(v) / len(v), len(v)) for k, v in groups.items()}
 
 
 def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
     """What `auto` picks for each data set of the suite (the real rules on the real folder: size, epochs and, from
-    the recorded look-alike score, tau) and where it lands against the best setting run on that data set with the
-    same backbone (linear@10, mean over training seeds)."""
+    the recorded look-alike score, tau and from it eta) and where it lands against the best setting run on that data
+    set with the same backbone (linear@10, mean over training seeds; the bank part's settings count too)."""
     from edgessl.data.lookalike import choose_temperature
+    from edgessl.method.bank import auto_bank_lr
 
-    out = ["| data | images | auto: size, epochs, τ | its setting: linear@10 | best setting: linear@10 | auto − best |",
-           "|---|---|---|---|---|---|"]
+    out = ["| data | images | auto: size, epochs, τ, η | its setting: linear@10 | best setting: linear@10 | "
+           "auto − best |", "|---|---|---|---|---|---|"]
     for name in sorted({r["data"] for r in rows}):
         folder = cached_train(name)
         same = [r for r in rows if r["data"] == name and r["backbone"] == "mobilenetv3_small"
@@ -323,19 +363,22 @@ def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
             continue
         size, epochs, n = auto_settings(folder)
         tau = choose_temperature(scores[0]).value
+        eta = auto_bank_lr(tau)
         means = setting_means(same)
         best = max(means, key=lambda k: means[k][0])
-        mine = [k for k in means if k[0] == size and k[2] == tau and abs(k[1] - epochs) <= 0.25 * epochs]
+        mine = [k for k in means if k[0] == size and k[2] == tau and abs(k[3] - eta) < 1e-9 and k[4] == 128
+                and abs(k[1] - epochs) <= 0.25 * epochs]
         mine_text = f"{_setting(mine[0], means)}" if mine else "not run"
         gap = f"{means[mine[0]][0] - means[best][0]:+.3f}" if mine else "–"
-        out.append(f"| {name} | {n:,} | {size} px, {epochs} ep, τ {tau:g} | {mine_text} | {_setting(best, means)} | "
-                   f"{gap} |")
+        out.append(f"| {name} | {n:,} | {size} px, {epochs} ep, τ {tau:g}, η {eta:g} | {mine_text} | "
+                   f"{_setting(best, means)} | {gap} |")
     return out
 
 
-def _setting(key: tuple[int, int, float], means: dict[tuple[int, int, float], tuple[float, int]]) -> str:
+def _setting(key: Setting, means: dict[Setting, tuple[float, int]]) -> str:
     seeds = f", {means[key][1]} seeds" if means[key][1] > 1 else ""
-    return f"{means[key][0]:.3f} ({key[0]} px, {key[1]} ep, τ {key[2]:g}{seeds})"
+    width = f", d {key[4]}" if key[4] != 128 else ""
+    return f"{means[key][0]:.3f} ({key[0]} px, {key[1]} ep, τ {key[2]:g}, η {key[3]:g}{width}{seeds})"
 
 
 def temperature_rows(rows: list[dict[str, Any]]) -> list[str]:
@@ -362,6 +405,47 @@ def temperature_rows(rows: list[dict[str, Any]]) -> list[str]:
         picks = f"{score:.3f} | τ {choose_temperature(score).value:g}" if score is not None else "– | –"
         out.append(f"| {name} | {size} | {seeds} | {picks} | " + " | ".join(
             f"{_mean_at(mine, 0.2, k) - _mean_at(mine, 0.1, k):+.3f}" for k in keys) + " |")
+    return out
+
+
+def bank_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """The bank part: per folder, the defaults (the temperature part's tau 0.2 rows) and each setting, linear@10 per
+    training seed and the means, with the change against the defaults on the same seeds."""
+    runs = [r for r in rows if part_of(r) == "bank"]
+    if not runs:
+        return []
+    head = "| data | px, epochs | setting | linear@10 per training seed | mean | Δ | kNN@all | linear@all |"
+    out = ["", "### The bank's step size and width (`--bank-lr`, `--feature-dim`)\n",
+           "η 1 was the default until 2026-12-07; `auto` now takes 0.1 / τ (0.5 at τ 0.2); d 128 is the default. Each "
+           "folder at the size, epochs and τ (0.2) `auto` picks; Δ: the change in the mean linear@10 against η 1, "
+           "d 128 on the same training seeds; each row's η as its run recorded it.\n", head, _rule(head)]
+    for name in sorted({r["data"] for r in runs}):
+        mine = [r for r in runs if r["data"] == name]
+        size, epochs = mine[0]["size"], mine[0]["epochs"]
+        seeds = sorted({r["seed"] for r in mine})
+        base = {r["seed"]: r for r in mine if r["overrides"] == OLD_DEFAULTS}  # run again here, else the
+        where = "this part"  # temperature part's tau 0.2 rows (which ran with eta 1)
+        if not base:
+            where, base = "temperature part", {r.get("seed", 0): r for r in rows if part_of(r) == "temperature"
+                                               and r["data"] == name and r["size"] == size and r["epochs"] == epochs
+                                               and r["temperature"] == 0.2}
+        settings = [(f"η 1, d 128 (the old defaults; {where})", base)]
+        for o in sorted({json.dumps(r["overrides"], sort_keys=True) for r in mine if r["overrides"] != OLD_DEFAULTS}):
+            group = {r["seed"]: r for r in mine if json.dumps(r["overrides"], sort_keys=True) == o}
+            eta, width = knobs_of(next(iter(group.values())))  # as the run recorded it (auto resolved)
+            settings.append((f"η {eta:g}" + (f", d {width}" if width != 128 else ""), group))
+        for text, by_seed in settings:
+            both = [s for s in seeds if s in by_seed and s in base]
+            vals = [by_seed[s]["final"]["linear@10"]["mean"] for s in both]
+            if not vals:
+                continue
+            delta = sum(vals) / len(vals) - sum(base[s]["final"]["linear@10"]["mean"] for s in both) / len(vals)
+
+            def mean(key: str, keep=both, runs=by_seed) -> str:
+                return f"{sum(runs[s]['final'][key]['mean'] for s in keep) / len(keep):.3f}"
+
+            out.append(f"| {name} | {size} px, {epochs} ep | {text} | {', '.join(f'{v:.3f}' for v in vals)} | "
+                       f"{sum(vals) / len(vals):.3f} | {delta:+.3f} | {mean('knn@all')} | {mean('linear@all')} |")
     return out
 
 
@@ -410,22 +494,28 @@ def curves_plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def peer_rows(rows: list[dict[str, Any]]) -> list[str]:
-    """One table per size the peers part ran at: edgessl (its temperature part's seeds too), SimCLR at equal epochs
-    and at equal wall-clock, random weights, the supervised ceiling."""
+    """One table per size the peers part ran at: edgessl (its temperature part's seeds too, and the bank part's at
+    the eta `auto` takes), SimCLR at equal epochs and at equal wall-clock, random weights, the supervised ceiling."""
+    from edgessl.method.bank import auto_bank_lr
+
     out = []
     for size in sorted({r["size"] for r in rows if part_of(r) == "peers"}):
         peers = [r for r in rows if part_of(r) == "peers" and r["size"] == size]
         same = {p["epochs"] for p in peers if not p.get("budget_s")}
         mine = [r for r in rows if r["data"] == "neu-det" and r["size"] == size and r["backbone"] == "mobilenetv3_small"
-                and (r["method"] == "random" or (r["method"] == "edgessl" and r["epochs"] in same))]
+                and (part_of(r) != "bank" or knobs_of(r) == (auto_bank_lr(tau_of(r)), 128))  # the bank part's
+                and (r["method"] == "random" or (r["method"] == "edgessl" and r["epochs"] in same))]  # auto eta
         out += ["", f"### Against SimCLR, random weights and the supervised ceiling (NEU-DET, {size} px)\n",
                 "| method | epochs " + HEAD, _rule("| method | epochs " + HEAD)]
         for r in sorted({r["row"]: r for r in mine + peers}.values(),
-                        key=lambda r: (r["method"], r["epochs"], r.get("temperature", 0), r.get("seed", 0))):
+                        key=lambda r: (r["method"], r["epochs"], r.get("temperature", 0), part_of(r) == "bank",
+                                       r.get("seed", 0))):
             budget = f" (edgessl's {r['budget_s']:.0f} s)" if r.get("budget_s") else ""
-            seed = f", seed {r['seed']}" if r.get("seed") or "temperature" in r else ""
+            seed = f", seed {r['seed']}" if r.get("seed") or "temperature" in r or part_of(r) == "bank" else ""
             tau = f", τ {r['temperature']:g}{seed} (temperature part)" if "temperature" in r else seed
             tau += f" (auto: τ {r['tau']:g})" if "temperature" not in r and "tau" in r else ""
+            tau += f", η {knobs_of(r)[0]:g}" if r["method"] == "edgessl" else ""
+            tau += " (bank part)" if part_of(r) == "bank" else ""
             out.append(f"| {r['method']}{budget}{tau} | {r['epochs']} | {_cells(r)}")
     return out
 
@@ -466,6 +556,7 @@ def domains_section(rec: dict[str, Any], results: Path) -> str:
             own = f"{t['knn@all']['mean']:.3f} | {t['linear@10']['mean']:.3f}" if t else "– | –"
             out.append(f"| {('trained on ' + r['teacher']) if r.get('teacher') else 'none'} | {own} | {_cells(r)}")
     out += temperature_rows(rows)
+    out += bank_rows(rows)
     out += ["", "### What `auto` picks, against the best setting the suite ran (linear@10, mean over seeds)\n"]
     out += auto_rows(rows)
     png = results / "domains_curves.png"

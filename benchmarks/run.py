@@ -316,8 +316,8 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=None, help="gpu suite: the whole budget (default 8; tiny 1)")
     ap.add_argument("--only", type=lambda v: [p for p in v.split(",") if p], default=None,
                     help="gpu, domains and duplicates suites: only these parts, comma-separated (gpu: data, steps, "
-                         "cifar; domains: epochs, sizes, peers, teacher, temperature; duplicates: encoder epochs, "
-                         "e.g. 30, and scale)")
+                         "cifar; domains: epochs, sizes, peers, teacher, temperature, bank; duplicates: encoder "
+                         "epochs, e.g. 30, and scale)")
     ap.add_argument("--teachers", nargs="*", default=None, help="domains suite: teachers' folders (neu-det, emoji)")
     ap.add_argument("--backbones", nargs="*", default=None, help="domains suite: more backbones at 64 px (resnet18)")
     args = ap.parse_args(argv)

@@ -348,6 +348,65 @@ def test_domains_peers_train_simclr_on_five_seeds_and_keep_earlier_rows():
             if r["method"] == "simclr"] == [0, 0]  # --tiny: seed 0 at equal epochs, and the budget row
 
 
+def test_domains_bank_part_runs_each_setting_on_the_auto_settings_and_seeds(monkeypatch):
+    """The bank part: every setting on every folder at the size and epochs `auto` picks there (tau from auto: no
+    temperature key), on that folder's training seeds; the labels name the setting and the seed."""
+    from types import SimpleNamespace
+
+    import benchmarks.domains as dm
+
+    monkeypatch.setattr(dm, "folders", lambda name, tiny: (Path(name), Path(name)))
+    monkeypatch.setattr(dm, "auto_settings", lambda train: ({"neu-det": 128}.get(str(train), 64), 31, 1440))
+    rows = dm.plan(SimpleNamespace(only=["bank"], tiny=False))
+    assert dm.BANK_SETTINGS == ({"bank_lr": 0.5}, {"feature_dim": 256}) and dm.BANK_AGAIN == {
+        "emoji", "digits", "twemoji"}  # eta 1 again where the temperature part's rows are older code
+    assert len(rows) == 2 * 5 + 3 * 2 * 3
+    assert all("temperature" not in r and r["epochs"] == 31 for r in rows)
+    assert [dm.label(r) for r in rows[:1] + rows[18:19] + rows[24:25]] == [
+        "emoji mobilenetv3_small 64px edgessl 31ep bank_lr 1 seed 0",
+        "neu-det mobilenetv3_small 128px edgessl 31ep bank_lr 0.5 seed 0",
+        "neu-det mobilenetv3_small 128px edgessl 31ep feature_dim 256 seed 1"]
+    assert {r["data"]: r["size"] for r in rows} == {"neu-det": 128, "emoji": 64, "digits": 64, "twemoji": 64}
+
+
+def test_bank_table_sets_each_setting_against_the_temperature_parts_defaults_on_the_same_seeds():
+    from benchmarks.domains import bank_rows
+
+    def row(part, seed, lin, **kw):
+        return {"part": part, "data": "neu-det", "size": 128, "epochs": 31, "seed": seed, **kw,
+                "final": {"linear@10": {"mean": lin}, "knn@all": {"mean": 0.9}, "linear@all": {"mean": 0.95}}}
+
+    rows = [row("temperature", 0, 0.80, temperature=0.2), row("temperature", 1, 0.70, temperature=0.2),
+            row("temperature", 2, 0.10, temperature=0.2), row("temperature", 0, 0.5, temperature=0.1),
+            row("bank", 0, 0.84, overrides={"bank_lr": 0.5}), row("bank", 1, 0.72, overrides={"bank_lr": 0.5})]
+    table = bank_rows(rows)
+    assert "| neu-det | 128 px, 31 ep | η 0.5 | 0.840, 0.720 | 0.780 | +0.030 | 0.900 | 0.950 |" in table
+    assert "| neu-det | 128 px, 31 ep | η 1, d 128 (the old defaults; temperature part) | 0.800, 0.700 | 0.750 | " \
+        "+0.000 | 0.900 | 0.950 |" in table  # seed 2 is not in the bank part: left out of both
+    again = bank_rows(rows + [row("bank", 0, 0.82, overrides={"bank_lr": 1.0}),
+                              row("bank", 1, 0.66, overrides={"bank_lr": 1.0})])
+    assert "| neu-det | 128 px, 31 ep | η 0.5 | 0.840, 0.720 | 0.780 | +0.040 | 0.900 | 0.950 |" in again
+    assert "| neu-det | 128 px, 31 ep | η 1, d 128 (the old defaults; this part) | 0.820, 0.660 | 0.740 | +0.000 |" in \
+        " ".join(again)  # the defaults run in the bank part win over the temperature part's rows
+
+
+def test_settings_are_told_apart_by_eta_and_width_as_recorded_or_overridden():
+    """The suite's settings: a run's recorded eta and d, else its overrides, else the defaults of its time (1, 128)."""
+    from benchmarks.domains import knobs_of, setting_means
+
+    def row(seed, lin, **kw):
+        return {"size": 128, "epochs": 31, "temperature": 0.2, "seed": seed, "final": {"linear@10": {"mean": lin}},
+                **kw}
+
+    rows = [row(0, 0.8), row(1, 0.7), row(0, 0.9, overrides={"bank_lr": 0.5}), row(1, 0.8, bank_lr=0.5),
+            row(0, 0.6, overrides={"feature_dim": 256})]
+    assert [knobs_of(r) for r in rows] == [(1.0, 128), (1.0, 128), (0.5, 128), (0.5, 128), (1.0, 256)]
+    means = setting_means(rows)
+    assert means[(128, 31, 0.2, 1.0, 128)] == pytest.approx((0.75, 2))
+    assert means[(128, 31, 0.2, 0.5, 128)] == pytest.approx((0.85, 2))
+    assert means[(128, 31, 0.2, 1.0, 256)] == pytest.approx((0.6, 1)) and len(means) == 3
+
+
 def test_simclr_at_edgessls_time_takes_the_default_runs_seconds(monkeypatch, tmp_path):
     """The equal wall-clock row: edgessl's default peers run (not a temperature-part run at the same settings) and
     SimCLR's seed-0 s/epoch: round(167 / (343 / 31)) = 15 epochs."""
@@ -404,6 +463,10 @@ def test_domains_suite(bench):
     assert sorted(p.relative_to(twin).with_suffix("") for p in twin.rglob("*.png")) == sorted(
         p.relative_to(colour).with_suffix("") for p in colour.rglob("*.*"))
     assert {Image.open(p).mode for p in twin.rglob("*.png")} == {"L"}
+    bank = [r for r in rec["rows"] if r["part"] == "bank"]  # --tiny: eta 0.5, seed 0
+    assert sorted(r["data"] for r in bank) == ["digits", "emoji", "neu-det"]
+    assert all(r["overrides"] == {"bank_lr": 0.5} and r["bank_lr"] == 0.5 for r in bank)
+    assert "### The bank's step size" in readme and "| neu-det | 32 px, 1 ep | η 0.5 |" in readme
     assert len({r["row"] for r in rec["rows"]}) == len(rec["rows"])  # no row twice
     assert "## Domains" in readme and "### What `auto` picks" in readme and "### When the teacher pays" in readme
     assert "### Temperature" in readme and "| cifar10-5k-grey | 32 | 1 |" in readme
