@@ -409,8 +409,8 @@ def temperature_rows(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def bank_rows(rows: list[dict[str, Any]]) -> list[str]:
-    """The bank part: per folder, the defaults (the temperature part's tau 0.2 rows) and each setting, linear@10 per
-    training seed and the means, with the change against the defaults on the same seeds."""
+    """The bank part: per folder, eta 1 and d 128 (its rows in this part, else the temperature part's tau 0.2 rows)
+    and each setting: linear@10 per training seed, the means, and the change against eta 1 on the same seeds."""
     runs = [r for r in rows if part_of(r) == "bank"]
     if not runs:
         return []
@@ -439,14 +439,16 @@ def bank_rows(rows: list[dict[str, Any]]) -> list[str]:
             vals = [by_seed[s]["final"]["linear@10"]["mean"] for s in both]
             if not vals:
                 continue
-            delta = sum(vals) / len(vals) - sum(base[s]["final"]["linear@10"]["mean"] for s in both) / len(vals)
-
-            def mean(key: str, keep=both, runs=by_seed) -> str:
-                return f"{sum(runs[s]['final'][key]['mean'] for s in keep) / len(keep):.3f}"
-
+            delta = _seed_mean(by_seed, both, "linear@10") - _seed_mean(base, both, "linear@10")
             out.append(f"| {name} | {size} px, {epochs} ep | {text} | {', '.join(f'{v:.3f}' for v in vals)} | "
-                       f"{sum(vals) / len(vals):.3f} | {delta:+.3f} | {mean('knn@all')} | {mean('linear@all')} |")
+                       f"{sum(vals) / len(vals):.3f} | {delta:+.3f} | {_seed_mean(by_seed, both, 'knn@all'):.3f} | "
+                       f"{_seed_mean(by_seed, both, 'linear@all'):.3f} |")
     return out
+
+
+def _seed_mean(by_seed: dict[int, dict[str, Any]], seeds: list[int], key: str) -> float:
+    """The mean of the final `key` over the rows of `seeds` ({training seed: row})."""
+    return sum(by_seed[s]["final"][key]["mean"] for s in seeds) / len(seeds)
 
 
 def _mean_at(runs: list[dict[str, Any]], tau: float, key: str) -> float:
