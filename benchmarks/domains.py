@@ -124,29 +124,26 @@ def plan(args) -> list[dict[str, Any]]:
     return rows
 
 
-def bank_plan(tiny: bool) -> list[dict[str, Any]]:
-    rows = []
-    for name, seeds in BANK_SETS.items():
+def at_auto(sets: dict[str, tuple[int, ...]], part: str, tiny: bool):
+    """(row base, training seeds) of each folder of `sets` ({name: seeds}) at the size and epochs `auto` picks
+    there; --tiny: 32 px, one epoch, the first seed, no fetched folder."""
+    for name, seeds in sets.items():
         if tiny and name in FETCHED:
             continue
         size, epochs = (32, 1) if tiny else auto_settings(folders(name, tiny)[0])[:2]
-        rows += [{"part": "bank", "data": name, "backbone": "mobilenetv3_small", "size": size, "method": "edgessl",
-                  "epochs": epochs, "overrides": o, "seed": seed, "reuse": True}
-                 for o in (BANK_SETTINGS[:1] if tiny else (OLD_DEFAULTS,) * (name in BANK_AGAIN) + BANK_SETTINGS)
-                 for seed in (seeds[:1] if tiny else seeds)]
-    return rows
+        yield ({"part": part, "data": name, "backbone": "mobilenetv3_small", "size": size, "method": "edgessl",
+                "epochs": epochs}, seeds[:1] if tiny else seeds)
+
+
+def bank_plan(tiny: bool) -> list[dict[str, Any]]:
+    return [{**base, "overrides": o, "seed": seed, "reuse": True} for base, seeds in at_auto(BANK_SETS, "bank", tiny)
+            for o in (BANK_SETTINGS[:1] if tiny else (OLD_DEFAULTS,) * (base["data"] in BANK_AGAIN) + BANK_SETTINGS)
+            for seed in seeds]
 
 
 def temperature_plan(tiny: bool) -> list[dict[str, Any]]:
-    rows = []
-    for name, seeds in TEMPERATURE_SETS.items():
-        if tiny and name in FETCHED:
-            continue
-        size, epochs = (32, 1) if tiny else auto_settings(folders(name, tiny)[0])[:2]
-        rows += [{"part": "temperature", "data": name, "backbone": "mobilenetv3_small", "size": size,
-                  "method": "edgessl", "epochs": epochs, "temperature": t, "seed": seed, "reuse": True}
-                 for t in TEMPERATURES for seed in (seeds[:1] if tiny else seeds)]
-    return rows
+    return [{**base, "temperature": t, "seed": seed, "reuse": True}
+            for base, seeds in at_auto(TEMPERATURE_SETS, "temperature", tiny) for t in TEMPERATURES for seed in seeds]
 
 
 def kept_run(data_name: str, backbone: str, kept: Path = KEPT) -> Path:
