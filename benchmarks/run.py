@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, RESULTS, datasets, machine, peak_rss_bytes, probe, train_and_eval
+from benchmarks.domains import PARTS as DOMAIN_PARTS
 
 SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "midway", "eval", "loader", "export",
           "init", "teacher", "duplicates", "copy-score", "domains")
@@ -316,8 +317,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=None, help="gpu suite: the whole budget (default 8; tiny 1)")
     ap.add_argument("--only", type=lambda v: [p for p in v.split(",") if p], default=None,
                     help="gpu, domains and duplicates suites: only these parts, comma-separated (gpu: data, steps, "
-                         "cifar; domains: epochs, sizes, peers, teacher, temperature, bank; duplicates: encoder "
-                         "epochs, e.g. 30, and scale)")
+                         f"cifar; domains: {', '.join(DOMAIN_PARTS)}; duplicates: encoder epochs, e.g. 30, and scale)")
     ap.add_argument("--teachers", nargs="*", default=None, help="domains suite: teachers' folders (neu-det, emoji)")
     ap.add_argument("--backbones", nargs="*", default=None, help="domains suite: more backbones at 64 px (resnet18)")
     args = ap.parse_args(argv)
