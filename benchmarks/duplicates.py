@@ -144,10 +144,14 @@ def missed(hit: set, truth: dict[str, str], seed: int, held_out: str | None, siz
 
 
 def rule_record(result) -> dict[str, Any]:
-    r = result.rule
+    """The rule's estimates, and the look-alike pair that held an "auto" threshold up with the rule without it."""
+    r, limit = result.rule, result.rule.limit
+    held = {"set_by": None} if limit is None or limit.pair is None else {
+        "set_by": [Path(result.paths[i]).name for i in limit.pair], "set_by_score": limit.score,
+        "threshold_without": limit.threshold_without, "estimated_recall_without": limit.recall_without}
     return {"threshold": r.threshold, "estimated_precision": r.precision, "estimated_recall": r.recall,
             "estimated_precision_low": r.precision_low, "unsure": r.unsure, "planted_for_calibration": r.planted,
-            "reached": r.reached}
+            "reached": r.reached, **held}
 
 
 def flagged(result, root: Path | None = None) -> dict[str, Any]:
@@ -390,15 +394,29 @@ def spread_section(rows: list[dict[str, Any]]) -> list[str]:
            "model's planted sample (seed 2; Twemoji: 1), `--duplicates auto` with `--planted` 400 and 800 and "
            "`--seed` 0, 1, 2. At precision 0.95 and a 3 % share of copies, 400 planted copies let no look-alike "
            "among them score above the threshold (the threshold is the highest look-alike the sample met); 800 let "
-           "one, but meet more of the folder's look-alikes:\n",
+           "one, but meet more of the folder's look-alikes. Set by: the look-alike pair that held the threshold up "
+           "(a copy of the first image matched the second; the command prints it), and the threshold and estimated "
+           "recall without it (none: the threshold does not fall without it):\n",
            "| folder | planted | seed | threshold | precision | recall | estimated precision / recall | "
-           "calibration s |",
-           "|---|---|---|---|---|---|---|---|"]
+           "calibration s | set by | without it |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in spread:
         out.append(f"| {r['data']} | {r['planted_for_calibration']} | {r['seed']} | {r['threshold']:.3f} | "
                    f"{r['precision']:.2f} | {r['recall']:.2f} | {estimated(r)} / {r['estimated_recall']:.2f} | "
-                   f"{r['calibration_seconds']:.0f} |")
+                   f"{r['calibration_seconds']:.0f} | {set_by(r)} |")
     return out
+
+
+def set_by(r: dict[str, Any]) -> str:
+    """A row's 'set by' and 'without it' cells: the look-alike pair with its score; the threshold and estimated
+    recall without it (rows from before the pair was recorded: blank; the threshold does not fall without it:
+    none)."""
+    if "set_by" not in r:
+        return " | "
+    if r["set_by"] is None:
+        return "none | "
+    a, b = r["set_by"]
+    return f"{a} / {b} ({r['set_by_score']:.3f}) | {r['threshold_without']:.3f}; {r['estimated_recall_without']:.2f}"
 
 
 def scale_section(rows: list[dict[str, Any]]) -> list[str]:

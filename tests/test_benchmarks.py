@@ -244,7 +244,11 @@ def test_the_spread_table_lists_each_calibration():
            "planted_for_calibration": 800, "calibration_seconds": 15.7}
     assert spread_section([{"data": "emoji", "epochs": 10, "sample": "clean"}]) == []
     lines = spread_section([row])
-    assert lines[-1] == "| twemoji | 800 | 2 | 0.699 | 1.00 | 0.96 | 0.96 / 0.98 | 16 |"
+    assert lines[-1] == "| twemoji | 800 | 2 | 0.699 | 1.00 | 0.96 | 0.96 / 0.98 | 16 |  |  |"  # from before
+    held = {"set_by": ["1f46f.png", "1f46e.png"], "set_by_score": 0.6981, "threshold_without": 0.6512,
+            "estimated_recall_without": 0.991}
+    assert spread_section([{**row, **held}])[-1].endswith("| 16 | 1f46f.png / 1f46e.png (0.698) | 0.651; 0.99 |")
+    assert spread_section([{**row, "set_by": None}])[-1].endswith("| 16 | none |  |")
     text = duplicates_section({"rows": [row], "machine": {}, "command": "c", "seconds": 1.0})
     assert text.count("| twemoji |") == 1  # in the spread table only, not among the planted samples
 
@@ -293,6 +297,8 @@ def test_duplicates_suite(bench):
     assert planted["copies"] == 4 and 0 <= planted["precision"] <= 1 and 0 <= planted["recall"] <= 1
     assert 0 <= planted["estimated_precision"] <= 1 and planted["threshold"] > 0
     assert 0 <= planted["estimated_precision_low"] <= planted["estimated_precision"] and planted["unsure"] >= 0
+    assert planted["set_by"] is None or (len(planted["set_by"]) == 2 and planted["threshold_without"] < planted[
+        "threshold"] and planted["set_by_score"] < planted["threshold"])  # the pair that held the threshold up
     assert len(planted["missed"]) == round(planted["copies"] * (1 - planted["recall"]))  # each lost copy, with
     assert all({"copy", "crop_w", "scale", "quality", "score"} <= set(m) for m in planted["missed"])  # its draws
     assert scale["part"] == "scale" and scale["images"] == 36 and list(scale["plain_seconds"]) == ["embed"]

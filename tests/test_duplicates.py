@@ -198,6 +198,62 @@ def test_the_rule_says_how_much_rests_on_copies_it_could_not_judge():
     assert clear.unsure == 0 and clear.precision_low == 1.0
 
 
+
+def test_the_rule_names_the_look_alike_that_held_it_up():
+    """limiting, on the toy calibration above: the threshold 0.8518 sits just above the wrong pair at 0.85 (row 299,
+    between folder images 7 and 3); without it the 0.84 pair limits, and the first planted score above it,
+    0.80 + 21 x 0.19 / 99 = 0.8403, keeps 79 of the 100 copies. When another pair scores 0.85 too, or the
+    threshold is given, there is no single pair to name."""
+    true = np.linspace(0.80, 0.99, 100).astype(np.float32)
+    wrong = np.array([0.6] * 297 + [0.83, 0.84, 0.85], np.float32)
+    own = np.zeros(0, np.float32)
+    pairs = np.zeros((300, 2), np.int64)
+    pairs[299] = (7, 3)
+    rule = copy_rule.limiting(copy_rule.choose_rule(true, wrong, own), true, wrong, own, pairs)
+    limit = rule.limit
+    assert rule.threshold == pytest.approx(0.8518, abs=1e-4) and limit.index == 299 and limit.pair == (7, 3)
+    assert limit.score == pytest.approx(0.85) and limit.recall_without == pytest.approx(0.79)
+    assert limit.threshold_without == pytest.approx(0.80 + 21 * 0.19 / 99, abs=1e-6)
+    assert copy_rule.limiting(rule, true, wrong, own).limit.pair is None  # no pairs given: nothing to name
+    tied = np.array([0.6] * 297 + [0.84, 0.85, 0.85], np.float32)
+    assert copy_rule.limiting(copy_rule.choose_rule(true, tied, own), true, tied, own, pairs).limit is None
+    given = copy_rule.rule_at(0.9, true, wrong, own)
+    assert copy_rule.limiting(given, true, wrong, own, pairs).limit is None
+
+
+def test_each_wrong_score_keeps_the_pair_it_came_from():
+    """best_pair_per_row: the index of each row's best finite value, rows in order: the pairs of best_per_row's
+    finite entries (calibrate's wrong scores and wrong_pairs)."""
+    from edgessl.evaluate.duplicates import best_pair_per_row, best_per_row
+
+    rows = np.array([2, 0, 2, 0, 1, 2])
+    values = np.array([0.5, 0.7, 0.9, -np.inf, -np.inf, 0.9], np.float32)
+    top = best_pair_per_row(rows, values)
+    assert top.tolist() == [1, 2]  # row 0: 0.7 (index 1); row 1: no finite value; row 2: the first 0.9 (index 2)
+    best = best_per_row(rows, values, 3)
+    assert values[top].tolist() == best[np.isfinite(best)].tolist()
+
+
+def test_the_calibration_keeps_each_wrong_scores_pair():
+    """calibrate on a folder of three pictures (rows 0-2) and planted crops of rows 0 and 2, every pair a candidate
+    (all cosines equal): each copy's wrong score is its best score with another picture, and wrong_pairs holds that
+    pair as folder rows (the copy's original, the other picture)."""
+    from edgessl.evaluate.duplicates import calibrate
+
+    folder = [_picture(7), _picture(8), _picture(9)]
+    copies = [np.asarray(Image.fromarray(folder[i][2:62, 1:63]).resize((64, 64), Image.Resampling.BICUBIC))
+              for i in (0, 2)]
+    rows, planted_rows = _rows(*folder), _rows(*copies)
+    space = [np.full((2, 3), 3 ** -0.5, np.float32), np.full((3, 3), 3 ** -0.5, np.float32)]
+    cal = calibrate([space[0], space[0]], np.array([0, 2]), [space[1], space[1]], lambda i: planted_rows[i],
+                    lambda i: rows[i])
+    pairs = np.array([[0, 1], [0, 2], [1, 0], [1, 1]])  # (planted copy, folder row) of every wrong pair
+    scores = cp.copy_scores(lambda i: planted_rows[i], pairs, lambda i: rows[i])
+    assert cal.true.min() > max(scores)  # each crop is found with its own original
+    best = [int(np.argmax(scores[:2])), 2 + int(np.argmax(scores[2:]))]
+    assert cal.wrong.tolist() == pytest.approx(scores[best].tolist())
+    assert cal.wrong_pairs.tolist() == [[0, int(pairs[best[0], 1])], [2, int(pairs[best[1], 1])]]
+
 @pytest.fixture
 def folder_with_copies(tiny_data, tmp_path):
     """The 24 tiny emoji, one of them twice (a pixel twin) and two of them with a planted copy beside them."""
@@ -497,6 +553,14 @@ def test_the_summary_line_gives_both_ends_of_the_precision(tmp_path):
         duplicate_lines(result)[0])
     result.rule = copy_rule.Rule(0.712, 0.97, 0.953, 400, 12, 0.95, True, "given", precision_low=0.97)
     assert duplicate_lines(result)[0].startswith("copies: estimated precision 0.97, recall 0.95")
+    limit = copy_rule.Limit(299, 0.8507, 0.7749, 0.97, (0, 1))
+    result.rule = copy_rule.Rule(0.852, 1.0, 0.92, 400, 12, 0.95, True, "auto", precision_low=1.0, limit=limit)
+    result.paths = [str(tmp_path / "data" / "people" / "1f46f.png"), str(tmp_path / "data" / "people" / "1f46e.png")]
+    assert duplicate_lines(result)[1] == (
+        "  set by the highest look-alike the calibration met: a copy of 1f46f.png matched 1f46e.png at 0.851; without "
+        "it the threshold would be 0.775 (recall 0.97): if those two are one picture, pass --duplicates 0.775.")
+    result.paths[1] = str(tmp_path / "data" / "objects" / "1f4f1.png")  # two folders: named from the one they share
+    assert "a copy of people/1f46f.png matched objects/1f4f1.png at 0.851" in duplicate_lines(result)[1]
 
 
 def _icon(seed: int, recolour: bool = False) -> np.ndarray:

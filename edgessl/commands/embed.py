@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from edgessl import api
@@ -79,9 +80,22 @@ def duplicate_lines(result) -> list[str]:
         f"similar: {plural(len(found.similar), 'pair')} close in the embedding, not copies (for browsing) -> "
         f"{folder / 'similar.csv'}",
     ]
+    if rule.limit is not None and rule.limit.pair is not None:
+        lines.insert(1, limit_line(rule.limit, result.paths))
     if (folder / "keep.txt") in result.written:
         lines.append(f"keep: one image per group -> {folder / 'keep.txt'} (nothing was deleted)")
     return lines
+
+
+def limit_line(limit, paths: list[str]) -> str:
+    """Why an "auto" copy threshold is where it is: the look-alike pair that held it up (paths relative to the
+    folder they share), and the threshold without that pair."""
+    a, b = (paths[i] for i in limit.pair)
+    root = os.path.commonpath([os.path.dirname(a), os.path.dirname(b)])
+    a, b = os.path.relpath(a, root), os.path.relpath(b, root)
+    return (f"  set by the highest look-alike the calibration met: a copy of {a} matched {b} at {limit.score:.3f}; "
+            f"without it the threshold would be {limit.threshold_without:.3f} (recall {limit.recall_without:.2f}): "
+            f"if those two are one picture, pass --duplicates {limit.threshold_without:.3f}.")
 
 
 def register(app) -> None:

@@ -27,6 +27,21 @@ class Rule:
     chosen: str  # "auto" or "given"
     precision_low: float | None = None  # None until with_doubt: then `precision` when unsure is 0
     unsure: int = 0
+    limit: Limit | None = None  # what held an "auto" threshold up (see limiting); None for a given one
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The look-alike that held an "auto" threshold up: the highest wrong pair below it (index into `wrong`, its
+    score, and its two folder rows when the caller gave them), and the rule without that one pair (its threshold and
+    recall; it reaches the target too, as every threshold that did still does): how much the threshold rests on one
+    pair of images."""
+
+    index: int
+    score: float
+    threshold_without: float
+    recall_without: float
+    pair: tuple[int, int] | None = None
 
 
 PREVALENCE = 0.03  # the share of a folder's images assumed to be copies when precision is estimated
@@ -74,6 +89,25 @@ def with_doubt(rule: Rule, true: np.ndarray, wrong: np.ndarray, doubtful: np.nda
     low = estimate(rule.threshold, true, doubtful, np.zeros(0))[0]
     unsure = int((doubtful >= rule.threshold).sum()) - int((wrong >= rule.threshold).sum())
     return replace(rule, precision_low=min(low, rule.precision), unsure=max(unsure, 0))
+
+
+def limiting(rule: Rule, true: np.ndarray, wrong: np.ndarray, own: np.ndarray,
+             pairs: np.ndarray | None = None) -> Rule:
+    """The rule with its limit: the highest wrong score below an "auto" threshold, and the rule chosen again without
+    it. With 400 planted copies, precision 0.95 and PREVALENCE 3 % leave no wrong pair above the threshold, so the
+    threshold is the first observed score above that one look-alike, wherever the sample happened to meet it; the
+    rule without it says how far the threshold would fall. pairs (Q, 2): each wrong score's folder rows (original,
+    other image), for the output to name the two images. A given threshold, one short of the target, or one that
+    does not fall without that pair: the rule unchanged."""
+    below = np.flatnonzero(np.isfinite(wrong) & (wrong < rule.threshold))
+    if rule.chosen != "auto" or not rule.reached or not len(below):
+        return rule
+    i = int(below[np.argmax(wrong[below])])
+    other = choose_rule(true, np.delete(wrong, i), own, rule.target)
+    if other.threshold >= rule.threshold:  # the next observed score above the others is the threshold anyway
+        return rule
+    pair = None if pairs is None else (int(pairs[i, 0]), int(pairs[i, 1]))
+    return replace(rule, limit=Limit(i, float(wrong[i]), other.threshold, other.recall, pair))
 
 
 def rule_at(threshold: float, true: np.ndarray, wrong: np.ndarray, own: np.ndarray, target: float = 0.95) -> Rule:

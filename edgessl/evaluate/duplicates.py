@@ -61,6 +61,8 @@ class Calibration:
     coarse_gate: float = -np.inf  # the prefilter's gate (copies.coarse_gate), from the copies' coarse scores
     doubtful: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # wrong, counting the pairs
     # taken for copies already in the folder on the folder's own score alone (copies_in_folder) as wrong too
+    wrong_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # (Q, 2): each wrong
+    # score's folder rows (the copy's original, the other image)
 
     @property
     def similar(self) -> float:
@@ -73,6 +75,15 @@ def best_per_row(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     best = np.full(n, -np.inf, np.float32)
     np.maximum.at(best, rows, values)
     return best
+
+
+def best_pair_per_row(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """rows (P,), values (P,) -> the index of each row's largest finite value (ties: the first), by row: the pairs
+    best_per_row's finite entries come from, in the same order."""
+    keep = np.flatnonzero(np.isfinite(values))
+    order = keep[np.lexsort((-values[keep], rows[keep]))]  # by row, then the largest value first
+    _, first = np.unique(rows[order], return_index=True)
+    return order[first]
 
 
 def planted_candidates(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.ndarray]):
@@ -107,7 +118,8 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
     image (not a copy the folder already holds): an image without a copy keeps its best look-alike through
     near_best, so this is what such an image scores; the threshold must stay above it. doubtful: the same, also
     counting the images excused as copies of the original on the folder's own score alone (copies_in_folder), which
-    a look-alike scoring like a copy passes too: the pessimistic twin of wrong."""
+    a look-alike scoring like a copy passes too: the pessimistic twin of wrong. wrong_pairs: the folder rows (the
+    copy's original, the other image) of each wrong score, for the output to name the pair that set the threshold."""
     pairs, gates, cosines = planted_candidates(planted, originals, folder)
     scores = cp.copy_scores(get_planted, pairs, get_rows) if len(pairs) else np.zeros(0, np.float32)
     best = best_per_row(pairs[:, 0], scores, len(originals))
@@ -117,10 +129,12 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
     excused, on_own = copies_in_folder(pairs[~is_true], scores[~is_true], originals, true, get_rows)
     wrong, unsure = ~is_true, np.zeros(len(pairs), bool)
     wrong[~is_true], unsure[~is_true] = ~excused, on_own
-    look_alike = best_per_row(pairs[wrong, 0], scores[wrong], len(originals))
+    top = best_pair_per_row(pairs[:, 0], np.where(wrong, scores, -np.inf))
     doubt = best_per_row(pairs[wrong | unsure, 0], scores[wrong | unsure], len(originals))
     gate = cp.coarse_gate(cp.coarse_of(get_planted, pairs[is_true], get_rows))
-    return Calibration(true, look_alike[np.isfinite(look_alike)], cosines, gates, gate, doubt[np.isfinite(doubt)])
+    wrong_pairs = np.stack([originals[pairs[top, 0]], pairs[top, 1]], axis=1)
+    return Calibration(true, scores[top].astype(np.float32), cosines, gates, gate, doubt[np.isfinite(doubt)],
+                       wrong_pairs)
 
 
 EXCUSE_QUANTILE = 0.05  # a folder image matching the original as well as 95 % of planted copies do is its copy

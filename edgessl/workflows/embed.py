@@ -175,7 +175,8 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     threshold = duplicates_threshold(opts.duplicates)
     args = (calibration.true, calibration.wrong, scored.scores, opts.precision)
     rule = copy_rule.choose_rule(*args) if threshold is None else copy_rule.rule_at(threshold, *args)
-    result.rule = copy_rule.with_doubt(rule, calibration.true, calibration.wrong, calibration.doubtful)
+    rule = copy_rule.with_doubt(rule, calibration.true, calibration.wrong, calibration.doubtful)
+    result.rule = copy_rule.limiting(rule, *args[:3], calibration.wrong_pairs)
     result.duplicates = found = dup.classify(scored, unit, result.rule, calibration.similar)
     folder = result.out.parent
     result.written.append(write_duplicates(folder / "duplicates.csv", result.paths, found, result.rule.precision,
