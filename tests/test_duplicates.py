@@ -563,6 +563,30 @@ def test_the_summary_line_gives_both_ends_of_the_precision(tmp_path):
     assert "a copy of people/1f46f.png matched objects/1f4f1.png at 0.851" in duplicate_lines(result)[1]
 
 
+
+def test_the_gallery_ends_with_the_look_alike_that_set_the_threshold(tmp_path, monkeypatch):
+    """duplicates.png: one copy group (images 0, 1), then, given the rule's limit, a last row with the pair that set
+    the threshold (images 2 and 3) and its score; without a limit, the groups alone."""
+    import edgessl.workflows.embed_files as ef
+    from edgessl.evaluate.duplicates import Found
+
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(_picture(i)).save(paths[-1])
+    found = Found(np.array([[0, 1]]), ["copy"], np.array([0.93]), np.array([0.9]), np.array([1]))
+    drawn = []
+    monkeypatch.setattr(ef, "plot_neighbour_gallery", lambda q, n, s, names, path, title: drawn.append(
+        (len(q), [len(r) for r in n], s.tolist(), names, title)))
+    limit = copy_rule.Limit(0, 0.81, 0.77, 0.98, (2, 3))
+    ef.duplicates_gallery(tmp_path / "d.png", paths, found, 8, limit)
+    ef.duplicates_gallery(tmp_path / "d.png", paths, found, 8)
+    (rows, widths, scores, names, title), plain = drawn
+    assert rows == 2 and widths == [1, 1] and np.allclose(scores, [[0.93], [0.81]])
+    assert names == ["copy 1: 0.png", "threshold: 2.png"] and title.endswith("\nlast row: the look-alike that set the "
+                                                                            "threshold")
+    assert plain[0] == 1 and plain[3] == ["copy 1: 0.png"] and "threshold" not in plain[4]
+
 def _icon(seed: int, recolour: bool = False) -> np.ndarray:
     """A flat-coloured icon: six outlined ellipses on white (sharp colour edges, as emoji have); recolour: the last
     ellipse's colour channels rotated (a colour variant)."""

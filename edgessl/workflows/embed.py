@@ -184,7 +184,7 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     result.written.append(write_similar(folder / "similar.csv", result.paths, found))
     if len(found.pairs):
         result.written.append(duplicates_gallery(folder / "duplicates.png", result.paths, found,
-                                                 int(opts.gallery_rows)))
+                                                 int(opts.gallery_rows), result.rule.limit))
     if opts.keep is not None:
         result.written.append(write_keep(folder / "keep.txt", result.paths, found, opts.keep))
     result.seconds["files"] = time.perf_counter() - clock

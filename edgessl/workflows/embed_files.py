@@ -159,21 +159,25 @@ def write_keep(path: Path, paths: Sequence[str], found, keep: str) -> Path:
     return atomic_write_text(path, "".join(f"{p}\n" for p in kept))
 
 
-def duplicates_gallery(path: Path, paths: Sequence[str], found, rows: int = 8) -> Path:
+def duplicates_gallery(path: Path, paths: Sequence[str], found, rows: int = 8, limit=None) -> Path:
     """duplicates.png: the largest groups and the least certain ones (lowest copy score), a row each: the first
-    member framed, the others with their copy scores."""
+    member framed, the others with their copy scores; with `limit` (copy_rule.Limit naming its pair), a last row:
+    the look-alike pair that set the threshold, for a person to judge whether the two are one picture."""
     groups = group_members(found)
     by_size = sorted(groups, key=lambda g: (-len(groups[g]["members"]), g))
     by_doubt = sorted(groups, key=lambda g: (min(groups[g]["score"].values()), g))
     chosen = list(dict.fromkeys([*by_size[: (rows + 1) // 2], *by_doubt]))[:rows]
-    thumbs = {i: decode_image(paths[i], THUMBNAIL) for g in chosen for i in groups[g]["members"][:7]}
     firsts = [groups[g]["members"][0] for g in chosen]
     others = [groups[g]["members"][1:7] for g in chosen]
     scores = [[groups[g]["score"][i] for i in o] for g, o in zip(chosen, others, strict=True)]
+    names = [f"{groups[g]['kind']} {g}: {Path(paths[i]).name}" for g, i in zip(chosen, firsts, strict=True)]
+    title = f"duplicate groups (copy score), {len(chosen)} of {len(groups)}"
+    if limit is not None and limit.pair is not None:
+        firsts, others, scores = [*firsts, limit.pair[0]], [*others, [limit.pair[1]]], [*scores, [limit.score]]
+        names.append(f"threshold: {Path(paths[limit.pair[0]]).name}")
+        title += "\nlast row: the look-alike that set the threshold"
+    thumbs = {i: decode_image(paths[i], THUMBNAIL) for i in [*firsts, *(i for o in others for i in o)]}
     width = max((len(o) for o in others), default=1)
     plot_neighbour_gallery([thumbs[i] for i in firsts], [[thumbs[i] for i in o] for o in others],
-                           np.array([s + [0.0] * (width - len(s)) for s in scores]),
-                           [f"{groups[g]['kind']} {g}: {Path(paths[i]).name}" for g, i in zip(chosen, firsts,
-                                                                                          strict=True)],
-                           path, title=f"duplicate groups (copy score), {len(chosen)} of {len(groups)}")
+                           np.array([s + [0.0] * (width - len(s)) for s in scores]), names, path, title=title)
     return path
