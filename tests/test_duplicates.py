@@ -4,6 +4,7 @@ found in a tiny folder, the three kinds named, --keep, an explicit threshold wit
 
 import csv
 import io
+import json
 import math
 import random
 import re
@@ -288,6 +289,8 @@ def test_embed_finds_a_planted_copy_and_names_the_three_kinds(demo_run, folder_w
     assert any(kind == "exact" for g in groups.values() for kind, _ in g)
     found = [f"{f.stem}_copy.png" for f in files[5:7] if any({f.name, f"{f.stem}_copy.png"} <= n for n in names)]
     assert found, text  # at least one planted copy found beside its original
+    rule = json.loads((out.parent / "duplicates.json").read_text())
+    assert rule["chosen"] == "auto" and rule["planted"] == 24 and f"copy score >= {rule['threshold']:.3f}" in text
     kept = (out.parent / "keep.txt").read_text().splitlines()
     assert len(kept) == len(groups) and all(sum(r["keep"] == "yes" for r in rows if r["group"] == g) == 1
                                             for g in groups)
@@ -586,6 +589,24 @@ def test_the_gallery_ends_with_the_look_alike_that_set_the_threshold(tmp_path, m
     assert names == ["copy 1: 0.png", "threshold: 2.png"] and title.endswith("\nlast row: the look-alike that set the "
                                                                             "threshold")
     assert plain[0] == 1 and plain[3] == ["copy 1: 0.png"] and "threshold" not in plain[4]
+
+
+def test_duplicates_json_records_the_rule_and_the_pair_that_set_it(tmp_path):
+    """write_rule: the rule as printed, and the set-by pair by path (None for a given threshold)."""
+    import json
+
+    from edgessl.workflows.embed_files import write_rule
+
+    paths = ["/d/a.png", "/d/b.png", "/d/c.png"]
+    limit = copy_rule.Limit(7, 0.81, 0.77, 0.98, (2, 0))
+    rule = copy_rule.Rule(0.812, 1.0, 0.95, 400, 12, 0.95, True, "auto", precision_low=0.9, unsure=1, limit=limit)
+    got = json.loads(write_rule(tmp_path / "duplicates.json", paths, rule).read_text())
+    assert got == {"threshold": 0.812, "chosen": "auto", "target_precision": 0.95, "reached": True,
+                   "estimated_precision": 1.0, "estimated_precision_low": 0.9, "unsure": 1, "estimated_recall": 0.95,
+                   "planted": 400, "set_by": {"copy_of": "/d/c.png", "matched": "/d/a.png", "score": 0.81,
+                                              "threshold_without": 0.77, "estimated_recall_without": 0.98}}
+    given = copy_rule.Rule(0.9, 0.97, 0.9, 400, 3, 0.95, True, "given")
+    assert json.loads(write_rule(tmp_path / "g.json", paths, given).read_text())["set_by"] is None
 
 def _icon(seed: int, recolour: bool = False) -> np.ndarray:
     """A flat-coloured icon: six outlined ellipses on white (sharp colour edges, as emoji have); recolour: the last

@@ -25,9 +25,9 @@ matrix); faiss is used when installed.
 cropped a little, brighter or darker: each image's nearest neighbours are compared pixel by pixel on a fitted crop)
 and similar (close in the embedding; listed for browsing in similar.csv, never called duplicates). The copy
 threshold is chosen on --planted synthetic copies of this folder's own images for --precision (0.95), and the
-estimated precision and recall are printed with it; --duplicates T uses T and prints its estimates. It writes
-duplicates.csv (group, kind, image, score, cosine, estimated_precision, keep) and duplicates.png; --keep
-first|largest writes keep.txt. Nothing is ever deleted.
+estimated precision and recall are printed with it, and the look-alike pair that set it; --duplicates T uses T
+and prints its estimates. It writes duplicates.csv (group, kind, image, score, cosine, estimated_precision, keep),
+duplicates.png and duplicates.json (the rule); --keep first|largest writes keep.txt. Nothing is ever deleted.
 
 **Examples**
 
@@ -36,8 +36,8 @@ first|largest writes keep.txt. Nothing is ever deleted.
     edgessl embed runs/my-run --data ./my_images --out emb.npz --duplicates auto --keep largest
     edgessl embed runs/my-run/export/encoder.onnx --data ./my_images --out emb.parquet   # needs edgessl[parquet]
 
-Writes --out, and beside it skipped_files.txt, neighbours.csv + neighbours.png, duplicates.csv + duplicates.png,
-similar.csv and keep.txt as asked.
+Writes --out, and beside it skipped_files.txt, neighbours.csv + neighbours.png, duplicates.csv + duplicates.png +
+duplicates.json, similar.csv and keep.txt as asked.
 """
 
 

@@ -30,6 +30,7 @@ from edgessl.workflows.embed_files import (
     write_embeddings,
     write_keep,
     write_neighbours,
+    write_rule,
     write_similar,
 )
 from edgessl.workflows.embed_sources import Embedded, open_source, with_rows
@@ -104,9 +105,9 @@ def embed(source: str | Path, opts: EmbedOptions, use_faiss: bool | None = None,
     `out`: skipped_files.txt (unreadable files), neighbours.csv + neighbours.png (neighbours=K: every image's K
     nearest by cosine; gallery_rows queries in the picture), and with duplicates="auto" (or a copy-score threshold):
     duplicates.csv (exact twins and copies in groups, with the rule's estimated precision), duplicates.png,
-    similar.csv and, with keep="first" | "largest", keep.txt. whiten=K: the neighbour search runs on the embeddings
-    PCA-whitened on this folder (K directions; the stored embeddings stay raw). Options:
-    edgessl.options.EmbedOptions (the same as `edgessl embed`'s flags). use_faiss: None = when installed.
+    duplicates.json (the rule), similar.csv and, with keep="first" | "largest", keep.txt. whiten=K: the neighbour
+    search runs on the embeddings PCA-whitened on this folder (K directions; the stored embeddings stay raw).
+    Options: edgessl.options.EmbedOptions (the same as `edgessl embed`'s flags). use_faiss: None = when installed.
     warn(message): skipped files; say(message): the duplicate search's progress and estimates. Returns an
     EmbedResult."""
     out = check_out(opts.out)
@@ -181,6 +182,7 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     folder = result.out.parent
     result.written.append(write_duplicates(folder / "duplicates.csv", result.paths, found, result.rule.precision,
                                            opts.keep))
+    result.written.append(write_rule(folder / "duplicates.json", result.paths, result.rule))
     result.written.append(write_similar(folder / "similar.csv", result.paths, found))
     if len(found.pairs):
         result.written.append(duplicates_gallery(folder / "duplicates.png", result.paths, found,

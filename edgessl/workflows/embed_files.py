@@ -1,9 +1,10 @@
 """The files `edgessl embed` writes: the embeddings (.npz or .parquet), neighbours.csv and the galleries
-(neighbours.png, duplicates.png), duplicates.csv, similar.csv and keep.txt."""
+(neighbours.png, duplicates.png), duplicates.csv, duplicates.json (the rule), similar.csv and keep.txt."""
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -142,6 +143,20 @@ def write_duplicates(path: Path, paths: Sequence[str], found, precision: float, 
             rows.append((g, entry["kind"], paths[i], f"{entry['score'][i]:.6f}", f"{entry['cosine'][i]:.6f}",
                          f"{est:.4f}", "" if kept is None else ("yes" if i == kept else "no")))
     return _write_csv(path, ("group", "kind", "image", "score", "cosine", "estimated_precision", "keep"), rows)
+
+
+def write_rule(path: Path, paths: Sequence[str], rule) -> Path:
+    """duplicates.json: the copy rule as the command printed it (copy_rule.Rule: threshold, how it was chosen, the
+    estimated precision with its pessimistic end, recall, planted copies, target, reached) and, for an "auto"
+    threshold, the look-alike pair that set it (paths) with the threshold and estimated recall without it."""
+    limit = rule.limit
+    record = {"threshold": rule.threshold, "chosen": rule.chosen, "target_precision": rule.target,
+              "reached": rule.reached, "estimated_precision": rule.precision,
+              "estimated_precision_low": rule.precision_low, "unsure": rule.unsure, "estimated_recall": rule.recall,
+              "planted": rule.planted, "set_by": None if limit is None or limit.pair is None else {
+                  "copy_of": paths[limit.pair[0]], "matched": paths[limit.pair[1]], "score": limit.score,
+                  "threshold_without": limit.threshold_without, "estimated_recall_without": limit.recall_without}}
+    return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def write_similar(path: Path, paths: Sequence[str], found) -> Path:
