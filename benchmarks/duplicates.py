@@ -146,7 +146,7 @@ def missed(hit: set, truth: dict[str, str], seed: int, held_out: str | None, siz
 def rule_record(result) -> dict[str, Any]:
     """The rule's estimates, and the look-alike pair that held an "auto" threshold up with the rule without it."""
     r, limit = result.rule, result.rule.limit
-    held = {"set_by": None} if limit is None or limit.pair is None else {
+    held = {"set_by": None} if limit is None else {
         "set_by": [Path(result.paths[i]).name for i in limit.pair], "set_by_score": limit.score,
         "threshold_without": limit.threshold_without, "estimated_recall_without": limit.recall_without}
     return {"threshold": r.threshold, "estimated_precision": r.precision, "estimated_recall": r.recall,

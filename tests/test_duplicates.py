@@ -215,7 +215,6 @@ def test_the_rule_names_the_look_alike_that_held_it_up():
     assert rule.threshold == pytest.approx(0.8518, abs=1e-4) and limit.index == 299 and limit.pair == (7, 3)
     assert limit.score == pytest.approx(0.85) and limit.recall_without == pytest.approx(0.79)
     assert limit.threshold_without == pytest.approx(0.80 + 21 * 0.19 / 99, abs=1e-6)
-    assert copy_rule.limiting(rule, true, wrong, own).limit.pair is None  # no pairs given: nothing to name
     tied = np.array([0.6] * 297 + [0.84, 0.85, 0.85], np.float32)
     assert copy_rule.limiting(copy_rule.choose_rule(true, tied, own), true, tied, own, pairs).limit is None
     given = copy_rule.rule_at(0.9, true, wrong, own)

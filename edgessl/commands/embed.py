@@ -80,7 +80,7 @@ def duplicate_lines(result) -> list[str]:
         f"similar: {plural(len(found.similar), 'pair')} close in the embedding, not copies (for browsing) -> "
         f"{folder / 'similar.csv'}",
     ]
-    if rule.limit is not None and rule.limit.pair is not None:
+    if rule.limit is not None:
         lines.insert(1, limit_line(rule.limit, result.paths))
     if (folder / "keep.txt") in result.written:
         lines.append(f"keep: one image per group -> {folder / 'keep.txt'} (nothing was deleted)")

@@ -33,7 +33,7 @@ class Rule:
 @dataclass(frozen=True)
 class Limit:
     """The look-alike that held an "auto" threshold up: the highest wrong pair below it (index into `wrong`, its
-    score, and its two folder rows when the caller gave them), and the rule without that one pair (its threshold and
+    score, and its two folder rows), and the rule without that one pair (its threshold and
     recall; it reaches the target too, as every threshold that did still does): how much the threshold rests on one
     pair of images."""
 
@@ -41,7 +41,7 @@ class Limit:
     score: float
     threshold_without: float
     recall_without: float
-    pair: tuple[int, int] | None = None
+    pair: tuple[int, int]
 
 
 PREVALENCE = 0.03  # the share of a folder's images assumed to be copies when precision is estimated
@@ -91,8 +91,7 @@ def with_doubt(rule: Rule, true: np.ndarray, wrong: np.ndarray, doubtful: np.nda
     return replace(rule, precision_low=min(low, rule.precision), unsure=max(unsure, 0))
 
 
-def limiting(rule: Rule, true: np.ndarray, wrong: np.ndarray, own: np.ndarray,
-             pairs: np.ndarray | None = None) -> Rule:
+def limiting(rule: Rule, true: np.ndarray, wrong: np.ndarray, own: np.ndarray, pairs: np.ndarray) -> Rule:
     """The rule with its limit: the highest wrong score below an "auto" threshold, and the rule chosen again without
     it. With 400 planted copies, precision 0.95 and PREVALENCE 3 % leave no wrong pair above the threshold, so the
     threshold is the first observed score above that one look-alike, wherever the sample happened to meet it; the
@@ -106,7 +105,7 @@ def limiting(rule: Rule, true: np.ndarray, wrong: np.ndarray, own: np.ndarray,
     other = choose_rule(true, np.delete(wrong, i), own, rule.target)
     if other.threshold >= rule.threshold:  # the next observed score above the others is the threshold anyway
         return rule
-    pair = None if pairs is None else (int(pairs[i, 0]), int(pairs[i, 1]))
+    pair = (int(pairs[i, 0]), int(pairs[i, 1]))
     return replace(rule, limit=Limit(i, float(wrong[i]), other.threshold, other.recall, pair))
 
 

@@ -153,7 +153,7 @@ def write_rule(path: Path, paths: Sequence[str], rule) -> Path:
     record = {"threshold": rule.threshold, "chosen": rule.chosen, "target_precision": rule.target,
               "reached": rule.reached, "estimated_precision": rule.precision,
               "estimated_precision_low": rule.precision_low, "unsure": rule.unsure, "estimated_recall": rule.recall,
-              "planted": rule.planted, "set_by": None if limit is None or limit.pair is None else {
+              "planted": rule.planted, "set_by": None if limit is None else {
                   "copy_of": paths[limit.pair[0]], "matched": paths[limit.pair[1]], "score": limit.score,
                   "threshold_without": limit.threshold_without, "estimated_recall_without": limit.recall_without}}
     return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
@@ -176,7 +176,7 @@ def write_keep(path: Path, paths: Sequence[str], found, keep: str) -> Path:
 
 def duplicates_gallery(path: Path, paths: Sequence[str], found, rows: int = 8, limit=None) -> Path:
     """duplicates.png: the largest groups and the least certain ones (lowest copy score), a row each: the first
-    member framed, the others with their copy scores; with `limit` (copy_rule.Limit naming its pair), a last row:
+    member framed, the others with their copy scores; with `limit` (copy_rule.Limit), a last row:
     the look-alike pair that set the threshold, for a person to judge whether the two are one picture."""
     groups = group_members(found)
     by_size = sorted(groups, key=lambda g: (-len(groups[g]["members"]), g))
@@ -187,7 +187,7 @@ def duplicates_gallery(path: Path, paths: Sequence[str], found, rows: int = 8, l
     scores = [[groups[g]["score"][i] for i in o] for g, o in zip(chosen, others, strict=True)]
     names = [f"{groups[g]['kind']} {g}: {Path(paths[i]).name}" for g, i in zip(chosen, firsts, strict=True)]
     title = f"duplicate groups (copy score), {len(chosen)} of {len(groups)}"
-    if limit is not None and limit.pair is not None:
+    if limit is not None:
         firsts, others, scores = [*firsts, limit.pair[0]], [*others, [limit.pair[1]]], [*scores, [limit.score]]
         names.append(f"threshold: {Path(paths[limit.pair[0]]).name}")
         title += "\nlast row: the look-alike that set the threshold"
