@@ -298,7 +298,8 @@ def test_duplicates_suite(bench):
     assert 0 <= planted["estimated_precision"] <= 1 and planted["threshold"] > 0
     assert 0 <= planted["estimated_precision_low"] <= planted["estimated_precision"] and planted["unsure"] >= 0
     assert planted["set_by"] is None or (len(planted["set_by"]) == 2 and planted["threshold_without"] < planted[
-        "threshold"] and planted["set_by_score"] < planted["threshold"])  # the pair that held the threshold up
+        "threshold"] and planted["set_by_score"] < planted["threshold"]  # the pair that held the threshold up,
+        and planted["estimated_recall_without"] > planted["estimated_recall"])  # named only when it cost copies
     assert len(planted["missed"]) == round(planted["copies"] * (1 - planted["recall"]))  # each lost copy, with
     assert all({"copy", "crop_w", "scale", "quality", "score"} <= set(m) for m in planted["missed"])  # its draws
     assert scale["part"] == "scale" and scale["images"] == 36 and list(scale["plain_seconds"]) == ["embed"]

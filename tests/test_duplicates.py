@@ -221,6 +221,22 @@ def test_the_rule_names_the_look_alike_that_held_it_up():
     assert copy_rule.limiting(given, true, wrong, own, pairs).limit is None
 
 
+def test_a_look_alike_far_below_every_copy_is_not_named():
+    """The threshold can sit far above the highest look-alike (the lowest planted copy, 0.80, is the first observed
+    score above the wrong pair at 0.30): without that pair it would fall to 0.80 all the same or lower, with recall
+    1 either way, so there is nothing to gain by lowering it and limiting names no pair (a grey 60-image folder
+    printed "set by ... 0.200; without it the threshold would be 0.192 (recall 1.00)" under a threshold of 0.606)."""
+    true = np.linspace(0.80, 0.99, 100).astype(np.float32)
+    wrong = np.array([0.1] * 299 + [0.3], np.float32)
+    own = np.array([0.25], np.float32)
+    pairs = np.zeros((300, 2), np.int64)
+    rule = copy_rule.choose_rule(true, wrong, own)
+    assert rule.threshold == pytest.approx(0.80) and rule.recall == 1.0
+    without = copy_rule.choose_rule(true, wrong[:-1], own)
+    assert without.threshold == pytest.approx(0.25) and without.recall == 1.0  # lower, and finds nothing more
+    assert copy_rule.limiting(rule, true, wrong, own, pairs).limit is None
+
+
 def test_each_wrong_score_keeps_the_pair_it_came_from():
     """best_pair_per_row: the index of each row's best finite value, rows in order: the pairs of best_per_row's
     finite entries (calibrate's wrong scores and wrong_pairs)."""
