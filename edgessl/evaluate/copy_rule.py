@@ -96,17 +96,16 @@ def limiting(rule: Rule, true: np.ndarray, wrong: np.ndarray, own: np.ndarray, p
     it. With 400 planted copies, precision 0.95 and PREVALENCE 3 % leave no wrong pair above the threshold, so the
     threshold is the first observed score above that one look-alike, wherever the sample happened to meet it; the
     rule without it says how far the threshold would fall. pairs (Q, 2): each wrong score's folder rows (original,
-    other image), for the output to name the two images. A given threshold, one short of the target, or one that
-    does not fall without that pair, or falls without finding more planted copies (every copy already scores above
-    the look-alike, far below the threshold: a lower threshold would only add risk): the rule unchanged."""
+    other image), for the output to name the two images. A given threshold, one short of the target, or one whose
+    recall would not rise without that pair (it does not fall, or falls past no planted copy: every copy already
+    scores above the look-alike, far below the threshold, and a lower threshold would only add risk): the rule
+    unchanged."""
     below = np.flatnonzero(np.isfinite(wrong) & (wrong < rule.threshold))
     if rule.chosen != "auto" or not rule.reached or not len(below):
         return rule
     i = int(below[np.argmax(wrong[below])])
     other = choose_rule(true, np.delete(wrong, i), own, rule.target)
-    if other.threshold >= rule.threshold:  # the next observed score above the others is the threshold anyway
-        return rule
-    if other.recall <= rule.recall:  # nothing to gain by lowering it
+    if other.recall <= rule.recall:  # the threshold does not fall without the pair, or falls past no copy
         return rule
     pair = (int(pairs[i, 0]), int(pairs[i, 1]))
     return replace(rule, limit=Limit(i, float(wrong[i]), other.threshold, other.recall, pair))
