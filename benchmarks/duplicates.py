@@ -396,7 +396,7 @@ def spread_section(rows: list[dict[str, Any]]) -> list[str]:
            "among them score above the threshold (the threshold is the highest look-alike the sample met); 800 let "
            "one, but meet more of the folder's look-alikes. Set by: the look-alike pair that held the threshold up "
            "(a copy of the first image matched the second; the command prints it), and the threshold and estimated "
-           "recall without it (none: the threshold does not fall without it):\n",
+           "recall without it (none: without it the threshold would find no more copies):\n",
            "| folder | planted | seed | threshold | precision | recall | estimated precision / recall | "
            "calibration s | set by | without it |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -409,8 +409,8 @@ def spread_section(rows: list[dict[str, Any]]) -> list[str]:
 
 def set_by(r: dict[str, Any]) -> str:
     """A row's 'set by' and 'without it' cells: the look-alike pair with its score; the threshold and estimated
-    recall without it (rows from before the pair was recorded: blank; the threshold does not fall without it:
-    none)."""
+    recall without it (rows from before the pair was recorded: blank; without it the threshold would find no more
+    copies: none)."""
     if "set_by" not in r:
         return " | "
     if r["set_by"] is None:
