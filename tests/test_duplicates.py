@@ -233,8 +233,26 @@ def test_a_look_alike_far_below_every_copy_is_not_named():
     rule = copy_rule.choose_rule(true, wrong, own)
     assert rule.threshold == pytest.approx(0.80) and rule.recall == 1.0
     without = copy_rule.choose_rule(true, wrong[:-1], own)
-    assert without.threshold == pytest.approx(0.25) and without.recall == 1.0  # lower, and finds nothing more
+    assert without.threshold == pytest.approx(0.80) and without.recall == 1.0  # the same: never below every copy
     assert copy_rule.limiting(rule, true, wrong, own, pairs).limit is None
+
+
+def test_the_threshold_never_falls_below_every_planted_copy():
+    """A 40-image emoji folder (found as a new user would): its 40 planted copies scored 0.66..0.98, every look-alike
+    the calibration met below 0 (-4.8..-0.52), and the folder's own candidate pairs -1.39..-0.175. Every threshold
+    above -0.52 then has estimated precision 1 and recall 1, and the lowest of them, the folder's pair at -0.175 (a
+    globe and the Scorpio sign), became the threshold: one unrelated pair flagged as copies. Below the lowest planted
+    copy no threshold finds more copies, so the rule starts there: 0.66, the same estimates, no pair of the folder's
+    flagged. Copies never found (-inf) leave the floor to the others; with none found it does not apply."""
+    true = np.concatenate([np.linspace(0.66, 0.98, 39), [-np.inf]]).astype(np.float32)
+    wrong = np.linspace(-4.8, -0.52, 39).astype(np.float32)
+    own = np.array([-np.inf, -1.39, -0.85, -0.175], np.float32)
+    rule = copy_rule.choose_rule(true, wrong, own)
+    assert rule.threshold == pytest.approx(0.66) and rule.folder_pairs == 0
+    assert rule.reached and rule.precision == 1.0 and rule.recall == pytest.approx(39 / 40)
+    missed = np.full(10, -np.inf, np.float32)
+    fallback = copy_rule.choose_rule(missed, wrong, own)  # no copy found: the highest threshold of the best precision
+    assert not fallback.reached and fallback.threshold == 1.0 and fallback.folder_pairs == 0
 
 
 def test_each_wrong_score_keeps_the_pair_it_came_from():

@@ -65,16 +65,22 @@ def estimate(t: float, true: np.ndarray, wrong: np.ndarray, own: np.ndarray) -> 
 
 def choose_rule(true: np.ndarray, wrong: np.ndarray, own: np.ndarray, target: float = 0.95) -> Rule:
     """The lowest threshold (the highest recall) whose estimated precision reaches `target`; when none does, the
-    threshold of the best precision. Candidates: every score observed, and 1.0."""
+    highest threshold of the best precision and its recall (no more risk than the estimate needs). Candidates:
+    every score observed, and 1.0, but none below the lowest planted copy: a lower threshold finds no more of them
+    and only adds risk (in a small folder whose look-alikes all scored far below the copies, the folder's lowest
+    pair, at a negative score, had reached the target on no evidence and was flagged)."""
     values = np.concatenate([true, wrong, own, [1.0]]).astype(np.float64)
     candidates = np.unique(values[np.isfinite(values)])
+    found = true[np.isfinite(true)]
+    if len(found):
+        candidates = candidates[candidates >= min(float(found.min()), 1.0)]
     own = own[np.isfinite(own)]
     best = None
     for t in candidates:  # ascending: the first that reaches the target has the highest recall
         p, r, k = estimate(float(t), true, wrong, own)
         if p >= target and r > 0:
             return Rule(float(t), p, r, len(true), k, target, True, "auto")
-        if best is None or p > best.precision:
+        if best is None or p > best.precision or (p == best.precision and r == best.recall):  # the highest such t
             best = Rule(float(t), p, r, len(true), k, target, False, "auto")
     return best
 
