@@ -138,11 +138,17 @@ def preprocess(path: str | Path, pre: dict) -> np.ndarray:
 
 
 def scan(root: Path) -> list[Path]:
-    """Image files below root (recursive, hidden entries skipped, extensions Pillow knows), sorted."""
+    """Image files below root (recursive, hidden entries skipped, extensions Pillow knows), sorted; linked folders
+    followed, each real folder once (a loop adds nothing), as edgessl's scan_images."""
     Image.init()
     exts = {e.lower() for e in Image.registered_extensions()}
-    found = []
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in filenames
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]

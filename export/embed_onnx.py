@@ -56,6 +56,8 @@ def try_decode(path: Path, pre: dict):
 
 
 def _unreadable(path: Path, e: Exception):
+    if not os.path.exists(path):
+        return None, "broken link" if os.path.islink(path) else "missing (removed while reading?)"
     if os.path.getsize(path) == 0:
         return None, "empty file (0 bytes)"
     return None, f"unreadable: {str(e) or type(e).__name__}"

@@ -161,6 +161,28 @@ def test_scan_is_sorted_recursive_and_skips_hidden(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in scan_images(tmp_path)] == ["a.png", "z/deep/1.png"]
 
 
+def test_linked_folders_count_once_and_a_broken_link_is_skipped_with_its_reason(tmp_path):
+    """A link back up the tree (a loop) had repeated every image about 40 times, until the system refused the path;
+    a second link to a folder already seen, the same. Each real folder is scanned once, by pretraining and by the
+    device-side tools alike; a link to a file that is gone is listed as skipped, not a traceback."""
+    from edgessl.scripts import load_script
+
+    root = tmp_path / "d"
+    save(solid(10), root / "a.png")
+    save(solid(20), root / "sub" / "b.png")
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "sub2").symlink_to(root / "sub", target_is_directory=True)
+    (root / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    names = [p.relative_to(root).as_posix() for p in scan_images(root)]
+    assert names == ["a.png", "gone.png", "sub/b.png"]
+    assert [p.relative_to(root).as_posix() for p in load_script("device_check.py").scan(root)] == names
+    data = load_image_folder(root, 8, decode=Decode(cache_dir="none"))
+    assert [p.name for p in data.paths] == ["a.png", "b.png"]
+    assert [(p.name, why) for p, why in data.skipped] == [("gone.png", "broken link")]
+    pre = {"image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert load_script("embed_onnx.py").try_decode(root / "gone.png", pre) == (None, "broken link")
+
+
 def test_augmentation_depends_only_on_seed_epoch_index():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)

@@ -85,6 +85,8 @@ def _try_decode(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
     except PermissionError:
         return None, "permission denied"
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+        if not os.path.exists(path):
+            return None, "broken link" if os.path.islink(path) else "missing (removed while reading?)"
         if os.path.getsize(path) == 0:
             return None, "empty file (0 bytes)"
         return None, f"unreadable: {str(e) or type(e).__name__}"

@@ -31,7 +31,7 @@ def folder_signature(root: str | Path, paths: Sequence[Path]) -> dict[str, Any]:
     root = Path(os.path.abspath(os.path.expanduser(str(root))))  # links kept: a linked file is named as listed
     files = []
     for p in paths:
-        st = os.stat(p)  # the linked file's size and time
+        st = os.stat(p) if os.path.exists(p) else os.lstat(p)  # the linked file's size and time; a broken link's own
         files.append([Path(os.path.relpath(os.path.abspath(p), root)).as_posix(), st.st_size, int(st.st_mtime)])
     return {"version": SIGNATURE_VERSION, "root": str(root), "files": files, "sha256": files_hash(files)}
 
@@ -79,11 +79,18 @@ def check_folder(root: str | Path, what: str = "--data") -> Path:
 
 def scan_images(root: str | Path, what: str = "--data") -> list[Path]:
     """All files below `root` (recursively, hidden files and folders skipped) whose extension Pillow knows,
-    sorted by path so that row i of the memory bank is always the same image."""
+    sorted by path so that row i of the memory bank is always the same image. Linked folders are followed, each
+    real folder once: a link back up the tree (a loop) or a second link to a folder already seen adds nothing (a
+    loop had repeated every image ~40 times, until the system refused the path)."""
     root = check_folder(root, what)
     exts = image_extensions()
-    found = []
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:

@@ -74,7 +74,7 @@ def features_signature(root: Path, size: int) -> str:
     (relative path, bytes, mtime)."""
     h = hashlib.sha256(f"{root.resolve()}|{size}|v{CACHE_VERSION}".encode())
     for p in scan_images(root):
-        st = p.stat()
+        st = p.stat() if p.exists() else p.lstat()  # a broken link: its own (it is skipped when read)
         h.update(f"\n{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
