@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,8 @@ def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
         raise UserError(f"{what} '{path}' not found.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{what} '{path}' is not a text (YAML) file.") from None
     except yaml.YAMLError as e:
         raise UserError(f"{what} '{path}' is not valid YAML: {e}".splitlines()[0]) from None
     if not isinstance(data, dict):
@@ -234,7 +237,7 @@ def validate(cfg: PretrainConfig) -> None:
         setattr(cfg, name, auto_or_int(getattr(cfg, name), name))
     cfg.temperature = auto_or_float(cfg.temperature, "temperature")
     cfg.bank_lr = auto_or_float(cfg.bank_lr, "bank_lr")
-    positive = ["batch_size", "negatives", "feature_dim", "sd_temperature"]
+    positive = ["batch_size", "negatives", "feature_dim", "head_hidden", "sd_temperature"]
     positive += [name for name in ("epochs", "image_size", "temperature") if getattr(cfg, name) != "auto"]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -242,10 +245,23 @@ def validate(cfg: PretrainConfig) -> None:
     for name in ("bank_lr", "sd_weight", "cutmix", "lr", "weight_decay", "warmup_epochs", "blur"):
         if getattr(cfg, name) != "auto" and getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be zero or positive, not {getattr(cfg, name)}.")
-    if not 0 <= cfg.bank_momentum < 1:
-        raise UserError(f"--bank-momentum must be in [0, 1), not {cfg.bank_momentum}.")
+    check_ranges(cfg)
+    check_batch_memory(cfg.image_size, cfg.batch_size)
     if cfg.widths is not None:
         cfg.widths = ",".join(f"{w:g}" for w in parse_widths(cfg.widths))
+    check_groups(cfg)
+    cfg.logger = ",".join(parse_loggers(cfg.logger)) or "none"
+    validate_teacher(cfg)
+
+
+def check_ranges(cfg: PretrainConfig) -> None:
+    """UserError for a value outside its range: probabilities, fractions, momenta, minutes and counts."""
+    if not 0 <= cfg.blur <= 1:
+        raise UserError(f"--blur is a probability between 0 and 1, not {cfg.blur}.")
+    if cfg.sd_alpha < 0:
+        raise UserError(f"--sd-alpha must be zero (a uniform target) or positive, not {cfg.sd_alpha}.")
+    if not 0 <= cfg.bank_momentum < 1:
+        raise UserError(f"--bank-momentum must be in [0, 1), not {cfg.bank_momentum}.")
     if not 0 <= cfg.slow_start < 1:
         raise UserError(f"--slow-start must be in [0, 1) (a fraction of the epochs), not {cfg.slow_start}.")
     if not 0 <= cfg.width_distill <= 1:
@@ -257,9 +273,6 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError("--eval-every must be zero (off) or positive.")
     if cfg.monitor_queries < 0:
         raise UserError("--monitor-queries must be zero (all) or positive.")
-    check_groups(cfg)
-    cfg.logger = ",".join(parse_loggers(cfg.logger)) or "none"
-    validate_teacher(cfg)
 
 
 def auto_or_int(value: Any, name: str) -> int | str:
@@ -283,6 +296,27 @@ def auto_or_float(value: Any, name: str) -> float | str:
         return number
     except (TypeError, ValueError):
         raise UserError(f"--{name.replace('_', '-')} must be a number or auto, not '{value}'.") from None
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes, or None where the system does not say (e.g. Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_batch_memory(image_size: int | str, batch_size: int) -> None:
+    """UserError when one batch of crops (batch x 3 x size^2 float32) would not fit in this machine's RAM: a typo
+    such as --image-size 100000 had failed deep inside the decoding with a 240 GB allocation."""
+    ram = physical_memory()
+    if image_size == "auto" or ram is None:
+        return
+    need = batch_size * 3 * int(image_size) ** 2 * 4
+    if need > ram:
+        raise UserError(f"--image-size {image_size}: one batch of {batch_size} crops at {image_size} px takes "
+                        f"{need / 2**30:,.0f} GiB and this machine has {ram / 2**30:,.0f} GiB of RAM. Pass a "
+                        "smaller --image-size (or --batch-size).")
 
 
 def validate_teacher(cfg: PretrainConfig) -> None:

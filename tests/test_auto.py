@@ -2,6 +2,7 @@
 reasons, the resolved numbers in config.yaml and encoder.json, and explicit flags and recipes that override them."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,30 @@ def test_auto_and_numbers_parse_and_anything_else_is_one_line():
         resolve_config({"image_size": 0})
     recipe = resolve_config({}, recipe="mobilenetv3_small_64px")
     assert isinstance(recipe.image_size, int) and isinstance(recipe.epochs, int)  # recipes keep their numbers
+
+
+def test_out_of_range_values_are_one_line_errors(tmp_path, monkeypatch):
+    """Values that trained on silently (a blur probability of 2, a negative alpha, a head of 0 units) or failed deep
+    inside (a 240 GB allocation for --image-size 100000, a UnicodeDecodeError for a config that is not text)."""
+    from edgessl import config
+
+    cases = {"blur": (2, "--blur is a probability between 0 and 1, not 2."),
+             "sd_alpha": (-1, "--sd-alpha must be zero (a uniform target) or positive, not -1."),
+             "head_hidden": (0, "--head-hidden must be positive, not 0.")}
+    for name, (value, message) in cases.items():
+        with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
+            resolve_config({name: value})
+    monkeypatch.setattr(config, "physical_memory", lambda: 24 * 2**30)
+    assert resolve_config({"image_size": 1024}).image_size == 1024  # 128 crops: 1.5 GiB
+    with pytest.raises(UserError, match=r"^--image-size 100000: one batch of 128 crops at 100000 px takes "
+                                        r"14,305 GiB and this machine has 24 GiB of RAM\. Pass a smaller"):
+        resolve_config({"image_size": 100000})
+    monkeypatch.setattr(config, "physical_memory", lambda: None)  # not known: not checked
+    assert resolve_config({"image_size": 100000}).image_size == 100000
+    binary = tmp_path / "photo.png"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match=f"^Config '{re.escape(str(binary))}' is not a text \\(YAML\\) file\\.$"):
+        resolve_config({}, config=str(binary))
 
 
 def test_pretrain_on_photos_says_what_it_chose_and_records_the_numbers(tmp_path, capsys, monkeypatch):

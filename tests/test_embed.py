@@ -139,6 +139,7 @@ def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
          "error: --whiten must be a positive number of directions (e.g. 128), not 0."),
         (["--out", str(tmp_path / "e.npz"), "--whiten", "8"],
          "error: --whiten changes the --neighbours and --duplicates search: pass one of them too."),
+        (["--out", str(tmp_path / "e.npz"), "--batch-size", "0"], "error: --batch-size must be at least 1, not 0."),
     ]
     for extra, message in cases:
         res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), *extra])

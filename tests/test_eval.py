@@ -258,7 +258,12 @@ def test_eval_bad_input_is_one_line_exit_2(run_copy, labelled_demo, tmp_path):
     (empty / "nothing").mkdir()
     no_encoder = tmp_path / "not_a_run"
     no_encoder.mkdir()
+    one_class = tmp_path / "one_class"
+    shutil.copytree(train / "flags", one_class / "flags")
     cases = [
+        ([str(run_copy), "--train", str(one_class), "--test-fraction", "0.5"],
+         f"--train '{one_class}' has one class folder ('flags'): a classifier needs at least two classes, one "
+         "subfolder each."),
         ([str(run_copy), "--train", str(train), "--test", str(extra_test)],
          "--test has class folder(s) that --train lacks: 'zebras'. Both need the same class names."),
         ([str(run_copy), "--train", str(broken), "--test", str(test)],

@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -140,6 +141,13 @@ def test_refused_resume_changes_no_byte_and_a_plain_resume_still_works(cut, tmp_
     line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--feature-dim", "32"]))
     assert "its checkpoint does not fit the model these options build" in line
     assert folder_hash(run) == before
+    # the weights fit any size: another --image-size had trained on silently and recorded the new size for the run
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--image-size", "48"]))
+    assert line == (f"error: Cannot resume '{run}': it trains with --image-size 32 px, not 48 px: a run keeps its "
+                    f"input. Resume without that option, or start a new run from its weights: --init {run}.")
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--small-input", "off"]))
+    assert "it trains with --small-input auto, not off: a run keeps its input" in line  # auto: on at 32 px
+    assert folder_hash(run) == before
     res = runner.invoke(app, ["pretrain", "--resume", str(run), "--quiet"])
     assert res.exit_code == 0, res.output
     assert load_checkpoint(run)["epoch"] == 2
@@ -270,9 +278,29 @@ def test_resume_of_a_finished_run_says_so(finished, tmp_path):
     assert folder_hash(run) == before
     with pytest.raises(UserError, match="--resume continues a run and --overwrite starts a new one"):
         edgessl.pretrain(resume=str(run), overwrite=True)
+    ckpt = load_checkpoint(run)  # a run longer than --epochs: said so, not "all N epochs" of the smaller number
+    torch.save({**ckpt, "epoch": 3}, run / "checkpoint.pt")
+    res = runner.invoke(app, ["pretrain", "--resume", str(run), "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert (f"Nothing to resume: {run} has completed 3 epochs, more than --epochs 2 (a larger --epochs continues it) "
+            f"(encoder: {run / 'encoder.safetensors'})." in " ".join(res.output.split()))
 
 
 # ---------------------------------------------------------------- 6. smaller friction
+def test_a_place_it_cannot_write_is_one_line_not_a_traceback(images, tmp_path):
+    """An --out below a file (or on a read-only disk, or one it may not write) had ended in a Python traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = one_line_error(runner.invoke(app, ["pretrain", "--data", str(images), "--out", str(blocker / "run"),
+                                              "--batch-size", "8", "--image-size", "32"]))
+    assert line == (f"error: Not a directory: '{blocker / 'run'}'. edgessl could not write or read there: choose "
+                    "another --out (or --cache-dir for the decoded-image cache; none keeps no cache), or check the "
+                    "path and its permissions.")
+    with pytest.raises(UserError, match=r"^--cache-mb must be zero \(rows read from the disk cache\) or positive MiB, "
+                                        r"not -1\.$"):
+        edgessl.pretrain(data=str(images), out=str(tmp_path / "run"), epochs=1, cache_mb=-1, **TINY)
+
+
 def test_run_files_are_0644_and_classifier_too(finished, tmp_path):
     from edgessl.models.classifier import Classifier, save_classifier
 

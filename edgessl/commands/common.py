@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import os
@@ -61,8 +62,23 @@ def friendly(fn):
         except KeyboardInterrupt:
             _error("Interrupted.")
             raise typer.Exit(130) from None
+        except OSError as e:  # the machine's, not the code's: a read-only or full disk, a folder it may not write
+            if e.errno not in PLACE_ERRORS:
+                raise
+            _error(f"[red]error:[/red] {escape(place_error(e))}")
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+PLACE_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+
+
+def place_error(e: OSError) -> str:
+    """One line for an OSError about a place on disk (PLACE_ERRORS): what the system said, where, and what to do."""
+    where = f": '{e.filename}'" if e.filename else ""
+    return (f"{e.strerror or e}{where}. edgessl could not write or read there: choose another --out (or --cache-dir "
+            "for the decoded-image cache; none keeps no cache), or check the path and its permissions.")
 
 
 def _error(message: str) -> None:

@@ -172,6 +172,8 @@ def load_image_folder(
         )
     decode = decode or Decode()
     workers, cache_mb = resolve_workers(decode.workers), decode.cache_mb
+    if cache_mb < 0:
+        raise UserError(f"--cache-mb must be zero (rows read from the disk cache) or positive MiB, not {cache_mb:g}.")
     store = cache_folder(decode.cache_dir)
     if store is None:
         good, images, skipped = _decode_all(paths, size, workers, cache_mb, progress)

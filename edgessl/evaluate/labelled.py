@@ -183,6 +183,9 @@ def labelled_folders(train: str | Path, test: str | Path | None, test_fraction: 
     folders of --train (and --test, with the same class names)."""
     check_split_options(test, test_fraction)
     train_root, train_classes = class_folders(train, "--train")
+    if len(train_classes) < 2:  # one class: every prediction is right, and "100.0" would say nothing
+        raise UserError(f"--train '{train_root}' has one class folder ('{train_classes[0]}'): a classifier needs at "
+                        "least two classes, one subfolder each.")
     test_root = None
     if test is not None:
         test_root, test_classes = class_folders(test, "--test")

@@ -13,8 +13,9 @@ from rich.console import Console
 from edgessl.config import PretrainConfig, replace
 from edgessl.data.greyscale import choose_greyscale, training_augment
 from edgessl.demo import demo_images
-from edgessl.errors import Interrupted, Terminated
+from edgessl.errors import Interrupted, Terminated, UserError
 from edgessl.loggers import Loggers, check_installed, parse_loggers
+from edgessl.models.backbone import want_small_input
 from edgessl.rundir import absolute, plural
 from edgessl.runtime import StopRequest, pick_device, pick_precision, thread_governor, use_threads
 from edgessl.train import distributed
@@ -91,6 +92,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     # a wrong backbone fails before any data is read
     model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device, warner(console, d))
     run_dir, ckpt = target_dir(cfg, resume, overwrite, d)  # checks only
+    if ckpt is not None:
+        check_kept_settings(cfg, ckpt, run_dir)
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
         return _already_complete(cfg, run_dir, ckpt, console, d)
     quiet = cfg.quiet or not d.main
@@ -148,10 +151,31 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         raise interrupted(files, run_dir, isinstance(e, Terminated)) from None
 
 
+def check_kept_settings(cfg: PretrainConfig, ckpt: dict[str, Any], run_dir: Path) -> None:
+    """UserError when a resume changes the encoder's input: the image size or the stem (--small-input, as resolved).
+    The weights fit any size, so a changed --image-size had trained the last epochs at another size and recorded
+    that size for the whole run."""
+    was = ckpt.get("config", {})
+    size = was.get("image_size", "auto")
+    if size == "auto":  # not recorded: nothing to compare
+        return
+    changed = None
+    if int(size) != cfg.image_size:
+        changed = f"--image-size {size} px, not {cfg.image_size} px"
+    elif want_small_input(was.get("small_input", "auto"), int(size)) != want_small_input(cfg.small_input, int(size)):
+        changed = f"--small-input {was.get('small_input', 'auto')}, not {cfg.small_input}"
+    if changed:
+        raise UserError(f"Cannot resume '{run_dir}': it trains with {changed}: a run keeps its input. Resume without "
+                        f"that option, or start a new run from its weights: --init {run_dir}.")
+
+
 def _already_complete(cfg: PretrainConfig, run_dir: Path, ckpt: dict[str, Any], console: Console,
                       d: distributed.Dist) -> PretrainResult:
+    done = ckpt["epoch"]
+    what = (f"all {plural(done, 'epoch')}" if done == cfg.epochs else
+            f"{plural(done, 'epoch')}, more than --epochs {cfg.epochs} (a larger --epochs continues it)")
     if d.main:  # even with --quiet: it is the command's whole answer
-        console.print(f"Nothing to resume: {run_dir} has completed all {plural(cfg.epochs, 'epoch')} (encoder: "
+        console.print(f"Nothing to resume: {run_dir} has completed {what} (encoder: "
                       f"{run_dir / 'encoder.safetensors'}).", highlight=False)
     data = Path(cfg.data) if cfg.data else demo_images()
     return PretrainResult(run_dir, ckpt["history"], data=data, labelled=cfg.labels_from_folders or not cfg.data,

@@ -75,6 +75,8 @@ def duplicates_threshold(value: str | float | None) -> float | None:
 
 
 def check_options(opts: EmbedOptions) -> None:
+    if int(opts.batch_size) < 1:
+        raise UserError(f"--batch-size must be at least 1, not {opts.batch_size}.")
     if opts.neighbours is not None and int(opts.neighbours) < 1:
         raise UserError(f"--neighbours must be a positive number of neighbours, not {opts.neighbours}.")
     duplicates_threshold(opts.duplicates)
