@@ -476,6 +476,19 @@ def within(fig: dict, bounds: dict) -> list[str]:
     return missed
 
 
+def unchecked(entry: dict | None, reference: dict | None, manifest_path: Path) -> None:
+    """A warning on stderr when the outputs will not be checked: no manifest, or its reference file is missing (a
+    copy of the .onnx alone had passed with timings only and no word about it)."""
+    if entry is None:
+        why = f"no manifest (none at '{manifest_path}')"
+    elif reference is None and entry.get("reference"):
+        why = f"the reference file '{entry['reference']}' the manifest names is not beside it"
+    else:
+        return
+    print(f"warning: {why}: timings only, the outputs are not checked against the export's. Copy manifest.json "
+          "and the .reference.npz files beside the model.", file=sys.stderr)
+
+
 def load_reference(entry: dict, folder: Path) -> dict | None:
     name = entry.get("reference")
     if not name or not (folder / name).is_file():
@@ -655,6 +668,7 @@ def check(args) -> tuple[dict, int]:
     pre = entry["preprocess"] if entry else None
     logits = bool(entry and (entry.get("kind") == "classifier" or entry.get("classes")))
     reference = load_reference(entry, manifest_path.parent) if entry else None
+    unchecked(entry, reference, manifest_path)
     paths = image_files(args.images, args.max_images) if args.images is not None else None
 
     if paths is not None:

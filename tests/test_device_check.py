@@ -240,6 +240,22 @@ def test_bad_manifest_and_images(script, copy, tmp_path, capsys):
     assert "no readable image" in _error_line(capsys)
 
 
+def test_a_check_that_cannot_compare_outputs_says_so(script, copy, capsys):
+    """The .onnx copied without its reference file, or without the manifest: timings only, and a warning (it had
+    passed with exit 0 and no word that the outputs were never checked)."""
+    next(copy.glob("encoder.reference.npz")).unlink()
+    assert _main(script, copy / "encoder.onnx", "--runs", "2", "--warmup", "0", "--batch", "2") == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["warning: the reference file 'encoder.reference.npz' the manifest names is not beside it: timings "
+                   "only, the outputs are not checked against the export's. Copy manifest.json and the "
+                   ".reference.npz files beside the model."]
+    (copy / "manifest.json").unlink()
+    assert _main(script, copy / "encoder.onnx", "--runs", "2", "--warmup", "0", "--batch", "2") == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"warning: no manifest (none at '{copy / 'manifest.json'}'): timings only, the outputs are not "
+                   "checked against the export's. Copy manifest.json and the .reference.npz files beside the model."]
+
+
 @pytest.mark.slow
 def test_edgessl_check_command(exports, copy, tmp_path, capfd):
     from typer.testing import CliRunner

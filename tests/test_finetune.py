@@ -64,6 +64,11 @@ def test_finetune_outputs_and_classifier_reproduces_logits(run_copy, labelled_de
         assert torch.allclose(logits, result.model(x), atol=1e-5)
     top1 = float((logits.argmax(dim=1) == images.labels).float().mean())
     assert top1 == pytest.approx(metrics["top1"])
+    # the same fine-tuning again: the earlier one is kept aside (it had been overwritten), never lost
+    first = (out / "classifier.safetensors").read_bytes()
+    edgessl.finetune(run_copy, train, test, labels_per_class=3, epochs=1, batch_size=4, quiet=True)
+    kept = list(run_copy.glob("finetune-lpc3.old-*"))
+    assert len(kept) == 1 and (kept[0] / "classifier.safetensors").read_bytes() == first
 
 
 @pytest.mark.slow
@@ -119,6 +124,9 @@ def test_finetune_bad_input_is_one_line_exit_2(run_copy, labelled_demo, tmp_path
          "(a run directory of `edgessl pretrain`)."),
         ([str(run_copy), "--train", train, "--test", test, "--test-fraction", "0.2"],
          "Give either --test (a folder) or --test-fraction (split --train), not both."),
+        ([str(run_copy), "--train", train, "--test", test, "--labels-per-class", "3", "--out", str(run_copy)],
+         f"--out '{run_copy}' holds a run or an encoder (checkpoint.pt): choose another --out (fine-tuning writes "
+         "classifier.safetensors, metrics.json and confusion.png into its own folder)."),
     ]
     for args, message in cases:
         res = runner.invoke(app, ["finetune", *args, "--quiet"])

@@ -221,6 +221,20 @@ def test_slim_and_export_bad_widths_are_one_line_exit_2(slim_run, demo_run, tmp_
     # a slimmed folder is one width only
     folder = _slim(slim_run, tmp_path / "half")
     _one_line_error(runner.invoke(app, ["slim", str(folder), "--width", "0.5"]), f"'{folder}' holds a slimmed encoder")
+    # --out holding another run or encoder: refused (it had replaced another run's encoder without a word); the
+    # same width of the same run again refreshes it
+    other = Path(shutil.copytree(demo_run, tmp_path / "other"))
+    before = (other / "encoder.safetensors").read_bytes()
+    _one_line_error(runner.invoke(app, ["slim", str(slim_run), "--width", "0.5", "--out", str(other)]),
+                    f"--out '{other}' holds a run (checkpoint.pt)")
+    (other / "checkpoint.pt").unlink()
+    _one_line_error(runner.invoke(app, ["slim", str(slim_run), "--width", "0.5", "--out", str(other)]),
+                    f"--out '{other}' holds another encoder (encoder.json, encoder.safetensors), not this run's width "
+                    "0.5")
+    assert (other / "encoder.safetensors").read_bytes() == before
+    _one_line_error(runner.invoke(app, ["slim", str(slim_run), "--width", "1", "--out", str(folder)]),
+                    f"--out '{folder}' holds another encoder")
+    assert runner.invoke(app, ["slim", str(slim_run), "--width", "0.5", "--out", str(folder)]).exit_code == 0
 
 
 def test_slim_help_has_examples():
@@ -250,6 +264,10 @@ def test_prune_then_recover_writes_a_smaller_encoder_and_the_same_report(demo_ru
     assert all(list(e)[:5] == REPORT_KEYS for e in entries)
     assert entries[1]["params"] == n_small and entries[0]["params"] == n_full
     assert (out / "widths.png").is_file() and (out / "metrics.jsonl").is_file()
+    # a pruned run again: one line (its config.yaml builds the source architecture: it was a state-dict traceback)
+    _one_line_error(runner.invoke(app, ["prune", str(out), "--ratio", "0.5", "--out", str(tmp_path / "again")]),
+                    f"'{out}' is a pruned run (--ratio 0.5 of {demo_run}): prune the source run with a larger --ratio "
+                    "instead.")
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from edgessl.errors import UserError
 from edgessl.evaluate.finetune import (
     FinetuneResult,
     build_classifier,
@@ -20,6 +21,7 @@ from edgessl.loggers import run_loggers
 from edgessl.models.backbone import run_encoder_meta
 from edgessl.options import FinetuneOptions, takes_options
 from edgessl.report.say import Say
+from edgessl.rundir import move_aside
 from edgessl.runtime import between_batches, pick_device, thread_governor, use_threads
 
 
@@ -39,6 +41,9 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
     loggers = run_loggers(run_dir)  # the run's --logger (a missing package fails here, before any work)
     folders = labelled_folders(opts.train, opts.test, opts.test_fraction)
     check_labels_per_class([per_class], folders.file_labels, folders.train_classes)
+    tag = f"finetune-{finetune_tag(per_class, opts.freeze_backbone, opts.init)}"
+    out_dir = Path(opts.out) if opts.out else run_dir / tag
+    check_finetune_out(out_dir)
     cpu = use_threads(opts.threads)
     say(f"CPU: {cpu.describe()}")
     governor = thread_governor(cpu)  # --threads auto: the count follows the load between steps
@@ -51,8 +56,8 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
         f"| {'frozen backbone' if opts.freeze_backbone else 'full fine-tuning'} | {opts.epochs} epochs | {dev.type}")
     history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say,
                                            between_batches(governor, say))
-    tag = f"finetune-{finetune_tag(per_class, opts.freeze_backbone, opts.init)}"
-    out_dir = Path(opts.out) if opts.out else run_dir / tag
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # an earlier fine-tuning is kept, never overwritten
+        say(f"An earlier {out_dir.name} is kept as {move_aside(out_dir).name}.")
     metrics = write_finetune(model.cpu().eval(), data, opts, per_class, meta, run_dir, folders.train_root,
                              folders.test_root, out_dir, history, best_epoch, dev, t_start)
     loggers.log({f"{tag}/{k}": metrics[k] for k in ("top1", "balanced_accuracy", "macro_f1")},
@@ -65,3 +70,14 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
     say(f"Test top-1 {100 * metrics['top1']:.1f}%  balanced accuracy {100 * metrics['balanced_accuracy']:.1f}%  "
         f"macro F1 {100 * metrics['macro_f1']:.1f}%  (best epoch {best_epoch}/{len(history)}). Wrote {out_dir}.")
     return FinetuneResult(out_dir, metrics, model)
+
+
+def check_finetune_out(out: Path) -> None:
+    """UserError when --out is a file or holds a run or an encoder (a run's folder, not a fine-tuning's); an earlier
+    fine-tuning there is moved aside (<name>.old-<time>) once the new one is trained."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; pass a folder for the fine-tuned classifier.")
+    held = [name for name in ("checkpoint.pt", "encoder.safetensors") if (out / name).exists()]
+    if held:
+        raise UserError(f"--out '{out}' holds a run or an encoder ({held[0]}): choose another --out (fine-tuning "
+                        "writes classifier.safetensors, metrics.json and confusion.png into its own folder).")

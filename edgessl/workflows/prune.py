@@ -8,6 +8,7 @@ cross-entropy toward the unpruned encoder's distribution over the same bank colu
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -37,6 +38,11 @@ def load_run_encoder(run_dir: Path):
     """(config, Encoder with the run's last weights, checkpoint) of a pretraining run directory."""
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint.pt").is_file():
         raise UserError(f"'{run_dir}' is not a pretraining run directory (config.yaml and checkpoint.pt are needed).")
+    meta = json.loads((run_dir / "encoder.json").read_text()) if (run_dir / "encoder.json").is_file() else {}
+    if meta.get("pruned"):  # its config.yaml builds the source architecture, not the pruned one
+        raise UserError(f"'{run_dir}' is a pruned run (--ratio {meta.get('prune_ratio', '?')} of "
+                        f"{meta.get('source_run', 'its source run')}): prune the source run with a larger --ratio "
+                        "instead.")
     cfg = resolve(config=str(run_dir / "config.yaml"))
     ckpt = load_checkpoint(run_dir)
     encoder, _, _ = build_encoder(cfg)

@@ -3,6 +3,8 @@ with its size next to the full width's; and the table of a per-width report (pre
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,8 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from edgessl.models.backbone import load_encoder
+from edgessl.errors import UserError
+from edgessl.models.backbone import ENCODER_META, ENCODER_WEIGHTS, load_encoder
 from edgessl.models.prune import count_params_macs
 from edgessl.models.widths import build_slim, save_slim, width_folder
 from edgessl.options import SlimOptions, takes_options
@@ -32,7 +35,9 @@ def slim(run_dir: str | Path, opts: SlimOptions) -> SlimResult:
     """Write the run's width-`width` sub-network into `out` (default <run_dir>/width-<w>/) and measure both sizes
     (options: edgessl.options.SlimOptions, `edgessl slim`'s flags)."""
     model, meta = build_slim(run_dir, opts.width)
-    folder = save_slim(model, meta, run_dir, opts.out if opts.out is not None else width_folder(run_dir, meta["width"]))
+    out = Path(opts.out) if opts.out is not None else width_folder(run_dir, meta["width"])
+    check_slim_out(out, Path(run_dir), meta["width"])
+    folder = save_slim(model, meta, run_dir, out)
     size = int(meta["image_size"])
     example = torch.zeros(1, 3, size, size)
     full = load_encoder(run_dir)
@@ -40,6 +45,26 @@ def slim(run_dir: str | Path, opts: SlimOptions) -> SlimResult:
             (f"width {meta['width']:g}", model, meta["feature_dim"])]
     return SlimResult(Path(folder), meta["width"], size,
                       [(name, *count_params_macs(m, example), dim) for name, m, dim in rows])
+
+
+def check_slim_out(out: Path, run_dir: Path, width: float) -> None:
+    """UserError when --out holds something slim would replace that is not this run's own width-`width` encoder
+    (an earlier slim of it is refreshed): a run (checkpoint.pt), or another encoder. It had replaced another run's
+    encoder.safetensors, encoder.json and config.yaml without a word. The run's own folder: save_slim refuses it."""
+    if out.resolve() == run_dir.resolve():
+        return
+    if (out / "checkpoint.pt").exists():
+        raise UserError(f"--out '{out}' holds a run (checkpoint.pt): slim writes encoder.safetensors, encoder.json "
+                        "and config.yaml there. Choose another --out (an empty or new folder).")
+    if not (out / ENCODER_META).exists() and not (out / ENCODER_WEIGHTS).exists():
+        return
+    try:
+        meta = json.loads((out / ENCODER_META).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("source_run") != str(run_dir.resolve()) or not math.isclose(float(meta.get("width", -1)), width):
+        raise UserError(f"--out '{out}' holds another encoder (encoder.json, encoder.safetensors), not this run's "
+                        f"width {width:g}: choose another --out (an empty or new folder).")
 
 
 def widths_table(entries: list[dict[str, Any]]) -> Table:
