@@ -136,8 +136,10 @@ def main(argv=None) -> int:
     try:
         if args.out.suffix != ".npz":
             raise dc.CheckError(f"--out must end in .npz, not '{args.out.name}'.")
+        if args.batch < 1 or (args.threads is not None and args.threads < 1):  # as device_check.py
+            raise dc.CheckError(f"--batch and --threads must be positive, not {args.batch} and {args.threads}.")
         sess, entry = open_model(args.model, args.manifest, args.threads)
-        paths, emb, skipped = embed_folder(sess, entry["preprocess"], args.data, max(1, args.batch))
+        paths, emb, skipped = embed_folder(sess, entry["preprocess"], args.data, args.batch)
     except dc.CheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -178,6 +178,17 @@ def test_onnx_route_lists_unreadable_files_with_pretrainings_reasons(tmp_path):
     assert script.try_decode(tmp_path / "empty.png", pre) == (None, "empty file (0 bytes)")
 
 
+def test_onnx_route_refuses_a_batch_or_thread_count_below_one(tmp_path, capsys):
+    """embed_onnx.py had accepted --threads 0 / -1 and --batch 0 (device_check.py refuses them): one line, exit 2,
+    before any model is opened."""
+    script = load_script("embed_onnx.py")
+    for flags in (["--batch", "0"], ["--threads", "0"], ["--threads", "-1"]):
+        code = script.main([str(tmp_path / "m.onnx"), "--data", str(tmp_path), "--out", str(tmp_path / "e.npz"),
+                            *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: --batch and --threads must be positive")
+
+
 def _with_bad_file(src, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(src, data)
