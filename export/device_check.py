@@ -341,7 +341,27 @@ def check_input(sess, entry: dict, model: Path) -> list[int]:
             f"{model.name} does not match the manifest: input {inp.name} {list(inp.shape)} != "
             f"{want['name']} {list(want['shape'])}."
         )
+    check_preprocess(entry.get("preprocess"), got_shape[1:], model)
     return got_shape[1:]
+
+
+def check_preprocess(pre, chw: list, model: Path) -> None:
+    """CheckError when the manifest's preprocess cannot feed this model: an image size other than its input's, or a
+    mean/std that is not one positive number per channel (an edited manifest had ended in an onnxruntime traceback
+    or, with std 0, in embeddings of inf and NaN)."""
+    if not isinstance(pre, dict):
+        raise CheckError(f"the manifest entry of {model.name} has no 'preprocess' mapping.")
+    size = pre.get("image_size")
+    if any(isinstance(d, int) and d != size for d in chw[1:]):
+        raise CheckError(f"{model.name} does not match the manifest: its input is {chw[1:]} pixels, the manifest's "
+                         f"preprocess.image_size {size!r}.")
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        ok = isinstance(values, list) and len(values) == (chw[0] if isinstance(chw[0], int) else len(values))
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not ok or (key == "std" and min(values) <= 0):
+            raise CheckError(f"the manifest's preprocess.{key} {values!r} is not one {'positive ' * (key == 'std')}"
+                             f"number per input channel of {model.name}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

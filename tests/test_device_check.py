@@ -211,6 +211,24 @@ def test_input_shape_mismatch(script, copy, capsys):
     assert "does not match the manifest: input" in line and "48" in line
 
 
+def test_a_preprocess_that_cannot_feed_the_model_is_one_line(script, copy, capsys):
+    """An edited manifest: another image size had ended in an onnxruntime traceback (exit 1), a mean that is not
+    numbers in a ValueError, a std of 0 in inf/NaN embeddings written without a word. Now exit 2, one line."""
+    size = json.loads((copy / "manifest.json").read_text())["models"][0]["preprocess"]["image_size"]
+    cases = [("image_size", 2 * size, f"encoder.onnx does not match the manifest: its input is [{size}, {size}] "
+                                      f"pixels, the manifest's preprocess.image_size {2 * size}."),
+             ("mean", "abc", "the manifest's preprocess.mean 'abc' is not one number per input channel of "
+                             "encoder.onnx."),
+             ("std", [0, 0, 0], "the manifest's preprocess.std [0, 0, 0] is not one positive number per input "
+                                "channel of encoder.onnx.")]
+    for key, value, message in cases:
+        original = (copy / "manifest.json").read_text()
+        _edit_manifest(copy, lambda d, k=key, v=value: [e["preprocess"].__setitem__(k, v) for e in d["models"]])
+        assert _main(script, copy / "encoder.onnx", "--runs", "2", "--warmup", "0") == 2
+        assert _error_line(capsys) == f"error: {message}"
+        (copy / "manifest.json").write_text(original)
+
+
 @pytest.mark.slow
 def test_model_not_listed_or_unloadable(script, copy, capsys):
     shutil.copy(copy / "encoder.onnx", copy / "other.onnx")
