@@ -162,6 +162,21 @@ def test_stratified_split_counts_and_disjointness():
     assert torch.equal(kept, k2) and torch.equal(held, h2)
 
 
+def test_a_split_names_the_classes_it_cannot_test():
+    """--test-fraction holds out round(fraction * n), at least 1 and at most n - 1, of each class: a class of one
+    image is kept for training and never tested; the note names it (eval and finetune had scored on the other
+    classes without a word)."""
+    from edgessl.evaluate.labelled import split_folder, untested_note
+
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 2, 3])
+    split = split_folder(labels, 0.3, 0)
+    assert split.untested == [1, 3] and set(labels[split.test_idx].tolist()) == {0, 2}
+    assert untested_note(split, ["a", "b", "c", "d"]) == ("note: 2 class(es) have a single image, kept for training, "
+                                                         "so none of them is tested: b, d. Add images to them, or "
+                                                         "pass a --test folder.")
+    assert untested_note(split_folder(torch.tensor([0, 0, 1, 1]), 0.5, 0), ["a", "b"]) is None
+
+
 def test_parse_labels_per_class():
     assert parse_labels_per_class("1,5,10,all") == [1, 5, 10, None]
     assert parse_labels_per_class(" 10, 5,5 ,ALL") == [5, 10, None]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -151,6 +151,7 @@ class Split:
     test_idx: Tensor  # (N_test,) long
     fraction: float
     seed: int
+    untested: list[int] = field(default_factory=list)  # classes of one image: kept for training, none tested
 
     def describe(self) -> dict:
         return {"test_fraction": self.fraction, "seed": self.seed, "n_train": len(self.train_idx),
@@ -165,7 +166,18 @@ def split_folder(labels: Tensor, fraction: float, seed: int) -> Split:
         raise UserError(
             f"--test-fraction {fraction} leaves no test image: every class needs at least 2 images to be split."
         )
-    return Split(train_idx, test_idx, fraction, seed)
+    untested = [c for c, n in enumerate(torch.bincount(labels).tolist()) if n == 1]
+    return Split(train_idx, test_idx, fraction, seed, untested)
+
+
+def untested_note(split: Split | None, classes: list[str]) -> str | None:
+    """The note eval and finetune print when --test-fraction left classes without a test image (one image each):
+    the scores then say nothing about them."""
+    if split is None or not split.untested:
+        return None
+    names = ", ".join(classes[c] for c in split.untested[:5]) + (", ..." if len(split.untested) > 5 else "")
+    return (f"note: {len(split.untested)} class(es) have a single image, kept for training, so none of them is "
+            f"tested: {names}. Add images to them, or pass a --test folder.")
 
 
 @dataclass

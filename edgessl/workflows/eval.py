@@ -25,6 +25,7 @@ from edgessl.evaluate.labelled import (
     map_test_labels,
     parse_labels_per_class,
     split_folder,
+    untested_note,
 )
 from edgessl.evaluate.linear import L2_GRID, MAX_FOLDS
 from edgessl.evaluate.protocol import (
@@ -161,6 +162,8 @@ def _train_test_features(args: _Arguments, specs: Sequence[EncoderSpec], opts: E
         remap = map_test_labels(train_feats["pretrained"].classes, test_feats["pretrained"].classes)
         return _TrainTest(train_feats, test_feats, remap, None)
     split = split_folder(train_feats["pretrained"].labels, float(opts.test_fraction), opts.split_seed)
+    if note := untested_note(split, f.train_classes):
+        say(note)
     test_feats = {name: fs.subset(split.test_idx) for name, fs in train_feats.items()}
     train_feats = {name: fs.subset(split.train_idx) for name, fs in train_feats.items()}
     return _TrainTest(train_feats, test_feats, torch.arange(len(f.train_classes)), split)

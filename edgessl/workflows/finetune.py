@@ -16,7 +16,7 @@ from edgessl.evaluate.finetune import (
     train_classifier,
     write_finetune,
 )
-from edgessl.evaluate.labelled import check_labels_per_class, labelled_folders, lpc_name
+from edgessl.evaluate.labelled import check_labels_per_class, labelled_folders, lpc_name, untested_note
 from edgessl.loggers import run_loggers
 from edgessl.models.backbone import run_encoder_meta
 from edgessl.options import FinetuneOptions, takes_options
@@ -49,6 +49,8 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
     governor = thread_governor(cpu)  # --threads auto: the count follows the load between steps
     dev = pick_device(opts.device)
     data = finetune_data(folders.train_root, folders.test_root, per_class, opts, int(meta["image_size"]))
+    if note := untested_note(data.split, data.classes):
+        say(note)
     model = build_classifier(run_dir, meta, len(data.classes), opts, dev, say)
     say(f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {len(data.classes)} classes | "
         f"{len(data.fit_idx)} training + {len(data.val_idx)} held-out labelled images "
