@@ -31,9 +31,14 @@ def folder_signature(root: str | Path, paths: Sequence[Path]) -> dict[str, Any]:
     root = Path(os.path.abspath(os.path.expanduser(str(root))))  # links kept: a linked file is named as listed
     files = []
     for p in paths:
-        st = os.stat(p) if os.path.exists(p) else os.lstat(p)  # the linked file's size and time; a broken link's own
+        st = listed_stat(p)
         files.append([Path(os.path.relpath(os.path.abspath(p), root)).as_posix(), st.st_size, int(st.st_mtime)])
     return {"version": SIGNATURE_VERSION, "root": str(root), "files": files, "sha256": files_hash(files)}
+
+
+def listed_stat(path: str | Path) -> os.stat_result:
+    """A listed file's stat: a linked file's size and time, a broken link's own (it is skipped when read)."""
+    return os.stat(path) if os.path.exists(path) else os.lstat(path)
 
 
 def files_hash(files: Sequence[Sequence[Any]]) -> str:

@@ -30,7 +30,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from edgessl.data.signature import scan_images
+from edgessl.data.signature import listed_stat, scan_images
 from edgessl.evaluate.features import extract_features
 from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict_many
 from edgessl.evaluate.labelled import (
@@ -74,7 +74,7 @@ def features_signature(root: Path, size: int) -> str:
     (relative path, bytes, mtime)."""
     h = hashlib.sha256(f"{root.resolve()}|{size}|v{CACHE_VERSION}".encode())
     for p in scan_images(root):
-        st = p.stat() if p.exists() else p.lstat()  # a broken link: its own (it is skipped when read)
+        st = listed_stat(p)
         h.update(f"\n{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
 

@@ -18,10 +18,10 @@ from edgessl.evaluate.finetune import (
 )
 from edgessl.evaluate.labelled import check_labels_per_class, labelled_folders, lpc_name, untested_note
 from edgessl.loggers import run_loggers
-from edgessl.models.backbone import run_encoder_meta
+from edgessl.models.backbone import ENCODER_WEIGHTS, run_encoder_meta
 from edgessl.options import FinetuneOptions, takes_options
 from edgessl.report.say import Say
-from edgessl.rundir import move_aside
+from edgessl.rundir import CHECKPOINT, move_aside
 from edgessl.runtime import between_batches, pick_device, thread_governor, use_threads
 
 
@@ -79,7 +79,7 @@ def check_finetune_out(out: Path) -> None:
     fine-tuning there is moved aside (<name>.old-<time>) once the new one is trained."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; pass a folder for the fine-tuned classifier.")
-    held = [name for name in ("checkpoint.pt", "encoder.safetensors") if (out / name).exists()]
+    held = [name for name in (CHECKPOINT, ENCODER_WEIGHTS) if (out / name).exists()]
     if held:
         raise UserError(f"--out '{out}' holds a run or an encoder ({held[0]}): choose another --out (fine-tuning "
                         "writes classifier.safetensors, metrics.json and confusion.png into its own folder).")

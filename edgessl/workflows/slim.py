@@ -17,6 +17,7 @@ from edgessl.models.backbone import ENCODER_META, ENCODER_WEIGHTS, load_encoder
 from edgessl.models.prune import count_params_macs
 from edgessl.models.widths import build_slim, save_slim, width_folder
 from edgessl.options import SlimOptions, takes_options
+from edgessl.rundir import CHECKPOINT
 
 
 @dataclass
@@ -53,7 +54,7 @@ def check_slim_out(out: Path, run_dir: Path, width: float) -> None:
     encoder.safetensors, encoder.json and config.yaml without a word. The run's own folder: save_slim refuses it."""
     if out.resolve() == run_dir.resolve():
         return
-    if (out / "checkpoint.pt").exists():
+    if (out / CHECKPOINT).exists():
         raise UserError(f"--out '{out}' holds a run (checkpoint.pt): slim writes encoder.safetensors, encoder.json "
                         "and config.yaml there. Choose another --out (an empty or new folder).")
     if not (out / ENCODER_META).exists() and not (out / ENCODER_WEIGHTS).exists():
