@@ -1,13 +1,13 @@
 """Duplicates suite: does `edgessl embed --duplicates auto` find planted copies, in folders it was never tuned on?
-`python -m benchmarks.run duplicates [--tiny] [--only 30|scale|twemoji]` (about an hour on 2 cores; --epochs is not
+`python -m benchmarks.run duplicates [--tiny] [--only 30|scale|twemoji]` (about 70 minutes on 2 cores; --epochs is not
 used: the suite trains for EPOCHS and runs the scale part, or only the lengths, folders and parts --only names,
 keeping the other rows from the earlier run).
 
-Folders: the emoji training images (1,529, 64 px), NEU-DET's steel scans (1,440, 64 px), a 2,000-image CIFAR-10
-subset (32 px) and Twemoji's training split (1,529 of another vendor's emoji, 64 px, fetched once from the npm
-registry: benchmarks.datasets.twemoji). mobilenetv3_small is pretrained on each clean folder for 10 and for 30
-epochs (a third of the default, and the default: the encoder only proposes the candidate pairs, the pixel copy score
-decides). Then, with the one
+Folders: the emoji training images (1,529, 64 px), NEU-DET's steel scans (1,440, 64 px), CIFAR-10 subsets of 2,000
+and of 5,000 images (32 px; the 5,000 are the scale part's) and Twemoji's training split (1,529 of another
+vendor's emoji, 64 px, fetched once from the npm registry: benchmarks.datasets.twemoji). mobilenetv3_small is
+pretrained on each clean folder for 10 and for 30 epochs (a third of the default, and the default: the encoder only
+proposes the candidate pairs, the pixel copy score decides). Then, with the one
 default (`--duplicates auto`, no other flag):
 - clean: the folder as it is: how many images are flagged (the pairs are listed: real copies in the source data,
   such as emoji that render the same picture, count as found, not as errors);
@@ -38,7 +38,8 @@ EPOCHS = (10, 30)  # the encoders' lengths: a third of the default 30, and the d
 PLANTS = ((1, None), (3, "blur"), (2, None), (4, "blur"))  # (seed, held-out transformation); --tiny: the first
 COPIES = 50
 PLANTED = EmbedOptions.__dataclass_fields__["planted"].default  # the calibration's planted copies: the default
-DATASETS = ("emoji", "neu-det", "cifar10-2k", "twemoji")  # twemoji: fetched from the npm registry, never in --tiny
+# twemoji: fetched from the npm registry, never in --tiny
+DATASETS = ("emoji", "neu-det", "cifar10-2k", "cifar10-5k", "twemoji")
 
 
 def folders(tiny: bool, names: tuple[str, ...] = DATASETS) -> dict[str, tuple[Path, int]]:
@@ -49,6 +50,7 @@ def folders(tiny: bool, names: tuple[str, ...] = DATASETS) -> dict[str, tuple[Pa
         return {"emoji": (stratified_subset(emoji()[0], 4, 0, "emoji-train-tiny"), 32)}
     make = {"emoji": lambda: (emoji()[0], 64), "neu-det": lambda: (neu_det()[0], 64),
             "cifar10-2k": lambda: (stratified_subset(cifar10()[0], 200, 0, "cifar10-train-200pc-s0"), 32),
+            "cifar10-5k": lambda: (stratified_subset(cifar10()[0], 500, 0, "cifar10-train-500pc-s0"), 32),
             "twemoji": lambda: (twemoji()[0], 64)}
     return {name: make[name]() for name in names}
 
@@ -177,8 +179,9 @@ def one_encoder(name: str, src: Path, size: int, epochs: int, work: Path, tiny: 
     load = os.getloadavg()[0]
     res = edgessl.embed(run.run_dir, str(src), str(work / f"clean-{name}-{epochs}" / "e.npz"), duplicates="auto",
                         planted=planted)
+    repeated = len({Path(p).name for p in res.paths}) < len(res.paths)  # CIFAR-10: 0001.jpg in every class folder
     rows.append({"data": name, "epochs": epochs, "sample": "clean", "load_average_1min": load, **rule_record(res),
-                 **flagged(res)})
+                 **flagged(res, src if repeated else None)})
     for seed, held in PLANTS[:1] if tiny else PLANTS:
         data = work / f"planted-{name}-{seed}"
         if not data.exists():

@@ -213,7 +213,7 @@ def test_duplicates_suite_reruns_one_encoder_length_and_keeps_the_others():
     assert encoder_lengths(only_scale) == () and with_scale(only_scale)
     assert encoder_lengths(SimpleNamespace(tiny=True, only=["30"])) == (1,)
     with pytest.raises(SystemExit, match=r"--only takes encoder epochs such as 10,30, scale, spread and folders "
-                                         r"\(emoji, neu-det, cifar10-2k, twemoji\), not sizes"):
+                                         r"\(emoji, neu-det, cifar10-2k, cifar10-5k, twemoji\), not sizes"):
         encoder_lengths(SimpleNamespace(tiny=False, only=["sizes"]))
     one = SimpleNamespace(tiny=False, only=["twemoji"])  # a folder alone: both lengths, that folder, no scale
     assert encoder_lengths(one) == EPOCHS and chosen_folders(one) == ("twemoji",) and not with_scale(one)
