@@ -278,6 +278,8 @@ def test_prune_taylor_and_bad_options(demo_run, tmp_path):
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "1.0"]), "--ratio must be in (0, 1)")
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.5", "--criterion", "random"]),
                     "--criterion must be magnitude or taylor")
+    _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.5", "--epochs", "0"]),
+                    "--epochs must be positive, not 0 (leave it out for a quarter of the run's epochs).")
     _one_line_error(runner.invoke(app, ["prune", str(tmp_path), "--ratio", "0.5"]),
                     f"'{tmp_path}' is not a pretraining run")
 

@@ -68,6 +68,8 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
         raise UserError(f"--ratio must be in (0, 1) (the fraction of channels removed), not {ratio:g}.")
     if not 0 <= distill <= 1:
         raise UserError(f"--distill must be in [0, 1], not {distill:g}.")
+    if epochs is not None and epochs <= 0:  # 0 is not "the default length"
+        raise UserError(f"--epochs must be positive, not {epochs} (leave it out for a quarter of the run's epochs).")
     cfg, teacher, ckpt = load_run_encoder(run_dir)
     out = Path(out or run_dir / f"pruned-{ratio:g}")
     check_out(out, overwrite)  # before the pruning, not after it
@@ -90,11 +92,9 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
     counts = prune_by_importance(student, example, ratio, criterion, keep_outputs=[last_layer(student.head)],
                                  taylor_batch=taylor_batch)
     backbone_counts = {k[len("backbone."):]: v for k, v in counts.items() if k.startswith("backbone.")}
-    rcfg = replace(cfg, epochs=epochs or max(1, round(cfg.epochs / 4)), widths=None,
+    rcfg = replace(cfg, epochs=max(1, round(cfg.epochs / 4)) if epochs is None else epochs, widths=None,
                    out=str(out), quiet=quiet or cfg.quiet,
                    seed=cfg.seed if seed is None else seed)
-    if rcfg.epochs <= 0:
-        raise UserError(f"--epochs must be positive, not {rcfg.epochs}.")
     meta = {"pruned": backbone_counts, "prune_ratio": ratio, "criterion": criterion, "source_run": str(run_dir)}
     warm = WarmStart(student, meta=meta, teacher=teacher, bank=bank, distill=distill)
     result = pretrain(rcfg, console=console, warm=warm, overwrite=overwrite, evaluation=standard_evaluation())
