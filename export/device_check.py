@@ -268,6 +268,9 @@ def manifest_entry(model: Path, manifest: dict, manifest_path: Path) -> dict:
                          f"(it lists{' ' + kind if kind else ''}: {', '.join(listed) or 'none'}).")
     expected = _ort_file(entry).get("sha256") if is_ort(model) else entry.get("sha256")
     digest = sha256(model)
+    if not expected:
+        raise CheckError(f"Manifest '{manifest_path}' gives no sha256 for {model.name}, so it cannot tell whether "
+                         f"this is the file it describes: export again (this file's sha256 is {digest}).")
     if digest != expected:
         raise CheckError(
             f"{model.name} does not match manifest '{manifest_path}': "

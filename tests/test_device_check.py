@@ -200,6 +200,16 @@ def test_sha256_mismatch(script, copy, capsys):
 
 
 @pytest.mark.slow
+def test_manifest_entry_without_sha256(script, copy, capsys):
+    _edit_manifest(copy, lambda m: next(e for e in m["models"] if e["file"] == "encoder.onnx").pop("sha256"))
+    assert _main(script, copy / "encoder.onnx", "--manifest", copy / "manifest.json") == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: Manifest '{copy / 'manifest.json'}' gives no sha256 for encoder.onnx, so it "
+                           "cannot tell whether this is the file it describes: export again (this file's sha256 is ")
+    assert "None" not in line
+
+
+@pytest.mark.slow
 def test_input_shape_mismatch(script, copy, capsys):
     def change(data):
         for entry in data["models"]:

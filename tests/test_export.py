@@ -20,6 +20,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from edgessl.deploy import manifest as mf  # noqa: E402
 from edgessl.deploy import onnx as ox  # noqa: E402
+from edgessl.errors import UserError  # noqa: E402
 from edgessl.fileio import sha256_file  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # what pretraining writes into encoder.json
@@ -322,6 +323,9 @@ def test_error_opset_onnx_cannot_write(exports):
     _one_line_error(_cli("export", str(exports["run"]), "--opset", str(ox.max_opset() + 1)), 2,
                     "cannot be written by the installed onnx")
     _one_line_error(_cli("export", str(exports["run"]), "--opset", "3"), 2, "--opset 3")
+    _one_line_error(_cli("export", str(exports["run"]), "--int8", "--opset", "12"), 2,
+                    "--int8 needs --opset 13 or higher (per-channel int8: DequantizeLinear's axis), not 12; "
+                    "leave --opset out for 18.")
 
 
 @pytest.mark.slow
@@ -379,3 +383,28 @@ def test_torchscript_fallback_end_to_end(exports, tmp_path, monkeypatch):
     _one_line_error(_cli("export", str(exports["run"]), "--out", str(failing)),
                     3, "does not match PyTorch", "min_cosine")
     assert not (failing / "encoder.onnx").exists()
+
+
+def test_an_export_folder_of_another_run_is_not_replaced(tmp_path):
+    from edgessl.workflows.export import check_not_another_export
+
+    ours = {"run": "/runs/b", "classifier": None}
+    check_not_another_export(tmp_path / "none", ours)  # no folder yet
+    earlier = {"models": [], "source": {"run": "/runs/a", "classifier": None}}
+    (tmp_path / "manifest.json").write_text(json.dumps(earlier))
+    with pytest.raises(UserError) as e:
+        check_not_another_export(tmp_path, ours)
+    assert str(e.value) == (f"--out '{tmp_path}' holds the export of another run (/runs/a): exporting here would "
+                            "replace its files; choose another --out, or remove that folder first.")
+    check_not_another_export(tmp_path, {"run": "/runs/a", "classifier": None})  # the same run: refreshed
+    check_not_another_export(tmp_path, {"run": "/runs/a", "classifier": "/runs/a/finetune-x"})  # and its classifier
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": []}))  # an older manifest: no source to compare
+    check_not_another_export(tmp_path, ours)
+
+
+@pytest.mark.slow
+def test_export_refuses_the_out_folder_of_another_run(exports, demo_run):
+    before = (exports["export"] / "manifest.json").read_bytes()
+    _one_line_error(_cli("export", str(demo_run), "--out", str(exports["export"])), 2,
+                    f"--out '{exports['export']}' holds the export of another run ({exports['run'].resolve()})")
+    assert (exports["export"] / "manifest.json").read_bytes() == before

@@ -20,6 +20,7 @@ from edgessl.scripts import device_check_module
 DYNAMO = "torch.export (torch.onnx.export dynamo=True)"
 TORCHSCRIPT = "TorchScript (torch.onnx.export dynamo=False)"
 MIN_OPSET = 9
+INT8_MIN_OPSET = 13  # int8 is per-channel QDQ: DequantizeLinear's `axis` came in opset 13
 EXPORTER_ENV = "EDGESSL_ONNX_EXPORTER"  # which exporter is tried first: dynamo (unset: the default) or torchscript
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -58,8 +59,8 @@ def max_opset() -> int:
     return int(onnx.defs.onnx_opset_version())
 
 
-def check_opset(opset: int) -> None:
-    """UserError when the installed onnx cannot write this opset."""
+def check_opset(opset: int, int8: bool = False) -> None:
+    """UserError when the installed onnx cannot write this opset, or (int8) per-channel int8 cannot use it."""
     import onnx
 
     top = max_opset()
@@ -68,6 +69,9 @@ def check_opset(opset: int) -> None:
             f"--opset {opset} cannot be written by the installed onnx {onnx.__version__}: "
             f"choose an opset from {MIN_OPSET} to {top} (18 is the default)."
         )
+    if int8 and opset < INT8_MIN_OPSET:  # else every int8 candidate fails onnx's checker, after a minute
+        raise UserError(f"--int8 needs --opset {INT8_MIN_OPSET} or higher (per-channel int8: DequantizeLinear's axis), "
+                        f"not {opset}; leave --opset out for 18.")
 
 
 def model_opset(path: str | Path) -> int:

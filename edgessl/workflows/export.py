@@ -6,6 +6,7 @@ file's speed on this machine (the steps: edgessl.deploy.convert)."""
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ def export(run: str | Path, opts: ExportOptions, console=None) -> ExportResult:
     mode = i8.int8_mode(opts.int8_mode if opts.int8_mode is not None else opts.int8)
     src = _prepare(run, opts, mode is not None)
     out_dir = Path(opts.out) if opts.out else src.run_dir / "export"
+    if opts.out:  # the run's own export folder is always its own (even when the run has moved since)
+        check_not_another_export(out_dir, _source(src, opts.classifier))
     out_dir.mkdir(parents=True, exist_ok=True)
     entries, notes, failures = write_models(src, out_dir, opts.name or src.kind, int(opts.opset), mode, opts.fp16,
                                             opts.calib_method, functools.partial(say, markup=False), opts.ort)
@@ -108,7 +111,7 @@ def _prepare(run, opts: ExportOptions, int8: bool) -> Source:
     """Every check and decode that comes before a file is written: the export extra, the opset, the calibration
     method, the model, the parity sample and (int8) the calibration sample. UserError on bad input."""
     ox.require_export_deps()
-    ox.check_opset(int(opts.opset))
+    ox.check_opset(int(opts.opset), int8)
     qz.check_calibration_method(opts.calib_method)
     run_dir = Path(run)
     model, meta, kind = _load_model(run_dir, opts.classifier)
@@ -133,3 +136,18 @@ def _source(src: Source, classifier) -> dict[str, Any]:
         "images": str(src.sample.root.resolve()), "timm_name": src.meta["timm_name"], "stem": src.meta.get("stem"),
         "epochs_trained": src.meta.get("epochs_trained"), "method": src.meta.get("method"),
     }
+
+
+def check_not_another_export(out_dir: Path, source: dict[str, Any]) -> None:
+    """UserError when out_dir holds the export of another run's model (its manifest's source names another run):
+    exporting there would replace that run's files and manifest. The same run's earlier exports (its encoder, its
+    classifiers) are kept or refreshed as in its own export folder."""
+    try:
+        earlier = json.loads((out_dir / mf.MANIFEST).read_text()).get("source") or {}
+    except (OSError, ValueError, AttributeError):  # none, or not a manifest: nothing of another run's to keep
+        return
+    if not isinstance(earlier, dict) or not earlier.get("run"):  # written before manifests named their source
+        return
+    if earlier["run"] != source["run"]:
+        raise UserError(f"--out '{out_dir}' holds the export of another run ({earlier['run']}): exporting here would "
+                        "replace its files; choose another --out, or remove that folder first.")
