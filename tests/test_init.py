@@ -101,7 +101,8 @@ def test_a_small_input_resnet_keeps_the_pretrained_stem_and_bad_paths_are_refuse
     with pytest.raises(UserError, match="does not exist: pass timm, a weights file"):
         build_encoder(resolve(dict(TINY, init=str(tmp_path / "nope.pth"))))
     (tmp_path / "junk.pth").write_text("not weights")
-    with pytest.raises(UserError, match="could not be read as weights"):
+    with pytest.raises(UserError, match=r"could not be read as weights \(.*\): it takes a \.safetensors file or a "
+                                        r"PyTorch state dict / checkpoint \(\.pth, \.pt\)\.$"):
         build_encoder(resolve(dict(TINY, init=str(tmp_path / "junk.pth"))))
 
 

@@ -63,7 +63,8 @@ def read_state_dict(path: str | Path, option: str = "--init") -> dict[str, torch
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line for the user
         raise UserError(f"{option} '{path}' could not be read as weights ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}): it takes a .safetensors file or a "
+                        "PyTorch state dict / checkpoint (.pth, .pt).") from None
     while isinstance(state, dict) and any(k in state and isinstance(state[k], dict) for k in WRAPPERS):
         state = next(state[k] for k in WRAPPERS if k in state and isinstance(state[k], dict))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
