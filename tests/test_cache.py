@@ -91,11 +91,13 @@ def test_added_removed_and_changed_files_update_the_cache_decoding_only_those(fo
 def test_a_truncated_cache_file_is_reported_and_rebuilt(folder, store, decodes):
     want = _load(folder, store).images.clone()
     data = next((store / "images").glob("*.u8"))
+    whole = data.stat().st_size
     with open(data, "r+b") as fh:
-        fh.truncate(data.stat().st_size // 2)
+        fh.truncate(whole // 2)
     warnings = []
     got = _load(folder, store, warn=warnings.append)
-    assert len(warnings) == 1 and "truncated" in warnings[0] and str(data) in warnings[0]
+    assert warnings == [f"the image cache file {data}: data file damaged ({whole // 2:,} of {whole:,} bytes); "
+                        "rebuilding it."]
     assert len(decodes) == 48 and torch.equal(got.images, want)
     (store / "images" / f"{entry_name(folder, 32)}.json").write_text("{not json")
     warnings.clear()
@@ -359,6 +361,24 @@ def test_stale_entries_go_first_are_listed_and_cleared(tiny_data, tmp_path):
     res = CliRunner().invoke(app, ["cache", "clear", "--stale", "--cache-dir", str(store)])
     assert res.exit_code == 0 and res.output.startswith("Removed 1 stale entry")
     assert [e["root"] for e in list_entries(store / "images")] == [str(roots[0])]
+
+
+def test_a_damaged_data_file_is_listed_as_stale_and_cleared(tiny_data, tmp_path):
+    store, (root,) = tmp_path / "cache", _folders(tiny_data, tmp_path, 1)
+    _load(root, store).reading.close()
+    data = next((store / "images").glob("*.u8"))
+    whole = data.stat().st_size
+    with open(data, "r+b") as fh:
+        fh.truncate(whole - 100)
+    res = CliRunner().invoke(app, ["cache", "list", "--cache-dir", str(store)], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and f"stale: data file damaged ({whole - 100:,} of {whole:,} bytes)" in res.output
+    assert "1 stale entry" in res.output
+    data.unlink()
+    res = CliRunner().invoke(app, ["cache", "list", "--cache-dir", str(store)], env={"COLUMNS": "300"})
+    assert "stale: data file missing" in res.output
+    res = CliRunner().invoke(app, ["cache", "clear", "--stale", "--cache-dir", str(store)])
+    assert res.exit_code == 0 and res.output.startswith("Removed 1 stale entry")
+    assert list_entries(store / "images") == []
 
 
 @pytest.mark.slow

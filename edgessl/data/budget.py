@@ -89,14 +89,32 @@ def take(folder: Path, name: str):
 
 
 def staleness(entry: dict[str, Any], folder: Path) -> str | None:
-    """Why an entry can go first: its folder no longer exists, or holds other files than it recorded; None when it
-    is current. (Stats every file of the folder: for `cache list` and eviction, not for every read.)"""
+    """Why an entry can go first: its data file is damaged (a load would decode the folder again anyway), its folder
+    no longer exists, or holds other files than it recorded; None when it is current. (Stats every file of the
+    folder: for `cache list` and eviction, not for every read.)"""
     root = Path(entry["root"])
+    try:
+        index = json.loads((folder / f"{entry['name']}.json").read_text())
+        damaged = damage(index, folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable"
+    if damaged:
+        return damaged
     if not root.is_dir():
         return "folder gone"
     try:
-        index = json.loads((folder / f"{entry['name']}.json").read_text())
         current = folder_signature(root, scan_images(root))["sha256"]
     except (OSError, ValueError, KeyError, UserError):
         return "unreadable"
     return None if current == index.get("signature") else "files changed"
+
+
+def damage(index: dict[str, Any], folder: Path) -> str | None:
+    """What is wrong with an entry's data file (missing, or not the images x 3 x size x size bytes its index
+    records: a copy or a disk that stopped short), None when it is whole."""
+    data = folder / index["data"]
+    expected = len(index["files"]) * 3 * int(index["size"]) ** 2
+    actual = data.stat().st_size if data.exists() else -1
+    if actual == expected:
+        return None
+    return "data file missing" if actual < 0 else f"data file damaged ({actual:,} of {expected:,} bytes)"

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from edgessl.data.budget import last_used, staleness, take, touch_used
+from edgessl.data.budget import damage, last_used, staleness, take, touch_used
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
 
@@ -93,17 +93,15 @@ def read_entry(folder: Path, name: str, size: int, warn: Callable[[str], None]) 
     try:
         index = json.loads(index_path.read_text())
         data = folder / index["data"]
-        expected = len(index["files"]) * 3 * size * size
         ok = index["version"] == CACHE_VERSION and index["policy"] == POLICY and index["size"] == size
+        damaged = damage(index, folder) if ok else None
     except (OSError, ValueError, KeyError, TypeError):
         warn(f"the image cache index {index_path} is unreadable; rebuilding it.")
         return None, None
     if not ok:
         return None, None
-    actual = data.stat().st_size if data.exists() else -1
-    if actual != expected:
-        what = "is missing" if actual < 0 else f"has {actual} bytes instead of {expected} (truncated?)"
-        warn(f"the image cache file {data} {what}; rebuilding it.")
+    if damaged:
+        warn(f"the image cache file {data}: {damaged}; rebuilding it.")
         return None, None
     return index, data
 

@@ -12,7 +12,8 @@ from edgessl.errors import UserError
 
 def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dict[str, Any]]]:
     """(the decoded-image cache folder, one dict per cached folder: name, root, size, images, skipped, bytes,
-    created, last_used, stale (None, "folder gone" or "files changed"); then one per stored --teacher bank, with
+    created, last_used, stale (None, "folder gone", "files changed", "unreadable" or what is wrong with the data
+    file: edgessl.data.budget.staleness); then one per stored --teacher bank, with
     "teacher": its timm name). cache_dir: "auto" (EDGESSL_CACHE_DIR, else ~/.cache/edgessl) or a folder."""
     folder = _cache_folder(cache_dir)
     entries = list_entries(folder)
