@@ -401,7 +401,10 @@ def test_monitor_knn_equals_the_exact_computation_and_subsamples_queries_above_t
     assert mon.Monitor(images, None, max_queries=400).subset is None  # at the bound: still all of them
     sub = mon.Monitor(images, None, max_queries=100, seed=3)
     assert len(sub.subset) == 100 and torch.equal(sub.subset, mon.Monitor(images, None, 100, seed=3).subset)
-    assert "100 of 400" in sub.describe()
+    assert "100 of 400" in sub.describe() and "covers" not in sub.describe()
+    few = _Images(feats[:20], labels[:20], images.classes)
+    assert mon.Monitor(few, None).describe() == ("leave-one-out on 20 labelled images (k = 20 covers all 19 other "
+                                                 "images: each score is then a vote of every class, and means little)")
     got = sub(None, "cpu", None, None)  # the subset's queries against all 400 memory images, leaving each out
     assert got["knn_top1"] == pytest.approx(_exact_loo_top1(feats, labels, sub.subset, 20))
     assert got["knn_top1_k200"] == pytest.approx(_exact_loo_top1(feats, labels, sub.subset, 200))

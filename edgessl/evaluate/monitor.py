@@ -74,9 +74,12 @@ class Monitor:
             return "off (no labels)"
         s = self.sets
         queries = len(s.query) if self.subset is None else f"{len(self.subset)} of {len(s.query)}"
+        voters = len(s.memory) - (1 if s.loo else 0)
+        few = (f" (k = {KNN_K[0]} covers all {voters} other images: each score is then a vote of every class, and "
+               "means little)") if voters <= KNN_K[0] else ""
         if s.loo:
-            return f"leave-one-out on {queries} labelled images"
-        return f"{queries} --val images against {len(s.memory)} training images"
+            return f"leave-one-out on {queries} labelled images{few}"
+        return f"{queries} --val images against {len(s.memory)} training images{few}"
 
     def __call__(self, backbone, device, mean, std) -> dict[str, float]:
         s = self.sets
