@@ -91,6 +91,62 @@ def test_init_timm_offline_is_one_line_saying_how_to_pass_a_file(timm_offline):
     assert "--init path/to/weights.safetensors (or .pth)" in msg and "\n" not in msg
 
 
+def test_an_unreachable_hub_is_tried_from_the_cache_alone_without_its_retries(monkeypatch):
+    import logging
+
+    import timm
+    from huggingface_hub import constants
+
+    from edgessl.models import hub
+
+    seen, real = [], timm.create_model
+
+    def create_model(name, pretrained=False, **kw):  # what the hub client is set to while timm fetches
+        if not pretrained:
+            return real(name, pretrained=False, **kw)
+        seen.append((constants.is_offline_mode(), logging.getLogger("huggingface_hub").level))
+        raise OSError("cannot reach the hub")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    before = (constants.HF_HUB_OFFLINE, logging.getLogger("huggingface_hub").level)
+    with pytest.raises(UserError) as err:
+        build_encoder(resolve(dict(TINY, init="timm")))
+    assert seen == [(True, logging.ERROR)]  # the local cache only, and no retry lines
+    assert (constants.HF_HUB_OFFLINE, logging.getLogger("huggingface_hub").level) == before
+    assert str(err.value).startswith("--init timm: timm could not get the pretrained weights of "
+                                     "'mobilenetv3_small_100' (offline: huggingface.co cannot be reached, and they "
+                                     "are not in timm's cache). Where you are online")
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: "cached model")
+    assert hub.create_pretrained("resnet18") == "cached model"  # found in the cache: used
+
+
+def test_the_hub_probe(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from edgessl.models import hub
+
+    for v in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "")  # read at import: the constant decides
+    monkeypatch.setattr(constants, "ENDPOINT", "https://mirror.example:8443")
+    assert hub.hub_host() == ("mirror.example", 8443)
+    tried = []
+
+    def refuse(address, timeout):
+        tried.append((address, timeout))
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert hub.hub_reachable() is False and tried == [(("mirror.example", 8443), hub.PROBE_SECONDS)]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # only the proxy can tell: try the hub
+    assert hub.hub_reachable() is True
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the user asked for offline
+    assert hub.hub_reachable() is False and len(tried) == 1
+
+
 @pytest.mark.slow
 def test_a_small_input_resnet_keeps_the_pretrained_stem_and_bad_paths_are_refused(tmp_path):
     model, arch = create_backbone("resnet18", small_input=True, keep_stem_weights=True)

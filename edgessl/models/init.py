@@ -27,6 +27,7 @@ from torch import nn
 
 from edgessl.errors import UserError
 from edgessl.fileio import safe_torch_load, sha256_file
+from edgessl.models import hub
 
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.fc.", "head.", "last_linear.")
 WRAPPERS = ("state_dict", "model", "state_dict_ema")
@@ -76,12 +77,13 @@ def read_state_dict(path: str | Path, option: str = "--init") -> dict[str, torch
 
 
 def timm_state_dict(timm_name: str) -> dict[str, torch.Tensor]:
-    """timm's default pretrained weights of `timm_name` (timm downloads and caches them)."""
+    """timm's default pretrained weights of `timm_name` (timm downloads and caches them; offline, its cache alone:
+    edgessl.models.hub)."""
     try:
-        return timm.create_model(timm_name, pretrained=True, num_classes=0).state_dict()
+        return hub.create_pretrained(timm_name, num_classes=0).state_dict()
     except Exception as e:  # noqa: BLE001 - offline, blocked, missing: one line with the way out
         raise UserError(
-            f"--init timm: timm could not get the pretrained weights of '{timm_name}' ({type(e).__name__}; offline?). "
+            f"--init timm: timm could not get the pretrained weights of '{timm_name}' ({hub.failure(e)}). "
             f"Where you are online, timm.create_model('{timm_name}', pretrained=True) caches them; or pass a local "
             "file: --init path/to/weights.safetensors (or .pth)."
         ) from None

@@ -24,6 +24,7 @@ from torch import nn
 
 from edgessl.errors import UserError
 from edgessl.fileio import sha256_file
+from edgessl.models import hub
 from edgessl.models.backbone import ENCODER_WEIGHTS, build_from_arch, read_encoder_meta, resolve_name
 from edgessl.models.init import load_matching, read_state_dict
 
@@ -68,7 +69,9 @@ def teacher_kind(source: str, backbone: str | None) -> str:
 
 def _timm_model(name: str, pretrained: bool) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        if pretrained:
+            return hub.create_pretrained(name, num_classes=0)
+        return timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid model" in str(e):
             raise UserError(f"--teacher: timm has no model '{name}' (timm.list_models() lists them).") from None
@@ -83,7 +86,7 @@ def _pretrained(name: str) -> nn.Module:
         raise
     except Exception as e:  # noqa: BLE001 - offline, blocked, no weights: one line with the way out
         raise UserError(
-            f"--teacher timm:{name}: timm could not get the pretrained weights ({type(e).__name__}; offline?). Where "
+            f"--teacher timm:{name}: timm could not get the pretrained weights ({hub.failure(e)}). Where "
             f"you are online, timm.create_model('{name}', pretrained=True) caches them; or pass a local file: "
             f"--teacher path/to/weights.safetensors --teacher-backbone {name}."
         ) from None

@@ -1,0 +1,85 @@
+"""timm's pretrained weights (`--init timm`, `--teacher timm:NAME`) without the hub's minute of retries offline.
+
+timm fetches its weights from the Hugging Face hub, whose client retries each request five times with back-off and
+logs every try: offline, a user waited about 50 s behind a dozen "Retrying in 8s" lines before edgessl's one-line
+error. So the hub is probed first (one TCP connection, a few seconds at most); when it cannot be reached only timm's
+local cache is tried (the hub client's offline mode), and the client's log lines stay off the screen either way.
+Behind a proxy (HTTPS_PROXY / ALL_PROXY set) the probe cannot tell, so the hub is tried as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import timm
+from torch import nn
+
+PROBE_SECONDS = 3.0  # the connection probe's timeout
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+class HubUnreachable(Exception):
+    """The hub cannot be reached and the weights are not in the local cache."""
+
+
+def hub_host() -> tuple[str, int]:
+    """(host, port) of the hub timm downloads from (HF_ENDPOINT, else huggingface.co)."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
+    """Whether a connection to the hub opens (True behind a proxy, where only the proxy can tell; False when the
+    hub client is already in offline mode, HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return True
+    try:
+        socket.create_connection(hub_host(), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def quiet_hub(offline: bool) -> Iterator[None]:
+    """The hub client's log lines hidden (errors still raise), and (offline) its offline mode on: local cache only."""
+    from huggingface_hub import constants
+
+    logger = logging.getLogger("huggingface_hub")
+    level, was_offline = logger.level, constants.HF_HUB_OFFLINE
+    logger.setLevel(logging.ERROR)
+    constants.HF_HUB_OFFLINE = was_offline or offline
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        constants.HF_HUB_OFFLINE = was_offline
+
+
+def create_pretrained(name: str, **kwargs) -> nn.Module:
+    """timm.create_model(name, pretrained=True, **kwargs), from timm's cache alone when the hub cannot be reached:
+    HubUnreachable when they are not there, else whatever timm raised."""
+    online = hub_reachable()
+    try:
+        with quiet_hub(offline=not online):
+            return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:
+        if online or (isinstance(e, RuntimeError) and "Unknown model" in str(e)):
+            raise
+        raise HubUnreachable(f"offline: {hub_host()[0]} cannot be reached, and they are not in timm's cache") from e
+
+
+def failure(e: Exception) -> str:
+    """Why the weights could not be had, for the one-line error: the offline reason, or the exception's type."""
+    return str(e) if isinstance(e, HubUnreachable) else f"{type(e).__name__}; offline?"
