@@ -19,7 +19,7 @@ from edgessl._version import __version__
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
 from edgessl.loggers import parse_loggers
-from edgessl.options import Compute, Decode, HasDecode, check_groups, names, option, shared
+from edgessl.options import Compute, Decode, HasDecode, check_groups, check_paths, names, option, shared
 
 
 @dataclass(kw_only=True)
@@ -212,6 +212,7 @@ def resolve(
     unknown = sorted(set(overrides) - FIELD_NAMES)
     if unknown:
         raise UserError(f"Unknown options: {', '.join(unknown)}.")
+    check_paths({"recipe": recipe, "config": config})
     values: dict[str, Any] = {}
     if recipe:
         values.update(load_recipe(recipe))
@@ -222,6 +223,7 @@ def resolve(
         raise UserError(f"--method must be one of {', '.join(METHOD_PRESETS)}, not '{method}'.")
     values.update(METHOD_PRESETS[method])
     values.update(overrides)
+    check_paths(values)  # the API's arguments, and a config file's `data: 123`
     cfg = PretrainConfig(**values)
     validate(cfg)
     return cfg

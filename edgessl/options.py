@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -97,10 +98,25 @@ def check_known(cls: type, given: dict[str, Any], what: str = "") -> None:
         raise UserError(f"Unknown {what + ' ' if what else ''}options: {', '.join(unknown)}.")
 
 
+PATH_OPTIONS = frozenset({"run", "run_dir", "source", "data", "val", "train", "test", "out", "images", "calib",
+                          "classifier", "manifest", "json_out", "cache_dir", "init", "teacher", "config", "recipe",
+                          "resume"})  # the API arguments that name a folder or a file (or a word such as "timm")
+
+
+def check_paths(values: dict[str, Any]) -> None:
+    """UserError when an argument that names a folder or file (PATH_OPTIONS) holds something else, e.g. an int: one
+    line instead of a TypeError from deep inside ("expected str, bytes or os.PathLike object, not int")."""
+    for name, value in values.items():
+        if name in PATH_OPTIONS and value is not None and not isinstance(value, str | os.PathLike):
+            raise UserError(f"{name} must be a path (str or pathlib.Path), not {type(value).__name__} "
+                            f"{str(value)[:60]}.")
+
+
 def build(cls: type[T], given: dict[str, Any], what: str = "") -> T:
-    """cls from the options given (None = not given: the default), after refusing unknown names and missing
-    required ones (UserError)."""
+    """cls from the options given (None = not given: the default), after refusing unknown names, missing required
+    ones and paths of another type (UserError)."""
     check_known(cls, given, what)
+    check_paths(given)
     values = {k: v for k, v in given.items() if v is not None}
     missing = [f.name for f, spec in specs(cls) if spec.required and f.name not in values]
     if missing:
@@ -125,8 +141,14 @@ def takes_options(cls: type, lead: tuple[str, ...] = (), positional: tuple[str, 
                 if name in kwargs:
                     raise TypeError(f"{fn.__name__}() got multiple values for argument '{name}'")
                 kwargs[name] = value
+            leading = dict(zip(lead, args, strict=False))
+            for name in lead[len(leading):]:  # a leading argument passed by keyword, as the signature allows
+                if name not in kwargs:
+                    raise TypeError(f"{fn.__name__}() missing required argument: '{name}'")
+                leading[name] = kwargs.pop(name)
+            check_paths(leading)
             given = {k: kwargs.pop(k, v) for k, v in extra.items()}
-            return fn(*args[:len(lead)], build(cls, kwargs), **given)
+            return fn(*leading.values(), build(cls, kwargs), **given)
 
         api.__signature__ = _signature(cls, lead, positional, extra)
         return api

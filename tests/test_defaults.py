@@ -103,6 +103,28 @@ def test_an_unknown_api_option_is_one_line(tmp_path):
         edgessl.evaluate_encoder(tmp_path)
 
 
+def test_a_path_of_another_type_is_one_line_and_leading_arguments_go_by_keyword(tmp_path):
+    with pytest.raises(UserError, match=r"^data must be a path \(str or pathlib\.Path\), not int 123\.$"):
+        edgessl.pretrain(data=123, out=str(tmp_path / "run"))
+    (tmp_path / "c.yaml").write_text("data: 7\n")
+    with pytest.raises(UserError, match=r"^data must be a path \(str or pathlib\.Path\), not int 7\.$"):
+        edgessl.pretrain(config=tmp_path / "c.yaml", out=str(tmp_path / "run"))
+    with pytest.raises(UserError, match=r"^resume must be a path \(str or pathlib\.Path\), not int 3\.$"):
+        edgessl.pretrain(resume=3)
+    with pytest.raises(UserError, match=r"^train must be a path \(str or pathlib\.Path\), not list \['a'\]\.$"):
+        edgessl.evaluate_encoder(tmp_path, train=["a"])
+    with pytest.raises(UserError, match=r"^run must be a path \(str or pathlib\.Path\), not int 7\.$"):
+        edgessl.export(7)
+    # the signature says run / run_dir may be given by keyword: they reach the command (here: no encoder there)
+    with pytest.raises(UserError, match=f"^No encoder in '{tmp_path}'"):
+        edgessl.export(run=tmp_path)
+    with pytest.raises(UserError, match="--train is required"):
+        edgessl.evaluate_encoder(run_dir=tmp_path)
+    with pytest.raises(TypeError, match=r"export\(\) missing required argument: 'run'"):
+        edgessl.export()
+    assert not (tmp_path / "run").exists()
+
+
 def test_adding_an_option_is_one_edit():
     """A field made with option() becomes a flag with its help and default, an API keyword and a config key."""
 

@@ -10,6 +10,7 @@ from edgessl.config import resolve
 from edgessl.deploy.widths import width_report
 from edgessl.errors import UserError
 from edgessl.evaluate.monitor import Monitor
+from edgessl.options import check_paths
 from edgessl.report.say import Say
 from edgessl.rundir import resume_problem
 from edgessl.train.run import pretrain as train_run
@@ -44,6 +45,7 @@ def pretrain(
     (other files than the run recorded) is refused; a moved copy of the same files is accepted.
     overwrite: a non-empty `out` is moved aside to <out>.old-<time> (otherwise it is refused).
     Nothing is written before every check has passed. Returns a PretrainResult (run_dir, history)."""
+    check_paths({"resume": resume, "config": config, "recipe": recipe})
     if resume is not None:
         problem = resume_problem(resume)
         if problem:
