@@ -410,3 +410,26 @@ def test_sensitivity_on_a_real_int8_model(demo_run, tmp_path):
     quantised = set(sn.quantised_nodes(onnx.load(str(q))))
     assert tails and all(set(t["nodes"]) <= quantised for t in tails)
     assert [len(t["nodes"]) for t in tails] == sorted(len(t["nodes"]) for t in tails)
+
+
+def test_calibration_batches_are_all_one_size():
+    from edgessl.deploy.quantize import _Batches, equal_batch
+
+    assert [equal_batch(n) for n in (256, 60, 61, 16, 7, 1, 0)] == [16, 15, 1, 16, 7, 1, 1]
+    reader = _Batches(np.arange(60 * 3).reshape(60, 3, 1, 1).astype(np.float32), "input")
+    batches = list(iter(reader.get_next, None))
+    assert [len(b["input"]) for b in batches] == [15] * 4
+    assert np.array_equal(np.concatenate([b["input"] for b in batches]).ravel(), np.arange(180))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_takes_a_sample_that_is_no_multiple_of_16(demo_run, tmp_path, method):
+    """60 images (batches of 16 would end with 12): onnxruntime's histogram collectors stack the batches."""
+    pytest.importorskip("onnxruntime")
+    from edgessl.deploy import quantize as qz
+
+    edgessl.export(demo_run, out=tmp_path)
+    x = np.random.default_rng(0).standard_normal((60, 3, 32, 32)).astype(np.float32)
+    qz.quantize_int8(tmp_path / "encoder.onnx", tmp_path / "q.onnx", x, "input", method)
+    assert (tmp_path / "q.onnx").stat().st_size > 0
