@@ -349,8 +349,9 @@ def check_width(width: float) -> float:
 
 
 def parse_widths(text: str | list | tuple) -> list[float]:
-    """'1.0,0.5,0.25' -> [1.0, 0.5, 0.25] (descending, unique, 1.0 added when missing)."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+    """'1.0,0.5,0.25' -> [1.0, 0.5, 0.25] (descending, unique, 1.0 added when missing; a lone number, as a config
+    file's `widths: 0.5`, is one width). UserError when no width below 1.0 is left: 1.0 alone is a plain run."""
+    items = text.split(",") if isinstance(text, str) else [text] if isinstance(text, int | float) else list(text)
     try:
         widths = [float(str(w).strip()) for w in items if str(w).strip()]
     except ValueError:
@@ -359,6 +360,9 @@ def parse_widths(text: str | list | tuple) -> list[float]:
         ) from None
     for w in widths:
         check_width(w)
+    if not any(w < 1.0 for w in widths):
+        raise UserError(f"--widths needs a width below 1.0, e.g. 1.0,0.5 (got '{text}'): the full width alone is a "
+                        "plain run, so leave --widths out.")
     return sorted(set(widths) | {1.0}, reverse=True)
 
 

@@ -70,6 +70,11 @@ def test_width_outside_unit_interval_is_refused(width):
 def test_widths_that_are_not_numbers_are_refused():
     with pytest.raises(UserError, match="--widths must be comma-separated numbers"):
         parse_widths("1.0,half")
+    assert parse_widths(0.5) == [1.0, 0.5]  # a config file's `widths: 0.5`
+    for full in ("1.0", "1", [1.0]):  # the full width alone was a traceback after the run folder was made
+        with pytest.raises(UserError, match=r"^--widths needs a width below 1\.0, e\.g\. 1\.0,0\.5 \(got '.*'\): the "
+                                            r"full width alone is a plain run, so leave --widths out\.$"):
+            parse_widths(full)
 
 
 @pytest.mark.slow
