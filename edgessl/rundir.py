@@ -86,16 +86,21 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT).is_file()
 
-    def abandon(self) -> None:
-        """Remove what this command wrote when no epoch was checkpointed (and the folder, if it made it)."""
+    def abandon(self) -> bool:
+        """Remove what this command wrote when no epoch was checkpointed (and the folder, if it made it); the run
+        --overwrite had moved aside goes back in its place. Returns whether it did."""
         if self.has_checkpoint():
-            return
+            return False
         for f in self.written:
             f.unlink(missing_ok=True)
         if self.created and self.path.is_dir():
             leftovers = [p for p in self.path.iterdir() if not p.name.startswith(".")]
             if not leftovers:
                 shutil.rmtree(self.path, ignore_errors=True)
+        if self.moved_to is not None and self.moved_to.is_dir() and not self.path.exists():
+            self.moved_to.rename(self.path)
+            return True
+        return False
 
 
 def claim(out: str | Path, overwrite: bool = False) -> RunDir:

@@ -228,6 +228,28 @@ def test_interrupt_before_the_first_epoch_leaves_nothing(images, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_failure_before_the_first_checkpoint_leaves_no_half_made_run(images, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="^a failing step$"):
+        edgessl.pretrain(data=str(images), out=str(out), epochs=2,
+                         on_step=stop_at(0, 1, lambda: RuntimeError("a failing step")), **TINY)
+    assert not out.exists()  # the same command can run again
+    edgessl.pretrain(data=str(images), out=str(out), epochs=1, **TINY)
+    earlier = (out / "encoder.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="^a failing step$"):  # --overwrite had moved that run aside
+        edgessl.pretrain(data=str(images), out=str(out), epochs=2, overwrite=True,
+                         on_step=stop_at(0, 1, lambda: RuntimeError("a failing step")), **TINY)
+    assert (out / "encoder.safetensors").read_bytes() == earlier  # back in its place
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    with pytest.raises(Interrupted) as err:
+        edgessl.pretrain(data=str(images), out=str(out), epochs=2, overwrite=True,
+                         on_step=stop_at(0, 1, KeyboardInterrupt), **TINY)
+    assert str(err.value) == (f"Interrupted before the first checkpoint: there is nothing to resume (the earlier run "
+                              f"is back in {out}).")
+    assert (out / "encoder.safetensors").read_bytes() == earlier
+
+
+@pytest.mark.slow
 def test_interrupt_after_an_epoch_names_the_resume_command(images, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as err:

@@ -263,8 +263,9 @@ def interrupted(run: RunDir | None, run_dir: Path, terminated: bool = False) -> 
     Exit code 130 (Ctrl-C) or 143 (SIGTERM)."""
     code, what = (143, "Stopped by SIGTERM") if terminated else (130, "Interrupted")
     if run is not None and not run.has_checkpoint():
-        run.abandon()
-        gone = f" ({run_dir} was removed)" if not run_dir.exists() else ""
+        restored = run.abandon()
+        gone = (f" (the earlier run is back in {run_dir})" if restored else
+                f" ({run_dir} was removed)" if not run_dir.exists() else "")
         return Interrupted(f"{what} before the first checkpoint: there is nothing to resume{gone}.", code)
     ckpt = load_checkpoint(run_dir)
     kept = plural(ckpt["epoch"], "completed epoch")

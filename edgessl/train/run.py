@@ -149,6 +149,10 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         return PretrainResult(run_dir, state.history, data=images.root, labelled=images.labels is not None)
     except KeyboardInterrupt as e:
         raise interrupted(files, run_dir, isinstance(e, Terminated)) from None
+    except Exception:  # a failure before the first checkpoint leaves no half-made run behind, as Ctrl-C does not
+        if files is not None:
+            files.abandon()
+        raise
 
 
 def check_kept_settings(cfg: PretrainConfig, ckpt: dict[str, Any], run_dir: Path) -> None:
