@@ -114,6 +114,27 @@ def test_out_of_range_values_are_one_line_errors(tmp_path, monkeypatch):
         resolve_config({}, config=str(binary))
 
 
+def test_a_config_file_setting_of_the_wrong_type_is_one_line(tmp_path):
+    """The CLI's flags are typed by typer; a config file's or the API's were not: `lr: fast` was a TypeError deep in
+    validation, `deterministic: "false"` (a truthy string) was kept, `batch_size: 1.5` was a divisibility error."""
+    cases = {'lr: fast': "--lr must be a number, not 'fast'.",
+             'feature_dim: big': "--feature-dim must be a whole number, not 'big'.",
+             'batch_size: 1.5': "--batch-size must be a whole number, not 1.5.",
+             'deterministic: "false"': "--deterministic must be true or false, not 'false'.",
+             'quiet: maybe': "--quiet must be true or false, not 'maybe'.",
+             'sd_weight: true': "--sd-weight must be a number, not True."}
+    for i, (line, message) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(line + "\n")
+        with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
+            resolve_config({}, config=str(path))
+    path.write_text("lr: 1\nteacher_image_size: null\ndeterministic: true\n")  # a whole number is a number
+    cfg = resolve_config({}, config=str(path))
+    assert cfg.lr == 1 and cfg.deterministic is True and cfg.teacher_image_size is None
+    with pytest.raises(UserError, match=r"^--epochs must be .*"):
+        resolve_config({"epochs": "many"})
+
+
 def test_pretrain_on_photos_says_what_it_chose_and_records_the_numbers(tmp_path, capsys, monkeypatch):
     from edgessl.data import auto
 
