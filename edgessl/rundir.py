@@ -141,3 +141,9 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 def absolute(path: str | Path | None) -> str | None:
     """An absolute, user-expanded path (symlinks kept) for config.yaml, or None."""
     return None if path is None else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def absolute_source(value: str | None) -> str | None:
+    """--init / --teacher for config.yaml: a folder or file as an absolute path (a config reloaded, or a run resumed,
+    from another working directory finds it), timm's weights ("timm", "timm:NAME") as given."""
+    return value if value is None or value == "timm" or value.startswith("timm:") else absolute(value)

@@ -147,6 +147,11 @@ def test_refused_resume_changes_no_byte_and_a_plain_resume_still_works(cut, tmp_
                     f"input. Resume without that option, or start a new run from its weights: --init {run}.")
     line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--small-input", "off"]))
     assert "it trains with --small-input auto, not off: a run keeps its input" in line  # auto: on at 32 px
+    # the teacher's bank is stored with the run: another --teacher was recorded in config.yaml but never used
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--teacher", str(run)]))
+    assert line == (f"error: Cannot resume '{run}': it was trained without a teacher, not --teacher {run}: a run keeps "
+                    f"its teacher. Resume without --teacher, or start a new run from its weights: --init {run} "
+                    f"--teacher {run}.")
     assert folder_hash(run) == before
     res = runner.invoke(app, ["pretrain", "--resume", str(run), "--quiet"])
     assert res.exit_code == 0, res.output
@@ -247,6 +252,23 @@ def test_a_failure_before_the_first_checkpoint_leaves_no_half_made_run(images, t
     assert str(err.value) == (f"Interrupted before the first checkpoint: there is nothing to resume (the earlier run "
                               f"is back in {out}).")
     assert (out / "encoder.safetensors").read_bytes() == earlier
+
+
+@pytest.mark.slow
+def test_a_run_started_with_init_resumes_when_its_source_is_gone_and_records_absolute_sources(images, tmp_path,
+                                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    edgessl.pretrain(data=str(images), out="src", epochs=1, **TINY)
+    with pytest.raises(Stop):
+        edgessl.pretrain(data=str(images), out="run", epochs=2, init="src", on_step=stop_at(1, 0), **TINY)
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["init"] == str(tmp_path / "src")  # from another folder a reloaded config still finds it
+    record = json.loads((tmp_path / "run" / "encoder.json").read_text())["init"]
+    shutil.rmtree(tmp_path / "src")  # its weights are in the run's checkpoint: a resume needs no --init source
+    monkeypatch.chdir(images)
+    edgessl.pretrain(resume=str(tmp_path / "run"), epochs=2, quiet=True)
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 2
+    assert json.loads((tmp_path / "run" / "encoder.json").read_text())["init"] == record
 
 
 @pytest.mark.slow

@@ -6,17 +6,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from edgessl.config import PretrainConfig
+from edgessl.config import PretrainConfig, replace
 from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from edgessl.errors import UserError
 from edgessl.method.bank import project_rows
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.method.teacher import teacher_predictor
-from edgessl.models.backbone import output_dim
+from edgessl.models.backbone import ENCODER_WEIGHTS, output_dim, read_encoder_meta
 from edgessl.models.channels import parse_widths
 from edgessl.models.head import build_encoder
 from edgessl.models.slimmable import SlimmableEncoder
@@ -43,12 +44,29 @@ def set_determinism(on: bool, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def init_for_resume(cfg: PretrainConfig, resume: str | Path | None) -> tuple[PretrainConfig, Any]:
+    """A resumed run's --init: its weights are in the checkpoint, so the run's own encoder (the same architecture,
+    from its encoder.json) stands in for the --init source, which may be gone since, or relative to another folder.
+    -> (the config to build from, the run's encoder.json "init" record to keep), or (cfg, None) when there is
+    nothing to stand in (not a resume, no --init, or no encoder saved yet)."""
+    if resume is None or not cfg.init:
+        return cfg, None
+    run = Path(resume).expanduser()
+    if not (run / "encoder.json").is_file() or not (run / ENCODER_WEIGHTS).is_file():
+        return cfg, None
+    return replace(cfg, init=str(run)), read_encoder_meta(run).get("init")
+
+
 def build_model(cfg: PretrainConfig, warm: WarmStart | None, d: distributed.Dist, device: torch.device,
-                warn: Callable[[str], None] | None = None):
+                warn: Callable[[str], None] | None = None, resume: str | Path | None = None):
     """(model: the Encoder or its SlimmableEncoder on `device`, arch, backbone feature dim, widths, Teacher or None).
-    Weights from torch's global RNG seeded with cfg.seed, then cfg.init's (or warm.encoder's)."""
+    Weights from torch's global RNG seeded with cfg.seed, then cfg.init's (or warm.encoder's; on a resume with
+    --init, the run's own encoder's: init_for_resume)."""
     torch.manual_seed(cfg.seed)
-    model, arch, feat_dim = build_encoder(cfg, warn)
+    build_cfg, kept = init_for_resume(cfg, resume)
+    model, arch, feat_dim = build_encoder(build_cfg, warn)
+    if kept is not None:
+        arch["init"] = kept
     if warm is not None:
         model = warm.encoder
         feat_dim = output_dim(model.backbone, cfg.image_size)

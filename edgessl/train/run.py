@@ -16,7 +16,7 @@ from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, Terminated, UserError
 from edgessl.loggers import Loggers, check_installed, parse_loggers
 from edgessl.models.backbone import want_small_input
-from edgessl.rundir import absolute, plural
+from edgessl.rundir import absolute, absolute_source, plural
 from edgessl.runtime import StopRequest, pick_device, pick_precision, thread_governor, use_threads
 from edgessl.train import distributed
 from edgessl.train.build import add_predictor, build_model, encoder_meta, init_bank, new_state, set_determinism
@@ -90,7 +90,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     precision = pick_precision(cfg.precision, device)
     cfg, chosen, scanned = resolve_auto(cfg)
     # a wrong backbone fails before any data is read
-    model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device, warner(console, d))
+    model, arch, feat_dim, widths, teacher = build_model(cfg, warm, d, device, warner(console, d), resume)
     run_dir, ckpt = target_dir(cfg, resume, overwrite, d)  # checks only
     if ckpt is not None:
         check_kept_settings(cfg, ckpt, run_dir)
@@ -112,7 +112,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         state.restore(ckpt, run_dir, len(images))
     monitor = NoMonitor() if evaluation.monitor is None else evaluation.monitor(
         images if cfg.eval_every > 0 and d.main else None, val, cfg.monitor_queries, cfg.seed)
-    cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir))
+    cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir),
+                  init=absolute_source(cfg.init), teacher=absolute_source(cfg.teacher))
     meta = {**encoder_meta(cfg, arch, feat_dim, widths, warm), **({"greyscale": True} if grey.on else {}),
             **({"auto": chosen} if chosen else {})}
     run = Run(cfg, d, device, run_dir, images, distributed.local_rows(batch, d.rank, d.world), monitor, meta, threads,
@@ -158,8 +159,14 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
 def check_kept_settings(cfg: PretrainConfig, ckpt: dict[str, Any], run_dir: Path) -> None:
     """UserError when a resume changes the encoder's input: the image size or the stem (--small-input, as resolved).
     The weights fit any size, so a changed --image-size had trained the last epochs at another size and recorded
-    that size for the whole run."""
+    that size for the whole run. Likewise the teacher: its bank is stored with the run, so another --teacher had been
+    recorded in config.yaml without being used."""
     was = ckpt.get("config", {})
+    if absolute_source(was.get("teacher")) != absolute_source(cfg.teacher):
+        how = f"distilled from --teacher {was['teacher']}" if was.get("teacher") else "trained without a teacher"
+        raise UserError(f"Cannot resume '{run_dir}': it was {how}, not --teacher {cfg.teacher}: a run keeps its "
+                        f"teacher. Resume without --teacher, or start a new run from its weights: --init {run_dir} "
+                        f"--teacher {cfg.teacher}.")
     size = was.get("image_size", "auto")
     if size == "auto":  # not recorded: nothing to compare
         return
