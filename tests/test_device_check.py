@@ -297,6 +297,11 @@ def test_edgessl_check_command(exports, copy, tmp_path, capfd):
     report = json.loads(out.read_text())
     assert "p50" in report["latency_ms"] and report["execution_provider"] == "CPUExecutionProvider"
     assert "latency batch 1" in capfd.readouterr().out
+    import torch  # noqa: F401 - this process holds torch, the script's process does not: its peak is its own
+
+    from edgessl.scripts import load_script
+
+    assert report["peak_rss_bytes"] < load_script()._statm_rss()  # ru_maxrss had carried this process's peak over
     with open(copy / "encoder.onnx", "ab") as f:
         f.write(b"\0")
     result = CliRunner().invoke(app, ["check", str(copy / "encoder.onnx")])
