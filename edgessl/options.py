@@ -399,8 +399,9 @@ class EmbedOptions(HasDecode):
     cache_max: str = shared(Decode, "cache_max")
     workers: str = shared(Decode, "workers")
     manifest: str | None = option(None, "An .onnx source's manifest.json.", shown="beside the .onnx")
-    threads: int | None = option(None, "CPU threads: for a run directory, a number or auto (follows the load); for an "
-                                 ".onnx source, onnxruntime's intra-op threads.", shown="auto")
+    threads: str | None = option(None, "CPU threads: auto or a number. A run directory's encoder follows the load "
+                                 "between batches (auto) or keeps the number; an .onnx source: onnxruntime's "
+                                 "intra-op threads (auto: its own choice).", shown="auto")
 
 
 @dataclass(kw_only=True)

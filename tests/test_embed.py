@@ -140,12 +140,18 @@ def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
         (["--out", str(tmp_path / "e.npz"), "--whiten", "8"],
          "error: --whiten changes the --neighbours and --duplicates search: pass one of them too."),
         (["--out", str(tmp_path / "e.npz"), "--batch-size", "0"], "error: --batch-size must be at least 1, not 0."),
+        (["--out", str(tmp_path / "e.npz"), "--threads", "0"], "error: --threads must be auto or a positive number, "
+                                                               "not '0'."),
     ]
     for extra, message in cases:
         res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), *extra])
         assert res.exit_code == 2, res.output
         assert res.output.strip() == message
     assert not (tmp_path / "e.npz").exists()
+    for threads in ("auto", "1"):  # the help's default, and a number (auto was refused as 'not a valid integer')
+        res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), "--out",
+                                  str(tmp_path / threads / "e.npz"), "--threads", threads])
+        assert res.exit_code == 0, res.output
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ memory-bank columns, weight --distill) repairs it.
 **Examples**
 
     edgessl prune runs/my-run --ratio 0.5
-    edgessl prune runs/my-run --ratio 0.5 --criterion taylor --epochs 10 --val ./labeled/test
+    edgessl prune runs/my-run --ratio 0.5 --criterion taylor --epochs 10
 
 Writes a run directory (default `RUN/pruned-RATIO/`) like `edgessl pretrain`'s, whose encoder.json rebuilds the
 pruned architecture (`edgessl eval` and `edgessl export` accept it), and its `widths.json` / `widths.png` report

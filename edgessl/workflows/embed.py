@@ -21,7 +21,7 @@ from edgessl.evaluate import copies as cp
 from edgessl.evaluate import copy_rule, pixels
 from edgessl.evaluate import duplicates as dup
 from edgessl.evaluate.neighbours import pca_whitening, top_k_neighbours, unit_rows, whitened_unit_rows
-from edgessl.options import EmbedOptions, takes_options
+from edgessl.options import EmbedOptions, positive_count, takes_options
 from edgessl.workflows.embed_files import (
     check_out,
     duplicates_gallery,
@@ -75,6 +75,9 @@ def duplicates_threshold(value: str | float | None) -> float | None:
 
 
 def check_options(opts: EmbedOptions) -> None:
+    """UserError for a value no embed can use; --threads as the sources take it (None: auto, else a number)."""
+    threads = None if opts.threads is None else positive_count(opts.threads, "--threads")
+    opts.threads = None if threads in (None, "auto") else int(threads)
     if int(opts.batch_size) < 1:
         raise UserError(f"--batch-size must be at least 1, not {opts.batch_size}.")
     if opts.neighbours is not None and int(opts.neighbours) < 1:
