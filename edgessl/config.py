@@ -339,6 +339,9 @@ def check_batch_memory(image_size: int | str, batch_size: int) -> None:
                         "smaller --image-size (or --batch-size).")
 
 
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+
+
 def validate_teacher(cfg: PretrainConfig) -> None:
     """The --teacher options: each needs --teacher, and the numbers must make sense; --bank-init auto resolved."""
     if cfg.teacher is None:
@@ -346,6 +349,7 @@ def validate_teacher(cfg: PretrainConfig) -> None:
         given += ["teacher_per_step"] if cfg.teacher_per_step else []
         given += ["teacher_predictor"] if cfg.teacher_predictor else []
         given += ["bank_init teacher"] if cfg.bank_init == "teacher" else []
+        given += [f for f in ("teacher_weight", "teacher_temperature") if getattr(cfg, f) != DEFAULTS[f]]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} needs --teacher (an edgessl run, timm:<name> or a "
                             "weights file).")

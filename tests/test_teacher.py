@@ -140,6 +140,9 @@ def test_teacher_sources_and_their_one_line_errors(demo_run, tmp_path, monkeypat
         resolve(dict(TINY, teacher_backbone="resnet18"))
     with pytest.raises(UserError, match="--bank-init teacher needs --teacher"):
         resolve(dict(TINY, bank_init="teacher"))
+    for name, value in (("teacher_weight", 2.0), ("teacher_temperature", 0.5)):  # were accepted and did nothing
+        with pytest.raises(UserError, match=f"^--{name.replace('_', '-')} needs --teacher "):
+            resolve(dict(TINY, **{name: value}))
 
 
 def test_an_offline_timm_teacher_is_one_line(timm_offline, tiny_data, tmp_path):
