@@ -209,3 +209,15 @@ def test_identity_augmentation_is_the_test_transform():
     cfg = AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, jitter_p=0.0, grayscale_p=0.0)
     out = augment_batch(imgs, torch.tensor([0, 1]), 0, 0, cfg, (0.0,) * 3, (1.0,) * 3)
     assert torch.allclose(out, imgs.float() / 255, atol=1e-5)
+
+
+def test_a_folder_without_class_subfolders_names_the_option_that_wants_labels(tmp_path):
+    from edgessl.data.folder import folder_labels
+
+    paths = [tmp_path / "a.png"]
+    with pytest.raises(UserError, match=r"Move images into class folders, or drop --labels-from-folders\.$"):
+        folder_labels(tmp_path, paths)
+    with pytest.raises(UserError, match=r"^Labels need one subfolder per class under '.*', but 'a\.png' lies directly "
+                                        r"in it\. Move images into class folders, or pass another --val: it takes a "
+                                        r"labelled folder\.$"):
+        folder_labels(tmp_path, paths, "--val")  # --val was given, not --labels-from-folders

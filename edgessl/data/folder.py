@@ -123,16 +123,18 @@ class ImageSet:
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def folder_labels(root: Path, paths: Sequence[Path]) -> tuple[torch.Tensor, list[str]]:
-    """Class label of each image = its first-level subfolder under root (ImageFolder layout)."""
+def folder_labels(root: Path, paths: Sequence[Path], what: str = "--data") -> tuple[torch.Tensor, list[str]]:
+    """Class label of each image = its first-level subfolder under root (ImageFolder layout). what: the option that
+    named the folder (the error's way out: --data's labels are asked for by --labels-from-folders; other folders,
+    such as --val, are labelled folders by definition)."""
     names = []
     for p in paths:
         rel = p.relative_to(root)
         if len(rel.parts) < 2:
-            raise UserError(
-                f"Labels need one subfolder per class under '{root}', but '{rel}' lies directly in it. "
-                "Move images into class folders, or drop --labels-from-folders."
-            )
+            out = ("or drop --labels-from-folders" if what == "--data" else
+                   f"or pass another {what}: it takes a labelled folder")
+            raise UserError(f"Labels need one subfolder per class under '{root}', but '{rel}' lies directly in it. "
+                            f"Move images into class folders, {out}.")
         names.append(rel.parts[0])
     classes = sorted(set(names))
     lookup = {c: i for i, c in enumerate(classes)}
@@ -189,7 +191,7 @@ def load_image_folder(
         fits = hit.rows.nbytes <= cache_mb * 2**20
         images = torch.from_numpy(np.fromfile(hit.data, np.uint8).reshape(hit.rows.shape) if fits else hit.rows)
     _check_count(good, skipped, min_images, root, what)
-    label_tensor, classes = folder_labels(root, good) if labels else (None, None)
+    label_tensor, classes = folder_labels(root, good, what) if labels else (None, None)
     images_set = ImageSet(root, good, size, images, label_tensor, classes, skipped, workers)
     images_set.reading = reading if store is not None else None
     return images_set

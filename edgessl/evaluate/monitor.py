@@ -59,11 +59,13 @@ def query_subset(n: int, max_queries: int, seed: int) -> torch.Tensor | None:
 class Monitor:
     """Online kNN (k = 20 and 200, t = 0.1) on backbone features when labels are available. train: the training
     images (their labels, if any, make the memory); val: the --val images. max_queries: classify at most this many
-    (a subset seeded by `seed`; 0 = all)."""
-    def __init__(self, train: ImageSet | None, val: ImageSet | None, max_queries: int = 0, seed: int = 0):
+    (a subset seeded by `seed`; 0 = all). off: why there is no monitor when train is None (the banner says it)."""
+    def __init__(self, train: ImageSet | None, val: ImageSet | None, max_queries: int = 0, seed: int = 0,
+                 off: str = "no labels"):
         labelled = train if train is not None and train.labels is not None else None
         self.sets = knn_sets(labelled, val) if train is not None else None
         self.subset = None if self.sets is None else query_subset(len(self.sets.query), max_queries, seed)
+        self.off = off if train is None else "no labels"
 
     @property
     def active(self) -> bool:
@@ -71,7 +73,7 @@ class Monitor:
 
     def describe(self) -> str:
         if self.sets is None:
-            return "off (no labels)"
+            return f"off ({self.off})"
         s = self.sets
         queries = len(s.query) if self.subset is None else f"{len(self.subset)} of {len(s.query)}"
         voters = len(s.memory) - (1 if s.loo else 0)

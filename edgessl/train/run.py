@@ -111,7 +111,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     if ckpt is not None:  # every process reads it: any number of processes continues any run
         state.restore(ckpt, run_dir, len(images))
     monitor = NoMonitor() if evaluation.monitor is None else evaluation.monitor(
-        images if cfg.eval_every > 0 and d.main else None, val, cfg.monitor_queries, cfg.seed)
+        images if cfg.eval_every > 0 and d.main else None, val, cfg.monitor_queries, cfg.seed,
+        off="--eval-every 0" if cfg.eval_every <= 0 else "no labels")
     cfg = replace(cfg, data=absolute(cfg.data), val=absolute(cfg.val), out=absolute(run_dir),
                   init=absolute_source(cfg.init), teacher=absolute_source(cfg.teacher))
     meta = {**encoder_meta(cfg, arch, feat_dim, widths, warm), **({"greyscale": True} if grey.on else {}),
