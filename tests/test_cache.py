@@ -402,3 +402,25 @@ def test_an_entry_another_process_reads_is_never_evicted(tiny_data, tmp_path):
     finally:
         reader.communicate("", timeout=60)
     assert make_room(store / "images", 10**9, 1, "none", lambda _: None) == [entry_name(roots[0], 32)]
+
+
+def test_teacher_banks_of_a_gone_folder_are_stale_and_cleared(tmp_path):
+    store = tmp_path / "cache"
+    (store / "images").mkdir(parents=True)
+    teachers = store / "teachers"
+    teachers.mkdir()
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    kept.mkdir()
+    for name, root in (("a", kept), ("b", gone)):
+        (teachers / f"{name}.json").write_text(json.dumps({"data_root": str(root), "image_size": 32, "rows": 4,
+                                                           "timm_name": "resnet18"}))
+        (teachers / f"{name}.safetensors").write_bytes(b"0" * 64)
+    res = CliRunner().invoke(app, ["cache", "list", "--cache-dir", str(store)], env={"COLUMNS": "300"})
+    rows = [line for line in res.output.splitlines() if "--teacher resnet18" in line]
+    assert len(rows) == 2 and "stale: folder gone" in rows[1] and "stale" not in rows[0]
+    assert "1 stale entry" in res.output
+    res = CliRunner().invoke(app, ["cache", "clear", "--stale", "--cache-dir", str(store)])
+    assert res.exit_code == 0 and res.output.startswith("Removed 1 stale entry")
+    assert sorted(p.name for p in teachers.iterdir()) == ["a.json", "a.safetensors"]
+    res = CliRunner().invoke(app, ["cache", "clear", str(kept), "--cache-dir", str(store)])
+    assert res.exit_code == 0 and not list(teachers.iterdir())

@@ -33,6 +33,7 @@ from edgessl.method.losses import relational_kl
 from edgessl.method.teacher import TeacherBank
 from edgessl.models.backbone import output_dim
 from edgessl.models.teacher import TeacherSpec, load_teacher
+from edgessl.rundir import absolute
 from edgessl.runtime import autocast, inference_precision
 from edgessl.train import distributed
 from edgessl.train.prepare import forward_chunks
@@ -173,7 +174,7 @@ def compute_or_find(cfg: PretrainConfig, pending: PendingTeacher, images: ImageS
                                 TEACHER_BATCH, d, exact=cfg.deterministic)
     seconds = time.time() - t0
     record = {**spec.record(), "rows": n, "dim": features.shape[1], "seconds": seconds, "device": device.type,
-              "key": key, "version": TEACHER_VERSION, "data_root": str(images.root),
+              "key": key, "version": TEACHER_VERSION, "data_root": absolute(images.root),
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     if cached is not None and d.main:
         cached.parent.mkdir(parents=True, exist_ok=True)

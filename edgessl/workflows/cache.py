@@ -6,20 +6,29 @@ from pathlib import Path
 from typing import Any
 
 from edgessl.data.budget import cache_budget, last_used, staleness
-from edgessl.data.cache import cache_folder, clear_entries, list_entries, remove_entry, teacher_entries
+from edgessl.data.cache import TEACHERS, cache_folder, clear_entries, list_entries, remove_entry, teacher_entries
 from edgessl.errors import UserError
 
 
 def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dict[str, Any]]]:
     """(the decoded-image cache folder, one dict per cached folder: name, root, size, images, skipped, bytes,
     created, last_used, stale (None, "folder gone", "files changed", "unreadable" or what is wrong with the data
-    file: edgessl.data.budget.staleness); then one per stored --teacher bank, with
-    "teacher": its timm name). cache_dir: "auto" (EDGESSL_CACHE_DIR, else ~/.cache/edgessl) or a folder."""
+    file: edgessl.data.budget.staleness); then one per stored --teacher bank, with "teacher": its timm name and
+    stale: teacher_staleness). cache_dir: "auto" (EDGESSL_CACHE_DIR, else ~/.cache/edgessl) or a folder."""
     folder = _cache_folder(cache_dir)
     entries = list_entries(folder)
     for e in entries:
         e["stale"], e["last_used"] = staleness(e, folder), last_used(folder, e["name"])
-    return folder, entries + teacher_entries(folder)
+    teachers = teacher_entries(folder)
+    for e in teachers:
+        e["stale"] = teacher_staleness(e)
+    return folder, entries + teachers
+
+
+def teacher_staleness(entry: dict[str, Any]) -> str | None:
+    """A stored --teacher bank's image folder is gone: "folder gone" (its key, the folder's files, is checked when a
+    run reads it); else None."""
+    return None if Path(entry["root"]).is_dir() else "folder gone"
 
 
 def cache_budget_of(cache_dir: str | Path | None = "auto", cache_max: str = "auto") -> tuple[int | None, str]:
@@ -36,7 +45,10 @@ def clear_cache(cache_dir: str | Path | None = "auto", folder: str | Path | None
     if not stale:
         return clear_entries(store, folder)
     stale_entries = [e for e in list_entries(store) if staleness(e, store) is not None]
-    return len(stale_entries), sum(remove_entry(store, e["name"]) for e in stale_entries)
+    stale_teachers = [e for e in teacher_entries(store) if teacher_staleness(e) is not None]
+    return (len(stale_entries) + len(stale_teachers),
+            sum(remove_entry(store, e["name"]) for e in stale_entries)
+            + sum(remove_entry(store.parent / TEACHERS, e["name"]) for e in stale_teachers))
 
 
 def _cache_folder(cache_dir: str | Path | None) -> Path:
