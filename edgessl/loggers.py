@@ -227,5 +227,9 @@ def run_loggers(run_dir: str | Path) -> Loggers:
     except yaml.YAMLError:
         config = {}
     names = parse_loggers((config or {}).get("logger"))
-    check_installed(names)
+    try:
+        check_installed(names)
+    except UserError as e:  # eval and finetune have no --logger flag: say where the setting lives
+        raise UserError(f"{run_dir} logs to its config.yaml's logger ({', '.join(names)}): {e} Or set "
+                        f"`logger: none` in {path} to run without it.") from None
     return Loggers(names, Path(run_dir), config)

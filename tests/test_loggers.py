@@ -197,3 +197,16 @@ def test_mlflow_keeps_its_info_lines_out_of_the_console(tmp_path):
     loggers.MLflow(tmp_path / "run", {"epochs": 1}, {})
     assert logging.getLogger("mlflow").getEffectiveLevel() == logging.WARNING
     assert logging.getLogger("alembic").getEffectiveLevel() == logging.WARNING
+
+
+def test_eval_of_a_run_whose_logger_package_is_missing_says_where_the_setting_lives(tmp_path, monkeypatch):
+    from edgessl.loggers import run_loggers
+
+    (tmp_path / "config.yaml").write_text("logger: mlflow\n")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(UserError) as e:
+        run_loggers(tmp_path)
+    assert str(e.value) == (f"{tmp_path} logs to its config.yaml's logger (mlflow): --logger mlflow needs the mlflow "
+                            f"package: pip install 'edgessl[mlflow]'. Or set `logger: none` in "
+                            f"{tmp_path / 'config.yaml'} to run without it.")
