@@ -147,3 +147,28 @@ def cited_docs() -> list[tuple[str, int, str]]:
 def test_package_cites_existing_docs():
     missing = [c for c in cited_docs() if not (REPO / c[2]).exists()]
     assert not missing, "the package cites docs that do not exist: " + ", ".join(f"{f}:{n} {p}" for f, n, p in missing)
+
+
+def test_every_pretrain_switch_is_in_the_method_docs_table():
+    """docs/method.md "Every switch of `edgessl pretrain`" lists each flag (--momentum, --sd-alpha, --seed,
+    --checkpoint-every and --cache-max had been left out)."""
+    from edgessl.config import PretrainConfig
+    from edgessl.options import flag_name, specs
+
+    text = (REPO / "docs" / "method.md").read_text()
+    section = text[text.index("## Every switch of `edgessl pretrain`"):]
+    section = section[:section.index("\n## ", 1)]
+    missing = [spec.flag or flag_name(f.name) for f, spec in specs(PretrainConfig)
+               if f"`{spec.flag or flag_name(f.name)}`" not in section]
+    assert not missing, missing
+
+
+def test_every_eval_and_finetune_flag_is_in_the_evaluation_docs():
+    from edgessl.options import EvalOptions, FinetuneOptions, flag_name, specs
+
+    text = (REPO / "docs" / "evaluation.md").read_text()
+    for cls in (EvalOptions, FinetuneOptions):
+        missing = [spec.flag or flag_name(f.name) for f, spec in specs(cls)
+                   if f"`{spec.flag or flag_name(f.name)}`" not in text]
+        assert not missing, (cls.__name__, missing)
+
