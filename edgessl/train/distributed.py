@@ -11,6 +11,7 @@ rank order therefore rebuilds them in global-batch order.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -191,11 +192,21 @@ def broadcast_object(obj: Any, d: Dist, src: int = 0) -> Any:
 
 
 # ---------------------------------------------------------------- model wrapping
+STRIDE_WARNING = "Grad strides do not match bucket view strides"  # a 1x1 conv's weight under channels_last crops:
+# grad strides (576, 1, 576, 576) against the bucket's (576, 1, 1, 1) for a (1024, 576, 1, 1) kernel, the same bytes
+# in the same order (the size-1 dimensions' strides differ only), so DDP's "may impair performance" costs nothing
+
+
 def wrap_model(model: nn.Module, d: Dist, device: torch.device, find_unused: bool = False) -> nn.Module:
     """DistributedDataParallel around `model` (which keeps the un-prefixed state_dict), or `model` itself.
-    find_unused: some parameters sit out some steps (the sub-widths' BatchNorm before the slow start)."""
+    find_unused: some parameters sit out some steps (the sub-widths' BatchNorm before the slow start; the caller
+    asks for it only then: after it DDP warned on every rank that none was unused). Only rank 0 shows Python
+    warnings (each rank printed the same ones), and none shows the STRIDE_WARNING."""
     if not d.active:
         return model
+    warnings.filterwarnings("ignore", message=STRIDE_WARNING)
+    if not d.main:
+        warnings.simplefilter("ignore")
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 

@@ -15,6 +15,7 @@ from edgessl.data.greyscale import choose_greyscale, training_augment
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, Terminated, UserError
 from edgessl.loggers import Loggers, check_installed, parse_loggers
+from edgessl.method.losses import active_widths
 from edgessl.models.backbone import want_small_input
 from edgessl.rundir import absolute, absolute_source, plural
 from edgessl.runtime import StopRequest, pick_device, pick_precision, thread_governor, use_threads
@@ -135,7 +136,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         init_bank(run, state, warm, ckpt is not None, precision, tbank)
         if files is not None:
             files.written.append(write_history(run_dir, state.history))
-        net = distributed.wrap_model(model, d, device, find_unused=objective.slim)  # `model` stays the unwrapped one
+        unused = objective.slim and active_widths(widths, state.epoch, cfg.epochs, cfg.slow_start) != widths
+        net = distributed.wrap_model(model, d, device, find_unused=unused)  # `model` stays the unwrapped one
         if ckpt is not None:
             run.first_row["resumed"] = True  # curves.png marks where this invocation took over
         banner(run, state, precision, arch)
