@@ -79,7 +79,12 @@ def test_key_mismatches_warn_or_refuse():
         load_matching(model, gone, "x.pth", warned.append)
     wrong = dict(state, **{"conv_stem.weight": torch.zeros(1, 1, 1, 1)})
     with pytest.raises(UserError, match="1 weight\\(s\\) have another shape than the model's, e.g. 'conv_stem.weight' "
-                                        "\\(1, 1, 1, 1\\) vs \\(16, 3, 3, 3\\)"):
+                                        "\\(1, 1, 1, 1\\) vs \\(16, 3, 3, 3\\)\\. Only the stem differs \\(a "
+                                        "small-input stem\\?\\): for an edgessl run's encoder pass its run directory "
+                                        "as --init, which rebuilds its stem\\.$"):
+        load_matching(model, wrong, "x.pth", warned.append)
+    wrong["blocks.0.0.conv_dw.weight"] = torch.zeros(1)  # more than the stem: another network
+    with pytest.raises(UserError, match="Is it the same --backbone\\?$"):
         load_matching(model, wrong, "x.pth", warned.append)
 
 

@@ -32,6 +32,7 @@ from edgessl.models import hub
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.fc.", "head.", "last_linear.")
 WRAPPERS = ("state_dict", "model", "state_dict_ema")
 PREFIXES = ("module.", "backbone.")
+STEM_KEYS = ("conv1.", "conv_stem.", "stem.")  # the first convolution of timm's ResNets, MobileNets and others
 BACKBONE_FLAG = {"--init": "--backbone", "--teacher": "--teacher-backbone"}  # which flag names the architecture
 
 
@@ -98,8 +99,12 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str,
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong:
         k = wrong[0]
+        hint = f"Is it the same {BACKBONE_FLAG[option]}?"
+        if all(w.startswith(STEM_KEYS) for w in wrong):  # the same network with another stem
+            hint = (f"Only the stem differs (a small-input stem?): for an edgessl run's encoder pass its run directory "
+                    f"as {option}, which rebuilds its stem.")
         raise UserError(f"{option} {source}: {len(wrong)} weight(s) have another shape than the model's, e.g. '{k}' "
-                        f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}. Is it the same {BACKBONE_FLAG[option]}?")
+                        f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}. {hint}")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     serious = [k for k in missing if not k.startswith(CLASSIFIER_PREFIXES)]
