@@ -221,3 +221,14 @@ def test_a_folder_without_class_subfolders_names_the_option_that_wants_labels(tm
                                         r"in it\. Move images into class folders, or pass another --val: it takes a "
                                         r"labelled folder\.$"):
         folder_labels(tmp_path, paths, "--val")  # --val was given, not --labels-from-folders
+
+
+def test_a_plot_title_in_a_script_the_font_lacks_draws_without_a_warning_per_glyph(tmp_path):
+    import warnings
+
+    from edgessl.report.plots import plot_curves
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        plot_curves([{"epoch": 1, "loss": 1.0}], tmp_path / "c.png", title="类别 ✈ 😀")
+    assert (tmp_path / "c.png").stat().st_size > 0

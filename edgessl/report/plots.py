@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 
 def pyplot():
+    """matplotlib.pyplot on the Agg backend. A class or file name in a script its font lacks (CJK, emoji) is drawn
+    as boxes without matplotlib's warning per glyph (one per missing character, every plot): the names are in the
+    CSV and JSON files beside the picture."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
     return plt
 
 
