@@ -109,6 +109,12 @@ def staleness(entry: dict[str, Any], folder: Path) -> str | None:
     return None if current == index.get("signature") else "files changed"
 
 
+def teacher_staleness(entry: dict[str, Any]) -> str | None:
+    """staleness for a stored --teacher bank (edgessl.data.cache.teacher_entries): "folder gone" when its image
+    folder is (its key, the folder's files, is checked when a run reads it); else None."""
+    return None if Path(entry["root"]).is_dir() else "folder gone"
+
+
 def damage(index: dict[str, Any], folder: Path) -> str | None:
     """What is wrong with an entry's data file (missing, or not the images x 3 x size x size bytes its index
     records: a copy or a disk that stopped short), None when it is whole."""

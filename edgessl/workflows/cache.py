@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgessl.data.budget import cache_budget, last_used, staleness
+from edgessl.data.budget import cache_budget, last_used, staleness, teacher_staleness
 from edgessl.data.cache import TEACHERS, cache_folder, clear_entries, list_entries, remove_entry, teacher_entries
 from edgessl.errors import UserError
 
@@ -23,12 +23,6 @@ def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dic
     for e in teachers:
         e["stale"] = teacher_staleness(e)
     return folder, entries + teachers
-
-
-def teacher_staleness(entry: dict[str, Any]) -> str | None:
-    """A stored --teacher bank's image folder is gone: "folder gone" (its key, the folder's files, is checked when a
-    run reads it); else None."""
-    return None if Path(entry["root"]).is_dir() else "folder gone"
 
 
 def cache_budget_of(cache_dir: str | Path | None = "auto", cache_max: str = "auto") -> tuple[int | None, str]:
