@@ -36,17 +36,19 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def check_out(out: str | Path, overwrite: bool = False) -> None:
-    """Refuse (UserError) a new run in `out` when it is a file, or a non-empty folder and overwrite is off."""
+def check_out(out: str | Path, overwrite: bool = False, resume: str = "--resume") -> None:
+    """Refuse (UserError) a new run in `out` when it is a file, or a non-empty folder and overwrite is off. resume:
+    how the refusal says a run there is continued ("" where the command cannot: prune)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; pass a folder for the run.")
     if overwrite or not out.exists() or _is_empty_dir(out):
         return
-    what = "a run" if (out / "config.yaml").is_file() or (out / CHECKPOINT).is_file() else "files"
+    run = (out / "config.yaml").is_file() or (out / CHECKPOINT).is_file()
+    keep = f"continue it with {resume} {out}" if run and resume else "pass another --out"
     raise UserError(
-        f"--out '{out}' already holds {what}: continue it with --resume {out}, or pass --overwrite to move it "
-        f"aside (to {out.name}.old-<time>) and start a new run there."
+        f"--out '{out}' already holds {'a run' if run else 'files'}: {keep}, or pass --overwrite to move "
+        f"{'it' if run else 'them'} aside (to {out.name}.old-<time>) and start a new run there."
     )
 
 

@@ -97,7 +97,8 @@ def test_out_on_an_existing_run_is_refused_and_changes_nothing(finished, images,
     other.mkdir()
     (other / "todo.txt").write_text("mine")
     line = one_line_error(runner.invoke(app, ["pretrain", "--data", str(images), "--out", str(other)]))
-    assert line.startswith(f"error: --out '{other}' already holds files: continue it with --resume")
+    assert line == (f"error: --out '{other}' already holds files: pass another --out, or pass --overwrite to move "
+                    f"them aside (to notes.old-<time>) and start a new run there.")  # no run there to --resume
     assert (other / "todo.txt").read_text() == "mine"
 
 

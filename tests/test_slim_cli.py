@@ -280,6 +280,9 @@ def test_prune_taylor_and_bad_options(demo_run, tmp_path):
                     "--criterion must be magnitude or taylor")
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.5", "--epochs", "0"]),
                     "--epochs must be positive, not 0 (leave it out for a quarter of the run's epochs).")
+    again = tmp_path / "taylor"  # prune has no --resume: the refusal does not advise it
+    _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.25", "--out", str(again)]),
+                    f"--out '{again}' already holds a run: pass another --out, or pass --overwrite to move it aside")
     _one_line_error(runner.invoke(app, ["prune", str(tmp_path), "--ratio", "0.5"]),
                     f"'{tmp_path}' is not a pretraining run")
 

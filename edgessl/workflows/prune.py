@@ -72,7 +72,7 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
         raise UserError(f"--epochs must be positive, not {epochs} (leave it out for a quarter of the run's epochs).")
     cfg, teacher, ckpt = load_run_encoder(run_dir)
     out = Path(out or run_dir / f"pruned-{ratio:g}")
-    check_out(out, overwrite)  # before the pruning, not after it
+    check_out(out, overwrite, resume="")  # before the pruning, not after it; prune has no --resume
     size = cfg.image_size
     example = torch.zeros(2, 3, size, size)
     student = copy.deepcopy(teacher)
