@@ -125,12 +125,12 @@ def matched(result, truth: dict[str, str]) -> tuple[list, list, list, set]:
 def missed(hit: set, truth: dict[str, str], seed: int, held_out: str | None, size: int) -> list[dict[str, Any]]:
     """The planted copies not found with their original (hit: matched()'s found copies): each one's draws
     (edgessl.data.copies.edits: crop, resize, light, JPEG quality) and its copy score with its original at the
-    encoder's size (fitted whatever the prefilter would say)."""
+    encoder's size (fitted whatever the prefilter would say, at the pair's coarser resolution as embed compares)."""
     import numpy as np
     import torch
 
     from edgessl.data.copies import edits
-    from edgessl.data.folder import decode_image
+    from edgessl.data.folder import decode_image, shorter_sides
     from edgessl.evaluate.copies import copy_scores
 
     copies = list(truth)
@@ -138,9 +138,10 @@ def missed(hit: set, truth: dict[str, str], seed: int, held_out: str | None, siz
     if not lost:
         return []
     draws = edits([Path(truth[c]) for c in copies], seed, held_out)
-    rows = torch.from_numpy(np.stack([decode_image(p, size).transpose(2, 0, 1)
-                                      for i in lost for p in (copies[i], truth[copies[i]])]))
-    scores = copy_scores(lambda index: rows[index], np.arange(2 * len(lost)).reshape(-1, 2))
+    files = [p for i in lost for p in (copies[i], truth[copies[i]])]
+    rows = torch.from_numpy(np.stack([decode_image(p, size).transpose(2, 0, 1) for p in files]))
+    scores = copy_scores(lambda index: rows[index], np.arange(2 * len(lost)).reshape(-1, 2),
+                         sides_a=shorter_sides(files))
     return [{"copy": Path(copies[i]).name, **draws[i].record(), "score": round(float(v), 4)}
             for i, v in zip(lost, scores.tolist(), strict=True)]
 

@@ -317,13 +317,15 @@ def test_copy_score_suite(bench):
 
     kept = cp.CHROMA_SMOOTH
     rec, readme = bench("copy-score")
-    assert [r["chroma"] for r in rec["rows"]] == [0.0, 0.5, 1.0, 1.5]  # --tiny: the tiny emoji folder only
+    assert [r["chroma"] for r in rec["rows"]] == [0.0, 0.5, 1.0, 1.5, kept]  # --tiny: the tiny emoji folder only
+    assert [r["matched"] for r in rec["rows"]] == [False] * 4 + [True]  # the default at the pair's coarser size
     assert cp.CHROMA_SMOOTH == kept  # the suite puts the default back
     for r in rec["rows"]:
         assert r["data"] == "emoji" and r["images"] == 36 and r["copies"] == 8 and r["lookalike_pairs"] >= 20
         assert 0 <= r["recall_above_10th"] <= 1 and 0 <= r["recall_above_20th"] <= 1
         assert 0 <= r["copies_below_0.7"] <= 8 and r["lookalikes_above_0.7"] <= r["lookalike_pairs"]
     assert "## Copy score: colour compared" in readme and "| emoji | 36 |" in readme
+    assert "| the pair's coarser |" in readme
     assert_tables_well_formed(readme.split("## Copy score")[1])
 
 

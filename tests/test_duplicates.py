@@ -288,6 +288,27 @@ def test_the_calibration_keeps_each_wrong_scores_pair():
     assert cal.wrong.tolist() == pytest.approx(scores[best].tolist())
     assert cal.wrong_pairs.tolist() == [[0, int(pairs[best[0], 1])], [2, int(pairs[best[1], 1])]]
 
+def test_a_copys_match_with_an_exact_twin_of_its_original_is_no_false_match():
+    """Row 1 holds the same pixels as row 0: the planted copy of row 0 matches it exactly as well as its original.
+    When that copy is the sample's weakest, its score sits below the quantile copies_in_folder checks, so without
+    the hashes the twin counts as a look-alike scoring as high as the copy itself; with them it is excused and the
+    copy's wrong score is its match with the other picture."""
+    from edgessl.evaluate.duplicates import calibrate
+
+    folder = [_picture(7), _picture(7), _picture(9)]
+    copies = [np.asarray(Image.fromarray(folder[0][6:58, 5:60]).resize((64, 64), Image.Resampling.BICUBIC)),
+              np.asarray(Image.fromarray(folder[2][2:62, 1:63]).resize((64, 64), Image.Resampling.BICUBIC))]
+    rows, planted_rows = _rows(*folder), _rows(*copies)
+    space = [np.full((2, 3), 3 ** -0.5, np.float32), np.full((3, 3), 3 ** -0.5, np.float32)]
+    args = ([space[0], space[0]], np.array([0, 2]), [space[1], space[1]], lambda i: planted_rows[i], lambda i: rows[i])
+    plain, twins = calibrate(*args), calibrate(*args, hashes=pixels.pixel_hashes(lambda i: rows[i], 3))
+    assert plain.true[0] < plain.true[1]  # the copy of row 0 is the weaker one
+    assert plain.wrong[0] == pytest.approx(plain.true[0]) and plain.wrong_pairs[0].tolist() == [0, 1]
+    other = cp.copy_scores(lambda i: planted_rows[i], np.array([[0, 2]]), lambda i: rows[i])[0]
+    assert twins.wrong[0] == pytest.approx(other) and twins.wrong_pairs[0].tolist() == [0, 2]
+    assert twins.true.tolist() == plain.true.tolist() and other < plain.true[0] - 0.5
+
+
 @pytest.fixture
 def folder_with_copies(tiny_data, tmp_path):
     """The 24 tiny emoji, one of them twice (a pixel twin) and two of them with a planted copy beside them."""
@@ -597,6 +618,17 @@ def test_the_summary_line_gives_both_ends_of_the_precision(tmp_path):
         "it the threshold would be 0.775 (recall 0.97): if those two are one picture, pass --duplicates 0.775.")
     result.paths[1] = str(tmp_path / "data" / "objects" / "1f4f1.png")  # two folders: named from the one they share
     assert "a copy of people/1f46f.png matched objects/1f4f1.png at 0.851" in duplicate_lines(result)[1]
+    result.rule = copy_rule.Rule(-0.5, 0.03, 1.0, 400, 12, 0.95, False, "given")  # a given threshold misses
+    assert duplicate_lines(result)[0].endswith(
+        "(copy score >= -0.500, given) (below the 0.95 target at this threshold; --duplicates auto chooses one that "
+        "reaches it)")
+    result.rule = copy_rule.Rule(0.6, 0.8, 0.9, 400, 12, 0.95, False, "auto")
+    assert duplicate_lines(result)[0].endswith("(below the 0.95 target: no threshold reached it on this folder)")
+    result.rule = copy_rule.Rule(1.0, 1.0, 0.0, 1, 0, 0.95, False, "auto")  # --planted 1: nothing to estimate from
+    assert duplicate_lines(result)[0] == (
+        "copies: estimated precision 1.00, recall 0.00 on 1 planted copies (copy score >= 1.000, chosen for precision "
+        ">= 0.95) (no planted copy was found at this threshold, so the precision rests on nothing: check "
+        "duplicates.png, or plant more copies with --planted)")
 
 
 

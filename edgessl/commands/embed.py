@@ -65,7 +65,7 @@ def duplicate_lines(result) -> list[str]:
     groups = {k: len({g for g, kk in zip(found.groups.tolist(), found.kinds, strict=True) if kk == k})
               for k in kinds}
     how = ("chosen for precision >= " f"{rule.target:g}" if rule.chosen == "auto" else "given")
-    verdict = "" if rule.reached else f" (below the {rule.target:g} target: no threshold reached it on this folder)"
+    verdict = verdict_of(rule)
     doubt = ""
     if rule.unsure and rule.precision_low is not None:
         what = ("the match it took for a copy already in this folder is a look-alike" if rule.unsure == 1 else
@@ -85,6 +85,18 @@ def duplicate_lines(result) -> list[str]:
     if (folder / "keep.txt") in result.written:
         lines.append(f"keep: one image per group -> {folder / 'keep.txt'} (nothing was deleted)")
     return lines
+
+
+def verdict_of(rule) -> str:
+    """What the copies line adds about the rule's estimate: nothing when it reached its target."""
+    if rule.recall == 0:
+        return (" (no planted copy was found at this threshold, so the precision rests on nothing: check "
+                "duplicates.png, or plant more copies with --planted)")
+    if rule.reached:
+        return ""
+    if rule.chosen == "given":
+        return f" (below the {rule.target:g} target at this threshold; --duplicates auto chooses one that reaches it)"
+    return f" (below the {rule.target:g} target: no threshold reached it on this folder)"
 
 
 def limit_line(limit, paths: list[str]) -> str:

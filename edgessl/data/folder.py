@@ -77,6 +77,27 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
+LARGE_SIDE = 1 << 30  # shorter_sides' answer for a file whose header cannot be read: as sharp as its row
+
+
+def shorter_sides(paths: Sequence[str | Path]):
+    """index (k,) -> (k,) int64 tensor: each file's shorter side in pixels as stored (its header, read on first
+    use and kept; LARGE_SIDE when unreadable). What edgessl.evaluate.copies.copy_scores compares pairs by."""
+    known = np.full(len(paths), -1, np.int64)
+
+    def sides(index) -> torch.Tensor:
+        idx = np.asarray(index, dtype=np.int64).reshape(-1)
+        for i in idx[known[idx] < 0].tolist():
+            try:
+                with Image.open(paths[i]) as img:
+                    known[i] = min(img.size)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                known[i] = LARGE_SIDE
+        return torch.from_numpy(known[idx].copy())
+
+    return sides
+
+
 def _try_decode(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
     try:
         return decode_image(path, size), None

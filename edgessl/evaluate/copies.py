@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from edgessl.evaluate.coarse import best_window_ncc
+from edgessl.evaluate.resolution import match_resolution
 
 DESC = 24  # pixels on each side of a compared window
 SCALES = (0.95, 0.9, 0.85)  # the coarse search's square crops (share of each side kept)
@@ -279,27 +280,44 @@ def window_ncc(win: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch
     return torch.einsum("pwf,pf->pw", win[src], win[dst, 0])
 
 
-def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int):
-    """(start, local pairs (k, 2) into the chunk's rows, the chunk's uint8 rows) per `chunk` pairs: each image is
-    read once per chunk."""
+def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int, sides_a=None, sides_b=None):
+    """(start, local pairs (k, 2) into the chunk's rows, the chunk's uint8 rows, matched pairs (q, 2), their places
+    (q,) in local) per `chunk` pairs: each image is read once per chunk; with sides_a (index (k,) -> (k,) each file's
+    shorter side as stored), the pairs of a small file and a sharper one also at the small file's resolution
+    (edgessl.evaluate.resolution.match_resolution), else none."""
     for start in range(0, len(pairs), chunk):
         part = torch.from_numpy(np.ascontiguousarray(pairs[start : start + chunk]))
         ua, ia = torch.unique(part[:, 0], return_inverse=True)
         ub, ib = torch.unique(part[:, 1], return_inverse=True)
-        yield start, torch.stack([ia, ib + len(ua)], 1), torch.cat([get_a(ua), (get_b or get_a)(ub)])
+        local, rows = torch.stack([ia, ib + len(ua)], 1), torch.cat([get_a(ua), (get_b or get_a)(ub)])
+        if sides_a is None:
+            yield start, local, rows, local[:0], torch.zeros(0, dtype=torch.long)
+        else:
+            yield start, local, *match_resolution(rows, local, torch.cat([sides_a(ua), (sides_b or sides_a)(ub)]))
 
 
-def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: float = -np.inf) -> np.ndarray:
+def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: float = -np.inf, sides_a=None,
+                sides_b=None) -> np.ndarray:
     """Copy scores of image pairs (P, 2): pairs[:, 0] index the set whose uint8 rows get_a(index (k,)) ->
     (k, 3, S, S) returns (e.g. ImageSet.get), pairs[:, 1] the set of get_b (default: the same set). In chunks of
     `chunk` pairs: memory stays bounded. gate: a pair whose coarse score (coarse_of) is below it differs at a
-    glance and gets -inf without the box fit (the prefilter: most of a folder's neighbour pairs). -> (P,) float32."""
+    glance and gets -inf without the box fit (the prefilter: most of a folder's neighbour pairs). sides_a / sides_b:
+    index (k,) -> (k,) each file's shorter side as stored (edgessl.data.folder.shorter_sides; sides_b defaults to
+    sides_a): a pair of a small file and a sharper one then scores the better of the two as decoded and the two at
+    the small one's resolution (resolution.match_resolution), so a small copy of a sharp picture is not marked down
+    for the detail it never had. -> (P,) float32."""
+    if get_b is not None and (sides_a is None) != (sides_b is None):
+        raise ValueError("copy_scores: two sets of images need the sides of both or of neither")
     out = np.full(len(pairs), -np.inf, np.float32)
     fit = np.arange(len(pairs)) if gate == -np.inf else np.flatnonzero(coarse_of(get_a, pairs, get_b) >= gate)
     size = get_a(torch.from_numpy(pairs[fit[:1], 0])).shape[-1] if len(fit) else 0
-    for start, local, rows in _chunks(get_a, pairs[fit], get_b, fit_chunk(chunk, size)):
+    for start, local, rows, matched, which in _chunks(get_a, pairs[fit], get_b, fit_chunk(chunk, size), sides_a,
+                                                      sides_b):
         images, win = prepare(rows)
-        out[fit[start : start + len(local)]] = pair_scores(images, win, local).numpy()
+        both = pair_scores(images, win, torch.cat([local, matched]))
+        scores = both[: len(local)]
+        scores[which] = torch.maximum(scores[which], both[len(local) :])
+        out[fit[start : start + len(local)]] = scores.numpy()
     return out
 
 

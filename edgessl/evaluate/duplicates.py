@@ -108,10 +108,12 @@ def planted_candidates(planted: list[np.ndarray], originals: np.ndarray, folder:
 
 
 def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.ndarray], get_planted,
-              get_rows) -> Calibration:
+              get_rows, sides: tuple | None = None, hashes: list[str] | None = None) -> Calibration:
     """planted / folder: per search space (the embedding first, then the thumbnails) the planted copies' (M, D) and
     the folder's (N, D) unit rows; originals (M,): each copy's original's row; get_planted / get_rows: their uint8
-    pixel rows.
+    pixel rows; sides: (planted, folder) shorter-side getters (copies.copy_scores' sides_a, sides_b), or None;
+    hashes: the folder's pixel hashes (pixels.pixel_hashes): a copy's match with an exact twin of its original is
+    never a false match, whatever it scores.
 
     true (M,): each copy's score with its original, -inf when it was not a candidate or fell more than MARGIN below
     the copy's best match (near_best drops it in the folder too). wrong: per copy, its best score with any other
@@ -121,12 +123,17 @@ def calibrate(planted: list[np.ndarray], originals: np.ndarray, folder: list[np.
     a look-alike scoring like a copy passes too: the pessimistic twin of wrong. wrong_pairs: the folder rows (the
     copy's original, the other image) of each wrong score, for the output to name the pair that set the threshold."""
     pairs, gates, cosines = planted_candidates(planted, originals, folder)
-    scores = cp.copy_scores(get_planted, pairs, get_rows) if len(pairs) else np.zeros(0, np.float32)
+    sides_planted, sides_rows = sides or (None, None)
+    scores = (cp.copy_scores(get_planted, pairs, get_rows, sides_a=sides_planted, sides_b=sides_rows) if len(pairs)
+              else np.zeros(0, np.float32))
     best = best_per_row(pairs[:, 0], scores, len(originals))
     is_true = pairs[:, 1] == originals[pairs[:, 0]]
     true = np.full(len(originals), -np.inf, np.float32)
     true[pairs[is_true, 0]] = np.where(scores[is_true] >= best[pairs[is_true, 0]] - MARGIN, scores[is_true], -np.inf)
-    excused, on_own = copies_in_folder(pairs[~is_true], scores[~is_true], originals, true, get_rows)
+    excused, on_own = copies_in_folder(pairs[~is_true], scores[~is_true], originals, true, get_rows, sides_rows)
+    if hashes is not None:  # the same pixels as the original: the same picture, found as well as the original is
+        twin = np.array([hashes[originals[c]] == hashes[x] for c, x in pairs[~is_true].tolist()], bool).reshape(-1)
+        excused, on_own = excused | twin, on_own & ~twin
     wrong, unsure = ~is_true, np.zeros(len(pairs), bool)
     wrong[~is_true], unsure[~is_true] = ~excused, on_own
     top = best_pair_per_row(pairs[:, 0], np.where(wrong, scores, -np.inf))
@@ -143,7 +150,7 @@ EXCUSE_MARGIN = 0.08  # a planted copy matching x within this of its own origina
 
 
 def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarray, true: np.ndarray,
-                     get_rows) -> tuple[np.ndarray, np.ndarray]:
+                     get_rows, sides=None) -> tuple[np.ndarray, np.ndarray]:
     """pairs (Q, 2) (planted copy c of original o, folder image x != o) scored `scores` -> (copy (Q,) bool: x is itself
     a copy of o already in the folder (a twin, a re-encoded file), so the pair is no false match; unsure (Q,) bool:
     the copies judged on the folder's own score of (o, x) alone, which a look-alike scoring as high as a copy passes
@@ -168,7 +175,7 @@ def copies_in_folder(pairs: np.ndarray, scores: np.ndarray, originals: np.ndarra
         rest = np.flatnonzero(check)[~same]  # only these need the folder's own score of (o, x)
         if len(rest):
             own = np.stack([originals[pairs[rest, 0]], pairs[rest, 1]], axis=1)
-            out[rest] = unsure[rest] = cp.copy_scores(get_rows, own) >= bar
+            out[rest] = unsure[rest] = cp.copy_scores(get_rows, own, sides_a=sides) >= bar
     return out, unsure
 
 
@@ -209,15 +216,16 @@ def folder_candidates(spaces: list[np.ndarray], gates: list[float], use_faiss: b
 
 
 def score_folder(spaces: list[np.ndarray], hashes: list[str], get_rows: Callable, gates: list[float],
-                 use_faiss: bool | None = None, coarse_gate: float = -np.inf) -> Scored:
+                 use_faiss: bool | None = None, coarse_gate: float = -np.inf, sides: Callable | None = None) -> Scored:
     """Exact twins (equal hashes) and every other candidate pair (folder_candidates) with its embedding cosine
-    (spaces[0]) and copy score (-inf below the prefilter's `coarse_gate`)."""
+    (spaces[0]) and copy score (-inf below the prefilter's `coarse_gate`; sides: copies.copy_scores' sides_a)."""
     pairs = folder_candidates(spaces, gates, use_faiss)
     same = np.array([hashes[a] == hashes[b] for a, b in pairs.tolist()], bool).reshape(-1)
     pairs = pairs[~same]
     unit = spaces[0]
     cosines = (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(axis=1).astype(np.float32)
-    scores = cp.copy_scores(get_rows, pairs, gate=coarse_gate) if len(pairs) else np.zeros(0, np.float32)
+    scores = (cp.copy_scores(get_rows, pairs, gate=coarse_gate, sides_a=sides) if len(pairs)
+              else np.zeros(0, np.float32))
     return Scored(pixels.exact_pairs(hashes), pairs, cosines, near_best(pairs, scores, len(hashes)),
                   int(np.isfinite(scores).sum()))
 

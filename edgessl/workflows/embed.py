@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgessl.data.copies import plant, sample
-from edgessl.data.folder import write_skipped
+from edgessl.data.folder import shorter_sides, write_skipped
 from edgessl.errors import UserError
 from edgessl.evaluate import copies as cp
 from edgessl.evaluate import copy_rule, pixels
@@ -69,8 +69,9 @@ def duplicates_threshold(value: str | float | None) -> float | None:
         t = float(value)
     except ValueError:
         t = math.nan
-    if not math.isfinite(t) or t > 1:
-        raise UserError(f"--duplicates takes auto or a copy-score threshold at most 1 (e.g. 0.9), not '{value}'.")
+    if not math.isfinite(t) or not 0 <= t <= 1:
+        raise UserError(f"--duplicates takes auto or a copy-score threshold between 0 and 1 (e.g. 0.9), not "
+                        f"'{value}'.")
     return t
 
 
@@ -168,15 +169,19 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     spaces = [unit, pixels.thumbnails(get, n)]  # candidates: the embedding's neighbours and the pixels'
     result.seconds["pixels"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    calibration = _calibrate(result, opts, src, get, spaces, say)
+    sides = shorter_sides(result.paths)  # each file's stored size: small copies are compared at their resolution
+    calibration = _calibrate(result, opts, src, get, spaces, say, sides, hashes)
     result.seconds["calibration"] = time.perf_counter() - clock
     say(f"Calibrated in {result.seconds['calibration']:.0f} s.")
     clock = time.perf_counter()
-    scored = dup.score_folder(spaces, hashes, get, calibration.gates, use_faiss, calibration.coarse_gate)
+    scored = dup.score_folder(spaces, hashes, get, calibration.gates, use_faiss, calibration.coarse_gate,
+                              sides)
     result.seconds["search"] = time.perf_counter() - clock
     say(f"Compared {scored.compared:,} of {len(scored.pairs):,} candidate pairs in full in "
-        f"{result.seconds['search']:.0f} s (the others differ at a glance: coarse match below "
-        f"{calibration.coarse_gate:.2f}, set {cp.COARSE_MARGIN} below 99 % of the planted copies).")
+        f"{result.seconds['search']:.0f} s " + (
+            f"(the others differ at a glance: coarse match below {calibration.coarse_gate:.2f}, set "
+            f"{cp.COARSE_MARGIN} below 99 % of the planted copies)." if np.isfinite(calibration.coarse_gate) else
+            "(no planted copy was found with its original to set the prefilter, so none was skipped)."))
     clock = time.perf_counter()
     threshold = duplicates_threshold(opts.duplicates)
     args = (calibration.true, calibration.wrong, scored.scores, opts.precision)
@@ -211,8 +216,8 @@ def _ticking(get, src):
     return rows
 
 
-def _calibrate(result: EmbedResult, opts: EmbedOptions, src, get, spaces: list[np.ndarray],
-               say) -> dup.Calibration:
+def _calibrate(result: EmbedResult, opts: EmbedOptions, src, get, spaces: list[np.ndarray], say, sides,
+               hashes: list[str]) -> dup.Calibration:
     """Plant copies of a seeded sample of the folder's images (edgessl.data.copies), embed them with the same
     encoder, and score them against the folder as the search will."""
     rows = sample(len(result.paths), int(opts.planted), seed=int(opts.seed))
@@ -225,4 +230,5 @@ def _calibrate(result: EmbedResult, opts: EmbedOptions, src, get, spaces: list[n
         planted_rows = with_rows(src, planted, Path(tmp), cache=False)
         planted_get = _ticking(planted_rows.get, src)
         planted_spaces = [_project(result, planted.embeddings), pixels.thumbnails(planted_get, len(files))]
-        return dup.calibrate(planted_spaces, np.array(rows), spaces, planted_get, get)
+        return dup.calibrate(planted_spaces, np.array(rows), spaces, planted_get, get,
+                             (shorter_sides(planted.paths), sides), hashes)
