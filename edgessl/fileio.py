@@ -29,6 +29,15 @@ def default_mode() -> int:
     return 0o666 & ~mask
 
 
+def not_a_folder(folder: str | Path) -> Path | None:
+    """The first of `folder` and the folders above it that exists and is not a folder (a file in the way, where the
+    folder could not be made), or None."""
+    for part in [Path(folder), *Path(folder).parents]:
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """write(tmp) fills a temporary file next to `path`; it is then given the default mode and renamed over `path`.
     On any error the temporary file is removed and `path` is untouched."""

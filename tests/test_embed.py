@@ -124,9 +124,14 @@ def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
         (["--out", str(tmp_path / "e.npz"), "--neighbours", "0"],
          "error: --neighbours must be a positive number of neighbours, not 0."),
         (["--out", str(tmp_path / "e.npz"), "--duplicates", "1.5"],
-         "error: --duplicates takes auto or a copy-score threshold at most 1 (e.g. 0.9), not '1.5'."),
+         "error: --duplicates takes auto or a copy-score threshold between 0 and 1 (e.g. 0.9), not '1.5'."),
+        (["--out", str(tmp_path / "e.npz"), "--duplicates", "-5"],
+         "error: --duplicates takes auto or a copy-score threshold between 0 and 1 (e.g. 0.9), not '-5'."),
+        (["--out", str(tmp_path / "afile" / "e.npz")],
+         f"error: --out '{tmp_path / 'afile' / 'e.npz'}': '{tmp_path / 'afile'}' is a file, not a folder; choose "
+         "another --out."),
         (["--out", str(tmp_path / "e.npz"), "--duplicates", "most"],
-         "error: --duplicates takes auto or a copy-score threshold at most 1 (e.g. 0.9), not 'most'."),
+         "error: --duplicates takes auto or a copy-score threshold between 0 and 1 (e.g. 0.9), not 'most'."),
         (["--out", str(tmp_path / "e.npz"), "--duplicates", "auto", "--precision", "1"],
          "error: --precision is a target precision between 0 and 1 (e.g. 0.95), not 1.0."),
         (["--out", str(tmp_path / "e.npz"), "--duplicates", "auto", "--keep", "newest"],
@@ -143,6 +148,7 @@ def test_bad_options_are_one_line_errors(tmp_path, demo_run, tiny_data):
         (["--out", str(tmp_path / "e.npz"), "--threads", "0"], "error: --threads must be auto or a positive number, "
                                                                "not '0'."),
     ]
+    (tmp_path / "afile").write_text("hi")
     for extra, message in cases:
         res = runner.invoke(app, ["embed", str(demo_run), "--data", str(tiny_data), *extra])
         assert res.exit_code == 2, res.output

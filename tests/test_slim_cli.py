@@ -235,6 +235,15 @@ def test_slim_and_export_bad_widths_are_one_line_exit_2(slim_run, demo_run, tmp_
     _one_line_error(runner.invoke(app, ["slim", str(slim_run), "--width", "1", "--out", str(folder)]),
                     f"--out '{folder}' holds another encoder")
     assert runner.invoke(app, ["slim", str(slim_run), "--width", "0.5", "--out", str(folder)]).exit_code == 0
+    # a folder of other files, or a file where the folder would go: refused, nothing written
+    (tmp_path / "labelled" / "train").mkdir(parents=True)
+    _one_line_error(runner.invoke(app, ["slim", str(slim_run), "--width", "0.5", "--out", str(tmp_path / "labelled")]),
+                    f"--out '{tmp_path / 'labelled'}' is a folder of other files")
+    assert sorted(p.name for p in (tmp_path / "labelled").iterdir()) == ["train"]
+    (tmp_path / "afile").write_text("hi")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "half"):
+        _one_line_error(runner.invoke(app, ["slim", str(slim_run), "--width", "0.5", "--out", str(out)]),
+                        f"--out '{out}': '{tmp_path / 'afile'}' is a file, not a folder; choose another --out.")
 
 
 def test_slim_help_has_examples():

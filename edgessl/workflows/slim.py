@@ -13,6 +13,7 @@ import torch
 from rich.table import Table
 
 from edgessl.errors import UserError
+from edgessl.fileio import not_a_folder
 from edgessl.models.backbone import ENCODER_META, ENCODER_WEIGHTS, load_encoder
 from edgessl.models.prune import count_params_macs
 from edgessl.models.widths import build_slim, save_slim, width_folder
@@ -50,14 +51,21 @@ def slim(run_dir: str | Path, opts: SlimOptions) -> SlimResult:
 
 def check_slim_out(out: Path, run_dir: Path, width: float) -> None:
     """UserError when --out holds something slim would replace that is not this run's own width-`width` encoder
-    (an earlier slim of it is refreshed): a run (checkpoint.pt), or another encoder. It had replaced another run's
-    encoder.safetensors, encoder.json and config.yaml without a word. The run's own folder: save_slim refuses it."""
+    (an earlier slim of it is refreshed): a file in the way, a run (checkpoint.pt), another encoder, or a folder of
+    other files. It had replaced another run's encoder.safetensors, encoder.json and config.yaml without a word. The
+    run's own folder: save_slim refuses it."""
     if out.resolve() == run_dir.resolve():
         return
+    blocked = not_a_folder(out)
+    if blocked is not None:
+        raise UserError(f"--out '{out}': '{blocked}' is a file, not a folder; choose another --out.")
     if (out / CHECKPOINT).exists():
         raise UserError(f"--out '{out}' holds a run (checkpoint.pt): slim writes encoder.safetensors, encoder.json "
                         "and config.yaml there. Choose another --out (an empty or new folder).")
     if not (out / ENCODER_META).exists() and not (out / ENCODER_WEIGHTS).exists():
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"--out '{out}' is a folder of other files: slim writes encoder.safetensors, encoder.json "
+                            "and config.yaml there. Choose another --out (an empty or new folder).")
         return
     try:
         meta = json.loads((out / ENCODER_META).read_text())
