@@ -60,6 +60,7 @@ import os
 import platform
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -532,8 +533,17 @@ def load_reference(entry: dict, folder: Path) -> dict | None:
     name = entry.get("reference")
     if not name or not (folder / name).is_file():
         return None
-    with np.load(folder / name, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(folder / name, allow_pickle=False) as z:
+            reference = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # cut short, or not an .npz at all
+        raise CheckError(f"the reference '{folder / name}' cannot be read ({e}): export again, or move it away to "
+                         "check timings only.") from None
+    missing = [k for k in ("images", "outputs") if k not in reference]
+    if missing:
+        raise CheckError(f"the reference '{folder / name}' lacks {', '.join(missing)}: export again, or move it away "
+                         "to check timings only.")
+    return reference
 
 
 def knn_vote(query: np.ndarray, memory: np.ndarray, labels: np.ndarray, classes: int, k: int, t: float = 0.1,

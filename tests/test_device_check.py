@@ -284,6 +284,24 @@ def test_a_check_that_cannot_compare_outputs_says_so(script, copy, capsys):
                    "checked against the export's. Copy manifest.json and the .reference.npz files beside the model."]
 
 
+def test_a_damaged_reference_is_one_line_exit_2(script, copy, capsys):
+    """A reference file cut short (a copy that stopped), or one without the outputs: exit code 2 and one line, not
+    a traceback with exit code 1 (which says "outside the bounds")."""
+    reference = next(copy.glob("encoder.reference.npz"))
+    whole = reference.read_bytes()
+    reference.write_bytes(whole[:1000])
+    assert _main(script, copy / "encoder.onnx", "--runs", "2", "--warmup", "0", "--batch", "2") == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: the reference '{reference}' cannot be read (") and line.endswith(
+        "): export again, or move it away to check timings only.")
+    import numpy as np
+
+    np.savez(reference, images=np.zeros((1, 3, 8, 8), np.uint8))
+    assert _main(script, copy / "encoder.onnx", "--runs", "2", "--warmup", "0", "--batch", "2") == 2
+    assert _error_line(capsys) == (f"error: the reference '{reference}' lacks outputs: export again, or move it away "
+                                   "to check timings only.")
+
+
 @pytest.mark.slow
 def test_edgessl_check_command(exports, copy, tmp_path, capfd):
     from typer.testing import CliRunner
