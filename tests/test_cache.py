@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 import edgessl
 import edgessl.data.folder as folder_mod
 from edgessl.cli import app
+from edgessl.data.budget import size_text
 from edgessl.data.cache import cache_folder, entry_name, list_entries
 from edgessl.data.folder import load_image_folder
 from edgessl.data.loader import Prefetcher
@@ -333,11 +334,28 @@ def test_the_budget_evicts_the_least_recently_used_first(tiny_data, tmp_path, de
     assert len(got) == 6
     assert sorted(e["root"] for e in list_entries(store / "images")) == sorted(str(r) for r in (roots[0], roots[2],
                                                                                                roots[3]))
-    assert len(lines) == 1 and lines[0].startswith(f"cache: evicted {roots[1]} at 32 px") and \
-        "least recently used" in lines[0] and "budget" in lines[0]
+    used = time.strftime("%Y-%m-%d %H:%M", time.localtime(now - 300))  # when it was last read (it said 1970)
+    assert lines == [f"cache: evicted {roots[1]} at 32 px ({size_text(one)}; least recently used, last on {used}) to "
+                     f"stay within the {size_text(3 * one + 10)} budget."]
     decodes.clear()
     _load(roots[1], store)  # the evicted folder is simply decoded again
     assert len(decodes) == 6
+
+
+def test_a_folder_larger_than_the_whole_budget_is_decoded_without_the_cache(tiny_data, tmp_path, decodes):
+    """Evicting every other entry would not make room, and writing it would break the budget: the others stay, the
+    folder is decoded in memory, and one line says so."""
+    store, roots = tmp_path / "cache", _folders(tiny_data, tmp_path, 2)
+    _load(roots[0], store).reading.close()
+    before = list_entries(store / "images")
+    lines, budget = [], 5 * 3 * 32 * 32  # room for 5 of the 6 images at 32 px
+    got = load_image_folder(roots[1], 32, decode=Decode(cache_dir=store, workers=1, cache_max=str(budget)),
+                            warn=lines.append)
+    assert len(got) == 6 and got.get(range(6)).shape == (6, 3, 32, 32)
+    assert list_entries(store / "images") == before
+    assert lines == [f"cache: {roots[1]} at 32 px needs 18.0 KiB, more than the whole {size_text(budget)} budget: "
+                     "decoded without the cache this run (raise --cache-max or EDGESSL_CACHE_MAX to keep it)."]
+    assert size_text(budget) == "15.0 KiB" and size_text(5 * 2**20) == "5.0 MiB" and size_text(12) == "12 B"
 
 
 def test_stale_entries_go_first_are_listed_and_cleared(tiny_data, tmp_path):

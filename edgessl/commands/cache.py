@@ -12,6 +12,7 @@ from rich.table import Table
 
 from edgessl import api
 from edgessl.commands.common import console, friendly, given, options_command
+from edgessl.data.budget import size_text as _size
 from edgessl.errors import UserError
 from edgessl.rundir import plural
 
@@ -27,12 +28,6 @@ it again.
     edgessl cache clear ./my_images     # only this folder's decoded images
     edgessl cache clear                 # everything
 """
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 def list_cmd(**values) -> None:

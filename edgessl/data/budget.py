@@ -42,6 +42,25 @@ def cache_budget(folder: Path, option: str | None = "auto") -> tuple[int | None,
     return size, f"auto: the smaller of 20 GiB and 10 % of the {disk / 2**30:.0f} GiB disk"
 
 
+def size_text(nbytes: int | float) -> str:
+    """A byte count for people: 1.5 GiB, 700.0 KiB, 12 B."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def too_large(root: Path, size: int, images: int, budget: int | None) -> str | None:
+    """When `images` decoded at `size` px need more than the whole budget, the warning that says the folder is
+    decoded without the cache (evicting every other entry would not make room, and writing it would break the
+    budget); else None."""
+    needed = images * 3 * size * size
+    if budget is None or needed <= budget:
+        return None
+    return (f"cache: {root} at {size} px needs {size_text(needed)}, more than the whole {size_text(budget)} budget: "
+            "decoded without the cache this run (raise --cache-max or EDGESSL_CACHE_MAX to keep it).")
+
+
 def touch_used(folder: Path, name: str) -> None:
     """Record a read of entry `name` (the mtime of <name>.used)."""
     path = folder / f"{name}.used"

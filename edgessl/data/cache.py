@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from edgessl.data.budget import damage, last_used, staleness, take, touch_used
+from edgessl.data.budget import damage, last_used, size_text, staleness, take, touch_used
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
 
@@ -256,14 +256,14 @@ def make_room(folder: Path, incoming: int, budget: int | None, keep: str, say: C
         lock = take(folder, e["name"])
         if lock is None:  # a running process reads it
             continue
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(last_used(folder, e["name"])))  # before its files go
         with lock:
             remove_entry(folder, e["name"])
         total -= e["bytes"]
         evicted.append(e["name"])
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(last_used(folder, e["name"])))
         why = f"stale: {e['stale']}" if e["stale"] else f"least recently used, last on {used}"
-        say(f"cache: evicted {e['root']} at {e['size']} px ({e['bytes'] / 2**20:.1f} MiB; {why}) to stay within "
-            f"the {budget / 2**30:.2f} GiB budget.")
+        say(f"cache: evicted {e['root']} at {e['size']} px ({size_text(e['bytes'])}; {why}) to stay within "
+            f"the {size_text(budget)} budget.")
     return evicted
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from edgessl.data.budget import cache_budget, hold
+from edgessl.data.budget import cache_budget, hold, too_large
 from edgessl.data.cache import cache_folder, entry_name, load_or_build
 from edgessl.data.signature import check_folder, folder_signature, scan_images
 from edgessl.errors import UserError
@@ -198,13 +198,16 @@ def load_image_folder(
     if cache_mb < 0:
         raise UserError(f"--cache-mb must be zero (rows read from the disk cache) or positive MiB, not {cache_mb:g}.")
     store = cache_folder(decode.cache_dir)
+    budget = cache_budget(store, decode.cache_max)[0] if store is not None else None
+    if store is not None and (note := too_large(root, size, len(paths), budget)) is not None:
+        (warn or _stderr_warning)(note)
+        store = None
     if store is None:
         good, images, skipped = _decode_all(paths, size, workers, cache_mb, progress)
     else:
         signature = signature or folder_signature(root, paths)
         store.mkdir(parents=True, exist_ok=True)
         reading = hold(store, entry_name(root, size))  # no eviction while this ImageSet lives
-        budget, _ = cache_budget(store, decode.cache_max)
         hit = load_or_build(store, root, size, paths, signature, lambda p: _try_decode(p, size),
                             workers, warn or _stderr_warning, progress, budget)
         good = [root / f[0] for f in hit.files]
