@@ -294,6 +294,14 @@ def test_prune_taylor_and_bad_options(demo_run, tmp_path):
                     f"--out '{again}' already holds a run: pass another --out, or pass --overwrite to move it aside")
     _one_line_error(runner.invoke(app, ["prune", str(tmp_path), "--ratio", "0.5"]),
                     f"'{tmp_path}' is not a pretraining run")
+    moved = Path(shutil.copytree(demo_run, tmp_path / "moved"))  # its images gone: named as config.yaml names them
+    config = (moved / "config.yaml").read_text()
+    data = next(line for line in config.splitlines() if line.startswith("data:")).split(": ", 1)[1]
+    (moved / "config.yaml").write_text(config.replace(f"data: {data}", f"data: {tmp_path / 'gone'}"))
+    _one_line_error(runner.invoke(app, ["prune", str(moved), "--ratio", "0.5", "--out", str(tmp_path / "p")]),
+                    f"the run's training folder '{tmp_path / 'gone'}' (data in its config.yaml) is gone: prune trains "
+                    "the pruned encoder on it again. Put the images back there, then prune.")
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.slow

@@ -71,6 +71,9 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
     if epochs is not None and epochs <= 0:  # 0 is not "the default length"
         raise UserError(f"--epochs must be positive, not {epochs} (leave it out for a quarter of the run's epochs).")
     cfg, teacher, ckpt = load_run_encoder(run_dir)
+    if cfg.data is not None and not Path(cfg.data).is_dir():
+        raise UserError(f"the run's training folder '{cfg.data}' (data in its config.yaml) is gone: prune trains the "
+                        "pruned encoder on it again. Put the images back there, then prune.")
     out = Path(out or run_dir / f"pruned-{ratio:g}")
     check_out(out, overwrite, resume="")  # before the pruning, not after it; prune has no --resume
     size = cfg.image_size
