@@ -167,7 +167,8 @@ def _classifier(run: Path, data: Path) -> Path:
         model.fc.weight.copy_(10 * torch.nn.functional.normalize(means, dim=1))
         model.fc.bias.zero_()
     folder = run / "finetune-test"
-    save_classifier(model, folder, {**meta, "classes": classes, "train_data": str(data)})
+    save_classifier(model, folder, {**meta, "classes": classes, "train_data": str(data),
+                                    "finetune": {"encoder_run": str(run)}})  # as finetune records it
     return folder
 
 

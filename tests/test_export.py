@@ -344,8 +344,13 @@ def test_error_calibration_folder_without_readable_image(exports, tmp_path):
 
 
 @pytest.mark.slow
-def test_error_bad_classifier_folder(exports, tmp_path):
+def test_error_bad_classifier_folder(exports, demo_run, tmp_path):
     _one_line_error(_cli("export", str(exports["run"]), "--classifier", str(tmp_path)), 2, "No classifier in")
+    clf = exports["classifier"]  # fine-tuned from exports["run"]: another run would be named in the manifest
+    _one_line_error(_cli("export", str(demo_run), "--classifier", str(clf), "--out", str(tmp_path / "x")), 2,
+                    f"--classifier '{clf}' was fine-tuned from the run '{exports['run']}', not '{demo_run}'",
+                    f"edgessl export {exports['run']} --classifier {clf}")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

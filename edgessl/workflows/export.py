@@ -104,6 +104,11 @@ def _load_model(run_dir: Path, classifier):
         model = load_encoder(run_dir)
         return model, model.edgessl_meta, "encoder"
     model = load_classifier(classifier)
+    origin = (model.edgessl_meta.get("finetune") or {}).get("encoder_run")
+    if origin and Path(origin).is_dir() and not Path(origin).samefile(run_dir):  # a moved run cannot be checked
+        raise UserError(f"--classifier '{classifier}' was fine-tuned from the run '{origin}', not '{run_dir}': the "
+                        f"manifest would name the wrong run. Export it with its own: edgessl export {origin} "
+                        f"--classifier {classifier}")
     return model, model.edgessl_meta, "classifier"
 
 
