@@ -352,6 +352,13 @@ def test_embed_finds_a_planted_copy_and_names_the_three_kinds(demo_run, folder_w
     res = runner.invoke(app, ["embed", str(demo_run), "--data", str(data), "--out", str(tmp_path / "f.npz"),
                               "--duplicates", "0.99", "--planted", "24"])
     assert res.exit_code == 0 and "copy score >= 0.990, given" in res.output
+    # a plain embed to the same --out: the earlier run's duplicate files go, the folder describes this run only
+    (out.parent / "notes.txt").write_text("mine")
+    res = runner.invoke(app, ["embed", str(demo_run), "--data", str(data), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["emb.npz", "notes.txt"]
+    assert ("Removed duplicates.csv, duplicates.json, duplicates.png, similar.csv, keep.txt beside emb.npz: an "
+            "earlier embed's, which this run does not write") in " ".join(res.output.split())
 
 
 def test_the_calibration_sample_and_copies_follow_seed(demo_run, folder_with_copies, tmp_path, monkeypatch):

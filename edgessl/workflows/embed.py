@@ -47,6 +47,7 @@ class EmbedResult:
     embeddings: np.ndarray  # (N, D) float32, as the encoder outputs them (not L2-normalised)
     skipped: list[tuple[Path, str]]
     written: list[Path] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)  # an earlier embed's outputs beside `out` this run did not write
     neighbours: tuple[np.ndarray, np.ndarray] | None = None  # (idx (N, k), cos (N, k))
     whitening: tuple[np.ndarray, np.ndarray] | None = None  # whiten=K: (mean (D,), proj (D, K)) of the search space
     duplicates: dup.Found | None = None  # the duplicate pairs (exact, copy) in groups, and the similar pairs
@@ -143,7 +144,25 @@ def embed(source: str | Path, opts: EmbedOptions, use_faiss: bool | None = None,
                                       space))
     if opts.duplicates is not None:
         _duplicates(result, opts, src, embedded, data, unit, use_faiss, say or (lambda _: None))
+    result.removed = drop_stale(out.parent, result.written)
+    if result.removed and say is not None:
+        say(f"Removed {', '.join(p.name for p in result.removed)} beside {out.name}: an earlier embed's, which this "
+            "run does not write (they described another run).")
     return result
+
+
+OUTPUTS = ("skipped_files.txt", "neighbours.csv", "neighbours.png", "duplicates.csv", "duplicates.json",
+           "duplicates.png", "similar.csv", "keep.txt")  # what embed may write beside --out
+
+
+def drop_stale(folder: Path, written: list[Path]) -> list[Path]:
+    """Delete the OUTPUTS in `folder` that this run did not write (an earlier run's, with other options or data:
+    beside the new embeddings they would describe another run); returns them."""
+    kept = {Path(p).resolve() for p in written}
+    stale = [folder / name for name in OUTPUTS if (folder / name).is_file() and (folder / name).resolve() not in kept]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _search_space(result: EmbedResult, opts: EmbedOptions) -> np.ndarray | None:
