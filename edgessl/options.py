@@ -193,14 +193,15 @@ def positive_count(value: Any, flag: str, auto: str = "auto") -> str:
 UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def parse_size(text: str) -> int | None:
-    """'5G', '500M', '20GiB', '1.5g', '1000000' -> bytes; 'none' -> None (no budget). UserError otherwise."""
+def parse_size(text: str, source: str = "--cache-max") -> int | None:
+    """'5G', '500M', '20GiB', '1.5g', '1000000' -> bytes; 'none' -> None (no budget). UserError otherwise, naming
+    `source` (the flag, or the environment variable the value came from)."""
     value = str(text).strip()
     if value.lower() == "none":
         return None
     found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", value.upper())
     if not found:
-        raise UserError(f"--cache-max must be auto, none or a size such as 20G or 500M, not '{text}'.")
+        raise UserError(f"{source} must be auto, none or a size such as 20G or 500M, not '{text}'.")
     return int(float(found.group(1)) * UNITS[found.group(2)])
 
 

@@ -197,7 +197,10 @@ def test_cache_list_and_clear_commands(folder, store, tiny_data):
     runner = CliRunner()
     res = runner.invoke(app, ["cache", "list", "--cache-dir", str(store)], env={"COLUMNS": "300"})
     assert res.exit_code == 0 and str(folder) in res.output and "2 folders" in res.output
-    res = runner.invoke(app, ["cache", "clear", str(folder), "--cache-dir", str(store)])
+    res = runner.invoke(app, ["cache", "clear", str(folder / "nope"), "--cache-dir", str(store)])
+    assert res.exit_code == 0 and " ".join(res.output.split()) == (
+        f"Nothing is cached for {folder / 'nope'} or the folders inside it (edgessl cache list shows what is).")
+    res = runner.invoke(app, ["cache", "clear", str(folder.parent), "--cache-dir", str(store)])  # the folder above
     # index, data, build lock, readers lock, last use
     assert res.exit_code == 0 and res.output.startswith("Removed 5 cache files of")
     assert [e["root"] for e in list_entries(store / "images")] == [str(tiny_data)]
@@ -311,6 +314,9 @@ def test_parse_size_and_the_auto_budget(tmp_path, monkeypatch):
                                                                                    int(1.5 * 2**30), 1000, None]
     with pytest.raises(UserError, match="--cache-max must be auto, none or a size such as 20G or 500M, not 'lots'"):
         parse_size("lots")
+    monkeypatch.setenv("EDGESSL_CACHE_MAX", "junk")  # named where the value came from
+    with pytest.raises(UserError, match="^EDGESSL_CACHE_MAX must be auto, none or a size such as 20G or 500M, not "):
+        cache_budget(tmp_path)
     monkeypatch.delenv("EDGESSL_CACHE_MAX", raising=False)
     total = shutil.disk_usage(tmp_path).total
     size, how = cache_budget(tmp_path / "new" / "images")

@@ -68,6 +68,10 @@ def clear_cmd(folder: Optional[Path] = None, **values) -> None:  # noqa: UP045 -
     if options.get("stale"):
         console.print(f"Removed {plural(files, 'stale entry', 'stale entries')} ({_size(freed)}).", highlight=False)
         return
+    if folder is not None and files == 0:
+        console.print(f"Nothing is cached for {folder} or the folders inside it (edgessl cache list shows what is).",
+                      highlight=False)
+        return
     what = f" of {folder}" if folder is not None else ""
     console.print(f"Removed {plural(files, 'cache file')}{what} ({_size(freed)}).", highlight=False)
 

@@ -34,7 +34,7 @@ def cache_budget(folder: Path, option: str | None = "auto") -> tuple[int | None,
     else:
         source = "--cache-max"
     if chosen != "auto":
-        size = parse_size(chosen)
+        size = parse_size(chosen, source)
         return size, f"{source} {chosen}" if size is not None else f"no budget ({source} none)"
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
     disk = shutil.disk_usage(probe).total

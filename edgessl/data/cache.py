@@ -315,13 +315,14 @@ def teacher_entries(folder: Path) -> list[dict[str, Any]]:
 
 
 def clear_entries(folder: Path, root: str | Path | None = None) -> tuple[int, int]:
-    """Remove every entry (or only those of folder `root`), leftover temporary files, and the --teacher features
-    of the same folders. -> (files, bytes) freed. Only files named like cache files are touched."""
+    """Remove every entry (or only those of folder `root` and the folders inside it), leftover temporary files, and
+    the --teacher features of the same folders. -> (files, bytes) freed. Only files named like cache files are
+    touched."""
     want = None if root is None else os.path.abspath(os.path.expanduser(str(root)))
     count, freed = _clear_teachers(folder, want)
     if not folder.is_dir():
         return count, freed
-    names = {e["name"] for e in list_entries(folder) if want is None or e["root"] == want}
+    names = {e["name"] for e in list_entries(folder) if within(e["root"], want)}
     for path in folder.iterdir():
         stem = path.name.lstrip(".").split(".")[0]
         if stem in names or (want is None and re.fullmatch(r".+-\d+px-[0-9a-f]{16}", stem)):
@@ -331,8 +332,13 @@ def clear_entries(folder: Path, root: str | Path | None = None) -> tuple[int, in
     return count, freed
 
 
+def within(root: str, want: str | None) -> bool:
+    """Whether an entry of image folder `root` (absolute) is folder `want` or inside it (None: every folder)."""
+    return want is None or root == want or root.startswith(want.rstrip(os.sep) + os.sep)
+
+
 def _clear_teachers(folder: Path, want: str | None) -> tuple[int, int]:
-    names = {e["name"] for e in teacher_entries(folder) if want is None or e["root"] == want}
+    names = {e["name"] for e in teacher_entries(folder) if within(e["root"], want)}
     count = freed = 0
     for name in names:
         for path in (folder.parent / TEACHERS).glob(f"{name}.*"):
