@@ -155,6 +155,18 @@ def test_exact_twins_always_pair():
     assert pixels.exact_pairs(hashes[:2]).shape == (0, 2)
 
 
+def test_similar_pairs_name_a_picture_once_whatever_its_exact_twins():
+    """Images 0, 1 and 4 hold the same pixels: their neighbour 2 is one similar pair (the first), not three."""
+    from edgessl.evaluate.duplicates import Scored, classify
+
+    scored = Scored(np.array([[0, 1], [0, 4]]), np.array([[0, 2], [1, 2], [2, 3], [2, 4], [3, 5]]),
+                    np.array([0.9, 0.9, 0.8, 0.9, 0.7], np.float32), np.array([0.1, 0.1, 0.2, 0.1, 0.95], np.float32))
+    rule = copy_rule.Rule(0.9, 1.0, 1.0, 10, 0, 0.95, True, "auto")
+    found = classify(scored, np.eye(6, dtype=np.float32), rule, similar=0.75)
+    assert found.similar.tolist() == [[0, 2], [2, 3]] and found.similar_cosines.tolist() == pytest.approx([0.9, 0.8])
+    assert found.pairs.tolist() == [[0, 1], [0, 4], [3, 5]] and found.kinds == ["exact", "exact", "copy"]
+
+
 def test_neighbour_pairs_lists_each_pair_once():
     idx = np.array([[1, 2], [0, 2], [0, 1]])
     cos = np.array([[0.9, 0.5], [0.9, 0.4], [0.5, 0.4]], np.float32)

@@ -249,6 +249,18 @@ def classify(scored: Scored, unit: np.ndarray, rule: Rule, similar: float) -> Fo
     found = Found(dup, ["exact"] * len(exact) + ["copy"] * int(copy.sum()),
                   np.concatenate([np.ones(len(exact), np.float32), scored.scores[copy]]),
                   np.concatenate([exact_cos, scored.cosines[copy]]).astype(np.float32), group_pairs(len(unit), dup))
-    close = ~copy & (scored.cosines >= similar)
+    close = np.flatnonzero(~copy & (scored.cosines >= similar))
+    close = close[first_per_twins(scored.pairs[close], exact, len(unit))]
     found.similar, found.similar_cosines = scored.pairs[close], scored.cosines[close]
     return found
+
+
+def first_per_twins(pairs: np.ndarray, exact: np.ndarray, n: int) -> np.ndarray:
+    """Indices into pairs (P, 2) keeping the first pair of each pair of exact-twin groups (exact: (E, 2) pairs of
+    the same pixels among n images): an image with two twins is one picture, not three similar pairs."""
+    first = np.arange(n)
+    for a, b in sorted(map(sorted, exact.tolist())):  # a < b: each twin points at its group's first image
+        first[b] = first[a]
+    keys = np.sort(first[pairs], axis=1) if len(pairs) else np.zeros((0, 2), np.int64)
+    _, keep = np.unique(keys, axis=0, return_index=True)
+    return np.sort(keep)
