@@ -362,6 +362,14 @@ def test_a_folder_larger_than_the_whole_budget_is_decoded_without_the_cache(tiny
     assert lines == [f"cache: {roots[1]} at 32 px needs 18.0 KiB, more than the whole {size_text(budget)} budget: "
                      "decoded without the cache this run (raise --cache-max or EDGESSL_CACHE_MAX to keep it)."]
     assert size_text(budget) == "15.0 KiB" and size_text(5 * 2**20) == "5.0 MiB" and size_text(12) == "12 B"
+    # the auto budget, a guess, is exceeded rather than decoding a large folder afresh every epoch: nothing evicted
+    from edgessl.data.cache import make_room
+
+    lines = []
+    assert make_room(store / "images", 2 * 2**30, 2**30, "none", lines.append) == []
+    assert list_entries(store / "images") == before and lines == [
+        "cache: this folder needs 2.0 GiB, more than the whole 1.0 GiB budget (auto): cached anyway, nothing evicted "
+        "for it (--cache-max sets a budget that is kept)."]
 
 
 def test_stale_entries_go_first_are_listed_and_cleared(tiny_data, tmp_path):
@@ -420,12 +428,12 @@ def test_an_entry_another_process_reads_is_never_evicted(tiny_data, tmp_path):
         assert reader.stdout.readline().strip() == "reading"
         _load(roots[1], store).reading.close()
         _used(store, roots[0], time.time() - 1000)  # the first to go, were it not read
-        evicted = make_room(store / "images", 10**9, 1, "none", lambda _: None)
+        evicted = make_room(store / "images", 1, 1, "none", lambda _: None)
         assert evicted == [entry_name(roots[1], 32)]
         assert [e["root"] for e in list_entries(store / "images")] == [str(roots[0])]
     finally:
         reader.communicate("", timeout=60)
-    assert make_room(store / "images", 10**9, 1, "none", lambda _: None) == [entry_name(roots[0], 32)]
+    assert make_room(store / "images", 1, 1, "none", lambda _: None) == [entry_name(roots[0], 32)]
 
 
 def test_teacher_banks_of_a_gone_folder_are_stale_and_cleared(tmp_path):

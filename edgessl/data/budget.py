@@ -51,9 +51,10 @@ def size_text(nbytes: int | float) -> str:
 
 
 def too_large(root: Path, size: int, images: int, budget: int | None) -> str | None:
-    """When `images` decoded at `size` px need more than the whole budget, the warning that says the folder is
-    decoded without the cache (evicting every other entry would not make room, and writing it would break the
-    budget); else None."""
+    """When `images` decoded at `size` px need more than the whole budget the user set (--cache-max,
+    EDGESSL_CACHE_MAX), the warning that says the folder is decoded without the cache (evicting every other entry
+    would not make room, and writing it would break the budget); else None. The auto budget, a guess, is exceeded
+    instead (make_room): a large folder decoded afresh every epoch would train several times slower."""
     needed = images * 3 * size * size
     if budget is None or needed <= budget:
         return None

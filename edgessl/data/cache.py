@@ -239,8 +239,14 @@ def _remove_stale(folder: Path, name: str) -> None:
 def make_room(folder: Path, incoming: int, budget: int | None, keep: str, say: Callable[[str], None]) -> list[str]:
     """Evict entries until the cache plus `incoming` bytes fits `budget`: stale entries first (their folder gone or
     changed), then the least recently used; never `keep` (the entry about to be built) nor an entry another
-    process reads (edgessl.data.budget.hold). One line through say() per eviction. Returns the evicted names."""
+    process reads (edgessl.data.budget.hold). One line through say() per eviction. Returns the evicted names. An
+    entry larger than the whole budget evicts nothing (only the auto budget gets here: load_image_folder keeps a
+    budget the user set by not caching such a folder)."""
     if budget is None:
+        return []
+    if incoming > budget:  # evicting every other entry would not make room for it
+        say(f"cache: this folder needs {size_text(incoming)}, more than the whole {size_text(budget)} budget (auto): "
+            "cached anyway, nothing evicted for it (--cache-max sets a budget that is kept).")
         return []
     entries = [e for e in list_entries(folder) if e["name"] != keep]
     total = sum(e["bytes"] for e in entries)

@@ -198,9 +198,9 @@ def load_image_folder(
     if cache_mb < 0:
         raise UserError(f"--cache-mb must be zero (rows read from the disk cache) or positive MiB, not {cache_mb:g}.")
     store = cache_folder(decode.cache_dir)
-    budget = cache_budget(store, decode.cache_max)[0] if store is not None else None
-    if store is not None and (note := too_large(root, size, len(paths), budget)) is not None:
-        (warn or _stderr_warning)(note)
+    budget, how = cache_budget(store, decode.cache_max) if store is not None else (None, "")
+    if not how.startswith("auto") and (note := too_large(root, size, len(paths), budget)) is not None:
+        (warn or _stderr_warning)(note)  # a budget the user set is kept; the auto one: make_room says so
         store = None
     if store is None:
         good, images, skipped = _decode_all(paths, size, workers, cache_mb, progress)
