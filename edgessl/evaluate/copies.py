@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from edgessl.evaluate.coarse import best_window_ncc
-from edgessl.evaluate.resolution import match_resolution
+from edgessl.evaluate.resolution import MATCH_FLOOR, match_resolution
 
 DESC = 24  # pixels on each side of a compared window
 SCALES = (0.95, 0.9, 0.85)  # the coarse search's square crops (share of each side kept)
@@ -281,19 +281,29 @@ def window_ncc(win: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch
 
 
 def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int, sides_a=None, sides_b=None):
-    """(start, local pairs (k, 2) into the chunk's rows, the chunk's uint8 rows, matched pairs (q, 2), their places
-    (q,) in local) per `chunk` pairs: each image is read once per chunk; with sides_a (index (k,) -> (k,) each file's
-    shorter side as stored), the pairs of a small file and a sharper one also at the small file's resolution
-    (edgessl.evaluate.resolution.match_resolution), else none."""
+    """(start, local pairs (k, 2) into the chunk's rows, the chunk's uint8 rows, their files' shorter sides or None)
+    per `chunk` pairs: each image is read once per chunk."""
     for start in range(0, len(pairs), chunk):
         part = torch.from_numpy(np.ascontiguousarray(pairs[start : start + chunk]))
         ua, ia = torch.unique(part[:, 0], return_inverse=True)
         ub, ib = torch.unique(part[:, 1], return_inverse=True)
-        local, rows = torch.stack([ia, ib + len(ua)], 1), torch.cat([get_a(ua), (get_b or get_a)(ub)])
-        if sides_a is None:
-            yield start, local, rows, local[:0], torch.zeros(0, dtype=torch.long)
-        else:
-            yield start, local, *match_resolution(rows, local, torch.cat([sides_a(ua), (sides_b or sides_a)(ub)]))
+        sides = None if sides_a is None else torch.cat([sides_a(ua), (sides_b or sides_a)(ub)])
+        yield start, torch.stack([ia, ib + len(ua)], 1), torch.cat([get_a(ua), (get_b or get_a)(ub)]), sides
+
+
+def at_coarser(scores: torch.Tensor, images: torch.Tensor, win: torch.Tensor, rows: torch.Tensor,
+               pairs: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """scores (P,) of pairs (P, 2) (images, win: prepare(rows)) -> each raised to the pair's score at its coarser
+    image's resolution where higher (resolution.match_resolution; only pairs scoring MATCH_FLOOR or more)."""
+    near = torch.nonzero(scores >= MATCH_FLOOR).squeeze(1)
+    grown, matched, which = match_resolution(rows, pairs[near], sides)
+    if not len(which):
+        return scores
+    more_images, more_win = prepare(grown[len(rows) :])
+    again = pair_scores(torch.cat([images, more_images]), torch.cat([win, more_win]), matched)
+    scores = scores.clone()
+    scores[near[which]] = torch.maximum(scores[near[which]], again)
+    return scores
 
 
 def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: float = -np.inf, sides_a=None,
@@ -302,21 +312,18 @@ def copy_scores(get_a, pairs: np.ndarray, get_b=None, chunk: int = 1024, gate: f
     (k, 3, S, S) returns (e.g. ImageSet.get), pairs[:, 1] the set of get_b (default: the same set). In chunks of
     `chunk` pairs: memory stays bounded. gate: a pair whose coarse score (coarse_of) is below it differs at a
     glance and gets -inf without the box fit (the prefilter: most of a folder's neighbour pairs). sides_a / sides_b:
-    index (k,) -> (k,) each file's shorter side as stored (edgessl.data.folder.shorter_sides; sides_b defaults to
-    sides_a): a pair of a small file and a sharper one then scores the better of the two as decoded and the two at
-    the small one's resolution (resolution.match_resolution), so a small copy of a sharp picture is not marked down
-    for the detail it never had. -> (P,) float32."""
+    index (k,) -> (k,) each file's shorter side as stored (data.folder.shorter_sides; sides_b defaults to sides_a):
+    a small copy is then not marked down for detail it never had (at_coarser). -> (P,) float32."""
     if get_b is not None and (sides_a is None) != (sides_b is None):
         raise ValueError("copy_scores: two sets of images need the sides of both or of neither")
     out = np.full(len(pairs), -np.inf, np.float32)
     fit = np.arange(len(pairs)) if gate == -np.inf else np.flatnonzero(coarse_of(get_a, pairs, get_b) >= gate)
     size = get_a(torch.from_numpy(pairs[fit[:1], 0])).shape[-1] if len(fit) else 0
-    for start, local, rows, matched, which in _chunks(get_a, pairs[fit], get_b, fit_chunk(chunk, size), sides_a,
-                                                      sides_b):
+    for start, local, rows, sides in _chunks(get_a, pairs[fit], get_b, fit_chunk(chunk, size), sides_a, sides_b):
         images, win = prepare(rows)
-        both = pair_scores(images, win, torch.cat([local, matched]))
-        scores = both[: len(local)]
-        scores[which] = torch.maximum(scores[which], both[len(local) :])
+        scores = pair_scores(images, win, local)
+        if sides is not None:
+            scores = at_coarser(scores, images, win, rows, local, sides)
         out[fit[start : start + len(local)]] = scores.numpy()
     return out
 
