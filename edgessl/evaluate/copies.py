@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgessl.data.folder import LARGE_SIDE
 from edgessl.evaluate.coarse import best_window_ncc
-from edgessl.evaluate.resolution import MATCH_FLOOR, match_resolution
+from edgessl.evaluate.resolution import MATCH_FLOOR, match_resolution, row_sides
 
 DESC = 24  # pixels on each side of a compared window
 SCALES = (0.95, 0.9, 0.85)  # the coarse search's square crops (share of each side kept)
@@ -281,22 +282,22 @@ def window_ncc(win: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch
 
 
 def _chunks(get_a, pairs: np.ndarray, get_b, chunk: int, sides_a=None, sides_b=None):
-    """(start, local pairs (k, 2) into the chunk's rows, the chunk's uint8 rows, their files' shorter sides or None)
-    per `chunk` pairs: each image is read once per chunk."""
+    """(start, local pairs (k, 2) into its rows, its uint8 rows, None or resolution.row_sides) per `chunk` pairs."""
     for start in range(0, len(pairs), chunk):
         part = torch.from_numpy(np.ascontiguousarray(pairs[start : start + chunk]))
         ua, ia = torch.unique(part[:, 0], return_inverse=True)
         ub, ib = torch.unique(part[:, 1], return_inverse=True)
-        sides = None if sides_a is None else torch.cat([sides_a(ua), (sides_b or sides_a)(ub)])
-        yield start, torch.stack([ia, ib + len(ua)], 1), torch.cat([get_a(ua), (get_b or get_a)(ub)]), sides
+        yield (start, torch.stack([ia, ib + len(ua)], 1), torch.cat([get_a(ua), (get_b or get_a)(ub)]),
+               None if sides_a is None else row_sides(ua, ub, sides_a, sides_b or sides_a))
 
 
-def at_coarser(scores: torch.Tensor, images: torch.Tensor, win: torch.Tensor, rows: torch.Tensor,
-               pairs: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+def at_coarser(scores: torch.Tensor, images, win, rows: torch.Tensor, pairs: torch.Tensor, sides) -> torch.Tensor:
     """scores (P,) of pairs (P, 2) (images, win: prepare(rows)) -> each raised to the pair's score at its coarser
-    image's resolution where higher (resolution.match_resolution; only pairs scoring MATCH_FLOOR or more)."""
+    image's resolution where higher (match_resolution; only pairs scoring MATCH_FLOOR or more read their sizes)."""
     near = torch.nonzero(scores >= MATCH_FLOOR).squeeze(1)
-    grown, matched, which = match_resolution(rows, pairs[near], sides)
+    known, used = torch.full((len(rows),), LARGE_SIDE, dtype=torch.long), torch.unique(pairs[near])
+    known[used] = sides(used)
+    grown, matched, which = match_resolution(rows, pairs[near], known)
     if not len(which):
         return scores
     more_images, more_win = prepare(grown[len(rows) :])

@@ -51,3 +51,17 @@ def match_resolution(rows: torch.Tensor, pairs: torch.Tensor, sides: torch.Tenso
     matched = pairs[which].clone()
     matched[torch.arange(len(which)), sharper] = len(rows) + torch.arange(len(which))
     return torch.cat([rows, fresh]), matched, which
+
+
+def row_sides(ua: torch.Tensor, ub: torch.Tensor, sides_a, sides_b):
+    """rows -> their files' shorter sides, for a chunk whose rows are set a's images ua, then set b's ub
+    (sides_a / sides_b: image index -> shorter side): only the rows asked for are looked up."""
+
+    def sides(rows: torch.Tensor) -> torch.Tensor:
+        first = rows < len(ua)
+        out = torch.empty(len(rows), dtype=torch.long)
+        out[first] = sides_a(ua[rows[first]])
+        out[~first] = sides_b(ub[rows[~first] - len(ua)])
+        return out
+
+    return sides
