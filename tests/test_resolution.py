@@ -76,8 +76,8 @@ def test_a_copy_shrunk_to_half_scores_as_a_copy_when_compared_at_its_resolution(
                      _texture(seed + 200))
         pairs = np.array([[0, 1], [1, 0], [0, 2], [0, 3]])
         plain = cp.copy_scores(rows.__getitem__, pairs)
-        asked = set()
-        matched = cp.copy_scores(rows.__getitem__, pairs, sides_a=lambda i: (
+        asked: set[int] = set()
+        matched = cp.copy_scores(rows.__getitem__, pairs, sides_a=lambda i, asked=asked: (
             asked.update(torch.as_tensor(i).tolist()), sides[torch.as_tensor(i)])[1])
         assert 2 not in asked  # only in a pair below MATCH_FLOOR: its file's size is never read
         assert plain[:2].max() <= 0.85 and matched[:2].min() >= 0.95 and matched[2] < 0, (seed, plain, matched)
