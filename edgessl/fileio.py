@@ -29,13 +29,14 @@ def default_mode() -> int:
     return 0o666 & ~mask
 
 
-def not_a_folder(folder: str | Path) -> Path | None:
-    """The first of `folder` and the folders above it that exists and is not a folder (a file in the way, where the
-    folder could not be made), or None."""
+def check_folder_path(folder: str | Path, out: str | Path) -> None:
+    """UserError naming --out `out` when a file stands where `folder` (out itself, or the folder it goes in) or a
+    folder above it would be made: refused before any work, not as the system's error when writing."""
     for part in [Path(folder), *Path(folder).parents]:
         if part.exists():
-            return None if part.is_dir() else part
-    return None
+            if not part.is_dir():
+                raise UserError(f"--out '{out}': '{part}' is a file, not a folder; choose another --out.")
+            return
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

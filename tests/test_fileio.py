@@ -103,3 +103,19 @@ def test_device_check_sha256_equals_sha256_file(tmp_path):
         path = tmp_path / f"f{size}"
         path.write_bytes(os.urandom(size))
         assert script.sha256(path) == sha256_file(path)
+
+
+def test_a_file_where_an_out_folder_would_go_is_refused_before_any_work(tmp_path):
+    """embed and slim check --out this way: a file in the path is one line naming it, not the system's error once
+    the work is done."""
+    from edgessl.errors import UserError
+    from edgessl.fileio import check_folder_path
+
+    (tmp_path / "afile").write_text("hi")
+    for folder in (tmp_path / "afile", tmp_path / "afile" / "deeper"):
+        with pytest.raises(UserError) as e:
+            check_folder_path(folder, folder / "e.npz")
+        assert str(e.value) == (f"--out '{folder / 'e.npz'}': '{tmp_path / 'afile'}' is a file, not a folder; "
+                                "choose another --out.")
+    check_folder_path(tmp_path / "new" / "deeper", tmp_path / "new" / "deeper" / "e.npz")  # nothing in the way
+    assert not (tmp_path / "new").exists()

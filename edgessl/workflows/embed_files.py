@@ -13,7 +13,7 @@ from PIL import Image
 
 from edgessl.data.folder import decode_image
 from edgessl.errors import UserError
-from edgessl.fileio import atomic_write, atomic_write_text, not_a_folder
+from edgessl.fileio import atomic_write, atomic_write_text, check_folder_path
 from edgessl.report.gallery import plot_neighbour_gallery
 
 FORMATS = (".npz", ".parquet")
@@ -27,9 +27,7 @@ def check_out(out: str | Path) -> Path:
         raise UserError(f"--out must end in .npz or .parquet, not '{out.name}'.")
     if out.is_dir():
         raise UserError(f"--out '{out}' is a folder; pass a file name ending in .npz or .parquet.")
-    blocked = not_a_folder(out.parent)
-    if blocked is not None:
-        raise UserError(f"--out '{out}': '{blocked}' is a file, not a folder; choose another --out.")
+    check_folder_path(out.parent, out)
     if out.suffix == ".parquet":
         _pyarrow()
     return out

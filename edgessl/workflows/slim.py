@@ -13,7 +13,7 @@ import torch
 from rich.table import Table
 
 from edgessl.errors import UserError
-from edgessl.fileio import not_a_folder
+from edgessl.fileio import check_folder_path
 from edgessl.models.backbone import ENCODER_META, ENCODER_WEIGHTS, load_encoder
 from edgessl.models.prune import count_params_macs
 from edgessl.models.widths import build_slim, save_slim, width_folder
@@ -56,9 +56,7 @@ def check_slim_out(out: Path, run_dir: Path, width: float) -> None:
     run's own folder: save_slim refuses it."""
     if out.resolve() == run_dir.resolve():
         return
-    blocked = not_a_folder(out)
-    if blocked is not None:
-        raise UserError(f"--out '{out}': '{blocked}' is a file, not a folder; choose another --out.")
+    check_folder_path(out, out)
     if (out / CHECKPOINT).exists():
         raise UserError(f"--out '{out}' holds a run (checkpoint.pt): slim writes encoder.safetensors, encoder.json "
                         "and config.yaml there. Choose another --out (an empty or new folder).")
