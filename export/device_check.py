@@ -547,17 +547,23 @@ def load_reference(entry: dict, folder: Path) -> dict | None:
 
 
 def knn_vote(query: np.ndarray, memory: np.ndarray, labels: np.ndarray, classes: int, k: int, t: float = 0.1,
-             exclude_self: bool = False) -> np.ndarray:
-    """Weighted kNN prediction (cosine, weights exp(sim / t)) as in edgessl.evaluate.knn. The neighbours are sorted
-    out `block` query rows at a time (each row's sort is the same as on the whole matrix; the (N, N) index matrix is
-    never held)."""
+             exclude_self: bool = False, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Weighted kNN prediction (cosine, weights exp(sim / t)) as in edgessl.evaluate.knn. exclude_self: query row i
+    is memory row i, left out of its own vote; exclude: (Q,) the memory row each query leaves out (-1: none). The
+    neighbours are sorted out `block` query rows at a time (each row's sort is the same as on the whole matrix; the
+    (N, N) index matrix is never held)."""
     q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
     m = memory / np.maximum(np.linalg.norm(memory, axis=1, keepdims=True), 1e-12)
     sim = q @ m.T
     del m
     if exclude_self:
         np.fill_diagonal(sim, -np.inf)
-    k = max(1, min(k, memory.shape[0] - (1 if exclude_self else 0)))
+    left_out = exclude_self
+    if exclude is not None and (exclude >= 0).any():
+        rows = np.flatnonzero(exclude >= 0)
+        sim[rows, exclude[rows]] = -np.inf
+        left_out = True
+    k = max(1, min(k, memory.shape[0] - (1 if left_out else 0)))
     block = 256
     top = np.empty((len(q), k), dtype=np.intp)
     for a in range(0, len(q), block):
@@ -573,6 +579,7 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
     """accuracy (classifier), or knn_accuracy and reference_vote_accuracy (encoder), of labelled images; matched
     reference files. data: run_images's dict (its "sha1" and "labels")."""
     res: dict = {}
+    index: dict = {}
     if reference is not None:  # images identical (after decoding) to reference images: end-to-end agreement
         index = {hashlib.sha1(img.tobytes()).hexdigest(): i for i, img in enumerate(reference["images"])}
         rows = [(r, index[k]) for r, k in enumerate(data["sha1"]) if k in index]
@@ -593,6 +600,7 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
         target = np.array([lookup[names[r]] for r in rows])
         res["accuracy"] = float((outputs[rows].argmax(1) == target).mean())
         res["accuracy_images"] = len(rows)
+        res["folders_not_classes"] = sorted(set(names) - set(lookup))  # left out of the accuracy
         return res
     classes = sorted(set(names))
     labels = np.array([classes.index(n) for n in names])
@@ -603,12 +611,16 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
     known = [r for r, n in enumerate(names) if n in ref_classes]
     ref_ok = reference is not None and (reference["labels"] >= 0).all()
     if known and ref_ok:
-        pred = knn_vote(outputs[known], reference["outputs"], reference["labels"], len(ref_classes), k=10)
+        same = np.array([index.get(data["sha1"][r], -1) for r in known])  # a reference image is no vote for itself
+        pred = knn_vote(outputs[known], reference["outputs"], reference["labels"], len(ref_classes), k=10,
+                        exclude=same)
         target = np.array([ref_classes.index(names[r]) for r in known])
         res["reference_vote_accuracy"] = float((pred == target).mean())
         res["reference_vote_detail"] = {"images": len(known), "reference_embeddings": int(len(reference["outputs"])),
+                                   "left_out": int((same >= 0).sum()),
                                    "method": "kNN vote (k=10, cosine, weights exp(sim/0.1)) over the reference "
-                                             "embeddings agrees with the image's folder label"}
+                                             "embeddings agrees with the image's folder label; an image identical to "
+                                             "a reference image leaves that one out of its vote"}
     else:
         res["reference_vote_accuracy"] = None
         res["reference_vote_detail"] = {"note": "the reference embeddings carry no labels matching these class folders"}
@@ -655,7 +667,10 @@ def print_table(report: dict) -> None:
         skipped = f" ({img['skipped']} unreadable)" if img["skipped"] else ""
         rows.append(("images", f"{img['count']} from {img['folder']}" + skipped))
     if "accuracy" in report:
-        rows.append(("accuracy", f"{report['accuracy']:.4f} on {report['accuracy_images']} labelled images"))
+        other = report.get("folders_not_classes") or []
+        left = (f" ({len(other)} folder{'s' if len(other) > 1 else ''} not among its classes left out: "
+                f"{', '.join(other[:5])}{', ...' if len(other) > 5 else ''})") if other else ""
+        rows.append(("accuracy", f"{report['accuracy']:.4f} on {report['accuracy_images']} labelled images{left}"))
     if "knn_accuracy" in report:
         rows.append(("kNN accuracy (leave-one-out)", f"{report['knn_accuracy']:.4f} (k=20, among the images)"))
     if "reference_vote_accuracy" in report:
@@ -699,6 +714,8 @@ def check(args) -> tuple[dict, int]:
         raise CheckError(f"Model '{model}' not found.")
     if args.runs < 1 or args.batch < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise CheckError("--runs, --batch and --threads must be positive, --warmup zero or positive.")
+    if args.max_images is not None and args.max_images < 1:
+        raise CheckError(f"--max-images must be positive (leave it out to use every image), not {args.max_images}.")
     ep = getattr(args, "ep", "cpu")
     providers(ep)  # no XNNPACK: say so before anything is read
     manifest_path = args.manifest or model.parent / "manifest.json"
@@ -775,6 +792,8 @@ def main(argv=None) -> int:
     if args.json_path is not None:
         args.json_path.parent.mkdir(parents=True, exist_ok=True)
         args.json_path.write_text(json.dumps(report, indent=2) + "\n")
+        if not args.quiet:
+            print(f"report: {args.json_path}")
     return code
 
 

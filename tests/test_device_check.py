@@ -372,6 +372,46 @@ def test_knn_vote_in_blocks_equals_one_sort(script, n):
     assert np.array_equal(got, _knn_vote_whole(outputs, memory, memory_labels, 4, k=10))
 
 
+def test_knn_vote_leaves_out_the_memory_row_each_query_names(script):
+    memory = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0]], dtype=np.float32)
+    labels = np.array([0, 1, 1, 0])
+    query = memory[:1].copy()  # memory row 0 itself: its own vote (similarity 1) would win at k = 1
+    assert script.knn_vote(query, memory, labels, 2, k=1)[0] == 0
+    assert script.knn_vote(query, memory, labels, 2, k=1, exclude=np.array([0]))[0] == 1
+    assert script.knn_vote(query, memory, labels, 2, k=1, exclude=np.array([-1]))[0] == 0
+
+
+def test_the_reference_vote_leaves_out_an_image_identical_to_a_reference_image(script):
+    """A checked image that is also a reference image had voted for itself (similarity 1, weight e^10): the vote
+    read 0.67 where the leave-one-out kNN among the same images read 0.27."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 3, 2, 2), dtype=np.uint8)
+    outputs = np.array([[1.0, 0.0], [0.95, 0.05], [0.9, 0.1], [0.0, 1.0]], dtype=np.float32)
+    reference = {"images": images, "outputs": outputs, "labels": np.array([0, 1, 1, 0]), "classes": ["a", "b"]}
+    sha1 = [hashlib.sha1(img.tobytes()).hexdigest() for img in images]
+    data = {"sha1": sha1[:1], "labels": ["a"]}  # the reference's first image, labelled a; its neighbours say b
+    res = script.image_figures({"kind": "encoder"}, outputs[:1], data, reference)
+    assert res["reference_vote_accuracy"] == 0.0 and res["reference_vote_detail"]["left_out"] == 1
+    assert res["reference_files"]["matched"] == 1
+
+
+def test_a_classifier_check_names_the_folders_it_left_out(script):
+    data = {"sha1": ["x"] * 4, "labels": ["cat", "Cat", "dogs", "ship"]}
+    outputs = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=np.float32)
+    res = script.image_figures({"kind": "classifier", "classes": ["cat", "ship"]}, outputs, data, None)
+    assert res["accuracy"] == 1.0 and res["accuracy_images"] == 2 and res["folders_not_classes"] == ["Cat", "dogs"]
+
+
+def test_max_images_below_one_and_the_json_line(script, exports, tmp_path, capsys):
+    model = exports["export"] / "encoder.onnx"
+    assert _main(script, model, "--images", exports["data"], "--max-images", 0) == 2
+    assert capsys.readouterr().err.strip() == ("error: --max-images must be positive (leave it out to use every "
+                                               "image), not 0.")
+    out = tmp_path / "check.json"
+    assert _main(script, model, "--json", out, "--runs", 2, "--warmup", 0, "--batch", 2) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"report: {out}"
+
+
 def test_rss_now_and_peak(script):
     now, peak = script.current_rss_bytes(), script.peak_rss_bytes()
     if peak is None:
