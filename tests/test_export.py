@@ -407,6 +407,60 @@ def test_an_export_folder_of_another_run_is_not_replaced(tmp_path):
     check_not_another_export(tmp_path, ours)
 
 
+def test_an_out_that_would_replace_files_no_export_wrote_is_refused_before_any_work(tmp_path):
+    import edgessl
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "export"):  # checked before the run is even read
+        with pytest.raises(UserError) as e:
+            edgessl.export(tmp_path / "no-run", out=str(out))
+        assert str(e.value) == f"--out '{out}': '{blocker}' is a file, not a folder; choose another --out."
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "encoder.onnx").write_text("precious")
+    (mine / "encoder.int8.onnx").write_text("keep")
+    with pytest.raises(UserError) as e:
+        edgessl.export(tmp_path / "no-run", out=str(mine))
+    assert str(e.value) == (f"--out '{mine}' holds encoder.onnx, encoder.int8.onnx but no manifest.json: files that "
+                            "no edgessl export wrote (or whose manifest is gone) would be replaced; choose another "
+                            "--out, or move them first.")
+    assert (mine / "encoder.onnx").read_text() == "precious" and (mine / "encoder.int8.onnx").read_text() == "keep"
+    from edgessl.workflows.export import check_out_folder
+
+    check_out_folder(mine, tmp_path / "run", "classifier")  # a classifier's files would replace none of them
+
+
+def test_exporting_again_names_the_earlier_files_it_does_not_write_again(tmp_path):
+    from edgessl.deploy.convert import _remove_previous
+
+    for name in ("encoder.onnx", "encoder.int8.onnx", "encoder.fp16.onnx", "encoder.reference.npz",
+                 "classifier.onnx"):
+        (tmp_path / name).write_text("x")
+    assert _remove_previous(tmp_path, "encoder", {".onnx", ".reference.npz", ".int8.onnx"}) == ["encoder.fp16.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.onnx"]  # the other model's file stays
+
+
+def test_export_warns_of_few_calibration_images_and_neighbours_that_moved(tmp_path):
+    from edgessl.deploy.images import Sample
+    from edgessl.workflows.export import warnings
+
+    def source(calib: int | None):
+        sample = Sample(tmp_path, [tmp_path / f"{i}.png" for i in range(calib or 0)], np.zeros((0, 1, 1, 3)))
+        return type("Src", (), {"calib": sample if calib is not None else None})()
+
+    entry = lambda p, a: {"file": f"encoder.{p}.onnx", "precision": p,  # noqa: E731
+                          "comparison": {"agreement_with_pytorch": {"fp32": 1.0, p: a, "images": 30}}}
+    assert warnings(source(None), [entry("fp32", 1.0)]) == []
+    assert warnings(source(256), [entry("int8", 0.8)]) == []
+    assert warnings(source(3), [entry("int8", 0.1)]) == [
+        f"warning: int8 was calibrated on 3 images from {tmp_path}: activation ranges from so few may miss what the "
+        "device sees; pass --calib with a few hundred typical images.",
+        "warning: encoder.int8.onnx gives 10% of the 30 labelled images the kNN label PyTorch's features give "
+        "(below 80%): its cosines meet the bound, but the neighbours it finds differ; calibrate on more typical "
+        "images (--calib) or ship fp32."]
+
+
 @pytest.mark.slow
 def test_export_refuses_the_out_folder_of_another_run(exports, demo_run):
     before = (exports["export"] / "manifest.json").read_bytes()

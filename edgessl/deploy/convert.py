@@ -88,11 +88,21 @@ def _task_figures(kind: str, sample: Sample, meta: dict[str, Any], outputs: dict
     return {}
 
 
-def _remove_previous(out_dir: Path, base: str) -> None:
-    """Files of an earlier export of the same model are stale once it is exported again."""
-    for suffix in (".onnx", ".int8.onnx", ".fp16.onnx", ".reference.npz"):
-        (out_dir / f"{base}{suffix}").unlink(missing_ok=True)
+EXPORT_SUFFIXES = (".onnx", ".int8.onnx", ".fp16.onnx", ".reference.npz")  # the files of one exported model
+
+
+def _remove_previous(out_dir: Path, base: str, wanted: set[str]) -> list[str]:
+    """Files of an earlier export of the same model are stale once it is exported again: removed. Returns the names
+    of those this export will not write again (their suffix is not in `wanted`: a precision not asked for now)."""
+    gone = []
+    for suffix in EXPORT_SUFFIXES:
+        path = out_dir / f"{base}{suffix}"
+        if path.exists():
+            path.unlink()
+            if suffix not in wanted:
+                gone.append(path.name)
     mf.drop_missing(out_dir)
+    return gone
 
 
 def _write_reference(path: Path, sample: Sample, outputs: np.ndarray) -> None:
@@ -347,7 +357,11 @@ def write_models(src: Source, out_dir: Path, base_name: str, opset: int, mode: s
     int8 (mode: edgessl.deploy.int8search's, None: none) and fp16 copies, each timed, checked for mobile execution
     providers and (ort) written in the .ort format too. Returns (manifest entries, notes: one line each, e.g. why
     int8 was not written, failures: the copies that missed their check). say(line): the progress."""
-    _remove_previous(out_dir, base_name)
+    wanted = {".onnx", ".reference.npz"} | ({".int8.onnx"} if mode else set()) | ({".fp16.onnx"} if fp16 else set())
+    gone = _remove_previous(out_dir, base_name, wanted)
+    if gone:
+        say(f"Removed the earlier export's {' and '.join(gone)} from {out_dir}: this export was not asked for "
+            f"{'it' if len(gone) == 1 else 'them'} (--int8, --fp16 write them again).")
     x = to_input(src.sample.images, src.meta["mean"], src.meta["std"])
     ref = torch_outputs(src.model, x)
     fp32 = _export_fp32(src, out_dir / f"{base_name}.onnx", int(opset), x, ref, say)

@@ -18,9 +18,10 @@ from edgessl.deploy import int8search as i8
 from edgessl.deploy import manifest as mf
 from edgessl.deploy import onnx as ox
 from edgessl.deploy import quantize as qz
-from edgessl.deploy.convert import CALIB_IMAGES, EVAL_IMAGES, Source, write_models
+from edgessl.deploy.convert import CALIB_IMAGES, EVAL_IMAGES, EXPORT_SUFFIXES, Source, write_models
 from edgessl.deploy.images import sample_folder
 from edgessl.errors import UserError
+from edgessl.fileio import check_folder_path
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.classifier import load_classifier
 from edgessl.models.widths import ensure_slimmed
@@ -56,17 +57,43 @@ def export(run: str | Path, opts: ExportOptions, console=None) -> ExportResult:
         run, reused = ensure_slimmed(run, opts.width)
         say(f"Width {opts.width:g}: {'using the slimmed encoder in' if reused else 'slimmed into'} {run}", markup=False)
     mode = i8.int8_mode(opts.int8_mode if opts.int8_mode is not None else opts.int8)
+    if opts.out:  # the run's own export folder is always its own (even when the run has moved since)
+        check_out_folder(Path(opts.out), Path(run), opts.name or ("classifier" if opts.classifier else "encoder"))
     src = _prepare(run, opts, mode is not None)
     out_dir = Path(opts.out) if opts.out else src.run_dir / "export"
-    if opts.out:  # the run's own export folder is always its own (even when the run has moved since)
-        check_not_another_export(out_dir, _source(src, opts.classifier))
     out_dir.mkdir(parents=True, exist_ok=True)
     entries, notes, failures = write_models(src, out_dir, opts.name or src.kind, int(opts.opset), mode, opts.fp16,
                                             opts.calib_method, functools.partial(say, markup=False), opts.ort)
+    for line in warnings(src, entries):
+        say(line, markup=False)
+        notes.append(line)
     manifest = mf.write_manifest(out_dir, entries, _source(src, opts.classifier))
     if failures:
         raise ox.ValidationFailed(" ".join(failures) + f" The other files are listed in {manifest}.")
     return ExportResult(out_dir, manifest, entries, notes)
+
+
+CALIB_FEW = 50  # int8 calibrated on fewer images than this: a warning (its activation ranges rest on so few)
+AGREEMENT_LOW = 0.8  # an int8 / fp16 file giving fewer checked images PyTorch's kNN label than this: a warning
+
+
+def warnings(src: Source, entries: list[dict[str, Any]]) -> list[str]:
+    """What the user should look at before shipping, one line each: an int8 calibrated on few images, a reduced
+    copy whose kNN labels on the labelled images differ from PyTorch's though its cosines meet the bound (cosines
+    of pooled features stay high when a shared component dominates them)."""
+    lines = []
+    if src.calib is not None and len(src.calib) < CALIB_FEW:
+        lines.append(f"warning: int8 was calibrated on {len(src.calib)} image{'s' if len(src.calib) > 1 else ''} "
+                     f"from {src.calib.root}: activation ranges from so few may miss what the device sees; pass "
+                     "--calib with a few hundred typical images.")
+    for e in entries:
+        agree = (e.get("comparison", {}).get("agreement_with_pytorch") or {}).get(e["precision"])
+        if e["precision"] != "fp32" and agree is not None and agree < AGREEMENT_LOW:
+            n = e["comparison"]["agreement_with_pytorch"]["images"]
+            lines.append(f"warning: {e['file']} gives {agree:.0%} of the {n} labelled images the kNN label PyTorch's "
+                         f"features give (below {AGREEMENT_LOW:.0%}): its cosines meet the bound, but the neighbours "
+                         "it finds differ; calibrate on more typical images (--calib) or ship fp32.")
+    return lines
 
 
 def training_folder(run_dir: Path) -> Path | None:
@@ -141,6 +168,20 @@ def _source(src: Source, classifier) -> dict[str, Any]:
         "images": str(src.sample.root.resolve()), "timm_name": src.meta["timm_name"], "stem": src.meta.get("stem"),
         "epochs_trained": src.meta.get("epochs_trained"), "method": src.meta.get("method"),
     }
+
+
+def check_out_folder(out_dir: Path, run_dir: Path, base: str) -> None:
+    """Before any work, UserError when --out `out_dir` is a file or lies below one, holds the export of another run,
+    or holds files this export of `base` would replace with no manifest.json to show an edgessl export wrote them."""
+    check_folder_path(out_dir, out_dir)
+    if (out_dir / mf.MANIFEST).is_file():
+        check_not_another_export(out_dir, {"run": str(run_dir.resolve())})
+        return
+    theirs = [f"{base}{s}" for s in EXPORT_SUFFIXES if (out_dir / f"{base}{s}").exists()]
+    if theirs:
+        raise UserError(f"--out '{out_dir}' holds {', '.join(theirs)} but no manifest.json: files that no edgessl "
+                        "export wrote (or whose manifest is gone) would be replaced; choose another --out, or move "
+                        "them first.")
 
 
 def check_not_another_export(out_dir: Path, source: dict[str, Any]) -> None:
