@@ -41,6 +41,18 @@ def test_icons_keep_their_size_and_are_never_upscaled():
         "auto: shorter side 64 px over 10 images; trained at their own size, never upscaled")
 
 
+def test_the_reason_says_when_images_are_upscaled():
+    """A folder of 16 px images had read "trained at ... 32 px, never upscaled"."""
+    assert choose_image_size([(16, 16)] * 12).reason == (
+        "auto: shorter side 16 px over 12 images; trained at 32 px, the smallest size; 12 of the 12 are "
+        "smaller and upscaled to it")
+    mixed = choose_image_size([(32, 32)] * 10 + [(416, 416)] * 16)  # CIFAR photos among NEU-DET scans
+    assert mixed.value == 128 and mixed.reason.endswith("; 10 of the 26 are smaller and upscaled to it")
+    some = choose_image_size([(48, 48)] * 2 + [(64, 64)] * 5)
+    assert some.reason == ("auto: shorter side 64 px median (48-64 px) over 7 images; trained at their own size; 2 of "
+                           "the 7 are smaller and upscaled to it")
+
+
 def test_photos_are_capped_at_one_size_on_every_device():
     photo = choose_image_size([(640, 480)] * 5)
     assert photo.value == PHOTO_SIZE == 128

@@ -81,6 +81,17 @@ def test_choose_greyscale_says_why():
     assert training_augment(0.3, choose_greyscale("on", grey)) == colour_free(AugmentConfig(blur_p=0.3))
 
 
+def test_a_mixed_folder_says_it_trains_in_colour_and_how_many_are_grey():
+    """16 grey scans and 10 colour photos had trained in colour without a Colour line."""
+    rows = _grey(8)
+    rows[5, 0] = 255 - rows[5, 0]  # image 5 has colour
+    choice = choose_greyscale("auto", _set(rows))
+    assert not choice.on and choice.mixed
+    assert choice.describe() == ("colour augmentations kept (auto: colour (image 5 has colour); 7 of the 8 images "
+                                 "checked are grey: a mixed folder trains in colour, --greyscale on trains it grey)")
+    assert not choose_greyscale("auto", _set(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8))).mixed
+
+
 def test_colour_free_augmentation_equals_the_default_on_grey_images():
     """On R = G = B images saturation, hue and random grayscale change nothing: the colour-free crops equal the
     default ones (same random stream, float rounding only), so turning them off costs no accuracy."""

@@ -159,6 +159,57 @@ def test_refused_resume_changes_no_byte_and_a_plain_resume_still_works(cut, tmp_
     assert load_checkpoint(run)["epoch"] == 2
 
 
+def test_resume_refuses_changed_training_settings_another_out_and_a_recipe(cut, tmp_path):
+    """A resume had taken --lr, --method, --seed, --batch-size, --optimizer silently (config.yaml then described the
+    new settings only), ignored --out and --recipe."""
+    run = shutil.copytree(cut, tmp_path / "run")
+    before = folder_hash(run)
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--lr", "1.0", "--method", "npid"]))
+    assert line == (f"error: Cannot resume '{run}': it trains with --method edgessl, not npid; --bank-init forward, "
+                    "not random; --bank-update grad, not momentum; --sd-weight 5.0, not 0.0; --lr 0.2, not 1.0: a "
+                    f"run keeps its settings. Resume without those options, or start a new run from its weights: "
+                    f"--init {run}.")
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--optimizer", "adamw"]))
+    assert line == (f"error: Cannot resume '{run}': it trains with --optimizer sgd, not adamw: a run keeps its "
+                    f"settings. Resume without that option, or start a new run from its weights: --init {run}.")
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--out", str(tmp_path / "b")]))
+    assert line == (f"error: Cannot resume '{run}' into --out '{tmp_path / 'b'}': a run continues in its own folder. "
+                    f"Resume without --out, or start a new run from its weights: --init {run} --out {tmp_path / 'b'}.")
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--recipe", "resnet18_cifar"]))
+    assert line == (f"error: Cannot resume '{run}' with --recipe: a run keeps its config.yaml. Resume without "
+                    f"--recipe, or start a new run from its weights: --init {run} --recipe resnet18_cifar.")
+    assert folder_hash(run) == before
+
+
+def test_a_runs_config_reloads_into_a_new_run_and_not_quiet(finished, images, tmp_path, monkeypatch):
+    """config.yaml's first line says `reload with: edgessl pretrain --config RUN/config.yaml`: that had always met
+    its own run (`out` is in it), and a --quiet run's config had made every later run and resume quiet."""
+    from edgessl.config import resolve
+    from edgessl.workflows.pretrain import run_of
+
+    config = finished / "config.yaml"
+    assert run_of(config) == finished.resolve() and run_of(tmp_path / "none.yaml") is None
+    seen = {}
+    monkeypatch.setattr("edgessl.workflows.pretrain.train_run", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    edgessl.pretrain(config=str(config))
+    assert seen["cfg"].out is None and seen["cfg"].quiet is False  # a fresh runs/<backbone>-<time>
+    assert resolve(config=str(config)).quiet is True  # what the file says, as any config file
+    seen.clear()
+    edgessl.pretrain(config=str(config), out=str(tmp_path / "new"), quiet=True)
+    assert seen["cfg"].out == str(tmp_path / "new") and seen["cfg"].quiet is True
+
+
+def test_a_config_files_own_method_settings_stand_above_the_method_preset(tmp_path):
+    from edgessl.config import resolve
+
+    cfg_file = tmp_path / "npid.yaml"
+    cfg_file.write_text("method: npid\ntemperature: 0.07\nsd_weight: 0.5\n")
+    cfg = resolve(config=str(cfg_file))
+    assert (cfg.temperature, cfg.sd_weight, cfg.bank_update) == (0.07, 0.5, "momentum")
+    cfg = resolve({"method": "npid"}, config=str(tmp_path / "npid.yaml"))  # switched on the command line: preset
+    assert (cfg.temperature, cfg.sd_weight) == (0.1, 0.0)
+
+
 # ---------------------------------------------------------------- 3. paths and data identity
 def test_resume_refuses_a_different_folder_with_the_same_image_count(cut, images, tmp_path):
     run = shutil.copytree(cut, tmp_path / "run")

@@ -2,7 +2,8 @@
 pretrain`; a recipe or a flag with a number keeps working exactly as before).
 
 - Image size: the median shorter side of up to HEADER_LIMIT images (headers only, evenly spread over the sorted
-  files), rounded down to SIZE_LADDER, so icons and thumbnails train at their own size and are never upscaled;
+  files), rounded down to SIZE_LADDER, so icons and thumbnails train at their own size (the banner says how many
+  smaller images are upscaled; a folder below the smallest size trains at it);
   larger images (photos, scans) are capped at PHOTO_SIZE on every device, the size the domains suite measured worth
   its time per epoch at the automatic epochs (benchmarks/domains.py, NEU-DET steel scans; PHOTO_WHY says it in the
   banner).
@@ -62,10 +63,15 @@ def choose_image_size(sizes: Sequence[tuple[int, int]]) -> AutoChoice:
     native = max([s for s in SIZE_LADDER if s <= median], default=SIZE_LADDER[0])
     spread = f"{median} px" if shorts[0] == shorts[-1] else f"{median} px median ({shorts[0]}-{shorts[-1]} px)"
     seen = f"shorter side {spread} over {len(shorts):,} images"
+    value = min(native, PHOTO_SIZE)
+    below = sum(s < value for s in shorts)
+    up = f"; {below:,} of the {len(shorts):,} are smaller and upscaled to it" if below else ""
+    if native > median:  # smaller than the smallest size trained at
+        return AutoChoice(native, f"auto: {seen}; trained at {native} px, the smallest size{up}")
     if native <= PHOTO_SIZE:
         how = "their own size" if native == median else f"their size rounded down to {native} px"
-        return AutoChoice(native, f"auto: {seen}; trained at {how}, never upscaled")
-    return AutoChoice(PHOTO_SIZE, f"auto: {seen}; capped at {PHOTO_SIZE} px {PHOTO_WHY}")
+        return AutoChoice(native, f"auto: {seen}; trained at {how}{up or ', never upscaled'}")
+    return AutoChoice(PHOTO_SIZE, f"auto: {seen}; capped at {PHOTO_SIZE} px {PHOTO_WHY}{up}")
 
 
 def choose_epochs(n_images: int) -> AutoChoice:

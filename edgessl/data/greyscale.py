@@ -35,6 +35,8 @@ class GreyCheck:
     checked: int
     total: int
     colour: int | None = None
+    grey_seen: int = 0  # a colour folder: the grey images among the `read` checked up to its first colour chunk
+    read: int = 0
 
     def describe(self) -> str:
         if not self.grey:
@@ -49,10 +51,12 @@ def check_greyscale(images: ImageSet, limit: int = CHECK_LIMIT, chunk: int = 512
     first colour image (a colour folder is decided by its first chunk)."""
     n = len(images)
     index = torch.linspace(0, n - 1, min(n, limit)).round().long().unique() if n else torch.zeros(0, dtype=torch.long)
+    seen = read = 0
     for part in index.split(chunk):
         grey = grey_rows(images.get(part))
+        seen, read = seen + int(grey.sum()), read + len(part)
         if not bool(grey.all()):
-            return GreyCheck(False, len(index), n, int(part[~grey][0]))
+            return GreyCheck(False, len(index), n, int(part[~grey][0]), seen, read)
     return GreyCheck(True, len(index), n)
 
 
@@ -62,6 +66,7 @@ class GreyChoice:
 
     on: bool
     reason: str
+    mixed: bool = False  # auto found grey and colour images: said in the banner too
 
     def describe(self) -> str:
         if self.on:
@@ -76,6 +81,10 @@ def choose_greyscale(option: str, images: ImageSet) -> GreyChoice:
     if option == "off":
         return GreyChoice(False, "--greyscale off")
     check = check_greyscale(images)
+    if not check.grey and check.grey_seen:
+        return GreyChoice(False, f"auto: {check.describe()}; {check.grey_seen:,} of the {check.read:,} images "
+                                 "checked are grey: a mixed folder trains in colour, --greyscale on trains it grey",
+                          mixed=True)
     return GreyChoice(check.grey, f"auto: {check.describe()}")
 
 

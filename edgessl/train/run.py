@@ -143,7 +143,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         banner(run, state, precision, arch)
         for name, text in chosen.items():
             run.say(f"{AUTO_LABELS[name]}: {text}")
-        if grey.on or cfg.greyscale != "auto":
+        if grey.on or grey.mixed or cfg.greyscale != "auto":
             run.say(f"Colour: {grey.describe()}")
         train_epochs(run, state, objective, net, on_step)
         if objective.slim and d.main and evaluation.widths_report is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgessl.config import resolve
+from edgessl.config import read_yaml, replace, resolve
 from edgessl.deploy.widths import width_report
 from edgessl.errors import UserError
 from edgessl.evaluate.monitor import Monitor
@@ -52,9 +52,59 @@ def pretrain(
             raise UserError(problem)
         if overwrite:
             raise UserError("--resume continues a run and --overwrite starts a new one: pass one of them.")
-        if config is None:
-            config = Path(resume) / "config.yaml"
+        check_resume_options(Path(resume), recipe, config, options.get("out"))
+        config = Path(resume) / "config.yaml"
         options.pop("out", None)
     cfg = resolve(options, recipe=recipe, config=str(config) if config else None)
+    if config is not None and run_of(Path(config)) is not None:  # a run's own config.yaml: display is not a setting
+        cfg = replace(cfg, quiet=bool(options.get("quiet", False)))
+        if resume is None and "out" not in options:  # reloaded for a new run, not into the run it came from
+            cfg = replace(cfg, out=None)
+    if resume is not None:
+        check_unchanged(Path(resume), cfg)
     return train_run(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite,
                      evaluation=standard_evaluation())
+
+
+# What a resumed run may change: where and how it runs, how long, what it reports. Anything else (the loss, the bank,
+# the optimiser, the batch, the augmentations, the seed) would make config.yaml describe one part of the run only;
+# the architecture, the input size and the teacher are refused by their own checks (edgessl.train.prepare).
+RESUME_FREE = {"data", "val", "labels_from_folders", "cache_mb", "cache_dir", "cache_max", "workers", "threads",
+               "epochs", "device", "precision", "deterministic", "sync_bn", "checkpoint_every", "eval_every",
+               "monitor_queries", "logger", "quiet", "out", "image_size", "small_input", "backbone", "head",
+               "head_hidden", "feature_dim", "widths", "init", "teacher", "teacher_backbone", "teacher_image_size"}
+
+
+def check_resume_options(run: Path, recipe, config, out) -> None:
+    """UserError for options --resume cannot honour: --recipe and --config (the run keeps its own config.yaml), an
+    --out other than the run (it continues in its own folder)."""
+    if recipe is not None or config is not None:
+        flag = "--recipe" if recipe is not None else "--config"
+        raise UserError(f"Cannot resume '{run}' with {flag}: a run keeps its config.yaml. Resume without {flag}, or "
+                        f"start a new run from its weights: --init {run} {flag} {recipe or config}.")
+    if out is not None and Path(out).resolve() != run.resolve():
+        raise UserError(f"Cannot resume '{run}' into --out '{out}': a run continues in its own folder. Resume without "
+                        f"--out, or start a new run from its weights: --init {run} --out {out}.")
+
+
+def check_unchanged(run: Path, cfg) -> None:
+    """UserError naming each training setting that differs from the run's config.yaml (a value left to `auto` is
+    resolved again and not compared)."""
+    before = read_yaml(run / "config.yaml", "Config")
+    after = cfg.to_dict()
+    changed = [f"--{k.replace('_', '-')} {before[k]}, not {after[k]}" for k in after
+               if k not in RESUME_FREE and k in before and after[k] != before[k] and after[k] != "auto"]
+    if changed:
+        which = "that option" if len(changed) == 1 else "those options"
+        raise UserError(f"Cannot resume '{run}': it trains with {'; '.join(changed)}: a run keeps its settings. Resume "
+                        f"without {which}, or start a new run from its weights: --init {run}.")
+
+
+def run_of(config: Path) -> Path | None:
+    """The run directory whose own config.yaml `config` is (its `out` is the file's folder), else None."""
+    try:
+        out = read_yaml(config, "Config").get("out")
+    except UserError:
+        return None
+    folder = config.resolve().parent
+    return folder if out and Path(out).resolve() == folder and config.name == "config.yaml" else None
