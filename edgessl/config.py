@@ -221,10 +221,8 @@ def resolve(
     method = overrides.get("method", values.get("method", PretrainConfig.method))
     if method not in METHOD_PRESETS:
         raise UserError(f"--method must be one of {', '.join(METHOD_PRESETS)}, not '{method}'.")
-    if "method" in overrides:  # switched on the command line: the method's settings replace the file's
-        values.update(METHOD_PRESETS[method])
-    else:  # the method of the recipe or config file: its own settings (a run's config.yaml) stand above the preset
-        values = {**METHOD_PRESETS[method], **values}
+    # a method switched on the command line replaces the file's settings; a file's own (config.yaml) stand above it
+    values = {**values, **METHOD_PRESETS[method]} if "method" in overrides else {**METHOD_PRESETS[method], **values}
     values.update(overrides)
     check_paths(values)  # the API's arguments, and a config file's `data: 123`
     cfg = PretrainConfig(**values)
