@@ -93,7 +93,7 @@ def _print_summary(console, result, notes: bool = True) -> None:
                       f"{parity['min_cosine']:.6f}", f"{parity['mean_cosine']:.6f}", *timing,
                       "" if agree is None else f"{agree:.4f}", _mobile(entry.get("mobile")))
     console.print(table)
-    for note in result.notes if notes else []:
+    for note in [*result.notes, *result.warnings] if notes else []:
         console.print(note, highlight=False, soft_wrap=True, markup=False)
     console.print(f"Manifest: {result.manifest}", highlight=False, soft_wrap=True)
 

@@ -35,6 +35,7 @@ class ExportResult:
     manifest: Path
     models: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # one line each, e.g. why int8 was not written
+    warnings: list[str] = field(default_factory=list)  # one line each: what to look at before shipping
 
 
 @takes_options(ExportOptions, lead=("run",), extra={"console": None})
@@ -64,13 +65,13 @@ def export(run: str | Path, opts: ExportOptions, console=None) -> ExportResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     entries, notes, failures = write_models(src, out_dir, opts.name or src.kind, int(opts.opset), mode, opts.fp16,
                                             opts.calib_method, functools.partial(say, markup=False), opts.ort)
-    for line in warnings(src, entries):
+    cautions = warnings(src, entries)
+    for line in cautions:
         say(line, markup=False)
-        notes.append(line)
     manifest = mf.write_manifest(out_dir, entries, _source(src, opts.classifier))
     if failures:
         raise ox.ValidationFailed(" ".join(failures) + f" The other files are listed in {manifest}.")
-    return ExportResult(out_dir, manifest, entries, notes)
+    return ExportResult(out_dir, manifest, entries, notes, cautions)
 
 
 CALIB_FEW = 50  # int8 calibrated on fewer images than this: a warning (its activation ranges rest on so few)
