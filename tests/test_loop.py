@@ -85,6 +85,17 @@ def test_the_batch_is_fixed_when_the_run_starts_and_kept_by_resume():
         resolve_batch(cfg, 1529, distributed.Dist(rank=0, world=3), warned.append, fixed=152)
 
 
+def test_a_batch_larger_than_the_folder_and_its_cap_gets_one_warning_with_the_batch_it_gets():
+    """100 images at --batch-size 128 had warned twice (shrinks to 100, then "--batch-size 100 ... shrinks to 8")."""
+    warned = []
+    assert resolve_batch(resolve({"batch_size": 128}), 100, distributed.Dist(), warned.append) == 8
+    assert warned == ["only 100 images, fewer than --batch-size 128: the batch shrinks to 8 (a tenth of the data set "
+                      "in multiples of 8, at least 8: larger batches destabilise the memory bank on small data)."]
+    warned.clear()
+    assert resolve_batch(resolve({"batch_size": 128}), 5, distributed.Dist(), warned.append) == 5
+    assert warned == ["only 5 images, fewer than --batch-size 128: the batch shrinks to 5."]
+
+
 @pytest.mark.slow
 def test_checkpoint_records_the_batch(tiny_data, tmp_path):
     from edgessl.train.checkpoint import load_checkpoint

@@ -220,19 +220,20 @@ def resolve_batch(cfg: PretrainConfig, n: int, d: distributed.Dist, warn: Callab
             raise UserError(f"Cannot resume with {d.world} processes: the run's global batch {fixed} is not divisible "
                             "by it. Use a number of processes that divides it.")
         return fixed
-    batch = cfg.batch_size
+    batch, cap = cfg.batch_size, bank_batch_cap(n, 8 * d.world)
+    rule = (f"a tenth of the data set in multiples of {8 * d.world}, at least {8 * d.world}: larger batches "
+            "destabilise the memory bank on small data")
     if n < batch:
         batch = n - n % d.world
         if batch == 0:
             raise UserError(f"only {n} images for {d.world} processes: every process needs at least one per step.")
+        if batch > cap:  # one warning, with the batch the run gets
+            warn(f"only {n} images, fewer than --batch-size {cfg.batch_size}: the batch shrinks to {cap} ({rule}).")
+            return cap
         warn(f"only {n} images, fewer than --batch-size {cfg.batch_size}: the batch shrinks to {batch}.")
-    cap = bank_batch_cap(n, 8 * d.world)
     if batch > cap:
-        warn(
-            f"--batch-size {batch} would cover {batch / n:.0%} of the {n} images per step; the batch shrinks to {cap} "
-            f"(at most 1/{BANK_BATCH_DIVISOR} of the data set: "
-            "larger batches destabilise the memory bank on small data)."
-        )
+        warn(f"--batch-size {batch} would cover {batch / n:.0%} of the {n} images per step; the batch shrinks to {cap} "
+             f"({rule}).")
         batch = cap
     return batch
 
