@@ -230,6 +230,10 @@ def test_signature_names_changed_files():
     new = {"sha256": "b", "files": [["a.png", 11, 1], ["b.png", 10, 2], ["c.png", 10, 1]]}
     assert describe_difference(old, new) == "2 files changed (a.png, b.png)"
     assert describe_difference(old, dict(old)) == ""
+    copied = {"sha256": "c", "files": [["a.png", 10, 5], ["b.png", 10, 5], ["c.png", 10, 5]]}  # cp -r: new times
+    assert describe_difference(old, copied) == ("3 files changed (a.png, b.png, ...): the same sizes, other "
+                                                "modification times (a copy that did not keep them, `cp -r` rather "
+                                                "than `cp -a`?)")
 
 
 @pytest.mark.slow

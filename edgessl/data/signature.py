@@ -63,6 +63,10 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], limit: int = 2
         if names:
             shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
             parts.append(f"{len(names)} file{'s' if len(names) != 1 else ''} {what} ({shown})")
+    changed = groups[2][1]
+    if len(parts) == 1 and changed and all(before[k][0] == after[k][0] for k in changed):
+        parts[0] += (": the same sizes, other modification times (a copy that did not keep them, `cp -r` rather "
+                     "than `cp -a`?)")
     return ", ".join(parts) or "the files are the same but in another order"
 
 
