@@ -132,6 +132,10 @@ def test_missing_file_and_empty_folders_raise_one_line_errors(tmp_path):
     (tmp_path / "one" / "b.png").write_bytes(b"")
     with pytest.raises(UserError, match=r"has 1 readable image \(1 unreadable files skipped\); at least 2"):
         load_image_folder(tmp_path / "one", 16)
+    with pytest.raises(UserError) as e:
+        load_image_folder(tmp_path / "one", 16)
+    assert str(e.value).startswith(f"--data '{tmp_path / 'one'}' has 1 readable image (1 unreadable files skipped); "
+                                   "at least 2 are needed. Skipped: b.png (")  # its reason, as decoding gave it
 
 
 def test_labels_from_first_level_subfolders(tmp_path):
