@@ -93,9 +93,26 @@ def cli_type(cls: type, name: str) -> Any:
 
 
 def check_known(cls: type, given: dict[str, Any], what: str = "") -> None:
+    import difflib
+
     unknown = sorted(set(given) - set(names(cls)))
     if unknown:
-        raise UserError(f"Unknown {what + ' ' if what else ''}options: {', '.join(unknown)}.")
+        near = {u: difflib.get_close_matches(u, names(cls), n=1) for u in unknown}
+        listed = ", ".join(f"{u} (did you mean {near[u][0]}?)" if near[u] else u for u in unknown)
+        raise UserError(f"Unknown {what + ' ' if what else ''}options: {listed}.")
+
+
+def check_types(cls: type, values: dict[str, Any]) -> None:
+    """UserError when an API argument has the wrong type for a number option (the CLI's flags are typed by typer): a
+    whole number for `opset="18a"` or `seeds=1.5`, a number for a float option (switches take a mode's name too)."""
+    for f, spec in specs(cls):
+        value, kind = values.get(f.name), str(f.type).removesuffix(" | None")
+        flag = spec.flag or flag_name(f.name)
+        if value is None or kind not in ("int", "float"):
+            continue
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or (kind == "int" and not float(value).is_integer())):
+            raise UserError(f"{flag} must be {'a whole number' if kind == 'int' else 'a number'}, not {value!r}.")
 
 
 PATH_OPTIONS = frozenset({"run", "run_dir", "source", "data", "val", "train", "test", "out", "images", "calib",
@@ -118,6 +135,7 @@ def build(cls: type[T], given: dict[str, Any], what: str = "") -> T:
     check_known(cls, given, what)
     check_paths(given)
     values = {k: v for k, v in given.items() if v is not None}
+    check_types(cls, values)
     missing = [f.name for f, spec in specs(cls) if spec.required and f.name not in values]
     if missing:
         raise UserError(f"{flag_name(missing[0])} is required.")

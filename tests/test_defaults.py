@@ -103,6 +103,22 @@ def test_an_unknown_api_option_is_one_line(tmp_path):
         edgessl.evaluate_encoder(tmp_path)
 
 
+def test_api_options_of_the_wrong_type_and_near_misses_are_one_line(tmp_path):
+    """opset="18a", seeds="3x" had ended in Python's ValueError; `neighbors=` gave no hint of `neighbours`."""
+    with pytest.raises(UserError) as e:
+        edgessl.export(tmp_path, opset="18a")
+    assert str(e.value) == "--opset must be a whole number, not '18a'."
+    with pytest.raises(UserError) as e:
+        edgessl.evaluate_encoder(tmp_path, train=str(tmp_path), seeds=1.5)
+    assert str(e.value) == "--seeds must be a whole number, not 1.5."
+    with pytest.raises(UserError) as e:
+        edgessl.finetune(tmp_path, train=str(tmp_path), epochs=3, lr="fast")
+    assert str(e.value) == "--lr must be a number, not 'fast'."
+    with pytest.raises(UserError) as e:
+        edgessl.embed(tmp_path, str(tmp_path), str(tmp_path / "e.npz"), neighbors=5, zzz=1)
+    assert str(e.value) == "Unknown options: neighbors (did you mean neighbours?), zzz."
+
+
 def test_a_path_of_another_type_is_one_line_and_leading_arguments_go_by_keyword(tmp_path):
     with pytest.raises(UserError, match=r"^data must be a path \(str or pathlib\.Path\), not int 123\.$"):
         edgessl.pretrain(data=123, out=str(tmp_path / "run"))
