@@ -17,7 +17,7 @@ import yaml
 import edgessl.recipes
 from edgessl._version import __version__
 from edgessl.errors import UserError
-from edgessl.fileio import atomic_write_text
+from edgessl.fileio import atomic_write_text, load_yaml_unique
 from edgessl.loggers import parse_loggers
 from edgessl.options import Compute, Decode, HasDecode, check_groups, check_paths, names, option, shared
 
@@ -179,7 +179,7 @@ def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_unique(path.read_text()) or {}
     except UnicodeDecodeError:
         raise UserError(f"{what} '{path}' is not a text (YAML) file.") from None
     except yaml.YAMLError as e:

@@ -119,3 +119,25 @@ def safe_torch_load(path: str | Path, what: str = "", map_location: Any = "cpu")
         raise UserError(f"{what + ' ' if what else ''}'{path}' holds a pickled object that is not weights or plain "
                         f"data ({detail[:160]}); edgessl never runs code from a file, so it is refused. Use a run "
                         "directory or weights file you trust.") from None
+
+
+def load_yaml_unique(text: str) -> Any:
+    """yaml.safe_load that refuses a key given twice in one mapping (yaml.YAMLError naming it: safe_load keeps the
+    last silently, so `epochs: 1` then `epochs: 2` had trained for 2 without a word)."""
+    import yaml
+
+    class Unique(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice (line "
+                                                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    Unique.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Unique)  # noqa: S506 - a SafeLoader subclass

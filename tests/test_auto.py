@@ -143,6 +143,15 @@ def test_a_config_file_setting_of_the_wrong_type_is_one_line(tmp_path):
     path.write_text("lr: 1\nteacher_image_size: null\ndeterministic: true\n")  # a whole number is a number
     cfg = resolve_config({}, config=str(path))
     assert cfg.lr == 1 and cfg.deterministic is True and cfg.teacher_image_size is None
+
+
+def test_a_key_given_twice_in_a_config_file_is_one_line(tmp_path):
+    """safe_load kept the last of two `epochs:` lines without a word."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("epochs: 1\nlr: 0.1\nepochs: 2\n")
+    with pytest.raises(UserError) as e:
+        resolve_config({}, config=str(path))
+    assert str(e.value) == f"Config '{path}' is not valid YAML: the key 'epochs' is given twice (line 3)"
     with pytest.raises(UserError, match=r"^--epochs must be .*"):
         resolve_config({"epochs": "many"})
 
