@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ def pretrain(
             cfg = replace(cfg, out=None)
     if resume is not None:
         check_unchanged(Path(resume), cfg)
+        say_shorter(Path(resume), cfg, Say(console, cfg.quiet))
     return train_run(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite,
                      evaluation=standard_evaluation())
 
@@ -98,6 +100,19 @@ def check_unchanged(run: Path, cfg) -> None:
         which = "that option" if len(changed) == 1 else "those options"
         raise UserError(f"Cannot resume '{run}': it trains with {'; '.join(changed)}: a run keeps its settings. Resume "
                         f"without {which}, or start a new run from its weights: --init {run}.")
+
+
+def say_shorter(run: Path, cfg, say) -> None:
+    """A line when --epochs ends a resumed run before the length it was set for: the cosine schedule is that of the
+    shorter run, so the learning rate falls to 0 sooner (an extended run's is stretched alike; docs/data.md)."""
+    planned = read_yaml(run / "config.yaml", "Config").get("epochs")
+    try:
+        done = json.loads((run / "encoder.json").read_text()).get("epochs_trained", 0)
+    except (OSError, ValueError):
+        done = 0
+    if isinstance(planned, int) and done < cfg.epochs < planned:
+        say(f"--epochs {cfg.epochs} ends the run before the {planned} it was set for: its learning rate follows the "
+            f"schedule of a run of {cfg.epochs} epochs and falls to 0 by epoch {cfg.epochs}.", markup=False)
 
 
 def run_of(config: Path) -> Path | None:
