@@ -67,7 +67,10 @@ def busy_cores(interval: float = 0.2) -> float | None:
 def choose_threads(option: int | str | None = "auto", busy: float | None = None) -> ThreadChoice:
     """The thread count for `option` ("auto"/None/0 or a positive number); busy: measured busy cores (tests)."""
     if option not in (None, "auto", 0, "0"):
-        n = int(option)
+        try:
+            n = int(option)
+        except (TypeError, ValueError):
+            raise UserError(f"--threads must be a positive number or auto, not '{option}'.") from None
         if n < 1:
             raise UserError(f"--threads must be a positive number or auto, not {option}.")
         return ThreadChoice(n, f"--threads {n}")

@@ -114,6 +114,10 @@ def test_config_validates_threads():
     assert resolve({}).threads == "auto"
     with pytest.raises(UserError, match="--threads must be auto or a positive number, not 'many'"):
         resolve({"threads": "many"})
+    from edgessl.runtime import choose_threads
+
+    with pytest.raises(UserError, match="^--threads must be a positive number or auto, not 'abc'.$"):
+        choose_threads("abc")  # `prune --threads abc` had ended in int()'s ValueError
 
 
 def test_smoothed_rate_is_an_exponential_moving_average():

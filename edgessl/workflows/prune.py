@@ -96,7 +96,7 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
                                  taylor_batch=taylor_batch)
     backbone_counts = {k[len("backbone."):]: v for k, v in counts.items() if k.startswith("backbone.")}
     rcfg = replace(cfg, epochs=max(1, round(cfg.epochs / 4)) if epochs is None else epochs, widths=None,
-                   out=str(out), quiet=quiet or cfg.quiet,
+                   out=str(out), quiet=quiet, threads=str(opts.threads) if opts.threads is not None else cfg.threads,
                    seed=cfg.seed if seed is None else seed)
     meta = {"pruned": backbone_counts, "prune_ratio": ratio, "criterion": criterion, "source_run": str(run_dir)}
     warm = WarmStart(student, meta=meta, teacher=teacher, bank=bank, distill=distill)
