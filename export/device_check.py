@@ -685,8 +685,16 @@ def print_table(report: dict) -> None:
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one `error:` line and exit code 2, as every other refusal of the check (not the usage)."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="device_check.py", description="On-device check of an edgessl ONNX export.")
+    p = _Parser(prog="device_check.py", description="On-device check of an edgessl ONNX export.")
     p.add_argument("model", type=Path, help="the .onnx (or .ort) file")
     p.add_argument("--manifest", type=Path, default=None, help="manifest.json [default: beside the model]")
     p.add_argument("--images", type=Path, default=None, help="folder of images (class subfolders = labels)")

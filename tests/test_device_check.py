@@ -412,6 +412,15 @@ def test_max_images_below_one_and_the_json_line(script, exports, tmp_path, capsy
     assert capsys.readouterr().out.splitlines()[-1] == f"report: {out}"
 
 
+def test_a_bad_argument_is_one_line_and_exit_2(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        _main(script, "model.onnx", "--ep", "cuda")
+    assert e.value.code == 2
+    err = capsys.readouterr().err  # the choices are quoted or not by Python's version
+    assert err.startswith("error: argument --ep: invalid choice: 'cuda' (choose from ")
+    assert err.endswith(") (see --help)\n") and "xnnpack" in err and err.count("\n") == 1
+
+
 def test_rss_now_and_peak(script):
     now, peak = script.current_rss_bytes(), script.peak_rss_bytes()
     if peak is None:
