@@ -42,8 +42,11 @@ def pretrain(
 ) -> PretrainResult:
     """Pretrain an encoder. Options are PretrainConfig fields (backbone, data, epochs, bank_lr, ...).
 
-    resume: a run directory; its config.yaml is reloaded and `options` override it. A different data folder
-    (other files than the run recorded) is refused; a moved copy of the same files is accepted.
+    resume: a run directory; its config.yaml is reloaded and `options` may change how long, where and how it runs
+    (RESUME_FREE: --epochs, --threads, --device, ...); another training setting, --recipe, --config or another --out
+    is refused (check_resume_options, check_unchanged). A different data folder (other files than the run recorded)
+    is refused; a moved copy of the same files is accepted.
+    config: a run's own config.yaml starts a new run with its settings in a new folder (its out and quiet not taken).
     overwrite: a non-empty `out` is moved aside to <out>.old-<time> (otherwise it is refused).
     Nothing is written before every check has passed. Returns a PretrainResult (run_dir, history)."""
     check_paths({"resume": resume, "config": config, "recipe": recipe})
