@@ -169,6 +169,12 @@ def test_manifest_round_trip(exports):
     assert {m["file"] for m in again["models"]} == files - {"encoder.fp16.onnx"}
     shutil.rmtree(copy)
 
+    # each file names the export that wrote it: the encoder's none, the classifier's its folder
+    sources = {m["file"]: m["source"] for m in manifest["models"]}
+    assert sources["encoder.onnx"]["classifier"] is None and sources["encoder.int8.onnx"]["classifier"] is None
+    assert sources["classifier.onnx"]["classifier"] == manifest["source"]["classifier"] is not None
+    assert sources["encoder.onnx"]["run"] == sources["classifier.onnx"]["run"] == str(exports["run"].resolve())
+
 
 def test_read_manifest_rejects_non_manifest(tmp_path):
     from edgessl.errors import UserError

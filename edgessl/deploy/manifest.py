@@ -112,10 +112,12 @@ def drop_missing(folder: str | Path) -> None:
 
 def write_manifest(folder: str | Path, entries: list[dict[str, Any]], source: dict[str, Any]) -> Path:
     """Write folder/manifest.json listing `entries`, keeping earlier entries for other files that still exist
-    unchanged and share the same input and preprocessing (e.g. an encoder exported before a classifier)."""
+    unchanged and share the same input and preprocessing (e.g. an encoder exported before a classifier). Each entry
+    carries the "source" of the export that wrote it; the top-level "source" is this export's."""
     folder = Path(folder)
     path = folder / MANIFEST
     new_files = {e["file"] for e in entries}
+    entries = [{**e, "source": source} for e in entries]  # each file names what it was exported from
     kept: list[dict[str, Any]] = []
     if path.is_file():
         try:
@@ -125,7 +127,7 @@ def write_manifest(folder: str | Path, entries: list[dict[str, Any]], source: di
         for entry in old["models"]:
             same_io = entry.get("input") == entries[0]["input"] and entry.get("preprocess") == entries[0]["preprocess"]
             if entry["file"] not in new_files and same_io and _still_valid(folder, entry):
-                kept.append(entry)
+                kept.append({**entry, "source": entry.get("source", old.get("source"))})  # older: the file's export
     manifest = {
         "format": FORMAT,
         "edgessl_version": __version__,
