@@ -116,6 +116,10 @@ def test_decide_writes_a_passing_int8_whatever_this_machine_s_speed():
     ship, line = i8.decide(tried, "faster-here", (fp32, slow, "slower"))
     assert not ship and "\n" not in line and "not clearly faster than fp32 on this machine" in line
     assert "int8 0.8 ms vs fp32 0.5 ms, slower" in line and "--int8-mode faster-here" in line
+    assert "; ranges 0.78-0.83 ms and 0.48-0.52 ms, timed for this decision)" in line
+    record = i8.search_record("faster-here", tried, False, line, None, (fp32, slow, "slower"))
+    assert record["decision_speed"] == {"fp32": fp32["batch1_ms"], "int8": slow["batch1_ms"], "verdict": "slower"}
+    assert "decision_speed" not in i8.search_record("search", tried, True, line, None)
     ship, line = i8.decide(tried, "faster-here", (fp32, _speed(0.49, 0.45, 0.51), "no clear difference"))
     assert not ship and "no clear difference" in line
     ship, _ = i8.decide(tried, "faster-here", (fp32, _speed(0.3, 0.29, 0.31), "faster"))

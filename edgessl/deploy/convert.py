@@ -285,7 +285,7 @@ def _searched_int8(path: Path, fp32: _Fp32, src: Source, x: np.ndarray, ref: np.
             both = sp.measure({"fp32": fp32.session, "int8": ox.session(tried[-1].path)}, x)
             speed = (both["fp32"], both["int8"], sp.verdict(both["int8"], both["fp32"]))
         ship, line = i8.decide(tried, mode, speed, fallback)
-        fp32_entry["int8_search"] = i8.search_record(mode, tried, ship, line, measured or None)
+        fp32_entry["int8_search"] = i8.search_record(mode, tried, ship, line, measured or None, speed)
         if not ship:
             return None, None, line
         part = path.with_name(path.name + ".part")

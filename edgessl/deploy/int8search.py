@@ -141,17 +141,26 @@ def decide(tried: list[Attempt], mode: str, speed: tuple[dict, dict, str] | None
         fp32, int8, how = speed
         return False, (f"int8 not written: {passing.candidate.label} passes ({_figures(passing)}) but is not clearly "
                        f"faster than fp32 on this machine (batch 1: int8 {int8['batch1_ms']['p50']:.3g} ms vs fp32 "
-                       f"{fp32['batch1_ms']['p50']:.3g} ms, {how}); kept {fallback} (--int8-mode faster-here).")
+                       f"{fp32['batch1_ms']['p50']:.3g} ms, {how}; ranges {_range(int8)} and {_range(fp32)}, timed "
+                       f"for this decision); kept {fallback} (--int8-mode faster-here).")
     return True, f"int8: {passing.candidate.label} passes ({_figures(passing)}) after {tries}."
 
 
+def _range(speed: dict) -> str:
+    b1 = speed["batch1_ms"]
+    return f"{b1.get('low', b1['p50']):.3g}-{b1.get('high', b1['p50']):.3g} ms"
+
+
 def search_record(mode: str, tried: list[Attempt], shipped: bool, line: str,
-                  sensitivity: dict[str, Any] | None) -> dict[str, Any]:
-    """What manifest.json keeps of a search (under the fp32 entry's "int8_search")."""
+                  sensitivity: dict[str, Any] | None, speed: tuple[dict, dict, str] | None = None) -> dict[str, Any]:
+    """What manifest.json keeps of a search (under the fp32 entry's "int8_search"); speed: faster-here's decision
+    timing (fp32, int8, verdict), kept as "decision_speed" (the table's figures are timed again with every file)."""
     return {
         "mode": mode, "bounds": dict(ox.BOUNDS["int8"]),
         "order": "calibration methods (--calib-method first), then float tails of the closest one, smallest first",
         "candidates": [a.record() for a in tried],
         "shipped": tried[-1].candidate.label if shipped else None,
         "sensitivity": sensitivity, "outcome": line,
+        **({"decision_speed": {"fp32": speed[0]["batch1_ms"], "int8": speed[1]["batch1_ms"], "verdict": speed[2]}}
+           if speed else {}),
     }
