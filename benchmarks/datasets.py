@@ -106,43 +106,41 @@ def _make_subset(split_dir: Path, per_class: int, seed: int, out: Path) -> None:
 def greyscale_copy(src: Path, name: str) -> Path:
     """A folder <cache>/subsets/<name>: every image of `src` (its class subfolders kept) as a single-channel PNG, the
     greyscale twin of a colour set (the domains suite asks whether a rule for scans holds for greyscale photos)."""
-    return made_once(CACHE / "subsets" / name, f"subset-{name}", lambda out: _make_grey(src, out))
-
-
-def _make_grey(src: Path, out: Path) -> None:
-    from PIL import Image
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a process that was killed
-    for f in sorted(src.rglob("*")):
-        if f.suffix.lower() in (".png", ".jpg", ".jpeg"):
-            dst = tmp / f.relative_to(src).with_suffix(".png")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(f) as img:
-                img.convert("L").save(dst)
-    tmp.rename(out)
+    return made_once(CACHE / "subsets" / name, f"subset-{name}", lambda out: _derived(src, out, _grey_png))
 
 
 def mirrored_double(src: Path, name: str) -> Path:
     """A folder <cache>/subsets/<name> twice the size of `src`: each image (a symbolic link) and beside it its
     left-right mirror `<stem>_mirror.jpg` (JPEG quality 90; a flip is not in the copy model): a folder of 100,000
     from CIFAR-10's 50,000, for the cost of `embed --duplicates` at the size the issue names."""
-    return made_once(CACHE / "subsets" / name, f"subset-{name}", lambda out: _make_mirrored(src, out))
+    return made_once(CACHE / "subsets" / name, f"subset-{name}", lambda out: _derived(src, out, _with_mirror))
 
 
-def _make_mirrored(src: Path, out: Path) -> None:
-    from PIL import Image, ImageOps
-
+def _derived(src: Path, out: Path, write) -> None:
+    """`out` made from every image f of `src` (class subfolders kept) by write(f, dst), dst: f's place in `out`."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a process that was killed
     for f in sorted(src.rglob("*")):
         if f.suffix.lower() in (".png", ".jpg", ".jpeg"):
             dst = tmp / f.relative_to(src)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(f.resolve(), dst)
-            with Image.open(f) as img:
-                ImageOps.mirror(img.convert("RGB")).save(dst.with_name(f"{f.stem}_mirror.jpg"), quality=90)
+            write(f, dst)
     tmp.rename(out)
+
+
+def _grey_png(f: Path, dst: Path) -> None:
+    from PIL import Image
+
+    with Image.open(f) as img:
+        img.convert("L").save(dst.with_suffix(".png"))
+
+
+def _with_mirror(f: Path, dst: Path) -> None:
+    from PIL import Image, ImageOps
+
+    os.symlink(f.resolve(), dst)
+    with Image.open(f) as img:
+        ImageOps.mirror(img.convert("RGB")).save(dst.with_name(f"{f.stem}_mirror.jpg"), quality=90)
 
 
 def cifar10(per_class: int | None = None, seed: int = 0) -> tuple[Path, Path]:
