@@ -20,6 +20,7 @@ from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text, load_yaml_unique
 from edgessl.loggers import parse_loggers
 from edgessl.options import Compute, Decode, HasDecode, check_groups, check_paths, names, option, shared
+from edgessl.options import check_types as options_check_types
 
 
 @dataclass(kw_only=True)
@@ -231,20 +232,8 @@ def resolve(
 
 
 def check_types(cfg: PretrainConfig) -> None:
-    """UserError when a setting of a config file, a recipe or the API has the wrong type (the CLI's flags are typed
-    by typer): a number for `lr: fast`, a whole number for `batch_size: 1.5`, true/false for `deterministic:
-    "false"` (a string that is truthy); a whole number is a number."""
-    for f in dataclasses.fields(cfg):
-        value, kind, flag = getattr(cfg, f.name), str(f.type), "--" + f.name.replace("_", "-")
-        if value is None and kind.endswith("| None"):
-            continue
-        kind = kind.removesuffix(" | None")
-        if kind == "bool" and not isinstance(value, bool):
-            raise UserError(f"{flag} must be true or false, not {value!r}.")
-        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UserError(f"{flag} must be a whole number, not {value!r}.")
-        if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise UserError(f"{flag} must be a number, not {value!r}.")
+    """UserError when a setting of a config file, a recipe or the API has the wrong type (edgessl.options)."""
+    options_check_types(PretrainConfig, {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
 
 
 def validate(cfg: PretrainConfig) -> None:

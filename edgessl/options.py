@@ -102,17 +102,22 @@ def check_known(cls: type, given: dict[str, Any], what: str = "") -> None:
         raise UserError(f"Unknown {what + ' ' if what else ''}options: {listed}.")
 
 
-def check_types(cls: type, values: dict[str, Any]) -> None:
-    """UserError when an API argument has the wrong type for a number option (the CLI's flags are typed by typer): a
-    whole number for `opset="18a"` or `seeds=1.5`, a number for a float option (switches take a mode's name too)."""
+def check_types(cls: type, values: dict[str, Any], switches: bool = True) -> None:
+    """UserError when a setting has the wrong type for its option (the CLI's flags are typed by typer; a config
+    file's, a recipe's or the API's are not): a number for `lr: fast`, a whole number for `batch_size: 1.5` or
+    `opset="18a"`, true/false for `deterministic: "false"` (a truthy string; switches=False: not checked, for the
+    commands whose switch also takes a mode's name, as export's `int8="strict"`); a whole number is a number."""
     for f, spec in specs(cls):
-        value, kind = values.get(f.name), str(f.type).removesuffix(" | None")
-        flag = spec.flag or flag_name(f.name)
-        if value is None or kind not in ("int", "float"):
+        value, kind, flag = values.get(f.name), str(f.type), spec.flag or flag_name(f.name)
+        if f.name not in values or (value is None and kind.endswith("| None")):
             continue
-        if (isinstance(value, bool) or not isinstance(value, int | float)
-                or (kind == "int" and not float(value).is_integer())):
-            raise UserError(f"{flag} must be {'a whole number' if kind == 'int' else 'a number'}, not {value!r}.")
+        kind = kind.removesuffix(" | None")
+        if kind == "bool" and switches and not isinstance(value, bool):
+            raise UserError(f"{flag} must be true or false, not {value!r}.")
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"{flag} must be a whole number, not {value!r}.")
+        if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise UserError(f"{flag} must be a number, not {value!r}.")
 
 
 PATH_OPTIONS = frozenset({"run", "run_dir", "source", "data", "val", "train", "test", "out", "images", "calib",
@@ -135,7 +140,7 @@ def build(cls: type[T], given: dict[str, Any], what: str = "") -> T:
     check_known(cls, given, what)
     check_paths(given)
     values = {k: v for k, v in given.items() if v is not None}
-    check_types(cls, values)
+    check_types(cls, values, switches=False)
     missing = [f.name for f, spec in specs(cls) if spec.required and f.name not in values]
     if missing:
         raise UserError(f"{flag_name(missing[0])} is required.")

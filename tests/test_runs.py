@@ -204,15 +204,14 @@ def test_a_resume_that_shortens_the_run_says_its_learning_rate_falls_sooner(tmp_
 
     from edgessl.workflows.pretrain import say_shorter
 
-    (tmp_path / "config.yaml").write_text("epochs: 200\n")
     (tmp_path / "encoder.json").write_text(json.dumps({"epochs_trained": 10}))
     lines = []
     say = lambda text, markup=True: lines.append(text)  # noqa: E731
-    say_shorter(tmp_path, SimpleNamespace(epochs=11), say)
+    say_shorter(tmp_path, 200, SimpleNamespace(epochs=11), say)
     assert lines == ["--epochs 11 ends the run before the 200 it was set for: its learning rate follows the schedule "
                      "of a run of 11 epochs and falls to 0 by epoch 11."]
     for epochs in (10, 200, 300):  # nothing left to train, the length it was set for, an extension
-        say_shorter(tmp_path, SimpleNamespace(epochs=epochs), say)
+        say_shorter(tmp_path, 200, SimpleNamespace(epochs=epochs), say)
     assert len(lines) == 1
 
 

@@ -60,13 +60,14 @@ def pretrain(
         config = Path(resume) / "config.yaml"
         options.pop("out", None)
     cfg = resolve(options, recipe=recipe, config=str(config) if config else None)
-    if config is not None and run_of(Path(config)) is not None:  # a run's own config.yaml: display is not a setting
-        cfg = replace(cfg, quiet=bool(options.get("quiet", False)))
+    if resume is not None or (config is not None and run_of(Path(config)) is not None):  # a run's own config.yaml:
+        cfg = replace(cfg, quiet=bool(options.get("quiet", False)))  # display is not a setting
         if resume is None and "out" not in options:  # reloaded for a new run, not into the run it came from
             cfg = replace(cfg, out=None)
     if resume is not None:
-        check_unchanged(Path(resume), cfg)
-        say_shorter(Path(resume), cfg, Say(console, cfg.quiet))
+        before = read_yaml(Path(config), "Config")
+        check_unchanged(Path(resume), before, cfg)
+        say_shorter(Path(resume), before.get("epochs"), cfg, Say(console, cfg.quiet))
     return train_run(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite,
                      evaluation=standard_evaluation())
 
@@ -92,10 +93,9 @@ def check_resume_options(run: Path, recipe, config, out) -> None:
                         f"--out, or start a new run from its weights: --init {run} --out {out}.")
 
 
-def check_unchanged(run: Path, cfg) -> None:
-    """UserError naming each training setting that differs from the run's config.yaml (a value left to `auto` is
-    resolved again and not compared)."""
-    before = read_yaml(run / "config.yaml", "Config")
+def check_unchanged(run: Path, before: dict[str, Any], cfg) -> None:
+    """UserError naming each training setting that differs from the run's config.yaml (`before`; a value left to
+    `auto` is resolved again and not compared)."""
     after = cfg.to_dict()
     changed = [f"--{k.replace('_', '-')} {before[k]}, not {after[k]}" for k in after
                if k not in RESUME_FREE and k in before and after[k] != before[k] and after[k] != "auto"]
@@ -105,10 +105,10 @@ def check_unchanged(run: Path, cfg) -> None:
                         f"without {which}, or start a new run from its weights: --init {run}.")
 
 
-def say_shorter(run: Path, cfg, say) -> None:
-    """A line when --epochs ends a resumed run before the length it was set for: the cosine schedule is that of the
-    shorter run, so the learning rate falls to 0 sooner (an extended run's is stretched alike; docs/data.md)."""
-    planned = read_yaml(run / "config.yaml", "Config").get("epochs")
+def say_shorter(run: Path, planned, cfg, say) -> None:
+    """A line when --epochs ends a resumed run before the length it was set for (`planned`, its config.yaml's): the
+    cosine schedule is that of the shorter run, so the learning rate falls to 0 sooner (an extended run's is
+    stretched alike; docs/data.md)."""
     try:
         done = json.loads((run / "encoder.json").read_text()).get("epochs_trained", 0)
     except (OSError, ValueError):
