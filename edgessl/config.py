@@ -259,6 +259,10 @@ def validate(cfg: PretrainConfig) -> None:
     check_batch_memory(cfg.image_size, cfg.batch_size)
     if cfg.widths is not None:
         cfg.widths = ",".join(f"{w:g}" for w in parse_widths(cfg.widths))
+    else:  # the width options change nothing without --widths: a silent no-op had looked like a setting
+        given = [f for f in ("slow_start", "width_distill", "width_reweight") if getattr(cfg, f) != DEFAULTS[f]]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} needs --widths (e.g. --widths 1.0,0.5).")
     check_groups(cfg)
     cfg.logger = ",".join(parse_loggers(cfg.logger)) or "none"
     validate_teacher(cfg)

@@ -145,6 +145,15 @@ def test_a_config_file_setting_of_the_wrong_type_is_one_line(tmp_path):
     assert cfg.lr == 1 and cfg.deterministic is True and cfg.teacher_image_size is None
 
 
+def test_width_options_without_widths_are_one_line():
+    """--slow-start 0.3 without --widths had run as if it were a setting."""
+    with pytest.raises(UserError, match=r"^--slow-start needs --widths \(e.g. --widths 1.0,0.5\).$"):
+        resolve_config({"slow_start": 0.3})
+    with pytest.raises(UserError, match=r"^--width-distill needs --widths"):
+        resolve_config({"width_distill": 0.9})
+    assert resolve_config({"slow_start": 0.3, "widths": "1.0,0.5"}).slow_start == 0.3
+
+
 def test_a_key_given_twice_in_a_config_file_is_one_line(tmp_path):
     """safe_load kept the last of two `epochs:` lines without a word."""
     path = tmp_path / "dup.yaml"

@@ -407,6 +407,9 @@ def test_monitor_knn_equals_the_exact_computation_and_subsamples_queries_above_t
     few = _Images(feats[:20], labels[:20], images.classes)
     assert mon.Monitor(few, None).describe() == ("leave-one-out on 20 labelled images (k = 20 covers all 19 other "
                                                  "images: each score is then a vote of every class, and means little)")
+    fifty = _Images(feats[:50], labels[:50], images.classes)  # kNN@200 of 49 voters had read 0.02, no caveat
+    assert mon.Monitor(fifty, None).describe() == ("leave-one-out on 50 labelled images (k = 200 covers all 49 other "
+                                                   "images: kNN@200 is then a vote of every class, and means little)")
     got = sub(None, "cpu", None, None)  # the subset's queries against all 400 memory images, leaving each out
     assert got["knn_top1"] == pytest.approx(_exact_loo_top1(feats, labels, sub.subset, 20))
     assert got["knn_top1_k200"] == pytest.approx(_exact_loo_top1(feats, labels, sub.subset, 200))

@@ -88,8 +88,22 @@ def test_a_mixed_folder_says_it_trains_in_colour_and_how_many_are_grey():
     choice = choose_greyscale("auto", _set(rows))
     assert not choice.on and choice.mixed
     assert choice.describe() == ("colour augmentations kept (auto: colour (image 5 has colour); 7 of the 8 images "
-                                 "checked are grey: a mixed folder trains in colour, --greyscale on trains it grey)")
+                                 "checked are grey: a mixed folder trains in colour (--greyscale on: no colour "
+                                 "jitter, grey input on the device))")
     assert not choose_greyscale("auto", _set(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8))).mixed
+
+
+def test_greyscale_on_over_colour_images_warns_that_training_keeps_their_colour():
+    """--greyscale on had trained on colour crops and exported a grey-input model without a word."""
+    from edgessl.data.greyscale import colour_under_on
+
+    rows = _grey(8)
+    assert colour_under_on("on", _set(rows)) is None and colour_under_on("auto", _set(rows)) is None
+    rows[5, 0] = 255 - rows[5, 0]
+    assert colour_under_on("on", _set(rows)) == (
+        "--greyscale on: the folder has colour (colour (image 5 has colour)); training keeps it (only the colour "
+        "augmentations are off) while the export turns the device's input grey: convert the images to grey first "
+        "for the two to match.")
 
 
 def test_colour_free_augmentation_equals_the_default_on_grey_images():

@@ -74,6 +74,19 @@ class GreyChoice:
         return f"colour augmentations kept ({self.reason})"
 
 
+def colour_under_on(option: str, images: ImageSet) -> str | None:
+    """The warning for --greyscale on over a folder with colour images (None otherwise): training keeps their colour
+    (only the colour-only augmentations are off) while the export turns the device's input grey."""
+    if option != "on":
+        return None
+    check = check_greyscale(images)
+    if check.grey:
+        return None
+    return (f"--greyscale on: the folder has colour ({check.describe()}); training keeps it (only the colour "
+            "augmentations are off) while the export turns the device's input grey: convert the images to grey "
+            "first for the two to match.")
+
+
 def choose_greyscale(option: str, images: ImageSet) -> GreyChoice:
     """--greyscale auto | on | off for the training images."""
     if option == "on":
@@ -83,8 +96,8 @@ def choose_greyscale(option: str, images: ImageSet) -> GreyChoice:
     check = check_greyscale(images)
     if not check.grey and check.grey_seen:
         return GreyChoice(False, f"auto: {check.describe()}; {check.grey_seen:,} of the {check.read:,} images "
-                                 "checked are grey: a mixed folder trains in colour, --greyscale on trains it grey",
-                          mixed=True)
+                                 "checked are grey: a mixed folder trains in colour (--greyscale on: no colour "
+                                 "jitter, grey input on the device)", mixed=True)
     return GreyChoice(check.grey, f"auto: {check.describe()}")
 
 

@@ -78,7 +78,9 @@ class Monitor:
         queries = len(s.query) if self.subset is None else f"{len(self.subset)} of {len(s.query)}"
         voters = len(s.memory) - (1 if s.loo else 0)
         few = (f" (k = {KNN_K[0]} covers all {voters} other images: each score is then a vote of every class, and "
-               "means little)") if voters <= KNN_K[0] else ""
+               "means little)") if voters <= KNN_K[0] else (
+            f" (k = {KNN_K[1]} covers all {voters} other images: kNN@{KNN_K[1]} is then a vote of every class, and "
+            "means little)") if voters <= KNN_K[1] else ""
         if s.loo:
             return f"leave-one-out on {queries} labelled images{few}"
         return f"{queries} --val images against {len(s.memory)} training images{few}"

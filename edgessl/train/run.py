@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from edgessl.config import PretrainConfig, replace
-from edgessl.data.greyscale import choose_greyscale, training_augment
+from edgessl.data.greyscale import choose_greyscale, colour_under_on, training_augment
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, Terminated, UserError
 from edgessl.loggers import Loggers, check_installed, parse_loggers
@@ -103,6 +103,9 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     predictor = add_predictor(cfg, model, pending, d, device)
     images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn, scanned)
     grey = choose_greyscale(cfg.greyscale, images)
+    caution = colour_under_on(cfg.greyscale, images) if d.main else None
+    if caution:
+        warn(caution)
     cfg, said = resolve_temperature(cfg, images)
     chosen.update(said)
     cfg, said = resolve_bank_lr(cfg)
