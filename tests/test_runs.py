@@ -169,6 +169,9 @@ def test_resume_refuses_changed_training_settings_another_out_and_a_recipe(cut, 
                     "not random; --bank-update grad, not momentum; --sd-weight 5.0, not 0.0; --lr 0.2, not 1.0: a "
                     f"run keeps its settings. Resume without those options, or start a new run from its weights: "
                     f"--init {run}.")
+    line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--widths", "1.0,0.5"]))
+    assert line == (f"error: Cannot resume '{run}': it trains with --widths none, not 1,0.5: a run keeps its "
+                    f"settings. Resume without that option, or start a new run from its weights: --init {run}.")
     line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--optimizer", "adamw"]))
     assert line == (f"error: Cannot resume '{run}': it trains with --optimizer sgd, not adamw: a run keeps its "
                     f"settings. Resume without that option, or start a new run from its weights: --init {run}.")

@@ -74,11 +74,12 @@ def pretrain(
 
 # What a resumed run may change: where and how it runs, how long, what it reports. Anything else (the loss, the bank,
 # the optimiser, the batch, the augmentations, the seed) would make config.yaml describe one part of the run only;
-# the architecture, the input size and the teacher are refused by their own checks (edgessl.train.prepare).
+# the architecture, the input size and the teacher are refused by their own checks (edgessl.train.prepare);
+# --widths here, by name (the checkpoint's check could not name it).
 RESUME_FREE = {"data", "val", "labels_from_folders", "cache_mb", "cache_dir", "cache_max", "workers", "threads",
                "epochs", "device", "precision", "deterministic", "sync_bn", "checkpoint_every", "eval_every",
                "monitor_queries", "logger", "quiet", "out", "image_size", "small_input", "backbone", "head",
-               "head_hidden", "feature_dim", "widths", "init", "teacher", "teacher_backbone", "teacher_image_size"}
+               "head_hidden", "feature_dim", "init", "teacher", "teacher_backbone", "teacher_image_size"}
 
 
 def check_resume_options(run: Path, recipe, config, out) -> None:
@@ -97,7 +98,8 @@ def check_unchanged(run: Path, before: dict[str, Any], cfg) -> None:
     """UserError naming each training setting that differs from the run's config.yaml (`before`; a value left to
     `auto` is resolved again and not compared)."""
     after = cfg.to_dict()
-    changed = [f"--{k.replace('_', '-')} {before[k]}, not {after[k]}" for k in after
+    text = lambda v: "none" if v is None else v  # noqa: E731 - a run without --widths, --init, ...
+    changed = [f"--{k.replace('_', '-')} {text(before[k])}, not {text(after[k])}" for k in after
                if k not in RESUME_FREE and k in before and after[k] != before[k] and after[k] != "auto"]
     if changed:
         which = "that option" if len(changed) == 1 else "those options"
