@@ -218,6 +218,18 @@ def test_a_resume_that_shortens_the_run_says_its_learning_rate_falls_sooner(tmp_
     assert len(lines) == 1
 
 
+def test_a_run_started_with_init_names_its_weights_in_the_banner(finished, images, tmp_path):
+    """--init had been named nowhere but encoder.json, and the bank line had said "the untrained network"."""
+    res = runner.invoke(app, ["pretrain", "--data", str(images), "--init", str(finished), "--out",
+                              str(tmp_path / "warm"), "--epochs", "1", "--batch-size", "8", "--workers", "1",
+                              "--eval-every", "0"])
+    assert res.exit_code == 0, res.output
+    out = "".join(res.output.split())  # the console may fold a long path anywhere
+    assert "".join((f"Init: weights of {finished.resolve()} (run; head new): its architecture comes with "
+                    "them, stem included.").split()) in out
+    assert "".join("Memory bank: 24 rows filled by a forward pass of the --init network".split()) in out
+
+
 def test_a_config_files_own_method_settings_stand_above_the_method_preset(tmp_path):
     from edgessl.config import resolve
 

@@ -135,7 +135,8 @@ def init_bank(run: Run, state: TrainState, warm: WarmStart | None, resumed: bool
         encoder = getattr(state.model, "encoder", state.model)  # the full width of a SlimmableEncoder
         forward_init_bank(encoder, state.method, run.images, run.device, precision, IMAGENET_MEAN, IMAGENET_STD, 256,
                           run.d, run.cfg.seed)
-        run.say(f"Memory bank: {n} rows filled by a forward pass of the untrained network ({time.time() - t0:.1f} s).")
+        which = "the --init network" if run.cfg.init else "the untrained network"
+        run.say(f"Memory bank: {n} rows filled by a forward pass of {which} ({time.time() - t0:.1f} s).")
 
 
 def encoder_meta(cfg: PretrainConfig, arch: dict[str, Any], feat_dim: int, widths: list[float],

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from edgessl.fileio import atomic_save_tensors
 from edgessl.models.backbone import save_encoder
@@ -54,6 +55,11 @@ def banner(run: Run, state: TrainState, precision: str, arch: dict[str, Any]) ->
         f"{plural(cfg.epochs, 'epoch')} | {run.device.type} {precision} | {run.threads.describe()} | "
         f"kNN monitor: {run.monitor.describe()} | run dir {run.run_dir}"
     )
+    init = run.meta.get("init")
+    if init and not run.first_row.get("resumed"):  # where the weights came from, said once, when the run starts
+        head = f"; head {init['head']}" if init.get("head") else ""
+        whole = ": its architecture comes with them, stem included" if init.get("kind") == "run" else ""
+        run.say(escape(f"Init: weights of {init.get('source', init.get('kind'))} ({init.get('kind')}{head}){whole}."))
 
 
 def log_epoch(console: Console, row: dict[str, Any], epochs: int, progress) -> None:
