@@ -449,7 +449,7 @@ def test_exporting_again_names_the_earlier_files_it_does_not_write_again(tmp_pat
 
 def test_export_warns_of_few_calibration_images_and_neighbours_that_moved(tmp_path):
     from edgessl.deploy.images import Sample
-    from edgessl.workflows.export import warnings
+    from edgessl.workflows.export import export_warnings as warnings
 
     def source(calib: int | None):
         sample = Sample(tmp_path, [tmp_path / f"{i}.png" for i in range(calib or 0)], np.zeros((0, 1, 1, 3)))

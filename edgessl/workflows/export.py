@@ -65,7 +65,7 @@ def export(run: str | Path, opts: ExportOptions, console=None) -> ExportResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     entries, notes, failures = write_models(src, out_dir, opts.name or src.kind, int(opts.opset), mode, opts.fp16,
                                             opts.calib_method, functools.partial(say, markup=False), opts.ort)
-    cautions = warnings(src, entries)
+    cautions = export_warnings(src, entries)
     for line in cautions:
         say(line, markup=False)
     manifest = mf.write_manifest(out_dir, entries, _source(src, opts.classifier))
@@ -78,7 +78,7 @@ CALIB_FEW = 50  # int8 calibrated on fewer images than this: a warning (its acti
 AGREEMENT_LOW = 0.8  # an int8 / fp16 file giving fewer checked images PyTorch's kNN label than this: a warning
 
 
-def warnings(src: Source, entries: list[dict[str, Any]]) -> list[str]:
+def export_warnings(src: Source, entries: list[dict[str, Any]]) -> list[str]:
     """What the user should look at before shipping, one line each: an int8 calibrated on few images, a reduced
     copy whose kNN labels on the labelled images differ from PyTorch's though its cosines meet the bound (cosines
     of pooled features stay high when a shared component dominates them)."""
