@@ -225,7 +225,10 @@ def mps_available() -> bool:
 def pick_device(option: str) -> torch.device:
     """auto: cuda, else mps (Apple silicon), else cpu. An unavailable cuda or mps is a one-line error."""
     if option not in DEVICES:
-        raise UserError(f"--device must be one of {', '.join(DEVICES)}, not '{option}'.")
+        index = option.partition(":")[2]
+        hint = (f" To pick GPU {index}, run with CUDA_VISIBLE_DEVICES={index} and --device cuda."
+                if option.startswith("cuda:") and index.isdigit() else "")
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, not '{option}'.{hint}")
     if option == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch. Use --device cpu or auto.")
     if option == "mps" and not mps_available():

@@ -218,6 +218,29 @@ def test_a_resume_that_shortens_the_run_says_its_learning_rate_falls_sooner(tmp_
     assert len(lines) == 1
 
 
+def test_a_resumed_run_names_its_export_from_fewer_epochs(tmp_path):
+    """A resume or extension had left run/export/ with the earlier encoder and said nothing."""
+    from edgessl.workflows.pretrain import say_stale_export
+
+    lines = []
+    say = lambda text, markup=True: lines.append(text)  # noqa: E731
+    say_stale_export(tmp_path, say)  # no export folder: nothing to say
+    (tmp_path / "encoder.json").write_text(json.dumps({"epochs_trained": 12}))
+    (tmp_path / "export").mkdir()
+    entry = lambda epochs, classifier=None: {"file": "x.onnx", "source": {"epochs_trained": epochs,  # noqa: E731
+                                                                          "classifier": classifier}}
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps({"models": [entry(12), entry(3, "clf")]}))
+    say_stale_export(tmp_path, say)  # the encoder's export is current; a classifier's is its own
+    assert lines == []
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps({"models": [entry(5), entry(1)]}))
+    say_stale_export(tmp_path, say)
+    assert lines == [f"{tmp_path / 'export'} holds the encoder exported after 5 epochs; the run has now trained 12: "
+                     f"export it again (edgessl export {tmp_path})."]
+    (tmp_path / "export" / "manifest.json").write_text("{not json")
+    say_stale_export(tmp_path, say)
+    assert len(lines) == 1
+
+
 def test_a_run_started_with_init_names_its_weights_in_the_banner(finished, images, tmp_path):
     """--init had been named nowhere but encoder.json, and the bank line had said "the untrained network"."""
     res = runner.invoke(app, ["pretrain", "--data", str(images), "--init", str(finished), "--out",

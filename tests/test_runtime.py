@@ -176,6 +176,10 @@ def test_mps_without_a_mac_is_one_line(monkeypatch):
                             "Apple silicon). Use --device cpu or auto.")
     with pytest.raises(UserError, match="--device must be one of auto, cpu, cuda, mps, not 'tpu'."):
         runtime.pick_device("tpu")
+    with pytest.raises(UserError) as e:
+        runtime.pick_device("cuda:1")
+    assert str(e.value) == ("--device must be one of auto, cpu, cuda, mps, not 'cuda:1'. To pick GPU 1, run with "
+                            "CUDA_VISIBLE_DEVICES=1 and --device cuda.")
     from edgessl.config import resolve
 
     assert resolve({"device": "mps"}).device == "mps"  # valid config; the device is checked when the run starts

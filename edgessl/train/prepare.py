@@ -221,7 +221,8 @@ def resolve_batch(cfg: PretrainConfig, n: int, d: distributed.Dist, warn: Callab
                             "by it. Use a number of processes that divides it.")
         return fixed
     batch, cap = cfg.batch_size, bank_batch_cap(n, 8 * d.world)
-    rule = (f"a tenth of the data set in multiples of {8 * d.world}, at least {8 * d.world}: larger batches "
+    share = "a tenth" if BANK_BATCH_DIVISOR == 10 else f"1/{BANK_BATCH_DIVISOR}"
+    rule = (f"{share} of the data set in multiples of {8 * d.world}, at least {8 * d.world}: larger batches "
             "destabilise the memory bank on small data")
     if n < batch:
         batch = n - n % d.world

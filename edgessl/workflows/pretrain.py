@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from edgessl.config import read_yaml, replace, resolve
+from edgessl.deploy import manifest as mf
 from edgessl.deploy.widths import width_report
 from edgessl.errors import UserError
 from edgessl.evaluate.monitor import Monitor
 from edgessl.options import check_paths
 from edgessl.report.say import Say
-from edgessl.rundir import resume_problem
+from edgessl.rundir import plural, resume_problem
 from edgessl.train.run import pretrain as train_run
 from edgessl.train.types import Evaluation, PretrainResult
 from edgessl.workflows.slim import widths_table
@@ -68,8 +69,11 @@ def pretrain(
         before = read_yaml(Path(config), "Config")
         check_unchanged(Path(resume), before, cfg)
         say_shorter(Path(resume), before.get("epochs"), cfg, Say(console, cfg.quiet))
-    return train_run(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite,
-                     evaluation=standard_evaluation())
+    result = train_run(cfg, resume=resume, console=console, on_step=on_step, overwrite=overwrite,
+                       evaluation=standard_evaluation())
+    if not result.already_complete:
+        say_stale_export(result.run_dir, Say(console, cfg.quiet))
+    return result
 
 
 # What a resumed run may change: where and how it runs, how long, what it reports. Anything else (the loss, the bank,
@@ -111,13 +115,35 @@ def say_shorter(run: Path, planned, cfg, say) -> None:
     """A line when --epochs ends a resumed run before the length it was set for (`planned`, its config.yaml's): the
     cosine schedule is that of the shorter run, so the learning rate falls to 0 sooner (an extended run's is
     stretched alike; docs/data.md)."""
-    try:
-        done = json.loads((run / "encoder.json").read_text()).get("epochs_trained", 0)
-    except (OSError, ValueError):
-        done = 0
+    done = epochs_trained(run)
     if isinstance(planned, int) and done < cfg.epochs < planned:
         say(f"--epochs {cfg.epochs} ends the run before the {planned} it was set for: its learning rate follows the "
             f"schedule of a run of {cfg.epochs} epochs and falls to 0 by epoch {cfg.epochs}.", markup=False)
+
+
+def epochs_trained(run: Path) -> int:
+    """encoder.json's epochs_trained (0 when it cannot be read)."""
+    try:
+        return int(json.loads((run / "encoder.json").read_text()).get("epochs_trained", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def say_stale_export(run: Path, say) -> None:
+    """A line when the run's own export folder holds an encoder exported after fewer (or more) epochs than the run
+    has now trained: a resumed or extended run leaves its earlier export behind (export names the epochs in its
+    manifest's source)."""
+    try:
+        entries = json.loads((run / "export" / mf.MANIFEST).read_text()).get("models") or []
+        exported = {e["source"]["epochs_trained"] for e in entries
+                    if not (e.get("source") or {}).get("classifier") and "epochs_trained" in (e.get("source") or {})}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return
+    now = epochs_trained(run)
+    old = sorted(e for e in exported if isinstance(e, int) and e != now)
+    if old:
+        say(f"{run / 'export'} holds the encoder exported after {plural(old[-1], 'epoch')}; the run has now trained "
+            f"{now}: export it again (edgessl export {run}).", markup=False)
 
 
 def run_of(config: Path) -> Path | None:
