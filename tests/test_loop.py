@@ -200,3 +200,18 @@ def test_a_step_decided_on_the_device_equals_the_host_rule_bit_for_bit(name):
     with pytest.raises(RuntimeError, match="stop"):
         state.check_nonfinite(lambda: RuntimeError("stop"))
     assert state.nonfinite == 0
+
+
+def test_the_banner_names_a_method_or_step_option_other_than_the_default():
+    """npid, CutMix, blur and --widths had changed every step without a word in the banner."""
+    from edgessl.config import resolve
+    from edgessl.train.output import method_line
+
+    assert method_line(resolve({})) is None
+    assert method_line(resolve({"method": "npid"})) == ("Method: npid with a momentum bank update (m 0.5); no "
+                                                        "self-distillation.")
+    assert method_line(resolve({"cutmix": 0.5, "blur": 0.2})) == ("Method: edgessl with CutMix (alpha 0.5, lambda "
+                                                                  "max); Gaussian blur (p 0.2).")
+    assert method_line(resolve({"widths": "1.0,0.5", "slow_start": 0.25})) == (
+        "Method: edgessl with widths 1,0.5, the full width alone for the first 25% of the epochs, each sub-width "
+        "distilled from it at 0.5.")

@@ -55,11 +55,29 @@ def banner(run: Run, state: TrainState, precision: str, arch: dict[str, Any]) ->
         f"{plural(cfg.epochs, 'epoch')} | {run.device.type} {precision} | {run.threads.describe()} | "
         f"kNN monitor: {run.monitor.describe()} | run dir {run.run_dir}"
     )
+    line = method_line(cfg)
+    if line:
+        run.say(escape(line))
     init = run.meta.get("init")
     if init and not run.first_row.get("resumed"):  # where the weights came from, said once, when the run starts
         head = f"; head {init['head']}" if init.get("head") else ""
         whole = ": its architecture comes with them, stem included" if init.get("kind") == "run" else ""
         run.say(escape(f"Init: weights of {init.get('source', init.get('kind'))} ({init.get('kind')}{head}){whole}."))
+
+
+def method_line(cfg) -> str | None:
+    """The banner's line for a method other than the default one or an option that changes what a step does (the
+    bank update, the self-distillation, CutMix, blur, --widths); None for the default method as it is."""
+    changes = [f"a momentum bank update (m {cfg.bank_momentum:g})"] if cfg.bank_update == "momentum" else []
+    changes += ["no self-distillation"] if cfg.sd_weight == 0 else []
+    changes += [f"CutMix (alpha {cfg.cutmix:g}, lambda {cfg.cutmix_lam})"] if cfg.cutmix > 0 else []
+    changes += [f"Gaussian blur (p {cfg.blur:g})"] if cfg.blur > 0 else []
+    if cfg.widths:
+        changes.append(f"widths {cfg.widths}, the full width alone for the first {cfg.slow_start:.0%} of the epochs, "
+                       f"each sub-width distilled from it at {cfg.width_distill:g}")
+    if cfg.method == "edgessl" and not changes:
+        return None
+    return f"Method: {cfg.method}" + (f" with {'; '.join(changes)}" if changes else "") + "."
 
 
 def log_epoch(console: Console, row: dict[str, Any], epochs: int, progress) -> None:
