@@ -254,6 +254,15 @@ def pick_precision(option: str, device: torch.device) -> str:
     return option  # bf16 and fp16 (with its gradient scaler) also run on the CPU: slower there, but the same code path
 
 
+def precision_caution(precision: str, device: torch.device) -> str | None:
+    """A warning for fp16 on the CPU: it runs there (tested), but float16 autocast has no fast CPU kernels; a
+    mobilenetv3_small step at 64 px took 7.9x fp32's time on a 2-core x86 machine (bf16: 1.2x; 2026-12-07)."""
+    if precision == "fp16" and device.type == "cpu":
+        return ("--precision fp16 on the CPU: float16 has no fast CPU kernels, so each step takes several times as "
+                "long as fp32 (8x measured on a 2-core x86 machine); fp32 is the CPU default.")
+    return None
+
+
 def inference_precision(device: torch.device, precision: str) -> str:
     """The precision of a frozen network's forward passes (the --teacher pass): the run's, except fp32 on a CPU with
     native bfloat16 (AVX512-BF16 / AMX, which oneDNN uses), where bf16 autocast runs a resnet18 2.5x faster (with

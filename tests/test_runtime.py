@@ -231,3 +231,11 @@ def test_auto_precision_on_cuda_takes_bf16_only_where_it_is_native(monkeypatch):
     assert runtime.pick_precision("auto", cuda) == "fp16" and asked == [False]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert runtime.pick_precision("auto", cuda) == "bf16"
+
+
+def test_fp16_on_the_cpu_is_warned_about_and_nothing_else_is():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runtime.precision_caution("fp16", cpu) == (
+        "--precision fp16 on the CPU: float16 has no fast CPU kernels, so each step takes several times as long as "
+        "fp32 (8x measured on a 2-core x86 machine); fp32 is the CPU default.")
+    assert [runtime.precision_caution(p, d) for p, d in (("fp32", cpu), ("bf16", cpu), ("fp16", cuda))] == [None] * 3

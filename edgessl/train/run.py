@@ -18,7 +18,7 @@ from edgessl.loggers import Loggers, check_installed, parse_loggers
 from edgessl.method.losses import active_widths
 from edgessl.models.backbone import want_small_input
 from edgessl.rundir import absolute, absolute_source, plural
-from edgessl.runtime import StopRequest, pick_device, pick_precision, thread_governor, use_threads
+from edgessl.runtime import StopRequest, pick_device, pick_precision, precision_caution, thread_governor, use_threads
 from edgessl.train import distributed
 from edgessl.train.build import add_predictor, build_model, encoder_meta, init_bank, new_state, set_determinism
 from edgessl.train.loop import train_epochs
@@ -99,6 +99,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         return _already_complete(cfg, run_dir, ckpt, console, d)
     quiet = cfg.quiet or not d.main
     warn = warner(console, d)
+    if precision_caution(precision, device):
+        warn(precision_caution(precision, device))
     pending = open_teacher(cfg, run_dir if ckpt is not None else None, warn)  # a wrong --teacher fails here
     predictor = add_predictor(cfg, model, pending, d, device)
     images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn, scanned)
