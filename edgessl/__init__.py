@@ -12,18 +12,21 @@ Python API (mirrors the CLI):
     edgessl.embed("runs/<name>", data="./my_images", out="emb.npz", neighbours=5, duplicates=0.95) -> EmbedResult
 """
 
-from edgessl._version import __version__  # noqa: E402
-from edgessl.api import (  # noqa: E402
-    embed,
-    evaluate_encoder,
-    export,
-    finetune,
-    load_classifier,
-    load_encoder,
-    pretrain,
-    prune_encoder,
-    slim_encoder,
-)
+from edgessl._version import __version__
 
 __all__ = ["__version__", "pretrain", "load_encoder", "evaluate_encoder", "finetune", "load_classifier", "export",
            "slim_encoder", "prune_encoder", "embed"]
+
+
+def __getattr__(name: str):
+    """The API's functions, imported on first use (edgessl.api pulls in torch): `import edgessl` stays cheap, and the
+    command line's entry point (edgessl._entry) can catch a Ctrl-C while torch loads."""
+    if name in __all__:
+        from edgessl import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edgessl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,3 +1,3 @@
-from edgessl.cli import main
+from edgessl._entry import main
 
 main()

@@ -193,7 +193,10 @@ def test_a_runs_config_reloads_into_a_new_run_and_not_quiet(finished, images, tm
     config = finished / "config.yaml"
     assert run_of(config) == finished.resolve() and run_of(tmp_path / "none.yaml") is None
     seen = {}
-    monkeypatch.setattr("edgessl.workflows.pretrain.train_run", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    from edgessl.train.types import PretrainResult
+
+    monkeypatch.setattr("edgessl.workflows.pretrain.train_run",
+                        lambda cfg, **kw: PretrainResult(seen.setdefault("cfg", cfg).out or tmp_path))
     edgessl.pretrain(config=str(config))
     assert seen["cfg"].out is None and seen["cfg"].quiet is False  # a fresh runs/<backbone>-<time>
     assert resolve(config=str(config)).quiet is True  # what the file says, as any config file

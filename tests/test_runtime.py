@@ -239,3 +239,34 @@ def test_fp16_on_the_cpu_is_warned_about_and_nothing_else_is():
         "--precision fp16 on the CPU: float16 has no fast CPU kernels, so each step takes several times as long as "
         "fp32 (8x measured on a 2-core x86 machine); fp32 is the CPU default.")
     assert [runtime.precision_caution(p, d) for p, d in (("fp32", cpu), ("bf16", cpu), ("fp16", cuda))] == [None] * 3
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line_and_exit_130(monkeypatch, capsys):
+    """A Ctrl-C during the seconds torch takes to import had printed a traceback from inside an import."""
+    import importlib.abc
+    import sys
+
+    from edgessl import _entry
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "edgessl.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "edgessl.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as e:
+        _entry.main()
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "Interrupted while loading; nothing was run.\n"
+
+
+def test_import_edgessl_loads_no_torch_until_the_api_is_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, edgessl; before = 'torch' in sys.modules; f = edgessl.pretrain; import edgessl.api; "
+            "print(before, 'torch' in sys.modules, f is edgessl.api.pretrain, 'pretrain' in dir(edgessl))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True", "True"]
