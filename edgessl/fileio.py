@@ -16,9 +16,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
 from edgessl.errors import UserError
 
 
@@ -60,6 +57,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """safetensors.torch.save_file through a temporary file (mode 0644, not safetensors' 0600)."""
+    from safetensors.torch import save_file  # torch loads when a file is written, not when edgessl's CLI starts
+
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -84,6 +83,8 @@ def sha256_file(path: str | Path) -> str:
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a reader (or a
     resume after a kill at any moment) sees the old file or the new one, never half of one."""
+    import torch
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -107,6 +108,8 @@ def safe_torch_load(path: str | Path, what: str = "", map_location: Any = "cpu")
     """torch.load with weights_only=True: tensors, numbers, strings and containers (and numpy arrays, which
     checkpoints of edgessl 0.2 hold), never an arbitrary object; a file that holds one is refused with a UserError
     naming it, and nothing in it runs. what: how the error names the file (e.g. "--init")."""
+    import torch
+
     path = Path(path)
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):

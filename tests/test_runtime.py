@@ -263,10 +263,12 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line_and_exit_130(monkeypatc
 
 
 def test_import_edgessl_loads_no_torch_until_the_api_is_used():
+    """Nor does the command line until a command runs: --help and a mistyped flag had waited 5-15 s for torch, timm
+    and torchvision."""
     import subprocess
     import sys
 
-    code = ("import sys, edgessl; before = 'torch' in sys.modules; f = edgessl.pretrain; import edgessl.api; "
+    code = ("import sys, edgessl, edgessl.cli; before = 'torch' in sys.modules; f = edgessl.pretrain; import edgessl.api; "
             "print(before, 'torch' in sys.modules, f is edgessl.api.pretrain, 'pretrain' in dir(edgessl))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True", "True"]

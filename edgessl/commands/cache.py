@@ -10,10 +10,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from edgessl import api
-from edgessl.commands.common import console, friendly, given, options_command
+from edgessl.commands.common import api, console, friendly, given, options_command
 from edgessl.data.budget import size_text as _size
 from edgessl.errors import UserError
+from edgessl.options import CacheClearOptions, CacheOptions
 from edgessl.rundir import plural
 
 CACHE_HELP = """The decoded-image cache: every image folder decoded once at each size, reused by every command.
@@ -78,8 +78,8 @@ def clear_cmd(folder: Optional[Path] = None, **values) -> None:  # noqa: UP045 -
 
 def register(app) -> None:
     cache_app = typer.Typer(help=CACHE_HELP, no_args_is_help=True, rich_markup_mode="markdown")
-    cache_app.command("list")(friendly(options_command(list_cmd, api.CacheOptions)))
+    cache_app.command("list")(friendly(options_command(list_cmd, CacheOptions)))
     folder = inspect.Parameter("folder", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],  # noqa: UP045
                                default=typer.Argument(None, help="Only this image folder's entries (default: all)."))
-    cache_app.command("clear")(friendly(options_command(clear_cmd, api.CacheClearOptions, leading=[folder])))
+    cache_app.command("clear")(friendly(options_command(clear_cmd, CacheClearOptions, leading=[folder])))
     app.add_typer(cache_app, name="cache")

@@ -39,6 +39,17 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, soft_wrap=True, width=max(con.width, 200))
 
 
+class LazyApi:
+    """edgessl.api, imported when a command runs: the API pulls in torch, timm and torchvision (5-15 s on 2 cores),
+    which `--help`, a mistyped flag or `edgessl recipes` never need. The option classes come from edgessl.options."""
+
+    def __getattr__(self, name: str):
+        from edgessl import api as module
+
+        return getattr(module, name)
+
+
+api = LazyApi()
 console = make_console()
 err_console = make_console(stderr=True)
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from edgessl import api
-from edgessl.commands.common import argument, console, friendly, given, options_command
-from edgessl.options import flag_name, specs
+from edgessl.commands.common import api, argument, console, friendly, given, options_command
+from edgessl.options import CheckOptions, ExportOptions, flag_name, specs
 
 EXPORT_HELP = """Export a pretrained encoder (features before the projection head) or a fine-tuned classifier (logits) to
 ONNX, and check the file against PyTorch on real images.
@@ -62,7 +61,7 @@ def export_cmd(run: Path, **values) -> None:
 def check_cmd(model: Path, **values) -> None:
     options = given(values)
     argv = [str(model)]
-    for f, spec in specs(api.CheckOptions):
+    for f, spec in specs(CheckOptions):
         value = options.get(f.name, f.default)
         if value is not None:
             argv += [spec.flag or flag_name(f.name), str(value)]
@@ -74,9 +73,9 @@ def check_cmd(model: Path, **values) -> None:
 def register(app) -> None:
     """Add `export` and `check` to the typer app."""
     run = [argument("run", Path, "Run directory of `edgessl pretrain` (holds encoder.safetensors).")]
-    app.command("export", help=EXPORT_HELP)(friendly(options_command(export_cmd, api.ExportOptions, leading=run)))
+    app.command("export", help=EXPORT_HELP)(friendly(options_command(export_cmd, ExportOptions, leading=run)))
     model = [argument("model", Path, "The .onnx (or .ort) file.")]
-    app.command("check", help=CHECK_HELP)(friendly(options_command(check_cmd, api.CheckOptions, leading=model)))
+    app.command("check", help=CHECK_HELP)(friendly(options_command(check_cmd, CheckOptions, leading=model)))
 
 
 def _print_summary(console, result, notes: bool = True) -> None:

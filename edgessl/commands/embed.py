@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgessl import api
-from edgessl.commands.common import argument, console, err_console, friendly, given, options_command
+from edgessl.commands.common import api, argument, console, err_console, friendly, given, options_command
+from edgessl.options import EmbedOptions
 from edgessl.rundir import plural
 
 EMBED_HELP = """Embed every image of a folder with a trained encoder: one row per readable image (its path and
@@ -112,4 +112,4 @@ def limit_line(limit, paths: list[str]) -> str:
 
 def register(app) -> None:
     source = [argument("source", Path, "A run directory, or an exported .onnx encoder (manifest.json beside it).")]
-    app.command("embed", help=EMBED_HELP)(friendly(options_command(embed_cmd, api.EmbedOptions, leading=source)))
+    app.command("embed", help=EMBED_HELP)(friendly(options_command(embed_cmd, EmbedOptions, leading=source)))

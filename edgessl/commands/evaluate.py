@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgessl import api
-from edgessl.commands.common import argument, console, friendly, given, options_command
+from edgessl.commands.common import api, argument, console, friendly, given, options_command
+from edgessl.options import EvalOptions, FinetuneOptions
 
 EVAL_HELP = """Few-label evaluation of a run's frozen encoder: weighted kNN and a linear probe at a few labels per class.
 
@@ -57,6 +57,6 @@ def finetune_cmd(run_dir: Path, **values) -> None:
 def register(app) -> None:
     """Add `eval` and `finetune` to the typer app."""
     lead = [argument("run_dir", Path, RUN_DIR)]
-    app.command("eval", help=EVAL_HELP)(friendly(options_command(eval_cmd, api.EvalOptions, leading=lead)))
-    app.command("finetune", help=FINETUNE_HELP)(friendly(options_command(finetune_cmd, api.FinetuneOptions,
+    app.command("eval", help=EVAL_HELP)(friendly(options_command(eval_cmd, EvalOptions, leading=lead)))
+    app.command("finetune", help=FINETUNE_HELP)(friendly(options_command(finetune_cmd, FinetuneOptions,
                                                                          leading=lead)))

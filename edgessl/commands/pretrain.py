@@ -8,9 +8,8 @@ import shlex
 
 import yaml
 
-from edgessl import api
-from edgessl.commands.common import console, friendly, given, options_command
-from edgessl.config import PretrainConfig, PretrainControl
+from edgessl.commands.common import api, console, friendly, given, options_command
+from edgessl.config import PretrainConfig, PretrainControl, list_recipes, load_recipe, recipes_dir
 from edgessl.options import names
 
 PRETRAIN_HELP = """Pretrain an encoder on a folder of unlabeled images (single crop, one network branch).
@@ -58,9 +57,9 @@ def recipes() -> None:
     """List the bundled recipes.
 
     **Example**: `edgessl recipes`"""
-    for name in api.list_recipes():
-        desc = (yaml.safe_load((api.recipes_dir() / f"{name}.yaml").read_text()) or {}).get("description", "")
-        api.load_recipe(name)
+    for name in list_recipes():
+        desc = (yaml.safe_load((recipes_dir() / f"{name}.yaml").read_text()) or {}).get("description", "")
+        load_recipe(name)
         console.print(f"[bold]{name}[/bold]  {desc}", highlight=False)
 
 

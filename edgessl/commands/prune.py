@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgessl import api
-from edgessl.commands.common import argument, console, friendly, given, options_command
+from edgessl.commands.common import api, argument, console, friendly, given, options_command
+from edgessl.options import PruneOptions
 
 PRUNE_HELP = """Make a single-width encoder smaller: torch-pruning removes --ratio of the channels of every coupled
 channel group (magnitude or Taylor importance; the projection output is kept), then a short recovery pretraining
@@ -32,4 +32,4 @@ def prune_cmd(run_dir: Path, **values) -> None:
 def register(app) -> None:
     """Add `prune` to the typer app."""
     run = [argument("run_dir", Path, "Run directory of `edgessl pretrain` (config.yaml + checkpoint.pt).")]
-    app.command("prune", help=PRUNE_HELP)(friendly(options_command(prune_cmd, api.PruneOptions, leading=run)))
+    app.command("prune", help=PRUNE_HELP)(friendly(options_command(prune_cmd, PruneOptions, leading=run)))

@@ -7,8 +7,8 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from edgessl import api
-from edgessl.commands.common import argument, console, friendly, given, options_command
+from edgessl.commands.common import api, argument, console, friendly, given, options_command
+from edgessl.options import SlimOptions
 
 SLIM_HELP = """Cut one width out of a `--widths` run: a standalone, physically smaller timm model (torch-pruning removes
 the channels beyond the width's share of every channel group), whose outputs equal that width's sub-network.
@@ -36,7 +36,7 @@ def slim_cmd(run: Path, **values) -> None:
 def register(app) -> None:
     """Add `slim` to the typer app."""
     run = [argument("run", Path, "Run directory of `edgessl pretrain --widths ...`.")]
-    app.command("slim", help=SLIM_HELP)(friendly(options_command(slim_cmd, api.SlimOptions, leading=run)))
+    app.command("slim", help=SLIM_HELP)(friendly(options_command(slim_cmd, SlimOptions, leading=run)))
 
 
 def _print_summary(console, run: Path, result) -> None:
