@@ -78,6 +78,7 @@ class TensorBoard:
         from torch.utils.tensorboard.summary import hparams
 
         log_dir = run_dir / "tensorboard"
+        self.log_dir = log_dir
         new = not log_dir.exists()
         self.writer = SummaryWriter(log_dir=str(log_dir))
         if new and config:
@@ -93,6 +94,9 @@ class TensorBoard:
         for name, path in images.items():
             self.writer.add_image(name, _png(path), step, dataformats="HWC")
         self.writer.flush()
+
+    def where(self) -> str:
+        return f"TensorBoard: {self.log_dir} (tensorboard --logdir {self.log_dir})"
 
     def close(self, ok: bool) -> None:
         self.writer.close()
@@ -126,6 +130,11 @@ class MLflow:
         if (run_dir / "config.yaml").is_file():
             self.client.log_artifact(self.run_id, str(run_dir / "config.yaml"))
         record.update(tracking_uri=uri, run_id=self.run_id)
+        self.uri = uri
+
+    def where(self) -> str:
+        view = f" (mlflow ui --backend-store-uri {self.uri})" if self.uri.startswith("sqlite:///") else ""
+        return f"MLflow: run {self.run_id} in {self.uri}{view}"
 
     def log(self, values: dict[str, float], step: int, images: dict[str, Path]) -> None:
         from mlflow.entities import Metric
@@ -151,6 +160,12 @@ class WandB:
                               dir=str(run_dir), id=run_id, resume="allow" if run_id else None,
                               config=None if run_id else config)
         record.update(id=self.run.id, project=self.run.project)
+        self.run_dir = run_dir
+
+    def where(self) -> str:
+        url = getattr(self.run, "url", None)  # None offline (WANDB_MODE=offline): `wandb sync` uploads the files
+        return f"W&B: {url}" if url else (f"W&B: project {self.run.project}, run {self.run.id}, offline files in "
+                                          f"{self.run_dir / 'wandb'} (wandb sync to upload)")
 
     def log(self, values: dict[str, float], step: int, images: dict[str, Path]) -> None:
         data = {**values, **{name: self.wandb.Image(str(path)) for name, path in images.items()}}
@@ -177,8 +192,10 @@ class Loggers:
     every row."""
 
     def __init__(self, names: list[str] | tuple = (), run_dir: Path | None = None,
-                 config: dict[str, Any] | None = None, warn: Callable[[str], None] = _warn):
+                 config: dict[str, Any] | None = None, warn: Callable[[str], None] = _warn,
+                 say: Callable[[str], None] | None = None):
         self.names, self.run_dir, self.config, self.warn = list(names), run_dir, config or {}, warn
+        self.say = say  # where each logger writes, said once when it opens (pretraining's console)
         self.adapters: dict[str, Any] | None = None
 
     def log(self, row: dict[str, Any], images: dict[str, Path] | None = None, step: int | None = None) -> None:
@@ -210,6 +227,8 @@ class Loggers:
             if adapter is not None:
                 self.adapters[name] = adapter
                 atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+                if self.say is not None:
+                    self.say(f"Logging to {adapter.where()}")
         return self.adapters
 
     def close(self, ok: bool = True) -> None:

@@ -2,11 +2,13 @@
 SQLite store, W&B's offline run files."""
 
 import importlib.util
+import io
 import json
 import time
 
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 import edgessl
@@ -99,8 +101,12 @@ def test_wandb_offline_run_gets_the_rows(tiny_data, tmp_path, monkeypatch):
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     out = tmp_path / "run"
-    edgessl.pretrain(data=str(tiny_data), out=str(out), epochs=1, logger="wandb", eval_every=0, **TINY)
+    console = Console(file=io.StringIO(), width=400)
+    edgessl.pretrain(data=str(tiny_data), out=str(out), epochs=1, logger="wandb", eval_every=0, console=console,
+                     **{**TINY, "quiet": False})
     run_id = json.loads((out / loggers.RECORD).read_text())["wandb"]["id"]
+    assert (f"Logging to W&B: project edgessl, run {run_id}, offline files in {out / 'wandb'} (wandb sync to "
+            "upload)") in console.file.getvalue()
     (run_file,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     deadline = time.time() + 30
     while (logged := _wandb_history_keys(run_file)) is None and time.time() < deadline:
@@ -210,3 +216,23 @@ def test_eval_of_a_run_whose_logger_package_is_missing_says_where_the_setting_li
     assert str(e.value) == (f"{tmp_path} logs to its config.yaml's logger (mlflow): --logger mlflow needs the mlflow "
                             f"package: pip install 'edgessl[mlflow]'. Or set `logger: none` in "
                             f"{tmp_path / 'config.yaml'} to run without it.")
+
+
+def test_each_logger_says_where_it_writes_when_it_opens(tmp_path, monkeypatch):
+    """The run had logged to RUN/tensorboard or an MLflow store without naming either."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    lines = []
+    logs = loggers.Loggers(["tensorboard", "mlflow"], run, {"epochs": 1}, say=lines.append)
+    logs.log({"epoch": 1, "loss": 2.5})
+    logs.log({"epoch": 2, "loss": 2.0})  # said once, when they open
+    run_id = json.loads((run / loggers.RECORD).read_text())["mlflow"]["run_id"]
+    logs.close()
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert lines == [f"Logging to TensorBoard: {run / 'tensorboard'} (tensorboard --logdir {run / 'tensorboard'})",
+                     f"Logging to MLflow: run {run_id} in {uri} (mlflow ui --backend-store-uri {uri})"]

@@ -268,7 +268,8 @@ def test_import_edgessl_loads_no_torch_until_the_api_is_used():
     import subprocess
     import sys
 
-    code = ("import sys, edgessl, edgessl.cli; before = 'torch' in sys.modules; f = edgessl.pretrain; import edgessl.api; "
+    code = ("import sys, edgessl, edgessl.cli; before = 'torch' in sys.modules; f = edgessl.pretrain; "
+            "import edgessl.api; "
             "print(before, 'torch' in sys.modules, f is edgessl.api.pretrain, 'pretrain' in dir(edgessl))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True", "True"]

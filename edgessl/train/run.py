@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from edgessl.config import PretrainConfig, replace
 from edgessl.data.greyscale import choose_greyscale, colour_under_on, training_augment
@@ -128,7 +129,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
               governor=thread_governor(threads, cfg.deterministic))
     # ---- every check has passed: from here on the run directory is written
     files = write_run_files(run_dir, ckpt is not None, overwrite, cfg, images, signature, warn) if d.main else None
-    run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict(), warn) if d.main else Loggers()
+    run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict(), warn,
+                          say=lambda text: run.say(escape(text))) if d.main else Loggers()
     try:
         tbank = None
         if pending is not None:
