@@ -198,3 +198,19 @@ def test_docs_flags_table_matches_the_config():
             assert _doc_value(value) == DEFAULTS[flag], (flag, value, DEFAULTS[flag])
             checked += 1
     assert checked >= 25, checked
+
+
+def test_usage_errors_are_one_line_on_stderr_with_exit_code_2():
+    """typer had drawn a box under two lines of usage for a mistyped flag or a missing argument; every other edgessl
+    error is one line. No arguments at all still print the help (exit code 2, as before)."""
+    runner = CliRunner()
+    cases = {("pretrain", "--bogus"): "error: No such option: --bogus (Possible options: --blur, --out). See "
+                                      "'edgessl pretrain --help'.\n",
+             ("export",): "error: Missing argument 'run'. See 'edgessl export --help'.\n",
+             ("bogus",): "error: No such command 'bogus'. See 'edgessl --help'.\n"}
+    for argv, expected in cases.items():
+        res = runner.invoke(app, list(argv))
+        assert (res.exit_code, res.output) == (2, expected), argv
+    res = runner.invoke(app, [])
+    assert res.exit_code == 2 and "Usage: edgessl [OPTIONS] COMMAND [ARGS]..." in res.output
+    assert runner.invoke(app, ["--version"]).output == f"edgessl {edgessl.__version__}\n"
