@@ -128,6 +128,12 @@ def test_finetune_bad_input_is_one_line_exit_2(run_copy, labelled_demo, tmp_path
          f"--out '{run_copy}' holds a run or an encoder (checkpoint.pt): choose another --out (fine-tuning writes "
          "classifier.safetensors, metrics.json and confusion.png into its own folder)."),
     ]
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "encoder.onnx").write_bytes(b"onnx")
+    cases.append(([str(run_copy), "--train", train, "--test", test, "--labels-per-class", "3", "--out", str(exported)],
+                  f"--out '{exported}' holds an ONNX export (encoder.onnx): choose another --out (fine-tuning writes "
+                  "classifier.safetensors, metrics.json and confusion.png into its own folder)."))
     for args, message in cases:
         res = runner.invoke(app, ["finetune", *args, "--quiet"])
         assert res.exit_code == 2, res.output
@@ -140,3 +146,26 @@ def test_finetune_help_has_examples():
     assert res.exit_code == 0 and "Examples" in res.output
     for flag in ("--train", "--test", "--labels-per-class", "--epochs", "--freeze-backbone"):
         assert flag in res.output, flag
+
+
+def test_finetune_and_eval_warn_of_skipped_files_even_when_quiet(run_copy, labelled_demo, tmp_path):
+    """finetune had skipped unreadable files without a word; eval's warning had been hidden by --quiet."""
+    data = tmp_path / "data"
+    shutil.copytree(labelled_demo, data)
+    cls = sorted(p.name for p in (data / "train").iterdir())[0]
+    (data / "train" / cls / "corrupt.png").write_bytes(b"not a png")
+    (data / "test" / cls / "half.png").write_bytes(b"\x89PNG\r\n")
+    res = runner.invoke(app, ["finetune", str(run_copy), "--train", str(data / "train"), "--test", str(data / "test"),
+                              "--labels-per-class", "2", "--epochs", "1", "--batch-size", "4", "--workers", "1",
+                              "--cache-dir", "none", "--quiet"])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert [line.split(", first: ")[0] for line in lines] == [
+        "warning: --train: skipped 1 unreadable file(s)", "warning: --test: skipped 1 unreadable file(s)"]
+    assert f"{cls}/corrupt.png" in lines[0] and f"{cls}/half.png" in lines[1]
+    res = runner.invoke(app, ["eval", str(run_copy), "--train", str(data / "train"), "--test", str(data / "test"),
+                              "--labels-per-class", "2", "--seeds", "1", "--workers", "1", "--cache-dir", "none",
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert [line.split(", first: ")[0] for line in res.output.splitlines() if line.strip()] == [
+        "warning: --train: skipped 1 unreadable file(s)", "warning: --test: skipped 1 unreadable file(s)"]

@@ -41,6 +41,7 @@ from edgessl.evaluate.labelled import (
     lpc_name,
     map_test_labels,
     parse_labels_per_class,
+    skipped_warning,
     split_folder,
 )
 from edgessl.evaluate.metrics import classification_metrics, confusion_matrix, per_class_scores
@@ -160,12 +161,17 @@ class FinetuneData:
 
 
 def finetune_data(train_root: Path, test_root: Path | None, per_class: int | None, opts: FinetuneOptions,
-                  size: int) -> FinetuneData:
-    """Decode the labelled folders; draw the labelled subset (seeded) and its held-out part for early stopping."""
+                  size: int, warn=None) -> FinetuneData:
+    """Decode the labelled folders (`warn`: the unreadable files each skipped); draw the labelled subset (seeded) and
+    its held-out part for early stopping."""
     images = load_labelled_folder(train_root, size, "--train", opts.decode)
     classes, labels, split = list(images.classes), images.labels, None
+    if warn is not None and (warning := skipped_warning(images, "--train")):
+        warn(warning)
     if test_root is not None:
         test_images = load_labelled_folder(test_root, size, "--test", opts.decode)
+        if warn is not None and (warning := skipped_warning(test_images, "--test")):
+            warn(warning)
         test_idx = torch.arange(len(test_images))
         test_labels = map_test_labels(classes, test_images.classes)[test_images.labels]
         pool = torch.arange(len(images))
@@ -186,7 +192,7 @@ def build_classifier(run_dir: Path, meta: dict[str, Any], num_classes: int, opts
     global RNG is left as it was)."""
     encoder = load_encoder(run_dir)
     if opts.init:
-        meta["init"] = load_init(encoder, opts.init, meta["timm_name"], (say or Say()).warn)
+        meta["init"] = load_init(encoder, opts.init, meta["timm_name"], (say if say is not None else Say()).warn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
         model = Classifier(encoder, int(meta["feature_dim"]), num_classes)

@@ -90,6 +90,14 @@ def check_readable_classes(images: ImageSet, expected: Sequence[str], what: str)
         raise UserError(f"{what} class folder '{name}' has no readable image{reason}.")
 
 
+def skipped_warning(images: ImageSet, what: str) -> str | None:
+    """The warning for the unreadable files a labelled folder skipped (None when it skipped none)."""
+    if not images.skipped:
+        return None
+    path, reason = images.skipped[0]
+    return f"{what}: skipped {len(images.skipped)} unreadable file(s), first: {path} ({reason})."
+
+
 def load_labelled_folder(root: str | Path, size: int, what: str, decode: Decode | None = None) -> ImageSet:
     """Decode a labelled folder (labels = first-level subfolders) after the class_folders checks (through the
     decoded-image cache `cache_dir`, see edgessl.data.cache)."""

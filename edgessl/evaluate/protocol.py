@@ -37,6 +37,7 @@ from edgessl.evaluate.labelled import (
     check_labels_per_class,
     load_labelled_folder,
     lpc_name,
+    skipped_warning,
 )
 from edgessl.evaluate.linear import linear_probe
 from edgessl.evaluate.metrics import classification_metrics
@@ -118,7 +119,7 @@ def folder_features(
     """Features of a labelled folder under every encoder spec; the folder is decoded at most once (`decode`: how,
     edgessl.options.Decode), and not at all when every encoder's features are cached (in feature_dir; None: no
     feature cache). `between`: called after every batch (extract_features)."""
-    say = say or Say()
+    say = say if say is not None else Say()
     size = int(meta["image_size"])
     signature = features_signature(root, size) if feature_dir is not None else ""
     out: dict[str, FeatureSet] = {}
@@ -135,9 +136,8 @@ def folder_features(
                 continue
         if images is None:
             images = load_labelled_folder(root, size, what, decode)
-            if images.skipped:
-                say.warn(f"{what}: skipped {len(images.skipped)} unreadable file(s), first: {images.skipped[0][0]} "
-                         f"({images.skipped[0][1]}).")
+            if warning := skipped_warning(images, what):
+                say.warn(warning)
         t0 = time.time()
         model = spec.build().to(device)
         feats = extract_features(model, images, meta["mean"], meta["std"], device, between=between)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from edgessl.deploy.manifest import MANIFEST
 from edgessl.errors import UserError
 from edgessl.evaluate.finetune import (
     FinetuneResult,
@@ -48,7 +49,7 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
     say(f"CPU: {cpu.describe()}")
     governor = thread_governor(cpu)  # --threads auto: the count follows the load between steps
     dev = pick_device(opts.device)
-    data = finetune_data(folders.train_root, folders.test_root, per_class, opts, int(meta["image_size"]))
+    data = finetune_data(folders.train_root, folders.test_root, per_class, opts, int(meta["image_size"]), say.warn)
     if note := untested_note(data.split, data.classes):
         say(note)
     model = build_classifier(run_dir, meta, len(data.classes), opts, dev, say)
@@ -82,4 +83,8 @@ def check_finetune_out(out: Path) -> None:
     held = [name for name in (CHECKPOINT, ENCODER_WEIGHTS) if (out / name).exists()]
     if held:
         raise UserError(f"--out '{out}' holds a run or an encoder ({held[0]}): choose another --out (fine-tuning "
+                        "writes classifier.safetensors, metrics.json and confusion.png into its own folder).")
+    exported = [name for name in (MANIFEST, *sorted(f.name for f in out.glob("*.onnx"))) if (out / name).is_file()]
+    if exported:  # an export folder had been moved aside whole as if it were an earlier fine-tuning
+        raise UserError(f"--out '{out}' holds an ONNX export ({exported[0]}): choose another --out (fine-tuning "
                         "writes classifier.safetensors, metrics.json and confusion.png into its own folder).")
