@@ -296,7 +296,11 @@ def test_eval_bad_input_is_one_line_exit_2(run_copy, labelled_demo, tmp_path):
          "(a run directory of `edgessl pretrain`)."),
         ([str(run_copy), "--train", str(train)],
          "No test data: give --test <folder> (one subfolder per class) or --test-fraction 0.2."),
+        ([str(tmp_path / "notes.txt"), "--train", str(train), "--test", str(test)],  # had been named '<its folder>'
+         f"'{tmp_path / 'notes.txt'}' is a file, not an encoder: pass a run directory of `edgessl pretrain` (or its "
+         "encoder.safetensors)."),
     ]
+    (tmp_path / "notes.txt").write_text("not a run")
     for args, message in cases:
         res = runner.invoke(app, ["eval", *args, "--quiet"])
         if "unreadable" in message:  # Pillow's own wording follows: compare the start

@@ -128,9 +128,13 @@ def save_encoder(model: nn.Module, folder: str | Path, meta: dict[str, Any]) -> 
 
 
 def _encoder_folder(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
+    """The folder of a run directory or of one of its encoder files; a UserError names the path as given (another
+    file had been reported as its folder, e.g. '.')."""
+    given = Path(path)
+    path = given.parent if given.is_file() else given
+    if given.is_file() and not (path / ENCODER_WEIGHTS).is_file():
+        raise UserError(f"'{given}' is a file, not an encoder: pass a run directory of `edgessl pretrain` (or its "
+                        f"{ENCODER_WEIGHTS}).")
     if not (path / ENCODER_META).is_file() or not (path / ENCODER_WEIGHTS).is_file():
         raise UserError(
             f"No encoder in '{path}': expected {ENCODER_WEIGHTS} and {ENCODER_META} "
