@@ -233,7 +233,8 @@ def sha256(path: Path) -> str:
 
 def load_manifest(path: Path) -> dict:
     if not path.is_file():
-        raise CheckError(f"Manifest '{path}' not found.")
+        raise CheckError(f"Manifest '{path}' not found: pass --manifest with the manifest.json `edgessl export` "
+                         "wrote beside the model.")
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:

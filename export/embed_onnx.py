@@ -67,7 +67,7 @@ def open_model(model: Path, manifest: Path | None = None, threads: int | None = 
     """(onnxruntime session, the manifest's entry for the model) after checking sha256, input name and shape."""
     dc = device_check()
     if not model.is_file():
-        raise dc.CheckError(f"Model '{model}' not found.")
+        raise dc.CheckError(f"Model '{model}' not found: `edgessl export RUN` writes RUN/export/encoder.onnx.")
     manifest = manifest or model.parent / "manifest.json"
     entry = dc.manifest_entry(model, dc.load_manifest(manifest), manifest)
     sess = dc.open_session(model, threads)

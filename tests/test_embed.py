@@ -256,3 +256,17 @@ def test_the_gallery_names_every_image_and_its_cosine(tmp_path, monkeypatch):
                              space="whitened cosine, 8 directions")
     assert shown["title"] == "nearest neighbours (whitened cosine, 8 directions), 2 queries x 2"
     assert shown["labels"] == ["q0.png", "a.png", "b.png", "q1.png", "c.png", "d.png"]
+
+
+def test_a_missing_model_or_manifest_says_where_they_come_from(tmp_path):
+    """'Model ... not found.' and 'Manifest ... not found.' had said nothing of edgessl export or --manifest."""
+    script = load_script("embed_onnx.py")
+    dc = script.device_check()
+    with pytest.raises(dc.CheckError) as e:
+        script.open_model(tmp_path / "encoder.onnx")
+    assert str(e.value) == (f"Model '{tmp_path / 'encoder.onnx'}' not found: `edgessl export RUN` writes "
+                            "RUN/export/encoder.onnx.")
+    with pytest.raises(dc.CheckError) as e:
+        dc.load_manifest(tmp_path / "manifest.json")
+    assert str(e.value) == (f"Manifest '{tmp_path / 'manifest.json'}' not found: pass --manifest with the "
+                            "manifest.json `edgessl export` wrote beside the model.")
