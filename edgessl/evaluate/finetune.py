@@ -53,6 +53,7 @@ from edgessl.models.init import load_init
 from edgessl.options import FinetuneOptions, check_groups
 from edgessl.report.eval_plots import plot_confusion
 from edgessl.report.say import Say
+from edgessl.rundir import plural
 from edgessl.seeding import keyed_generator
 from edgessl.train.crops import step_layout
 from edgessl.train.meter import EpochMeter
@@ -228,7 +229,8 @@ def train_classifier(model: Classifier, data: FinetuneData, opts: FinetuneOption
         say(f"epoch {epoch + 1:>3}/{opts.epochs}  loss {row['train_loss']:.4f}  train top-1 {row['train_top1']:.3f}"
             f"{val_text}  {row['seconds']:.1f} s")
         if len(data.val_idx) and stopper.stop:
-            say(f"Early stop: no lower held-out loss for {opts.patience} epochs; keeping epoch {stopper.best_epoch}.")
+            say(f"Early stop: no lower held-out loss for {plural(opts.patience, 'epoch')}; keeping epoch "
+                f"{stopper.best_epoch}.")
             break
     if len(data.val_idx):
         model.load_state_dict(best_state)

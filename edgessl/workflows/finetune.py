@@ -22,7 +22,7 @@ from edgessl.loggers import run_loggers
 from edgessl.models.backbone import ENCODER_WEIGHTS, run_encoder_meta
 from edgessl.options import FinetuneOptions, takes_options
 from edgessl.report.say import Say
-from edgessl.rundir import CHECKPOINT, move_aside
+from edgessl.rundir import CHECKPOINT, move_aside, plural
 from edgessl.runtime import between_batches, pick_device, thread_governor, use_threads
 
 
@@ -56,7 +56,8 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
     say(f"[bold]edgessl finetune[/bold] {meta['timm_name']} | {len(data.classes)} classes | "
         f"{len(data.fit_idx)} training + {len(data.val_idx)} held-out labelled images "
         f"({lpc_name(per_class)} per class) | {len(data.test_idx)} test images "
-        f"| {'frozen backbone' if opts.freeze_backbone else 'full fine-tuning'} | {opts.epochs} epochs | {dev.type}")
+        f"| {'frozen backbone' if opts.freeze_backbone else 'full fine-tuning'} | {plural(opts.epochs, 'epoch')} "
+        f"| {dev.type}")
     history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say,
                                            between_batches(governor, say))
     if out_dir.is_dir() and any(out_dir.iterdir()):  # an earlier fine-tuning is kept, never overwritten
