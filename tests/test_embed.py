@@ -220,7 +220,11 @@ def test_run_and_its_onnx_export_give_the_same_embeddings(demo_run, labelled_dem
                               "--neighbours", "3", "--duplicates", "0.999", "--planted", "8", "--gallery-rows", "4"])
     assert res.exit_code == 0, res.output
     assert "Embedded 9 images" in res.output
-    b = edgessl.embed(run / "export" / "encoder.onnx", data, tmp_path / "b" / "e.npz", neighbours=3)
+    warned = []
+    b = edgessl.embed(run / "export" / "encoder.onnx", data, tmp_path / "b" / "e.npz", neighbours=3, device="cuda",
+                      warn=warned.append)  # --device had been ignored without a word on the .onnx route
+    assert warned[0] == ("--device cuda is for a run directory's encoder: an .onnx runs on onnxruntime's CPU "
+                         "provider.")
     paths, emb = read_embeddings(tmp_path / "a" / "e.npz")
     assert paths == b.paths and len(paths) == 9
     assert list(b.seconds) == ["embed"] and b.seconds["embed"] > 0  # no --duplicates: no other step timed

@@ -121,6 +121,8 @@ def embed(source: str | Path, opts: EmbedOptions, use_faiss: bool | None = None,
     check_options(opts)
     source = Path(source).expanduser()
     src = open_source(source, opts, say)
+    if source.suffix == ".onnx" and opts.device not in ("auto", "cpu") and warn is not None:
+        warn(f"--device {opts.device} is for a run directory's encoder: an .onnx runs on onnxruntime's CPU provider.")
     data = Path(opts.data)
     start = time.perf_counter()
     embedded = src(data)
