@@ -196,6 +196,16 @@ def test_the_chosen_rule_meets_its_target_on_a_toy_calibration():
     assert not copy_rule.choose_rule(missed, wrong, own).reached
 
 
+def test_the_threshold_never_lands_on_a_folder_pair_between_a_look_alike_and_the_next_planted_copy():
+    """Planted copies 0.3, 0.8, 0.9, one look-alike at 0.5, a folder pair at 0.6. Above 0.5 the estimate is the same
+    (precision 1, recall 2/3) up to 0.8; the rule had taken the lowest observed score there, the folder pair's own
+    0.6, and flagged that pair on no evidence (two different flags of the demo under a weak encoder)."""
+    true, wrong, own = (np.array(v, np.float32) for v in ([0.3, 0.8, 0.9], [0.5], [0.6]))
+    rule = copy_rule.choose_rule(true, wrong, own, target=0.95)
+    assert rule.threshold == pytest.approx(0.8) and rule.folder_pairs == 0
+    assert (rule.precision, rule.recall) == (1.0, pytest.approx(2 / 3))
+
+
 def test_the_rule_says_how_much_rests_on_copies_it_could_not_judge():
     """with_doubt: the same toy calibration; two planted copies also matched folder images above the threshold that
     the calibration took for copies already in the folder on the folder's own score alone (doubtful holds wrong

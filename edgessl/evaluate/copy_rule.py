@@ -66,10 +66,13 @@ def estimate(t: float, true: np.ndarray, wrong: np.ndarray, own: np.ndarray) -> 
 def choose_rule(true: np.ndarray, wrong: np.ndarray, own: np.ndarray, target: float = 0.95) -> Rule:
     """The lowest threshold (the highest recall) whose estimated precision reaches `target`; when none does, the
     highest threshold of the best precision and its recall (no more risk than the estimate needs). Candidates:
-    every score observed, and 1.0, but none below the lowest planted copy: a lower threshold finds no more of them
-    and only adds risk (in a small folder whose look-alikes all scored far below the copies, the folder's lowest
-    pair, at a negative score, had reached the target on no evidence and was flagged)."""
-    values = np.concatenate([true, wrong, own, [1.0]]).astype(np.float64)
+    every calibration score (planted copies and their look-alikes: where the estimate changes), and 1.0, but none
+    below the lowest planted copy: a lower threshold finds no more of them and only adds risk (in a small folder
+    whose look-alikes all scored far below the copies, the folder's lowest pair, at a negative score, had reached
+    the target on no evidence and was flagged). The folder's own pairs are no candidates: between a look-alike and
+    the next planted copy the estimate is the same, and the lowest such threshold had landed exactly on one of the
+    folder's pairs, flagging it on no evidence (two different flags of the demo, under a weak encoder)."""
+    values = np.concatenate([true, wrong, [1.0]]).astype(np.float64)
     candidates = np.unique(values[np.isfinite(values)])
     found = true[np.isfinite(true)]
     if len(found):
@@ -100,7 +103,7 @@ def with_doubt(rule: Rule, true: np.ndarray, wrong: np.ndarray, doubtful: np.nda
 def limiting(rule: Rule, true: np.ndarray, wrong: np.ndarray, own: np.ndarray, pairs: np.ndarray) -> Rule:
     """The rule with its limit: the highest wrong score below an "auto" threshold, and the rule chosen again without
     it. With 400 planted copies, precision 0.95 and PREVALENCE 3 % leave no wrong pair above the threshold, so the
-    threshold is the first observed score above that one look-alike, wherever the sample happened to meet it; the
+    threshold is the first planted copy's score above that one look-alike, wherever the sample happened to meet it; the
     rule without it says how far the threshold would fall. pairs (Q, 2): each wrong score's folder rows (original,
     other image), for the output to name the two images. A given threshold, one short of the target, or one whose
     recall would not rise without that pair (it does not fall, or falls past no planted copy: every copy already
