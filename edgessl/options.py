@@ -401,8 +401,8 @@ class EmbedOptions(HasDecode):
                                           "rule chosen on synthetic copies of this folder's own images to reach "
                                           "--precision, and say how sure it is; or a threshold T on the copy score "
                                           "(the same estimates are printed for it). Writes duplicates.csv, "
-                                          "duplicates.png and similar.csv (close in the embedding, never called "
-                                          "duplicates).", shown="none")
+                                          "duplicates.png, duplicates.json (the rule) and similar.csv (close in the "
+                                          "embedding, never called duplicates).", shown="none")
     precision: float = option(0.95, "With --duplicates auto: the precision the rule must reach on the planted "
                                     "copies.")
     planted: int = option(400, "With --duplicates: synthetic copies planted to calibrate and estimate the rule (at "
