@@ -277,6 +277,30 @@ def test_prune_then_recover_writes_a_smaller_encoder_and_the_same_report(demo_ru
     _one_line_error(runner.invoke(app, ["prune", str(out), "--ratio", "0.5", "--out", str(tmp_path / "again")]),
                     f"'{out}' is a pruned run (--ratio 0.5 of {demo_run}): prune the source run with a larger --ratio "
                     "instead.")
+    # nor can it be resumed or extended (PyTorch's state-dict error, cut at its colon, had said "options changed")
+    _one_line_error(runner.invoke(app, ["pretrain", "--resume", str(out), "--epochs", "3"]),
+                    f"Cannot resume '{out}': it is a pruned run (edgessl prune), whose recovery distils from "
+                    f"{demo_run}; a resume does not rebuild that. Prune again instead: edgessl prune {demo_run} "
+                    f"--ratio 0.5 --out {out} --overwrite (with the --epochs you want).")
+
+
+@pytest.mark.slow
+def test_an_interrupted_prune_says_to_prune_again_not_to_resume(demo_run, tmp_path, monkeypatch):
+    pytest.importorskip("torch_pruning")
+    from edgessl.errors import Interrupted
+    from edgessl.workflows import prune as prune_workflow
+
+    def stopped(cfg, **kw):
+        raise Interrupted(f"Stopped by SIGTERM. 1 completed epoch checkpointed in {cfg.out}: continue with edgessl "
+                          f"pretrain --resume {cfg.out}", 143)
+
+    monkeypatch.setattr(prune_workflow, "pretrain", stopped)
+    out = tmp_path / "pruned"
+    with pytest.raises(Interrupted) as e:
+        edgessl.prune_encoder(demo_run, 0.5, epochs=1, out=out, quiet=True)
+    assert e.value.exit_code == 143 and str(e.value) == (
+        f"Stopped by SIGTERM. 1 completed epoch checkpointed in {out}. A pruned run cannot be resumed (its recovery "
+        f"distils from {demo_run}): run the same edgessl prune again with --overwrite.")
 
 
 @pytest.mark.slow

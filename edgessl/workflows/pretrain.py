@@ -52,7 +52,7 @@ def pretrain(
     Nothing is written before every check has passed. Returns a PretrainResult (run_dir, history)."""
     check_paths({"resume": resume, "config": config, "recipe": recipe})
     if resume is not None:
-        problem = resume_problem(resume)
+        problem = resume_problem(resume) or pruned_problem(Path(resume))
         if problem:
             raise UserError(problem)
         if overwrite:
@@ -119,6 +119,22 @@ def say_shorter(run: Path, planned, cfg, say) -> None:
     if isinstance(planned, int) and done < cfg.epochs < planned:
         say(f"--epochs {cfg.epochs} ends the run before the {planned} it was set for: its learning rate follows the "
             f"schedule of a run of {cfg.epochs} epochs and falls to 0 by epoch {cfg.epochs}.", markup=False)
+
+
+def pruned_problem(run: Path) -> str | None:
+    """Why a run `edgessl prune` wrote cannot be resumed (None for any other run): its recovery distils from the
+    source run's encoder and starts from the pruned architecture, neither of which a resume rebuilds (it had failed
+    with PyTorch's state-dict error)."""
+    try:
+        meta = json.loads((run / "encoder.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or "pruned" not in meta:
+        return None
+    source = meta.get("source_run", "RUN")
+    return (f"Cannot resume '{run}': it is a pruned run (edgessl prune), whose recovery distils from {source}; a "
+            f"resume does not rebuild that. Prune again instead: edgessl prune {source} --ratio "
+            f"{meta.get('prune_ratio', 'R')} --out {run} --overwrite (with the --epochs you want).")
 
 
 def epochs_trained(run: Path) -> int:

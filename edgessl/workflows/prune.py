@@ -19,7 +19,7 @@ from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, aug
 from edgessl.data.folder import load_image_folder
 from edgessl.demo import demo_images
 from edgessl.deploy.widths import encoders_report
-from edgessl.errors import UserError
+from edgessl.errors import Interrupted, UserError
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.head import build_encoder
 from edgessl.models.prune import prune_by_importance
@@ -100,7 +100,12 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
                    seed=cfg.seed if seed is None else seed)
     meta = {"pruned": backbone_counts, "prune_ratio": ratio, "criterion": criterion, "source_run": str(run_dir)}
     warm = WarmStart(student, meta=meta, teacher=teacher, bank=bank, distill=distill)
-    result = pretrain(rcfg, console=console, warm=warm, overwrite=overwrite, evaluation=standard_evaluation())
+    try:
+        result = pretrain(rcfg, console=console, warm=warm, overwrite=overwrite, evaluation=standard_evaluation())
+    except Interrupted as e:  # its "continue with edgessl pretrain --resume" cannot work for a pruned run
+        kept = str(e).split(": continue with")[0]
+        raise Interrupted(f"{kept}. A pruned run cannot be resumed (its recovery distils from {run_dir}): run the "
+                          "same edgessl prune again with --overwrite.", e.exit_code) from None
     # the report of a --widths run, for the original (width 1.0) and the pruned encoder (width = kept fraction)
 
     labelled = (cfg.data or str(demo_images())) if (cfg.labels_from_folders or cfg.data is None) else None
