@@ -453,6 +453,12 @@ def test_a_place_it_cannot_write_is_one_line_not_a_traceback(images, tmp_path):
     assert line == (f"error: Not a directory: '{blocker / 'run'}'. edgessl could not write or read there: choose "
                     "another --out (or --cache-dir for the decoded-image cache; none keeps no cache), or check the "
                     "path and its permissions.")
+    broken = tmp_path / "cache_link"  # a cache or run folder linked to a drive that is not mounted: a traceback
+    broken.symlink_to(tmp_path / "not-mounted" / "cache")
+    for flags in (["--cache-dir", str(broken), "--out", str(tmp_path / "r1")], ["--out", str(broken)]):
+        line = one_line_error(runner.invoke(app, ["pretrain", "--data", str(images), "--batch-size", "8",
+                                                  "--image-size", "32", *flags]))
+        assert line.startswith(f"error: Broken symbolic link (to {tmp_path / 'not-mounted' / 'cache'}): '"), line
     with pytest.raises(UserError, match=r"^--cache-mb must be zero \(rows read from the disk cache\) or positive MiB, "
                                         r"not -1\.$"):
         edgessl.pretrain(data=str(images), out=str(tmp_path / "run"), epochs=1, cache_mb=-1, **TINY)

@@ -82,13 +82,17 @@ def friendly(fn):
     return wrapper
 
 
-PLACE_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+PLACE_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                errno.ENOENT)  # EEXIST, ENOENT: a folder made where a broken link lies, or below /proc
 
 
 def place_error(e: OSError) -> str:
     """One line for an OSError about a place on disk (PLACE_ERRORS): what the system said, where, and what to do."""
     where = f": '{e.filename}'" if e.filename else ""
-    return (f"{e.strerror or e}{where}. edgessl could not write or read there: choose another --out (or --cache-dir "
+    what = e.strerror or str(e)
+    if e.filename and os.path.islink(e.filename) and not os.path.exists(e.filename):
+        what = f"Broken symbolic link (to {os.readlink(e.filename)})"  # mkdir had said "File exists"
+    return (f"{what}{where}. edgessl could not write or read there: choose another --out (or --cache-dir "
             "for the decoded-image cache; none keeps no cache), or check the path and its permissions.")
 
 
