@@ -345,3 +345,13 @@ def test_resnet18_widths_export_with_parity(labelled_demo, tmp_path):
         entry = mf.find_entry(mf.read_manifest(run / f"width-{w}" / "export" / "manifest.json"), "encoder.onnx")
         assert entry["parity"]["rel_max_abs_diff"] <= 1e-4 and entry["parity"]["min_cosine"] >= 0.99999
         assert read_encoder_meta(run / f"width-{w}")["feature_dim"] == {"0.5": 256, "0.25": 128}[w]
+
+
+def test_a_ratio_that_leaves_groups_whole_is_warned_about():
+    """--ratio 0.999 had pruned nothing (every group would fall below 8 channels) and reported success."""
+    from edgessl.workflows.prune import shallow_prune
+
+    assert shallow_prune(0.5, 392_448 / 1_517_856) is None and shallow_prune(0.9, 36_752 / 1_517_856) is None
+    assert shallow_prune(0.999, 1.0) == ("--ratio 0.999 kept 100% of the parameters, more than 1 - ratio: channels "
+                                         "are kept in multiples of 8, so groups that would fall below 8 were left "
+                                         "whole. A smaller --ratio prunes every group.")

@@ -109,8 +109,20 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
     # the report of a --widths run, for the original (width 1.0) and the pruned encoder (width = kept fraction)
 
     labelled = (cfg.data or str(demo_images())) if (cfg.labels_from_folders or cfg.data is None) else None
-    report = encoders_report(result.run_dir, [(1.0, run_dir), (1 - ratio, result.run_dir)], labelled=labelled,
-                             test=cfg.val, console=None if rcfg.quiet else console)
-    Say(console, rcfg.quiet).table(widths_table(report))
+    report = encoders_report(result.run_dir, [(1.0, run_dir), (round(1 - ratio, 6), result.run_dir)],
+                             labelled=labelled, test=cfg.val, console=None if rcfg.quiet else console)
+    say = Say(console, rcfg.quiet)
+    say.table(widths_table(report))
+    if caution := shallow_prune(ratio, report[1]["params"] / max(report[0]["params"], 1)):
+        say.warn(caution)
     result.report = report
     return result
+
+
+def shallow_prune(ratio: float, kept: float) -> str | None:
+    """A warning when the pruned encoder keeps more than 1 - ratio of the parameters (kept: its share): torch-pruning
+    leaves a group it cannot shrink that far unpruned, so a --ratio near 1 prunes less (at 0.999: nothing)."""
+    if kept <= 1 - ratio:
+        return None
+    return (f"--ratio {ratio:g} kept {kept:.0%} of the parameters, more than 1 - ratio: channels are kept in "
+            "multiples of 8, so groups that would fall below 8 were left whole. A smaller --ratio prunes every group.")
