@@ -211,6 +211,11 @@ def test_slim_and_export_bad_widths_are_one_line_exit_2(slim_run, demo_run, tmp_
         (["slim", str(slim_run), "--width", "0"], "a width must be in (0, 1], not 0."),
         (["slim", str(demo_run), "--width", "0.5"], f"'{demo_run}' was not trained with --widths"),
         (["slim", str(tmp_path), "--width", "0.5"], f"No encoder in '{tmp_path}'"),
+        (["slim", str(tmp_path / "nonexist"), "--width", "0.5"],  # had been "No encoder in" the missing folder
+         f"'{tmp_path / 'nonexist'}' does not exist: pass a run directory of `edgessl pretrain`."),
+        (["prune", str(demo_run), "--ratio", "0.5", "--out", str(demo_run), "--overwrite"],  # its report named itself
+         f"--out '{demo_run}' is the run being pruned: the pruned encoder goes into a folder of its own (default "
+         f"{demo_run / 'pruned-0.5'})."),
         (["slim", str(slim_run), "--width", "0.5", "--out", str(slim_run)], "the slimmed encoder cannot be written"),
         (["export", str(slim_run), "--width", "0.3"], f"width 0.3 was not trained in '{slim_run}'"),
         (["export", str(slim_run), "--width", "1.5"], "a width must be in (0, 1], not 1.5."),

@@ -131,6 +131,8 @@ def _encoder_folder(path: str | Path) -> Path:
     """The folder of a run directory or of one of its encoder files; a UserError names the path as given (another
     file had been reported as its folder, e.g. '.')."""
     given = Path(path)
+    if not given.exists():
+        raise UserError(f"'{given}' does not exist: pass a run directory of `edgessl pretrain`.")
     path = given.parent if given.is_file() else given
     if given.is_file() and not (path / ENCODER_WEIGHTS).is_file():
         raise UserError(f"'{given}' is a file, not an encoder: pass a run directory of `edgessl pretrain` (or its "

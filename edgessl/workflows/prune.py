@@ -75,6 +75,9 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
         raise UserError(f"the run's training folder '{cfg.data}' (data in its config.yaml) is gone: prune trains the "
                         "pruned encoder on it again. Put the images back there, then prune.")
     out = Path(out or run_dir / f"pruned-{ratio:g}")
+    if out.resolve() == Path(run_dir).resolve():  # with --overwrite the run moved aside and the report named itself
+        raise UserError(f"--out '{out}' is the run being pruned: the pruned encoder goes into a folder of its own "
+                        f"(default {Path(run_dir) / f'pruned-{ratio:g}'}).")
     check_out(out, overwrite, resume="")  # before the pruning, not after it; prune has no --resume
     size = cfg.image_size
     example = torch.zeros(2, 3, size, size)
