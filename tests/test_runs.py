@@ -462,6 +462,8 @@ def test_a_place_it_cannot_write_is_one_line_not_a_traceback(images, tmp_path):
     with pytest.raises(UserError, match=r"^--cache-mb must be zero \(rows read from the disk cache\) or positive MiB, "
                                         r"not -1\.$"):
         edgessl.pretrain(data=str(images), out=str(tmp_path / "run"), epochs=1, cache_mb=-1, **TINY)
+    with pytest.raises(UserError, match=r"^--cache-mb must be zero .* not nan\.$"):  # nan had been accepted
+        edgessl.pretrain(data=str(images), out=str(tmp_path / "run"), epochs=1, cache_mb=float("nan"), **TINY)
 
 
 def test_run_files_are_0644_and_classifier_too(finished, tmp_path):

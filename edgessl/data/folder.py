@@ -195,7 +195,7 @@ def load_image_folder(
         )
     decode = decode or Decode()
     workers, cache_mb = resolve_workers(decode.workers), decode.cache_mb
-    if cache_mb < 0:
+    if not cache_mb >= 0:  # nan too
         raise UserError(f"--cache-mb must be zero (rows read from the disk cache) or positive MiB, not {cache_mb:g}.")
     store = cache_folder(decode.cache_dir)
     budget, how = cache_budget(store, decode.cache_max) if store is not None else (None, "")
