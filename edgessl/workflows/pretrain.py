@@ -125,11 +125,8 @@ def pruned_problem(run: Path) -> str | None:
     """Why a run `edgessl prune` wrote cannot be resumed (None for any other run): its recovery distils from the
     source run's encoder and starts from the pruned architecture, neither of which a resume rebuilds (it had failed
     with PyTorch's state-dict error)."""
-    try:
-        meta = json.loads((run / "encoder.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or "pruned" not in meta:
+    meta = run_record(run)
+    if "pruned" not in meta:
         return None
     source = meta.get("source_run", "RUN")
     return (f"Cannot resume '{run}': it is a pruned run (edgessl prune), whose recovery distils from {source}; a "
@@ -137,12 +134,19 @@ def pruned_problem(run: Path) -> str | None:
             f"{meta.get('prune_ratio', 'R')} --out {run} --overwrite (with the --epochs you want).")
 
 
+def run_record(run: Path) -> dict[str, Any]:
+    """A run's encoder.json, {} when there is none yet or it cannot be read (what the resume's lines consult)."""
+    try:
+        meta = json.loads((run / "encoder.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def epochs_trained(run: Path) -> int:
     """encoder.json's epochs_trained (0 when it cannot be read)."""
-    try:
-        return int(json.loads((run / "encoder.json").read_text()).get("epochs_trained", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 0
+    done = run_record(run).get("epochs_trained", 0)
+    return done if isinstance(done, int) else 0
 
 
 def say_stale_export(run: Path, say) -> None:
