@@ -16,9 +16,10 @@ class TrainingDiverged(Exception):
 class Interrupted(Exception):
     """Ctrl-C (exit 130) or SIGTERM (exit 143): the message says what was kept and how to continue."""
 
-    def __init__(self, message: str, exit_code: int = 130):
+    def __init__(self, message: str, exit_code: int = 130, kept: str | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.kept = kept  # what was checkpointed where, without the resume command (a caller may advise otherwise)
 
 
 class Terminated(KeyboardInterrupt):

@@ -41,6 +41,8 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_the_resume_matches_a_strai
     assert stopped.value.exit_code == 143
     assert str(stopped.value) == (f"Stopped by SIGTERM. 1 completed epoch and 2 steps of epoch 2 checkpointed in "
                                   f"{tmp_path / 'cut'}: continue with edgessl pretrain --resume {tmp_path / 'cut'}")
+    assert stopped.value.kept == (f"Stopped by SIGTERM. 1 completed epoch and 2 steps of epoch 2 checkpointed in "
+                                  f"{tmp_path / 'cut'}")  # what prune says before its own advice
     cut = load_checkpoint(tmp_path / "cut")
     assert (cut["epoch"], cut["step"]) == (1, 2) and cut["meter"]["seen"] == 8
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run

@@ -296,8 +296,8 @@ def test_an_interrupted_prune_says_to_prune_again_not_to_resume(demo_run, tmp_pa
     from edgessl.workflows import prune as prune_workflow
 
     def stopped(cfg, **kw):
-        raise Interrupted(f"Stopped by SIGTERM. 1 completed epoch checkpointed in {cfg.out}: continue with edgessl "
-                          f"pretrain --resume {cfg.out}", 143)
+        kept = f"Stopped by SIGTERM. 1 completed epoch checkpointed in {cfg.out}"
+        raise Interrupted(f"{kept}: continue with edgessl pretrain --resume {cfg.out}", 143, kept=kept)
 
     monkeypatch.setattr(prune_workflow, "pretrain", stopped)
     out = tmp_path / "pruned"

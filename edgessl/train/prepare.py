@@ -273,8 +273,8 @@ def interrupted(run: RunDir | None, run_dir: Path, terminated: bool = False) -> 
     kept = plural(ckpt["epoch"], "completed epoch")
     if ckpt.get("step"):
         kept += f" and {plural(ckpt['step'], 'step')} of epoch {ckpt['epoch'] + 1}"
-    return Interrupted(f"{what}. {kept} checkpointed in {run_dir}: continue with edgessl pretrain --resume "
-                       f"{run_dir}", code)
+    head = f"{what}. {kept} checkpointed in {run_dir}"
+    return Interrupted(f"{head}: continue with edgessl pretrain --resume {run_dir}", code, kept=head)
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]]) -> Path:

@@ -100,8 +100,8 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         return _already_complete(cfg, run_dir, ckpt, console, d)
     quiet = cfg.quiet or not d.main
     warn = warner(console, d)
-    if precision_caution(precision, device):
-        warn(precision_caution(precision, device))
+    if caution := precision_caution(precision, device):
+        warn(caution)
     pending = open_teacher(cfg, run_dir if ckpt is not None else None, warn)  # a wrong --teacher fails here
     predictor = add_predictor(cfg, model, pending, d, device)
     images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn, scanned)

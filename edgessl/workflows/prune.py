@@ -106,7 +106,7 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
     try:
         result = pretrain(rcfg, console=console, warm=warm, overwrite=overwrite, evaluation=standard_evaluation())
     except Interrupted as e:  # its "continue with edgessl pretrain --resume" cannot work for a pruned run
-        kept = str(e).split(": continue with")[0]
+        kept = e.kept or str(e).rstrip(".")
         raise Interrupted(f"{kept}. A pruned run cannot be resumed (its recovery distils from {run_dir}): run the "
                           "same edgessl prune again with --overwrite.", e.exit_code) from None
     # the report of a --widths run, for the original (width 1.0) and the pruned encoder (width = kept fraction)
