@@ -428,8 +428,13 @@ def test_an_entry_another_process_reads_is_never_evicted(tiny_data, tmp_path):
         assert reader.stdout.readline().strip() == "reading"
         _load(roots[1], store).reading.close()
         _used(store, roots[0], time.time() - 1000)  # the first to go, were it not read
-        evicted = make_room(store / "images", 1, 1, "none", lambda _: None)
+        lines = []
+        evicted = make_room(store / "images", 1, 1, "none", lines.append)
         assert evicted == [entry_name(roots[1], 32)]
+        held = sum(e["bytes"] for e in list_entries(store / "images")) + 1
+        assert lines[-1] == (f"cache: {size_text(held)} after this folder, over the 1 B budget: 1 entry in use by "
+                             f"another process ({roots[0]}) cannot be evicted now; the next run that needs room "
+                             "evicts it once free.")
         assert [e["root"] for e in list_entries(store / "images")] == [str(roots[0])]
     finally:
         reader.communicate("", timeout=60)

@@ -239,9 +239,9 @@ def _remove_stale(folder: Path, name: str) -> None:
 def make_room(folder: Path, incoming: int, budget: int | None, keep: str, say: Callable[[str], None]) -> list[str]:
     """Evict entries until the cache plus `incoming` bytes fits `budget`: stale entries first (their folder gone or
     changed), then the least recently used; never `keep` (the entry about to be built) nor an entry another
-    process reads (edgessl.data.budget.hold). One line through say() per eviction. Returns the evicted names. An
-    entry larger than the whole budget evicts nothing (only the auto budget gets here: load_image_folder keeps a
-    budget the user set by not caching such a folder)."""
+    process reads (edgessl.data.budget.hold). One line through say() per eviction, and one when entries in use
+    keep the cache over budget. Returns the evicted names. An entry larger than the whole budget evicts nothing
+    (only the auto budget gets here: load_image_folder keeps a budget the user set by not caching such a folder)."""
     if budget is None:
         return []
     if incoming > budget:  # evicting every other entry would not make room for it
@@ -255,12 +255,13 @@ def make_room(folder: Path, incoming: int, budget: int | None, keep: str, say: C
     for e in entries:
         e["stale"] = staleness(e, folder)
     order = sorted(entries, key=lambda e: (e["stale"] is None, last_used(folder, e["name"])))
-    evicted = []
+    evicted, busy = [], []
     for e in order:
         if total + incoming <= budget:
             break
         lock = take(folder, e["name"])
         if lock is None:  # a running process reads it
+            busy.append(e)
             continue
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(last_used(folder, e["name"])))  # before its files go
         with lock:
@@ -270,6 +271,12 @@ def make_room(folder: Path, incoming: int, budget: int | None, keep: str, say: C
         why = f"stale: {e['stale']}" if e["stale"] else f"least recently used, last on {used}"
         say(f"cache: evicted {e['root']} at {e['size']} px ({size_text(e['bytes'])}; {why}) to stay within "
             f"the {size_text(budget)} budget.")
+    if total + incoming > budget and busy:
+        one = len(busy) == 1
+        say(f"cache: {size_text(total + incoming)} after this folder, over the {size_text(budget)} budget: "
+            f"{len(busy)} {'entry' if one else 'entries'} in use by another process "
+            f"({', '.join(str(e['root']) for e in busy[:2])}{', ...' if len(busy) > 2 else ''}) cannot be "
+            f"evicted now; the next run that needs room evicts {'it' if one else 'them'} once free.")
     return evicted
 
 
