@@ -713,6 +713,19 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def check_json_path(path: Path | None) -> None:
+    """CheckError, before anything is measured, when --json cannot be written: a folder, or below a file."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise CheckError(f"--json '{path}' is a folder: give a file name, e.g. {path / 'check.json'}.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckError(f"--json '{path}' cannot be written: '{parent}' is a file, not a folder.")
+            break
+
+
 def check(args) -> tuple[dict, int]:
     """Run the check; returns (report, exit code 0 or 1). Raises CheckError on bad input."""
     import onnxruntime as ort
@@ -725,6 +738,7 @@ def check(args) -> tuple[dict, int]:
         raise CheckError("--runs, --batch and --threads must be positive, --warmup zero or positive.")
     if args.max_images is not None and args.max_images < 1:
         raise CheckError(f"--max-images must be positive (leave it out to use every image), not {args.max_images}.")
+    check_json_path(getattr(args, "json_path", None))
     ep = getattr(args, "ep", "cpu")
     providers(ep)  # no XNNPACK: say so before anything is read
     manifest_path = args.manifest or model.parent / "manifest.json"
@@ -799,8 +813,12 @@ def main(argv=None) -> int:
     if not args.quiet:
         print_table(report)
     if args.json_path is not None:
-        args.json_path.parent.mkdir(parents=True, exist_ok=True)
-        args.json_path.write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            args.json_path.parent.mkdir(parents=True, exist_ok=True)
+            args.json_path.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            print(f"error: --json '{args.json_path}' could not be written: {e.strerror or e}.", file=sys.stderr)
+            return 2
         if not args.quiet:
             print(f"report: {args.json_path}")
     return code

@@ -410,6 +410,13 @@ def test_max_images_below_one_and_the_json_line(script, exports, tmp_path, capsy
     out = tmp_path / "check.json"
     assert _main(script, model, "--json", out, "--runs", 2, "--warmup", 0, "--batch", 2) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"report: {out}"
+    # a folder or a path below a file as --json: one line and exit 2 before anything is timed (it was a traceback
+    # and exit 1, the code of outputs outside the bounds, after the whole measurement)
+    assert _main(script, model, "--json", tmp_path, "--runs", 2) == 2
+    assert capsys.readouterr().err == f"error: --json '{tmp_path}' is a folder: give a file name, e.g. {out}.\n"
+    assert _main(script, model, "--json", out / "sub" / "x.json", "--runs", 2) == 2
+    assert capsys.readouterr().err == (f"error: --json '{out / 'sub' / 'x.json'}' cannot be written: '{out}' is a "
+                                       "file, not a folder.\n")
 
 
 def test_a_bad_argument_is_one_line_and_exit_2(script, capsys):
