@@ -14,14 +14,23 @@ Python API (mirrors the CLI):
 
 from edgessl._version import __version__
 
-__all__ = ["__version__", "pretrain", "load_encoder", "evaluate_encoder", "finetune", "load_classifier", "export",
-           "slim_encoder", "prune_encoder", "embed"]
+__all__ = [
+    "__version__",
+    # edgessl.api.__all__, listed here so that `import edgessl` needs no torch (a test keeps the two lists equal)
+    "pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export",
+    "slim", "slim_encoder", "prune_encoder", "embed", "cache_entries", "cache_budget_of", "clear_cache",
+    "run_device_check",
+    "list_recipes", "load_recipe", "recipes_dir", "widths_table",
+    "PretrainConfig", "EvalOptions", "FinetuneOptions", "ExportOptions", "EmbedOptions", "PruneOptions", "SlimOptions",
+    "CheckOptions", "CacheOptions", "CacheClearOptions",
+    "PretrainResult", "EvalResult", "FinetuneResult", "ExportResult", "EmbedResult", "SlimResult",
+]
 
 
 def __getattr__(name: str):
     """The API's functions, imported on first use (edgessl.api pulls in torch): `import edgessl` stays cheap, and the
     command line's entry point (edgessl._entry) can catch a Ctrl-C while torch loads."""
-    if name in __all__:
+    if name in __all__ and name != "__version__":
         from edgessl import api
 
         return getattr(api, name)

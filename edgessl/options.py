@@ -125,10 +125,13 @@ PATH_OPTIONS = frozenset({"run", "run_dir", "source", "data", "val", "train", "t
                           "resume"})  # the API arguments that name a folder or a file (or a word such as "timm")
 
 
-def check_paths(values: dict[str, Any]) -> None:
+def check_paths(values: dict[str, Any], required: bool = False) -> None:
     """UserError when an argument that names a folder or file (PATH_OPTIONS) holds something else, e.g. an int: one
-    line instead of a TypeError from deep inside ("expected str, bytes or os.PathLike object, not int")."""
+    line instead of a TypeError from deep inside ("expected str, bytes or os.PathLike object, not int"); with
+    `required` (a function's leading arguments, as export's run) None is refused too."""
     for name, value in values.items():
+        if name in PATH_OPTIONS and value is None and required:
+            raise UserError(f"{name} is required: a path (str or pathlib.Path), not None.")
         if name in PATH_OPTIONS and value is not None and not isinstance(value, str | os.PathLike):
             raise UserError(f"{name} must be a path (str or pathlib.Path), not {type(value).__name__} "
                             f"{str(value)[:60]}.")
@@ -169,7 +172,7 @@ def takes_options(cls: type, lead: tuple[str, ...] = (), positional: tuple[str, 
                 if name not in kwargs:
                     raise TypeError(f"{fn.__name__}() missing required argument: '{name}'")
                 leading[name] = kwargs.pop(name)
-            check_paths(leading)
+            check_paths(leading, required=True)
             given = {k: kwargs.pop(k, v) for k, v in extra.items()}
             return fn(*leading.values(), build(cls, kwargs), **given)
 

@@ -131,6 +131,10 @@ def test_a_path_of_another_type_is_one_line_and_leading_arguments_go_by_keyword(
         edgessl.evaluate_encoder(tmp_path, train=["a"])
     with pytest.raises(UserError, match=r"^run must be a path \(str or pathlib\.Path\), not int 7\.$"):
         edgessl.export(7)
+    with pytest.raises(UserError, match=r"^run is required: a path \(str or pathlib\.Path\), not None\.$"):
+        edgessl.export(None, quiet=True)
+    with pytest.raises(UserError, match=r"^run_dir is required: a path \(str or pathlib\.Path\), not None\.$"):
+        edgessl.slim(None, 0.5)
     # the signature says run / run_dir may be given by keyword: they reach the command (here: no encoder there)
     with pytest.raises(UserError, match=f"^No encoder in '{tmp_path}'"):
         edgessl.export(run=tmp_path)

@@ -273,3 +273,15 @@ def test_import_edgessl_loads_no_torch_until_the_api_is_used():
             "print(before, 'torch' in sys.modules, f is edgessl.api.pretrain, 'pretrain' in dir(edgessl))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True", "True"]
+
+
+def test_edgessl_offers_every_name_of_the_api():
+    """A notebook's `edgessl.run_device_check` or `edgessl.ExportOptions` had been an AttributeError although
+    edgessl.api, which the docs call the API, exports them."""
+    import edgessl
+    import edgessl.api
+
+    assert set(edgessl.__all__) - {"__version__"} == set(edgessl.api.__all__)
+    assert all(getattr(edgessl, name) is getattr(edgessl.api, name) for name in edgessl.api.__all__)
+    with pytest.raises(AttributeError, match="module 'edgessl' has no attribute 'pretrian'"):
+        edgessl.pretrian  # noqa: B018
