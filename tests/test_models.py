@@ -89,6 +89,30 @@ def test_load_encoder_missing_files(tmp_path):
         load_encoder(tmp_path)
 
 
+def test_no_encoder_says_what_the_folder_holds_instead(tmp_path):
+    """A fine-tune folder or a run stopped before its first epoch had got the bare 'No encoder' line."""
+    import json
+
+    head = "No encoder in '{}': expected encoder.safetensors and encoder.json (a run directory of `edgessl pretrain`)."
+    tuned = tmp_path / "finetune-lpc10"
+    tuned.mkdir()
+    (tuned / "classifier.json").write_text(json.dumps({"finetune": {"encoder_run": "/runs/a"}}))
+    with pytest.raises(UserError) as e:
+        load_encoder(tuned)
+    assert str(e.value) == (head.format(tuned) + " It holds a fine-tuned classifier: pass the run it came from "
+                            f"(/runs/a), or export the classifier with: edgessl export /runs/a --classifier {tuned}")
+    (tuned / "classifier.json").write_text("[]")
+    with pytest.raises(UserError, match=r"came from \(<run>\), or export the classifier with: edgessl export <run>"):
+        load_encoder(tuned)
+    stopped = tmp_path / "run"
+    stopped.mkdir()
+    (stopped / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        load_encoder(stopped)
+    assert str(e.value) == (head.format(stopped) + " It holds a run stopped before its first epoch ended "
+                            f"(checkpoint.pt only): continue it with edgessl pretrain --resume {stopped}")
+
+
 def test_head_sized_from_dummy_forward():
     model, _ = create_backbone("mobilenetv3_small")
     dim = output_dim(model, 64)

@@ -18,6 +18,7 @@ from torch import nn
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_save_tensors, atomic_write_text
 from edgessl.models.prune import prune_to_counts
+from edgessl.rundir import CHECKPOINT
 
 ALIASES = {
     "mobilenetv3_small": "mobilenetv3_small_100",
@@ -138,11 +139,26 @@ def _encoder_folder(path: str | Path) -> Path:
         raise UserError(f"'{given}' is a file, not an encoder: pass a run directory of `edgessl pretrain` (or its "
                         f"{ENCODER_WEIGHTS}).")
     if not (path / ENCODER_META).is_file() or not (path / ENCODER_WEIGHTS).is_file():
-        raise UserError(
-            f"No encoder in '{path}': expected {ENCODER_WEIGHTS} and {ENCODER_META} "
-            "(a run directory of `edgessl pretrain`)."
-        )
+        raise UserError(f"No encoder in '{path}': expected {ENCODER_WEIGHTS} and {ENCODER_META} "
+                        f"(a run directory of `edgessl pretrain`).{_no_encoder_hint(path)}")
     return path
+
+
+def _no_encoder_hint(path: Path) -> str:
+    """What the folder is instead, when it says: a fine-tuned classifier (classifier.json names the run it came
+    from) or a run stopped before its first epoch ended (checkpoint.pt alone)."""
+    if (path / "classifier.json").is_file():  # edgessl.models.classifier.CLASSIFIER_META
+        try:
+            origin = (json.loads((path / "classifier.json").read_text()).get("finetune") or {}).get("encoder_run")
+        except (OSError, ValueError, AttributeError):
+            origin = None
+        run = origin or "<run>"
+        return (f" It holds a fine-tuned classifier: pass the run it came from ({run}), or export the classifier "
+                f"with: edgessl export {run} --classifier {path}")
+    if (path / CHECKPOINT).is_file():
+        return (" It holds a run stopped before its first epoch ended (checkpoint.pt only): continue it with "
+                f"edgessl pretrain --resume {path}")
+    return ""
 
 
 def read_encoder_meta(path: str | Path) -> dict[str, Any]:
