@@ -46,10 +46,10 @@ def export(run: str | Path, opts: ExportOptions, console=None) -> ExportResult:
     run: a pretraining run directory; classifier: a fine-tuned classifier folder (exports logits instead of
     features); images: folder for the parity check (default: the classifier's labelled folder or the run's training
     folder); int8: True (= int8_mode "search"); int8_mode: "search", "faster-here" or "strict" ("keep-slow":
-    search's old name; see edgessl.deploy.int8search); calib: int8 calibration folder (default: the training folder); out: export folder
-    (default <run>/export); name: model file base name (default encoder / classifier); calib_method: minmax |
-    moving-average | percentile | entropy (int8 activation ranges; the search tries it first); width: one width of
-    a --widths run (slimmed into <run>/width-W/ first).
+    search's old name; see edgessl.deploy.int8search); calib: int8 calibration folder (default: the training
+    folder); out: export folder (default <run>/export); name: model file base name (default encoder /
+    classifier); calib_method: minmax | moving-average | percentile | entropy (int8 activation ranges; the search
+    tries it first); width: one width of a --widths run (slimmed into <run>/width-W/ first).
     Returns an ExportResult (export_dir, manifest, models: the manifest entries written). Raises UserError (bad
     input, exit 2) or ValidationFailed (a file misses its check, exit 3; int8 only in "strict" mode, the search
     keeps fp32 and says why in ExportResult.notes)."""
