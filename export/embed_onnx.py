@@ -64,12 +64,16 @@ def _unreadable(path: Path, e: Exception):
 
 
 def open_model(model: Path, manifest: Path | None = None, threads: int | None = None):
-    """(onnxruntime session, the manifest's entry for the model) after checking sha256, input name and shape."""
+    """(onnxruntime session, the manifest's entry for the model) after checking sha256, input name and shape; a
+    classifier's file is refused (its outputs are logits, not embeddings)."""
     dc = device_check()
     if not model.is_file():
         raise dc.CheckError(f"Model '{model}' not found: `edgessl export RUN` writes RUN/export/encoder.onnx.")
     manifest = manifest or model.parent / "manifest.json"
     entry = dc.manifest_entry(model, dc.load_manifest(manifest), manifest)
+    if entry.get("kind") == "classifier" or entry.get("classes"):  # its outputs are logits, one per class
+        raise dc.CheckError(f"{model.name} is a classifier (logits, one per class); embeddings need an encoder "
+                            "export (`edgessl export RUN` writes encoder.onnx).")
     sess = dc.open_session(model, threads)
     dc.check_input(sess, entry, model)
     return sess, entry
@@ -125,7 +129,7 @@ def write_skipped(skipped, path: Path) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="embed_onnx.py", description="Embeddings of an image folder from an edgessl "
                                 "ONNX encoder (no torch).")
-    p.add_argument("model", type=Path, help="the .onnx file")
+    p.add_argument("model", type=Path, help="the encoder's .onnx (or .ort) file")
     p.add_argument("--data", type=Path, required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="the .npz file to write")
     p.add_argument("--manifest", type=Path, default=None, help="manifest.json [default: beside the model]")

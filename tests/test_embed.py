@@ -274,3 +274,25 @@ def test_a_missing_model_or_manifest_says_where_they_come_from(tmp_path):
         dc.load_manifest(tmp_path / "manifest.json")
     assert str(e.value) == (f"Manifest '{tmp_path / 'manifest.json'}' not found: pass --manifest with the "
                             "manifest.json `edgessl export` wrote beside the model.")
+
+
+def test_embed_onnx_refuses_a_classifier(tmp_path):
+    """embed_onnx.py had written a classifier's logits as "embeddings of dimension 4" without a word."""
+    import hashlib
+    import json
+
+    script = load_script("embed_onnx.py")
+    dc = script.device_check()
+    model = tmp_path / "classifier.onnx"
+    model.write_bytes(b"not read: the manifest refuses it first")
+    pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": [
+        {"file": model.name, "sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "kind": "classifier",
+         "classes": ["a", "b"], "input": {"name": "input"}, "preprocess": pre}]}))
+    with pytest.raises(dc.CheckError) as e:
+        script.open_model(model)
+    assert str(e.value) == ("classifier.onnx is a classifier (logits, one per class); embeddings need an encoder "
+                            "export (`edgessl export RUN` writes encoder.onnx).")
+    code = script.main([str(model), "--data", str(tmp_path), "--out", str(tmp_path / "e.npz")])
+    assert code == 2 and not (tmp_path / "e.npz").exists()
+

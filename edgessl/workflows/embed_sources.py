@@ -68,10 +68,8 @@ class OnnxSource:
         try:
             self.sess, entry = self.script.open_model(model, Path(opts.manifest) if opts.manifest else None,
                                                       opts.threads)
-        except self.script.device_check().CheckError as e:
+        except self.script.device_check().CheckError as e:  # a classifier's file among them
             raise UserError(str(e)) from None
-        if entry.get("kind") == "classifier" or entry.get("classes"):
-            raise UserError(f"{model.name} is a classifier (logits); embed needs an encoder export.")
         self.pre, self.batch, self.decode = entry["preprocess"], max(1, int(opts.batch_size)), opts.decode
         self.size = int(self.pre["image_size"])
 
