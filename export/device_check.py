@@ -608,6 +608,7 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
     if len(labels) > 2:
         pred = knn_vote(outputs, outputs, labels, len(classes), k=20, exclude_self=True)
         res["knn_accuracy"] = float((pred == labels).mean())
+        res["knn_k"] = min(20, len(labels) - 1)  # the neighbours there are (knn_vote's cap)
     ref_classes = [str(c) for c in reference["classes"]] if reference is not None else []
     known = [r for r, n in enumerate(names) if n in ref_classes]
     ref_ok = reference is not None and (reference["labels"] >= 0).all()
@@ -624,7 +625,8 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
                                              "a reference image leaves that one out of its vote"}
     else:
         res["reference_vote_accuracy"] = None
-        res["reference_vote_detail"] = {"note": "the reference embeddings carry no labels matching these class folders"}
+        res["reference_vote_detail"] = {"note": "no reference file to vote over" if reference is None else
+                                        "the reference embeddings carry no labels matching these class folders"}
     return res
 
 
@@ -673,11 +675,13 @@ def print_table(report: dict) -> None:
                 f"{', '.join(other[:5])}{', ...' if len(other) > 5 else ''})") if other else ""
         rows.append(("accuracy", f"{report['accuracy']:.4f} on {report['accuracy_images']} labelled images{left}"))
     if "knn_accuracy" in report:
-        rows.append(("kNN accuracy (leave-one-out)", f"{report['knn_accuracy']:.4f} (k=20, among the images)"))
+        rows.append(("kNN accuracy (leave-one-out)",
+                     f"{report['knn_accuracy']:.4f} (k={report.get('knn_k', 20)}, among the images)"))
     if "reference_vote_accuracy" in report:
         value = report["reference_vote_accuracy"]
+        why = (report.get("reference_vote_detail") or {}).get("note", "no matching labels")
         rows.append(("reference vote accuracy", f"{value:.4f} (kNN vote over the reference embeddings = folder label)"
-                     if value is not None else "n/a (the reference embeddings carry no matching labels)"))
+                     if value is not None else f"n/a ({why})"))
     if "reference_files" in report:
         rf = report["reference_files"]
         rows.append(("reference images found",

@@ -402,6 +402,25 @@ def test_a_classifier_check_names_the_folders_it_left_out(script):
     assert res["accuracy"] == 1.0 and res["accuracy_images"] == 2 and res["folders_not_classes"] == ["Cat", "dogs"]
 
 
+def test_few_images_report_the_k_used_and_a_missing_reference_says_so(script, capsys):
+    """12 images had been reported at k=20 (11 neighbours exist), and a missing reference file as 'the reference
+    embeddings carry no matching labels'."""
+    outputs = np.eye(12, 4, dtype=np.float32) + 0.1
+    data = {"sha1": [str(i) for i in range(12)], "labels": ["a", "b"] * 6}
+    res = script.image_figures({"kind": "encoder"}, outputs, data, None)
+    assert res["knn_k"] == 11 and res["reference_vote_accuracy"] is None
+    assert res["reference_vote_detail"] == {"note": "no reference file to vote over"}
+    reference = {"classes": np.array(["x"]), "labels": np.array([0]), "outputs": outputs[:1], "images": np.zeros(1)}
+    other = script.image_figures({"kind": "encoder"}, outputs, data, reference)["reference_vote_detail"]
+    assert other == {"note": "the reference embeddings carry no labels matching these class folders"}
+    report = {"model": "m.onnx", "input_shape": [1, 3, 8, 8], "onnxruntime": "1", "execution_provider": "cpu",
+              "threads": 1, "model_load_seconds": 0.1, "latency_ms": {"p50": 1.0, "p90": 1.0, "p99": 1.0, "runs": 5},
+              "throughput_batch": 4, "throughput_per_s": 10.0, "model_bytes": 10, "peak_rss_bytes": 2**20, **res}
+    script.print_table(report)
+    out = capsys.readouterr().out
+    assert "(k=11, among the images)" in out and "n/a (no reference file to vote over)" in out
+
+
 def test_max_images_below_one_and_the_json_line(script, exports, tmp_path, capsys):
     model = exports["export"] / "encoder.onnx"
     assert _main(script, model, "--images", exports["data"], "--max-images", 0) == 2
