@@ -252,3 +252,18 @@ def test_cosine_to_rows_and_the_predictor_variant(demo_run, tiny_data, tmp_path)
                                                                              "encoder.safetensors")))
     resumed = edgessl.pretrain(resume=str(tmp_path / "pred"), epochs=2)  # the predictor comes back with the model
     assert resumed.history[-1]["epoch"] == 2 and "loss_teacher_pred" in resumed.history[-1]
+
+
+def test_a_teacher_weight_of_zero_that_leaves_the_teacher_unused_is_said(tmp_path):
+    """--teacher-weight 0 had computed and stored the teacher's features without a word that nothing reads them."""
+    from edgessl.config import PretrainConfig
+    from edgessl.errors import UserError
+    from edgessl.train.teacher import open_teacher
+
+    said = []
+    for extra in ({}, {"teacher_weight": 0.5}, {"bank_init": "teacher"}, {"teacher_predictor": 1.0}):
+        cfg = PretrainConfig(teacher=str(tmp_path / "gone"), **{"teacher_weight": 0.0, **extra})
+        with pytest.raises(UserError):  # no such teacher: the line comes before it is opened
+            open_teacher(cfg, None, said.append)
+    assert said == ["--teacher-weight 0: the teacher's features are computed and stored but enter neither the loss "
+                    "nor the bank (an ablation); leave out --teacher to skip them."]

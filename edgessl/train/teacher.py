@@ -66,6 +66,9 @@ def open_teacher(cfg: PretrainConfig, resumed: Path | None, warn: Callable[[str]
     fails before the run directory is touched."""
     if not cfg.teacher:
         return None
+    if cfg.teacher_weight == 0 and not cfg.teacher_predictor and cfg.bank_init != "teacher":
+        warn("--teacher-weight 0: the teacher's features are computed and stored but enter neither the loss nor the "
+             "bank (an ablation); leave out --teacher to skip them.")
     if resumed is not None and (resumed / TEACHER_FEATURES).is_file():
         features, record = read_features(resumed)
         model = spec = None
