@@ -16,7 +16,7 @@ import yaml
 
 import edgessl.recipes
 from edgessl._version import __version__
-from edgessl.errors import UserError
+from edgessl.errors import UserError, with_near_names
 from edgessl.fileio import atomic_write_text, load_yaml_unique
 from edgessl.loggers import parse_loggers
 from edgessl.options import Compute, Decode, HasDecode, check_groups, check_paths, names, option, shared
@@ -177,6 +177,9 @@ def list_recipes() -> list[str]:
 
 def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        hint = f"did you mean {path / 'config.yaml'}?" if (path / "config.yaml").is_file() else "pass a .yaml file."
+        raise UserError(f"{what} '{path}' is a folder: {hint}")
     if not path.is_file():
         raise UserError(f"{what} '{path}' not found.")
     try:
@@ -187,17 +190,21 @@ def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
         raise UserError(f"{what} '{path}' is not valid YAML: {e}".splitlines()[0]) from None
     if not isinstance(data, dict):
         raise UserError(f"{what} '{path}' must be a mapping of option: value.")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise UserError(f"{what} '{path}' has an option name that is not text: {odd[0]!r} (option: value lines, "
+                        "e.g. epochs: 30).")
     data = {k.replace("-", "_"): v for k, v in data.items() if k not in ("description", "resolved_by")}
     unknown = sorted(set(data) - FIELD_NAMES)
     if unknown:
-        raise UserError(f"{what} '{path}' has unknown options: {', '.join(unknown)}.")
+        raise UserError(f"{what} '{path}' has unknown options: {with_near_names(unknown, FIELD_NAMES)}.")
     return data
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
     """A recipe by name (recipes/<name>.yaml) or by path."""
     path = Path(name_or_path)
-    if not path.is_file():
+    if not path.exists():
         candidate = recipes_dir() / f"{name_or_path.removesuffix('.yaml')}.yaml"
         if not candidate.is_file():
             raise UserError(f"Recipe '{name_or_path}' not found. Known recipes: {', '.join(list_recipes())}.")

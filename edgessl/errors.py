@@ -24,3 +24,11 @@ class Interrupted(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, a spot instance, `kill`) stops a run like Ctrl-C, at a step's end: exit code 143."""
+
+
+def with_near_names(unknown: list[str], known) -> str:
+    """'batchsize (did you mean batch_size?), zzz': unknown option names, each with the closest known one if any."""
+    import difflib
+
+    near = {u: difflib.get_close_matches(u.lower(), list(known), n=1) for u in unknown}
+    return ", ".join(f"{u} (did you mean {near[u][0]}?)" if near[u] else u for u in unknown)

@@ -126,7 +126,7 @@ def safe_torch_load(path: str | Path, what: str = "", map_location: Any = "cpu")
 
 def load_yaml_unique(text: str) -> Any:
     """yaml.safe_load that refuses a key given twice in one mapping (yaml.YAMLError naming it: safe_load keeps the
-    last silently, so `epochs: 1` then `epochs: 2` had trained for 2 without a word)."""
+    last silently, so `epochs: 1` then `epochs: 2` had trained for 2 without a word), and reads 1e-3 as a number."""
     import yaml
 
     class Unique(yaml.SafeLoader):
@@ -143,4 +143,7 @@ def load_yaml_unique(text: str) -> Any:
         return loader.construct_mapping(node, deep)
 
     Unique.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    # YAML 1.2's floats that YAML 1.1 (PyYAML) reads as text: 1e-3, 5E4, 2.5e3 (`lr: 1e-3` had been "not a number")
+    Unique.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?"
+                                                                       r"[eE][-+]?[0-9]+$"), list("-+0123456789."))
     return yaml.load(text, Loader=Unique)  # noqa: S506 - a SafeLoader subclass

@@ -21,7 +21,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
-from edgessl.errors import UserError
+from edgessl.errors import UserError, with_near_names
 
 T = TypeVar("T")
 META = "edgessl"
@@ -93,13 +93,9 @@ def cli_type(cls: type, name: str) -> Any:
 
 
 def check_known(cls: type, given: dict[str, Any], what: str = "") -> None:
-    import difflib
-
     unknown = sorted(set(given) - set(names(cls)))
     if unknown:
-        near = {u: difflib.get_close_matches(u, names(cls), n=1) for u in unknown}
-        listed = ", ".join(f"{u} (did you mean {near[u][0]}?)" if near[u] else u for u in unknown)
-        raise UserError(f"Unknown {what + ' ' if what else ''}options: {listed}.")
+        raise UserError(f"Unknown {what + ' ' if what else ''}options: {with_near_names(unknown, names(cls))}.")
 
 
 def check_types(cls: type, values: dict[str, Any], switches: bool = True) -> None:

@@ -165,6 +165,35 @@ def test_a_key_given_twice_in_a_config_file_is_one_line(tmp_path):
         resolve_config({"epochs": "many"})
 
 
+def test_config_files_read_1e3_as_a_number_and_say_what_is_wrong_with_a_name(tmp_path):
+    """A sweep of new-user mistakes: `lr: 1e-3` had been "not a number" (YAML 1.1 reads it as text), `1: 2` an
+    AttributeError traceback, `batchsize: 8` got no suggestion, and a run directory as --config "not found"."""
+    from edgessl.config import load_recipe, read_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5E-4\nblur: .5e-1\nepochs: 2\n")
+    assert resolve_config({}, config=str(path)).lr == 0.001
+    assert read_yaml(path, "Recipe") == {"lr": 0.001, "weight_decay": 0.0005, "blur": 0.05, "epochs": 2}
+    for text, name in (("1: 2\n", "1"), ("true: 1\n", "True")):
+        path.write_text(text)
+        with pytest.raises(UserError) as e:
+            read_yaml(path, "Recipe")
+        assert str(e.value) == (f"Recipe '{path}' has an option name that is not text: {name} (option: value lines, "
+                                "e.g. epochs: 30).")
+    path.write_text("batchsize: 8\nEpochs: 1\nzzz: 1\n")
+    with pytest.raises(UserError) as e:
+        read_yaml(path, "Recipe")
+    assert str(e.value) == (f"Recipe '{path}' has unknown options: Epochs (did you mean epochs?), batchsize (did you "
+                            "mean batch_size?), zzz.")
+    (tmp_path / "config.yaml").write_text("epochs: 1\n")
+    with pytest.raises(UserError) as e:
+        read_yaml(tmp_path, "Config")
+    assert str(e.value) == f"Config '{tmp_path}' is a folder: did you mean {tmp_path / 'config.yaml'}?"
+    with pytest.raises(UserError) as e:
+        load_recipe(str(tmp_path / "r.yaml").removesuffix("r.yaml"))
+    assert str(e.value).endswith("is a folder: did you mean " + str(tmp_path / "config.yaml") + "?")
+
+
 def test_pretrain_on_photos_says_what_it_chose_and_records_the_numbers(tmp_path, capsys, monkeypatch):
     from edgessl.data import auto
 

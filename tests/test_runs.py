@@ -203,6 +203,9 @@ def test_a_runs_config_reloads_into_a_new_run_and_not_quiet(finished, images, tm
     seen.clear()
     edgessl.pretrain(config=str(config), out=str(tmp_path / "new"), quiet=True)
     assert seen["cfg"].out == str(tmp_path / "new") and seen["cfg"].quiet is True
+    seen.clear()  # the same file as --recipe: it had met its own run ("already holds a run ... --overwrite")
+    edgessl.pretrain(recipe=str(config))
+    assert seen["cfg"].out is None and seen["cfg"].quiet is False
 
 
 def test_a_resume_that_shortens_the_run_says_its_learning_rate_falls_sooner(tmp_path):

@@ -47,7 +47,8 @@ def pretrain(
     (RESUME_FREE: --epochs, --threads, --device, ...); another training setting, --recipe, --config or another --out
     is refused (check_resume_options, check_unchanged). A different data folder (other files than the run recorded)
     is refused; a moved copy of the same files is accepted.
-    config: a run's own config.yaml starts a new run with its settings in a new folder (its out and quiet not taken).
+    config: a run's own config.yaml starts a new run with its settings in a new folder (its out and quiet not taken;
+    so does such a file given as the recipe).
     overwrite: a non-empty `out` is moved aside to <out>.old-<time> (otherwise it is refused).
     Nothing is written before every check has passed. Returns a PretrainResult (run_dir, history)."""
     check_paths({"resume": resume, "config": config, "recipe": recipe})
@@ -61,7 +62,8 @@ def pretrain(
         config = Path(resume) / "config.yaml"
         options.pop("out", None)
     cfg = resolve(options, recipe=recipe, config=str(config) if config else None)
-    if resume is not None or (config is not None and run_of(Path(config)) is not None):  # a run's own config.yaml:
+    reloaded = [f for f in (config, recipe) if f is not None and run_of(Path(f)) is not None]
+    if resume is not None or reloaded:  # a run's own config.yaml (as --config or --recipe):
         cfg = replace(cfg, quiet=bool(options.get("quiet", False)))  # display is not a setting
         if resume is None and "out" not in options:  # reloaded for a new run, not into the run it came from
             cfg = replace(cfg, out=None)
