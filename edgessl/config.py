@@ -205,7 +205,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     """A recipe by name (recipes/<name>.yaml) or by path."""
     path = Path(name_or_path)
     if not path.exists():
-        candidate = recipes_dir() / f"{name_or_path.removesuffix('.yaml')}.yaml"
+        candidate = recipes_dir() / f"{str(name_or_path).removesuffix('.yaml')}.yaml"
         if not candidate.is_file():
             raise UserError(f"Recipe '{name_or_path}' not found. Known recipes: {', '.join(list_recipes())}.")
         path = candidate

@@ -208,6 +208,25 @@ def test_a_runs_config_reloads_into_a_new_run_and_not_quiet(finished, images, tm
     assert seen["cfg"].out is None and seen["cfg"].quiet is False
 
 
+def test_the_recipe_is_named_with_what_it_set_and_the_flags_over_it(tmp_path, monkeypatch):
+    """Nothing had named the recipe: its numbers simply took the place of the banner's auto lines."""
+    import io
+
+    from rich.console import Console
+
+    from edgessl.train.types import PretrainResult
+
+    monkeypatch.setattr("edgessl.workflows.pretrain.train_run", lambda cfg, **kw: PretrainResult(tmp_path))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 3\nimage_size: 48\nlr: 0.1\n")
+    out = io.StringIO()
+    edgessl.pretrain(recipe=recipe, image_size=32, console=Console(file=out, width=200))
+    assert out.getvalue().splitlines()[0] == f"Recipe: {recipe} sets epochs, lr (--image-size given over it)."
+    out = io.StringIO()
+    edgessl.pretrain(recipe="mobilenetv3_small_64px", quiet=True, console=Console(file=out, width=200))
+    assert out.getvalue() == ""
+
+
 def test_a_resume_that_shortens_the_run_says_its_learning_rate_falls_sooner(tmp_path):
     from types import SimpleNamespace
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgessl.config import read_yaml, replace, resolve
+from edgessl.config import load_recipe, read_yaml, replace, resolve
 from edgessl.deploy import manifest as mf
 from edgessl.deploy.widths import width_report
 from edgessl.errors import UserError
@@ -67,6 +67,8 @@ def pretrain(
         cfg = replace(cfg, quiet=bool(options.get("quiet", False)))  # display is not a setting
         if resume is None and "out" not in options:  # reloaded for a new run, not into the run it came from
             cfg = replace(cfg, out=None)
+    if recipe is not None and recipe not in reloaded:
+        say_recipe(recipe, options, Say(console, cfg.quiet))
     if resume is not None:
         before = read_yaml(Path(config), "Config")
         check_unchanged(Path(resume), before, cfg)
@@ -166,6 +168,16 @@ def say_stale_export(run: Path, say) -> None:
     if old:
         say(f"{run / 'export'} holds the encoder exported after {plural(old[-1], 'epoch')}; the run has now trained "
             f"{now}: export it again (edgessl export {run}).", markup=False)
+
+
+def say_recipe(recipe: str, options: dict[str, Any], say) -> None:
+    """One line before the banner: the settings the recipe set and the flags given over it (nothing had named the
+    recipe: its numbers simply replaced the banner's auto lines)."""
+    keys = sorted(load_recipe(recipe))
+    given = {k for k, v in options.items() if v is not None}
+    over = [f"--{k.replace('_', '-')}" for k in keys if k in given]
+    say(f"Recipe: {recipe} sets {', '.join(k for k in keys if k not in given) or 'nothing'}"
+        + (f" ({', '.join(over)} given over it)" if over else "") + ".", markup=False)
 
 
 def run_of(config: Path) -> Path | None:
