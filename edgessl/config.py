@@ -125,7 +125,7 @@ class PretrainConfig(HasDecode):
     logger: str = option("none", "Experiment loggers: none, or any of tensorboard,mlflow,wandb (comma-separated; each "
                                  "an extra, e.g. pip install 'edgessl[tensorboard]'). Each gets the metrics.jsonl "
                                  "rows, the plots and config.yaml; eval and finetune log to the run's loggers too.")
-    quiet: bool = option(False, "No progress bar; log lines only.")
+    quiet: bool = option(False, "No progress bar, banner or closing lines: the epoch lines and warnings only.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -438,7 +438,7 @@ class PruneOptions:
     distill: float = option(0.5, "Weight of the distillation from the unpruned encoder (0 = plain recovery).")
     out: str | None = option(None, "Output run directory.", shown="RUN/pruned-RATIO")
     overwrite: bool = option(False, "Move a non-empty --out aside (to OUT.old-TIME) instead of refusing it.")
-    quiet: bool = option(False, "No progress bar; log lines only.")
+    quiet: bool = option(False, "No progress bar, banner or closing lines: the epoch lines and warnings only.")
     threads: str | None = option(None, "CPU threads of the recovery run: auto or a number.", shown="the run's")
     seed: int | None = option(None, "Seed of the recovery run.", shown="the run's", cli=False)
 
