@@ -91,6 +91,19 @@ def test_header_sizes_read_an_even_spread_and_skip_what_pillow_cannot_open(tmp_p
     assert len(header_sizes(paths)) == 10
 
 
+def test_header_sizes_keep_pillows_decompression_bomb_warning_to_themselves(tmp_path):
+    """A 90-megapixel image's header had printed Pillow's raw DecompressionBombWarning before edgessl's own line."""
+    import warnings
+
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("1", (10_000, 9_000)).save(big)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that got out would be an exception, and the header left out
+        assert header_sizes([big]) == [(10_000, 9_000)]
+
+
 def test_auto_and_numbers_parse_and_anything_else_is_one_line():
     assert resolve_config({"image_size": "96", "epochs": "auto"}).image_size == 96
     assert resolve_config({}).epochs == "auto" and resolve_config({}).image_size == "auto"

@@ -15,6 +15,7 @@ Each choice carries its reason (printed in the banner) and how sure it is.
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +45,14 @@ def header_sizes(paths: Sequence[Path], limit: int = HEADER_LIMIT) -> list[tuple
     n, count = len(paths), min(len(paths), limit)
     picks = sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
     sizes = []
-    for i in picks:
-        try:
-            with Image.open(paths[i]) as img:
-                sizes.append(img.size)
-        except Exception:  # noqa: BLE001 - any unreadable file is the decoder's to report
-            continue
+    with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: the decoder reports such a file in one line
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for i in picks:
+            try:
+                with Image.open(paths[i]) as img:
+                    sizes.append(img.size)
+            except Exception:  # noqa: BLE001 - any unreadable file is the decoder's to report
+                continue
     return sizes
 
 
