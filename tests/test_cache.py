@@ -210,6 +210,8 @@ def test_cache_list_and_clear_commands(folder, store, tiny_data):
     assert (store / "images" / "notes.txt").exists()
     res = runner.invoke(app, ["cache", "list", "--cache-dir", str(store)])
     assert "is empty" in res.output
+    res = runner.invoke(app, ["cache", "list", "--cache-dir", str(store / "typo")], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and res.output.startswith(f"No cache in {store / 'typo' / 'images'} (no such folder yet)")
 
 
 def test_prefetcher_keeps_order_raises_where_it_failed_and_stops_early():

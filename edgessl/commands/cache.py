@@ -37,7 +37,8 @@ def list_cmd(**values) -> None:
     budget, how = api.cache_budget_of(**options)
     limit = f"budget {_size(budget)} ({how})" if budget is not None else how
     if not entries:
-        console.print(f"The cache in {folder} is empty ({limit}).", highlight=False)
+        where = f"The cache in {folder} is empty" if folder.is_dir() else f"No cache in {folder} (no such folder yet)"
+        console.print(f"{where} ({limit}).", highlight=False)
         return
     table = Table(title=f"Decoded-image cache: {folder}")
     for col in ("folder", "size", "images", "skipped", "on disk", "last used", "state"):

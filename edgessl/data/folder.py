@@ -248,7 +248,7 @@ def _check_count(good, skipped, min_images: int, root: Path, what: str) -> None:
         first = "; ".join(f"{Path(p).relative_to(root) if Path(p).is_relative_to(root) else p} ({why})"
                           for p, why in skipped[:2])  # the command is refused: no skipped_files.txt lists them
         raise UserError(
-            f"{what} '{root}' has {found}{extra}; at least {min_images} are needed. "
+            f"{what} '{root}' has {found}{extra}; at least {min_images} {'is' if min_images == 1 else 'are'} needed. "
             + (f"Skipped: {first}{f'; and {len(skipped) - 2} more' if len(skipped) > 2 else ''}. " if skipped else "")
             + "Add images or point it at another folder."
         )
