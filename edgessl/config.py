@@ -1,4 +1,5 @@
 """Every pretraining option in one dataclass; recipes (YAML), reloadable resolved configs and CLI overrides.
+Over 400 lines: one job, every pretraining option with its checks (as edgessl.options for the other commands).
 
 Precedence, lowest first: defaults < --recipe < --config < the --method preset < flags given on the command line.
 """
@@ -16,7 +17,7 @@ import yaml
 
 import edgessl.recipes
 from edgessl._version import __version__
-from edgessl.errors import UserError, with_near_names
+from edgessl.errors import UserError, named_source, with_near_names
 from edgessl.fileio import atomic_write_text, load_yaml_unique
 from edgessl.loggers import parse_loggers
 from edgessl.options import Compute, Decode, HasDecode, check_groups, check_paths, names, option, shared
@@ -219,22 +220,24 @@ def resolve(
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(overrides) - FIELD_NAMES)
     if unknown:
-        raise UserError(f"Unknown options: {', '.join(unknown)}.")
+        raise UserError(f"Unknown options: {with_near_names(unknown, FIELD_NAMES)}.")
     check_paths({"recipe": recipe, "config": config})
-    values: dict[str, Any] = {}
-    if recipe:
-        values.update(load_recipe(recipe))
-    if config:
-        values.update(read_yaml(config, "Config"))
+    files = [(load_recipe(recipe), f"Recipe '{recipe}'")] if recipe else []
+    files += [(read_yaml(config, "Config"), f"Config '{config}'")] if config else []
+    values: dict[str, Any] = {k: v for read, _ in files for k, v in read.items()}
+    sources = {k: name for read, name in files for k in read if k not in overrides}  # the file a setting came from
     method = overrides.get("method", values.get("method", PretrainConfig.method))
     if method not in METHOD_PRESETS:
         raise UserError(f"--method must be one of {', '.join(METHOD_PRESETS)}, not '{method}'.")
     # a method switched on the command line replaces the file's settings; a file's own (config.yaml) stand above it
     values = {**values, **METHOD_PRESETS[method]} if "method" in overrides else {**METHOD_PRESETS[method], **values}
     values.update(overrides)
-    check_paths(values)  # the API's arguments, and a config file's `data: 123`
-    cfg = PretrainConfig(**values)
-    validate(cfg)
+    try:
+        check_paths(values)  # the API's arguments, and a config file's `data: 123`
+        cfg = PretrainConfig(**values)
+        validate(cfg)
+    except UserError as e:  # a file's `blur: 2` had been "--blur is ...", a flag nobody typed
+        raise UserError(named_source(str(e), sources)) from None
     return cfg
 
 

@@ -32,3 +32,13 @@ def with_near_names(unknown: list[str], known) -> str:
 
     near = {u: difflib.get_close_matches(u.lower(), list(known), n=1) for u in unknown}
     return ", ".join(f"{u} (did you mean {near[u][0]}?)" if near[u] else u for u in unknown)
+
+
+def named_source(message: str, sources: dict[str, str]) -> str:
+    """The message with the file its option came from in front ("Recipe 'r.yaml': --blur is ..."), when the option
+    it starts with (--name or `name must be`) was set by a file; sources: option name -> that file's label."""
+    import re
+
+    found = re.match(r"--([a-z0-9-]+)|([a-z_]+) (?:must|is required)", message)
+    name = found and (found.group(1) or found.group(2)).replace("-", "_")
+    return f"{sources[name]}: {message}" if name in sources else message

@@ -151,8 +151,13 @@ def test_a_config_file_setting_of_the_wrong_type_is_one_line(tmp_path):
     for i, (line, message) in enumerate(cases.items()):
         path = tmp_path / f"c{i}.yaml"
         path.write_text(line + "\n")
-        with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
+        with pytest.raises(UserError, match="^" + re.escape(f"Config '{path}': {message}") + "$"):  # the file named
             resolve_config({}, config=str(path))
+    with pytest.raises(UserError, match="^" + re.escape(f"Recipe '{path}': --sd-weight must be a number")):
+        resolve_config({}, recipe=str(path))
+    assert resolve_config({"sd_weight": 2.0}, recipe=str(path)).sd_weight == 2.0  # a flag over the file's value
+    with pytest.raises(UserError, match="^" + re.escape("Unknown options: bacth_size (did you mean batch_size?).")):
+        resolve_config({"bacth_size": 8})
     path.write_text("lr: 1\nteacher_image_size: null\ndeterministic: true\n")  # a whole number is a number
     cfg = resolve_config({}, config=str(path))
     assert cfg.lr == 1 and cfg.deterministic is True and cfg.teacher_image_size is None

@@ -123,7 +123,8 @@ def test_a_path_of_another_type_is_one_line_and_leading_arguments_go_by_keyword(
     with pytest.raises(UserError, match=r"^data must be a path \(str or pathlib\.Path\), not int 123\.$"):
         edgessl.pretrain(data=123, out=str(tmp_path / "run"))
     (tmp_path / "c.yaml").write_text("data: 7\n")
-    with pytest.raises(UserError, match=r"^data must be a path \(str or pathlib\.Path\), not int 7\.$"):
+    with pytest.raises(UserError, match=r"^Config '.*c\.yaml': data must be a path \(str or pathlib\.Path\), "
+                                        r"not int 7\.$"):
         edgessl.pretrain(config=tmp_path / "c.yaml", out=str(tmp_path / "run"))
     with pytest.raises(UserError, match=r"^resume must be a path \(str or pathlib\.Path\), not int 3\.$"):
         edgessl.pretrain(resume=3)

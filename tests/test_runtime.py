@@ -206,11 +206,11 @@ def test_a_busy_child_counts_as_this_runs_cpu_not_another_jobs():
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
-    try:
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"])
+    try:  # 2 s of the child's loop: on a loaded 2-core machine (load 4) 1 s had given it less than 0.5 s of CPU
         time.sleep(0.5)
         before, own_before = runtime.family_cpu_seconds(), time.process_time()
-        time.sleep(1.0)
+        time.sleep(2.0)
         grew, own_grew = runtime.family_cpu_seconds() - before, time.process_time() - own_before
     finally:
         child.kill()
