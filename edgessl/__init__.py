@@ -12,19 +12,10 @@ Python API (mirrors the CLI):
     edgessl.embed("runs/<name>", data="./my_images", out="emb.npz", neighbours=5, duplicates=0.95) -> EmbedResult
 """
 
+from edgessl._names import API_NAMES
 from edgessl._version import __version__
 
-__all__ = [
-    "__version__",
-    # edgessl.api.__all__, listed here so that `import edgessl` needs no torch (a test keeps the two lists equal)
-    "pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export",
-    "slim", "slim_encoder", "prune_encoder", "embed", "cache_entries", "cache_budget_of", "clear_cache",
-    "run_device_check",
-    "list_recipes", "load_recipe", "recipes_dir", "widths_table",
-    "PretrainConfig", "EvalOptions", "FinetuneOptions", "ExportOptions", "EmbedOptions", "PruneOptions", "SlimOptions",
-    "CheckOptions", "CacheOptions", "CacheClearOptions",
-    "PretrainResult", "EvalResult", "FinetuneResult", "ExportResult", "EmbedResult", "SlimResult",
-]
+__all__ = ["__version__", *API_NAMES]  # edgessl.api's names, offered without importing torch
 
 
 def __getattr__(name: str):

@@ -6,6 +6,7 @@ them."""
 
 from __future__ import annotations
 
+from edgessl._names import API_NAMES
 from edgessl.config import PretrainConfig, list_recipes, load_recipe, recipes_dir
 from edgessl.evaluate.finetune import FinetuneResult
 from edgessl.models.backbone import load_encoder, read_encoder_meta
@@ -33,12 +34,4 @@ from edgessl.workflows.pretrain import pretrain
 from edgessl.workflows.prune import prune_encoder
 from edgessl.workflows.slim import SlimResult, slim, widths_table
 
-__all__ = [
-    "pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export",
-    "slim", "slim_encoder", "prune_encoder", "embed", "cache_entries", "cache_budget_of", "clear_cache",
-    "run_device_check",
-    "list_recipes", "load_recipe", "recipes_dir", "widths_table",
-    "PretrainConfig", "EvalOptions", "FinetuneOptions", "ExportOptions", "EmbedOptions", "PruneOptions", "SlimOptions",
-    "CheckOptions", "CacheOptions", "CacheClearOptions",
-    "PretrainResult", "EvalResult", "FinetuneResult", "ExportResult", "EmbedResult", "SlimResult",
-]
+__all__ = list(API_NAMES)  # edgessl._names: edgessl/__init__.py offers the same names lazily

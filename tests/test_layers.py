@@ -15,8 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "edgessl"
-ORDER = ["_version", "errors", "seeding", "fileio", "rundir", "demo", "recipes", "devicecheck", "scripts", "runtime",
-         "loggers", "options", "config", "report", "data", "models", "method", "train", "evaluate", "deploy",
+ORDER = ["_names", "_version", "errors", "seeding", "fileio", "rundir", "demo", "recipes", "devicecheck", "scripts",
+         "runtime", "loggers", "options", "config", "report", "data", "models", "method", "train", "evaluate", "deploy",
          "workflows", "api", "commands", "cli", "_entry", "__main__",
          ""]  # "": edgessl/__init__.py, the package's front door (its API imported on first use)
 MAX_LINES = 400
