@@ -62,9 +62,9 @@ class PretrainConfig(HasDecode):
                                   flag="--no-width-reweight")
     # a frozen teacher, run once over the training images (teacher-bank distillation): None = no teacher
     teacher: str | None = option(None, "Distil a frozen teacher run once over the training images: an edgessl run "
-                                       "directory, timm:<name> (timm's pretrained weights; downloads), or a local "
-                                       "weights file with --teacher-backbone. Its features are computed once and kept "
-                                       "with the run (teacher.safetensors).")
+                                       "directory, timm:NAME (timm's pretrained weights of model NAME; downloads), or "
+                                       "a local weights file with --teacher-backbone. Its features are computed once "
+                                       "and kept with the run (teacher.safetensors).")
     teacher_backbone: str | None = option(None, "With --teacher FILE: the file's timm architecture (e.g. resnet50).")
     teacher_image_size: int | None = option(None, "The teacher's input size in pixels (default: the teacher's own: a "
                                                   "run's image size, timm's pretrained input size).")

@@ -237,8 +237,9 @@ def check_groups(obj: Any) -> None:
 
 
 # ---------------------------------------------------------------- groups shared by several commands
-CACHE_DIR_HELP = ("Decoded-image cache: auto (EDGESSL_CACHE_DIR, else ~/.cache/edgessl), a folder, or none (no disk "
-                  "cache). Each folder is decoded once; `edgessl cache list|clear` shows and frees it.")
+CACHE_DIR_HELP = ("Decoded-image cache: auto (EDGESSL_CACHE_DIR, else $XDG_CACHE_HOME/edgessl or ~/.cache/edgessl), "
+                  "a folder, or none (no disk cache). Each folder is decoded once; `edgessl cache list|clear` shows "
+                  "and frees it.")
 
 
 @dataclass(kw_only=True)
@@ -455,7 +456,8 @@ class SlimOptions:
 class CacheOptions:
     """`edgessl cache list` (edgessl.workflows.cache)."""
 
-    cache_dir: str = option("auto", "The cache folder (default: $EDGESSL_CACHE_DIR, else ~/.cache/edgessl).",
+    cache_dir: str = option("auto", "The cache folder (default: $EDGESSL_CACHE_DIR, else $XDG_CACHE_HOME/edgessl or "
+                                    "~/.cache/edgessl).",
                             shown="auto")
 
 

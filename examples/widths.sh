@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One pretraining, several edge sizes, on the bundled demo images (about 3 minutes on 2 CPU cores):
+# One pretraining, several edge sizes, on the bundled demo images (about 4 minutes on 2 CPU cores):
 #   pretrain --widths -> per-width report -> slim one width -> export it (fp32 + fp16) -> device check
 #   -> the other route: prune a single-width run and recover it.
 # Run from the repository root after `pip install -e ".[all]"`:  bash examples/widths.sh [run dir]

@@ -18,9 +18,9 @@ from edgessl.rundir import plural
 
 CACHE_HELP = """The decoded-image cache: every image folder decoded once at each size, reused by every command.
 
-It lives in --cache-dir (default: $EDGESSL_CACHE_DIR, else ~/.cache/edgessl). `list` shows what is there,
-`clear` frees it (everything, or one image folder's entries); the next command that reads a cleared folder decodes
-it again.
+It lives in --cache-dir (default: $EDGESSL_CACHE_DIR, else $XDG_CACHE_HOME/edgessl or ~/.cache/edgessl). `list`
+shows what is there, `clear` frees it (everything, or one image folder's entries and those of the folders inside
+it); the next command that reads a cleared folder decodes it again.
 
 **Examples**
 
@@ -81,6 +81,6 @@ def register(app) -> None:
     cache_app = typer.Typer(help=CACHE_HELP, no_args_is_help=True, rich_markup_mode="markdown")
     cache_app.command("list")(friendly(options_command(list_cmd, CacheOptions)))
     folder = inspect.Parameter("folder", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],  # noqa: UP045
-                               default=typer.Argument(None, help="Only this image folder's entries (default: all)."))
+                               default=typer.Argument(None, help="Only the entries of this image folder and of the folders inside it (default: all)."))
     cache_app.command("clear")(friendly(options_command(clear_cmd, CacheClearOptions, leading=[folder])))
     app.add_typer(cache_app, name="cache")

@@ -16,7 +16,7 @@ PRETRAIN_HELP = """Pretrain an encoder on a folder of unlabeled images (single c
 
 **Examples**
 
-    edgessl pretrain --backbone mobilenetv3_small                      # bundled demo images, ~1 min on 2 CPU cores
+    edgessl pretrain --backbone mobilenetv3_small                      # bundled demo images, ~80 s on 2 CPU cores
     edgessl pretrain --backbone mobilenetv3_small --data ./my_images --epochs 50
     edgessl pretrain --recipe resnet18_cifar --data ./cifar_train --val ./cifar_test
     edgessl pretrain --resume runs/mobilenetv3_small-20261123-120000

@@ -14,7 +14,8 @@ def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dic
     """(the decoded-image cache folder, one dict per cached folder: name, root, size, images, skipped, bytes,
     created, last_used, stale (None, "folder gone", "files changed", "unreadable" or what is wrong with the data
     file: edgessl.data.budget.staleness); then one per stored --teacher bank, with "teacher": its timm name and
-    stale: teacher_staleness). cache_dir: "auto" (EDGESSL_CACHE_DIR, else ~/.cache/edgessl) or a folder."""
+    stale: teacher_staleness). cache_dir: "auto" (EDGESSL_CACHE_DIR, else $XDG_CACHE_HOME/edgessl or
+    ~/.cache/edgessl) or a folder."""
     folder = _cache_folder(cache_dir)
     entries = list_entries(folder)
     for e in entries:
