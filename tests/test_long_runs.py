@@ -311,3 +311,80 @@ def test_curves_are_drawn_after_the_first_and_last_epochs_and_when_a_run_stops(t
     drawn.clear()
     edgessl.pretrain(resume=str(tmp_path / "cut"), quiet=True)
     assert drawn == [3, 4]  # the resume's first epoch and its last
+
+
+@pytest.mark.slow
+def test_a_stop_after_the_last_epoch_leaves_nothing_unwritten_for_the_resume(tiny_data, tmp_path, monkeypatch):
+    """A Ctrl-C after the last epoch's checkpoint (written first) and before its encoder and metrics had left those a
+    epoch behind, and the resume had found "nothing to resume": the checkpoint is written last now."""
+    import json
+
+    from edgessl.train import output
+
+    real, calls = output.save_encoder, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the epoch-2 files are written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(output, "save_encoder", stopped_at_the_second)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        edgessl.pretrain(data=str(tiny_data), out=str(run), epochs=2, **TINY)
+    assert "1 completed epoch checkpointed" in str(e.value) and load_checkpoint(run)["epoch"] == 1
+    monkeypatch.setattr(output, "save_encoder", real)
+    edgessl.pretrain(resume=str(run))
+    assert json.loads((run / "encoder.json").read_text())["epochs_trained"] == 2
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_whose_epochs_are_one_step(tiny_data, tmp_path):
+    """With one step per epoch there is no step between steps, where the stop was looked for: SIGTERM had been
+    ignored to the end. It stops at the epoch's end now, checkpointed."""
+    def term(info):
+        if info.epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    import shutil
+
+    few = tmp_path / "few"  # 12 images at batch 8: one step per epoch
+    for path in sorted(tiny_data.rglob("*.png"))[:12]:
+        (few / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, few / path.parent.name / path.name)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        edgessl.pretrain(data=str(few), out=str(run), epochs=4, on_step=term, **{**TINY, "batch_size": 8})
+    assert e.value.exit_code == 143 and load_checkpoint(run)["epoch"] == 1
+    assert str(e.value) == (f"Stopped by SIGTERM. 1 completed epoch checkpointed in {run}: continue with edgessl "
+                            f"pretrain --resume {run}")
+
+
+def test_a_damaged_checkpoint_is_one_line_that_says_what_is_left(tmp_path):
+    """A truncated checkpoint.pt had been a traceback from torch.load (OSError: Invalid argument)."""
+    from edgessl.errors import UserError
+
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 1, "model": {"w": torch.zeros(1000)}}, ckpt)
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+    ckpt.write_bytes(ckpt.read_bytes()[:300])
+    (tmp_path / "encoder.safetensors").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        load_checkpoint(tmp_path)
+    message = str(e.value)
+    assert message.startswith(f"'{ckpt}' is damaged or not an edgessl checkpoint (")
+    assert message.endswith("): nothing can be resumed from it; its encoder of the last finished epoch is there: start "
+                            f"a new run from it with --init {tmp_path}.")
+    torch.save([1, 2], ckpt)
+    with pytest.raises(UserError, match=r"\(no epoch\): nothing can be resumed"):
+        load_checkpoint(tmp_path)
+
+
+def test_init_from_a_run_whose_checkpoint_is_damaged_takes_its_encoder_and_a_new_head(tmp_path):
+    """--init RUN, the advice for a damaged checkpoint, reads the head from that checkpoint when it can."""
+    from edgessl.models.head import _run_head
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert _run_head(torch.nn.Linear(2, 2), tmp_path) == "new (its checkpoint.pt is unreadable)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,7 +98,10 @@ def _run_head(head: nn.Module, run: Path) -> str:
     ckpt = run / "checkpoint.pt"
     if not ckpt.is_file():
         return "new"
-    model = safe_torch_load(ckpt, "--init").get("model", {})
+    try:
+        model = safe_torch_load(ckpt, "--init").get("model", {})
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):  # damaged: the encoder alone
+        return "new (its checkpoint.pt is unreadable)"
     state = {k[len("head."):]: v for k, v in model.items() if k.startswith("head.")}
     own = head.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgessl.errors import UserError
 from edgessl.fileio import safe_torch_load
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,5 +47,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A run's checkpoint.pt, read without running anything from it (edgessl.fileio.safe_torch_load)."""
-    return safe_torch_load(Path(run_dir) / CHECKPOINT, "the checkpoint", map_location)
+    """A run's checkpoint.pt, read without running anything from it (edgessl.fileio.safe_torch_load); a damaged
+    one (truncated, overwritten) is a UserError that says what is left (it had been a traceback from torch.load)."""
+    path = Path(run_dir) / CHECKPOINT
+    try:
+        ckpt = safe_torch_load(path, "the checkpoint", map_location)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        if isinstance(e, OSError) and not path.is_file():
+            raise
+        ckpt = e
+    if not isinstance(ckpt, dict) or "epoch" not in ckpt:
+        why = f"{type(ckpt).__name__}: {str(ckpt).splitlines()[0][:80]}" if isinstance(ckpt, Exception) else "no epoch"
+        kept = (f"; its encoder of the last finished epoch is there: start a new run from it with --init {run_dir}"
+                if (Path(run_dir) / "encoder.safetensors").is_file() else "")
+        raise UserError(f"'{path}' is damaged or not an edgessl checkpoint ({why}): nothing can be resumed from "
+                        f"it{kept}.")
+    return ckpt

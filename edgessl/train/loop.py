@@ -62,6 +62,8 @@ def train_epochs(run: Run, state: TrainState, objective: Objective, net: torch.n
                     _follow_load(run, epoch, step)
             state.steps_done, state.meter = 0, None
             end_epoch(run, state, epoch, meter)
+            if epoch + 1 < run.cfg.epochs and _stop_requested(run):  # an epoch of one step has no step between
+                raise Terminated()
     finally:
         if run.d.main and state.history and run.plotted not in (-1, state.epoch):
             draw_curves(run, state)  # stopped early (a signal, divergence): curves.png shows every finished epoch
@@ -71,6 +73,11 @@ def train_epochs(run: Run, state: TrainState, objective: Objective, net: torch.n
 
 
 STOP_EVERY = 16  # under torchrun, processes agree on a SIGTERM or a due checkpoint every this many steps
+
+
+def _stop_requested(run: Run) -> bool:
+    """SIGTERM came (on any process): the epoch just ended is checkpointed, so the run stops there."""
+    return distributed.any_rank(run.stop is not None and run.stop.requested, run.d)
 
 
 def _between_steps(run: Run, state: TrainState, done: int, steps: int, meter: EpochMeter) -> None:
