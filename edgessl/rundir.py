@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -133,6 +134,30 @@ def resume_problem(run_dir: str | Path) -> str | None:
     if not (run_dir / "config.yaml").is_file():
         return f"Cannot resume '{run_dir}': its config.yaml is missing."
     return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path | None):
+    """Hold an exclusive lock on a run directory while a resume trains it (flock on the folder's own descriptor: no
+    file is written into it). A second resume of the same run while one is going on is refused: both had trained
+    and written the same checkpoint and metrics. Nothing is locked without a folder or without flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if run_dir is None or fcntl is None or not Path(run_dir).is_dir():
+        yield
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"'{run_dir}' is in use: another edgessl process is training it. Wait for that one to "
+                            "end (or stop it), then resume.") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

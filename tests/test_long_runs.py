@@ -388,3 +388,19 @@ def test_init_from_a_run_whose_checkpoint_is_damaged_takes_its_encoder_and_a_new
 
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
     assert _run_head(torch.nn.Linear(2, 2), tmp_path) == "new (its checkpoint.pt is unreadable)"
+
+
+def test_a_second_resume_of_a_run_in_training_is_refused(tmp_path):
+    """Two resumes of one run had both trained it, writing the same checkpoint and metrics."""
+    from edgessl.rundir import run_lock
+
+    code = ("import sys\nfrom edgessl.rundir import run_lock\nfrom edgessl.errors import UserError\n"
+            "try:\n    with run_lock(sys.argv[1]): print('got it')\nexcept UserError as e: print(e)")
+    with run_lock(tmp_path):
+        held = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert held.stdout.strip() == (f"'{tmp_path}' is in use: another edgessl process is training it. Wait for that "
+                                   "one to end (or stop it), then resume.")
+    free = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert free.stdout.strip() == "got it" and list(tmp_path.iterdir()) == []  # released; nothing written
+    with run_lock(None), run_lock(tmp_path / "gone"):  # nothing to lock: the resume's own checks speak
+        pass

@@ -18,7 +18,7 @@ from edgessl.errors import Interrupted, Terminated, UserError
 from edgessl.loggers import Loggers, check_installed, parse_loggers
 from edgessl.method.losses import active_widths
 from edgessl.models.backbone import want_small_input
-from edgessl.rundir import absolute, absolute_source, plural
+from edgessl.rundir import absolute, absolute_source, plural, run_lock
 from edgessl.runtime import StopRequest, pick_device, pick_precision, precision_caution, thread_governor, use_threads
 from edgessl.train import distributed
 from edgessl.train.build import add_predictor, build_model, encoder_meta, init_bank, new_state, set_determinism
@@ -71,7 +71,7 @@ def pretrain(
     d, device = distributed.setup(pick_device(cfg.device))
     finished = False
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, run_lock(resume if d.main else None):
             result = _pretrain(cfg, resume, console or Console(), on_step, d, device, warm, overwrite,
                                evaluation or Evaluation(), stop)
         finished = True
