@@ -205,8 +205,9 @@ def test_cache_list_and_clear_commands(folder, store, tiny_data):
     assert res.exit_code == 0 and res.output.startswith("Removed 5 cache files of")
     assert [e["root"] for e in list_entries(store / "images")] == [str(tiny_data)]
     (store / "images" / "notes.txt").write_text("mine")  # not a cache file: never deleted
-    res = runner.invoke(app, ["cache", "clear", "--cache-dir", str(store)])
+    res = runner.invoke(app, ["cache", "clear", "--cache-dir", str(store)], env={"COLUMNS": "300"})
     assert res.exit_code == 0 and list_entries(store / "images") == []
+    assert f"cache files from {store} (" in res.output  # which cache was emptied: all of it had gone unnamed
     assert (store / "images" / "notes.txt").exists()
     res = runner.invoke(app, ["cache", "list", "--cache-dir", str(store)])
     assert "is empty" in res.output

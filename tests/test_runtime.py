@@ -285,3 +285,25 @@ def test_edgessl_offers_every_name_of_the_api():
     assert all(getattr(edgessl, name) is getattr(edgessl.api, name) for name in edgessl.api.__all__)
     with pytest.raises(AttributeError, match="module 'edgessl' has no attribute 'pretrian'"):
         edgessl.pretrian  # noqa: B018
+
+
+def test_sigterm_stops_a_command_with_its_line_and_exit_143(capsys):
+    """eval, finetune and export had exited 143 on SIGTERM without a word (only pretraining handled it)."""
+    import os
+    import signal
+
+    import typer
+
+    from edgessl.commands.common import friendly
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    @friendly
+    def command():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises first
+
+    with pytest.raises(typer.Exit) as e:
+        command()
+    assert e.value.exit_code == 143 and capsys.readouterr().err.strip().endswith("Stopped by SIGTERM.")
+    assert signal.getsignal(signal.SIGTERM) is before  # put back after the command

@@ -66,15 +66,17 @@ def clear_cmd(folder: Optional[Path] = None, **values) -> None:  # noqa: UP045 -
     if options.get("stale") and folder is not None:
         raise UserError("cache clear takes a FOLDER or --stale, not both.")
     files, freed = api.clear_cache(folder=folder, **options)
+    where = f" from {api.cache_entries(options.get('cache_dir', 'auto'))[0].parent}"  # the whole cache had gone unnamed
     if options.get("stale"):
-        console.print(f"Removed {plural(files, 'stale entry', 'stale entries')} ({_size(freed)}).", highlight=False)
+        console.print(f"Removed {plural(files, 'stale entry', 'stale entries')}{where} ({_size(freed)}).",
+                      highlight=False)
         return
     if folder is not None and files == 0:
         console.print(f"Nothing is cached for {folder} or the folders inside it (edgessl cache list shows what is).",
                       highlight=False)
         return
     what = f" of {folder}" if folder is not None else ""
-    console.print(f"Removed {plural(files, 'cache file')}{what} ({_size(freed)}).", highlight=False)
+    console.print(f"Removed {plural(files, 'cache file')}{what}{where} ({_size(freed)}).", highlight=False)
 
 
 def register(app) -> None:

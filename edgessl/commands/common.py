@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
 import os
+import signal
+import threading
 import time
 from typing import Optional
 
@@ -14,7 +17,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from edgessl.errors import Interrupted, TrainingDiverged, UserError
+from edgessl.errors import Interrupted, Terminated, TrainingDiverged, UserError
 from edgessl.options import cli_type, flag_name, help_text, specs
 
 
@@ -55,12 +58,14 @@ err_console = make_console(stderr=True)
 
 
 def friendly(fn):
-    """Run a command: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Run a command: user errors become one line on stderr and exit code 2, never a traceback; Ctrl-C is exit 130
+    and SIGTERM exit 143, each with its line (pretraining turns SIGTERM into a checkpointed stop of its own)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_interrupts():
+                return fn(*args, **kwargs)
         except UserError as e:
             _error(f"[red]error:[/red] {escape(str(e))}")  # a message's own brackets ([mlflow]) are text
             raise typer.Exit(e.exit_code) from None
@@ -70,9 +75,10 @@ def friendly(fn):
         except Interrupted as e:
             _error(escape(str(e)))
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            _error("Interrupted.")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # eval, finetune, export had exited 143 on SIGTERM without a word
+            terminated = isinstance(e, Terminated)
+            _error("Stopped by SIGTERM." if terminated else "Interrupted.")
+            raise typer.Exit(143 if terminated else 130) from None
         except OSError as e:  # the machine's, not the code's: a read-only or full disk, a folder it may not write
             if e.errno not in PLACE_ERRORS:
                 raise
@@ -80,6 +86,24 @@ def friendly(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises Terminated (a KeyboardInterrupt) while a command runs, in the main thread; the previous
+    handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 PLACE_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
