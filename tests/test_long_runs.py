@@ -404,3 +404,18 @@ def test_a_second_resume_of_a_run_in_training_is_refused(tmp_path):
     assert free.stdout.strip() == "got it" and list(tmp_path.iterdir()) == []  # released; nothing written
     with run_lock(None), run_lock(tmp_path / "gone"):  # nothing to lock: the resume's own checks speak
         pass
+
+
+@pytest.mark.slow
+def test_a_resume_writes_back_a_missing_config_from_the_checkpoint(tiny_data, tmp_path):
+    """A run whose config.yaml was deleted had been a dead end ("its config.yaml is missing")."""
+    import json
+
+    run = tmp_path / "run"
+    edgessl.pretrain(data=str(tiny_data), out=str(run), epochs=1, **TINY)
+    before = (run / "config.yaml").read_text()
+    (run / "config.yaml").unlink()
+    edgessl.pretrain(resume=str(run), epochs=2)
+    settings = lambda text: [x for x in text.splitlines()[1:] if x.split(":")[0] not in ("epochs", "quiet")]  # noqa: E731
+    assert settings((run / "config.yaml").read_text()) == settings(before)  # all but how long and how it prints
+    assert json.loads((run / "encoder.json").read_text())["epochs_trained"] == 2

@@ -7,14 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgessl.config import load_recipe, read_yaml, replace, resolve
+from edgessl.config import FIELD_NAMES, PretrainConfig, load_recipe, read_yaml, replace, resolve, save_config
 from edgessl.deploy import manifest as mf
 from edgessl.deploy.widths import width_report
 from edgessl.errors import UserError
 from edgessl.evaluate.monitor import Monitor
 from edgessl.options import check_paths
 from edgessl.report.say import Say
-from edgessl.rundir import plural, resume_problem
+from edgessl.rundir import CHECKPOINT, plural, resume_problem
+from edgessl.train.checkpoint import load_checkpoint
 from edgessl.train.run import pretrain as train_run
 from edgessl.train.types import Evaluation, PretrainResult
 from edgessl.workflows.slim import widths_table
@@ -53,6 +54,7 @@ def pretrain(
     Nothing is written before every check has passed. Returns a PretrainResult (run_dir, history)."""
     check_paths({"resume": resume, "config": config, "recipe": recipe})
     if resume is not None:
+        restore_config(Path(resume), Say(console, bool(options.get("quiet"))))
         problem = resume_problem(resume) or pruned_problem(Path(resume))
         if problem:
             raise UserError(problem)
@@ -168,6 +170,18 @@ def say_stale_export(run: Path, say) -> None:
     if old:
         say(f"{run / 'export'} holds the encoder exported after {plural(old[-1], 'epoch')}; the run has now trained "
             f"{now}: export it again (edgessl export {run}).", markup=False)
+
+
+def restore_config(run: Path, say) -> None:
+    """Write back a run's config.yaml from its checkpoint, which holds the same settings, when the file is gone (a
+    resume had stopped at "its config.yaml is missing", with no way on)."""
+    if not (run / CHECKPOINT).is_file() or (run / "config.yaml").exists():
+        return
+    settings = load_checkpoint(run).get("config")
+    if isinstance(settings, dict):
+        save_config(PretrainConfig(**{k: v for k, v in settings.items() if k in FIELD_NAMES}), run / "config.yaml")
+        say(f"config.yaml was missing in {run}: written back from checkpoint.pt, which holds the settings it ran "
+            "with.", markup=False)
 
 
 def say_recipe(recipe: str, options: dict[str, Any], say) -> None:
