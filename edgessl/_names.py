@@ -4,6 +4,7 @@ loading torch, edgessl.api exports them."""
 API_NAMES = (
     "pretrain", "load_encoder", "read_encoder_meta", "evaluate_encoder", "finetune", "load_classifier", "export",
     "slim", "slim_encoder", "prune_encoder", "embed", "cache_entries", "cache_budget_of", "clear_cache",
+    "cache_store",
     "run_device_check",
     "list_recipes", "load_recipe", "recipes_dir", "widths_table",
     "PretrainConfig", "EvalOptions", "FinetuneOptions", "ExportOptions", "EmbedOptions", "PruneOptions", "SlimOptions",

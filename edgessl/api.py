@@ -24,7 +24,7 @@ from edgessl.options import (
     SlimOptions,
 )
 from edgessl.train.types import PretrainResult
-from edgessl.workflows.cache import cache_budget_of, cache_entries, clear_cache
+from edgessl.workflows.cache import cache_budget_of, cache_entries, cache_store, clear_cache
 from edgessl.workflows.check import run_device_check
 from edgessl.workflows.embed import EmbedResult, embed
 from edgessl.workflows.eval import EvalResult, evaluate_encoder

@@ -66,7 +66,7 @@ def clear_cmd(folder: Optional[Path] = None, **values) -> None:  # noqa: UP045 -
     if options.get("stale") and folder is not None:
         raise UserError("cache clear takes a FOLDER or --stale, not both.")
     files, freed = api.clear_cache(folder=folder, **options)
-    where = f" from {api.cache_entries(options.get('cache_dir', 'auto'))[0].parent}"  # the whole cache had gone unnamed
+    where = f" from {api.cache_store(options.get('cache_dir', 'auto')).parent}"  # the whole cache had gone unnamed
     if options.get("stale"):
         console.print(f"Removed {plural(files, 'stale entry', 'stale entries')}{where} ({_size(freed)}).",
                       highlight=False)

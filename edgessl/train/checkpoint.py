@@ -57,7 +57,8 @@ def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu
             raise
         ckpt = e
     if not isinstance(ckpt, dict) or "epoch" not in ckpt:
-        why = f"{type(ckpt).__name__}: {str(ckpt).splitlines()[0][:80]}" if isinstance(ckpt, Exception) else "no epoch"
+        why = (f"{type(ckpt).__name__}: {(str(ckpt).splitlines() or [''])[0][:80]}" if isinstance(ckpt, Exception)
+               else "no epoch")
         kept = (f"; its encoder of the last finished epoch is there: start a new run from it with --init {run_dir}"
                 if (Path(run_dir) / "encoder.safetensors").is_file() else "")
         raise UserError(f"'{path}' is damaged or not an edgessl checkpoint ({why}): nothing can be resumed from "

@@ -16,7 +16,7 @@ def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dic
     file: edgessl.data.budget.staleness); then one per stored --teacher bank, with "teacher": its timm name and
     stale: teacher_staleness). cache_dir: "auto" (EDGESSL_CACHE_DIR, else $XDG_CACHE_HOME/edgessl or
     ~/.cache/edgessl) or a folder."""
-    folder = _cache_folder(cache_dir)
+    folder = cache_store(cache_dir)
     entries = list_entries(folder)
     for e in entries:
         e["stale"], e["last_used"] = staleness(e, folder), last_used(folder, e["name"])
@@ -28,7 +28,7 @@ def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dic
 
 def cache_budget_of(cache_dir: str | Path | None = "auto", cache_max: str = "auto") -> tuple[int | None, str]:
     """(the budget in bytes or None, how it was chosen) of the cache (edgessl.data.budget)."""
-    return cache_budget(_cache_folder(cache_dir), cache_max)
+    return cache_budget(cache_store(cache_dir), cache_max)
 
 
 def clear_cache(cache_dir: str | Path | None = "auto", folder: str | Path | None = None,
@@ -36,7 +36,7 @@ def clear_cache(cache_dir: str | Path | None = "auto", folder: str | Path | None
     """Delete the decoded images (and stored --teacher banks) of every folder, of image folder `folder` only, or
     (stale=True) of the entries whose folder is gone or holds other files now. -> (files or, with stale, entries;
     bytes) freed."""
-    store = _cache_folder(cache_dir)
+    store = cache_store(cache_dir)
     if not stale:
         return clear_entries(store, folder)
     stale_entries = [e for e in list_entries(store) if staleness(e, store) is not None]
@@ -46,7 +46,9 @@ def clear_cache(cache_dir: str | Path | None = "auto", folder: str | Path | None
             + sum(remove_entry(store.parent / TEACHERS, e["name"]) for e in stale_teachers))
 
 
-def _cache_folder(cache_dir: str | Path | None) -> Path:
+def cache_store(cache_dir: str | Path | None = "auto") -> Path:
+    """The folder of the decoded images of the cache `cache_dir` ("auto": EDGESSL_CACHE_DIR, else
+    $XDG_CACHE_HOME/edgessl or ~/.cache/edgessl; its parent holds the stored --teacher banks too)."""
     folder = cache_folder(cache_dir)
     if folder is None:
         raise UserError("--cache-dir none means no cache: pass a folder, or leave the flag out for the default.")
