@@ -223,3 +223,65 @@ def test_recipes_load_and_flags_override():
     assert (cfg.backbone, cfg.image_size, cfg.small_input, cfg.epochs) == ("resnet18", 32, "on", 3)
     for name in ("mobilenetv3_small_64px", "mobilenetv3_small_224px"):
         assert resolve(recipe=name).image_size in (64, 224)
+
+
+def test_a_resume_on_another_device_gives_the_optimiser_state_the_weights_layout():
+    """CUDA runs train channels_last, CPU runs NCHW: a checkpoint resumed on the other device had kept its momentum
+    in the old layout, and the fused step (which reads memory in flat order) added it to the wrong weights."""
+    import copy
+
+    from edgessl.train.optim import build_optimizer
+    from edgessl.train.state import match_layouts
+
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(3, 8, 3), torch.randn(2, 3, 8, 8)
+    opt = build_optimizer("sgd", conv.parameters(), 0.1, 0.9, 0.0)
+    for _ in range(2):  # the straight run: a step, the checkpoint, the next step
+        conv(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if not hasattr(conv, "saved"):
+            conv.saved = (copy.deepcopy(conv.state_dict()), copy.deepcopy(opt.state_dict()))
+    other = torch.nn.Conv2d(3, 8, 3)
+    other.load_state_dict(conv.saved[0])
+    other = other.to(memory_format=torch.channels_last)  # the resumed run's layout
+    resumed = build_optimizer("sgd", other.parameters(), 0.1, 0.9, 0.0)
+    resumed.load_state_dict(conv.saved[1])
+    match_layouts(resumed)
+    assert resumed.state[other.weight]["momentum_buffer"].stride() == other.weight.stride()
+    other(x).square().mean().backward()
+    resumed.step()
+    assert torch.allclose(other.weight, conv.weight, atol=1e-6)
+
+
+def test_a_bf16_or_fp32_checkpoint_resumes_in_fp16_with_a_fresh_scaler():
+    """A disabled scaler saves {}: resuming such a run where auto picks fp16 (an older GPU) or with --precision fp16
+    had been "its checkpoint does not fit the model these options build"."""
+    from edgessl.train.state import TrainState
+
+    def state(fp16: bool) -> TrainState:
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return TrainState(model, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                          torch.amp.GradScaler("cpu", enabled=fp16), batch=8)
+
+    ckpt = state(False).checkpoint(8, {}, 1)
+    assert ckpt["scaler"] == {}
+    resumed = state(True)
+    resumed.restore(ckpt, None, 8)
+    assert resumed.scaler.is_enabled() and resumed.scaler.get_scale() == 65536.0  # a fresh scaler's start
+
+
+def test_cuda_rng_states_of_more_gpus_than_this_machine_sees_restore_the_ones_it_has(monkeypatch):
+    """A checkpoint of a 2-GPU machine resumed on one GPU (or with CUDA_VISIBLE_DEVICES=1) had been an IndexError in
+    torch.cuda.set_rng_state_all; a CPU run on a GPU machine no longer initialises CUDA to save its state."""
+    from edgessl.train import checkpoint
+
+    state = checkpoint.rng_state()
+    assert "cuda" not in state  # CUDA never initialised here
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s, device)))
+    checkpoint.set_rng_state({**state, "cuda": [torch.zeros(4, dtype=torch.uint8), torch.ones(4, dtype=torch.uint8)]})
+    assert len(restored) == 1 and restored[0][1] == 0 and restored[0][0].sum() == 0

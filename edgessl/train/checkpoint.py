@@ -27,7 +27,7 @@ def rng_state() -> dict[str, Any]:
         "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
                    "gauss_next": gauss_next},
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a --device cpu run leaves CUDA untouched
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -42,8 +42,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if isinstance(p, dict):
         p = (p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"])
     random.setstate(p)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # as many GPUs as both machines see (another count had been
+        for index, gpu_state in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):  # an IndexError)
+            torch.cuda.set_rng_state(gpu_state, index)
 
 
 def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

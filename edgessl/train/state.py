@@ -145,8 +145,11 @@ class TrainState:
             )
         try:
             for part in PARTS:
+                if part == "scaler" and not ckpt.get(part):  # a bf16/fp32 run resumed in fp16: a fresh scaler
+                    continue
                 if getattr(self, part) is not None:
                     getattr(self, part).load_state_dict(ckpt[part])
+            match_layouts(self.optimizer)
         except (RuntimeError, KeyError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
@@ -159,3 +162,16 @@ class TrainState:
         self.epoch, self.history, self.nonfinite = ckpt["epoch"], ckpt["history"], ckpt["nonfinite"]
         self.steps_done, self.meter = ckpt.get("step", 0), ckpt.get("meter")
         self._streak = self._worst = None
+
+
+def match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimiser state tensor its parameter's memory layout. A checkpoint of a CUDA run (channels_last
+    weights and momentum) resumed on the CPU (NCHW weights) kept channels_last buffers, and the fused kernels, which
+    read memory in flat order, added each momentum to another weight; the other way round they refuse the layouts."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
