@@ -449,3 +449,20 @@ def test_fewer_images_than_dimensions_fit_in_the_row_space_with_the_same_answer(
     assert torch.allclose(full, reduced, atol=1e-3) and torch.equal(full.argmax(1), reduced.argmax(1))
     big = torch.randn(200, 10, generator=g)
     assert row_space(big)[0] is big  # more images than dimensions: unchanged
+
+
+def test_the_probe_and_metrics_of_an_mps_encoder_run_on_the_cpu():
+    """MPS has no float64, which the probe (up to 2,500 labels) and the metrics use: `eval --device mps` (what auto
+    picks on Apple silicon) would have failed at its first fit. The rows are the CPU's."""
+    import torch
+
+    from edgessl.evaluate.protocol import FeatureSet, evaluate_features
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(8)
+    features = torch.randn(24, 5, generator=g) + 2 * torch.nn.functional.one_hot(labels, 5)
+    train = FeatureSet(features, labels, ["a", "b", "c"], [f"{i}.png" for i in range(24)])
+    test_x, test_y = features[::2] + 0.1, labels[::2]
+    cpu = evaluate_features(train, test_x, test_y, [4], [0], "pretrained", device="cpu")
+    mps = evaluate_features(train, test_x, test_y, [4], [0], "pretrained", device=torch.device("mps"))
+    assert mps == cpu and len(cpu) == 3  # kNN k=20, k=200, linear

@@ -185,6 +185,7 @@ def evaluate_features(
     the seed), so a subset drawn again (e.g. 'all' under every seed) is scored once and its rows repeated.
     on_subset(rows): called with the new rows of every subset scored (progress display)."""
     num_classes = len(train.classes)
+    device = torch.device("cpu") if torch.device(device).type == "mps" else device  # the probe fits in float64
     x_all = train.features.to(device)
     y_all = train.labels.to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)

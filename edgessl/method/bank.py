@@ -55,13 +55,14 @@ def project_rows(rows: Tensor, dim: int) -> Tensor:
     """
     if dim == rows.shape[1]:
         return rows.clone()
+    device, rows = rows.device, rows.cpu()  # float64 on the CPU, once per run: MPS has no float64
     _, _, vh = torch.linalg.svd(rows.double(), full_matrices=False)
     w = vh[:dim].t()
     signs = torch.sign(w.gather(0, w.abs().argmax(dim=0, keepdim=True)))  # a singular vector's sign is arbitrary:
     w = w * torch.where(signs == 0, 1.0, signs)  # largest entry positive, so close rows give close banks
     if w.shape[1] < dim:
         w = F.pad(w, (0, dim - w.shape[1]))
-    return F.normalize((rows.double() @ w).to(rows.dtype), dim=1)
+    return F.normalize((rows.double() @ w).to(rows.dtype), dim=1).to(device)
 
 
 def in_sorted(x: Tensor, values: Tensor) -> Tensor:
