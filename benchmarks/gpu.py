@@ -173,13 +173,18 @@ def part_data(plan: Plan, device: torch.device, say) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- part 2: a step of each method
+BANK_ROWS = 50_000  # the memory bank of the steps part: CIFAR-10's training set
+
+
 def _method_step(method: str, images, backbone: str, device: torch.device, batch: int, precision: str):
     """A closure: one training step of a peer (benchmarks/peers.py: edgessl, lightly's SimCLR, supervised) on a
     uint8 batch already on the device, its augmentation (two views for SimCLR) included."""
     from benchmarks.peers import build
     from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch
 
-    model, _ = build(method, backbone, images.size, 10, len(images))
+    # a CIFAR-10-sized bank (50,000 rows): the step draws its --negatives columns as training does (a bank of the
+    # few hundred images held here had scored every row, without the draw: a cheaper step than a real run's)
+    model, _ = build(method, backbone, images.size, 10, max(len(images), BANK_ROWS))
     model = model.to(device).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
