@@ -311,3 +311,14 @@ def test_teacher_two_processes_match_one(tiny_data, demo_run, tmp_path):
     ta, t1 = (load_file(str(r / "teacher.safetensors"))["features"].float() for r in (run_a, one.run_dir))
     assert torch.allclose(ta, t1, atol=2e-3)  # float16 rows: one rounding step apart at most
     _assert_same_state(load_checkpoint(run_a), load_checkpoint(one.run_dir))
+
+
+def test_torchrun_on_mps_is_one_line(monkeypatch):
+    """gloo takes CPU tensors only: a torchrun on Apple GPUs would have failed in its first collective."""
+    from edgessl.errors import UserError
+    from edgessl.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match=r"^torchrun with 2 processes on MPS: PyTorch has no process-group backend"):
+        distributed.setup(torch.device("mps"))

@@ -73,6 +73,9 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
             return Dist(), device
         rank, owned = env_int("RANK", 0), True
     local_rank = env_int("LOCAL_RANK", rank)
+    if device.type == "mps":  # gloo, the only backend here, takes CPU tensors: the collectives would fail
+        raise UserError(f"torchrun with {world} processes on MPS: PyTorch has no process-group backend for Apple "
+                        "GPUs. Train in one process (plain edgessl pretrain), or pass --device cpu to torchrun.")
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UserError(
