@@ -683,6 +683,13 @@ def test_the_gallery_ends_with_the_look_alike_that_set_the_threshold(tmp_path, m
     assert names == ["copy 1: 0.png", "threshold: 2.png"] and title.endswith("\nlast row: the look-alike that set the "
                                                                             "threshold")
     assert plain[0] == 1 and plain[3] == ["copy 1: 0.png"] and "threshold" not in plain[4]
+    # no group found, but a look-alike set the threshold: the gallery is that pair alone (a NEU-DET sweep had been
+    # asked to judge a pair no file showed)
+    none = Found(np.zeros((0, 2), dtype=np.int64), [], np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+    ef.duplicates_gallery(tmp_path / "d.png", paths, none, 8, limit)
+    rows, widths, scores, names, title = drawn[-1]
+    assert rows == 1 and names == ["threshold: 2.png"] and np.allclose(scores, [[0.81]])
+    assert title == "no duplicate groups\nlast row: the look-alike that set the threshold"
 
 
 def test_duplicates_json_records_the_rule_and_the_pair_that_set_it(tmp_path):

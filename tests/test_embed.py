@@ -260,6 +260,9 @@ def test_the_gallery_names_every_image_and_its_cosine(tmp_path, monkeypatch):
                              space="whitened cosine, 8 directions")
     assert shown["title"] == "nearest neighbours (whitened cosine, 8 directions), 2 queries x 2"
     assert shown["labels"] == ["q0.png", "a.png", "b.png", "q1.png", "c.png", "d.png"]
+    from edgessl.report.gallery import short_name  # a long name is cut in its middle, its number and extension kept
+
+    assert short_name("pitted_surface_143.jpg") == "pitted_s…e_143.jpg" and short_name("x" * 18) == "x" * 18
 
 
 def test_a_missing_model_or_manifest_says_where_they_come_from(tmp_path):

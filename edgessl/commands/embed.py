@@ -76,7 +76,8 @@ def duplicate_lines(result) -> list[str]:
         f"copies (copy score >= {rule.threshold:.3f}, {how}){verdict}",
         f"exact: {plural(len(kinds['exact']), 'image')} in {plural(groups['exact'], 'group')} (the same pixels)",
         f"copy: {plural(len(kinds['copy']), 'image')} in {plural(groups['copy'], 'group')} -> "
-        f"{folder / 'duplicates.csv'}" + (f", gallery {folder / 'duplicates.png'}" if len(found.pairs) else ""),
+        f"{folder / 'duplicates.csv'}" + (f", gallery {folder / 'duplicates.png'}"
+                                          if (folder / "duplicates.png") in result.written else ""),
         f"similar: {plural(len(found.similar), 'pair')} close in the embedding, not copies (for browsing) -> "
         f"{folder / 'similar.csv'}",
     ]

@@ -23,10 +23,10 @@ def plot_neighbour_gallery(queries: Sequence[np.ndarray], neighbours: Sequence[S
     rows, k = len(queries), max(len(n) for n in neighbours)
     fig, axes = plt.subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.45 * rows + 0.5), squeeze=False)
     for r in range(rows):
-        _tile(axes[r, 0], queries[r], names[r][:18], "query" if r == 0 else "", frame="tab:blue")
+        _tile(axes[r, 0], queries[r], short_name(names[r]), "query" if r == 0 else "", frame="tab:blue")
         for j in range(k):
             if j < len(neighbours[r]):
-                below = neighbour_names[r][j][:18] if neighbour_names is not None else ""
+                below = short_name(neighbour_names[r][j]) if neighbour_names is not None else ""
                 _tile(axes[r, j + 1], neighbours[r][j], below, f"{float(cosines[r][j]):.3f}")
             else:
                 axes[r, j + 1].axis("off")
@@ -34,6 +34,15 @@ def plot_neighbour_gallery(queries: Sequence[np.ndarray], neighbours: Sequence[S
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def short_name(name: str, width: int = 18) -> str:
+    """A file name cut to `width` characters in the middle, its end (number, extension) kept: 'pitted_su…_143.jpg'
+    ('pitted_surface_143' had looked like a whole, other name)."""
+    if len(name) <= width:
+        return name
+    tail = width // 2
+    return f"{name[:width - tail - 1]}…{name[-tail:]}"
 
 
 def _tile(ax, image: np.ndarray, below: str, above: str, frame: str | None = None) -> None:

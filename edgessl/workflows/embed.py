@@ -215,7 +215,7 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
                                            opts.keep))
     result.written.append(write_rule(folder / "duplicates.json", result.paths, result.rule))
     result.written.append(write_similar(folder / "similar.csv", result.paths, found))
-    if len(found.pairs):
+    if len(found.pairs) or result.rule.limit is not None:  # the pair the threshold line asks a person to judge
         result.written.append(duplicates_gallery(folder / "duplicates.png", result.paths, found,
                                                  int(opts.gallery_rows), result.rule.limit))
     if opts.keep is not None:

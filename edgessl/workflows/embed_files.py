@@ -178,7 +178,8 @@ def write_keep(path: Path, paths: Sequence[str], found, keep: str) -> Path:
 def duplicates_gallery(path: Path, paths: Sequence[str], found, rows: int = 8, limit=None) -> Path:
     """duplicates.png: the largest groups and the least certain ones (lowest copy score), a row each: the first
     member framed, the others with their copy scores; with `limit` (copy_rule.Limit), a last row:
-    the look-alike pair that set the threshold, for a person to judge whether the two are one picture."""
+    the look-alike pair that set the threshold, for a person to judge whether the two are one picture (the only row
+    when no group was found)."""
     groups = group_members(found)
     by_size = sorted(groups, key=lambda g: (-len(groups[g]["members"]), g))
     by_doubt = sorted(groups, key=lambda g: (min(groups[g]["score"].values()), g))
@@ -187,7 +188,7 @@ def duplicates_gallery(path: Path, paths: Sequence[str], found, rows: int = 8, l
     others = [groups[g]["members"][1:7] for g in chosen]
     scores = [[groups[g]["score"][i] for i in o] for g, o in zip(chosen, others, strict=True)]
     names = [f"{groups[g]['kind']} {g}: {Path(paths[i]).name}" for g, i in zip(chosen, firsts, strict=True)]
-    title = f"duplicate groups (copy score), {len(chosen)} of {len(groups)}"
+    title = f"duplicate groups (copy score), {len(chosen)} of {len(groups)}" if groups else "no duplicate groups"
     if limit is not None:
         firsts, others, scores = [*firsts, limit.pair[0]], [*others, [limit.pair[1]]], [*scores, [limit.score]]
         names.append(f"threshold: {Path(paths[limit.pair[0]]).name}")
