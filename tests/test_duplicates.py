@@ -645,6 +645,13 @@ def test_the_summary_line_gives_both_ends_of_the_precision(tmp_path):
     assert duplicate_lines(result)[1] == (
         "  set by the highest look-alike the calibration met: a copy of 1f46f.png matched 1f46e.png at 0.851; without "
         "it the threshold would be 0.775 (recall 0.97): if those two are one picture, pass --duplicates 0.775.")
+    kept, result.rule = result.rule, copy_rule.Rule(0.756, 1.0, 0.989, 400, 12, 0.95, True, "auto", precision_low=1.0,
+                                                    limit=copy_rule.Limit(299, 0.671, 0.538, 0.994, (0, 1)))  # NEU-DET
+    assert duplicate_lines(result)[1] == (
+        "  set by the highest look-alike the calibration met: a copy of 1f46f.png matched 1f46e.png at 0.671 (the "
+        "threshold, 0.756, is the next planted copy's score above it); without it the threshold would be 0.538 "
+        "(recall 0.994, now 0.989): if those two are one picture, pass --duplicates 0.538.")
+    result.rule = kept
     result.paths[1] = str(tmp_path / "data" / "objects" / "1f4f1.png")  # two folders: named from the one they share
     assert "a copy of people/1f46f.png matched objects/1f4f1.png at 0.851" in duplicate_lines(result)[1]
     result.rule = copy_rule.Rule(-0.5, 0.03, 1.0, 400, 12, 0.95, False, "given")  # a given threshold misses
