@@ -407,7 +407,7 @@ def test_monitor_knn_equals_the_exact_computation_and_subsamples_queries_above_t
     assert len(sub.subset) == 100 and torch.equal(sub.subset, mon.Monitor(images, None, 100, seed=3).subset)
     assert "100 of 400" in sub.describe() and "covers" not in sub.describe()
     assert mon.Monitor(None, images, off="--eval-every 0").describe() == "off (--eval-every 0)"  # not "no labels"
-    assert mon.Monitor(None, None).describe() == "off (no labels)"
+    assert mon.Monitor(None, None).describe() == "off (no labels: --labels-from-folders for class subfolders, or --val)"
     few = _Images(feats[:20], labels[:20], images.classes)
     assert mon.Monitor(few, None).describe() == ("leave-one-out on 20 labelled images (k = 20 covers all 19 other "
                                                  "images: each score is then a vote of every class, and means little)")

@@ -73,7 +73,7 @@ def test_folders_of_single_channel_pngs_and_grey_jpegs_are_greyscale_icons_are_n
 
 def test_choose_greyscale_says_why():
     grey, colour = _set(_grey(4)), _set(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8))
-    assert choose_greyscale("auto", grey).describe() == ("greyscale, saturation, hue and random grayscale off "
+    assert choose_greyscale("auto", grey).describe() == ("grey images: saturation, hue and random greyscale off "
                                                           "(auto: greyscale (all 4 images: R = G = B))")
     assert not choose_greyscale("auto", colour).on
     assert choose_greyscale("on", colour).on and choose_greyscale("on", colour).reason == "--greyscale on"
@@ -144,8 +144,8 @@ def test_pretrain_on_a_greyscale_folder_prints_its_choice_and_records_it(tmp_pat
     run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), epochs=1, image_size=32, batch_size=8,
                            head_hidden=32, feature_dim=16, workers=1, eval_every=0)
     out = " ".join(capsys.readouterr().out.split())
-    assert "Colour: greyscale, saturation, hue and random grayscale off (auto: greyscale (all 24 images: R = G = B))" \
-        in out
+    assert ("Colour: grey images: saturation, hue and random greyscale off (auto: greyscale (all 24 images: R = G = "
+            "B))") in out
     import json
 
     assert json.loads((run.run_dir / "encoder.json").read_text())["greyscale"] is True

@@ -70,7 +70,7 @@ class GreyChoice:
 
     def describe(self) -> str:
         if self.on:
-            return f"greyscale, saturation, hue and random grayscale off ({self.reason})"
+            return f"grey images: saturation, hue and random greyscale off ({self.reason})"
         return f"colour augmentations kept ({self.reason})"
 
 

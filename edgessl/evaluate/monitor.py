@@ -61,11 +61,11 @@ class Monitor:
     images (their labels, if any, make the memory); val: the --val images. max_queries: classify at most this many
     (a subset seeded by `seed`; 0 = all). off: why there is no monitor when train is None (the banner says it)."""
     def __init__(self, train: ImageSet | None, val: ImageSet | None, max_queries: int = 0, seed: int = 0,
-                 off: str = "no labels"):
+                 off: str = "no labels: --labels-from-folders for class subfolders, or --val"):
         labelled = train if train is not None and train.labels is not None else None
         self.sets = knn_sets(labelled, val) if train is not None else None
         self.subset = None if self.sets is None else query_subset(len(self.sets.query), max_queries, seed)
-        self.off = off if train is None else "no labels"
+        self.off = off if train is None else "no labels: --labels-from-folders for class subfolders, or --val"
 
     @property
     def active(self) -> bool:
