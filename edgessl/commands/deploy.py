@@ -37,8 +37,9 @@ with --int8-mode strict).
 """
 
 CHECK_HELP = """Measure an exported ONNX model the way export/device_check.py does on a device: batch-1 latency
-(p50/p90/p99), throughput, size, peak memory, outputs on the shipped reference images, and accuracy (classifier) or
-agreement (encoder) on labelled images.
+(p50/p90/p99), throughput, size, peak memory, outputs on the shipped reference images, and on labelled images the
+accuracy (classifier) or, for an encoder, the kNN accuracy among the images and the vote of the reference embeddings
+(the export's own images) for each image's class.
 
 **Examples**
 
