@@ -207,9 +207,10 @@ def test_eval_json_table_plot_and_feature_cache(run_copy, labelled_demo):
     rows = report["results"]
     # a progress line per scored subset ('all' is scored once, its second seed reuses it), never a silent grid
     progress = [line for line in res.output.splitlines() if line.startswith("  pretrained | ")]
-    assert len(progress) == 5 and progress[0].startswith("  pretrained | 1 labels/class, seed 0: kNN@20 ")
-    assert re.fullmatch(r"  pretrained \| all labels/class, seed 0: kNN@20 [0-9.]+, linear [0-9.]+ \([0-9.]+ s\)",
-                        progress[-1])
+    assert len(progress) == 5 and progress[0].startswith("  pretrained | 1 label/class, seed 0: kNN@20 ")
+    assert re.fullmatch(r"  pretrained \| all labels/class, seed 0: kNN@20 [0-9.]+, linear [0-9.]+ "
+                        r"\([0-9.]+ s so far\)", progress[-1])
+    assert "kNN k=200 (3 used)" in out and "kNN k=20 (13 used)" in out  # 1 and 5 labels of 3 classes: k capped
     assert "CPU: " in res.output and report["threads"] >= 1
     # 2 encoders x 3 budgets x 2 seeds x (kNN k=20, kNN k=200, linear)
     assert len(rows) == 36

@@ -241,7 +241,7 @@ def _print_results(say: Say, result: EvalResult, classes: list[str]) -> None:
 
 def _subset_line(say, name: str, t0: float, tick=None):
     """A progress line per scored subset (none when `say` is None), then `tick()`:
-    '  pretrained | 10 labels/class, seed 1: kNN@20 0.412, linear 0.455 (3.1 s)'."""
+    '  pretrained | 10 labels/class, seed 1: kNN@20 0.412, linear 0.455 (3.1 s so far)'."""
 
     def line(rows: list[dict[str, Any]]) -> None:
         if tick is not None:
@@ -250,8 +250,9 @@ def _subset_line(say, name: str, t0: float, tick=None):
             return
         knn = next(r for r in rows if r["protocol"] == "knn")
         lin = next(r for r in rows if r["protocol"] == "linear")
-        say(f"  {name} | {knn['labels_per_class']} labels/class, seed {knn['seed']}: kNN@{knn['k']} {knn['top1']:.3f}, "
-            f"linear {lin['top1']:.3f} ({time.time() - t0:.1f} s)")
+        lpc = knn["labels_per_class"]
+        say(f"  {name} | {lpc} label{'' if lpc == 1 else 's'}/class, seed {knn['seed']}: kNN@{knn['k']} "
+            f"{knn['top1']:.3f}, linear {lin['top1']:.3f} ({time.time() - t0:.1f} s so far)")
 
     return line
 
@@ -286,7 +287,8 @@ def results_table(summary: Sequence[dict[str, Any]]):
             p = by.get(("pretrained", proto, k, lpc))
             if p is None:
                 continue
-            name = f"kNN k={k}" if proto == "knn" else "linear"
+            capped = f" ({p['n_train']} used)" if proto == "knn" and k > p["n_train"] else ""
+            name = f"kNN k={k}{capped}" if proto == "knn" else "linear"
             cells = [name, str(lpc), str(p["n_train"]), _pct(p["top1_mean"], p["top1_std"])]
             if has_random:
                 r = by.get(("random", proto, k, lpc))
@@ -295,6 +297,7 @@ def results_table(summary: Sequence[dict[str, Any]]):
             table.add_row(*cells)
         if (proto, k) != protocols[-1]:
             table.add_section()
-    table.caption = ("labels: per class; n: labelled training images; bal. acc.: pretrained balanced accuracy"
+    table.caption = ("labels: per class; n: labelled training images (k is capped at n); bal. acc.: pretrained "
+                     "balanced accuracy"
                      + ("; gain: pretrained - random init" if has_random else ""))
     return table
