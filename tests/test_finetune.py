@@ -97,6 +97,18 @@ def test_early_stopping_keeps_best_and_waits_patience():
     assert stop.best_epoch == 3 and stop.best == (0.6, -0.9)
 
 
+def test_a_fine_tuning_still_improving_at_its_end_says_more_epochs_may_help():
+    """A NEU-DET fine-tuning had ended at 'best epoch 30/30', its held-out loss still falling, without a word."""
+    from edgessl.workflows.finetune import still_improving
+
+    falling = [{"val_loss": v} for v in (0.9, 0.8, 0.75, 0.71)]
+    assert still_improving(falling, 4)
+    assert not still_improving(falling, 3)  # an earlier epoch was best: it had settled
+    assert not still_improving(falling[:2], 2)  # too short to tell
+    assert not still_improving([{"val_loss": v} for v in (0.8, 0.81, 0.7)], 3)  # not falling throughout
+    assert not still_improving([{"train_loss": 1.0}] * 3, 3)  # no held-out images
+
+
 def test_param_groups_scale_the_backbone_lr():
     model = Classifier(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5)), 5, 3)
     groups = param_groups(model, 1e-3, 0.1, freeze_backbone=False)

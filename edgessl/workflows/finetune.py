@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from edgessl.deploy.manifest import MANIFEST
 from edgessl.errors import UserError
@@ -73,7 +74,18 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
             + ", ".join(f"{n} ({k})" for n, k in lacking.items()))
     say(f"Test top-1 {100 * metrics['top1']:.1f}%  balanced accuracy {100 * metrics['balanced_accuracy']:.1f}%  "
         f"macro F1 {100 * metrics['macro_f1']:.1f}%  (best epoch {best_epoch}/{len(history)}). Wrote {out_dir}.")
+    if still_improving(history, best_epoch):
+        say(f"note: the held-out loss still fell in the last epochs ({history[-3]['val_loss']:.3f} -> "
+            f"{history[-1]['val_loss']:.3f}): more --epochs (now {len(history)}) may help.")
     return FinetuneResult(out_dir, metrics, model)
+
+
+def still_improving(history: list[dict[str, Any]], best_epoch: int) -> bool:
+    """The best epoch is the last and the held-out loss fell over the last three epochs (the run stopped early
+    enough that more epochs may pay; a fine-tuning had ended at 'best epoch 30/30' without a word)."""
+    losses = [h.get("val_loss") for h in history[-3:]]
+    return (best_epoch == len(history) and len(losses) == 3 and None not in losses
+            and losses[0] > losses[1] > losses[2])
 
 
 def check_finetune_out(out: Path) -> None:
