@@ -104,6 +104,10 @@ def _numpy_array_globals() -> list:
     return found
 
 
+# what torch.load raises on a damaged or foreign file (truncated, overwritten): one tuple for every caller
+DAMAGED_TORCH_FILE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError)
+
+
 def safe_torch_load(path: str | Path, what: str = "", map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True: tensors, numbers, strings and containers (and numpy arrays, which
     checkpoints of edgessl 0.2 hold), never an arbitrary object; a file that holds one is refused with a UserError

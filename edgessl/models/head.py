@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from edgessl.errors import UserError
-from edgessl.fileio import safe_torch_load
+from edgessl.fileio import DAMAGED_TORCH_FILE, safe_torch_load
 from edgessl.models.backbone import (
     build_from_arch,
     create_backbone,
@@ -100,7 +99,7 @@ def _run_head(head: nn.Module, run: Path) -> str:
         return "new"
     try:
         model = safe_torch_load(ckpt, "--init").get("model", {})
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):  # damaged: the encoder alone
+    except DAMAGED_TORCH_FILE:  # damaged: the encoder alone
         return "new (its checkpoint.pt is unreadable)"
     state = {k[len("head."):]: v for k, v in model.items() if k.startswith("head.")}
     own = head.state_dict()

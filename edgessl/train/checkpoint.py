@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 
 from edgessl.errors import UserError
-from edgessl.fileio import safe_torch_load
+from edgessl.fileio import DAMAGED_TORCH_FILE, safe_torch_load
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -53,7 +52,7 @@ def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu
     path = Path(run_dir) / CHECKPOINT
     try:
         ckpt = safe_torch_load(path, "the checkpoint", map_location)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except DAMAGED_TORCH_FILE as e:
         if isinstance(e, OSError) and not path.is_file():
             raise
         ckpt = e

@@ -87,8 +87,7 @@ def _between_steps(run: Run, state: TrainState, done: int, steps: int, meter: Ep
         return
     minutes = run.cfg.checkpoint_every
     due = bool(minutes) and time.time() - run.last_checkpoint >= 60 * minutes
-    stop = run.stop is not None and run.stop.requested
-    due, stop = distributed.any_rank(due, run.d), distributed.any_rank(stop, run.d)
+    due, stop = distributed.any_rank(due, run.d), _stop_requested(run)
     if not (due or stop):
         return
     state.steps_done, state.meter = done, meter.state()
