@@ -348,6 +348,8 @@ class ExportOptions:
     classifier: str | None = option(None, "Fine-tuned classifier folder (runs/NAME/finetune-TAG): export logits "
                                           "instead of features.", shown="none")
     opset: int = option(18, "ONNX opset to write.")
+    threads: int | None = option(None, "onnxruntime threads of this machine's speed figures (e.g. the device's core "
+                                       "count).", shown="onnxruntime's default")
     int8: bool = option(False, "Also write a static int8 model (QDQ, per-channel weights), calibrated on --calib: "
                                "searched until it meets the int8 bound, and written whenever it does (this "
                                "machine's speed is reported, never a reason to withhold it).")

@@ -481,3 +481,22 @@ def test_export_refuses_the_out_folder_of_another_run(exports, demo_run):
     _one_line_error(_cli("export", str(demo_run), "--out", str(exports["export"])), 2,
                     f"--out '{exports['export']}' holds the export of another run ({exports['run'].resolve()})")
     assert (exports["export"] / "manifest.json").read_bytes() == before
+
+
+def test_export_threads_time_every_file_at_that_count(tmp_path, monkeypatch):
+    """export had no --threads: its speed table used onnxruntime's default (every core of a shared machine)."""
+    from edgessl.deploy import convert
+
+    made = []
+    monkeypatch.setattr(convert.ox, "session", lambda path, threads=None: made.append(threads) or path)
+    speed = {"batch1_ms": {"p50": 1.0, "low": 0.9, "high": 1.1}, "throughput": {"batch": 32, "images_per_s": 100.0}}
+    monkeypatch.setattr(convert.sp, "measure", lambda sessions, x: {p: dict(speed) for p in sessions})
+    monkeypatch.setattr(convert.sp, "verdict", lambda a, b: "no clear difference")
+    entries = [{"precision": "fp32", "file": "e.onnx", "bytes": 2**20},
+               {"precision": "int8", "file": "e.int8.onnx", "bytes": 2**19}]
+    lines = []
+    convert.timed_speeds(entries, tmp_path, np.zeros((1, 3, 8, 8), np.float32), lines.append, threads=2)
+    assert made == [2, 2] and [e["speed"]["threads"] for e in entries] == [2, 2]
+    assert lines[0].startswith("fp32 on this machine (threads: 2): batch 1 1 ms [0.9-1.1]")
+    _one_line_error(_cli("export", str(tmp_path), "--threads", "0"), 2,
+                    "--threads must be positive (leave it out for onnxruntime's default), not 0.")

@@ -1,6 +1,6 @@
 """The steps of an export (the command: edgessl.workflows.export): the fp32 ONNX file checked against PyTorch on real
-images, its reference outputs for the on-device check, the int8 (static, calibrated, searched until it meets its
-bound: int8search.py) and fp16 copies, each with its parity, task figures and speed on this machine."""
+images, its reference outputs for the device check, the int8 (static, searched until it meets its bound: int8search.py)
+and fp16 copies, each with parity, task figures and speed here. Over 400 lines: one job, the steps of one export."""
 
 from __future__ import annotations
 
@@ -121,12 +121,12 @@ def _entry(file: Path, precision: str, base: dict[str, Any], parity: dict[str, A
     }
 
 
-def _validated(path: Path, precision: str, x: np.ndarray, ref: np.ndarray, logits: bool):
+def _validated(path: Path, precision: str, x: np.ndarray, ref: np.ndarray, logits: bool, threads: int | None = None):
     """check_model + ONNX Runtime outputs vs PyTorch. Returns (session, outputs, figures); the file is removed
-    and ValidationFailed raised when it misses its bounds."""
+    and ValidationFailed raised when it misses its bounds. threads: the session's (export --threads)."""
     try:
         ox.check_model(path)
-        sess = ox.session(path)
+        sess = ox.session(path, threads)
         out = ox.run(sess, x)
         figures = ox.compare(ref, out, logits=logits)
         ox.assert_within_bounds(figures, precision, path.name)
@@ -147,6 +147,7 @@ class Source:
     size: int  # input side S in pixels
     sample: Sample  # the parity-check images
     calib: Sample | None  # the int8 calibration images (None without int8)
+    threads: int | None = None  # onnxruntime threads of the timed sessions (export --threads; None: its default)
 
     @property
     def logits(self) -> bool:
@@ -177,7 +178,7 @@ def _export_fp32(src: Source, path: Path, opset: int, x: np.ndarray, ref: np.nda
     ValidationFailed (the file removed) when it misses the fp32 bounds."""
     say(f"Exporting the {src.kind} ({src.meta['timm_name']}, {src.size} px) to {path} ...")
     exporter = ox.export_model(src.model, path, src.size, opset, "input", "logits" if src.logits else "features")
-    sess, out, fig = _validated(path, "fp32", x, ref, src.logits)
+    sess, out, fig = _validated(path, "fp32", x, ref, src.logits, src.threads)
     say(f"  written by {exporter}; parity on {len(src.sample)} images: "
                   f"max abs diff {fig['max_abs_diff']:.3g}, min cosine {fig['min_cosine']:.7f}")
     return _Fp32(path, exporter, sess, out, fig)
@@ -282,7 +283,7 @@ def _searched_int8(path: Path, fp32: _Fp32, src: Source, x: np.ndarray, ref: np.
                 failed.path.unlink(missing_ok=True)
         speed = None
         if mode == "faster-here" and tried and tried[-1].passed:
-            both = sp.measure({"fp32": fp32.session, "int8": ox.session(tried[-1].path)}, x)
+            both = sp.measure({"fp32": fp32.session, "int8": ox.session(tried[-1].path, src.threads)}, x)
             speed = (both["fp32"], both["int8"], sp.verdict(both["int8"], both["fp32"]))
         ship, line = i8.decide(tried, mode, speed, fallback)
         fp32_entry["int8_search"] = i8.search_record(mode, tried, ship, line, measured or None, speed)
@@ -320,14 +321,14 @@ def _add_task_figures(src: Source, outputs: dict[str, np.ndarray], ref: np.ndarr
             say(f"{label} on {task[key]['images']} labelled images: {values}")
 
 
-def timed_speeds(entries: list[dict[str, Any]], out_dir: Path, x: np.ndarray, say) -> None:
-    """Every written file timed in the same alternating rounds (edgessl.deploy.speed.measure): each entry's "speed",
-    and for int8 and fp16 its latency against fp32 with a verdict (faster / slower / no clear difference). One
-    line per file: one figure per batch size."""
-    speeds = sp.measure({e["precision"]: ox.session(out_dir / e["file"]) for e in entries}, x)
+def timed_speeds(entries: list[dict[str, Any]], out_dir: Path, x: np.ndarray, say, threads: int | None = None) -> None:
+    """Every file timed in the same alternating rounds (speed.measure) at `threads`: each entry's "speed" (and its
+    "threads", None: onnxruntime's default), for int8 and fp16 its latency against fp32 with a verdict (faster /
+    slower / no clear difference). One line per file: one figure per batch size."""
+    speeds = sp.measure({e["precision"]: ox.session(out_dir / e["file"], threads) for e in entries}, x)
     for entry in entries:
         p, mine = entry["precision"], speeds[entry["precision"]]
-        entry["speed"] = mine
+        entry["speed"] = {**mine, "threads": threads}
         how = ""
         if p != "fp32":
             base = speeds["fp32"]["batch1_ms"]["p50"]
@@ -336,8 +337,8 @@ def timed_speeds(entries: list[dict[str, Any]], out_dir: Path, x: np.ndarray, sa
                 "latency_ms_batch1": {"fp32": base, p: mine["batch1_ms"]["p50"]},
                 "latency_ratio": mine["batch1_ms"]["p50"] / base, "latency_verdict": verdict})
             how = f" ({verdict} than fp32)" if verdict != "no clear difference" else " (no clear difference from fp32)"
-        b1, tp = mine["batch1_ms"], mine["throughput"]
-        say(f"{p} on this machine: batch 1 {b1['p50']:.3g} ms [{b1['low']:.3g}-{b1['high']:.3g}]{how}; batch "
+        b1, tp, at = mine["batch1_ms"], mine["throughput"], (f" (threads: {threads})" if threads else "")
+        say(f"{p} on this machine{at}: batch 1 {b1['p50']:.3g} ms [{b1['low']:.3g}-{b1['high']:.3g}]{how}; batch "
             f"{tp['batch']} {tp['images_per_s']:.0f} images/s; {entry['bytes'] / 2**20:.2f} MiB")
 
 
@@ -393,7 +394,7 @@ def write_models(src: Source, out_dir: Path, base_name: str, opset: int, mode: s
         entries.append(entry)
         outputs[precision] = outp
     _add_task_figures(src, outputs, ref, entries, say)
-    timed_speeds(entries, out_dir, x, say)
+    timed_speeds(entries, out_dir, x, say, src.threads)
     mobile_and_ort(entries, out_dir, ort, say)
     for note in notes:
         say(note)

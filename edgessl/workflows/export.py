@@ -153,6 +153,8 @@ def _prepare(run, opts: ExportOptions, int8: bool) -> Source:
     method, the model, the parity sample and (int8) the calibration sample. UserError on bad input."""
     ox.require_export_deps()
     ox.check_opset(int(opts.opset), int8)
+    if opts.threads is not None and int(opts.threads) < 1:
+        raise UserError(f"--threads must be positive (leave it out for onnxruntime's default), not {opts.threads}.")
     qz.check_calibration_method(opts.calib_method)
     run_dir = Path(run)
     model, meta, kind = _load_model(run_dir, opts.classifier)
@@ -167,7 +169,7 @@ def _prepare(run, opts: ExportOptions, int8: bool) -> Source:
         calib_default = default if usable or images is None else eval_root  # else: the --images folder
         calib_root = _resolve_folder(opts.calib, calib_default, run_dir, "--calib", "to calibrate int8")
         calib_sample = sample_folder(calib_root, size, CALIB_IMAGES, "--calib")
-    return Source(run_dir, model, meta, kind, size, sample, calib_sample)
+    return Source(run_dir, model, meta, kind, size, sample, calib_sample, opts.threads)
 
 
 def _source(src: Source, classifier) -> dict[str, Any]:
