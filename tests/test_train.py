@@ -285,3 +285,19 @@ def test_cuda_rng_states_of_more_gpus_than_this_machine_sees_restore_the_ones_it
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s, device)))
     checkpoint.set_rng_state({**state, "cuda": [torch.zeros(4, dtype=torch.uint8), torch.ones(4, dtype=torch.uint8)]})
     assert len(restored) == 1 and restored[0][1] == 0 and restored[0][0].sum() == 0
+
+
+def test_the_augmentation_reads_nothing_back_from_the_device(monkeypatch):
+    """Hue jitter had inverted its colour matrix on the images' device in every step (on a GPU a host check of the
+    result) and the blur had read its radius from the device: the inverse is computed once and the radius comes from
+    the host's uniforms, with the same crops."""
+    from edgessl.data import augment
+
+    images = (torch.arange(4 * 3 * 16 * 16) % 251).to(torch.uint8).view(4, 3, 16, 16)
+    cfg = augment.AugmentConfig(blur_p=0.5)
+    before = augment.augment_batch(images, torch.arange(4), 0, 0, cfg, IMAGENET_MEAN, IMAGENET_STD)
+    monkeypatch.setattr(torch.linalg, "inv", lambda *a, **k: (_ for _ in ()).throw(AssertionError("inv in a step")))
+    assert torch.equal(augment.augment_batch(images, torch.arange(4), 0, 0, cfg, IMAGENET_MEAN, IMAGENET_STD), before)
+    sigma = torch.tensor([0.5, 1.7, 0.2, 1.0])
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(augment.gaussian_blur(x, sigma, 1.7), augment.gaussian_blur(x, sigma))

@@ -92,10 +92,9 @@ def color_jitter(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Te
         x = ((x - g) * v(saturation) + g).clamp(0, 1)
     if hue is None:
         return x
-    # hue: rotate the chroma plane of YIQ by 2*pi*hue
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          dtype=x.dtype, device=x.device)
-    from_yiq = torch.linalg.inv(to_yiq)
+    # hue: rotate the chroma plane of YIQ by 2*pi*hue (the inverse computed once, on the CPU: torch.linalg.inv on a
+    # GPU checks its result on the host, a wait in every step)
+    to_yiq, from_yiq = (m.to(device=x.device, dtype=x.dtype) for m in _YIQ)
     ang = 2 * math.pi * hue.to(x.dtype)
     c, s = torch.cos(ang), torch.sin(ang)
     rot = torch.zeros(x.shape[0], 3, 3, dtype=x.dtype, device=x.device)
@@ -106,10 +105,15 @@ def color_jitter(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Te
     return x.clamp(0, 1)
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
-    """Per-sample separable Gaussian blur; sigma (B,) in pixels; reflect padding."""
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ = (_TO_YIQ, torch.linalg.inv(_TO_YIQ))  # RGB -> YIQ and back, float32 on the CPU
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float | None = None) -> Tensor:
+    """Per-sample separable Gaussian blur; sigma (B,) in pixels; reflect padding. max_sigma: sigma.max() when the
+    caller knows it on the host (reading it from a GPU tensor waits for the GPU)."""
     b, c, h, w = x.shape
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    radius = max(1, int(math.ceil(3 * (float(sigma.max()) if max_sigma is None else max_sigma))))
     radius = min(radius, (min(h, w) - 1) // 2) or 1
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
@@ -139,8 +143,8 @@ def test_transform(images: Tensor, mean, std) -> Tensor:
 def augment_batch(images: Tensor, index, epoch: int, seed: int, cfg: AugmentConfig, mean, std) -> Tensor:
     """One augmented crop per image. images: uint8 (B, 3, S, S) on any device; index: (B,) dataset rows
     -> float32 (B, 3, S, S) normalised. Deterministic in (seed, epoch, index)."""
-    u = torch.from_numpy(keyed_uniform(seed, epoch, index.cpu() if torch.is_tensor(index) else index, 13)).float()
-    u = u.to(images.device)
+    host = torch.from_numpy(keyed_uniform(seed, epoch, index.cpu() if torch.is_tensor(index) else index, 13)).float()
+    u = host.to(images.device)
     x = to_float(images)
     b, _, h, w = x.shape
     grid = F.affine_grid(crop_theta(u[:, :5], cfg), (b, 3, h, w), align_corners=False)
@@ -159,7 +163,7 @@ def augment_batch(images: Tensor, index, epoch: int, seed: int, cfg: AugmentConf
     if cfg.blur_p > 0:
         lo, hi = cfg.blur_sigma
         sigma = lo + (hi - lo) * u[:, 12]
-        blurred = gaussian_blur(x, sigma)
+        blurred = gaussian_blur(x, sigma, float((lo + (hi - lo) * host[:, 12]).max()))  # the same max, on the host
         x = torch.where((u[:, 11] < cfg.blur_p).view(-1, 1, 1, 1), blurred, x)
     return normalize(x, mean, std)
 
