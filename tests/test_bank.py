@@ -131,6 +131,9 @@ def test_select_columns_draws_exactly_negatives_distinct_other_rows(num_rows, ne
     cols, targets = select_columns(idx, num_rows, negatives, generator=torch.Generator().manual_seed(0))
     assert len(cols) == b + negatives
     check_columns(cols, targets, idx, num_rows)
+    # the caller's host copy of the index (a GPU's would be read back every step): the same draw
+    again = select_columns(idx, num_rows, negatives, torch.Generator().manual_seed(0), host=idx.clone())
+    assert torch.equal(again[0], cols) and torch.equal(again[1], targets)
 
 
 @pytest.mark.parametrize("num_rows", [16384, 16385, 16639, 16640, 16641, 16700, 40000])

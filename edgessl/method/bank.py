@@ -96,7 +96,7 @@ def draw_without_replacement(
 
 
 def select_columns(
-    index: Tensor, num_rows: int, negatives: int, generator: torch.Generator | None = None
+    index: Tensor, num_rows: int, negatives: int, generator: torch.Generator | None = None, host: Tensor | None = None
 ) -> tuple[Tensor | None, Tensor]:
     """Which bank rows a step uses, and where each sample's own row sits among them.
 
@@ -105,9 +105,10 @@ def select_columns(
     uniformly without replacement: returns (cols (K,) sorted unique long row ids, K = B_u + negatives exactly;
     targets (B,) positions of index in cols). So K = min(num_rows, B_u + negatives), continuous in num_rows.
     Drawn on CPU from `generator` only: a pure function of (index, num_rows, negatives, generator state), the same
-    columns on every data-parallel process with the same generator key.
+    columns on every data-parallel process with the same generator key. host: `index` on the CPU when the caller has
+    it (reading a GPU's index back would wait for the device).
     """
-    own = torch.unique(index.cpu())
+    own = torch.unique(index.cpu() if host is None else host)
     if num_rows <= own.numel() + negatives:
         return None, index
     others = draw_without_replacement(num_rows, negatives, own, generator)

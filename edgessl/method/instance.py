@@ -65,6 +65,7 @@ class InstanceDiscrimination(nn.Module):
         generator: torch.Generator | None = None,
         mix: tuple[Tensor, float] | None = None,
         local: slice | None = None,
+        host_index: Tensor | None = None,
     ) -> StepOutput:
         """z: (B, d) unit features of the batch's crops; index: (B,) their bank rows;
         mix: (perm (B,), lam) when the crops were CutMixed with partners perm.
@@ -73,14 +74,15 @@ class InstanceDiscrimination(nn.Module):
         are `index` (B,). Columns and (CutMix) targets are those of the global batch, so they match one process;
         the loss is the mean over the local rows (DDP's gradient average over equal slices makes it the global
         mean); out.z and out.p cover the local rows, and `update_bank` takes the gathered global z.
-        Autocast is off inside: sim (B_r, K), p (B_r, K) and the losses are float32 whatever the caller's autocast."""
+        Autocast is off inside: sim (B_r, K), p (B_r, K) and the losses are float32 whatever the caller's autocast.
+        host_index: `index` on the host, when the caller has it (the column draw then reads nothing from the device)."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self._step(z.float(), index, generator, mix, local)
+            return self._step(z.float(), index, generator, mix, local, host_index)
 
     def _step(self, z: Tensor, index: Tensor, generator: torch.Generator | None,
-              mix: tuple[Tensor, float] | None, local: slice | None) -> StepOutput:
+              mix: tuple[Tensor, float] | None, local: slice | None, host_index: Tensor | None = None) -> StepOutput:
         """forward's body in float32; z: (B_r, d) float32 unit features."""
-        cols, targets = select_columns(index, self.bank.num_rows, self.negatives, generator)
+        cols, targets = select_columns(index, self.bank.num_rows, self.negatives, generator, host_index)
         bank_cols = self.bank.columns(cols)
         sim = similarities(z, bank_cols)
         if mix is not None:

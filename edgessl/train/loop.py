@@ -149,7 +149,7 @@ def train_step(run: Run, state: TrainState, objective: Objective, net: torch.nn.
     bank update): nothing is read back to the host, so a GPU never waits for the CPU between steps. Otherwise
     (fp16's scaler, LARS) the loss is read back and decided on the host (TrainState.step)."""
     x, mix = make_crops(run, idx, epoch, step, raw)
-    res = objective(net, x, idx.to(run.device), epoch, step, mix, run.rows if run.d.active else None)
+    res = objective(net, x, idx, epoch, step, mix, run.rows if run.d.active else None)  # idx on the host
     names = ["loss", "ce", "sd", *[f"ce_w{w:g}" for w in res.widths[1:]], *res.logged]
     # the global batch's mean (mean of equal-sized slices' means), identical on every process
     stacked = torch.stack([res.loss.detach().float(), res.out.ce.float(), res.out.sd.float(), *res.sub_ce,

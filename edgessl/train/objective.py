@@ -74,13 +74,15 @@ class Objective:
 
     def __call__(self, net: nn.Module, x: Tensor, index: Tensor, epoch: int, step: int,
                  mix: tuple[Tensor, float] | None = None, local: slice | None = None) -> StepLoss:
-        """x: (B_r, 3, S, S) crops of this process's rows; index: (B,) the global batch's bank rows."""
+        """x: (B_r, 3, S, S) crops of this process's rows; index: (B,) the global batch's bank rows, best on the host
+        (the column draw reads them there: from a GPU that read would wait for the device every step)."""
+        host, index = index, index.to(self.device, non_blocking=True)
         trained = active_widths(self.widths, epoch, self.epochs, self.slow_start)
         with autocast(self.device, self.precision):
             zs = net(x, trained) if self.slim else [net(x)]
         # every width meets the same bank columns: the same generator key
-        outs = [self.method(F.normalize(z.float(), dim=1), index, keyed_generator(self.seed, epoch, step), mix, local)
-                for z in zs]
+        outs = [self.method(F.normalize(z.float(), dim=1), index, keyed_generator(self.seed, epoch, step), mix, local,
+                            host_index=host) for z in zs]
         losses, logged = [o.loss for o in outs], {}
         if self.teacher_bank is not None and self.teacher_bank.weight != 0:  # weight 0: the loss untouched
             losses, logged["teacher"] = self._with_teacher_bank(outs, index, mix, local, x)
