@@ -138,9 +138,10 @@ def resume_problem(run_dir: str | Path) -> str | None:
 
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path | None):
-    """Hold an exclusive lock on a run directory while a resume trains it (flock on the folder's own descriptor: no
-    file is written into it). A second resume of the same run while one is going on is refused: both had trained
-    and written the same checkpoint and metrics. Nothing is locked without a folder or without flock (Windows)."""
+    """Hold an exclusive lock on a run directory while a run or a resume trains it (flock on the folder's own
+    descriptor: no file is written into it). A resume of a run that another process is training is refused: both
+    had trained and written the same checkpoint and metrics. Nothing is locked without a folder or without flock
+    (Windows)."""
     try:
         import fcntl
     except ImportError:

@@ -419,3 +419,22 @@ def test_a_resume_writes_back_a_missing_config_from_the_checkpoint(tiny_data, tm
     settings = lambda text: [x for x in text.splitlines()[1:] if x.split(":")[0] not in ("epochs", "quiet")]  # noqa: E731
     assert settings((run / "config.yaml").read_text()) == settings(before)  # all but how long and how it prints
     assert json.loads((run / "encoder.json").read_text())["epochs_trained"] == 2
+
+
+@pytest.mark.slow
+def test_a_run_in_training_cannot_be_resumed_by_another_process(tiny_data, tmp_path):
+    """The first process of a run held no lock: a resume started beside it would have trained the same folder."""
+    code = ("import sys\nfrom edgessl.rundir import run_lock\nfrom edgessl.errors import UserError\n"
+            "try:\n    with run_lock(sys.argv[1]): print('got it')\nexcept UserError as e: print(e)")
+    run, seen = tmp_path / "run", []
+
+    def probe(info):
+        if info.epoch == 1 and info.step == 0:  # after the first checkpoint: a resume would be possible
+            seen.append(subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True,
+                                       text=True).stdout.strip())
+
+    edgessl.pretrain(data=str(tiny_data), out=str(run), epochs=2, on_step=probe, **TINY)
+    assert seen == [f"'{run}' is in use: another edgessl process is training it. Wait for that one to end (or stop "
+                    "it), then resume."]
+    after = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
+    assert after.stdout.strip() == "got it"  # released when pretraining returned

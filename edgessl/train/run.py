@@ -3,6 +3,7 @@ written, then the model, the state and the bank (edgessl.train.build), then the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,9 @@ def pretrain(
     d, device = distributed.setup(pick_device(cfg.device))
     finished = False
     try:
-        with StopRequest() as stop, run_lock(resume if d.main else None):
+        with StopRequest() as stop, run_lock(resume if d.main else None), contextlib.ExitStack() as held:
             result = _pretrain(cfg, resume, console or Console(), on_step, d, device, warm, overwrite,
-                               evaluation or Evaluation(), stop)
+                               evaluation or Evaluation(), stop, held)
         finished = True
         return result
     except KeyboardInterrupt as e:
@@ -85,7 +86,7 @@ def pretrain(
 
 def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, on_step, d: distributed.Dist,
               device: torch.device, warm: WarmStart | None, overwrite: bool, evaluation: Evaluation,
-              stop=None) -> PretrainResult:
+              stop=None, held: contextlib.ExitStack | None = None) -> PretrainResult:
     check_installed(parse_loggers(cfg.logger))  # a missing logger package fails before anything is written
     threads = use_threads(cfg.threads)
     set_determinism(cfg.deterministic, device)
@@ -129,6 +130,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
               governor=thread_governor(threads, cfg.deterministic))
     # ---- every check has passed: from here on the run directory is written
     files = write_run_files(run_dir, ckpt is not None, overwrite, cfg, images, signature, warn) if d.main else None
+    _hold(held, run_dir if files is not None and resume is None else None)  # a new run: a resume waits for its end
     run.loggers = Loggers(parse_loggers(cfg.logger), run_dir, cfg.to_dict(), warn,
                           say=lambda text: run.say(escape(text))) if d.main else Loggers()
     try:
@@ -164,6 +166,12 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
         if files is not None:
             files.abandon()
         raise
+
+
+def _hold(held: contextlib.ExitStack | None, run_dir: Path | None) -> None:
+    """Lock a new run's folder (edgessl.rundir.run_lock) until pretraining returns (`held` closes it)."""
+    if held is not None and run_dir is not None:
+        held.enter_context(run_lock(run_dir))
 
 
 def check_kept_settings(cfg: PretrainConfig, ckpt: dict[str, Any], run_dir: Path) -> None:
