@@ -21,7 +21,7 @@ import edgessl
 import edgessl.data.folder as folder_mod
 from edgessl.cli import app
 from edgessl.data.budget import size_text
-from edgessl.data.cache import cache_folder, entry_name, list_entries
+from edgessl.data.cache import cache_folder, clear_entries, entry_name, list_entries
 from edgessl.data.folder import load_image_folder
 from edgessl.data.loader import Prefetcher
 from edgessl.errors import UserError
@@ -70,6 +70,19 @@ def test_a_second_load_decodes_nothing_and_returns_the_same_rows(folder, store, 
     index = json.loads(next((store / "images").glob("*.json")).read_text())
     assert index["size"] == 32 and len(index["files"]) == 24 and index["version"] == 1 and "policy" in index
     assert {"root", "signature", "data", "skipped"} <= set(index)
+
+
+def test_a_link_to_the_folder_shares_its_entry(folder, store, decodes, tmp_path):
+    first = _load(folder, store)
+    link = tmp_path / "linked"
+    link.symlink_to(folder, target_is_directory=True)
+    decodes.clear()
+    again = _load(link, store)
+    assert decodes == []  # the folder's rows, not a second entry
+    assert torch.equal(first.images, again.images) and len(list((store / "images").glob("*.u8"))) == 1
+    assert again.paths[0] == link / first.paths[0].relative_to(folder)  # named as the user listed them
+    clear_entries(store / "images", link)  # `cache clear --root` through the link finds the folder's entry
+    assert list_entries(store / "images") == [] and not list((store / "images").glob("*.u8"))
 
 
 def test_added_removed_and_changed_files_update_the_cache_decoding_only_those(folder, store, decodes):

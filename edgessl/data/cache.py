@@ -68,9 +68,10 @@ def cache_folder(option: str | Path | None = "auto") -> Path | None:
 
 
 def entry_name(root: Path, size: int) -> str:
-    """'<folder name>-<size>px-<16 hex>': one entry per (absolute folder, size, decode policy, format)."""
-    key = json.dumps([os.path.abspath(root), size, POLICY, CACHE_VERSION])
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(os.path.abspath(root)).name)[:40] or "root"
+    """'<folder name>-<size>px-<16 hex>': one entry per (folder, size, decode policy, format). The folder is keyed by
+    its real path, so a link to a folder (or the folder through a linked parent) shares the folder's entry."""
+    key = json.dumps([os.path.realpath(root), size, POLICY, CACHE_VERSION])
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(os.path.realpath(root)).name)[:40] or "root"
     return f"{safe}-{size}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -346,8 +347,12 @@ def clear_entries(folder: Path, root: str | Path | None = None) -> tuple[int, in
 
 
 def within(root: str, want: str | None) -> bool:
-    """Whether an entry of image folder `root` (absolute) is folder `want` or inside it (None: every folder)."""
-    return want is None or root == want or root.startswith(want.rstrip(os.sep) + os.sep)
+    """Whether an entry of image folder `root` (absolute) is folder `want` or inside it (None: every folder); either
+    may be named through a link."""
+    if want is None:
+        return True
+    root, want = os.path.realpath(root), os.path.realpath(want)
+    return root == want or root.startswith(want.rstrip(os.sep) + os.sep)
 
 
 def _clear_teachers(folder: Path, want: str | None) -> tuple[int, int]:
