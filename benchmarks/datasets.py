@@ -38,11 +38,15 @@ def locked(name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class SharedDataMissing(FileNotFoundError):
+    """A shared data set is not here (nor fetched): the runner prints its message as one line."""
+
+
 def extract(archive: str) -> Path:
     """Extract ../shared/data/<archive> into the cache once; returns the cache folder."""
     src = SHARED / archive
     if not src.is_file():
-        raise FileNotFoundError(f"{src} not found: the benchmarks need the shared data sets next to the repo.")
+        raise SharedDataMissing(f"{src} not found: the benchmarks need the shared data sets next to the repo.")
     marker = CACHE / f".{archive}.done"
     if not marker.exists():
         with locked(archive):
@@ -212,7 +216,7 @@ def _make_twemoji(out: Path) -> None:
             with urllib.request.urlopen(TWEMOJI_URL, timeout=120) as r:
                 data = r.read()
         except OSError as e:
-            raise FileNotFoundError(f"could not fetch {TWEMOJI_URL} ({e}); put the tarball at {archive}") from None
+            raise SharedDataMissing(f"could not fetch {TWEMOJI_URL} ({e}); put the tarball at {archive}") from None
         if hashlib.sha1(data).hexdigest() != TWEMOJI_SHA1:
             raise ValueError(f"{TWEMOJI_URL}: sha1 differs from {TWEMOJI_SHA1}")
         archive.write_bytes(data)

@@ -319,7 +319,10 @@ def suite_gpu(args) -> list[dict[str, Any]]:
     seconds per part, the device)."""
     device = pick_device(getattr(args, "device", "auto"))
     plan = make_plan(args.tiny, device)
-    only = tuple(p for p in (args.only or PARTS) if p in PARTS)
+    unknown = [p for p in (args.only or ()) if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"gpu: --only takes parts of {', '.join(PARTS)}, not {','.join(unknown)}")
+    only = tuple(args.only or PARTS)
     minutes = args.minutes if args.minutes is not None else (1.0 if args.tiny else 8.0)
     est = estimates(plan, minutes, only)
     say = lambda m: print(m, flush=True)  # noqa: E731

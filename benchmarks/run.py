@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shlex
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, RESULTS, datasets, machine, peak_rss_bytes, probe, train_and_eval
+from benchmarks.datasets import SharedDataMissing
 from benchmarks.domains import PARTS as DOMAIN_PARTS
 
 SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "midway", "eval", "loader", "export",
@@ -293,9 +295,52 @@ def record_head(earlier: Path | None, command: str, seconds: float) -> tuple[str
     return command, seconds, mach
 
 
+ONLY_SUITES = ("gpu", "domains", "duplicates")  # the suites --only selects parts of
+DATASET_SUITES = ("accuracy", "budget")  # ... --datasets, whose rows carry "data"
+ABLATION_SUITES = ("ablation", "teacher")  # ... --ablations
+PEER_SUITES = ("cost", "accuracy", "data", "budget")  # lightly's methods in every row (domains: its peers part)
+
+
+def check_args(args, suites: tuple[str, ...]) -> None:
+    """SystemExit (one line) before anything runs: an option the chosen suites do not read, or lightly missing where
+    a suite compares with it (a suite would otherwise fail at its first lightly row and throw away what it had
+    trained). Each suite checks its own --only parts as it starts."""
+    for flag, takers in (("only", ONLY_SUITES), ("datasets", DATASET_SUITES), ("ablations", ABLATION_SUITES)):
+        if getattr(args, flag) and not set(suites) & set(takers):
+            raise SystemExit(f"--{flag} is read by the {', '.join(takers)} suites, not by {args.suite}")
+    if args.only and args.suite == "all":
+        raise SystemExit("--only names parts of one suite: run that suite alone (gpu, domains or duplicates)")
+    peers = [s for s in suites if s in PEER_SUITES or (s == "domains" and "peers" in (args.only or DOMAIN_PARTS))]
+    if peers and importlib.util.find_spec("lightly") is None:
+        raise SystemExit(f"{', '.join(peers)}: compared with lightly's methods, which are not installed: "
+                         "pip install -e '.[bench]'")
+
+
+def tiny_outputs(args, argv: list[str] | None) -> None:
+    """--tiny without --results/--readme writes to a temporary folder, never over the committed results."""
+    given = set(argv if argv is not None else sys.argv[1:])
+    if args.tiny and not given & {"--results", "--readme"} and args.suite not in ("report", "slim-cost"):
+        args.results = Path(tempfile.mkdtemp(prefix="edgessl-bench-tiny-"))
+        args.readme = args.results / "README.md"
+        print(f"--tiny: results go to {args.results} (benchmarks/results and its README are left as they are)",
+              flush=True)
+
+
+def earlier_rows(old: Path, tiny: bool) -> list[dict]:
+    """The rows a partial rerun keeps: those of the suite's JSON when it ran at the same scale (a tiny run never
+    mixes with real rows)."""
+    if not old.exists():
+        return []
+    rec = json.loads(old.read_text())
+    return rec["rows"] if bool(rec.get("tiny")) == tiny else []
+
+
 def main(argv: list[str] | None = None) -> None:
-    with own_cache():
-        _main(argv)
+    try:
+        with own_cache():
+            _main(argv)
+    except SharedDataMissing as e:  # its one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 def _main(argv: list[str] | None = None) -> None:
@@ -333,6 +378,8 @@ def _main(argv: list[str] | None = None) -> None:
     if args.tiny:
         args.seeds = 1
     suites = SUITES if args.suite == "all" else () if args.suite == "report" else (args.suite,)
+    check_args(args, suites)
+    tiny_outputs(args, argv)
     args.results.mkdir(parents=True, exist_ok=True)
     for suite in suites:
         t0 = time.time()
@@ -340,24 +387,26 @@ def _main(argv: list[str] | None = None) -> None:
         with smoke_probe(args.tiny):
             rows = globals()[f"suite_{suite.replace('-', '_')}"](args)
         old = args.results / f"{suite}.json"
-        if args.datasets and old.exists():  # a partial rerun keeps the other data sets' rows
-            rows = [r for r in json.loads(old.read_text())["rows"] if r.get("data") not in args.datasets] + rows
-        if suite == "duplicates" and args.only and not args.tiny and old.exists():  # ... the other encoders' rows
+        earlier = earlier_rows(old, args.tiny)
+        if suite in DATASET_SUITES and args.datasets:  # a partial rerun keeps the other data sets' rows
+            rows = [r for r in earlier if r.get("data") not in args.datasets] + rows
+        if suite == "duplicates" and args.only and not args.tiny and earlier:  # ... the other encoders' rows
             from benchmarks.duplicates import merged
 
-            rows = merged(rows, json.loads(old.read_text())["rows"])
-        if suite in ("ablation", "teacher") and args.ablations and old.exists():  # ... and the other rows
+            rows = merged(rows, earlier)
+        if suite in ABLATION_SUITES and args.ablations:  # ... and the other rows
             key = "ablation" if suite == "ablation" else "run"
-            rows = [r for r in json.loads(old.read_text())["rows"] if r.get(key) not in args.ablations] + rows
+            rows = [r for r in earlier if r.get(key) not in args.ablations] + rows
             if suite == "teacher":  # in the suite's order; rows of retired labels go
                 from benchmarks.teacher import row_order
 
                 rows = sorted((r for r in rows if row_order(r) >= 0), key=row_order)
         command = "python -m benchmarks.run " + shlex.join(argv or sys.argv[1:])
         seconds = time.time() - t0
-        partial = (args.datasets or (suite in ("ablation", "teacher") and args.ablations)
-                   or (suite == "domains" and not args.tiny)  # domains keeps earlier rows (benchmarks/domains.py)
-                   or (suite == "duplicates" and args.only and not args.tiny))
+        partial = earlier and ((suite in DATASET_SUITES and args.datasets)
+                               or (suite in ABLATION_SUITES and args.ablations)
+                               or (suite == "domains" and not args.tiny)  # it keeps earlier rows (domains.py)
+                               or (suite == "duplicates" and args.only and not args.tiny))
         command, seconds, mach = record_head(old if partial else None, command, seconds)
         record = {"suite": suite, "machine": mach, "load_average_before": load_before, "command": command,
                   "epochs": args.epochs, "tiny": args.tiny, "seconds": seconds, "rows": rows}
