@@ -244,3 +244,22 @@ def test_training_loop_slow_start_and_flags(labelled_demo, tmp_path):
     assert "widths: 1,0.5" in text and "width_reweight: false" in text and "slow_start: 0.0" in text
     res = CliRunner().invoke(app, ["pretrain", "--widths", "1.0,2", "--epochs", "1"])
     assert res.exit_code == 2 and res.output.strip() == "error: a width must be in (0, 1], not 2."
+
+
+@pytest.mark.parametrize("ratio", [1e-9, 0.1, 0.3])
+def test_prune_keeps_the_nearest_multiple_of_eight_of_every_group(ratio):
+    """torch-pruning's round_to floors the kept count: --ratio 0.1 had kept 8 of 16 channels and 1e-9 took 8 off every
+    group (7 % of MobileNetV3-Small's parameters for a ratio of nothing)."""
+    from edgessl.models.prune import kept_channels, prune_by_importance
+
+    torch.manual_seed(0)
+    backbone, _ = create_backbone("mobilenetv3_small_100", small_input=True)
+    model = Encoder(backbone, ProjectionHead(output_dim(backbone, 32), 16, kind="linear")).eval()
+    example = torch.randn(2, 3, 32, 32)
+    keep = [model.head.net]
+    before = {g.root: g.channels for g in channel_groups(model, example, keep)}
+    after = {**before, **prune_by_importance(model, example, ratio, keep_outputs=keep)}
+    assert after == {root: kept_channels(c, ratio) for root, c in before.items()}
+    assert (after == before) == (ratio < 1e-6) and model(example).shape == (2, 16)  # 1e-9 removes nothing
+    sixteen = [after[root] for root, c in before.items() if c == 16]
+    assert sixteen and set(sixteen) == {8 if ratio == 0.3 else 16}  # 16 x 0.9 = 14.4 is nearer 16 than 8
