@@ -30,6 +30,7 @@ import yaml
 
 from edgessl.errors import UserError
 from edgessl.fileio import atomic_write_text
+from edgessl.network import PROBE_SECONDS, reachable, url_host
 
 LOGGERS = ("tensorboard", "mlflow", "wandb")
 # the modules each logger needs (the default MLflow store is SQLite: sqlalchemy + alembic)
@@ -115,6 +116,9 @@ class MLflow:
             logging.getLogger(name).setLevel(logging.WARNING)
         root = run_dir.resolve().parent
         uri = record.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+        if uri.startswith(("http://", "https://")) and not reachable(url_host(uri)):  # else minutes of retries
+            raise ConnectionError(f"the tracking server {uri} does not answer (a {PROBE_SECONDS:g}-second "
+                                  "connection probe); start it or set MLFLOW_TRACKING_URI")
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = record.get("run_id")
         if self.run_id is None:

@@ -131,9 +131,10 @@ def test_the_hub_probe(monkeypatch):
 
     from huggingface_hub import constants
 
+    from edgessl import network
     from edgessl.models import hub
 
-    for v in hub.PROXY_VARIABLES:
+    for v in network.PROXY_VARIABLES:
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "")  # read at import: the constant decides
     monkeypatch.setattr(constants, "ENDPOINT", "https://mirror.example:8443")

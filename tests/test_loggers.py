@@ -236,3 +236,27 @@ def test_each_logger_says_where_it_writes_when_it_opens(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert lines == [f"Logging to TensorBoard: {run / 'tensorboard'} (tensorboard --logdir {run / 'tensorboard'})",
                      f"Logging to MLflow: run {run_id} in {uri} (mlflow ui --backend-store-uri {uri})"]
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_in_seconds(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI at a server that was down had held training for about 4 minutes of MLflow's retries."""
+    import socket
+
+    pytest.importorskip("mlflow")
+    from edgessl import network
+
+    for v in network.PROXY_VARIABLES:
+        monkeypatch.delenv(v, raising=False)
+    tried = []
+
+    def refuse(address, timeout):
+        tried.append((address, timeout))
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConnectionError, match=r"^the tracking server http://tracking.example:5000 does not answer "
+                                              r"\(a 3-second connection probe\); start it or set MLFLOW_TRACKING_URI$"):
+        loggers.MLflow(tmp_path / "run", {"epochs": 1}, {})
+    assert tried == [(("tracking.example", 5000), network.PROBE_SECONDS)]

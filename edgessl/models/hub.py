@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 from collections.abc import Iterator
-from urllib.parse import urlparse
 
 import timm
 from torch import nn
 
-PROBE_SECONDS = 3.0  # the connection probe's timeout
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+from edgessl.network import PROBE_SECONDS, reachable, url_host
 
 
 class HubUnreachable(Exception):
@@ -31,8 +27,7 @@ def hub_host() -> tuple[str, int]:
     """(host, port) of the hub timm downloads from (HF_ENDPOINT, else huggingface.co)."""
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
-    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    return url_host(constants.ENDPOINT, "huggingface.co")
 
 
 def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
@@ -40,15 +35,7 @@ def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
     hub client is already in offline mode, HF_HUB_OFFLINE=1)."""
     from huggingface_hub import constants
 
-    if constants.is_offline_mode():
-        return False
-    if any(os.environ.get(v) for v in PROXY_VARIABLES):
-        return True
-    try:
-        socket.create_connection(hub_host(), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return not constants.is_offline_mode() and reachable(hub_host(), timeout)
 
 
 @contextlib.contextmanager
