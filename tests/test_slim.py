@@ -263,3 +263,14 @@ def test_prune_keeps_the_nearest_multiple_of_eight_of_every_group(ratio):
     assert (after == before) == (ratio < 1e-6) and model(example).shape == (2, 16)  # 1e-9 removes nothing
     sixteen = [after[root] for root, c in before.items() if c == 16]
     assert sixteen and set(sixteen) == {8 if ratio == 0.3 else 16}  # 16 x 0.9 = 14.4 is nearer 16 than 8
+
+
+def test_a_width_near_a_trained_one_is_named_as_given():
+    """--width 0.50000001 had been refused as "width 0.5 was not trained ... its widths are 1, 0.5"."""
+    from pathlib import Path
+
+    from edgessl.models.widths import match_width
+
+    assert match_width(Path("r"), {"widths": [1.0, 0.5]}, 0.5 + 1e-12) == 0.5
+    with pytest.raises(UserError, match=r"^width 0\.50000001 was not trained in 'r': its widths are 1, 0\.5\.$"):
+        match_width(Path("r"), {"widths": [1.0, 0.5]}, 0.50000001)

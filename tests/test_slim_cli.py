@@ -318,6 +318,8 @@ def test_prune_taylor_and_bad_options(demo_run, tmp_path):
                     "--criterion must be magnitude or taylor")
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.5", "--epochs", "0"]),
                     "--epochs must be positive, not 0 (leave it out for a quarter of the run's epochs).")
+    _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.5", "--threads", "0"]),
+                    "--threads must be auto or a positive number, not '0'.")  # had run, then broken config.yaml
     again = tmp_path / "taylor"  # prune has no --resume: the refusal does not advise it
     _one_line_error(runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.25", "--out", str(again)]),
                     f"--out '{again}' already holds a run: pass another --out, or pass --overwrite to move it aside")
@@ -360,3 +362,20 @@ def test_a_ratio_that_leaves_groups_whole_is_warned_about():
     assert shallow_prune(0.999, 1.0) == ("--ratio 0.999 kept 100% of the parameters, more than 1 - ratio: channels "
                                          "are kept in multiples of 8, so groups that would fall below 8 were left "
                                          "whole. A smaller --ratio prunes every group.")
+
+
+def test_a_full_width_copy_made_from_earlier_weights_is_made_again(slim_run, tmp_path):
+    """`slim RUN --width 1` writes RUN/width-1/; after a --resume the width report re-slimmed the other widths but
+    left that copy with the old weights."""
+    from edgessl.deploy.widths import refresh_full_copy
+    from edgessl.models.widths import is_up_to_date, slim_encoder, source_digest
+
+    run = _copy(slim_run, tmp_path / "run")
+    folder = slim_encoder(run, 1.0)
+    assert folder == run / "width-1" and is_up_to_date(folder, run, 1.0)
+    meta = json.loads((folder / "encoder.json").read_text())
+    (folder / "encoder.json").write_text(json.dumps({**meta, "source_digest": "earlier weights"}))
+    refresh_full_copy(run)
+    assert read_encoder_meta(folder)["source_digest"] == source_digest(run, 1.0)
+    refresh_full_copy(tmp_path / "none")  # no copy: nothing to do
+    assert not (tmp_path / "none").exists()

@@ -24,7 +24,7 @@ pruned architecture from timm) and a copy of config.yaml into --out (default RUN
 run directory with `edgessl eval`, `edgessl finetune` and `edgessl export`. Every width's parameters, MACs, latency
 and kNN accuracy are in RUN/widths.json and RUN/widths.png (written at the end of training).
 
-Exit codes: 2 bad input (a width the run was not trained at, a run without --widths, a width outside (0, 1]).
+Exit codes: 2 bad input (a width the run was not trained at, a width below 1 of a run without --widths, a width outside (0, 1]).
 """
 
 

@@ -24,7 +24,7 @@ from edgessl.evaluate.monitor import knn_sets
 from edgessl.fileio import atomic_write_text
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.prune import count_params_macs
-from edgessl.models.widths import build_slim, match_width, run_widths, save_slim, width_folder
+from edgessl.models.widths import build_slim, is_up_to_date, match_width, run_widths, save_slim, width_folder
 from edgessl.report.plots import plot_widths
 from edgessl.report.say import Say
 
@@ -132,6 +132,7 @@ def width_report(
     for w in widths:
         if w == 1.0:
             model, folder, model_meta = load_encoder(run_dir), run_dir, meta
+            refresh_full_copy(run_dir)
         else:
             model, model_meta = build_slim(run_dir, w)
             folder = save_slim(model, model_meta, run_dir, width_folder(run_dir, w))
@@ -139,6 +140,15 @@ def width_report(
     atomic_write_text(run_dir / REPORT_JSON, json.dumps(entries, indent=2) + "\n")
     plot_widths(entries, run_dir / REPORT_PLOT, title=f"{meta['timm_name']} - {run_dir.name}", knn_k=KNN_K[0])
     return entries
+
+
+def refresh_full_copy(run_dir: Path) -> None:
+    """A `slim --width 1` copy (RUN/width-1/) made from earlier weights is made again, as the other widths' folders
+    are: after a --resume it had kept the old weights."""
+    folder = width_folder(run_dir, 1.0)
+    if (folder / "encoder.json").is_file() and not is_up_to_date(folder, run_dir, 1.0):
+        model, model_meta = build_slim(run_dir, 1.0)
+        save_slim(model, model_meta, run_dir, folder)
 
 
 def _measure(w: float, model: nn.Module, model_meta: dict[str, Any], folder: Path, size: int, accuracy, meta,

@@ -63,7 +63,7 @@ def match_width(run_dir: Path, meta: dict[str, Any], width: float) -> float:
     for w in widths:
         if math.isclose(float(w), width, abs_tol=1e-9):
             return float(w)
-    raise UserError(f"width {width:g} was not trained in '{run_dir}': its widths are "
+    raise UserError(f"width {width!r} was not trained in '{run_dir}': its widths are "
                     f"{', '.join(f'{float(w):g}' for w in widths)}.")
 
 

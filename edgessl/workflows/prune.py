@@ -24,7 +24,7 @@ from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.head import build_encoder
 from edgessl.models.prune import prune_by_importance
 from edgessl.models.slimmable import last_layer
-from edgessl.options import PruneOptions, takes_options
+from edgessl.options import PruneOptions, check_groups, takes_options
 from edgessl.report.say import Say
 from edgessl.rundir import check_out
 from edgessl.train.checkpoint import load_checkpoint
@@ -64,6 +64,7 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
     run_dir = Path(run_dir)
     ratio, criterion, epochs, distill, out = opts.ratio, opts.criterion, opts.epochs, opts.distill, opts.out
     quiet, seed, overwrite = opts.quiet, opts.seed, opts.overwrite
+    check_groups(opts)  # --threads 0 had run and gone into config.yaml, which then failed to load
     if not 0 < ratio < 1:
         raise UserError(f"--ratio must be in (0, 1) (the fraction of channels removed), not {ratio:g}.")
     if not 0 <= distill <= 1:
