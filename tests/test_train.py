@@ -223,6 +223,8 @@ def test_recipes_load_and_flags_override():
     assert (cfg.backbone, cfg.image_size, cfg.small_input, cfg.epochs) == ("resnet18", 32, "on", 3)
     for name in ("mobilenetv3_small_64px", "mobilenetv3_small_224px"):
         assert resolve(recipe=name).image_size in (64, 224)
+        # tau and eta from the folder, as without a recipe (they had pinned 0.1 / 1.0, undoing the rules)
+        assert (resolve(recipe=name).temperature, resolve(recipe=name).bank_lr) == ("auto", "auto")
 
 
 def test_a_resume_on_another_device_gives_the_optimiser_state_the_weights_layout():
