@@ -565,3 +565,14 @@ def test_curves_mark_a_resume_and_tick_whole_epochs():
         assert "resumed" in [t.get_text() for t in ax.get_legend().get_texts()]
         ticks = [t for t in ax.get_xticks() if 1 <= t <= 6]
         assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_next_commands_quote_paths_and_guard_a_leading_dash():
+    """`--out -run2` had printed `edgessl eval -run2 ...`, which fails with "No such option: -r"."""
+    from types import SimpleNamespace
+
+    from edgessl.commands.pretrain import next_commands
+
+    lines = next_commands(SimpleNamespace(run_dir=Path("-run2"), data=Path("my images"), labelled=True))
+    assert lines[1] == "  edgessl eval ./-run2 --train 'my images' --test-fraction 0.2   # few-label kNN + linear probe"
+    assert lines[2].startswith("  edgessl export ./-run2   # ONNX + parity check; then edgessl check ./-run2/export/")

@@ -43,14 +43,20 @@ def pretrain(**values) -> None:
 
 def next_commands(result) -> list[str]:
     """What to run after a pretraining, with the real run path (and data folder when it has class folders)."""
-    run = shlex.quote(str(result.run_dir))
-    train = shlex.quote(str(result.data)) if result.labelled and result.data else "LABELLED_TRAIN --test LABELLED_TEST"
+    run = shell_path(result.run_dir)
+    train = shell_path(result.data) if result.labelled and result.data else "LABELLED_TRAIN --test LABELLED_TEST"
     split = " --test-fraction 0.2" if result.labelled and result.data else ""
     return [
         "Next:",
         f"  edgessl eval {run} --train {train}{split}   # few-label kNN + linear probe",
         f"  edgessl export {run}   # ONNX + parity check; then edgessl check {run}/export/encoder.onnx",
     ]
+
+
+def shell_path(path) -> str:
+    """A path as a shell argument: quoted, and './'-prefixed when it starts with '-' (else it reads as an option)."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)
 
 
 def recipes() -> None:
