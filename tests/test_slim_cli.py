@@ -379,3 +379,23 @@ def test_a_full_width_copy_made_from_earlier_weights_is_made_again(slim_run, tmp
     assert read_encoder_meta(folder)["source_digest"] == source_digest(run, 1.0)
     refresh_full_copy(tmp_path / "none")  # no copy: nothing to do
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_during_prunes_report_says_the_encoder_is_complete(demo_run, tmp_path, monkeypatch):
+    """SIGTERM after "Done." had ended with a bare "Stopped by SIGTERM.": nothing said the encoder was whole."""
+    pytest.importorskip("torch_pruning")
+    from edgessl.errors import Terminated
+    from edgessl.workflows import prune as prune_mod
+
+    def stopped(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(prune_mod, "encoders_report", stopped)
+    out = tmp_path / "pruned"
+    res = runner.invoke(app, ["prune", str(demo_run), "--ratio", "0.5", "--epochs", "1", "--out", str(out), "--quiet"])
+    assert res.exit_code == 143, res.output
+    assert " ".join(res.output.split()).endswith(
+        f"Stopped by SIGTERM during the report: the pruned encoder in {out} is complete; only its comparison with the "
+        "source (widths.json, widths.png) is missing.")
+    assert edgessl.load_encoder(out) is not None and not (out / "widths.json").exists()
