@@ -26,6 +26,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, a spot instance, `kill`) stops a run like Ctrl-C, at a step's end: exit code 143."""
 
 
+def stop_words(e: BaseException | bool) -> tuple[int, str]:
+    """(exit code, first words) of a stop: (143, "Stopped by SIGTERM") for Terminated (or True), else
+    (130, "Interrupted")."""
+    terminated = e if isinstance(e, bool) else isinstance(e, Terminated)
+    return (143, "Stopped by SIGTERM") if terminated else (130, "Interrupted")
+
+
+def stopped(e: KeyboardInterrupt, rest: str) -> Interrupted:
+    """Interrupted("<stop words><rest>") with the stop's exit code (stop_words)."""
+    code, what = stop_words(e)
+    return Interrupted(f"{what}{rest}", code)
+
+
 def with_near_names(unknown: list[str], known) -> str:
     """'batchsize (did you mean batch_size?), zzz': unknown option names, each with the closest known one if any."""
     import difflib

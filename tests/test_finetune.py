@@ -181,3 +181,26 @@ def test_finetune_and_eval_warn_of_skipped_files_even_when_quiet(run_copy, label
     assert res.exit_code == 0, res.output
     assert [line.split(", first: ")[0] for line in res.output.splitlines() if line.strip()] == [
         "warning: --train: skipped 1 unreadable file(s)", "warning: --test: skipped 1 unreadable file(s)"]
+
+
+@pytest.mark.slow
+def test_a_signal_during_fine_tuning_says_nothing_was_written_and_the_earlier_output_stands(run_copy, labelled_demo,
+                                                                                           monkeypatch):
+    """SIGTERM had printed a bare "Stopped by SIGTERM.": nothing said whether the earlier fine-tuning was touched."""
+    from edgessl.errors import Terminated
+    from edgessl.workflows import finetune as finetune_mod
+
+    def stopped(*args, **kwargs):
+        raise Terminated()
+
+    earlier = run_copy / "finetune-all-frozen"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text("{}")
+    monkeypatch.setattr(finetune_mod, "train_classifier", stopped)
+    res = runner.invoke(app, ["finetune", str(run_copy), "--train", str(labelled_demo / "train"), "--test-fraction",
+                              "0.34", "--labels-per-class", "all", "--epochs", "2", "--freeze-backbone", "--quiet"])
+    assert res.exit_code == 143, res.output
+    assert " ".join(res.output.split()) == (
+        f"Stopped by SIGTERM: a fine-tuning writes nothing until its last epoch, so nothing was written; the earlier "
+        f"{earlier} is as it was. Run the same command again.")
+    assert [p.name for p in earlier.iterdir()] == ["metrics.json"] and len(list(run_copy.glob("finetune-*"))) == 1

@@ -17,7 +17,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from edgessl.errors import Interrupted, Terminated, TrainingDiverged, UserError
+from edgessl.errors import Interrupted, Terminated, TrainingDiverged, UserError, stop_words
 from edgessl.options import cli_type, flag_name, help_text, specs
 
 
@@ -76,9 +76,9 @@ def friendly(fn):
             _error(escape(str(e)))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:  # eval, finetune, export had exited 143 on SIGTERM without a word
-            terminated = isinstance(e, Terminated)
-            _error("Stopped by SIGTERM." if terminated else "Interrupted.")
-            raise typer.Exit(143 if terminated else 130) from None
+            code, what = stop_words(e)
+            _error(f"{what}.")
+            raise typer.Exit(code) from None
         except OSError as e:  # the machine's, not the code's: a read-only or full disk, a folder it may not write
             if e.errno not in PLACE_ERRORS:
                 raise

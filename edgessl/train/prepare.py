@@ -21,7 +21,7 @@ from edgessl.data.loader import Prefetcher, gather
 from edgessl.data.lookalike import choose_temperature, lookalike_score
 from edgessl.data.signature import describe_difference, files_hash, folder_signature, scan_images
 from edgessl.demo import demo_images
-from edgessl.errors import Interrupted, UserError
+from edgessl.errors import Interrupted, UserError, stop_words
 from edgessl.fileio import atomic_write_text
 from edgessl.method.bank import BANK_STEP, auto_bank_lr
 from edgessl.report.progress import file_progress
@@ -263,7 +263,7 @@ def write_run_files(run_dir: Path, resumed: bool, overwrite: bool, cfg: Pretrain
 def interrupted(run: RunDir | None, run_dir: Path, terminated: bool = False) -> Interrupted:
     """The Ctrl-C / SIGTERM message: what is kept, and how to continue (a run with no checkpoint is removed).
     Exit code 130 (Ctrl-C) or 143 (SIGTERM)."""
-    code, what = (143, "Stopped by SIGTERM") if terminated else (130, "Interrupted")
+    code, what = stop_words(terminated)
     if run is not None and not run.has_checkpoint():
         restored = run.abandon()
         gone = (f" (the earlier run is back in {run_dir})" if restored else

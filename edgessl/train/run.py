@@ -15,7 +15,7 @@ from rich.markup import escape
 from edgessl.config import PretrainConfig, replace
 from edgessl.data.greyscale import choose_greyscale, colour_under_on, training_augment
 from edgessl.demo import demo_images
-from edgessl.errors import Interrupted, Terminated, UserError
+from edgessl.errors import Terminated, UserError, stopped
 from edgessl.loggers import Loggers, check_installed, parse_loggers
 from edgessl.method.losses import active_widths
 from edgessl.models.backbone import want_small_input
@@ -78,8 +78,7 @@ def pretrain(
         finished = True
         return result
     except KeyboardInterrupt as e:
-        raise Interrupted("Interrupted before training started: nothing was written.",
-                          143 if isinstance(e, Terminated) else 130) from None
+        raise stopped(e, " before training started: nothing was written.") from None
     finally:
         distributed.teardown(d, clean=finished)
 

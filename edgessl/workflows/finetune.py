@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgessl.deploy.manifest import MANIFEST
-from edgessl.errors import UserError
+from edgessl.errors import UserError, stopped
 from edgessl.evaluate.finetune import (
     FinetuneResult,
     build_classifier,
@@ -59,8 +59,13 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
         f"({lpc_name(per_class)} per class) | {len(data.test_idx)} test images "
         f"| {'frozen backbone' if opts.freeze_backbone else 'full fine-tuning'} | {plural(opts.epochs, 'epoch')} "
         f"| {dev.type}")
-    history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say,
-                                           between_batches(governor, say))
+    try:
+        history, best_epoch = train_classifier(model, data, opts, meta["mean"], meta["std"], dev, say,
+                                               between_batches(governor, say))
+    except KeyboardInterrupt as e:  # nothing is written before the last epoch: say so, and that --out is untouched
+        earlier = f"; the earlier {out_dir} is as it was" if out_dir.is_dir() and any(out_dir.iterdir()) else ""
+        raise stopped(e, f": a fine-tuning writes nothing until its last epoch, so nothing was written{earlier}. "
+                         "Run the same command again.") from None
     if out_dir.is_dir() and any(out_dir.iterdir()):  # an earlier fine-tuning is kept, never overwritten
         say(f"An earlier {out_dir.name} is kept as {move_aside(out_dir).name}.")
     metrics = write_finetune(model.cpu().eval(), data, opts, per_class, meta, run_dir, folders.train_root,

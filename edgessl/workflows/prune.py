@@ -19,7 +19,7 @@ from edgessl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, aug
 from edgessl.data.folder import load_image_folder
 from edgessl.demo import demo_images
 from edgessl.deploy.widths import encoders_report
-from edgessl.errors import Interrupted, Terminated, UserError
+from edgessl.errors import Interrupted, UserError, stopped
 from edgessl.method.instance import InstanceDiscrimination
 from edgessl.models.head import build_encoder
 from edgessl.models.prune import prune_by_importance
@@ -117,10 +117,8 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
         report = encoders_report(result.run_dir, [(1.0, run_dir), (round(1 - ratio, 6), result.run_dir)],
                                  labelled=labelled, test=cfg.val, console=None if rcfg.quiet else console)
     except KeyboardInterrupt as e:  # after "Done.": say the encoder is whole and only the comparison is missing
-        code = 143 if isinstance(e, Terminated) else 130
-        raise Interrupted(f"{'Stopped by SIGTERM' if code == 143 else 'Interrupted'} during the report: the pruned "
-                          f"encoder in {result.run_dir} is complete; only its comparison with the source "
-                          "(widths.json, widths.png) is missing.", code) from None
+        raise stopped(e, f" during the report: the pruned encoder in {result.run_dir} is complete; only its "
+                         "comparison with the source (widths.json, widths.png) is missing.") from None
     say = Say(console, rcfg.quiet)
     say.table(widths_table(report))
     if caution := shallow_prune(ratio, report[1]["params"] / max(report[0]["params"], 1)):
