@@ -86,8 +86,9 @@ def create_backbone(name: str, small_input: bool = False,
         stem = stem_kind(model)
         if stem is None:
             raise UserError(
-                f"--small-input on: no small-input stem rule for '{timm_name}' (known: ResNet conv1+maxpool, "
-                "MobileNet/EfficientNet conv_stem). Use --small-input off or a larger --image-size."
+                f"--small-input (on, or auto at 32 px or less): no small-input stem rule for '{timm_name}' (known: "
+                "ResNet conv1+maxpool, MobileNet/EfficientNet conv_stem). Use --small-input off or a larger "
+                "--image-size."
             )
         if stem == "resnet" and keep_stem_weights:
             stem = "resnet_stride1"

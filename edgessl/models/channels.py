@@ -105,10 +105,10 @@ def channel_groups(model: nn.Module, example: torch.Tensor, keep_outputs: list[n
             has_params = any(True for _ in module.parameters(recurse=False))
             if has_params and not isinstance(module, SLICEABLE):
                 raise UserError(f"layer '{names[module]}' ({type(module).__name__}) has channels in a prunable group "
-                                "but cannot be sliced by width (supported: Conv, Linear, BatchNorm).")
+                                "but cannot be sliced by width or pruned (supported: Conv, Linear, BatchNorm).")
             if isinstance(module, nn.modules.conv._ConvNd) and module.groups not in (1, module.in_channels):
                 raise UserError(f"layer '{names[module]}' is a grouped convolution ({module.groups} groups): "
-                                "only plain and depthwise convolutions can be sliced by width.")
+                                "only plain and depthwise convolutions can be sliced by width or pruned.")
             group.members.append(Member(names[module], dim, [int(i) for i in item.idxs]))
         groups.append(group)
     return groups
