@@ -467,3 +467,25 @@ def test_the_probe_and_metrics_of_an_mps_encoder_run_on_the_cpu():
     cpu = evaluate_features(train, test_x, test_y, [4], [0], "pretrained", device="cpu")
     mps = evaluate_features(train, test_x, test_y, [4], [0], "pretrained", device=torch.device("mps"))
     assert mps == cpu and len(cpu) == 3  # kNN k=20, k=200, linear
+
+
+@pytest.mark.slow
+def test_a_run_folder_eval_cannot_write_is_refused_before_any_work(demo_run, labelled_demo, tmp_path, monkeypatch):
+    """A read-only run had computed every feature, then failed on features/ advising an --out eval does not have."""
+    import os
+
+    from edgessl.workflows import eval as eval_mod
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    real = os.access
+    monkeypatch.setattr(eval_mod.os, "access",  # run as root here: the folder's permissions would not stop it
+                        lambda path, mode, **kw: real(path, mode, **kw) and not (mode == os.W_OK and
+                                                                               os.path.abspath(path) == str(run)))
+    res = CliRunner().invoke(app, ["eval", str(run), "--train", str(labelled_demo / "train"), "--test-fraction",
+                                   "0.34", "--seeds", "1", "--threads", "1"])
+    assert res.exit_code == 2, res.output
+    assert " ".join(res.output.split()) == (
+        f"error: '{run}' cannot be written: eval writes eval.json, eval.png and its feature cache there. Evaluate a "
+        "copy of the run (cp -r RUN COPY), or make the folder writable.")
+    assert not (run / "features").exists() and not (run / "eval.json").exists()

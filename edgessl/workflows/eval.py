@@ -4,6 +4,7 @@ random-init baseline; writes eval.json and eval.png into the run directory and p
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class _Arguments:
 def _check_arguments(run_dir, opts: EvalOptions) -> _Arguments:
     """Every check that needs no decoding, so bad input fails fast (UserError)."""
     run_dir, meta = run_encoder_meta(run_dir)
+    if not os.access(run_dir, os.W_OK):  # found before the features are computed, not after
+        raise UserError(f"'{run_dir}' cannot be written: eval writes eval.json, eval.png and its feature cache "
+                        "there. Evaluate a copy of the run (cp -r RUN COPY), or make the folder writable.")
     explicit = opts.labels_per_class is not None
     per_class_values = parse_labels_per_class(opts.labels_per_class if explicit else DEFAULT_LABELS_PER_CLASS)
     if int(opts.seeds) < 1:
