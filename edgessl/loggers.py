@@ -62,6 +62,14 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
 
 
+def earlier_rows(metrics: Path, step: int) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl of the epochs before `step` (none when the file is missing)."""
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r for r in rows if isinstance(r.get("epoch"), int) and r["epoch"] < step]
+
+
 def _png(path: Path):
     """(H, W, 3) uint8 array of an image file."""
     import numpy as np
@@ -206,10 +214,10 @@ class Loggers:
         """Every numeric value of `row` at `step` (default: row['epoch']), and the image files that exist."""
         if not self.names:
             return
-        if self.adapters is None:
-            self.adapters = self._open()
-        values = scalars(row)
         step = int(row.get("epoch", 0)) if step is None else step
+        if self.adapters is None:
+            self.adapters = self._open(step)
+        values = scalars(row)
         shown = {name: Path(p) for name, p in (images or {}).items() if Path(p).is_file()}
         for name, adapter in list(self.adapters.items()):
             self._guard(name, lambda a=adapter: a.log(values, step, shown))
@@ -222,17 +230,22 @@ class Loggers:
                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
             (self.adapters or {}).pop(name, None)
 
-    def _open(self) -> dict[str, Any]:
+    def _open(self, step: int) -> dict[str, Any]:
+        """Open each logger; one this run directory has not logged to before (first named at a --resume) is sent
+        the metrics.jsonl rows of the epochs before `step` first."""
         path = self.run_dir / RECORD
         record = json.loads(path.read_text()) if path.is_file() else {}
         self.adapters = {}
         for name in self.names:
+            new = name not in record
             adapter = self._guard(name, lambda n=name: ADAPTERS[n](self.run_dir, self.config, record.setdefault(n, {})))
             if adapter is not None:
                 self.adapters[name] = adapter
                 atomic_write_text(path, json.dumps(record, indent=2) + "\n")
                 if self.say is not None:
                     self.say(f"Logging to {adapter.where()}")
+                for earlier in earlier_rows(self.run_dir / "metrics.jsonl", step) if new else []:
+                    self._guard(name, lambda a=adapter, r=earlier: a.log(scalars(r), int(r["epoch"]), {}))
         return self.adapters
 
     def close(self, ok: bool = True) -> None:

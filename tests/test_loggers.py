@@ -260,3 +260,29 @@ def test_an_mlflow_server_that_does_not_answer_is_refused_in_seconds(tmp_path, m
                                               r"\(a 3-second connection probe\); start it or set MLFLOW_TRACKING_URI$"):
         loggers.MLflow(tmp_path / "run", {"epochs": 1}, {})
     assert tried == [(("tracking.example", 5000), network.PROBE_SECONDS)]
+
+
+def test_a_logger_first_named_at_a_resume_gets_the_earlier_epochs_once(tmp_path, monkeypatch):
+    """A logger added at --resume had received only the epochs after the resume, though the docs promise every
+    metrics.jsonl row."""
+    seen = []
+
+    class Fake:
+        def __init__(self, run_dir, config, record):
+            record["opened"] = True
+
+        def where(self):
+            return "fake"
+
+        def log(self, values, step, images):
+            seen.append((step, values.get("loss")))
+
+    monkeypatch.setitem(loggers.ADAPTERS, "fake", Fake)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 10.0 - e}) + "\n" for e in (1, 2, 3)))
+    loggers.Loggers(["fake"], run).log({"epoch": 3, "loss": 7.0})  # the first row it logs: epoch 3 of a resume
+    assert seen == [(1, 9.0), (2, 8.0), (3, 7.0)]
+    seen.clear()
+    loggers.Loggers(["fake"], run).log({"epoch": 4, "loss": 6.0})  # a later resume: it has the earlier rows
+    assert seen == [(4, 6.0)]
