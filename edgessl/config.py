@@ -222,8 +222,8 @@ def resolve(
     if unknown:
         raise UserError(f"Unknown options: {with_near_names(unknown, FIELD_NAMES)}.")
     check_paths({"recipe": recipe, "config": config})
-    files = [(load_recipe(recipe), f"Recipe '{recipe}'")] if recipe else []
-    files += [(read_yaml(config, "Config"), f"Config '{config}'")] if config else []
+    files = [(load_recipe(recipe), f"Recipe '{recipe}'")] if recipe is not None else []
+    files += [(read_yaml(config, "Config"), f"Config '{config}'")] if config is not None else []
     values: dict[str, Any] = {k: v for read, _ in files for k, v in read.items()}
     sources = {k: name for read, name in files for k in read if k not in overrides}  # the file a setting came from
     method = overrides.get("method", values.get("method", PretrainConfig.method))

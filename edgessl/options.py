@@ -131,6 +131,8 @@ def check_paths(values: dict[str, Any], required: bool = False) -> None:
         if name in PATH_OPTIONS and value is not None and not isinstance(value, str | os.PathLike):
             raise UserError(f"{name} must be a path (str or pathlib.Path), not {type(value).__name__} "
                             f"{str(value)[:60]}.")
+        if name in PATH_OPTIONS and isinstance(value, str) and not value.strip():  # Path("") is ".", this folder
+            raise UserError(f"{flag_name(name)} is empty: pass a path.")
 
 
 def build(cls: type[T], given: dict[str, Any], what: str = "") -> T:

@@ -219,3 +219,14 @@ def test_usage_errors_are_one_line_on_stderr_with_exit_code_2():
     res = runner.invoke(app, [])
     assert res.exit_code == 2 and "Usage: edgessl [OPTIONS] COMMAND [ARGS]..." in res.output
     assert runner.invoke(app, ["--version"]).output == f"edgessl {edgessl.__version__}\n"
+
+
+def test_an_empty_path_is_refused_not_read_as_this_folder(tmp_path, monkeypatch):
+    """`--config ''` had been ignored (a full pretraining on the demo into ./runs) and `--recipe ''` read as the
+    folder '.'."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("config", "recipe", "data", "out"):
+        with pytest.raises(UserError) as e:
+            edgessl.pretrain(**{name: " " if name == "out" else ""}, epochs=1)
+        assert str(e.value) == f"--{name} is empty: pass a path."
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written

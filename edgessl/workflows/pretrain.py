@@ -63,7 +63,7 @@ def pretrain(
         check_resume_options(Path(resume), recipe, config, options.get("out"))
         config = Path(resume) / "config.yaml"
         options.pop("out", None)
-    cfg = resolve(options, recipe=recipe, config=str(config) if config else None)
+    cfg = resolve(options, recipe=recipe, config=str(config) if config is not None else None)
     reloaded = [f for f in (config, recipe) if f is not None and run_of(Path(f)) is not None]
     if resume is not None or reloaded:  # a run's own config.yaml (as --config or --recipe):
         cfg = replace(cfg, quiet=bool(options.get("quiet", False)))  # display is not a setting
