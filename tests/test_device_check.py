@@ -402,13 +402,23 @@ def test_a_classifier_check_names_the_folders_it_left_out(script):
     assert res["accuracy"] == 1.0 and res["accuracy_images"] == 2 and res["folders_not_classes"] == ["Cat", "dogs"]
 
 
+def test_the_leave_one_out_k_stays_below_the_smallest_class(script):
+    """Left out of its own vote, an image's class has one voter fewer: k = n - 1 on 20 identical outputs in 4 classes
+    of 5 votes 4 against 5 for every other class, and had scored exactly 0.0 (chance: 0.25)."""
+    assert script.loo_k(np.array([0] * 30 + [1] * 30)) == 20
+    assert script.loo_k(np.array([0] * 6 + [1] * 6)) == 5 and script.loo_k(np.array([0, 0, 1])) == 1
+    labels = np.repeat(np.arange(4), 5)
+    same = np.ones((20, 3), dtype=np.float32)
+    assert (script.knn_vote(same, same, labels, 4, k=19, exclude_self=True) != labels).all()  # the old k: all wrong
+
+
 def test_few_images_report_the_k_used_and_a_missing_reference_says_so(script, capsys):
     """12 images had been reported at k=20 (11 neighbours exist), and a missing reference file as 'the reference
     embeddings carry no matching labels'."""
     outputs = np.eye(12, 4, dtype=np.float32) + 0.1
     data = {"sha1": [str(i) for i in range(12)], "labels": ["a", "b"] * 6}
     res = script.image_figures({"kind": "encoder"}, outputs, data, None)
-    assert res["knn_k"] == 11 and res["reference_vote_accuracy"] is None
+    assert res["knn_k"] == 5 and res["reference_vote_accuracy"] is None  # one less than a class's 6 (loo_k)
     assert res["reference_vote_detail"] == {"note": "no reference file to vote over"}
     reference = {"classes": np.array(["x"]), "labels": np.array([0]), "outputs": outputs[:1], "images": np.zeros(1)}
     other = script.image_figures({"kind": "encoder"}, outputs, data, reference)["reference_vote_detail"]
@@ -418,7 +428,8 @@ def test_few_images_report_the_k_used_and_a_missing_reference_says_so(script, ca
               "throughput_batch": 4, "throughput_per_s": 10.0, "model_bytes": 10, "peak_rss_bytes": 2**20, **res}
     script.print_table(report)
     out = capsys.readouterr().out
-    assert "(k=11, among the images)" in out and "n/a (no reference file to vote over)" in out
+    assert "(k=5, among the images; k below the smallest class)" in out
+    assert "n/a (no reference file to vote over)" in out
 
 
 def test_max_images_below_one_and_the_json_line(script, exports, tmp_path, capsys):

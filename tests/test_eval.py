@@ -489,3 +489,16 @@ def test_a_run_folder_eval_cannot_write_is_refused_before_any_work(demo_run, lab
         f"error: '{run}' cannot be written: eval writes eval.json, eval.png and its feature cache there. Evaluate a "
         "copy of the run (cp -r RUN COPY), or make the folder writable.")
     assert not (run / "features").exists() and not (run / "eval.json").exists()
+
+
+def test_the_leave_one_out_k_stays_below_the_smallest_class():
+    """export's knn_accuracy used k = min(20, n - 1): with the image left out, its class has one voter fewer, and
+    a k near the class size votes against it (0.0 on 20 identical outputs in 4 classes; chance 0.25)."""
+    from edgessl.evaluate.knn import loo_k
+
+    assert loo_k(torch.tensor([0] * 30 + [1] * 30)) == 20 and loo_k([0] * 6 + [1] * 6) == 5
+    assert loo_k([0, 0, 2, 2, 2]) == 1 and loo_k([3]) == 1  # an absent class is no class; never below 1
+    labels = torch.arange(4).repeat_interleave(5)
+    same = torch.ones(20, 3)
+    wrong = knn_predict(same, same, labels, 4, k=19, exclude_self=True).argmax(1) != labels
+    assert wrong.all()  # the old k: every image voted out of its own class

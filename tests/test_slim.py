@@ -274,3 +274,11 @@ def test_a_width_near_a_trained_one_is_named_as_given():
     assert match_width(Path("r"), {"widths": [1.0, 0.5]}, 0.5 + 1e-12) == 0.5
     with pytest.raises(UserError, match=r"^width 0\.50000001 was not trained in 'r': its widths are 1, 0\.5\.$"):
         match_width(Path("r"), {"widths": [1.0, 0.5]}, 0.50000001)
+
+
+def test_kept_channels_closed_form():
+    from edgessl.models.prune import kept_channels
+
+    assert [kept_channels(16, r) for r in (1e-9, 0.1, 0.3, 0.5, 0.8)] == [16, 16, 8, 8, 16]  # 0.8: 3.2 -> 0: whole
+    assert kept_channels(576, 0.25) == 432 and kept_channels(1024, 0.1) == 920  # 921.6 -> nearest 8
+    assert kept_channels(20, 0.5) == 10 and kept_channels(3, 0.9) == 1  # not a multiple of 8: plain rounding, >= 1

@@ -23,7 +23,7 @@ from edgessl.deploy import speed as sp
 from edgessl.deploy.images import Sample, spread, to_input
 from edgessl.deploy.mobile import mobile_usability, write_ort
 from edgessl.errors import UserError
-from edgessl.evaluate.knn import KNN_K, KNN_T, knn_predict, knn_top1
+from edgessl.evaluate.knn import KNN_T, knn_predict, knn_top1, loo_k
 from edgessl.fileio import sha256_file
 
 EVAL_IMAGES = 256  # parity is measured on up to this many images (all of them when the folder has fewer)
@@ -41,13 +41,13 @@ def torch_outputs(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
 
 def _knn_top1(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
     f, y = torch.from_numpy(features), torch.from_numpy(labels)
-    return knn_top1(f, y, f, y, classes, k=min(KNN_K[0], len(y) - 1), t=KNN_T, exclude_self=True)
+    return knn_top1(f, y, f, y, classes, k=loo_k(y), t=KNN_T, exclude_self=True)
 
 
 def _knn_labels(features: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
     """Leave-one-out weighted kNN predictions (the protocol of _knn_top1) for every image."""
     f, y = torch.from_numpy(features), torch.from_numpy(labels)
-    scores = knn_predict(f, f, y, classes, k=min(KNN_K[0], len(y) - 1), t=KNN_T, exclude_self=True)
+    scores = knn_predict(f, f, y, classes, k=loo_k(y), t=KNN_T, exclude_self=True)
     return scores.argmax(1).numpy()
 
 
@@ -73,7 +73,7 @@ def _task_figures(kind: str, sample: Sample, meta: dict[str, Any], outputs: dict
         res = {p: _knn_top1(o, sample.labels, classes) for p, o in outputs.items()}
         torch_labels = _knn_labels(ref, sample.labels, classes)
         agree = {p: float((_knn_labels(o, sample.labels, classes) == torch_labels).mean()) for p, o in outputs.items()}
-        k = min(KNN_K[0], len(sample) - 1)
+        k = loo_k(sample.labels)
         return {"knn_accuracy": {**res, "k": k, "images": len(sample),
                                  "protocol": f"leave-one-out weighted kNN, cosine, t={KNN_T:g}, on the checked images"},
                 "agreement_with_pytorch": {**agree, "k": k, "images": len(sample),
