@@ -81,6 +81,11 @@ def test_epochs_are_an_image_budget_within_bounds():
     assert choose_epochs(10**7).value == lo and "(the fewest)" in choose_epochs(10**7).reason
     assert choose_epochs(1500).reason == (f"auto: about {IMAGES_SEEN:,} image views for 1,500 images; on NEU-DET and "
                                           "emoji twice as long changed linear@10 by at most 0.02")
+    # a bound: the views it really gives (3 images had read "about 45,000 image views for 3 images")
+    assert choose_epochs(3).reason.startswith("auto: 3 images x 100 epochs (the most) = 300 image views, short of the "
+                                              "budget of about 45,000; on NEU-DET")
+    assert choose_epochs(50_000).reason.startswith("auto: 50,000 images x 15 epochs (the fewest) = 750,000 image "
+                                                   "views, past the budget of about 45,000;")
 
 
 def test_header_sizes_read_an_even_spread_and_skip_what_pillow_cannot_open(tmp_path):
@@ -221,7 +226,8 @@ def test_pretrain_on_photos_says_what_it_chose_and_records_the_numbers(tmp_path,
     out = " ".join(capsys.readouterr().out.split())
     assert "Image size: 128 px (auto: shorter side 200 px over 12 images; capped at 128 px (NEU-DET, 31 epochs: " \
            "linear@10 +0.05 over 96 px" in out
-    assert "Epochs: 1 (auto: about 45,000 image views for 12 images (the most); on NEU-DET" in out
+    assert "Epochs: 1 (auto: 12 images x 1 epochs (the most) = 12 image views, short of the budget of about 45,000; " \
+           "on NEU-DET" in out
     assert "12 images at 128px" in out
     cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
     assert (cfg["image_size"], cfg["epochs"]) == (128, 1)
@@ -237,3 +243,19 @@ def test_explicit_flags_override_and_print_no_auto_line(tmp_path, capsys):
     assert "Image size:" not in out and "Epochs:" not in out and "Temperature:" not in out and "Bank step" not in out
     assert "12 images at 32px" in out
     assert "auto" not in json.loads((run.run_dir / "encoder.json").read_text())
+
+
+def test_auto_epochs_count_the_images_that_train_not_the_unreadable_files(tmp_path, capsys, monkeypatch):
+    """1,800 unreadable files among 2,000 had set the budget for 2,000 images: 22 epochs for 200 that trained."""
+    from edgessl.data import auto
+
+    data = folder(tmp_path / "f", [(32, 32)] * 12)
+    for i in range(6):
+        (data / f"junk{i}.png").write_bytes(b"not an image")
+    monkeypatch.setattr(auto, "IMAGES_SEEN", 36)  # 36 views: 2 epochs of 18 files, 3 of the 12 that decode
+    monkeypatch.setattr(auto, "EPOCH_BOUNDS", (1, 100))
+    run = edgessl.pretrain(data=str(data), out=str(tmp_path / "run"), batch_size=8, eval_every=0, threads="1")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Epochs: 3 (auto: about 36 image views for 12 images; on NEU-DET and emoji twice as long changed " \
+           "linear@10 by at most 0.02; the 6 unreadable files are not counted)" in out
+    assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["epochs"] == 3 and len(run.history) == 3

@@ -83,6 +83,9 @@ def choose_epochs(n_images: int) -> AutoChoice:
     if n_images <= 0:
         return AutoChoice(lo, f"auto: no images counted, so {lo}")
     epochs = min(hi, max(lo, round(IMAGES_SEEN / n_images)))
-    bound = " (the most)" if epochs == hi else " (the fewest)" if epochs == lo else ""
-    return AutoChoice(epochs, f"auto: about {IMAGES_SEEN:,} image views for {n_images:,} images{bound}; on NEU-DET "
-                              "and emoji twice as long changed linear@10 by at most 0.02")
+    evidence = "on NEU-DET and emoji twice as long changed linear@10 by at most 0.02"
+    if epochs in (lo, hi) and epochs != round(IMAGES_SEEN / n_images):  # a bound: say the views it really gives
+        which, side = ("the most", "short of") if epochs == hi else ("the fewest", "past")
+        return AutoChoice(epochs, f"auto: {n_images:,} images x {epochs} epochs ({which}) = {n_images * epochs:,} "
+                                  f"image views, {side} the budget of about {IMAGES_SEEN:,}; {evidence}")
+    return AutoChoice(epochs, f"auto: about {IMAGES_SEEN:,} image views for {n_images:,} images; {evidence}")

@@ -113,6 +113,18 @@ def resolve_auto(cfg: PretrainConfig) -> tuple[PretrainConfig, dict[str, str], l
     return replace(cfg, **chosen), said, paths
 
 
+def recount_epochs(cfg: PretrainConfig, chosen: dict[str, str], scanned: list[Path] | None,
+                   n_images: int) -> PretrainConfig:
+    """--epochs auto counted the files found (resolve_auto); when decoding skipped some, the budget is set again for
+    the images that train (1,800 unreadable files among 2,000 had given 22 epochs to 200 images, not 100)."""
+    if "epochs" not in chosen or scanned is None or n_images == len(scanned):
+        return cfg
+    epochs = choose_epochs(n_images)
+    chosen["epochs"] = (f"{epochs.value} ({epochs.reason}; the {len(scanned) - n_images:,} unreadable files are not "
+                        "counted)")
+    return replace(cfg, epochs=epochs.value)
+
+
 def resolve_temperature(cfg: PretrainConfig, images: ImageSet) -> tuple[PretrainConfig, dict[str, str]]:
     """--temperature auto chosen from the decoded training images (edgessl.data.lookalike): the config with the
     number (config.yaml records what ran) and {"temperature": "tau (why)"} for the banner and encoder.json."""

@@ -29,6 +29,7 @@ from edgessl.train.output import banner
 from edgessl.train.prepare import (
     interrupted,
     load_data,
+    recount_epochs,
     resolve_auto,
     resolve_bank_lr,
     resolve_batch,
@@ -105,6 +106,7 @@ def _pretrain(cfg: PretrainConfig, resume: str | Path | None, console: Console, 
     pending = open_teacher(cfg, run_dir if ckpt is not None else None, warn)  # a wrong --teacher fails here
     predictor = add_predictor(cfg, model, pending, d, device)
     images, val, signature = load_data(cfg, run_dir if resume else None, None if quiet else console, d, warn, scanned)
+    cfg = recount_epochs(cfg, chosen, scanned, len(images))
     grey = choose_greyscale(cfg.greyscale, images)
     caution = colour_under_on(cfg.greyscale, images) if d.main else None
     if caution:
