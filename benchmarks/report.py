@@ -264,6 +264,12 @@ def duplicates_section(rec) -> str:
     return section(rec)
 
 
+def lookalike_section(rec) -> str:
+    from benchmarks.lookalike import lookalike_section as section
+
+    return section(rec)
+
+
 def copy_score_section(rec) -> str:
     from benchmarks.copy_score import copy_score_section as section
 
@@ -324,9 +330,10 @@ def write_readme(results: Path, readme: Path) -> None:
     parts = [HEADER]
     sections = {"cost": cost_section, "ablation": ablation_section, "data": data_section, "budget": budget_section,
                 "slim": slim_section, "shared-cpu": shared_cpu_section, "midway": midway_section, "eval": eval_section, "loader": loader_section, "export": export_search_section, "init": init_section,
-                "teacher": teacher_section, "duplicates": duplicates_section, "copy-score": copy_score_section}
+                "teacher": teacher_section, "duplicates": duplicates_section, "copy-score": copy_score_section,
+                "lookalike": lookalike_section}
     for suite in ("cost", "accuracy", "budget", "ablation", "data", "slim", "shared-cpu", "midway", "eval", "loader", "export",
-                  "init", "teacher", "duplicates", "copy-score", "domains"):
+                  "init", "teacher", "duplicates", "copy-score", "domains", "lookalike"):
         path = results / f"{suite}.json"
         if path.exists():
             rec = json.loads(path.read_text())

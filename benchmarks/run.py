@@ -29,6 +29,8 @@ Suites (each writes <results>/<suite>.json, then benchmarks/README.md is regener
             the colour blur a JPEG copy needs (benchmarks/copy_score.py)
   domains   NEU-DET steel scans (emoji for contrast): edgessl for 15/30/60 epochs, at 64/96/128 px, random weights,
             SimCLR at equal epochs and equal wall-clock, supervised ceiling (benchmarks/domains.py; --only)
+  lookalike the look-alike score of random subsets of 20-1,000 images per folder against the size-aware threshold of
+            --temperature auto (benchmarks/lookalike.py)
   loader    cold/warm start, cache-building RSS, loader images/s (RAM, memory map, streaming), end-to-end vs
             model-only, monitor seconds at N = 20,000 (benchmarks/loader.py)
   all       every suite above
@@ -57,7 +59,7 @@ from benchmarks.datasets import SharedDataMissing
 from benchmarks.domains import PARTS as DOMAIN_PARTS
 
 SUITES = ("cost", "accuracy", "ablation", "data", "budget", "slim", "shared-cpu", "midway", "eval", "loader", "export",
-          "init", "teacher", "duplicates", "copy-score", "domains")
+          "init", "teacher", "duplicates", "copy-score", "domains", "lookalike")
 # ---------------------------------------------------------------- suites
 def suite_cost(args) -> list[dict]:
     rows = []
@@ -222,6 +224,12 @@ def suite_copy_score(args) -> list[dict]:
 
 def suite_domains(args) -> list[dict]:
     from benchmarks.domains import suite_domains as run
+
+    return run(args)
+
+
+def suite_lookalike(args) -> list[dict]:
+    from benchmarks.lookalike import suite_lookalike as run
 
     return run(args)
 

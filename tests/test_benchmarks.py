@@ -312,6 +312,17 @@ def test_duplicates_suite(bench):
     assert_tables_well_formed(readme.split("## Duplicates")[1])
 
 
+def test_lookalike_suite(bench):
+    rec, readme = bench("lookalike")
+    assert {r["data"] for r in rec["rows"]} == {"cifar10-5k", "neu-det", "emoji", "digits"}  # --tiny: nothing fetched
+    assert {r["images"] for r in rec["rows"]} == {5, 10}
+    for r in rec["rows"]:
+        assert len(r["scores"]) == 2 and 0 <= r["right"] <= 2 and r["fitted_on"] == (r["data"] in ("cifar10-5k",
+                                                                                                   "neu-det"))
+    assert "## Look-alike score and folder size" in readme and "| neu-det | look-alike (fitted on) |" in readme
+    assert_tables_well_formed(readme.split("## Look-alike score")[1])
+
+
 def test_copy_score_suite(bench):
     import edgessl.evaluate.copies as cp
 

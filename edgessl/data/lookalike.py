@@ -21,8 +21,10 @@ import torch
 from edgessl.data.folder import ImageSet
 
 THUMB = 16  # px of the grey thumbnails the score compares
-LOOKALIKE_SAMPLE = 1000  # images compared at most, evenly spread (the score hardly moves with the folder's size)
-LOOKALIKE_THRESHOLD = 0.70  # look-alike score from which tau 0.2 is chosen
+LOOKALIKE_SAMPLE = 1000  # images compared at most, evenly spread
+LOOKALIKE_THRESHOLD = 0.70  # look-alike score from which tau 0.2 is chosen, on a sample of LOOKALIKE_SAMPLE images
+SIZE_SLOPE = 0.94  # how the threshold falls with 1/sqrt(images) on smaller samples (threshold_for)
+FEWEST_SURE = 20  # a sample of fewer images is always reported as unsure
 SURE_MARGIN = 0.05  # a score closer than this to the threshold is reported as unsure
 TEMPERATURES = (0.1, 0.2)  # (photos, look-alike folders)
 MEASURED = {"photos": (0.62, 0.63), "look-alike": (0.77, 0.95)}  # the score's range on the measured folders
@@ -63,17 +65,31 @@ class TemperatureChoice:
     reason: str
 
 
-def choose_temperature(score: float, threshold: float = LOOKALIKE_THRESHOLD) -> TemperatureChoice:
-    """tau from the folder's look-alike score: TEMPERATURES[1] at or above `threshold`, else TEMPERATURES[0]; the
-    reason says how far the score is from the threshold and from the measured folders."""
+def threshold_for(n_images: int) -> float:
+    """The threshold for a score over `n_images` (at most LOOKALIKE_SAMPLE count): each image's nearest other is
+    found among fewer candidates, so the score reads lower on a small folder (NEU-DET 0.63 at 20 images, 0.77 at
+    1,000; CIFAR-10 0.41 and 0.63). Fewer than FEWEST_SURE images take the threshold at FEWEST_SURE.
+    LOOKALIKE_THRESHOLD - SIZE_SLOPE * (1 / sqrt(n) - 1 / sqrt(LOOKALIKE_SAMPLE)), the slope fitted on random
+    subsets of CIFAR-10 and NEU-DET and checked on emoji, Twemoji and digits (benchmarks/README.md "Look-alike
+    score and folder size")."""
+    n = max(FEWEST_SURE, min(n_images, LOOKALIKE_SAMPLE))  # below FEWEST_SURE unmeasured: the threshold at it
+    return LOOKALIKE_THRESHOLD - SIZE_SLOPE * (n ** -0.5 - LOOKALIKE_SAMPLE ** -0.5)
+
+
+def choose_temperature(score: float, n_images: int = LOOKALIKE_SAMPLE) -> TemperatureChoice:
+    """tau from the folder's look-alike score over `n_images`: TEMPERATURES[1] at or above threshold_for(n_images),
+    else TEMPERATURES[0]; the reason says how far the score is from the threshold and from the measured folders."""
     photos, alike = MEASURED["photos"], MEASURED["look-alike"]
-    if score >= threshold:
-        tau, kind = TEMPERATURES[1], "the images look alike"
-    else:
-        tau, kind = TEMPERATURES[0], "the images differ"
-    margin = abs(score - threshold)
-    sure = "clear of it" if margin >= SURE_MARGIN else \
-        f"within {SURE_MARGIN:.2f} of it, so unsure: try --temperature {TEMPERATURES[score < threshold]:g} too"
-    reason = (f"auto: look-alike score {score:.2f}, {kind} (threshold {threshold:.2f}, {sure}; measured: photos "
+    threshold = threshold_for(n_images)
+    kind = "the images look alike" if score >= threshold else "the images differ"
+    tau = TEMPERATURES[score >= threshold]
+    other = f"try --temperature {TEMPERATURES[score < threshold]:g} too"
+    sure = "clear of it" if abs(score - threshold) >= SURE_MARGIN else f"within {SURE_MARGIN:.2f} of it, so unsure"
+    sure = f"only {n_images} images, so unsure" if n_images < FEWEST_SURE else sure
+    sure += f": {other}" if "unsure" in sure else ""
+    at = "" if n_images >= LOOKALIKE_SAMPLE else \
+        f" for {n_images:,} images ({LOOKALIKE_THRESHOLD:.2f} for {LOOKALIKE_SAMPLE:,}: a small folder's score " \
+        "reads lower)"
+    reason = (f"auto: look-alike score {score:.2f}, {kind} (threshold {threshold:.2f}{at}, {sure}; measured: photos "
               f"{photos[0]:.2f}-{photos[1]:.2f}, scans, icons and digits {alike[0]:.2f}-{alike[1]:.2f})")
     return TemperatureChoice(tau, score, reason)

@@ -18,7 +18,7 @@ from edgessl.data.augment import test_transform
 from edgessl.data.auto import choose_epochs, choose_image_size, header_sizes
 from edgessl.data.folder import ImageSet, load_image_folder, write_skipped
 from edgessl.data.loader import Prefetcher, gather
-from edgessl.data.lookalike import choose_temperature, lookalike_score
+from edgessl.data.lookalike import LOOKALIKE_SAMPLE, choose_temperature, lookalike_score
 from edgessl.data.signature import describe_difference, files_hash, folder_signature, scan_images
 from edgessl.demo import demo_images
 from edgessl.errors import Interrupted, UserError, stop_words
@@ -130,7 +130,7 @@ def resolve_temperature(cfg: PretrainConfig, images: ImageSet) -> tuple[Pretrain
     number (config.yaml records what ran) and {"temperature": "tau (why)"} for the banner and encoder.json."""
     if cfg.temperature != "auto":
         return cfg, {}
-    choice = choose_temperature(lookalike_score(images))
+    choice = choose_temperature(lookalike_score(images), min(len(images), LOOKALIKE_SAMPLE))
     return replace(cfg, temperature=choice.value), {"temperature": f"{choice.value:g} ({choice.reason})"}
 
 
