@@ -50,7 +50,7 @@ def test_check_greyscale_stops_at_the_first_colour_image_and_spreads_its_sample(
     assert check_greyscale(_set(rows)).grey and check_greyscale(_set(rows)).checked == 20
     rows[7, 0] = 255 - rows[7, 0]  # image 7 has colour
     check = check_greyscale(_set(rows), chunk=4)
-    assert not check.grey and check.colour == 7 and check.describe() == "colour (image 7 has colour)"
+    assert not check.grey and check.colour == 7 and check.describe() == "colour (7.png has colour)"  # its file
     sampled = check_greyscale(_set(_grey(20)), limit=5)
     assert sampled.grey and sampled.checked == 5
     assert sampled.describe() == "greyscale (5 of 20 images, evenly spread: R = G = B)"
@@ -87,10 +87,15 @@ def test_a_mixed_folder_says_it_trains_in_colour_and_how_many_are_grey():
     rows[5, 0] = 255 - rows[5, 0]  # image 5 has colour
     choice = choose_greyscale("auto", _set(rows))
     assert not choice.on and choice.mixed
-    assert choice.describe() == ("colour augmentations kept (auto: colour (image 5 has colour); 7 of the 8 images "
+    assert choice.describe() == ("colour augmentations kept (auto: colour (5.png has colour); 7 of the 8 images "
                                  "checked are grey: a mixed folder trains in colour (--greyscale on: no colour "
                                  "jitter, grey input on the device))")
     assert not choose_greyscale("auto", _set(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8))).mixed
+    photos = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    photos[3] = _grey(1)[0]  # one grey photo among colour ones (CIFAR-10 has 3 %): a colour folder, not "mixed"
+    assert not choose_greyscale("auto", _set(photos)).mixed
+    photos[:2] = _grey(2)  # 3 of 8 grey (at least MIXED_SHARE): mixed
+    assert choose_greyscale("auto", _set(photos)).mixed
 
 
 def test_greyscale_on_over_colour_images_warns_that_training_keeps_their_colour():
@@ -101,7 +106,7 @@ def test_greyscale_on_over_colour_images_warns_that_training_keeps_their_colour(
     assert colour_under_on("on", _set(rows)) is None and colour_under_on("auto", _set(rows)) is None
     rows[5, 0] = 255 - rows[5, 0]
     assert colour_under_on("on", _set(rows)) == (
-        "--greyscale on: the folder has colour (colour (image 5 has colour)); training keeps it (only the colour "
+        "--greyscale on: the folder has colour (colour (5.png has colour)); training keeps it (only the colour "
         "augmentations are off) while the export turns the device's input grey: convert the images to grey first "
         "for the two to match.")
 

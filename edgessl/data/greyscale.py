@@ -10,6 +10,7 @@ manifest, whose device-side preprocessing then turns any colour input grey as tr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ from edgessl.data.folder import ImageSet
 
 GREY_TOLERANCE = 1.0  # mean |R - G| + |G - B| per pixel (0-255) up to which an image is grey (JPEG chroma noise)
 CHECK_LIMIT = 5000  # images checked at most, evenly spread (a folder of 100,000 large scans is not read twice)
+MIXED_SHARE = 0.25  # a colour folder is "mixed" from this share of grey images among those checked (CIFAR-10: 3 %)
 
 
 def grey_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -29,7 +31,8 @@ def grey_rows(rows: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GreyCheck:
-    """The folder check: grey when every checked image is; `colour` the first colour image found (its row)."""
+    """The folder check: grey when every checked image is; `colour` the first colour image found (its row) and
+    `colour_name` its file name."""
 
     grey: bool
     checked: int
@@ -37,10 +40,11 @@ class GreyCheck:
     colour: int | None = None
     grey_seen: int = 0  # a colour folder: the grey images among the `read` checked up to its first colour chunk
     read: int = 0
+    colour_name: str | None = None
 
     def describe(self) -> str:
         if not self.grey:
-            return f"colour (image {self.colour} has colour)"
+            return f"colour ({self.colour_name or f'image {self.colour}'} has colour)"
         some = f"{self.checked:,} of {self.total:,} images, evenly spread" if self.checked < self.total else \
             f"all {self.total:,} images"
         return f"greyscale ({some}: R = G = B)"
@@ -56,7 +60,8 @@ def check_greyscale(images: ImageSet, limit: int = CHECK_LIMIT, chunk: int = 512
         grey = grey_rows(images.get(part))
         seen, read = seen + int(grey.sum()), read + len(part)
         if not bool(grey.all()):
-            return GreyCheck(False, len(index), n, int(part[~grey][0]), seen, read)
+            row = int(part[~grey][0])
+            return GreyCheck(False, len(index), n, row, seen, read, Path(images.paths[row]).name)
     return GreyCheck(True, len(index), n)
 
 
@@ -94,7 +99,7 @@ def choose_greyscale(option: str, images: ImageSet) -> GreyChoice:
     if option == "off":
         return GreyChoice(False, "--greyscale off")
     check = check_greyscale(images)
-    if not check.grey and check.grey_seen:
+    if not check.grey and check.grey_seen >= MIXED_SHARE * check.read:  # a few grey photos among colour: not mixed
         return GreyChoice(False, f"auto: {check.describe()}; {check.grey_seen:,} of the {check.read:,} images "
                                  "checked are grey: a mixed folder trains in colour (--greyscale on: no colour "
                                  "jitter, grey input on the device)", mixed=True)
