@@ -259,3 +259,11 @@ def test_auto_epochs_count_the_images_that_train_not_the_unreadable_files(tmp_pa
     assert "Epochs: 3 (auto: about 36 image views for 12 images; on NEU-DET and emoji twice as long changed " \
            "linear@10 by at most 0.02; the 6 unreadable files are not counted)" in out
     assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["epochs"] == 3 and len(run.history) == 3
+
+
+def test_panoramas_are_told_the_centre_crop_keeps_little_of_them():
+    """40 images of 4000 x 300 had trained on a 300 x 300 strip of each (7.5 %) without a word."""
+    reason = choose_image_size([(4000, 300)] * 30 + [(400, 300)] * 10).reason
+    assert reason.endswith("; 30 of the 40 are longer than 3:1, and the square centre crop keeps a third or less of "
+                           "each: crop or pad them to squares first")
+    assert "longer than" not in choose_image_size([(400, 300), (300, 899)] * 5).reason  # under 3:1: nothing said

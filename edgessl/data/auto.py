@@ -29,6 +29,7 @@ PHOTO_WHY = ("(NEU-DET, 31 epochs: linear@10 +0.05 over 96 px at 1.8x the time p
 HEADER_LIMIT = 256
 IMAGES_SEEN = 45_000  # image views of one run; see benchmarks/README.md "Domains"
 EPOCH_BOUNDS = (15, 100)
+LONG_RATIO = 3.0  # images longer than this (long side : short side) lose most of themselves to the centre crop
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,23 @@ def choose_image_size(sizes: Sequence[tuple[int, int]]) -> AutoChoice:
     value = min(native, PHOTO_SIZE)
     below = sum(s < value for s in shorts)
     up = f"; {below:,} of the {len(shorts):,} are smaller and upscaled to it" if below else ""
+    up += long_note(sizes)
     if native > median:  # smaller than the smallest size trained at
         return AutoChoice(native, f"auto: {seen}; trained at {native} px, the smallest size{up}")
     if native <= PHOTO_SIZE:
         how = "their own size" if native == median else f"their size rounded down to {native} px"
         return AutoChoice(native, f"auto: {seen}; trained at {how}{up or ', never upscaled'}")
     return AutoChoice(PHOTO_SIZE, f"auto: {seen}; capped at {PHOTO_SIZE} px {PHOTO_WHY}{up}")
+
+
+def long_note(sizes: Sequence[tuple[int, int]], ratio: float = LONG_RATIO) -> str:
+    """'; N of the M are longer than 3:1: ...' when images are so long that the square centre crop keeps a third or
+    less of each (a panorama of 4000 x 300 keeps 7.5 %), else ''."""
+    long = sum(max(w, h) >= ratio * min(w, h) for w, h in sizes)
+    if not long:
+        return ""
+    return (f"; {long:,} of the {len(sizes):,} are longer than {ratio:g}:1, and the square centre crop keeps a third "
+            "or less of each: crop or pad them to squares first")
 
 
 def choose_epochs(n_images: int) -> AutoChoice:
