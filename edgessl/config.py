@@ -31,7 +31,7 @@ class PretrainConfig(HasDecode):
     # data
     data: str | None = option(None, "Folder of images, searched recursively.", shown="the bundled demo images")
     image_size: int | str = option("auto", "Training resolution in pixels, or auto: the images' own size (median "
-                                           "shorter side, never upscaled), larger images at 128 px.")
+                                           "shorter side, rounded down; at least 32), larger images at 128 px.")
     val: str | None = option(None, "Labelled folder (one subfolder per class) for the online kNN monitor.",
                              shown="none")
     labels_from_folders: bool = option(False, "Use --data's subfolders as labels for the kNN monitor.")

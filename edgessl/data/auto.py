@@ -59,7 +59,7 @@ def header_sizes(paths: Sequence[Path], limit: int = HEADER_LIMIT) -> list[tuple
 
 def choose_image_size(sizes: Sequence[tuple[int, int]]) -> AutoChoice:
     """`--image-size auto` from the images' (width, height): the median shorter side rounded down to SIZE_LADDER
-    (never upscaled), at most PHOTO_SIZE."""
+    (a median below its smallest size trains at that size), at most PHOTO_SIZE."""
     if not sizes:
         return AutoChoice(64, "auto: no image header could be read, so the default 64 px")
     shorts = sorted(min(w, h) for w, h in sizes)
