@@ -204,3 +204,14 @@ def test_a_signal_during_fine_tuning_says_nothing_was_written_and_the_earlier_ou
         f"Stopped by SIGTERM: a fine-tuning writes nothing until its last epoch, so nothing was written; the earlier "
         f"{earlier} is as it was. Run the same command again.")
     assert [p.name for p in earlier.iterdir()] == ["metrics.json"] and len(list(run_copy.glob("finetune-*"))) == 1
+
+
+def test_the_confusion_title_fits_the_figure():
+    """A 2-class plot titled with a long run name had cut the title off at 'test top-1 4'."""
+    from edgessl.report.eval_plots import confusion_figure
+
+    title = "mobilenetv3_small_100 - mobilenetv3_small-20261130-120000 - finetune-lpc1-frozen: test top-1 45.0%"
+    fig = confusion_figure([[3, 1], [2, 4]], ["a", "b"], title)
+    renderer = fig.canvas.get_renderer()
+    box, text = fig.get_window_extent(renderer), fig._suptitle.get_window_extent(renderer)
+    assert fig._suptitle.get_text() == title and box.x0 <= text.x0 and text.x1 <= box.x1

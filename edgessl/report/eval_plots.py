@@ -45,7 +45,15 @@ def plot_eval(summary: Sequence[dict[str, Any]], path: str | Path, title: str = 
 
 
 def plot_confusion(cm, classes: Sequence[str], path: str | Path, title: str = "") -> None:
-    """Row-normalised confusion matrix (true class per row) with the raw counts written in each cell.
+    """confusion.png: confusion_figure, saved."""
+    fig = confusion_figure(cm, classes, title)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
+def confusion_figure(cm, classes: Sequence[str], title: str = ""):
+    """Row-normalised confusion matrix (true class per row) with the raw counts written in each cell; the title
+    shrinks to the figure's width (a long run name had cut off the test top-1).
 
     cm: (C, C) counts (tensor, array or nested lists)."""
     plt = pyplot()
@@ -68,7 +76,6 @@ def plot_confusion(cm, classes: Sequence[str], path: str | Path, title: str = ""
                             color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if title:
-        ax.set_title(title)
+        fit_title(fig, title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
