@@ -21,13 +21,18 @@ def pyplot():
 
 
 def fit_title(fig, title: str, size: float = 12.0) -> None:
-    """A suptitle that fits the figure's width: the font shrinks (down to 6 pt) until the widest line fits."""
+    """A suptitle that fits the figure's width: the font shrinks (down to 6 pt) until the widest line fits; a title
+    still too wide at 6 pt is broken in two at the space nearest its middle, then shrunk again."""
     text = fig.suptitle(title, fontsize=size)
     renderer = fig.canvas.get_renderer()
     width = fig.get_window_extent(renderer).width * 0.96
     extent = text.get_window_extent(renderer).width
     if extent > width:
         text.set_fontsize(max(6.0, size * width / extent))
+    if text.get_window_extent(renderer).width > width and "\n" not in title and " " in title:
+        middle = len(title) // 2
+        cut = min((i for i, c in enumerate(title) if c == " "), key=lambda i: abs(i - middle))
+        fit_title(fig, f"{title[:cut]}\n{title[cut + 1:]}", size)
 
 
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
