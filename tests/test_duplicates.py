@@ -194,6 +194,25 @@ def test_the_chosen_rule_meets_its_target_on_a_toy_calibration():
     assert given.chosen == "given" and given.recall == pytest.approx(0.47) and given.precision == 1.0
     missed = np.full(10, -np.inf, np.float32)  # no planted copy was found: nothing reaches the target
     assert not copy_rule.choose_rule(missed, wrong, own).reached
+    above_all = copy_rule.rule_at(0.999, true, wrong, own)  # a given threshold above every planted copy
+    assert above_all.recall == 0 and not above_all.reached  # had "reached" the target on precision 1.0 of nothing
+
+
+def test_a_rule_that_found_no_planted_copy_writes_no_precision(tmp_path):
+    """duplicates.json and .csv had said estimated_precision 1.0 where the console said it rests on nothing."""
+    import json
+    from types import SimpleNamespace
+
+    from edgessl.workflows.embed_files import write_duplicates, write_rule
+
+    rule = copy_rule.Rule(0.99, 1.0, 0.0, 8, 0, 0.95, False, "given", precision_low=1.0)
+    record = json.loads(write_rule(tmp_path / "d.json", ["a.png", "b.png"], rule).read_text())
+    assert record["estimated_precision"] is None and record["estimated_precision_low"] is None
+    assert record["estimated_recall"] == 0.0 and record["reached"] is False
+    found = SimpleNamespace(pairs=np.array([[0, 1]]), kinds=["copy"], scores=np.array([0.995]),
+                            cosines=np.array([0.99]), groups=np.array([0]))
+    rows = (write_duplicates(tmp_path / "d.csv", ["a.png", "b.png"], found, None, None).read_text().splitlines())
+    assert rows[0].split(",")[5] == "estimated_precision" and [r.split(",")[5] for r in rows[1:]] == ["", ""]
 
 
 def test_the_threshold_never_lands_on_a_folder_pair_between_a_look_alike_and_the_next_planted_copy():

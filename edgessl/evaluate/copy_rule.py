@@ -123,4 +123,4 @@ def limiting(rule: Rule, true: np.ndarray, wrong: np.ndarray, own: np.ndarray, p
 def rule_at(threshold: float, true: np.ndarray, wrong: np.ndarray, own: np.ndarray, target: float = 0.95) -> Rule:
     """The estimates of a threshold the user gave."""
     p, r, k = estimate(float(threshold), true, wrong, own[np.isfinite(own)])
-    return Rule(float(threshold), p, r, len(true), k, target, p >= target, "given")
+    return Rule(float(threshold), p, r, len(true), k, target, p >= target and r > 0, "given")  # r 0: no evidence

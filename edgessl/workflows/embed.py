@@ -211,8 +211,8 @@ def _duplicates(result: EmbedResult, opts: EmbedOptions, src, embedded: Embedded
     result.rule = copy_rule.limiting(rule, *args[:3], calibration.wrong_pairs)
     result.duplicates = found = dup.classify(scored, unit, result.rule, calibration.similar)
     folder = result.out.parent
-    result.written.append(write_duplicates(folder / "duplicates.csv", result.paths, found, result.rule.precision,
-                                           opts.keep))
+    evidence = result.rule.precision if result.rule.recall > 0 else None  # no planted copy found: no estimate
+    result.written.append(write_duplicates(folder / "duplicates.csv", result.paths, found, evidence, opts.keep))
     result.written.append(write_rule(folder / "duplicates.json", result.paths, result.rule))
     result.written.append(write_similar(folder / "similar.csv", result.paths, found))
     if len(found.pairs) or result.rule.limit is not None:  # the pair the threshold line asks a person to judge

@@ -132,28 +132,31 @@ def keeper(paths: Sequence[str], members: list[int], keep: str) -> int:
     return max(sorted(members, key=lambda i: paths[i]), key=pixels)
 
 
-def write_duplicates(path: Path, paths: Sequence[str], found, precision: float, keep: str | None) -> Path:
+def write_duplicates(path: Path, paths: Sequence[str], found, precision: float | None, keep: str | None) -> Path:
     """duplicates.csv: one row per image in a group: group, kind (exact | copy), image, score (its best copy score
     in the group; 1 for exact twins), cosine (its best embedding cosine in the group), estimated_precision (of the
-    rule that put it there; 1 for exact twins), keep (yes | no with --keep, else empty)."""
+    rule that put it there; 1 for exact twins; empty when no planted copy was found: no estimate), keep (yes | no
+    with --keep, else empty)."""
     rows = []
     for g, entry in sorted(group_members(found).items()):
         kept = keeper(paths, entry["members"], keep) if keep else None
         est = 1.0 if entry["kind"] == "exact" else precision
         for i in entry["members"]:
             rows.append((g, entry["kind"], paths[i], f"{entry['score'][i]:.6f}", f"{entry['cosine'][i]:.6f}",
-                         f"{est:.4f}", "" if kept is None else ("yes" if i == kept else "no")))
+                         "" if est is None else f"{est:.4f}", "" if kept is None else ("yes" if i == kept else "no")))
     return _write_csv(path, ("group", "kind", "image", "score", "cosine", "estimated_precision", "keep"), rows)
 
 
 def write_rule(path: Path, paths: Sequence[str], rule) -> Path:
     """duplicates.json: the copy rule as the command printed it (copy_rule.Rule: threshold, how it was chosen, the
-    estimated precision with its pessimistic end, recall, planted copies, target, reached) and, for an "auto"
-    threshold, the look-alike pair that set it (paths) with the threshold and estimated recall without it."""
-    limit = rule.limit
+    estimated precision with its pessimistic end (null when no planted copy was found), recall, planted copies,
+    target, reached) and, for an "auto" threshold, the look-alike pair that set it (paths) with the threshold and
+    estimated recall without it."""
+    limit, found = rule.limit, rule.recall > 0  # no planted copy found: the precision rests on nothing (null)
     record = {"threshold": rule.threshold, "chosen": rule.chosen, "target_precision": rule.target,
-              "reached": rule.reached, "estimated_precision": rule.precision,
-              "estimated_precision_low": rule.precision_low, "unsure": rule.unsure, "estimated_recall": rule.recall,
+              "reached": rule.reached, "estimated_precision": rule.precision if found else None,
+              "estimated_precision_low": rule.precision_low if found else None, "unsure": rule.unsure,
+              "estimated_recall": rule.recall,
               "planted": rule.planted, "set_by": None if limit is None else {
                   "copy_of": paths[limit.pair[0]], "matched": paths[limit.pair[1]], "score": limit.score,
                   "threshold_without": limit.threshold_without, "estimated_recall_without": limit.recall_without}}
