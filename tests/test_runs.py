@@ -165,7 +165,8 @@ def test_resume_refuses_changed_training_settings_another_out_and_a_recipe(cut, 
     run = shutil.copytree(cut, tmp_path / "run")
     before = folder_hash(run)
     line = one_line_error(runner.invoke(app, ["pretrain", "--resume", str(run), "--lr", "1.0", "--method", "npid"]))
-    assert line == (f"error: Cannot resume '{run}': it trains with --method edgessl, not npid; --bank-init forward, "
+    assert line == (f"error: Cannot resume '{run}': it trains with --method edgessl, not npid; --temperature 0.2, "
+                    "not 0.1; --bank-init forward, "
                     "not random; --bank-update grad, not momentum; --sd-weight 5.0, not 0.0; --lr 0.2, not 1.0: a "
                     f"run keeps its settings. Resume without those options, or start a new run from its weights: "
                     f"--init {run}.")
