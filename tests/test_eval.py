@@ -502,3 +502,15 @@ def test_the_leave_one_out_k_stays_below_the_smallest_class():
     same = torch.ones(20, 3)
     wrong = knn_predict(same, same, labels, 4, k=19, exclude_self=True).argmax(1) != labels
     assert wrong.all()  # the old k: every image voted out of its own class
+
+
+def test_eval_notes_a_probe_that_could_not_cross_validate_above_one_label():
+    """A class with one image had made every budget fall back to l2 = 1/N, and nothing said so."""
+    from edgessl.workflows.eval import uncrossed_notes
+
+    rows = [{"protocol": "linear", "labels_per_class": v, "l2_cross_validated": cv}
+            for v, cv in ((1, False), (5, False), (5, False), ("all", False), (10, True))]
+    rows.append({"protocol": "knn", "labels_per_class": 5})
+    assert uncrossed_notes(rows) == [
+        f"note: at {v} labels per class a class has a single labelled image, so the linear probe took l2 = 1/N "
+        "without cross-validation (eval.json: l2_cross_validated false)." for v in (5, "all")]  # 1: always (docs)

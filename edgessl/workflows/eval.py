@@ -238,7 +238,7 @@ def _print_results(say: Say, result: EvalResult, classes: list[str]) -> None:
     written."""
     say(f"{len(classes)} classes: {', '.join(classes)}", markup=False)
     say.table(results_table(result.summary))
-    for line in short_notes(result.short_classes):
+    for line in short_notes(result.short_classes) + uncrossed_notes(result.results):
         say(line)
     say(f"Wrote {result.json_path} and {result.plot_path}.")
 
@@ -268,6 +268,15 @@ def short_notes(short: dict[int, dict[str, int]]) -> list[str]:
         + ", ".join(f"{name} ({n})" for name, n in lacking.items())
         for v, lacking in sorted(short.items())
     ]
+
+
+def uncrossed_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per labels-per-class value above 1 whose linear probe could not cross-validate its strength (a class
+    with a single labelled image: l2 = 1/N; at 1 label per class always, as docs/evaluation.md says)."""
+    values = sorted({r["labels_per_class"] for r in rows if r["protocol"] == "linear" and r["labels_per_class"] != 1
+                     and not r.get("l2_cross_validated", True)}, key=lambda v: (v == "all", v if v != "all" else 0))
+    return [f"note: at {v} labels per class a class has a single labelled image, so the linear probe took l2 = 1/N "
+            "without cross-validation (eval.json: l2_cross_validated false)." for v in values]
 
 
 def _pct(mean: float, std: float) -> str:
