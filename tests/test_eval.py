@@ -514,3 +514,14 @@ def test_eval_notes_a_probe_that_could_not_cross_validate_above_one_label():
     assert uncrossed_notes(rows) == [
         f"note: at {v} labels per class a class has a single labelled image, so the linear probe took l2 = 1/N "
         "without cross-validation (eval.json: l2_cross_validated false)." for v in (5, "all")]  # 1: always (docs)
+
+
+def test_a_knn_panel_says_where_every_labelled_image_votes():
+    """eval.png's panels had read 'kNN (k=200)' where 27 labelled images were all there were."""
+    from edgessl.report.eval_plots import panel_title
+
+    summary = [{"protocol": "knn", "k": 200, "labels_per_class": v, "n_train": n} for v, n in ((1, 9), (10, 90),
+                                                                                             ("all", 1529))]
+    assert panel_title(summary, "knn", 200, "kNN (k=200)") == "kNN (k=200)\nall labelled images vote at 1, 10/class"
+    assert panel_title(summary, "knn", 20, "kNN (k=20)") == "kNN (k=20)"  # no k=20 rows: nothing to say
+    assert panel_title(summary, "linear", None, "linear probe") == "linear probe"

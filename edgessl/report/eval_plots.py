@@ -33,7 +33,7 @@ def plot_eval(summary: Sequence[dict[str, Any]], path: str | Path, title: str = 
             ax.errorbar(x, y, yerr=err, capsize=3, label=enc if enc == "pretrained" else "random init", **_STYLE[enc])
         ax.set_xticks(range(len(lpcs)), [str(v) for v in lpcs])
         ax.set_xlabel("labels per class")
-        ax.set_title(label)
+        ax.set_title(panel_title(summary, proto, k, label), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("test top-1 (%)")
     axes[0, 0].legend()
@@ -42,6 +42,16 @@ def plot_eval(summary: Sequence[dict[str, Any]], path: str | Path, title: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def panel_title(summary: Sequence[dict[str, Any]], proto: str, k: int | None, label: str) -> str:
+    """A kNN panel's title says the budgets with fewer labelled images than k (every one of them votes there: the
+    k=20 and k=200 panels had looked alike under the same 'k=200')."""
+    if proto != "knn":
+        return label
+    fewer = list(dict.fromkeys(s["labels_per_class"] for s in summary
+                               if s["protocol"] == proto and s["k"] == k and s["n_train"] < k))
+    return label if not fewer else f"{label}\nall labelled images vote at {', '.join(map(str, fewer))}/class"
 
 
 def plot_confusion(cm, classes: Sequence[str], path: str | Path, title: str = "") -> None:
