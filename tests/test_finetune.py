@@ -215,3 +215,15 @@ def test_the_confusion_title_fits_the_figure():
     renderer = fig.canvas.get_renderer()
     box, text = fig.get_window_extent(renderer), fig._suptitle.get_window_extent(renderer)
     assert fig._suptitle.get_text().replace("\n", " ") == title and box.x0 <= text.x0 and text.x1 <= box.x1
+
+
+def test_per_class_scores_of_a_class_without_test_images_are_null_not_zero():
+    """A class with no test image had reported recall 0.0 (and precision 0.0 when never predicted)."""
+    from edgessl.evaluate.finetune import per_class_rows
+
+    cm = torch.tensor([[3, 1, 0], [0, 0, 0], [1, 0, 0]])  # b: no test image, predicted once; c: never right
+    rows = per_class_rows(cm, ["a", "b", "c"])
+    assert rows["a"] == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
+    assert rows["b"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}  # predicted once, wrongly
+    assert rows["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert per_class_rows(torch.tensor([[2, 0], [0, 0]]), ["a", "b"])["b"]["precision"] is None  # never predicted

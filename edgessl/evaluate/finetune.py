@@ -264,6 +264,20 @@ def _finetune_epoch(state: TrainState, data: FinetuneData, opts: FinetuneOptions
             "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.time() - meter.t0}
 
 
+def per_class_rows(cm, classes: list[str]) -> dict[str, dict[str, Any]]:
+    """metrics.json's per_class: precision, recall, F1 and support per class; a class with no test image has no
+    recall or F1 (null, not 0), and one never predicted on no test image no precision either."""
+    scores = per_class_scores(cm)
+    predicted = cm.sum(dim=0)
+    rows = {}
+    for i, c in enumerate(classes):
+        seen = int(scores["support"][i]) > 0
+        rows[c] = {"precision": float(scores["precision"][i]) if seen or int(predicted[i]) else None,
+                   "recall": float(scores["recall"][i]) if seen else None,
+                   "f1": float(scores["f1"][i]) if seen else None, "support": int(scores["support"][i])}
+    return rows
+
+
 def write_finetune(model: Classifier, data: FinetuneData, opts: FinetuneOptions, per_class: int | None,
                    meta: dict[str, Any], run_dir: Path, train_root: Path, test_root: Path | None, out_dir: Path,
                    history: list[dict[str, Any]], best_epoch: int, dev: torch.device, t_start: float) -> dict[str, Any]:
@@ -272,7 +286,6 @@ def write_finetune(model: Classifier, data: FinetuneData, opts: FinetuneOptions,
     test_logits = predict_logits(model, data.test_images, data.test_idx, meta["mean"], meta["std"], "cpu")
     pred = test_logits.argmax(dim=1)
     cm = confusion_matrix(test_labels, pred, num_classes)
-    scores = per_class_scores(cm)
     tag = finetune_tag(per_class, opts.freeze_backbone)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_data = str(train_root.resolve())
@@ -286,11 +299,7 @@ def write_finetune(model: Classifier, data: FinetuneData, opts: FinetuneOptions,
     save_classifier(model, out_dir, cls_meta)
     metrics = {
         **classification_metrics(test_labels, pred, num_classes),
-        "per_class": {
-            c: {"precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
-                "f1": float(scores["f1"][i]), "support": int(scores["support"][i])}
-            for i, c in enumerate(classes)
-        },
+        "per_class": per_class_rows(cm, classes),
         "confusion": cm.tolist(),
         "classes": classes,
         "n_train": len(data.fit_idx),

@@ -77,8 +77,10 @@ def finetune(run_dir: str | Path, opts: FinetuneOptions, console=None) -> Finetu
         lacking = data.short[per_class]
         say(f"note: {len(lacking)} class(es) have fewer than {per_class} images and use all they have: "
             + ", ".join(f"{n} ({k})" for n, k in lacking.items()))
+    chosen = f"best epoch {best_epoch}/{len(history)}" if len(data.val_idx) else \
+        f"the last epoch, {len(history)}: no held-out images to choose one by"
     say(f"Test top-1 {100 * metrics['top1']:.1f}%  balanced accuracy {100 * metrics['balanced_accuracy']:.1f}%  "
-        f"macro F1 {100 * metrics['macro_f1']:.1f}%  (best epoch {best_epoch}/{len(history)}). Wrote {out_dir}.")
+        f"macro F1 {100 * metrics['macro_f1']:.1f}%  ({chosen}). Wrote {out_dir}.")
     if still_improving(history, best_epoch):
         say(f"note: the held-out loss still fell in the last epochs ({history[-3]['val_loss']:.3f} -> "
             f"{history[-1]['val_loss']:.3f}): more --epochs (now {len(history)}) may help.")
