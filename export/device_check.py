@@ -555,7 +555,13 @@ def loo_k(labels: np.ndarray, k: int = 20) -> int:
     >>> loo_k(np.array([0] * 30 + [1] * 30)), loo_k(np.array([0] * 6 + [1] * 6)), loo_k(np.array([0, 0, 1]))
     (20, 5, 1)
     """
-    return max(1, min(k, int(np.bincount(labels).min()) - 1))
+    return max(1, min(k, smallest_class(labels) - 1))
+
+
+def smallest_class(labels: np.ndarray) -> int:
+    """The images of the smallest class present (labels >= 0)."""
+    counts = np.bincount(labels[labels >= 0])
+    return int(counts[counts > 0].min()) if counts.any() else 0
 
 
 def knn_vote(query: np.ndarray, memory: np.ndarray, labels: np.ndarray, classes: int, k: int, t: float = 0.1,
@@ -626,13 +632,14 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
     ref_ok = reference is not None and (reference["labels"] >= 0).all()
     if known and ref_ok:
         same = np.array([index.get(data["sha1"][r], -1) for r in known])  # a reference image is no vote for itself
-        pred = knn_vote(outputs[known], reference["outputs"], reference["labels"], len(ref_classes), k=10,
+        k = max(1, min(10, smallest_class(reference["labels"])))  # no class of references short of voters
+        pred = knn_vote(outputs[known], reference["outputs"], reference["labels"], len(ref_classes), k=k,
                         exclude=same)
         target = np.array([ref_classes.index(names[r]) for r in known])
         res["reference_vote_accuracy"] = float((pred == target).mean())
         res["reference_vote_detail"] = {"images": len(known), "reference_embeddings": int(len(reference["outputs"])),
-                                   "left_out": int((same >= 0).sum()),
-                                   "method": "kNN vote (k=10, cosine, weights exp(sim/0.1)) over the reference "
+                                   "left_out": int((same >= 0).sum()), "k": k,
+                                   "method": f"kNN vote (k={k}, cosine, weights exp(sim/0.1)) over the reference "
                                              "embeddings agrees with the image's folder label; an image identical to "
                                              "a reference image leaves that one out of its vote"}
     else:
@@ -693,8 +700,9 @@ def print_table(report: dict) -> None:
     if "reference_vote_accuracy" in report:
         value = report["reference_vote_accuracy"]
         why = (report.get("reference_vote_detail") or {}).get("note", "no matching labels")
-        rows.append(("reference vote accuracy", f"{value:.4f} (kNN vote over the reference embeddings = folder label)"
-                     if value is not None else f"n/a ({why})"))
+        k = (report.get("reference_vote_detail") or {}).get("k", 10)
+        rows.append(("reference vote accuracy", f"{value:.4f} (k={k} vote over the reference embeddings = folder "
+                     "label)" if value is not None else f"n/a ({why})"))
     if "reference_files" in report:
         rf = report["reference_files"]
         rows.append(("reference images found",

@@ -407,6 +407,7 @@ def test_the_leave_one_out_k_stays_below_the_smallest_class(script):
     of 5 votes 4 against 5 for every other class, and had scored exactly 0.0 (chance: 0.25)."""
     assert script.loo_k(np.array([0] * 30 + [1] * 30)) == 20
     assert script.loo_k(np.array([0] * 6 + [1] * 6)) == 5 and script.loo_k(np.array([0, 0, 1])) == 1
+    assert script.smallest_class(np.array([0, 0, 2, 2, 2, -1])) == 2  # absent classes and unlabelled rows skipped
     labels = np.repeat(np.arange(4), 5)
     same = np.ones((20, 3), dtype=np.float32)
     assert (script.knn_vote(same, same, labels, 4, k=19, exclude_self=True) != labels).all()  # the old k: all wrong
