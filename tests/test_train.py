@@ -59,7 +59,10 @@ def test_forward_pass_bank_initialisation_fills_every_row(tiny_data):
     method = InstanceDiscrimination(len(images), 16, generator=torch.Generator().manual_seed(0))
     random_rows = method.bank.weight.clone()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    forward_init_bank(model, method, images, torch.device("cpu"), "fp32", IMAGENET_MEAN, IMAGENET_STD, batch_size=10)
+    ticks = []
+    forward_init_bank(model, method, images, torch.device("cpu"), "fp32", IMAGENET_MEAN, IMAGENET_STD, batch_size=10,
+                      progress=lambda done, total: ticks.append((done, total)))
+    assert ticks == [(8, 24), (16, 24), (24, 24)]  # the bar after each chunk (50,000 images: a minute, now shown)
     bank = method.bank.weight
     assert torch.allclose(bank.norm(dim=1), torch.ones(len(images)))
     assert ((bank - random_rows).norm(dim=1) > 1e-3).all()  # no row left at its random value

@@ -21,6 +21,7 @@ from edgessl.models.backbone import ENCODER_WEIGHTS, output_dim, read_encoder_me
 from edgessl.models.channels import parse_widths
 from edgessl.models.head import build_encoder
 from edgessl.models.slimmable import SlimmableEncoder
+from edgessl.report.progress import file_progress
 from edgessl.seeding import keyed_generator
 from edgessl.train import distributed
 from edgessl.train.objective import Teacher
@@ -133,8 +134,9 @@ def init_bank(run: Run, state: TrainState, warm: WarmStart | None, resumed: bool
     elif run.cfg.bank_init == "forward":
         t0 = time.time()
         encoder = getattr(state.model, "encoder", state.model)  # the full width of a SlimmableEncoder
-        forward_init_bank(encoder, state.method, run.images, run.device, precision, IMAGENET_MEAN, IMAGENET_STD, 256,
-                          run.d, run.cfg.seed)
+        with file_progress(None if run.quiet else run.console, "memory bank: a forward pass") as progress:
+            forward_init_bank(encoder, state.method, run.images, run.device, precision, IMAGENET_MEAN, IMAGENET_STD,
+                              256, run.d, run.cfg.seed, progress)
         which = "the --init network" if run.cfg.init else "the untrained network"
         run.say(f"Memory bank: {n} rows filled by a forward pass of {which} ({time.time() - t0:.1f} s).")
 
