@@ -577,3 +577,15 @@ def test_next_commands_quote_paths_and_guard_a_leading_dash():
     lines = next_commands(SimpleNamespace(run_dir=Path("-run2"), data=Path("my images"), labelled=True))
     assert lines[1] == "  edgessl eval ./-run2 --train 'my images' --test-fraction 0.2   # few-label kNN + linear probe"
     assert lines[2].startswith("  edgessl export ./-run2   # ONNX + parity check; then edgessl check ./-run2/export/")
+
+
+def test_curves_mark_where_the_smaller_widths_join_the_loss():
+    """A --widths run's loss had jumped 4.9 -> 12.6 at --slow-start with nothing on the plot to say why."""
+    from edgessl.report.plots import curves_figure
+
+    history = [{"epoch": 1, "loss": 4.9}, {"epoch": 2, "loss": 12.6, "loss_ce_w0.5": 6.0},
+               {"epoch": 3, "loss": 12.0, "loss_ce_w0.5": 5.8}]
+    ax = curves_figure(history).axes[0]
+    marks = [line for line in ax.get_lines() if line.get_label() == "smaller widths join the loss"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [1.5, 1.5]  # between epochs 1 and 2
+    assert not [line for line in curves_figure(history[1:]).axes[0].get_lines() if "widths" in line.get_label()]

@@ -71,14 +71,20 @@ def curves_figure(history: list[dict[str, Any]], title: str = ""):
 
 def _mark_epochs(axes, history: list[dict[str, Any]]) -> None:
     """Whole-epoch ticks on every panel, a dotted line labelled "resumed" where a --resume took over (after epoch
-    N - 1 of a row marked resumed), then the legends."""
+    N - 1 of a row marked resumed), a dashed one where a --widths run's smaller widths join (--slow-start: the loss
+    sums their terms from there, a jump that is no divergence), then the legends."""
     from matplotlib.ticker import MaxNLocator
 
     resumed = [h["epoch"] - 1 for h in history if h.get("resumed")]
+    slim = [any(k.startswith("loss_ce_w") for k in h) for h in history]
+    joined = [h["epoch"] - 1 for h, now, before in zip(history[1:], slim[1:], slim[:-1], strict=True)
+              if now and not before]
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for i, x in enumerate(resumed):
             ax.axvline(x, color="0.5", ls=":", lw=1, label="resumed" if i == 0 else None)
+        for x in joined:
+            ax.axvline(x + 0.5, color="tab:red", ls="--", lw=1, label="smaller widths join the loss")
         ax.legend()
 
 
