@@ -785,3 +785,21 @@ def test_a_half_size_jpeg_copy_of_an_icon_scores_as_a_copy(monkeypatch):
     for seed in (0, 1, 3):
         rows = _rows(_icon(seed), _icon(seed, recolour=True))
         assert cp.copy_scores(rows.__getitem__, np.array([[0, 1]]))[0] < 0.2
+
+
+def test_a_rule_on_few_planted_copies_says_its_estimate_is_rough(tmp_path):
+    """A folder of 3 images had printed 'estimated precision 1.00, recall 1.00 on 3 planted copies' as if sure."""
+    from types import SimpleNamespace
+
+    from edgessl.commands.embed import duplicate_lines
+    from edgessl.evaluate.duplicates import Found
+
+    found = Found(np.array([[0, 1]]), ["copy"], np.array([0.9]), np.array([0.8]), np.array([1]))
+    rule = copy_rule.Rule(0.9, 1.0, 1.0, 3, 0, 0.95, True, "auto", precision_low=1.0)
+    result = SimpleNamespace(duplicates=found, rule=rule, out=tmp_path / "e.npz", written=[])
+    assert duplicate_lines(result)[0].endswith(
+        "recall 1.00 on 3 planted copies (copy score >= 0.900, chosen for precision >= 0.95) (only 3 planted "
+        "copies: a rough estimate)")
+    result.rule = copy_rule.Rule(0.9, 0.5, 0.5, 3, 0, 0.95, False, "auto")  # and short of the target: both said
+    assert duplicate_lines(result)[0].endswith("(only 3 planted copies: a rough estimate) (below the 0.95 target: no "
+                                               "threshold reached it on this folder)")

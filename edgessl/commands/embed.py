@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from edgessl.commands.common import api, argument, console, err_console, friendly, given, options_command
@@ -88,8 +89,15 @@ def duplicate_lines(result) -> list[str]:
     return lines
 
 
+FEW_PLANTED = 30  # fewer planted copies: each moves recall by more than 3 points and the estimate is rough
+
+
 def verdict_of(rule) -> str:
-    """What the copies line adds about the rule's estimate: nothing when it reached its target."""
+    """What the copies line adds about the rule's estimate: nothing when it reached its target on enough planted
+    copies."""
+    if rule.recall > 0 and rule.planted < FEW_PLANTED:  # 3 planted copies had read as a sure 1.00 / 1.00
+        return (f" (only {rule.planted} planted copies: a rough estimate)"
+                + verdict_of(replace(rule, planted=FEW_PLANTED)))
     if rule.recall == 0:
         return (" (no planted copy was found at this threshold, so the precision rests on nothing: check "
                 "duplicates.png, or plant more copies with --planted)")
