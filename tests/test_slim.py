@@ -246,11 +246,11 @@ def test_training_loop_slow_start_and_flags(labelled_demo, tmp_path):
     assert res.exit_code == 2 and res.output.strip() == "error: a width must be in (0, 1], not 2."
 
 
-@pytest.mark.parametrize("ratio", [1e-9, 0.1, 0.3])
-def test_prune_keeps_the_nearest_multiple_of_eight_of_every_group(ratio):
-    """torch-pruning's round_to floors the kept count: --ratio 0.1 had kept 8 of 16 channels and 1e-9 took 8 off every
-    group (7 % of MobileNetV3-Small's parameters for a ratio of nothing)."""
-    from edgessl.models.prune import kept_channels, prune_by_importance
+@pytest.mark.parametrize("ratio", [1e-9, 0.1, 0.3, 0.8])
+def test_prune_keeps_what_a_width_of_one_minus_the_ratio_keeps(ratio):
+    """torch-pruning's round_to floors the kept count to a multiple of 8: --ratio 0.1 had kept 8 of 16 channels and
+    1e-9 took 8 off every group (7 % of MobileNetV3-Small's parameters for a ratio of nothing)."""
+    from edgessl.models.prune import prune_by_importance
 
     torch.manual_seed(0)
     backbone, _ = create_backbone("mobilenetv3_small_100", small_input=True)
@@ -259,10 +259,10 @@ def test_prune_keeps_the_nearest_multiple_of_eight_of_every_group(ratio):
     keep = [model.head.net]
     before = {g.root: g.channels for g in channel_groups(model, example, keep)}
     after = {**before, **prune_by_importance(model, example, ratio, keep_outputs=keep)}
-    assert after == {root: kept_channels(c, ratio) for root, c in before.items()}
+    assert after == {root: width_channels(c, 1 - ratio) for root, c in before.items()}
     assert (after == before) == (ratio < 1e-6) and model(example).shape == (2, 16)  # 1e-9 removes nothing
     sixteen = [after[root] for root, c in before.items() if c == 16]
-    assert sixteen and set(sixteen) == {8 if ratio == 0.3 else 16}  # 16 x 0.9 = 14.4 is nearer 16 than 8
+    assert sixteen and set(sixteen) == {{1e-9: 16, 0.1: 16, 0.3: 8, 0.8: 3}[ratio]}  # 14.4 is nearer 16; 3.2 -> 3
 
 
 def test_a_width_near_a_trained_one_is_named_as_given():
@@ -275,10 +275,3 @@ def test_a_width_near_a_trained_one_is_named_as_given():
     with pytest.raises(UserError, match=r"^width 0\.50000001 was not trained in 'r': its widths are 1, 0\.5\.$"):
         match_width(Path("r"), {"widths": [1.0, 0.5]}, 0.50000001)
 
-
-def test_kept_channels_closed_form():
-    from edgessl.models.prune import kept_channels
-
-    assert [kept_channels(16, r) for r in (1e-9, 0.1, 0.3, 0.5, 0.8)] == [16, 16, 8, 8, 16]  # 0.8: 3.2 -> 0: whole
-    assert kept_channels(576, 0.25) == 432 and kept_channels(1024, 0.1) == 920  # 921.6 -> nearest 8
-    assert kept_channels(20, 0.5) == 10 and kept_channels(3, 0.9) == 1  # not a multiple of 8: plain rounding, >= 1

@@ -355,13 +355,14 @@ def test_resnet18_widths_export_with_parity(labelled_demo, tmp_path):
 
 
 def test_a_ratio_that_leaves_groups_whole_is_warned_about():
-    """--ratio 0.999 had pruned nothing (every group would fall below 8 channels) and reported success."""
+    """--ratio 0.999 had pruned nothing (every group would have fallen below 8 channels) and reported success; now
+    every group keeps at least one channel, which the warning says."""
     from edgessl.workflows.prune import shallow_prune
 
     assert shallow_prune(0.5, 392_448 / 1_517_856) is None and shallow_prune(0.9, 36_752 / 1_517_856) is None
-    assert shallow_prune(0.999, 1.0) == ("--ratio 0.999 kept 100% of the parameters, more than 1 - ratio: channels "
-                                         "are kept in multiples of 8, so groups that would fall below 8 were left "
-                                         "whole. A smaller --ratio prunes every group.")
+    assert shallow_prune(0.999, 0.02) == ("--ratio 0.999 kept 2% of the parameters, more than 1 - ratio: every "
+                                          "channel group keeps at least one channel and the layers outside the "
+                                          "groups stay whole.")
 
 
 def test_a_full_width_copy_made_from_earlier_weights_is_made_again(slim_run, tmp_path):

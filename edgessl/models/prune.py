@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgessl.errors import UserError
-from edgessl.models.channels import channel_groups, torch_pruning
+from edgessl.models.channels import channel_groups, torch_pruning, width_channels
 
 
 def prune_to_counts(model: nn.Module, example: torch.Tensor, counts: dict[str, int],
@@ -46,23 +46,9 @@ def prune_to_counts(model: nn.Module, example: torch.Tensor, counts: dict[str, i
     return model
 
 
-def kept_channels(channels: int, ratio: float) -> int:
-    """Channels a group of `channels` keeps at --ratio: (1 - ratio)·C to the nearest multiple of 8 when C is one (a
-    group whose share rounds to 0 stays whole), else round((1 - ratio)·C), at least 1. torch-pruning's own round_to
-    floors the kept count, so 16 channels at ratio 0.1 kept 8 and any ratio took 8 off every group.
-
-    >>> [kept_channels(16, r) for r in (1e-9, 0.1, 0.3, 0.5, 0.8)], kept_channels(576, 0.25), kept_channels(20, 0.5)
-    ([16, 16, 8, 8, 16], 432, 10)
-    """
-    k = (1 - ratio) * channels
-    if channels % 8 == 0:
-        return 8 * round(k / 8) or channels
-    return max(1, round(k))
-
-
 def prune_by_importance(model: nn.Module, example: torch.Tensor, ratio: float, criterion: str = "magnitude",
                         keep_outputs: list[nn.Module] = (), taylor_batch=None) -> dict[str, int]:
-    """Remove `ratio` of the channels of every group (kept_channels: the nearest multiple of 8 where possible),
+    """Remove `ratio` of the channels of every group (it keeps width_channels(C, 1 - ratio), as a width does),
     keeping the most important ones: 'magnitude' (L2 norm of the group's weights) or 'taylor' (|w·∂L/∂w|;
     `taylor_batch()` must run a forward + backward of the training loss first). Returns {group root: kept channels},
     in place."""
@@ -80,7 +66,9 @@ def prune_by_importance(model: nn.Module, example: torch.Tensor, ratio: float, c
     with torch.enable_grad():
         pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio,
                                       ignored_layers=list(keep_outputs), round_to=8)
-    pruner._round_to = lambda _n, current, _to: current - kept_channels(current, ratio)  # not its floor
+    # each group keeps what a width of 1 - ratio keeps (width_channels), not torch-pruning's floor to a multiple of 8,
+    # which had halved a 16-channel group at --ratio 0.1 and taken 8 channels off every group at any ratio
+    pruner._round_to = lambda _n, current, _to: current - width_channels(current, 1 - ratio)
     if criterion == "taylor":
         if taylor_batch is None:
             raise ValueError("the taylor criterion needs taylor_batch")

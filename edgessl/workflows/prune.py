@@ -128,9 +128,10 @@ def prune_encoder(run_dir: str | Path, opts: PruneOptions, console=None) -> Pret
 
 
 def shallow_prune(ratio: float, kept: float) -> str | None:
-    """A warning when the pruned encoder keeps more than 1 - ratio of the parameters (kept: its share): torch-pruning
-    leaves a group it cannot shrink that far unpruned, so a --ratio near 1 prunes less (at 0.999: nothing)."""
+    """A warning when the pruned encoder keeps more than 1 - ratio of the parameters (kept: its share): every group
+    keeps at least one channel and the layers outside the groups (the stem's input, the projection output) stay
+    whole, so a --ratio near 1 prunes less than it says."""
     if kept <= 1 - ratio:
         return None
-    return (f"--ratio {ratio:g} kept {kept:.0%} of the parameters, more than 1 - ratio: channels are kept in "
-            "multiples of 8, so groups that would fall below 8 were left whole. A smaller --ratio prunes every group.")
+    return (f"--ratio {ratio:g} kept {kept:.0%} of the parameters, more than 1 - ratio: every channel group keeps at "
+            "least one channel and the layers outside the groups stay whole.")
