@@ -304,7 +304,7 @@ def record_head(earlier: Path | None, command: str, seconds: float) -> tuple[str
 
 
 ONLY_SUITES = ("gpu", "domains", "duplicates")  # the suites --only selects parts of
-DATASET_SUITES = ("accuracy", "budget")  # ... --datasets, whose rows carry "data"
+DATASET_SUITES = ("accuracy", "budget", "export")  # ... --datasets, whose rows carry "data"
 ABLATION_SUITES = ("ablation", "teacher")  # ... --ablations
 PEER_SUITES = ("cost", "accuracy", "data", "budget")  # lightly's methods in every row (domains: its peers part)
 
@@ -324,14 +324,17 @@ def check_args(args, suites: tuple[str, ...]) -> None:
                          "pip install -e '.[bench]'")
 
 
-def tiny_outputs(args, argv: list[str] | None) -> None:
-    """--tiny without --results/--readme writes to a temporary folder, never over the committed results."""
-    given = set(argv if argv is not None else sys.argv[1:])
-    if args.tiny and not given & {"--results", "--readme"} and args.suite not in ("report", "slim-cost"):
+def outputs(args) -> None:
+    """--results and --readme when not given: the committed benchmarks/results and README, except under --tiny,
+    which never writes over them: a temporary folder (and the README in --results when only that was given)."""
+    if not args.tiny or args.suite in ("report", "slim-cost", "cost-one"):
+        args.results = args.results or RESULTS
+        args.readme = args.readme or REPO / "benchmarks" / "README.md"
+        return
+    if args.results is None:
         args.results = Path(tempfile.mkdtemp(prefix="edgessl-bench-tiny-"))
-        args.readme = args.results / "README.md"
-        print(f"--tiny: results go to {args.results} (benchmarks/results and its README are left as they are)",
-              flush=True)
+        print(f"--tiny: results go to {args.results} (benchmarks/results is left as it is)", flush=True)
+    args.readme = args.readme or args.results / "README.md"
 
 
 def earlier_rows(old: Path, tiny: bool) -> list[dict]:
@@ -361,8 +364,10 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--datasets", nargs="*", default=None, help="accuracy suite: only these (emoji, cifar10k)")
     ap.add_argument("--ablations", nargs="*", default=None,
                     help="ablation and teacher suites: only these rows (labels of ABLATIONS, of teacher.RUNS)")
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="folder of the suites' JSON (default benchmarks/results; --tiny: a temporary folder)")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="the report (default benchmarks/README.md; --tiny: README.md in --results)")
     ap.add_argument("--method", default="edgessl")
     ap.add_argument("--backbone", default="mobilenetv3_small")
     ap.add_argument("--image-size", type=int, default=64)
@@ -374,6 +379,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teachers", nargs="*", default=None, help="domains suite: teachers' folders (neu-det, emoji)")
     ap.add_argument("--backbones", nargs="*", default=None, help="domains suite: more backbones at 64 px (resnet18)")
     args = ap.parse_args(argv)
+    outputs(args)
     if args.suite == "cost-one":
         return cost_one(args)
     if args.suite == "slim-cost":  # re-measure the slim suite's encoders, then regenerate the README
@@ -387,7 +393,6 @@ def _main(argv: list[str] | None = None) -> None:
         args.seeds = 1
     suites = SUITES if args.suite == "all" else () if args.suite == "report" else (args.suite,)
     check_args(args, suites)
-    tiny_outputs(args, argv)
     args.results.mkdir(parents=True, exist_ok=True)
     for suite in suites:
         t0 = time.time()

@@ -21,7 +21,7 @@ def _args(suite, **kw):
 
 @pytest.mark.parametrize(("suite", "flag", "value", "message"), [
     ("cost", "only", ["30"], "--only is read by the gpu, domains, duplicates suites, not by cost"),
-    ("ablation", "datasets", ["emoji"], "--datasets is read by the accuracy, budget suites, not by ablation"),
+    ("ablation", "datasets", ["emoji"], "--datasets is read by the accuracy, budget, export suites, not by ablation"),
     ("cost", "ablations", ["full"], "--ablations is read by the ablation, teacher suites, not by cost"),
 ])
 def test_an_option_the_suite_does_not_read_is_refused_before_anything_runs(suite, flag, value, message):
@@ -48,16 +48,19 @@ def test_a_suite_that_compares_with_lightly_says_so_before_training_when_it_is_m
 
 def test_tiny_writes_to_a_temporary_folder_unless_told_where(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner.tempfile, "tempdir", str(tmp_path))
-    args = _args("cost", results=runner.RESULTS, readme=runner.REPO / "benchmarks" / "README.md")
-    runner.tiny_outputs(args, ["cost", "--tiny"])
+    args = _args("cost", results=None, readme=None)
+    runner.outputs(args)
     assert args.results.parent == tmp_path and args.readme == args.results / "README.md"
-    assert f"--tiny: results go to {args.results} (benchmarks/results" in capsys.readouterr().out
-    told = _args("cost", results=tmp_path / "mine", readme=tmp_path / "mine" / "R.md")
-    runner.tiny_outputs(told, ["cost", "--tiny", "--results", str(tmp_path / "mine")])
-    assert told.results == tmp_path / "mine" and told.readme == tmp_path / "mine" / "R.md"
-    full = _args("cost", tiny=False, results=runner.RESULTS, readme=tmp_path / "R.md")
-    runner.tiny_outputs(full, ["cost"])
-    assert full.results == runner.RESULTS
+    assert f"--tiny: results go to {args.results} (benchmarks/results is left as it is)" in capsys.readouterr().out
+    told = _args("cost", results=tmp_path / "mine", readme=None)  # --results=DIR or --res DIR alike
+    runner.outputs(told)
+    assert told.results == tmp_path / "mine" and told.readme == tmp_path / "mine" / "README.md"
+    only_readme = _args("cost", results=None, readme=tmp_path / "R.md")  # had left the committed results in place
+    runner.outputs(only_readme)
+    assert only_readme.results.parent == tmp_path and only_readme.readme == tmp_path / "R.md"
+    full = _args("cost", tiny=False, results=None, readme=None)
+    runner.outputs(full)
+    assert full.results == runner.RESULTS and full.readme == runner.REPO / "benchmarks" / "README.md"
 
 
 def test_a_partial_rerun_keeps_earlier_rows_only_of_the_same_scale(tmp_path):
@@ -87,3 +90,9 @@ def test_missing_shared_data_is_one_line(tmp_path, monkeypatch):
         runner.main(["ablation", "--tiny", "--results", str(tmp_path / "r")])
     assert str(e.value) == (f"error: {tmp_path / 'absent' / 'emoji-google.tar.gz'} not found: the benchmarks need "
                             "the shared data sets next to the repo.")
+
+
+def test_the_export_suites_documented_dataset_rerun_is_accepted():
+    """`python -m benchmarks.run export --datasets neu-det cifar10-1k` (benchmarks/README.md) had been refused."""
+    runner.check_args(_args("export", datasets=["neu-det"]), ("export",))
+    assert "export" in runner.DATASET_SUITES  # and its other data sets' rows are kept
