@@ -124,7 +124,8 @@ class MLflow:
             logging.getLogger(name).setLevel(logging.WARNING)
         root = run_dir.resolve().parent
         uri = record.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-        if uri.startswith(("http://", "https://")) and not reachable(url_host(uri)):  # else minutes of retries
+        scheme = uri.split(":", 1)[0]
+        if scheme in ("http", "https") and not reachable(url_host(uri), scheme=scheme):  # else minutes of retries
             raise ConnectionError(f"the tracking server {uri} does not answer (a {PROBE_SECONDS:g}-second "
                                   "connection probe); start it or set MLFLOW_TRACKING_URI")
         self.client = MlflowClient(tracking_uri=uri)
@@ -238,9 +239,11 @@ class Loggers:
         self.adapters = {}
         for name in self.names:
             new = name not in record
-            adapter = self._guard(name, lambda n=name: ADAPTERS[n](self.run_dir, self.config, record.setdefault(n, {})))
+            mine = dict(record.get(name, {}))  # recorded only once it opens: a failed one stays "new" for a resume
+            adapter = self._guard(name, lambda n=name, m=mine: ADAPTERS[n](self.run_dir, self.config, m))
             if adapter is not None:
                 self.adapters[name] = adapter
+                record[name] = mine
                 atomic_write_text(path, json.dumps(record, indent=2) + "\n")
                 if self.say is not None:
                     self.say(f"Logging to {adapter.where()}")

@@ -9,7 +9,7 @@ import socket
 from urllib.parse import urlparse
 
 PROBE_SECONDS = 3.0  # the connection probe's timeout
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")  # for https; http adds HTTP_PROXY
 
 
 def url_host(url: str, default_host: str = "") -> tuple[str, int]:
@@ -18,9 +18,10 @@ def url_host(url: str, default_host: str = "") -> tuple[str, int]:
     return parsed.hostname or default_host, parsed.port or (80 if parsed.scheme == "http" else 443)
 
 
-def reachable(host: tuple[str, int], timeout: float = PROBE_SECONDS) -> bool:
-    """Whether a connection to (host, port) opens within `timeout` seconds (True behind a proxy)."""
-    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+def reachable(host: tuple[str, int], timeout: float = PROBE_SECONDS, scheme: str = "https") -> bool:
+    """Whether a connection to (host, port) opens within `timeout` seconds (True behind a proxy for `scheme`)."""
+    proxies = PROXY_VARIABLES + (("HTTP_PROXY", "http_proxy") if scheme == "http" else ())
+    if any(os.environ.get(v) for v in proxies):
         return True
     try:
         socket.create_connection(host, timeout=timeout).close()

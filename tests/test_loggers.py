@@ -260,6 +260,10 @@ def test_an_mlflow_server_that_does_not_answer_is_refused_in_seconds(tmp_path, m
                                               r"\(a 3-second connection probe\); start it or set MLFLOW_TRACKING_URI$"):
         loggers.MLflow(tmp_path / "run", {"epochs": 1}, {})
     assert tried == [(("tracking.example", 5000), network.PROBE_SECONDS)]
+    assert network.reachable(("tracking.example", 5000), scheme="https") is False
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")  # an http server behind an http proxy: only it can tell
+    assert network.reachable(("tracking.example", 5000), scheme="http") is True
+    assert network.reachable(("tracking.example", 443), scheme="https") is False and len(tried) == 3
 
 
 def test_a_logger_first_named_at_a_resume_gets_the_earlier_epochs_once(tmp_path, monkeypatch):
@@ -286,3 +290,17 @@ def test_a_logger_first_named_at_a_resume_gets_the_earlier_epochs_once(tmp_path,
     seen.clear()
     loggers.Loggers(["fake"], run).log({"epoch": 4, "loss": 6.0})  # a later resume: it has the earlier rows
     assert seen == [(4, 6.0)]
+
+    class Down(Fake):
+        def __init__(self, run_dir, config, record):
+            record["half"] = True  # a logger that fails part-way is not recorded as opened
+            raise ConnectionError("the server does not answer")
+
+    monkeypatch.setitem(loggers.ADAPTERS, "down", Down)
+    warned = []
+    loggers.Loggers(["down", "fake"], run, warn=warned.append).log({"epoch": 5, "loss": 5.0})
+    assert "down" not in json.loads((run / loggers.RECORD).read_text()) and len(warned) == 1
+    monkeypatch.setitem(loggers.ADAPTERS, "down", Fake)  # back up at the next resume: gets the earlier epochs too
+    seen.clear()
+    loggers.Loggers(["down"], run).log({"epoch": 6, "loss": 4.0})
+    assert [step for step, _ in seen] == [1, 2, 3, 6]  # metrics.jsonl's rows before 6 (the file has 1-3), then 6
