@@ -632,7 +632,8 @@ def image_figures(entry: dict, outputs: np.ndarray, data: dict, reference: dict 
     ref_ok = reference is not None and (reference["labels"] >= 0).all()
     if known and ref_ok:
         same = np.array([index.get(data["sha1"][r], -1) for r in known])  # a reference image is no vote for itself
-        k = max(1, min(10, smallest_class(reference["labels"])))  # no class of references short of voters
+        left_out = bool((same >= 0).any())  # an image that is a reference leaves its class a voter short
+        k = max(1, min(10, smallest_class(reference["labels"]) - left_out))  # no class of references short of voters
         pred = knn_vote(outputs[known], reference["outputs"], reference["labels"], len(ref_classes), k=k,
                         exclude=same)
         target = np.array([ref_classes.index(names[r]) for r in known])
@@ -695,8 +696,8 @@ def print_table(report: dict) -> None:
         rows.append(("accuracy", f"{report['accuracy']:.4f} on {report['accuracy_images']} labelled images{left}"))
     if "knn_accuracy" in report:
         rows.append(("kNN accuracy (leave-one-out)",
-                     f"{report['knn_accuracy']:.4f} (k={report.get('knn_k', 20)}, among the images; "
-                     "k below the smallest class)"))
+                     f"{report['knn_accuracy']:.4f} (k={report.get('knn_k', 20)}, among the images"
+                     f"{'; k capped by the smallest class' if report.get('knn_k', 20) < 20 else ''})"))
     if "reference_vote_accuracy" in report:
         value = report["reference_vote_accuracy"]
         why = (report.get("reference_vote_detail") or {}).get("note", "no matching labels")

@@ -429,7 +429,7 @@ def test_few_images_report_the_k_used_and_a_missing_reference_says_so(script, ca
               "throughput_batch": 4, "throughput_per_s": 10.0, "model_bytes": 10, "peak_rss_bytes": 2**20, **res}
     script.print_table(report)
     out = capsys.readouterr().out
-    assert "(k=5, among the images; k below the smallest class)" in out
+    assert "(k=5, among the images; k capped by the smallest class)" in out
     assert "n/a (no reference file to vote over)" in out
 
 

@@ -521,7 +521,8 @@ def test_a_knn_panel_says_where_every_labelled_image_votes():
     from edgessl.report.eval_plots import panel_title
 
     summary = [{"protocol": "knn", "k": 200, "labels_per_class": v, "n_train": n} for v, n in ((1, 9), (10, 90),
-                                                                                             ("all", 1529))]
-    assert panel_title(summary, "knn", 200, "kNN (k=200)") == "kNN (k=200)\nall labelled images vote at 1, 10/class"
+                                                                                             (20, 200), ("all", 1529))]
+    assert panel_title(summary, "knn", 200, "kNN (k=200)") == \
+        "kNN (k=200)\nall labelled images vote at 1, 10, 20/class"  # 200 images at k=200: all vote too
     assert panel_title(summary, "knn", 20, "kNN (k=20)") == "kNN (k=20)"  # no k=20 rows: nothing to say
     assert panel_title(summary, "linear", None, "linear probe") == "linear probe"

@@ -275,3 +275,17 @@ def test_a_width_near_a_trained_one_is_named_as_given():
     with pytest.raises(UserError, match=r"^width 0\.50000001 was not trained in 'r': its widths are 1, 0\.5\.$"):
         match_width(Path("r"), {"widths": [1.0, 0.5]}, 0.50000001)
 
+
+
+def test_the_width_reports_leave_one_out_knn_takes_k_below_the_smallest_class():
+    """The report's kNN among the labelled images had used k = 20 on a folder of 6 images per class."""
+    from pathlib import Path
+
+    from edgessl.data.folder import ImageSet
+    from edgessl.deploy.widths import Accuracy
+
+    rows = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
+    labelled = ImageSet(Path("."), [Path(f"{i}.png") for i in range(12)], 8, rows, torch.arange(2).repeat(6),
+                        ["a", "b"])
+    assert Accuracy(labelled, None).k == 5 and Accuracy(None, None).k == 20
+    assert Accuracy(labelled, labelled).k == 20  # a held-out split: no image leaves its own vote

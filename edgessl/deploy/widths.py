@@ -17,7 +17,7 @@ from edgessl.deploy import onnx as ox
 from edgessl.deploy.speed import timed_ms
 from edgessl.errors import UserError
 from edgessl.evaluate.features import extract_features
-from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1
+from edgessl.evaluate.knn import KNN_K, KNN_T, knn_top1, loo_k
 from edgessl.evaluate.labelled import load_labelled_folder
 from edgessl.evaluate.linear import linear_probe
 from edgessl.evaluate.monitor import knn_sets
@@ -72,11 +72,14 @@ def _images(value, size: int, what: str):
 
 
 class Accuracy:
-    """kNN top-1 (k = KNN_K[0] = 20, t = KNN_T = 0.1) and, with a labelled test split, a linear probe of one backbone
-    on the report's labelled images (the kNN monitor's choice of memory and queries: knn_sets)."""
+    """kNN top-1 (k = KNN_K[0] = 20, t = KNN_T = 0.1; leave-one-out among the labelled images: loo_k, below the
+    smallest class) and, with a labelled test split, a linear probe of one backbone on the report's labelled images
+    (the kNN monitor's choice of memory and queries: knn_sets)."""
 
     def __init__(self, labelled, test):
         self.sets = knn_sets(labelled, test, "the labelled test images", "the labelled images")
+        loo = self.sets is not None and self.sets.loo
+        self.k = loo_k(self.sets.memory.labels) if loo else KNN_K[0]
 
     def describe(self) -> str:
         if self.sets is None:
@@ -90,7 +93,7 @@ class Accuracy:
         s, classes = self.sets, len(self.sets.memory.classes)
         mem = extract_features(model, s.memory, mean, std, device)
         qry = mem if s.loo else extract_features(model, s.query, mean, std, device)
-        knn = knn_top1(qry, s.query_labels, mem, s.memory.labels, classes, KNN_K[0], KNN_T, s.loo)
+        knn = knn_top1(qry, s.query_labels, mem, s.memory.labels, classes, self.k, KNN_T, s.loo)
         linear = None
         if not s.loo:
             probe = linear_probe(mem, s.memory.labels, qry, classes, seed=0)
@@ -138,7 +141,7 @@ def width_report(
             folder = save_slim(model, model_meta, run_dir, width_folder(run_dir, w))
         entries.append(_measure(w, model, model_meta, folder, size, accuracy, meta, device, threads, say))
     atomic_write_text(run_dir / REPORT_JSON, json.dumps(entries, indent=2) + "\n")
-    plot_widths(entries, run_dir / REPORT_PLOT, title=f"{meta['timm_name']} - {run_dir.name}", knn_k=KNN_K[0])
+    plot_widths(entries, run_dir / REPORT_PLOT, title=f"{meta['timm_name']} - {run_dir.name}", knn_k=accuracy.k)
     return entries
 
 
@@ -162,7 +165,8 @@ def _measure(w: float, model: nn.Module, model_meta: dict[str, Any], folder: Pat
     say(f"  width {w:g}: {params / 1e6:.2f} M params, {macs / 1e6:.1f} M MACs, {latency:.2f} ms "
         f"({time.time() - t0:.1f} s)")
     return {"width": float(w), "params": int(params), "macs": int(macs), "latency_ms": float(latency),
-            "knn_top1": knn, "linear_top1": linear, "latency_runtime": runtime,
+            "knn_top1": knn, "knn_k": accuracy.k if knn is not None else None, "linear_top1": linear,
+            "latency_runtime": runtime,
             "feature_dim": int(model_meta["feature_dim"]), "folder": str(folder)}
 
 
@@ -181,7 +185,8 @@ def encoders_report(out_dir: str | Path, encoders: list[tuple[float, str | Path]
     entries = [_measure(w, load_encoder(f), m, Path(f), train_size, accuracy, metas[0], device, threads, say)
                for (w, f), m in zip(encoders, metas, strict=True)]
     atomic_write_text(out_dir / REPORT_JSON, json.dumps(entries, indent=2) + "\n")
-    plot_widths(entries, out_dir / REPORT_PLOT, title=f"{metas[0]['timm_name']} - {out_dir.name}", knn_k=KNN_K[0])
+    plot_widths(entries, out_dir / REPORT_PLOT, title=f"{metas[0]['timm_name']} - {out_dir.name}",
+                knn_k=accuracy.k)
     return entries
 
 

@@ -45,12 +45,12 @@ def plot_eval(summary: Sequence[dict[str, Any]], path: str | Path, title: str = 
 
 
 def panel_title(summary: Sequence[dict[str, Any]], proto: str, k: int | None, label: str) -> str:
-    """A kNN panel's title says the budgets with fewer labelled images than k (every one of them votes there: the
+    """A kNN panel's title says the budgets with at most k labelled images (every one of them votes there: the
     k=20 and k=200 panels had looked alike under the same 'k=200')."""
     if proto != "knn":
         return label
     fewer = list(dict.fromkeys(s["labels_per_class"] for s in summary
-                               if s["protocol"] == proto and s["k"] == k and s["n_train"] < k))
+                               if s["protocol"] == proto and s["k"] == k and s["n_train"] <= k))
     return label if not fewer else f"{label}\nall labelled images vote at {', '.join(map(str, fewer))}/class"
 
 
