@@ -366,7 +366,7 @@ def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
     """What `auto` picks for each data set of the suite (the real rules on the real folder: size, epochs and, from
     the recorded look-alike score, tau and from it eta) and where it lands against the best setting run on that data
     set with the same backbone (linear@10, mean over training seeds; the bank part's settings count too)."""
-    from edgessl.data.lookalike import choose_temperature
+    from edgessl.data.lookalike import LOOKALIKE_SAMPLE, choose_temperature
     from edgessl.method.bank import auto_bank_lr
 
     out = ["| data | images | auto: size, epochs, τ, η | its setting: linear@10 | best setting: linear@10 | "
@@ -383,7 +383,7 @@ def auto_rows(rows: list[dict[str, Any]]) -> list[str]:
                        "by the suite) | – | – | – |")
             continue
         size, epochs, n = auto_settings(folder)
-        tau = choose_temperature(scores[0]).value
+        tau = choose_temperature(scores[0], min(n, LOOKALIKE_SAMPLE)).value  # as pretrain on a folder of n
         eta = auto_bank_lr(tau)
         means = setting_means(same)
         best = max(means, key=lambda k: means[k][0])

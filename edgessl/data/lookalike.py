@@ -7,7 +7,8 @@ which are mostly the same kind of thing; a higher one (0.2) pushes them apart le
 lost on CIFAR-10 photos, whatever their size or colour. What separated them is the folder's *look-alike score*:
 the mean, over an evenly spread sample of LOOKALIKE_SAMPLE images, of each image's cosine similarity to its nearest
 other image in the sample, on 16 x 16 grey thumbnails with their mean removed. CIFAR-10 photos score 0.62-0.63,
-NEU-DET scans 0.77 and emoji 0.82 at every size tried; LOOKALIKE_THRESHOLD sits between them. Of two folders
+NEU-DET scans 0.77 and emoji 0.82 at every resolution tried, on samples of 1,000 images; LOOKALIKE_THRESHOLD sits
+between them. On fewer images every folder scores lower, and the threshold falls with it (threshold_for). Of two folders
 nobody tuned on, both scored "alike": scikit-learn's 8 x 8 digits (0.95) gained with 0.2 (+0.032 linear@10 over 2
 seeds), another vendor's emoji (Twemoji, 0.80) neither gained nor lost beyond its seeds' spread (-0.004).
 """
@@ -67,8 +68,8 @@ class TemperatureChoice:
 
 def threshold_for(n_images: int) -> float:
     """The threshold for a score over `n_images` (at most LOOKALIKE_SAMPLE count): each image's nearest other is
-    found among fewer candidates, so the score reads lower on a small folder (NEU-DET 0.63 at 20 images, 0.77 at
-    1,000; CIFAR-10 0.41 and 0.63). Fewer than FEWEST_SURE images take the threshold at FEWEST_SURE.
+    found among fewer candidates, so the score reads lower on a small folder (NEU-DET 0.57 at 20 images, 0.77 at
+    1,000; CIFAR-10 0.42 and 0.63). Fewer than FEWEST_SURE images take the threshold at FEWEST_SURE.
     LOOKALIKE_THRESHOLD - SIZE_SLOPE * (1 / sqrt(n) - 1 / sqrt(LOOKALIKE_SAMPLE)), the slope fitted on random
     subsets of CIFAR-10 and NEU-DET and checked on emoji, Twemoji and digits (benchmarks/README.md "Look-alike
     score and folder size")."""
