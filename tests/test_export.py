@@ -500,3 +500,15 @@ def test_export_threads_time_every_file_at_that_count(tmp_path, monkeypatch):
     assert lines[0].startswith("fp32 on this machine (threads: 2): batch 1 1 ms [0.9-1.1]")
     _one_line_error(_cli("export", str(tmp_path), "--threads", "0"), 2,
                     "--threads must be positive (leave it out for onnxruntime's default), not 0.")
+
+
+def test_exporting_again_removes_the_earlier_ort_copies_too(tmp_path):
+    """After `export --ort`, a plain `export` had left encoder.ort and encoder.int8.ort beside newer .onnx files (and
+    out of the manifest): a folder copied to a phone would ship stale models."""
+    from edgessl.deploy.convert import _remove_previous
+
+    for name in ("encoder.onnx", "encoder.ort", "encoder.int8.onnx", "encoder.int8.ort", "encoder.reference.npz"):
+        (tmp_path / name).write_text("x")
+    assert _remove_previous(tmp_path, "encoder", {".onnx", ".reference.npz"}) == [
+        "encoder.int8.onnx", "encoder.ort", "encoder.int8.ort"]
+    assert list(tmp_path.iterdir()) == []

@@ -88,7 +88,8 @@ def _task_figures(kind: str, sample: Sample, meta: dict[str, Any], outputs: dict
     return {}
 
 
-EXPORT_SUFFIXES = (".onnx", ".int8.onnx", ".fp16.onnx", ".reference.npz")  # the files of one exported model
+EXPORT_SUFFIXES = (".onnx", ".int8.onnx", ".fp16.onnx", ".reference.npz", ".ort", ".int8.ort", ".fp16.ort")
+# the files of one exported model (the .ort copies with --ort: an earlier one had stayed beside a newer .onnx)
 
 
 def _remove_previous(out_dir: Path, base: str, wanted: set[str]) -> list[str]:
@@ -359,10 +360,11 @@ def write_models(src: Source, out_dir: Path, base_name: str, opset: int, mode: s
     providers and (ort) written in the .ort format too. Returns (manifest entries, notes: one line each, e.g. why
     int8 was not written, failures: the copies that missed their check). say(line): the progress."""
     wanted = {".onnx", ".reference.npz"} | ({".int8.onnx"} if mode else set()) | ({".fp16.onnx"} if fp16 else set())
+    wanted |= {w.replace(".onnx", ".ort") for w in wanted if w.endswith(".onnx")} if ort else set()
     gone = _remove_previous(out_dir, base_name, wanted)
     if gone:
         say(f"Removed the earlier export's {' and '.join(gone)} from {out_dir}: this export was not asked for "
-            f"{'it' if len(gone) == 1 else 'them'} (--int8, --fp16 write them again).")
+            f"{'it' if len(gone) == 1 else 'them'} (--int8, --fp16, --ort write them again).")
     x = to_input(src.sample.images, src.meta["mean"], src.meta["std"])
     ref = torch_outputs(src.model, x)
     fp32 = _export_fp32(src, out_dir / f"{base_name}.onnx", int(opset), x, ref, say)
