@@ -373,7 +373,7 @@ class ExportOptions:
     name: str | None = option(None, "Base name of the model files.", shown="encoder or classifier")
     width: float | None = option(None, "Export this width of a `--widths` run: slimmed into RUN/width-W/ first (reused "
                                        "when up to date), exported to RUN/width-W/export.", shown="the full width")
-    quiet: bool = option(False, "Print only the summary table.")
+    quiet: bool = option(False, "Print only the summary table, the int8 outcome, warnings and the manifest's path.")
 
 
 @dataclass(kw_only=True)

@@ -207,15 +207,16 @@ def test_cache_dir_none_and_the_default_folder(folder, monkeypatch, tmp_path):
 def test_cache_list_and_clear_commands(folder, store, tiny_data):
     _load(folder, store)
     _load(tiny_data, store)
+    load_image_folder(folder, 24, decode=Decode(cache_dir=store, workers=1))  # the same folder at another size
     runner = CliRunner()
     res = runner.invoke(app, ["cache", "list", "--cache-dir", str(store)], env={"COLUMNS": "300"})
-    assert res.exit_code == 0 and str(folder) in res.output and "2 folders" in res.output
+    assert res.exit_code == 0 and str(folder) in res.output and "in 3 entries of 2 folders;" in res.output
     res = runner.invoke(app, ["cache", "clear", str(folder / "nope"), "--cache-dir", str(store)])
     assert res.exit_code == 0 and " ".join(res.output.split()) == (
         f"Nothing is cached for {folder / 'nope'} or the folders inside it (edgessl cache list shows what is).")
     res = runner.invoke(app, ["cache", "clear", str(folder.parent), "--cache-dir", str(store)])  # the folder above
-    # index, data, build lock, readers lock, last use
-    assert res.exit_code == 0 and res.output.startswith("Removed 5 cache files of")
+    # index, data, build lock, readers lock, last use; of both sizes
+    assert res.exit_code == 0 and res.output.startswith("Removed 10 cache files of")
     assert [e["root"] for e in list_entries(store / "images")] == [str(tiny_data)]
     (store / "images" / "notes.txt").write_text("mine")  # not a cache file: never deleted
     res = runner.invoke(app, ["cache", "clear", "--cache-dir", str(store)], env={"COLUMNS": "300"})
