@@ -43,6 +43,9 @@ def check_out(out: str | Path, overwrite: bool = False, resume: str = "--resume"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; pass a folder for the run.")
+    if overwrite and out.is_dir() and in_use(out):  # moved aside under a training process, the two runs had mixed
+        raise UserError(f"--out '{out}' is in use: another edgessl process is training it. Wait for that one to end "
+                        "(or stop it) before --overwrite moves it aside, or pass another --out.")
     if overwrite or not out.exists() or _is_empty_dir(out):
         return
     run = (out / "config.yaml").is_file() or (out / CHECKPOINT).is_file()
@@ -159,6 +162,15 @@ def run_lock(run_dir: str | Path | None):
         yield
     finally:
         os.close(fd)
+
+
+def in_use(run_dir: str | Path) -> bool:
+    """Whether another process holds run_lock on `run_dir` (trains it) now."""
+    try:
+        with run_lock(run_dir):
+            return False
+    except UserError:
+        return True
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

@@ -406,6 +406,36 @@ def test_a_second_resume_of_a_run_in_training_is_refused(tmp_path):
         pass
 
 
+def test_overwrite_refuses_a_folder_another_process_is_training(tmp_path):
+    """--overwrite had moved a training run aside: it went on writing into the new run's folder, whose config.yaml
+    said 1 epoch beside its 12-epoch checkpoint, and the new run's own result was lost."""
+    from edgessl.errors import UserError
+    from edgessl.rundir import check_out, claim, in_use, run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"x")
+    code = ("import sys, time\nfrom edgessl.rundir import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert in_use(run)
+        with pytest.raises(UserError) as e:
+            check_out(run, overwrite=True)
+        assert str(e.value) == (f"--out '{run}' is in use: another edgessl process is training it. Wait for that one "
+                                "to end (or stop it) before --overwrite moves it aside, or pass another --out.")
+        with pytest.raises(UserError):
+            claim(run, overwrite=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing moved
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not in_use(run) and claim(run, overwrite=True).moved_to is not None  # free: moved aside as before
+    with run_lock(tmp_path / "gone"):
+        assert not in_use(tmp_path / "gone")
+
+
 @pytest.mark.slow
 def test_a_resume_writes_back_a_missing_config_from_the_checkpoint(tiny_data, tmp_path):
     """A run whose config.yaml was deleted had been a dead end ("its config.yaml is missing")."""
