@@ -478,3 +478,51 @@ def test_teacher_banks_of_a_gone_folder_are_stale_and_cleared(tmp_path):
     assert sorted(p.name for p in teachers.iterdir()) == ["a.json", "a.safetensors"]
     res = CliRunner().invoke(app, ["cache", "clear", str(kept), "--cache-dir", str(store)])
     assert res.exit_code == 0 and not list(teachers.iterdir())
+
+
+def test_a_folder_with_a_dot_in_its_name_is_cleared(tiny_data, store, tmp_path):
+    """`cache clear my.imgs` had said nothing was cached, and a full clear had left every my.imgs-32px-* file."""
+    dotted = tmp_path / "my.imgs"
+    shutil.copytree(tiny_data, dotted)
+    _load(dotted, store)
+    clear_entries(store / "images", dotted)
+    assert list_entries(store / "images") == [] and not list((store / "images").glob("my.imgs-*"))
+    _load(dotted, store)
+    clear_entries(store / "images")
+    assert not list((store / "images").glob("my.imgs-*"))
+
+
+def test_a_killed_builds_temporary_file_is_listed_and_freed_by_clear_stale(folder, store):
+    """`kill -9` mid-build left .<entry>.u8.<pid>.tmp: hidden from cache list, kept by clear --stale."""
+    import subprocess
+    import sys
+
+    from edgessl.workflows.cache import cache_entries, clear_cache
+
+    _load(folder, store)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = store / "images" / f".x-32px-0123456789abcdef.1.u8.{dead.stdout.strip()}.tmp"
+    orphan.write_bytes(b"\0" * 1000)
+    mine = store / "images" / f".y-32px-0123456789abcdef.1.u8.{os.getpid()}.tmp"  # a build still running
+    mine.write_bytes(b"\0" * 10)
+    listed = [e for e in cache_entries(store)[1] if e.get("orphan")]
+    assert [(e["name"], e["bytes"], e["stale"]) for e in listed] == [(orphan.name, 1000, "left by a killed build")]
+    assert clear_cache(store, stale=True) == (1, 1000)
+    assert not orphan.exists() and mine.exists() and len(list_entries(store / "images")) == 1
+
+
+def test_a_read_only_cache_is_read_without_its_readers_lock(folder, store, monkeypatch):
+    """A populated cache on a read-only mount had failed with 'Read-only file system: ...readers'."""
+    from edgessl.data import budget
+
+    first = _load(folder, store).images.clone()
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".readers") and mode != "r":
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    assert budget.hold(store / "images", "anything") is None
+    assert torch.equal(_load(folder, store).images, first)

@@ -52,7 +52,7 @@ def list_cmd(**values) -> None:
     teachers = sum("teacher" in e for e in entries)
     stale = [e for e in entries if e.get("stale")]
     extra = f" and {plural(teachers, 'teacher bank')}" if teachers else ""
-    images = [e for e in entries if "teacher" not in e]  # a folder cached at two sizes is two entries
+    images = [e for e in entries if "teacher" not in e and not e.get("orphan")]  # a folder at two sizes: 2 entries
     console.print(f"Total: {_size(sum(e['bytes'] for e in entries))} in "
                   f"{plural(len(images), 'entry', 'entries')} of {plural(len({e['root'] for e in images}), 'folder')}"
                   f"{extra}; {limit}. Free it with: edgessl cache clear", highlight=False)

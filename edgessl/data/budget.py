@@ -87,7 +87,10 @@ def hold(folder: Path, name: str):
         import fcntl
     except ImportError:
         return None
-    fh = open(folder / f"{name}.readers", "a")  # noqa: SIM115 - kept open on purpose: the lock lives with the images
+    try:
+        fh = open(folder / f"{name}.readers", "a")  # noqa: SIM115 - kept open on purpose: the lock lives with the images
+    except OSError:  # a read-only cache (nothing can evict the entry there either): used without the lock
+        return None
     fcntl.flock(fh, fcntl.LOCK_SH)
     return fh
 

@@ -236,6 +236,27 @@ def _remove_stale(folder: Path, name: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def orphan_temps(folder: Path) -> list[Path]:
+    """Temporary data files of builds whose process is gone (killed mid-build: `.<entry>.<id>.u8.<pid>.tmp`), which
+    only a rebuild of the same entry had removed."""
+    found = []
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+        pid = tmp.name.split(".")[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            found.append(tmp)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): alive
+        return True
+    return True
+
+
 # ---------------------------------------------------------------- the budget
 def make_room(folder: Path, incoming: int, budget: int | None, keep: str, say: Callable[[str], None]) -> list[str]:
     """Evict entries until the cache plus `incoming` bytes fits `budget`: stale entries first (their folder gone or
@@ -338,12 +359,18 @@ def clear_entries(folder: Path, root: str | Path | None = None) -> tuple[int, in
         return count, freed
     names = {e["name"] for e in list_entries(folder) if within(e["root"], want)}
     for path in folder.iterdir():
-        stem = path.name.lstrip(".").split(".")[0]
-        if stem in names or (want is None and re.fullmatch(r".+-\d+px-[0-9a-f]{16}", stem)):
+        stem = entry_of(path.name)  # '<folder name>-<size>px-<16 hex>', a '.' in the folder's name included
+        if stem is not None and (stem in names or want is None):
             freed += path.stat().st_size
             path.unlink(missing_ok=True)
             count += 1
     return count, freed
+
+
+def entry_of(file_name: str) -> str | None:
+    """The entry name a cache file belongs to (its name up to '-<size>px-<16 hex>'), or None for any other file."""
+    found = re.match(r"\.?(.+?-\d+px-[0-9a-f]{16})\.", file_name)
+    return found.group(1) if found else None
 
 
 def within(root: str, want: str | None) -> bool:

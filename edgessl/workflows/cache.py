@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from edgessl.data.budget import cache_budget, last_used, staleness, teacher_staleness
-from edgessl.data.cache import TEACHERS, cache_folder, clear_entries, list_entries, remove_entry, teacher_entries
+from edgessl.data.cache import (
+    TEACHERS,
+    cache_folder,
+    clear_entries,
+    list_entries,
+    orphan_temps,
+    remove_entry,
+    teacher_entries,
+)
 from edgessl.errors import UserError
 
 
@@ -14,8 +22,8 @@ def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dic
     """(the decoded-image cache folder, one dict per cached folder: name, root, size, images, skipped, bytes,
     created, last_used, stale (None, "folder gone", "files changed", "unreadable" or what is wrong with the data
     file: edgessl.data.budget.staleness); then one per stored --teacher bank, with "teacher": its timm name and
-    stale: teacher_staleness). cache_dir: "auto" (EDGESSL_CACHE_DIR, else $XDG_CACHE_HOME/edgessl or
-    ~/.cache/edgessl) or a folder."""
+    stale: teacher_staleness); then one per temporary file a killed build left ("orphan": True). cache_dir:
+    "auto" (EDGESSL_CACHE_DIR, else $XDG_CACHE_HOME/edgessl or ~/.cache/edgessl) or a folder."""
     folder = cache_store(cache_dir)
     entries = list_entries(folder)
     for e in entries:
@@ -23,7 +31,10 @@ def cache_entries(cache_dir: str | Path | None = "auto") -> tuple[Path, list[dic
     teachers = teacher_entries(folder)
     for e in teachers:
         e["stale"] = teacher_staleness(e)
-    return folder, entries + teachers
+    orphans = [{"name": p.name, "root": f"(a killed build's {p.name})", "size": 0, "images": 0, "skipped": 0,
+                "bytes": p.stat().st_size, "orphan": True, "stale": "left by a killed build"}
+               for p in orphan_temps(folder)]  # found by nothing else, freed by clear --stale
+    return folder, entries + teachers + orphans
 
 
 def cache_budget_of(cache_dir: str | Path | None = "auto", cache_max: str = "auto") -> tuple[int | None, str]:
@@ -41,8 +52,12 @@ def clear_cache(cache_dir: str | Path | None = "auto", folder: str | Path | None
         return clear_entries(store, folder)
     stale_entries = [e for e in list_entries(store) if staleness(e, store) is not None]
     stale_teachers = [e for e in teacher_entries(store) if teacher_staleness(e) is not None]
-    return (len(stale_entries) + len(stale_teachers),
-            sum(remove_entry(store, e["name"]) for e in stale_entries)
+    orphans = orphan_temps(store)  # a killed build's data file: counted as an entry of its own
+    freed = sum(p.stat().st_size for p in orphans)
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    return (len(stale_entries) + len(stale_teachers) + len(orphans),
+            freed + sum(remove_entry(store, e["name"]) for e in stale_entries)
             + sum(remove_entry(store.parent / TEACHERS, e["name"]) for e in stale_teachers))
 
 
