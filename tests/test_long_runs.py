@@ -468,3 +468,17 @@ def test_a_run_in_training_cannot_be_resumed_by_another_process(tiny_data, tmp_p
                     "it), then resume."]
     after = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
     assert after.stdout.strip() == "got it"  # released when pretraining returned
+
+
+def test_a_resume_without_its_data_record_says_the_folder_is_checked_by_count_only(tmp_path):
+    """data.json deleted: a resume on a folder with one image swapped for another had gone on without a word."""
+    from edgessl.train.prepare import check_same_data
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"x")
+    said = []
+    check_same_data(run, {"root": str(tmp_path), "files": [], "sha256": "0"}, warn=said.append)
+    assert said == [f"{run / 'data.json'} is missing, so only the number of images is checked against the run's "
+                    "training folder: an image replaced by another would go unnoticed (the resume writes a new "
+                    "record)."]

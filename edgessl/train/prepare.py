@@ -26,6 +26,7 @@ from edgessl.fileio import atomic_write_text
 from edgessl.method.bank import BANK_STEP, auto_bank_lr
 from edgessl.report.progress import file_progress
 from edgessl.rundir import (
+    CHECKPOINT,
     RunDir,
     check_out,
     claim,
@@ -188,7 +189,7 @@ def load_data(cfg: PretrainConfig, resumed: Path | None, console, d: distributed
         paths = [p for p in paths if os.path.relpath(p, data_root) not in skipped]
     signature = folder_signature(data_root, paths)
     if resumed is not None:
-        check_same_data(resumed, signature, skipped)
+        check_same_data(resumed, signature, skipped, warn if d.main else None)
     with file_progress(console, "reading images") as progress:
         images = load_image_folder(data_root, cfg.image_size, labels=labels, decode=cfg.decode, paths=paths,
                                    warn=warn, progress=progress, signature=signature)
@@ -209,11 +210,15 @@ def recorded_skipped(run_dir: Path, data_root: str | Path) -> set[str]:
     return {os.path.relpath(line.split("\t")[0], data_root) for line in listed.read_text().splitlines() if line}
 
 
-def check_same_data(run_dir: Path, signature: dict[str, Any], skipped: set[str] = frozenset()) -> None:
+def check_same_data(run_dir: Path, signature: dict[str, Any], skipped: set[str] = frozenset(),
+                    warn: Callable[[str], None] | None = None) -> None:
     """Refuse to resume on other files than the run recorded in data.json, the files it skipped as unreadable left
-    out on both sides (runs without a record: the image count is compared after decoding)."""
+    out on both sides (runs without a record: the image count is compared after decoding, and `warn` says so)."""
     record = run_dir / DATA_RECORD
     if not record.is_file():
+        if warn is not None and (run_dir / CHECKPOINT).is_file():  # deleted: a swapped image would go unseen
+            warn(f"{run_dir / DATA_RECORD} is missing, so only the number of images is checked against the run's "
+                 "training folder: an image replaced by another would go unnoticed (the resume writes a new record).")
         return
     old = json.loads(record.read_text())["data"]
     if skipped:
