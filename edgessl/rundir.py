@@ -130,6 +130,9 @@ def resume_problem(run_dir: str | Path) -> str | None:
     if not run_dir.is_dir():
         return f"Cannot resume '{run_dir}': it is a file, not a run directory."
     if not (run_dir / CHECKPOINT).is_file():
+        if (run_dir / "encoder.safetensors").is_file():  # epochs finished, then the checkpoint was deleted
+            return (f"Cannot resume '{run_dir}': its {CHECKPOINT} is missing, so its training cannot continue. Its "
+                    f"encoder is whole: use it as it is, or start a new run from it with --init {run_dir}.")
         if (run_dir / "config.yaml").is_file():
             return (f"Cannot resume '{run_dir}': no epoch of it has completed (no {CHECKPOINT}). Start it again with "
                     f"--config {run_dir / 'config.yaml'} --out {run_dir} --overwrite.")

@@ -482,3 +482,18 @@ def test_a_resume_without_its_data_record_says_the_folder_is_checked_by_count_on
     assert said == [f"{run / 'data.json'} is missing, so only the number of images is checked against the run's "
                     "training folder: an image replaced by another would go unnoticed (the resume writes a new "
                     "record)."]
+
+
+def test_a_finished_run_without_its_checkpoint_is_not_sent_to_overwrite(tmp_path):
+    """checkpoint.pt deleted from a finished run: the refusal had advised --overwrite, which moves the run aside."""
+    from edgessl.rundir import resume_problem
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "encoder.safetensors", "encoder.json"):
+        (run / name).write_text("x")
+    assert resume_problem(run) == (f"Cannot resume '{run}': its checkpoint.pt is missing, so its training cannot "
+                                   f"continue. Its encoder is whole: use it as it is, or start a new run from it with "
+                                   f"--init {run}.")
+    (run / "encoder.safetensors").unlink()  # a run killed in its first epoch: started again, as before
+    assert resume_problem(run).startswith(f"Cannot resume '{run}': no epoch of it has completed")
