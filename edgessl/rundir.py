@@ -49,6 +49,10 @@ def check_out(out: str | Path, overwrite: bool = False, resume: str = "--resume"
     if overwrite or not out.exists() or _is_empty_dir(out):
         return
     run = (out / "config.yaml").is_file() or (out / CHECKPOINT).is_file()
+    if run and not (out / CHECKPOINT).is_file() and not (out / "encoder.safetensors").is_file():
+        raise UserError(f"--out '{out}' holds a run stopped before its first checkpoint (nothing to resume): pass "
+                        f"--overwrite to start again there (it moves the folder aside to {out.name}.old-<time>), or "
+                        "another --out.")  # a process killed in its first epoch leaves config.yaml behind
     keep = f"continue it with {resume} {out}" if run and resume else "pass another --out"
     raise UserError(
         f"--out '{out}' already holds {'a run' if run else 'files'}: {keep}, or pass --overwrite to move "

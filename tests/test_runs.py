@@ -93,6 +93,15 @@ def test_out_on_an_existing_run_is_refused_and_changes_nothing(finished, images,
     assert line == (f"error: --out '{run}' already holds a run: continue it with --resume {run}, or pass --overwrite "
                     f"to move it aside (to copy.old-<time>) and start a new run there.")
     assert folder_hash(run) == before
+    started = tmp_path / "started"  # killed in its first epoch: config.yaml and data.json only
+    started.mkdir()
+    (started / "config.yaml").write_text("epochs: 1\n")
+    (started / "data.json").write_text("{}")
+    line = one_line_error(runner.invoke(app, ["pretrain", "--data", str(images), "--epochs", "1", "--out",
+                                              str(started)]))
+    assert line == (f"error: --out '{started}' holds a run stopped before its first checkpoint (nothing to resume): "
+                    "pass --overwrite to start again there (it moves the folder aside to started.old-<time>), or "
+                    "another --out.")  # had sent the user to --resume, which then sent them to --overwrite
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("mine")
