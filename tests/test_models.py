@@ -111,6 +111,12 @@ def test_no_encoder_says_what_the_folder_holds_instead(tmp_path):
         load_encoder(stopped)
     assert str(e.value) == (head.format(stopped) + " It holds a run stopped before its first epoch ended "
                             f"(checkpoint.pt only): continue it with edgessl pretrain --resume {stopped}")
+    (stopped / "encoder.safetensors").write_bytes(b"")  # a finished run whose encoder.json was deleted
+    with pytest.raises(UserError) as e:
+        load_encoder(stopped)
+    assert str(e.value) == (head.format(stopped) + " Its encoder.json is missing while checkpoint.pt holds the "
+                            f"trained weights: edgessl pretrain --resume {stopped} with a larger --epochs trains on "
+                            "and writes it again.")  # had said the run stopped before its first epoch ended
 
 
 def test_head_sized_from_dummy_forward():

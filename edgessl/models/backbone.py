@@ -147,7 +147,8 @@ def _encoder_folder(path: str | Path) -> Path:
 
 def _no_encoder_hint(path: Path) -> str:
     """What the folder is instead, when it says: a fine-tuned classifier (classifier.json names the run it came
-    from) or a run stopped before its first epoch ended (checkpoint.pt alone)."""
+    from), a run missing one of its encoder files, or a run stopped before its first epoch ended (checkpoint.pt
+    alone)."""
     if (path / "classifier.json").is_file():  # edgessl.models.classifier.CLASSIFIER_META
         try:
             origin = (json.loads((path / "classifier.json").read_text()).get("finetune") or {}).get("encoder_run")
@@ -156,6 +157,11 @@ def _no_encoder_hint(path: Path) -> str:
         run = origin or "<run>"
         return (f" It holds a fine-tuned classifier: pass the run it came from ({run}), or export the classifier "
                 f"with: edgessl export {run} --classifier {path}")
+    kept = [name for name in (ENCODER_META, ENCODER_WEIGHTS) if (path / name).is_file()]
+    if (path / CHECKPOINT).is_file() and kept:  # one of the pair deleted after training
+        missing = ENCODER_WEIGHTS if kept == [ENCODER_META] else ENCODER_META
+        return (f" Its {missing} is missing while checkpoint.pt holds the trained weights: edgessl pretrain --resume "
+                f"{path} with a larger --epochs trains on and writes it again.")
     if (path / CHECKPOINT).is_file():
         return (" It holds a run stopped before its first epoch ended (checkpoint.pt only): continue it with "
                 f"edgessl pretrain --resume {path}")
