@@ -202,7 +202,7 @@ def test_the_teacher_bank_is_computed_once_and_reused_on_resume(demo_run, tiny_d
     runner, store = CliRunner(), str(tmp_path / "cache")
     res = runner.invoke(app, ["cache", "list", "--cache-dir", store], env={"COLUMNS": "300"})
     assert "32 px (--teacher mobilenetv3_small_100 features)" in res.output
-    assert "in 1 folder and 1 teacher bank" in res.output
+    assert "in 1 entry of 1 folder and 1 teacher bank" in res.output
     res = runner.invoke(app, ["cache", "clear", str(tiny_data), "--cache-dir", store])
     assert res.exit_code == 0 and not list((tmp_path / "cache" / "teachers").iterdir())
 
