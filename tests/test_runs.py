@@ -473,6 +473,10 @@ def test_resume_of_a_finished_run_says_so(finished, tmp_path):
     assert res.exit_code == 0, res.output
     assert (f"Nothing to resume: {run} has completed 3 epochs, more than --epochs 2 (a larger --epochs continues it) "
             f"(encoder: {run / 'encoder.safetensors'})." in " ".join(res.output.split()))
+    (run / "encoder.safetensors").unlink()  # deleted after training: it had named the very file that was missing
+    res = runner.invoke(app, ["pretrain", "--resume", str(run), "--epochs", "3"])
+    assert (f"Nothing to resume: {run} has completed all 3 epochs (but its encoder.safetensors is missing: --epochs "
+            "4 trains one more epoch and writes the encoder again)." in " ".join(res.output.split()))
 
 
 # ---------------------------------------------------------------- 6. smaller friction

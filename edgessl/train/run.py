@@ -204,9 +204,12 @@ def _already_complete(cfg: PretrainConfig, run_dir: Path, ckpt: dict[str, Any], 
     done = ckpt["epoch"]
     what = (f"all {plural(done, 'epoch')}" if done == cfg.epochs else
             f"{plural(done, 'epoch')}, more than --epochs {cfg.epochs} (a larger --epochs continues it)")
+    missing = [n for n in ("encoder.safetensors", "encoder.json") if not (run_dir / n).is_file()]
+    where = (f"encoder: {run_dir / 'encoder.safetensors'}" if not missing else
+             f"but its {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: --epochs {done + 1} "
+             "trains one more epoch and writes the encoder again")
     if d.main:  # even with --quiet: it is the command's whole answer
-        console.print(f"Nothing to resume: {run_dir} has completed {what} (encoder: "
-                      f"{run_dir / 'encoder.safetensors'}).", highlight=False)
+        console.print(f"Nothing to resume: {run_dir} has completed {what} ({where}).", highlight=False)
     data = Path(cfg.data) if cfg.data else demo_images()
     return PretrainResult(run_dir, ckpt["history"], data=data, labelled=cfg.labels_from_folders or not cfg.data,
                           already_complete=True)
