@@ -4,6 +4,7 @@ nothing else."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -37,7 +38,8 @@ class OneLineErrors(TyperGroup):
                 message = e.format_message().rstrip()
                 message += "" if message.endswith((".", "!", "?")) else "."
                 hint = f" See '{ctx.command_path} --help'." if ctx is not None else ""
-                print(f"error: {message}{hint}", file=sys.stderr)
+                if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every process parses alike: once
+                    print(f"error: {message}{hint}", file=sys.stderr)
             sys.exit(e.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
 

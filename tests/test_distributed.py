@@ -322,3 +322,45 @@ def test_torchrun_on_mps_is_one_line(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UserError, match=r"^torchrun with 2 processes on MPS: PyTorch has no process-group backend"):
         distributed.setup(torch.device("mps"))
+
+
+def test_under_torchrun_a_peers_exit_and_a_stop_are_said_once(monkeypatch, capsys):
+    """A refusal on rank 0 (an existing --out) had been followed by rank 1's 50-line gloo traceback; Ctrl-C and
+    usage errors had printed once per process."""
+    import typer
+
+    from edgessl.commands.common import friendly
+    from edgessl.errors import Interrupted
+
+    def peer_closed():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [::1]:1")
+
+    def stopped():
+        raise Interrupted("Interrupted. 8 completed epochs checkpointed in runs/x", 130)
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # no 3-second wait in the test
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(typer.Exit) as e:
+        friendly(peer_closed)()
+    assert e.value.exit_code == 1
+    assert capsys.readouterr().err.strip() == "[rank 1] stopped: another process of this run ended it (its message " \
+                                              "is above)."
+    with pytest.raises(typer.Exit) as e:
+        friendly(stopped)()
+    assert e.value.exit_code == 130 and capsys.readouterr().err == ""  # rank 0 says it
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # rank 0's own failure stays visible
+        friendly(peer_closed)()
+    with pytest.raises(typer.Exit):
+        friendly(stopped)()
+    assert capsys.readouterr().err.strip() == "Interrupted. 8 completed epochs checkpointed in runs/x"
+
+
+def test_a_usage_error_under_torchrun_is_printed_by_rank_0_only():
+    from typer.testing import CliRunner
+
+    from edgessl.cli import app
+
+    for rank, printed in (("1", ""), ("0", "error: No such option: --bogus")):
+        res = CliRunner().invoke(app, ["pretrain", "--bogus"], env={"RANK": rank})
+        assert res.exit_code == 2 and res.output.startswith(printed) and (printed or res.output == "")

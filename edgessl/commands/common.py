@@ -73,12 +73,19 @@ def friendly(fn):
             _error(f"[red]error:[/red] {escape(str(e))}")
             raise typer.Exit(e.exit_code) from None
         except Interrupted as e:
-            _error(escape(str(e)))
+            if _first_process():  # every process stops alike under torchrun: the line once, not once per process
+                _error(escape(str(e)))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:  # eval, finetune, export had exited 143 on SIGTERM without a word
             code, what = stop_words(e)
-            _error(f"{what}.")
+            if _first_process():
+                _error(f"{what}.")
             raise typer.Exit(code) from None
+        except RuntimeError as e:  # another process ended the run (its error is above): no traceback of gloo's
+            if _first_process() or not _peer_gone(e):
+                raise
+            _error("stopped: another process of this run ended it (its message is above).")
+            raise typer.Exit(1) from None
         except OSError as e:  # the machine's, not the code's: a read-only or full disk, a folder it may not write
             if e.errno not in PLACE_ERRORS:
                 raise
@@ -118,6 +125,18 @@ def place_error(e: OSError) -> str:
         what = f"Broken symbolic link (to {os.readlink(e.filename)})"  # mkdir had said "File exists"
     return (f"{what}{where}. edgessl could not write or read there: choose another --out (or --cache-dir "
             "for the decoded-image cache; none keeps no cache), or check the path and its permissions.")
+
+
+def _first_process() -> bool:
+    """Rank 0 under torchrun (or no torchrun)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _peer_gone(e: RuntimeError) -> bool:
+    """A collective failed because another process closed its connection (gloo / NCCL after a peer's exit)."""
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was "
+                                   "aborted", "Broken pipe"))
 
 
 def _error(message: str) -> None:
