@@ -602,3 +602,23 @@ def test_curves_mark_where_the_smaller_widths_join_the_loss():
     marks = [line for line in ax.get_lines() if line.get_label() == "smaller widths join the loss"]
     assert len(marks) == 1 and list(marks[0].get_xdata()) == [1.5, 1.5]  # between epochs 1 and 2
     assert not [line for line in curves_figure(history[1:]).axes[0].get_lines() if "widths" in line.get_label()]
+
+
+def test_a_resume_checks_its_checkpoints_batch_not_the_recorded_option(finished, tmp_path, monkeypatch):
+    """A run started with --batch-size 9 (shrunk to 8) had been refused when resumed on 2 processes, the hint's
+    --batch-size 8 then refused as another setting: the checkpoint's batch of 8 is what must divide."""
+    from edgessl.train import distributed
+
+    run = shutil.copytree(finished, tmp_path / "done")
+    seen = []
+
+    def checked(batch, world):
+        seen.append(batch)
+        raise UserError("checked")
+
+    monkeypatch.setattr(distributed, "check_global_batch", checked)
+    edgessl.pretrain(resume=str(run), quiet=True)  # "Nothing to resume": the option's batch was not checked
+    assert seen == []  # the resume path's own check (resolve_batch with the checkpoint's batch) decides
+    with pytest.raises(UserError, match="checked"):  # a new run's --batch-size still is, before anything else
+        edgessl.pretrain(out=str(tmp_path / "new"), batch_size=9, quiet=True)
+    assert seen == [9]

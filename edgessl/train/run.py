@@ -69,7 +69,8 @@ def pretrain(
     memory bank; only rank 0 prints and writes files (see docs/distributed.md). Without torchrun no
     process group is created.
     """
-    distributed.check_global_batch(cfg.batch_size, distributed.env_world())
+    if resume is None:  # a resume keeps its checkpoint's global batch (resolve_batch checks that one)
+        distributed.check_global_batch(cfg.batch_size, distributed.env_world())
     d, device = distributed.setup(pick_device(cfg.device))
     finished = False
     try:
