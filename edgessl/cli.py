@@ -4,7 +4,6 @@ nothing else."""
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
@@ -13,6 +12,7 @@ from typer.core import TyperGroup
 
 from edgessl._version import __version__
 from edgessl.commands import cache, deploy, embed, evaluate, pretrain, prune, slim
+from edgessl.commands.common import first_process
 
 
 class OneLineErrors(TyperGroup):
@@ -38,7 +38,7 @@ class OneLineErrors(TyperGroup):
                 message = e.format_message().rstrip()
                 message += "" if message.endswith((".", "!", "?")) else "."
                 hint = f" See '{ctx.command_path} --help'." if ctx is not None else ""
-                if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every process parses alike: once
+                if first_process():  # under torchrun every process parses alike: said once
                     print(f"error: {message}{hint}", file=sys.stderr)
             sys.exit(e.exit_code)
         sys.exit(code if isinstance(code, int) else 0)

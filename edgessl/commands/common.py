@@ -73,16 +73,16 @@ def friendly(fn):
             _error(f"[red]error:[/red] {escape(str(e))}")
             raise typer.Exit(e.exit_code) from None
         except Interrupted as e:
-            if _first_process():  # every process stops alike under torchrun: the line once, not once per process
+            if first_process():  # every process stops alike under torchrun: the line once, not once per process
                 _error(escape(str(e)))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:  # eval, finetune, export had exited 143 on SIGTERM without a word
             code, what = stop_words(e)
-            if _first_process():
+            if first_process():
                 _error(f"{what}.")
             raise typer.Exit(code) from None
         except RuntimeError as e:  # another process ended the run (its error is above): no traceback of gloo's
-            if _first_process() or not _peer_gone(e):
+            if first_process() or not _peer_gone(e):
                 raise
             _error("stopped: another process of this run ended it (its message is above).")
             raise typer.Exit(1) from None
@@ -127,7 +127,7 @@ def place_error(e: OSError) -> str:
             "for the decoded-image cache; none keeps no cache), or check the path and its permissions.")
 
 
-def _first_process() -> bool:
+def first_process() -> bool:
     """Rank 0 under torchrun (or no torchrun)."""
     return os.environ.get("RANK", "0") in ("", "0")
 

@@ -3,12 +3,11 @@ edgessl.config (PretrainControl, PretrainConfig); the command calls edgessl.api 
 
 from __future__ import annotations
 
-import os
 import shlex
 
 import yaml
 
-from edgessl.commands.common import api, console, friendly, given, options_command
+from edgessl.commands.common import api, console, first_process, friendly, given, options_command
 from edgessl.config import PretrainConfig, PretrainControl, list_recipes, load_recipe, recipes_dir
 from edgessl.options import names
 
@@ -35,7 +34,7 @@ def pretrain(**values) -> None:
     options = given(values)
     result = api.pretrain(recipe=control["recipe"], config=control["config"], resume=control["resume"],
                           console=console, overwrite=bool(control["overwrite"]), **options)
-    if not options.get("quiet") and os.environ.get("RANK", "0") in ("", "0"):
+    if not options.get("quiet") and first_process():
         console.print(f"Run directory: {result.run_dir}", highlight=False)
         for line in next_commands(result):
             console.print(line, highlight=False, markup=False)

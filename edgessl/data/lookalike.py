@@ -84,10 +84,10 @@ def choose_temperature(score: float, n_images: int = LOOKALIKE_SAMPLE) -> Temper
     threshold = threshold_for(n_images)
     kind = "the images look alike" if score >= threshold else "the images differ"
     tau = TEMPERATURES[score >= threshold]
-    other = f"try --temperature {TEMPERATURES[score < threshold]:g} too"
-    sure = "clear of it" if abs(score - threshold) >= SURE_MARGIN else f"within {SURE_MARGIN:.2f} of it, so unsure"
-    sure = f"only {n_images} images, so unsure" if n_images < FEWEST_SURE else sure
-    sure += f": {other}" if "unsure" in sure else ""
+    why = f"only {n_images} images" if n_images < FEWEST_SURE else \
+        f"within {SURE_MARGIN:.2f} of it" if abs(score - threshold) < SURE_MARGIN else None
+    sure = "clear of it" if why is None else \
+        f"{why}, so unsure: try --temperature {TEMPERATURES[score < threshold]:g} too"
     at = "" if n_images >= LOOKALIKE_SAMPLE else \
         f" for {n_images:,} images ({LOOKALIKE_THRESHOLD:.2f} for {LOOKALIKE_SAMPLE:,}: a small folder's score " \
         "reads lower)"

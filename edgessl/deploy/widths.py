@@ -24,7 +24,15 @@ from edgessl.evaluate.monitor import knn_sets
 from edgessl.fileio import atomic_write_text
 from edgessl.models.backbone import load_encoder, read_encoder_meta
 from edgessl.models.prune import count_params_macs
-from edgessl.models.widths import build_slim, is_up_to_date, match_width, run_widths, save_slim, width_folder
+from edgessl.models.widths import (
+    build_slim,
+    is_up_to_date,
+    match_width,
+    run_widths,
+    save_slim,
+    slim_encoder,
+    width_folder,
+)
 from edgessl.report.plots import plot_widths
 from edgessl.report.say import Say
 
@@ -150,8 +158,7 @@ def refresh_full_copy(run_dir: Path) -> None:
     are: after a --resume it had kept the old weights."""
     folder = width_folder(run_dir, 1.0)
     if (folder / "encoder.json").is_file() and not is_up_to_date(folder, run_dir, 1.0):
-        model, model_meta = build_slim(run_dir, 1.0)
-        save_slim(model, model_meta, run_dir, folder)
+        slim_encoder(run_dir, 1.0, folder)
 
 
 def _measure(w: float, model: nn.Module, model_meta: dict[str, Any], folder: Path, size: int, accuracy, meta,
