@@ -70,8 +70,9 @@ def cache_folder(option: str | Path | None = "auto") -> Path | None:
 def entry_name(root: Path, size: int) -> str:
     """'<folder name>-<size>px-<16 hex>': one entry per (folder, size, decode policy, format). The folder is keyed by
     its real path, so a link to a folder (or the folder through a linked parent) shares the folder's entry."""
-    key = json.dumps([os.path.realpath(root), size, POLICY, CACHE_VERSION])
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(os.path.realpath(root)).name)[:40] or "root"
+    real = os.path.realpath(root)
+    key = json.dumps([real, size, POLICY, CACHE_VERSION])
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(real).name)[:40] or "root"
     return f"{safe}-{size}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 

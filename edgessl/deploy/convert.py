@@ -23,7 +23,7 @@ from edgessl.deploy import speed as sp
 from edgessl.deploy.images import Sample, spread, to_input
 from edgessl.deploy.mobile import mobile_usability, write_ort
 from edgessl.errors import UserError
-from edgessl.evaluate.knn import KNN_T, knn_predict, knn_top1, loo_k
+from edgessl.evaluate.knn import KNN_T, knn_predict, loo_k
 from edgessl.fileio import sha256_file
 
 EVAL_IMAGES = 256  # parity is measured on up to this many images (all of them when the folder has fewer)
@@ -39,16 +39,10 @@ def torch_outputs(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def _knn_top1(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
+def _knn_labels(features: np.ndarray, labels: np.ndarray, classes: int, k: int) -> torch.Tensor:
+    """Leave-one-out weighted kNN predictions (k neighbours, t = KNN_T) for every image."""
     f, y = torch.from_numpy(features), torch.from_numpy(labels)
-    return knn_top1(f, y, f, y, classes, k=loo_k(y), t=KNN_T, exclude_self=True)
-
-
-def _knn_labels(features: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
-    """Leave-one-out weighted kNN predictions (the protocol of _knn_top1) for every image."""
-    f, y = torch.from_numpy(features), torch.from_numpy(labels)
-    scores = knn_predict(f, f, y, classes, k=loo_k(y), t=KNN_T, exclude_self=True)
-    return scores.argmax(1).numpy()
+    return knn_predict(f, f, y, classes, k=k, t=KNN_T, exclude_self=True).argmax(1)
 
 
 def _classifier_targets(sample: Sample, classes: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -69,11 +63,11 @@ def _task_figures(kind: str, sample: Sample, meta: dict[str, Any], outputs: dict
     outputs) and agreement_with_pytorch (the share of images whose leave-one-out kNN label is the one PyTorch's
     features give: 1 for a perfect export); classifier on folders named like its classes: accuracy."""
     if kind == "encoder" and sample.labels is not None and len(sample) > 2:
-        classes = len(sample.classes)
-        res = {p: _knn_top1(o, sample.labels, classes) for p, o in outputs.items()}
-        torch_labels = _knn_labels(ref, sample.labels, classes)
-        agree = {p: float((_knn_labels(o, sample.labels, classes) == torch_labels).mean()) for p, o in outputs.items()}
-        k = loo_k(sample.labels)
+        classes, k, y = len(sample.classes), loo_k(sample.labels), torch.from_numpy(sample.labels)
+        predicted = {p: _knn_labels(o, sample.labels, classes, k) for p, o in outputs.items()}  # one search each
+        torch_labels = _knn_labels(ref, sample.labels, classes, k)
+        res = {p: float((pred == y).float().mean()) for p, pred in predicted.items()}  # knn_top1's arithmetic
+        agree = {p: float((pred == torch_labels).numpy().mean()) for p, pred in predicted.items()}
         return {"knn_accuracy": {**res, "k": k, "images": len(sample),
                                  "protocol": f"leave-one-out weighted kNN, cosine, t={KNN_T:g}, on the checked images"},
                 "agreement_with_pytorch": {**agree, "k": k, "images": len(sample),
